@@ -1,0 +1,1 @@
+"""customs-edge agent runtime: config, outbox, sync, and the wiring between drivers and apps."""

@@ -1,0 +1,1 @@
+"""Applications: what a unit type does with its drivers' readings (aggregate, infer, decide)."""

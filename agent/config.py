@@ -1,0 +1,203 @@
+"""Unit config: one YAML file per unit, validated in two passes.
+
+Pass 1 checks the frame (device_id, type, outbox, sync, the names of drivers). Pass 2 validates each
+driver section with that driver's own Config model and the `app` section with the unit type's app
+model, so a third-party driver's keys are checked as strictly as ours. Every problem is reported with
+the file, the dotted path to the bad key, what was expected, and a did-you-mean for misspelt keys.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent import registry
+from agent.errors import ConfigError
+from drivers.base import DriverConfig
+
+Strict = ConfigDict(extra="forbid")
+
+
+class OutboxConfig(BaseModel):
+    model_config = Strict
+    path: Path = Field(Path("/var/lib/customs-edge/outbox.db"), description="SQLite file on persistent storage")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="FULL survives power loss; see bench/outbox.py for the cost")
+    max_mb: float = Field(256, gt=0, description="cap on stored records; oldest lowest-priority dropped first")
+    max_age_days: float = Field(30, gt=0, description="records older than this are dropped, alerts excepted")
+    commit_interval_ms: int = Field(20, ge=0, le=1000, description="group commit window")
+    commit_max_records: int = Field(1000, ge=1)
+
+
+class SyncConfig(BaseModel):
+    model_config = Strict
+    host: str = "127.0.0.1"
+    port: int = Field(1883, gt=0, lt=65536)
+    username: str | None = None
+    password: str | None = None
+    topic_prefix: str = "customs-edge/v1"
+    ack_mode: Literal["hub", "broker"] = Field(
+        "hub", description="hub: delete when the hub confirms it stored the records; broker: on PUBACK")
+    batch_max_records: int = Field(500, ge=1, le=10000)
+    window_batches: int = Field(8, ge=1, le=64, description="batches in flight awaiting an ack")
+    ack_timeout_s: float = Field(10.0, gt=0, description="no ack for this long: link presumed half-open")
+    keepalive_s: int = Field(10, ge=2, le=600)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    backoff_min_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+
+
+class UnitConfig(BaseModel):
+    model_config = Strict
+    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    type: str = Field(description="application: " + ", ".join(registry.BUILTIN_APPS))
+    site: str | None = None
+    drivers: dict[str, DriverConfig] = Field(default_factory=dict)
+    app: BaseModel | dict[str, Any] = Field(default_factory=dict)
+    outbox: OutboxConfig = OutboxConfig()
+    sync: SyncConfig = SyncConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class _Frame(UnitConfig):
+    """Pass 1: driver sections are only required to name a driver; the app section is free-form."""
+
+    drivers: dict[str, _DriverName] = Field(default_factory=dict)  # type: ignore[assignment]
+    app: dict[str, Any] = Field(default_factory=dict)
+
+
+class _DriverName(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    driver: str
+
+
+_Frame.model_rebuild()
+
+
+def load_unit_config(path: str | Path) -> UnitConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from exc
+    return parse_unit_config(raw, str(path))
+
+
+def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["top level must be a mapping of keys to values"])
+    try:
+        frame = _Frame.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, format_errors(exc, _Frame)) from None
+
+    problems: list[str] = []
+    drivers: dict[str, DriverConfig] = {}
+    for role, spec in frame.drivers.items():
+        try:
+            cls = registry.lookup("driver", spec.driver)
+        except registry.UnknownName as exc:
+            problems.append(f"drivers.{role}.driver: {exc}")
+            continue
+        try:
+            drivers[role] = cls.Config.model_validate(raw["drivers"][role])
+        except ValidationError as exc:
+            problems += format_errors(exc, cls.Config, prefix=("drivers", role))
+
+    app_cfg: BaseModel | dict[str, Any] = frame.app
+    try:
+        app_cls = registry.lookup("app", frame.type)
+    except registry.UnknownName as exc:
+        problems.append(f"type: {exc}")
+    else:
+        try:
+            app_cfg = app_cls.Config.model_validate(frame.app)
+        except ValidationError as exc:
+            problems += format_errors(exc, app_cls.Config, prefix=("app",))
+        else:
+            problems += [f"drivers: {p}" for p in app_cls.check_drivers(drivers)]
+    if problems:
+        raise ConfigError(source, problems)
+    return UnitConfig.model_construct(**{**frame.__dict__, "drivers": drivers, "app": app_cfg})
+
+
+def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...] = ()) -> list[str]:
+    """One line per error: 'a.b.c: message', with a did-you-mean for unknown keys."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in prefix + loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(model, loc[:-1])
+            hint = registry.suggest(str(loc[-1]), known) if known else None
+            msg = "unknown key" + (f" (did you mean {hint!r}?)" if hint else "")
+            if known and not hint:
+                msg += f"; expected one of: {', '.join(known)}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = f"{err['msg']} (got {err.get('input')!r})"
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def _fields_at(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """Names of the fields accepted at `loc` inside `model`, following dicts, lists and optionals."""
+    tp: Any = model
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            if field is None:
+                return []
+            tp = field.annotation
+        elif typing.get_origin(tp) in (dict, list):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] / X | None -> X, so the walk can continue into X."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if models else (args[0] if args else tp)
+    return tp
+
+
+def unit_schema() -> dict[str, Any]:
+    """JSON Schema of a unit file, with every registered driver's and app's own section."""
+    defs: dict[str, Any] = {}
+    schema = UnitConfig.model_json_schema()
+    schema.setdefault("$defs", {})
+    for name in registry.driver_names():
+        try:
+            cls = registry.lookup("driver", name)
+        except (ImportError, AttributeError):
+            continue
+        defs[name] = cls.Config.model_json_schema()
+    apps: dict[str, Any] = {}
+    for name in registry.app_names():
+        try:
+            apps[name] = registry.lookup("app", name).Config.model_json_schema()
+        except (ImportError, AttributeError):
+            continue
+    schema["properties"]["drivers"] = {
+        "type": "object",
+        "description": "role name -> driver section; `driver` picks the schema",
+        "additionalProperties": {"oneOf": list(defs.values())},
+    }
+    schema["properties"]["app"] = {"description": "section of the unit's type", "oneOf": list(apps.values())}
+    return schema

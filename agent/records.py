@@ -1,0 +1,59 @@
+"""The values that cross module boundaries: a driver's Reading, an app's RecordIn, a stored Record."""
+
+from __future__ import annotations
+
+import time
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Priority(IntEnum):
+    """Record priority. The outbox cap drops the oldest records of the lowest priority first
+    and never drops ALERT records; sync sends higher priorities first when there is a backlog."""
+
+    TELEMETRY = 0  # per-interval aggregates, status samples
+    EVENT = 1  # measurements and domain events (a weighing, a screening)
+    REPORT = 2  # summaries that close a period (lot report), driver faults
+    ALERT = 3  # fever, radiation, hold decisions: never dropped
+
+
+Scalar = float | int | str | bool | None
+
+
+class Reading(BaseModel):
+    """One decoded frame or poll result from a driver. `values` holds scalars; `array` holds a
+    numeric payload (a thermal frame, a spectrum) that never leaves the device as-is."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    source: str  # the driver's role name in the unit config, e.g. "scale"
+    kind: str  # e.g. "weight", "thermal_frame", "spectrum", "scan"
+    ts: float = Field(default_factory=time.time)  # UTC unix seconds
+    mono: float = Field(default_factory=time.monotonic)
+    values: dict[str, Scalar] = Field(default_factory=dict)
+    array: np.ndarray | None = None
+
+
+class RecordIn(BaseModel):
+    """What an app hands to the outbox. The outbox adds identity: device_id, seq, boot_id."""
+
+    type: str
+    priority: Priority = Priority.EVENT
+    ts: float = Field(default_factory=time.time)
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class Record(BaseModel):
+    """A stored record: stable identity (device_id, seq), seq monotonic per device across restarts."""
+
+    device_id: str
+    seq: int
+    ts: float
+    boot_id: str
+    mono: float
+    type: str
+    priority: Priority
+    payload: dict[str, Any]

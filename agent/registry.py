@@ -1,0 +1,93 @@
+"""Name -> class lookups for drivers, apps, simulators and models.
+
+Built-ins are listed here as 'module:attr' strings, imported only when used, so a unit pays the import
+cost (pymodbus, cv2, onnxruntime) only of what its config names. Third parties add drivers with an
+entry point in the group `customs_edge.drivers` (see pyproject.toml); a `pip install` is enough.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+DRIVER_GROUP = "customs_edge.drivers"
+APP_GROUP = "customs_edge.apps"
+
+BUILTIN_DRIVERS: dict[str, str] = {
+    "toledo-continuous": "drivers.toledo:ToledoContinuous",
+    "mt-sics": "drivers.mtsics:MtSics",
+    "modbus-rtu": "drivers.modbus:ModbusRtu",
+    "elemental-analyser": "drivers.analyser:ElementalAnalyser",
+    "mlx90640-serial": "drivers.mlx90640:Mlx90640Serial",
+    "passage": "drivers.passage:PassageSensor",
+}
+
+BUILTIN_APPS: dict[str, str] = {
+    "scale": "agent.apps.scale:ScaleApp",
+    "ore-station": "agent.apps.ore:OreStationApp",
+    "gate": "agent.apps.gate:GateApp",
+}
+
+# `customs-edge simulate NAME ...` runs NAME's main(argv).
+SIMULATORS: dict[str, str] = {
+    "scale": "simulators.scale:main",
+    "ore-station": "simulators.ore_station:main",
+    "gate": "simulators.gate:main",
+}
+
+# `customs-edge models evaluate NAME` runs NAME's evaluate(seed) -> dict.
+MODELS: dict[str, str] = {
+    "ore-grade": "models.ore_grade:evaluate",
+    "fever": "models.fever:evaluate",
+}
+
+
+class UnknownName(LookupError):
+    def __init__(self, what: str, name: str, known: list[str]) -> None:
+        self.what, self.name, self.known = what, name, known
+        hint = suggest(name, known)
+        super().__init__(
+            f"unknown {what} {name!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+            + f"; known: {', '.join(sorted(known))}"
+        )
+
+
+def suggest(name: str, known: list[str]) -> str | None:
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def load_object(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _table(builtin: dict[str, str], group: str | None) -> dict[str, str]:
+    table = dict(builtin)
+    if group:
+        for ep in entry_points(group=group):
+            table.setdefault(ep.name, ep.value)
+    return table
+
+
+def driver_names() -> list[str]:
+    return sorted(_table(BUILTIN_DRIVERS, DRIVER_GROUP))
+
+
+def app_names() -> list[str]:
+    return sorted(_table(BUILTIN_APPS, APP_GROUP))
+
+
+def lookup(kind: str, name: str) -> Any:
+    tables = {
+        "driver": _table(BUILTIN_DRIVERS, DRIVER_GROUP),
+        "app": _table(BUILTIN_APPS, APP_GROUP),
+        "simulator": SIMULATORS,
+        "model": MODELS,
+    }
+    table = tables[kind]
+    if name not in table:
+        raise UnknownName(kind, name, list(table))
+    return load_object(table[name])

@@ -1,0 +1,184 @@
+"""The Driver interface, shared config pieces, and the helpers every serial driver needs.
+
+A driver is small: `open()`, `read()` (one decoded Reading, or None when nothing complete arrived
+within its read timeout), `close()`, and counters in `stats`. It never sleeps to pace itself beyond
+its own polling interval and never swallows a fault: a silent or unplugged instrument raises
+DriverFault, and the runtime reports it and reopens with backoff.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import serial
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from agent.errors import DriverFault, DriverSilent
+from agent.records import Reading
+
+
+class DriverConfig(BaseModel):
+    """Every driver's config has `driver` (its registry name). Subclasses forbid unknown keys."""
+
+    model_config = ConfigDict(extra="forbid")
+    driver: str
+
+
+class SerialPortConfig(DriverConfig):
+    """Shared by every serial instrument. `port` is a pyserial URL: /dev/ttyUSB0 in the field,
+    /dev/pts/N or socket://127.0.0.1:N from a simulator, spy://... to hex-dump the traffic."""
+
+    port: str = Field(min_length=1, description="device path or pyserial URL")
+    baudrate: int = Field(9600, gt=0)
+    bytesize: Literal[5, 6, 7, 8] = 8
+    parity: Literal["N", "E", "O", "M", "S"] = "N"
+    stopbits: float = Field(1, description="1, 1.5 or 2")
+    read_timeout_s: float = Field(0.2, gt=0, le=10)
+
+    @field_validator("stopbits")
+    @classmethod
+    def _stopbits(cls, v: float) -> float:
+        if v not in (1, 1.5, 2):
+            raise ValueError("stopbits must be 1, 1.5 or 2")
+        return v
+
+    silent_after_s: float = Field(5.0, gt=0, description="no valid frame for this long is a fault")
+
+
+@dataclass
+class DriverStats:
+    frames: int = 0  # valid frames decoded
+    corrupt: int = 0  # frames dropped for a bad checksum, length or field
+    bytes_in: int = 0
+    faults: int = 0  # DriverFault raised (silence, disconnect)
+    opened: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"frames": self.frames, "corrupt": self.corrupt, "bytes_in": self.bytes_in,
+                "faults": self.faults, "opened": self.opened, **self.extra}
+
+
+class Driver(ABC):
+    """Subclasses set `Config` to their pydantic config model and implement the three methods."""
+
+    Config: ClassVar[type[DriverConfig]]
+
+    def __init__(self, role: str, config: DriverConfig) -> None:
+        self.role = role
+        self.config = config
+        self.stats = DriverStats()
+
+    @abstractmethod
+    def open(self) -> None: ...
+
+    @abstractmethod
+    def read(self) -> Reading | None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Driver:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_serial(cfg: SerialPortConfig) -> serial.SerialBase:
+    """Open any pyserial URL with the configured line settings; DriverFault if it cannot be opened."""
+    try:
+        return serial.serial_for_url(
+            cfg.port, baudrate=cfg.baudrate, bytesize=cfg.bytesize, parity=cfg.parity,
+            stopbits=cfg.stopbits, timeout=cfg.read_timeout_s, write_timeout=cfg.read_timeout_s,
+        )
+    except (serial.SerialException, OSError, ValueError) as exc:
+        raise DriverFault(f"cannot open {cfg.port}: {exc}") from exc
+
+
+class SilenceWatch:
+    """Raises DriverSilent when no valid frame was seen for `after_s` seconds since open or last frame."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.last = time.monotonic()
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+    def check(self, what: str) -> None:
+        idle = time.monotonic() - self.last
+        if idle > self.after_s:
+            self.last = time.monotonic()  # report once per window, not on every read
+            raise DriverSilent(f"{what}: no valid frame for {idle:.1f} s")
+
+
+class StreamSerialDriver(Driver):
+    """Base for instruments that stream frames unasked (Toledo continuous, MLX90640 auto mode, NMEA,
+    barcode lines). Subclasses implement `_decode(buffer) -> (consumed, Reading | None)` style parsing
+    through `parser`, an object with `feed(bytes)` and `next() -> Reading | None`."""
+
+    config: SerialPortConfig
+
+    def __init__(self, role: str, config: DriverConfig) -> None:
+        super().__init__(role, config)
+        self._port: serial.SerialBase | None = None
+        self._watch = SilenceWatch(self.config.silent_after_s)
+
+    @abstractmethod
+    def _feed(self, data: bytes) -> None:
+        """Push received bytes into the parser."""
+
+    @abstractmethod
+    def _next(self) -> Reading | None:
+        """The next complete Reading the parser holds, or None."""
+
+    def _on_open(self, port: serial.SerialBase) -> None:
+        """Hook: send start-up commands (e.g. 'start automatic output')."""
+
+    def open(self) -> None:
+        self._port = open_serial(self.config)
+        try:
+            self._port.reset_input_buffer()  # stale bytes queued while nobody listened
+        except (serial.SerialException, OSError) as exc:
+            raise DriverFault(f"{self.role}: {self.config.port}: {exc}") from exc
+        self.stats.opened += 1
+        self._watch.reset()
+        self._on_open(self._port)
+
+    def close(self) -> None:
+        if self._port is not None:
+            try:
+                self._port.close()
+            finally:
+                self._port = None
+
+    def read(self) -> Reading | None:
+        reading = self._next()
+        if reading is not None:
+            self._watch.reset()
+            return reading
+        if self._port is None:
+            raise DriverFault(f"{self.role}: port not open")
+        try:
+            data = self._port.read(max(1, self._port.in_waiting))
+        except (serial.SerialException, OSError) as exc:
+            self.stats.faults += 1
+            raise DriverFault(f"{self.role}: read failed on {self.config.port}: {exc}") from exc
+        if data:
+            self.stats.bytes_in += len(data)
+            self._feed(data)
+            reading = self._next()
+            if reading is not None:
+                self._watch.reset()
+                return reading
+        try:
+            self._watch.check(f"{self.role} on {self.config.port}")
+        except DriverSilent:
+            self.stats.faults += 1
+            raise
+        return None

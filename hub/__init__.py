@@ -1,0 +1,1 @@
+"""The hub: subscribes to every unit's records, stores them once, and acknowledges them."""

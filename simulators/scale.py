@@ -1,0 +1,104 @@
+"""Weighing indicator in Mettler-Toledo continuous-output mode.
+
+The world: a platform that is empty, then loaded (a few seconds of motion while the load settles),
+stable for a while, then unloaded. Frames go out continuously at `rate` per second (a real indicator
+at 9600 baud sends ~50/s) with or without the checksum byte.
+
+    customs-edge simulate scale [--rate 50] [--checksum on|off] [--corrupt-rate 0.01] [--link /tmp/scale0]
+prints {"urls": {"scale": {"pty": "/dev/pts/N", "socket": "socket://127.0.0.1:P"}}} and runs until stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+from drivers.toledo import encode
+from simulators.base import (
+    Conn,
+    DeviceSim,
+    Faults,
+    add_endpoint_args,
+    endpoints_from_args,
+    run_until_signalled,
+)
+
+
+class ScaleWorld:
+    """Deterministic for a seed: weight(t) for a platform loaded and unloaded in cycles."""
+
+    def __init__(self, seed: int | None = None, capacity_kg: float = 60.0, cycle_s: float = 6.0) -> None:
+        self.rng = random.Random(seed)
+        self.capacity = capacity_kg
+        self.cycle_s = cycle_s
+        self.t0 = time.monotonic()
+        self._load = 0.0
+        self._cycle = -1
+
+    def sample(self, now: float) -> tuple[float, bool]:
+        """(displayed weight in kg, motion) at monotonic time `now`."""
+        t = now - self.t0
+        cycle, phase = divmod(t, self.cycle_s)
+        if int(cycle) != self._cycle:
+            self._cycle = int(cycle)
+            self._load = round(self.rng.uniform(2.0, self.capacity * 0.9), 2)
+        f = phase / self.cycle_s
+        if f < 0.15:
+            return 0.0, False
+        if f < 0.3:  # settling: overshoot and ring down
+            k = (f - 0.15) / 0.15
+            return round(self._load * (1 + 0.2 * (1 - k) * self.rng.uniform(-1, 1)), 2), True
+        if f < 0.9:
+            return self._load, False
+        return round(self._load * (1 - (f - 0.9) * 10), 2), True
+
+
+class ScaleSim(DeviceSim):
+    def __init__(self, world: ScaleWorld, rate_hz: float = 50.0, with_checksum: bool = True,
+                 faults: Faults | None = None) -> None:
+        super().__init__(faults)
+        self.world = world
+        self.period = 1.0 / rate_hz
+        self.with_checksum = with_checksum
+        self.sent = 0
+        self._lock = threading.Lock()
+
+    def frame(self, now: float) -> bytes:
+        with self._lock:
+            weight, motion = self.world.sample(now)
+        return encode(weight, 0.0, decimals=2, unit="kg", motion=motion, with_checksum=self.with_checksum)
+
+    def serve(self, conn: Conn, stop: threading.Event) -> None:
+        next_t = time.monotonic()
+        while not stop.is_set() and not conn.closed:
+            now = time.monotonic()
+            if now < next_t:
+                time.sleep(next_t - now)
+                continue
+            next_t += self.period
+            if next_t < now - 1:  # fell behind (suspended): do not burst
+                next_t = now + self.period
+            if self.faults.paused:
+                continue
+            conn.write(self.faults.mangle(self.frame(now)))
+            self.sent += 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="customs-edge simulate scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=50.0, help="frames per second")
+    p.add_argument("--checksum", choices=["on", "off"], default="on")
+    p.add_argument("--cycle", type=float, default=6.0, help="seconds per load/unload cycle")
+    add_endpoint_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sim = ScaleSim(ScaleWorld(args.seed, cycle_s=args.cycle), args.rate, args.checksum == "on",
+                   Faults(args.corrupt_rate, args.seed))
+    run_until_signalled({"scale": endpoints_from_args(sim, args)})
