@@ -1,0 +1,26 @@
+"""Rebuild shipped models: python -m models.train NAME|all [--seed N]."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from agent.registry import MODELS
+from models import MODELS_DIR
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("name", choices=[*MODELS, "all"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    for name in MODELS if args.name == "all" else [args.name]:
+        module = MODELS[name].partition(":")[0]
+        mod = importlib.import_module(module)
+        out = MODELS_DIR / module.rpartition(".")[2]
+        path = mod.train(out, seed=args.seed)
+        print(f"{name}: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
