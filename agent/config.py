@@ -91,39 +91,46 @@ def load_unit_config(path: str | Path) -> UnitConfig:
 
 
 def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
+    """Validate everything and report every problem at once, not just the first one found."""
     if not isinstance(raw, dict):
         raise ConfigError(source, ["top level must be a mapping of keys to values"])
+    problems: list[str] = []
+    frame: _Frame | None = None
     try:
         frame = _Frame.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, format_errors(exc, _Frame)) from None
+        problems += format_errors(exc, _Frame)
 
-    problems: list[str] = []
     drivers: dict[str, DriverConfig] = {}
-    for role, spec in frame.drivers.items():
+    raw_drivers = raw.get("drivers") if isinstance(raw.get("drivers"), dict) else {}
+    for role, spec in raw_drivers.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("driver"), str):
+            continue  # already reported by pass 1
         try:
-            cls = registry.lookup("driver", spec.driver)
+            cls = registry.lookup("driver", spec["driver"])
         except registry.UnknownName as exc:
             problems.append(f"drivers.{role}.driver: {exc}")
             continue
         try:
-            drivers[role] = cls.Config.model_validate(raw["drivers"][role])
+            drivers[role] = cls.Config.model_validate(spec)
         except ValidationError as exc:
             problems += format_errors(exc, cls.Config, prefix=("drivers", role))
 
-    app_cfg: BaseModel | dict[str, Any] = frame.app
-    try:
-        app_cls = registry.lookup("app", frame.type)
-    except registry.UnknownName as exc:
-        problems.append(f"type: {exc}")
-    else:
+    app_cfg: BaseModel | dict[str, Any] = raw.get("app") or {}
+    unit_type = raw.get("type")
+    if isinstance(unit_type, str):
         try:
-            app_cfg = app_cls.Config.model_validate(frame.app)
-        except ValidationError as exc:
-            problems += format_errors(exc, app_cls.Config, prefix=("app",))
+            app_cls = registry.lookup("app", unit_type)
+        except registry.UnknownName as exc:
+            problems.append(f"type: {exc}")
         else:
-            problems += [f"drivers: {p}" for p in app_cls.check_drivers(drivers)]
-    if problems:
+            try:
+                app_cfg = app_cls.Config.model_validate(app_cfg)
+            except ValidationError as exc:
+                problems += format_errors(exc, app_cls.Config, prefix=("app",))
+            if len(drivers) == len(raw_drivers):
+                problems += [f"drivers: {p}" for p in app_cls.check_drivers(drivers)]
+    if problems or frame is None:
         raise ConfigError(source, problems)
     return UnitConfig.model_construct(**{**frame.__dict__, "drivers": drivers, "app": app_cfg})
 

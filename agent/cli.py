@@ -1,0 +1,240 @@
+"""customs-edge: the command line a field technician and an operator use.
+
+  customs-edge run --config FILE           run a unit (systemd: customs-edge@NAME.service)
+  customs-edge config validate FILE...     check config files (exit 1 with the bad keys)
+  customs-edge config schema               JSON Schema of a unit file
+  customs-edge probe --config FILE ROLE    read a few frames from one instrument and show them
+  customs-edge status --config FILE        the unit's outbox on disk: pending, produced, dropped
+  customs-edge simulate TYPE [...]         serve a simulated device on a pty / loopback socket
+  customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats [--db F] [--json]
+  customs-edge models evaluate NAME        held-out figures of a shipped model
+  customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from agent import logs, registry
+from agent.errors import ConfigError, CustomsEdgeError
+
+log = logging.getLogger("customs_edge")
+
+
+def _stop_on_signals(reload: threading.Event | None = None) -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if reload is not None:
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    return stop
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config import load_unit_config
+    from agent.runtime import run_forever
+
+    cfg = load_unit_config(args.config)
+    logs.setup(args.log_level or cfg.log_level)
+    reload = threading.Event()
+    stop = _stop_on_signals(reload)
+    run_forever(cfg, args.config, stop, reload)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from agent.config import load_unit_config, unit_schema
+
+    if args.action == "schema":
+        print(json.dumps(unit_schema(), indent=2))
+        return 0
+    bad = 0
+    for f in args.files:
+        try:
+            cfg = load_unit_config(f)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            bad += 1
+        else:
+            print(f"{f}: ok ({cfg.type} {cfg.device_id}, drivers: {', '.join(cfg.drivers) or 'none'})")
+    return 1 if bad else 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Open one instrument as configured and print what it sends: the first thing to run on site."""
+    from agent.config import load_unit_config
+    from agent.errors import DriverFault
+
+    cfg = load_unit_config(args.config)
+    if args.role not in cfg.drivers:
+        raise ConfigError(args.config, [f"drivers: no driver named {args.role!r}; have {', '.join(cfg.drivers)}"])
+    dc = cfg.drivers[args.role]
+    if args.hexdump and hasattr(dc, "port"):
+        dc = dc.model_copy(update={"port": "spy://" + dc.port + "?file=/dev/stderr"})
+    driver = registry.lookup("driver", dc.driver)(args.role, dc)
+    n, deadline = 0, time.monotonic() + args.seconds
+    try:
+        driver.open()
+        while n < args.count and time.monotonic() < deadline:
+            r = driver.read()
+            if r is not None:
+                n += 1
+                shape = f" array={list(r.array.shape)}" if r.array is not None else ""
+                print(f"{r.kind} {json.dumps(r.values)}{shape}")
+    except DriverFault as exc:
+        print(f"FAULT: {exc}", file=sys.stderr)
+    finally:
+        driver.close()
+    print(json.dumps({"role": args.role, "readings": n, **driver.stats.as_dict()}), file=sys.stderr)
+    return 0 if n else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.config import load_unit_config
+    from agent.outbox import SqliteOutbox
+
+    cfg = load_unit_config(args.config)
+    ob = SqliteOutbox(cfg.outbox.path, synchronous=cfg.outbox.synchronous, max_mb=cfg.outbox.max_mb,
+                      max_age_days=cfg.outbox.max_age_days)
+    st = asdict(ob.stats())
+    ob.close()
+    print(json.dumps({"device_id": cfg.device_id, "outbox": st}, indent=2))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    registry.lookup("simulator", args.type)(args.rest)
+    return 0
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    from hub.service import Hub, HubConfig
+    from hub.store import HubStore
+
+    if args.action == "stats":
+        store = HubStore(args.db)
+        rows = store.stats()
+        if args.json:
+            print(json.dumps({"devices": {r.device_id: asdict(r) for r in rows}}, indent=2))
+        else:
+            print(f"{'device':<20} {'received':>9} {'stored':>9} {'dups dropped':>12} {'gaps':>6} {'status':>8}")
+            for r in rows:
+                print(f"{r.device_id:<20} {r.received:>9} {r.stored:>9} {r.duplicates:>12} {r.gaps:>6} "
+                      f"{r.status or '-':>8}")
+                if r.gaps:
+                    print(f"{'':<20} missing seq ranges: {store.gap_ranges(r.device_id)}")
+        store.close()
+        return 0
+    logs.setup(args.log_level or "INFO")
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "db": args.db,
+                                   "share_group": args.share_group, "client_id": args.client_id}.items()
+                 if v is not None}
+    if args.no_share:
+        overrides["share_group"] = None
+    cfg = HubConfig(**overrides)
+    hub = Hub(cfg)
+    stop = _stop_on_signals()
+    hub.run(stop)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    result = registry.lookup("model", args.name)(seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:>24}: {v}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(duration=args.duration, as_json=args.json, workdir=args.workdir,
+                    types=args.types.split(",") if args.types else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="customs-edge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a unit")
+    r.add_argument("--config", required=True)
+    r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("config", help="validate config files or print the schema")
+    csub = c.add_subparsers(dest="action", required=True)
+    v = csub.add_parser("validate")
+    v.add_argument("files", nargs="+")
+    csub.add_parser("schema")
+    c.set_defaults(fn=cmd_config)
+
+    pr = sub.add_parser("probe", help="read a few frames from one configured instrument")
+    pr.add_argument("--config", required=True)
+    pr.add_argument("role")
+    pr.add_argument("--count", type=int, default=10)
+    pr.add_argument("--seconds", type=float, default=10.0)
+    pr.add_argument("--hexdump", action="store_true", help="hex-dump the serial traffic to stderr (spy://)")
+    pr.set_defaults(fn=cmd_probe)
+
+    st = sub.add_parser("status", help="the unit's outbox on disk")
+    st.add_argument("--config", required=True)
+    st.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("simulate", help="serve a simulated device", add_help=False)
+    s.add_argument("type", choices=sorted(registry.SIMULATORS))
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_simulate)
+
+    h = sub.add_parser("hub", help="run the hub, or `hub stats`")
+    h.add_argument("action", nargs="?", choices=["run", "stats"], default="run")
+    h.add_argument("--db", default=None)
+    h.add_argument("--host")
+    h.add_argument("--port", type=int)
+    h.add_argument("--share-group")
+    h.add_argument("--no-share", action="store_true", help="plain subscription (brokers without $share)")
+    h.add_argument("--client-id")
+    h.add_argument("--json", action="store_true")
+    h.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    h.set_defaults(fn=cmd_hub)
+
+    m = sub.add_parser("models", help="model figures")
+    msub = m.add_subparsers(dest="action", required=True)
+    ev = msub.add_parser("evaluate")
+    ev.add_argument("name", choices=sorted(registry.MODELS))
+    ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_models)
+
+    d = sub.add_parser("demo", help="simulated fleet + broker + agents + hub on this machine")
+    d.add_argument("--duration", type=float, default=None, help="seconds; default: until Ctrl-C")
+    d.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    d.add_argument("--workdir", default=None, help="default: a new temporary directory")
+    d.add_argument("--types", default=None, help="comma-separated unit types (default: every available one)")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "hub" and args.action == "stats" and args.db is None:
+        args.db = "/var/lib/customs-edge/hub.db"
+    try:
+        sys.exit(args.fn(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)
+    except CustomsEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,258 @@
+"""`customs-edge demo`: the main job on a simulated fleet, all on this machine.
+
+Starts a broker (a local mosquitto if installed, else the embedded one), a hub, and for every unit type
+a simulator (`customs-edge simulate TYPE`, real wire protocol on a loopback socket or pty) and an agent
+(`customs-edge run --config`, the production entry point) configured from configs/TYPE.yaml with the
+simulator's URLs. Shows a live per-device table; with --duration S it stops the simulators after S
+seconds, lets the agents drain their outboxes, stops everything and reports per device:
+  produced   records committed to the agent's outbox (seqs given out)
+  delivered  distinct records stored at the hub
+  duplicates records stored more than once at the hub (the (device_id, seq) key makes this 0)
+  redeliveries_dropped  copies the hub received again and dropped
+  dropped_by_cap  records the agent's outbox cap dropped (not lost: dropped by policy, and counted)
+  lost       produced, not dropped by policy, and never stored at the hub after the final drain
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from agent import registry
+from hub.brokers import Mosquitto, free_port, mosquitto_path, wait_port
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+# Extra simulator flags per type, so that something worth seeing happens within a demo's minute.
+SIM_ARGS: dict[str, list[str]] = {
+    "scale": ["--cycle", "3"],
+    "ore-station": ["--speed", "60"],
+    "gate": ["--speed", "4"],
+}
+DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class DemoUnit:
+    device_id: str
+    type: str
+    config: Path
+    outbox: Path
+    sim: subprocess.Popen[str]
+    agent: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+    urls: dict[str, Any] = field(default_factory=dict)
+
+
+def available_types() -> list[str]:
+    """Unit types whose app, simulator and demo config are all present in this checkout."""
+    out = []
+    for t in registry.app_names():
+        if t not in registry.SIMULATORS or not (CONFIGS / f"{t}.yaml").exists():
+            continue
+        try:
+            registry.lookup("app", t)
+            registry.lookup("simulator", t)
+        except (ImportError, AttributeError):
+            continue
+        out.append(t)
+    return out
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agent", *args]
+
+
+class Broker:
+    def __init__(self, work: Path) -> None:
+        self.kind = "mosquitto" if mosquitto_path() else "embedded"
+        self._mq: Mosquitto | None = None
+        self._embedded: Any = None
+        if self.kind == "mosquitto":
+            self._mq = Mosquitto(work / "broker", persistence=False).start()
+            self.port = self._mq.port
+        else:
+            from hub.embedded_broker import EmbeddedBroker
+
+            self._embedded = EmbeddedBroker("127.0.0.1", free_port())
+            self._embedded.start()
+            self.port = self._embedded.port
+            wait_port(self.port)
+
+    def stop(self) -> None:
+        if self._mq:
+            self._mq.stop()
+        if self._embedded:
+            self._embedded.stop()
+
+
+def _start_sim(unit_type: str, seed: int, work: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen(_cli("simulate", unit_type, "--seed", str(seed), *SIM_ARGS.get(unit_type, [])),
+                            stdout=subprocess.PIPE, stderr=(work / f"sim-{unit_type}.log").open("wb"), text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"simulator {unit_type} exited: see {work / f'sim-{unit_type}.log'}")
+    return proc, json.loads(line)["urls"]
+
+
+def _unit_config(unit_type: str, device_id: str, urls: dict[str, Any], work: Path, port: int) -> dict[str, Any]:
+    cfg = yaml.safe_load((CONFIGS / f"{unit_type}.yaml").read_text())
+    cfg["device_id"] = device_id
+    cfg.setdefault("outbox", {})["path"] = str(work / device_id / "outbox.db")
+    sync = cfg.setdefault("sync", {})
+    sync.update(host="127.0.0.1", port=port)
+    for role, endpoints in urls.items():
+        drv = cfg["drivers"].get(role)
+        if drv is None:
+            continue
+        url = endpoints.get("socket") or endpoints.get("pty")
+        key = "url" if "url" in drv else "port"
+        drv[key] = url
+    return dict(cfg)
+
+
+def _outbox_counts(path: Path) -> tuple[int, int, int]:
+    """(produced, pending, dropped_by_cap) read from the agent's outbox file, read-only."""
+    if not path.exists():
+        return 0, 0, 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
+        pending = db.execute("SELECT count(*) FROM records").fetchone()[0]
+        dropped = db.execute("SELECT coalesce(sum(value), 0) FROM counters WHERE name LIKE 'dropped.%'").fetchone()[0]
+        return (row[0] if row else 0), pending, dropped
+    except sqlite3.OperationalError:
+        return 0, 0, 0
+    finally:
+        db.close()
+
+
+def _hub_counts(hub_db: Path) -> dict[str, dict[str, Any]]:
+    if not hub_db.exists():
+        return {}
+    db = sqlite3.connect(f"file:{hub_db}?mode=ro", uri=True, timeout=5)
+    try:
+        out: dict[str, dict[str, Any]] = {}
+        for dev, received, dups, status in db.execute(
+                "SELECT device_id, received, duplicates, status FROM devices").fetchall():
+            distinct, total = db.execute(
+                "SELECT count(DISTINCT seq), count(*) FROM records WHERE device_id=?", (dev,)).fetchone()
+            types = dict(db.execute("SELECT type, count(*) FROM records WHERE device_id=? GROUP BY type",
+                                    (dev,)).fetchall())
+            out[dev] = {"delivered": distinct, "stored_rows": total, "received": received,
+                        "redeliveries_dropped": dups, "status": status, "types": types}
+        return out
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        db.close()
+
+
+def _table(units: list[DemoUnit], hub_db: Path, broker: str, elapsed: float) -> str:
+    hub = _hub_counts(hub_db)
+    lines = [f"customs-edge demo  t={elapsed:5.0f}s  broker={broker}  hub={hub_db}",
+             f"{'device':<16}{'type':<13}{'status':<9}{'produced':>9}{'pending':>9}{'at hub':>8}  records by type"]
+    for u in units:
+        produced, pending, _ = _outbox_counts(u.outbox)
+        h = hub.get(u.device_id, {})
+        types = ", ".join(f"{k}:{v}" for k, v in sorted(h.get("types", {}).items()))
+        lines.append(f"{u.device_id:<16}{u.type:<13}{h.get('status') or '-':<9}{produced:>9}{pending:>9}"
+                     f"{h.get('delivered', 0):>8}  {types}")
+    return "\n".join(lines)
+
+
+def run_demo(duration: float | None = None, as_json: bool = False, workdir: str | None = None,
+             types: list[str] | None = None) -> int:
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="customs-edge-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    types = types or available_types()
+    say = (lambda *_: None) if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    broker = Broker(work)
+    say(f"broker: {broker.kind} on 127.0.0.1:{broker.port}; work dir {work}")
+    hub_db = work / "hub.db"
+    hub_log = (work / "hub.log").open("wb")
+    hub = subprocess.Popen(_cli("hub", "--db", str(hub_db), "--port", str(broker.port), "--client-id", "demo-hub",
+                                *([] if broker.kind == "mosquitto" else ["--no-share"])), stderr=hub_log)
+    units: list[DemoUnit] = []
+    stop = threading.Event()
+    try:
+        for i, t in enumerate(types):
+            device_id = f"{t}-{i + 1:02d}"
+            sim, urls = _start_sim(t, seed=i + 1, work=work)
+            cfg = _unit_config(t, device_id, urls, work, broker.port)
+            path = work / f"{device_id}.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            u = DemoUnit(device_id, t, path, Path(cfg["outbox"]["path"]), sim, urls=urls)
+            u.log = (work / f"{device_id}.log").open("wb")
+            u.agent = subprocess.Popen(_cli("run", "--config", str(path)), stderr=u.log)
+            units.append(u)
+            say(f"{device_id}: simulator {json.dumps(urls)}; agent log {work / (device_id + '.log')}")
+        t0 = time.monotonic()
+        try:
+            while not stop.wait(2.0 if not as_json else 0.5):
+                elapsed = time.monotonic() - t0
+                if not as_json:
+                    print("\033[2J\033[H" + _table(units, hub_db, broker.kind, elapsed), file=sys.stderr, flush=True)
+                if duration is not None and elapsed >= duration:
+                    break
+                for u in units:
+                    if u.agent and u.agent.poll() is not None:
+                        raise RuntimeError(f"agent {u.device_id} exited ({u.agent.returncode}): see its log")
+        except KeyboardInterrupt:
+            pass
+        # Stop production, then let every outbox drain to the hub.
+        for u in units:
+            u.sim.terminate()
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while time.monotonic() < deadline and any(_outbox_counts(u.outbox)[1] for u in units):
+            time.sleep(0.3)
+    finally:
+        for u in units:
+            if u.sim.poll() is None:
+                u.sim.terminate()
+            if u.agent and u.agent.poll() is None:
+                u.agent.terminate()
+        for u in units:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if u.agent:
+                    u.agent.wait(10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                u.sim.wait(5)
+        time.sleep(0.5)  # the hub's last acks and status messages
+        hub.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            hub.wait(10)
+        broker.stop()
+
+    hub_counts = _hub_counts(hub_db)
+    result: dict[str, Any] = {"devices": {}, "broker": broker.kind, "workdir": str(work)}
+    for u in units:
+        produced, _pending, dropped = _outbox_counts(u.outbox)
+        h = hub_counts.get(u.device_id, {})
+        delivered = int(h.get("delivered", 0))
+        result["devices"][u.device_id] = {
+            "type": u.type, "produced": produced, "delivered": delivered,
+            "duplicates": int(h.get("stored_rows", 0)) - delivered,
+            "redeliveries_dropped": int(h.get("redeliveries_dropped", 0)),
+            "dropped_by_cap": dropped, "lost": max(0, produced - dropped - delivered),
+            "records_by_type": h.get("types", {}),
+        }
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table(units, hub_db, broker.kind, time.monotonic() - t0 if units else 0), file=sys.stderr)
+        lost = sum(d["lost"] for d in result["devices"].values())
+        print(f"\nlost records: {lost}; work dir (logs, configs, outboxes, hub.db): {work}", file=sys.stderr)
+    return 0 if all(d["lost"] == 0 for d in result["devices"].values()) else 2

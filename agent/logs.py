@@ -1,0 +1,48 @@
+"""Structured log lines on stderr (journald keeps them): `level=warning event="..." key=value ...`.
+
+Log events, not per-record chatter: connects, faults, drops, reloads. Pass fields with `extra={...}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def _fmt(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' ="'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+class LogfmtFormatter(logging.Formatter):
+    def __init__(self, with_time: bool = True) -> None:
+        super().__init__()
+        self.with_time = with_time
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = []
+        if self.with_time:
+            parts.append("ts=" + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                         + f".{int(record.msecs):03d}Z")
+        parts += [f"level={record.levelname.lower()}", f"logger={record.name}", f"event={_fmt(record.getMessage())}"]
+        parts += [f"{k}={_fmt(v)}" for k, v in record.__dict__.items() if k not in _STANDARD]
+        if record.exc_info:
+            parts.append("exc=" + _fmt(self.formatException(record.exc_info).replace("\n", " | ")))
+        return " ".join(parts)
+
+
+def setup(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # Under systemd, journald stamps each line itself.
+    import os
+
+    handler.setFormatter(LogfmtFormatter(with_time="JOURNAL_STREAM" not in os.environ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,92 @@
+"""Topics and message formats between agents and hubs (MQTT 3.1.1, JSON payloads).
+
+  {prefix}/{device_id}/records     agent -> hub, QoS 1: a Batch of records
+  {prefix}/{device_id}/ack         hub -> agent, QoS 1: an Ack, published after the hub's commit
+  {prefix}/{device_id}/status      agent, retained: a Status; the will publishes state "offline"
+  {prefix}/{device_id}/cmd         operator -> agent, QoS 1: a Command
+  {prefix}/{device_id}/cmd/reply   agent -> operator, QoS 1: a CommandReply
+The hub subscribes to `$share/{group}/{prefix}/+/records`, so several hubs share one fleet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.jsonfast import dumps
+from agent.outbox import Pending
+
+WIRE_VERSION = 1
+
+
+def topic(prefix: str, device_id: str, kind: str) -> str:
+    return f"{prefix}/{device_id}/{kind}"
+
+
+class WireRecord(BaseModel):
+    seq: int = Field(ge=1)
+    ts: float
+    boot: str
+    mono: float
+    type: str
+    prio: int = Field(ge=0, le=3)
+    payload: dict[str, Any]
+
+
+class Batch(BaseModel):
+    v: Literal[1] = 1
+    device_id: str
+    batch: str
+    records: list[WireRecord]
+
+
+class Ack(BaseModel):
+    v: Literal[1] = 1
+    batch: str
+    ranges: list[tuple[int, int]]  # inclusive seq ranges now durably stored at the hub
+    stored: int = 0  # new records stored
+    duplicates: int = 0  # records the hub already had (redeliveries dropped)
+
+
+class Status(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    state: Literal["online", "offline"]
+    device_id: str
+    ts: float
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+    cmd: Literal["ping", "status", "resend"]
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandReply(BaseModel):
+    id: str | None
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def encode_batch(device_id: str, batch_id: str, records: list[Pending]) -> bytes:
+    """Batch JSON built by string joining: the stored payload JSON is sent as-is, never re-parsed."""
+    parts = [
+        f'{{"seq":{r.seq},"ts":{r.ts!r},"boot":"{r.boot_id}","mono":{r.mono!r},'
+        f'"type":{dumps(r.type)},"prio":{r.priority},"payload":{r.payload}}}'
+        for r in records
+    ]
+    head = f'{{"v":{WIRE_VERSION},"device_id":{dumps(device_id)},"batch":{dumps(batch_id)},"records":['
+    return (head + ",".join(parts) + "]}").encode()
+
+
+def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted seqs -> inclusive ranges: [1,2,3,7] -> [(1,3),(7,7)]."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(seqs):
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out

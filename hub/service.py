@@ -1,0 +1,129 @@
+"""The hub service: subscribe (shared), store, then ack. One thread, an explicit loop.
+
+Several hubs may run against one broker: they join the same shared-subscription group, and the broker
+hands each records message to one of them. Each hub acks only what it stored itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.jsonfast import loads
+from agent.mqtt import Backoff, MqttLink, NotConnected
+from agent.wire import Ack, Batch
+
+log = logging.getLogger(__name__)
+
+
+class HubConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(1883, gt=0, lt=65536)
+    username: str | None = None
+    password: str | None = None
+    topic_prefix: str = "customs-edge/v1"
+    share_group: str | None = Field("hubs", description="MQTT shared-subscription group; null: plain")
+    client_id: str = Field(default_factory=lambda: f"ce-hub-{socket.gethostname()}")
+    db: Path = Path("/var/lib/customs-edge/hub.db")
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    keepalive_s: int = 10
+
+
+class Hub:
+    def __init__(self, cfg: HubConfig) -> None:
+        from hub.store import HubStore
+
+        self.cfg = cfg
+        self.store = HubStore(cfg.db, cfg.synchronous)
+        self.link = MqttLink(cfg.client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s,
+                             clean_session=False, username=cfg.username, password=cfg.password)
+        self.backoff = Backoff(0.5, 10.0)
+        self.rejected = 0
+        self.batches = 0
+        self.ready = threading.Event()  # set once subscribed
+
+    def records_filter(self) -> str:
+        f = f"{self.cfg.topic_prefix}/+/records"
+        return f"$share/{self.cfg.share_group}/{f}" if self.cfg.share_group else f
+
+    def run(self, stop: threading.Event) -> None:
+        next_attempt = 0.0
+        was_connected = False
+        while not stop.is_set():
+            if self.link.idle:
+                if was_connected:
+                    was_connected = False
+                    self.ready.clear()
+                    log.warning("hub lost the broker", extra={"error": self.link.last_error})
+                if time.monotonic() < next_attempt:
+                    stop.wait(0.05)
+                    continue
+                try:
+                    self.link.connect()
+                except OSError as exc:
+                    next_attempt = time.monotonic() + self.backoff.next()
+                    log.warning("hub cannot reach broker", extra={"error": str(exc)})
+                    continue
+            self.link.step(0.01)
+            if not self.link.connected:
+                if self.link.idle:
+                    next_attempt = time.monotonic() + self.backoff.next()
+                continue
+            if not was_connected:
+                was_connected = True
+                self.backoff.reset()
+                # Always subscribe: a broker restarted without persistence forgot our session.
+                self.link.subscribe(self.records_filter(), 1)
+                self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
+                self.ready.set()
+                log.info("hub subscribed", extra={"filter": self.records_filter()})
+            self._handle(self.link.inbox.messages)
+        self.link.disconnect()
+        self.store.close()
+
+    def _handle(self, messages: list[tuple[str, bytes]]) -> None:
+        if not messages:
+            return
+        msgs = messages[:]
+        messages.clear()
+        batches: list[Batch] = []
+        for t, payload in msgs:
+            if t.endswith("/status"):
+                self._status(t, payload)
+                continue
+            try:
+                batch = Batch.model_validate_json(payload)
+            except ValidationError as exc:
+                self.rejected += 1
+                log.warning("rejected a malformed records message",
+                            extra={"topic": t, "error": str(exc).splitlines()[0], "bytes": len(payload)})
+                continue
+            if t.split("/")[-2] != batch.device_id:
+                self.rejected += 1
+                log.warning("rejected records whose device_id does not match the topic", extra={"topic": t})
+                continue
+            batches.append(batch)
+        if not batches:
+            return
+        for s in self.store.store(batches):
+            self.batches += 1
+            ack = Ack(batch=s.batch.batch, ranges=s.ranges, stored=s.stored, duplicates=s.duplicates)
+            try:
+                self.link.publish(f"{self.cfg.topic_prefix}/{s.batch.device_id}/ack", ack.model_dump_json(), qos=1)
+            except NotConnected:
+                return  # stored, not acked: the agent resends, we drop the duplicates and ack then
+
+    def _status(self, t: str, payload: bytes) -> None:
+        device_id = t.split("/")[-2]
+        try:
+            state = str(loads(payload).get("state", "?")) if payload else "?"
+        except (ValueError, AttributeError):
+            state = "?"
+        self.store.set_status(device_id, state)
