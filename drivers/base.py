@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import serial
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.errors import DriverFault, DriverSilent
+from agent.errors import DriverFault, DriverSilent  # noqa: F401  (re-exported for drivers)
 from agent.records import Reading
 
 
@@ -53,7 +53,7 @@ class DriverStats:
     frames: int = 0  # valid frames decoded
     corrupt: int = 0  # frames dropped for a bad checksum, length or field
     bytes_in: int = 0
-    faults: int = 0  # DriverFault raised (silence, disconnect)
+    faults: int = 0  # DriverFaults seen by the runtime (silence, unplugged, refused)
     opened: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -167,7 +167,6 @@ class StreamSerialDriver(Driver):
         try:
             data = self._port.read(max(1, self._port.in_waiting))
         except (serial.SerialException, OSError) as exc:
-            self.stats.faults += 1
             raise DriverFault(f"{self.role}: read failed on {self.config.port}: {exc}") from exc
         if data:
             self.stats.bytes_in += len(data)
@@ -176,9 +175,5 @@ class StreamSerialDriver(Driver):
             if reading is not None:
                 self._watch.reset()
                 return reading
-        try:
-            self._watch.check(f"{self.role} on {self.config.port}")
-        except DriverSilent:
-            self.stats.faults += 1
-            raise
+        self._watch.check(f"{self.role} on {self.config.port}")
         return None
