@@ -1,0 +1,137 @@
+"""Shared fixtures: a real mosquitto on a free loopback port, unit configs, a TCP relay for link drills."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub.brokers import Mosquitto, mosquitto_path
+
+
+def need_mosquitto() -> None:
+    if mosquitto_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("mosquitto is not installed and CI is set: broker tests must run (apt-get install mosquitto)")
+        pytest.skip("mosquitto is not installed")
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    need_mosquitto()
+    mq = Mosquitto(tmp_path / "broker", persistence=True)
+    mq.start()
+    try:
+        yield mq
+    finally:
+        mq.stop()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `cond` until truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def unit_dict(tmp_path: Path, port: str, broker_port: int, **over: Any) -> dict[str, Any]:
+    """A scale unit that produces ~20 records/s (summary every 50 ms) for the sync drills."""
+    cfg: dict[str, Any] = {
+        "device_id": over.pop("device_id", "scale-t1"), "type": "scale",
+        "drivers": {"scale": {"driver": "toledo-continuous", "port": port, "silent_after_s": 3}},
+        "app": {"summary_interval_s": 0.05},
+        "outbox": {"path": str(tmp_path / "agent" / "outbox.db")},
+        "sync": {"port": broker_port, "ack_timeout_s": 4, "keepalive_s": 4, "connect_timeout_s": 2,
+                 "backoff_min_s": 0.2, "backoff_max_s": 2},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+class Relay:
+    """A loopback TCP relay to a target port. `blackhole()` stops forwarding in both directions
+    without closing anything (a half-open link: TCP up, nothing gets through); `heal()` resumes."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target = target_port
+        self.lst = socket.socket()
+        self.lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lst.bind(("127.0.0.1", 0))
+        self.lst.listen(16)
+        self.lst.settimeout(0.2)
+        self.port = self.lst.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def blackhole(self) -> None:
+        self.flowing.clear()
+
+    def heal(self) -> None:
+        self.flowing.set()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.stop_event.is_set():
+            try:
+                client, _ = self.lst.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                t = threading.Thread(target=self._pipe, args=(a, b), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pipe(self, src: Any, dst: Any) -> None:
+        import select
+
+        try:
+            while not self.stop_event.is_set():
+                if not self.flowing.is_set():
+                    self.flowing.wait(0.2)  # do not read: bytes pile up in kernel buffers
+                    continue
+                r, _, _ = select.select([src], [], [], 0.2)
+                if not r:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                while not self.flowing.is_set() and not self.stop_event.is_set():
+                    self.flowing.wait(0.2)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.lst.close()
