@@ -226,7 +226,7 @@ class EmbeddedBroker:
         self.retained: dict[str, Message] = {}
         self.dropped_clients = 0
         self._round_robin: dict[str, int] = {}
-        self._conns: set[_Conn] = set()
+        self._conns: dict[_Conn, asyncio.Task[None] | None] = {}
         self._auto_ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -271,8 +271,10 @@ class EmbeddedBroker:
             await self._stopping.wait()
         finally:
             server.close()
+            tasks = [task for task in self._conns.values() if task is not None]
             for conn in list(self._conns):
                 conn.close(abort=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await server.wait_closed()
 
     def request_stop(self) -> None:
@@ -282,7 +284,7 @@ class EmbeddedBroker:
     # -- one connection ------------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(self, writer)
-        self._conns.add(conn)
+        self._conns[conn] = asyncio.current_task()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 ptype, _, body = await _read_packet(reader)
@@ -307,7 +309,7 @@ class EmbeddedBroker:
         except Exception:
             log.exception("%s: unexpected error, closing", conn.peer)
         finally:
-            self._conns.discard(conn)
+            self._conns.pop(conn, None)
             self._detach(conn)
 
     def _connect(self, conn: _Conn, body: bytes) -> int:
