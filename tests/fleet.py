@@ -1,0 +1,103 @@
+"""Test helpers that run the real pieces: a hub thread, an agent subprocess, exactly-once checks."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hub.service import Hub, HubConfig
+
+
+class HubThread:
+    def __init__(self, port: int, db: Path, **kw: Any) -> None:
+        self.hub = Hub(HubConfig(port=port, db=db, **kw))
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.hub.run, args=(self.stop_event,), daemon=True)
+
+    def start(self) -> HubThread:
+        self.thread.start()
+        if not self.hub.ready.wait(10):
+            raise AssertionError("hub did not subscribe within 10 s")
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+
+
+class AgentProc:
+    """`customs-edge run --config FILE` as the field runs it, in its own process."""
+
+    def __init__(self, cfg: dict[str, Any], workdir: Path) -> None:
+        self.cfg = cfg
+        self.path = workdir / f"{cfg['device_id']}.yaml"
+        self.path.write_text(yaml.safe_dump(cfg))
+        self.log = workdir / f"{cfg['device_id']}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProc:
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.path)],
+                                     stderr=self.log.open("ab"))
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 10) -> float:
+        """SIGTERM; returns how long the agent took to exit."""
+        import time
+
+        assert self.proc
+        t0 = time.monotonic()
+        self.proc.terminate()
+        self.proc.wait(timeout)
+        return time.monotonic() - t0
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+def outbox_state(path: Path) -> tuple[int, set[int]]:
+    """(last seq given out, seqs still pending) from an outbox file; (0, set()) before it exists."""
+    if not Path(path).exists():
+        return 0, set()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name='records'").fetchone():
+            return 0, set()
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
+        pending = {r[0] for r in db.execute("SELECT seq FROM records")}
+        return (row[0] if row else 0), pending
+    finally:
+        db.close()
+
+
+def hub_seqs(path: Path, device_id: str) -> tuple[list[int], int]:
+    """(seqs stored at the hub for a device, rows stored) from a hub file."""
+    db = sqlite3.connect(path)
+    try:
+        seqs = [r[0] for r in db.execute("SELECT seq FROM records WHERE device_id=? ORDER BY seq", (device_id,))]
+        return seqs, len(seqs)
+    finally:
+        db.close()
+
+
+def assert_exactly_once(outbox: Path, hub_db: Path, device_id: str) -> int:
+    """Every seq the agent gave out is stored at the hub exactly once, and the outbox is empty."""
+    last, pending = outbox_state(outbox)
+    seqs, _ = hub_seqs(hub_db, device_id)
+    assert last > 0, "the agent produced nothing"
+    assert not pending, f"{len(pending)} records still in the outbox"
+    lost = sorted(set(range(1, last + 1)) - set(seqs))
+    assert not lost, f"lost {len(lost)} of {last}: first {lost[:10]}"
+    assert len(seqs) == len(set(seqs)) == last, "duplicates stored at the hub"
+    return last

@@ -1,0 +1,227 @@
+"""Sync and hub against a real mosquitto: records leave the outbox only on the hub's ack; acks,
+commands, status and malformed input behave as documented."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import parse_unit_config
+from agent.runtime import Unit
+from hub.brokers import Mosquitto
+from simulators.base import Endpoints
+from simulators.scale import ScaleSim, ScaleWorld
+from tests.conftest import unit_dict, wait_for
+from tests.fleet import HubThread, hub_seqs, outbox_state
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def scale_urls() -> dict[str, str]:
+    with Endpoints(ScaleSim(ScaleWorld(seed=2, cycle_s=1.0), rate_hz=50)) as urls:
+        yield urls
+
+
+class Client:
+    """A plain paho client for poking at topics from the test."""
+
+    def __init__(self, port: int) -> None:
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+        self.got: list[tuple[str, bytes, bool]] = []
+        self.c.on_message = lambda _c, _u, m: self.got.append((m.topic, bytes(m.payload), bool(m.retain)))
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def sub(self, topic: str) -> None:
+        self.c.subscribe(topic, 1)
+        time.sleep(0.2)
+
+    def pub(self, topic: str, payload: bytes | str) -> None:
+        self.c.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def test_records_leave_the_outbox_only_once_the_hub_stored_them(tmp_path: Path, mosquitto: Mosquitto,
+                                                                 scale_urls: dict[str, str]) -> None:
+    cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port))
+    unit = Unit(cfg)
+    unit.start()
+    try:
+        time.sleep(2.0)  # no hub yet: the broker PUBACKs, but nothing may leave the outbox
+        last, pending = outbox_state(cfg.outbox.path)
+        assert last >= 20 and len(pending) == last
+        hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
+        try:
+            wait_for(lambda: len(outbox_state(cfg.outbox.path)[1]) < 5 and unit.sync.stats.records_acked > 20,
+                     10, "the hub's acks to empty the outbox")
+            last, pending = outbox_state(cfg.outbox.path)
+            seqs, _ = hub_seqs(tmp_path / "hub.db", cfg.device_id)
+            # every seq is in exactly one place: still pending, or stored at the hub
+            assert set(range(1, last + 1)) - pending <= set(seqs)
+        finally:
+            hub.stop()
+    finally:
+        unit.stop()
+
+
+def test_broker_ack_mode_deletes_on_puback_without_a_hub(tmp_path: Path, mosquitto: Mosquitto,
+                                                         scale_urls: dict[str, str]) -> None:
+    cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port, sync={"ack_mode": "broker"}))
+    unit = Unit(cfg)
+    unit.start()
+    try:
+        wait_for(lambda: unit.sync.stats.records_acked >= 20, 10, "PUBACKs to delete records")
+    finally:
+        unit.stop()
+    last, pending = outbox_state(cfg.outbox.path)
+    assert last - len(pending) >= 20
+
+
+def test_status_is_retained_and_the_will_says_offline_on_a_crash(tmp_path: Path, mosquitto: Mosquitto,
+                                                                 scale_urls: dict[str, str]) -> None:
+    cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port))
+    unit = Unit(cfg)
+    unit.start()
+    t_status = f"customs-edge/v1/{cfg.device_id}/status"
+    try:
+        wait_for(lambda: unit.sync.link.connected, 5, "agent connection")
+        late = Client(mosquitto.port)  # subscribes after the fact: sees the retained status
+        late.sub(t_status)
+        wait_for(lambda: late.got, 5, "retained status")
+        _, payload, retained = late.got[0]
+        status = json.loads(payload)
+        assert retained and status["state"] == "online" and "outbox" in status and "scale" in status["drivers"]
+        unit.sync.link.abort()  # the process dies without a DISCONNECT: the broker publishes the will
+        wait_for(lambda: any(json.loads(p)["state"] == "offline" for _, p, _ in late.got[1:]), 10, "the will")
+        late.close()
+    finally:
+        unit.stop()
+
+
+def test_commands_good_and_bad_are_answered_never_crash(tmp_path: Path, mosquitto: Mosquitto,
+                                                        scale_urls: dict[str, str]) -> None:
+    cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port))
+    unit = Unit(cfg)
+    unit.start()
+    t_cmd = f"customs-edge/v1/{cfg.device_id}/cmd"
+    op = Client(mosquitto.port)
+    try:
+        wait_for(lambda: unit.sync.link.connected, 5, "agent connection")
+        op.sub(t_cmd + "/reply")
+        for payload in (b"not json", b'{"id": "1", "cmd": "reboot"}', b'{"id": "2", "cmd": "ping", "x": 1}',
+                        b'{"id": "3", "cmd": "ping"}', b'{"id": "4", "cmd": "status"}'):
+            op.pub(t_cmd, payload)
+        wait_for(lambda: len(op.got) >= 5, 10, "five replies")
+        replies = [json.loads(p) for _, p, _ in op.got]
+        bad, good = [r for r in replies if not r["ok"]], [r for r in replies if r["ok"]]
+        assert len(bad) == 3 and all(r["error"].startswith("bad command") for r in bad)
+        assert any("cmd" in r["error"] for r in bad)
+        assert {r["id"] for r in good} == {"3", "4"}
+        status = next(r for r in good if r["id"] == "4")["result"]
+        assert status["device_id"] == cfg.device_id and status["outbox"]["last_seq"] >= 0
+        assert unit.health()
+    finally:
+        op.close()
+        unit.stop()
+
+
+def test_hub_drops_redeliveries_and_rejects_malformed_messages(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
+    c = Client(mosquitto.port)
+    try:
+        c.sub("customs-edge/v1/dev-x/ack")
+        rec = {"seq": 1, "ts": time.time(), "boot": "b", "mono": 1.0, "type": "t", "prio": 1, "payload": {"a": 1}}
+        batch = {"v": 1, "device_id": "dev-x", "batch": "b-1", "records": [rec, {**rec, "seq": 2}]}
+        c.pub("customs-edge/v1/dev-x/records", b"{broken")
+        c.pub("customs-edge/v1/dev-x/records", json.dumps({**batch, "device_id": "someone-else"}))
+        c.pub("customs-edge/v1/dev-x/records", json.dumps(batch))
+        c.pub("customs-edge/v1/dev-x/records", json.dumps({**batch, "batch": "b-2"}))  # a resend
+        wait_for(lambda: len(c.got) >= 2, 10, "two acks")
+        acks = [json.loads(p) for _, p, _ in c.got]
+        assert acks[0] == {"v": 1, "batch": "b-1", "ranges": [[1, 2]], "stored": 2, "duplicates": 0}
+        assert acks[1] == {"v": 1, "batch": "b-2", "ranges": [[1, 2]], "stored": 0, "duplicates": 2}
+        assert hub.hub.rejected == 2
+        (st,) = hub.hub.store.stats()
+        assert (st.received, st.stored, st.duplicates, st.gaps) == (4, 2, 2, 0)
+    finally:
+        c.close()
+        hub.stop()
+
+
+def test_hub_reports_gaps(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
+    c = Client(mosquitto.port)
+    try:
+        c.sub("customs-edge/v1/dev-g/ack")
+        recs = [{"seq": s, "ts": 1.0, "boot": "b", "mono": 1.0, "type": "t", "prio": 1, "payload": {}}
+                for s in (1, 2, 5, 9)]
+        batch = {"v": 1, "device_id": "dev-g", "batch": "x", "records": recs}
+        c.pub("customs-edge/v1/dev-g/records", json.dumps(batch))
+        wait_for(lambda: c.got, 10, "ack")
+        (st,) = hub.hub.store.stats()
+        assert st.gaps == 5 and hub.hub.store.gap_ranges("dev-g") == [(3, 4), (6, 8)]
+    finally:
+        c.close()
+        hub.stop()
+
+
+def test_two_hubs_share_the_load_through_a_shared_subscription(tmp_path: Path, mosquitto: Mosquitto,
+                                                               scale_urls: dict[str, str]) -> None:
+    hubs = [HubThread(mosquitto.port, tmp_path / f"hub{i}.db", client_id=f"hub-{i}").start() for i in range(2)]
+    cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port,
+                                      sync={"batch_max_records": 5}))
+    unit = Unit(cfg)
+    unit.start()
+    try:
+        wait_for(lambda: all(h.hub.batches >= 3 for h in hubs), 15, "both hubs to receive batches")
+    finally:
+        unit.stop()
+        for h in hubs:
+            h.stop()
+    a, _ = hub_seqs(tmp_path / "hub0.db", cfg.device_id)
+    b, _ = hub_seqs(tmp_path / "hub1.db", cfg.device_id)
+    assert a and b and not set(a) & set(b)
+
+
+def test_sigterm_stops_the_agent_cleanly_within_5_s(tmp_path: Path, mosquitto: Mosquitto,
+                                                    scale_urls: dict[str, str]) -> None:
+    from tests.fleet import AgentProc
+
+    agent = AgentProc(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port), tmp_path).start()
+    wait_for(lambda: outbox_state(Path(agent.cfg["outbox"]["path"]))[0] > 10, 10, "records")
+    took = agent.terminate()
+    assert took < 5.0 and agent.proc is not None and agent.proc.returncode == 0
+    log = agent.log_text()
+    assert 'event="unit stopped"' in log
+    assert "Traceback" not in log
+
+
+def test_reload_with_a_bad_config_keeps_the_old_one_running(tmp_path: Path, mosquitto: Mosquitto,
+                                                            scale_urls: dict[str, str]) -> None:
+    import signal
+
+    from tests.fleet import AgentProc
+
+    agent = AgentProc(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port), tmp_path).start()
+    ob = Path(agent.cfg["outbox"]["path"])
+    wait_for(lambda: outbox_state(ob)[0] > 5, 10, "records")
+    agent.path.write_text(agent.path.read_text().replace("summary_interval_s", "summary_intervl_s"))
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config reload refused" in agent.log_text(), 5, "the refusal in the log")
+    assert "app.summary_intervl_s: unknown key (did you mean 'summary_interval_s'?)" in agent.log_text()
+    n = outbox_state(ob)[0]
+    wait_for(lambda: outbox_state(ob)[0] > n + 10, 5, "records to keep coming after the refused reload")
+    assert agent.proc.poll() is None
+    agent.terminate()
+
+
