@@ -123,7 +123,7 @@ class Relay:
                 while not self.flowing.is_set() and not self.stop_event.is_set():
                     self.flowing.wait(0.2)
                 dst.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # the other direction closed both sockets
             pass
         finally:
             for s in (src, dst):
