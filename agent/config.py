@@ -102,7 +102,7 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
         problems += format_errors(exc, _Frame)
 
     drivers: dict[str, DriverConfig] = {}
-    raw_drivers = raw.get("drivers") if isinstance(raw.get("drivers"), dict) else {}
+    raw_drivers: dict[str, Any] = raw["drivers"] if isinstance(raw.get("drivers"), dict) else {}
     for role, spec in raw_drivers.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("driver"), str):
             continue  # already reported by pass 1
