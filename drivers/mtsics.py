@@ -1,0 +1,178 @@
+"""Mettler-Toledo MT-SICS (Standard Interface Command Set), request/response, level 0 commands.
+
+Commands and replies are ASCII lines ending CR LF, typically 9600 8N1:
+  S   stable weight       -> "S S     100.00 g"  | "S I" (no stable value in time) | "S +" / "S -"
+  SI  weight immediately  -> "S S     100.00 g"  | "S D     99.87 g" (dynamic)     | "S I" | "S +" | "S -"
+  Z   zero when stable    -> "Z A" (done) | "Z I" (not executed, busy) | "Z +" / "Z -" (out of zero range)
+  @   reset               -> 'I4 A "serial number"'
+  I4  serial number       -> 'I4 A "serial number"'
+  any command             -> "ES" (syntax: command unknown) | "ET" (transmission error) | "EL" (logic error)
+The weight field is right-aligned in 10 characters between single blanks; the unit follows.
+
+The driver polls with `command` (SI by default, so the app sees motion) every `poll_interval_s`.
+A reply that fits none of these shapes is counted in stats.corrupt and dropped (a garbled line);
+no reply within read_timeout_s is counted in stats.extra['timeouts']; no valid reply at all for
+silent_after_s raises DriverSilent. ES/ET/EL are counted per kind and the poll is simply repeated.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import serial
+from pydantic import Field
+
+from agent.errors import DriverFault, DriverSilent
+from agent.records import Reading, Scalar
+from drivers.base import Driver, SerialPortConfig, SilenceWatch, open_serial
+
+EOL = b"\r\n"
+_WEIGHT = re.compile(r"^S ([SD]) +(-?\d+(?:\.\d+)?) (\S{1,5})$")
+UNITS = {"g", "kg", "mg", "ug", "ct", "lb", "oz", "ozt", "GN", "dwt", "t", "mom", "tl"}
+_STATUS = re.compile(r"^(S|SI|Z|ZI) ([I+\-A])$")
+_SERIAL = re.compile(r'^I4 A "([^"]*)"$')
+ERRORS = {"ES": "syntax error", "ET": "transmission error", "EL": "logical error"}
+
+
+@dataclass(frozen=True, slots=True)
+class SicsReply:
+    """One decoded reply line. kind: weight, status (I/+/-/A), error (ES/ET/EL), serial."""
+
+    kind: Literal["weight", "status", "error", "serial"]
+    command: str = ""  # S or Z family for status replies
+    status: str = ""  # S, D, I, +, -, A, or the error code
+    weight: float | None = None
+    unit: str = ""
+    text: str = ""
+
+    def values(self) -> dict[str, Scalar]:
+        """Reading values, shaped like the Toledo driver's so the same apps consume both."""
+        return {"weight": self.weight, "unit": self.unit, "motion": self.status == "D",
+                "out_of_range": self.status in ("+", "-"), "net": None, "tare": None, "status": self.status}
+
+
+def parse_reply(line: bytes) -> SicsReply | None:
+    """Decode one line (without CR LF). None when the line is not a valid MT-SICS reply."""
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not text.isprintable():
+        return None
+    if text in ERRORS:
+        return SicsReply("error", status=text, text=ERRORS[text])
+    m = _WEIGHT.match(text)
+    if m:
+        field = text[4:14]  # the 10-character weight field
+        if len(text) < 16 or field.strip() != m.group(2) or text[14] != " " or m.group(3) not in UNITS:
+            return None
+        return SicsReply("weight", "S", m.group(1), float(m.group(2)), m.group(3))
+    m = _STATUS.match(text)
+    if m:
+        return SicsReply("status", m.group(1), m.group(2))
+    m = _SERIAL.match(text)
+    if m:
+        return SicsReply("serial", "I4", "A", text=m.group(1))
+    return None
+
+
+def format_weight(weight: float, unit: str = "g", *, stable: bool = True, decimals: int = 2) -> bytes:
+    """A weight reply as a balance sends it: 'S S     100.00 g' + CR LF (simulator and tests)."""
+    value = f"{weight:.{decimals}f}"
+    if len(value) > 10:
+        raise ValueError("weight does not fit the 10-character field")
+    return f"S {'S' if stable else 'D'} {value:>10} {unit}".encode() + EOL
+
+
+class MtSicsConfig(SerialPortConfig):
+    driver: Literal["mt-sics"] = "mt-sics"
+    command: Literal["S", "SI"] = Field("SI", description="SI reports motion too; S only stable weights")
+    poll_interval_s: float = Field(0.25, gt=0, le=60)
+    zero_on_open: bool = Field(False, description="send Z once after opening (platform must be empty)")
+
+
+class MtSics(Driver):
+    """Bench balance speaking MT-SICS. Yields Reading(kind='weight'); a missing weight
+    (busy, overload, underload) comes as weight=None with `status` set."""
+
+    Config = MtSicsConfig
+    config: MtSicsConfig
+
+    def __init__(self, role: str, config: MtSicsConfig) -> None:
+        super().__init__(role, config)
+        self._port: serial.SerialBase | None = None
+        self._watch = SilenceWatch(config.silent_after_s)
+        self._next_poll = 0.0
+        self.serial_number: str | None = None
+        for key in ("timeouts", "ES", "ET", "EL"):
+            self.stats.extra[key] = 0
+
+    def open(self) -> None:
+        self._port = open_serial(self.config)
+        try:
+            self._port.reset_input_buffer()
+        except (serial.SerialException, OSError) as exc:
+            raise DriverFault(f"{self.role}: {self.config.port}: {exc}") from exc
+        self.stats.opened += 1
+        self._watch.reset()
+        self._next_poll = 0.0
+        if self.config.zero_on_open:
+            reply = self.command("Z")
+            if reply is None or reply.status != "A":
+                raise DriverFault(f"{self.role}: zero on open refused: {reply}")
+
+    def close(self) -> None:
+        if self._port is not None:
+            try:
+                self._port.close()
+            finally:
+                self._port = None
+
+    def command(self, cmd: str) -> SicsReply | None:
+        """Send one command, return its decoded reply; None on a timeout or a garbled reply (counted)."""
+        port = self._port
+        if port is None:
+            raise DriverFault(f"{self.role}: port not open")
+        try:
+            port.reset_input_buffer()  # a late reply to the last poll must not answer this one
+            port.write(cmd.encode("ascii") + EOL)
+            line = port.read_until(EOL, 128)
+        except (serial.SerialException, OSError) as exc:
+            self.stats.faults += 1
+            raise DriverFault(f"{self.role}: I/O error on {self.config.port}: {exc}") from exc
+        self.stats.bytes_in += len(line)
+        if not line.endswith(EOL):
+            if line:
+                self.stats.corrupt += 1  # a partial line: bytes lost on the way
+            else:
+                self.stats.extra["timeouts"] += 1
+            return None
+        reply = parse_reply(line[:-2])
+        if reply is None:
+            self.stats.corrupt += 1
+            return None
+        self._watch.reset()
+        if reply.kind == "error":
+            self.stats.extra[reply.status] += 1
+        return reply
+
+    def read(self) -> Reading | None:
+        wait = self._next_poll - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, self.config.read_timeout_s))
+            if self._next_poll > time.monotonic():
+                return None
+        self._next_poll = max(self._next_poll + self.config.poll_interval_s, time.monotonic())
+        reply = self.command(self.config.command)
+        if reply is not None and (reply.kind == "weight" or (reply.kind == "status" and reply.command == "S")):
+            self.stats.frames += 1
+            return Reading(source=self.role, kind="weight", values=reply.values())
+        try:
+            self._watch.check(f"{self.role} on {self.config.port}")
+        except DriverSilent:
+            self.stats.faults += 1
+            raise
+        return None

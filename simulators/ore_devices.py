@@ -1,0 +1,344 @@
+"""Wire-level simulations of the ore station's instruments: a Modbus RTU line with several slaves,
+an MT-SICS bench balance and a cross-belt analyser's TCP result server. Each speaks the real protocol
+on a pty or a loopback socket (simulators.base.Endpoints) and has fault switches for tests and flags.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from drivers.analyser import AnalyserResult, encode_result, encode_status
+from drivers.modbus import FUNCTION, crc16, encode_value
+from drivers.mtsics import EOL, format_weight
+from simulators.base import Conn, DeviceSim, Faults
+from simulators.ore_world import OreWorld
+
+Tables = dict[str, dict[int, int]]  # table name -> address -> register word (or 0/1 for bits)
+
+
+@dataclass
+class SlaveFaults:
+    """Per-slave switches. Counters say how many replies were withheld or damaged."""
+
+    dead: bool = False  # never answers (power lost, address changed)
+    timeout_next: int = 0  # withhold the next n replies
+    crc_next: int = 0  # damage the CRC of the next n replies
+    exception_next: int = 0  # answer the next n requests with an exception
+    exception_code: int = 4  # slave device failure
+    timeout_rate: float = 0.0
+    crc_rate: float = 0.0
+    withheld: int = 0
+    damaged: int = 0
+    exceptions: int = 0
+
+
+@dataclass
+class SlaveModel:
+    """A slave: `tables()` gives its current register image."""
+
+    id: int
+    name: str
+    tables: Callable[[], Tables]
+    faults: SlaveFaults = field(default_factory=SlaveFaults)
+    requests: int = 0
+
+
+def put(table: dict[int, int], address: int, dtype: str, value: float | int | bool, word_order: str = "big") -> None:
+    for i, w in enumerate(encode_value(dtype, value, word_order)):  # type: ignore[arg-type]
+        table[address + i] = w
+
+
+class ModbusLineSim(DeviceSim):
+    """An RS-485 line with one or more slaves answering Modbus RTU read requests (FC 1-4).
+    Requests with a bad CRC or for an absent slave get no reply, as on a real line."""
+
+    def __init__(self, slaves: list[SlaveModel], faults: Faults | None = None, seed: int | None = None) -> None:
+        super().__init__(faults)
+        self.slaves = {s.id: s for s in slaves}
+        self.rng = random.Random(seed)
+        self.bad_requests = 0
+
+    def slave(self, name: str) -> SlaveModel:
+        return next(s for s in self.slaves.values() if s.name == name)
+
+    def respond(self, frame: bytes) -> bytes | None:
+        """The reply to one complete, CRC-checked request frame (None: stay silent)."""
+        slave = self.slaves.get(frame[0])
+        if slave is None:
+            return None
+        slave.requests += 1
+        f = slave.faults
+        if f.dead:
+            f.withheld += 1
+            return None
+        if f.timeout_next > 0 or (f.timeout_rate and self.rng.random() < f.timeout_rate):
+            f.timeout_next = max(0, f.timeout_next - 1)
+            f.withheld += 1
+            return None
+        fc = frame[1]
+        address, count = struct.unpack(">HH", frame[2:6])
+        tables = slave.tables()
+        table = {v: k for k, v in FUNCTION.items()}.get(fc)
+        if f.exception_next > 0:
+            f.exception_next -= 1
+            f.exceptions += 1
+            body = bytes([slave.id, fc | 0x80, f.exception_code])
+        elif table is None:
+            body = bytes([slave.id, fc | 0x80, 1])  # illegal function
+        elif not (1 <= count <= (2000 if fc <= 2 else 125)):
+            body = bytes([slave.id, fc | 0x80, 3])  # illegal data value
+        elif any(a not in tables.get(table, {}) for a in range(address, address + count)):
+            body = bytes([slave.id, fc | 0x80, 2])  # illegal data address
+        elif fc <= 2:
+            bits = [tables[table][a] for a in range(address, address + count)]
+            data = bytearray((count + 7) // 8)
+            for i, b in enumerate(bits):
+                if b:
+                    data[i // 8] |= 1 << (i % 8)
+            body = bytes([slave.id, fc, len(data)]) + bytes(data)
+        else:
+            words = [tables[table][a] for a in range(address, address + count)]
+            body = bytes([slave.id, fc, 2 * count]) + b"".join(w.to_bytes(2, "big") for w in words)
+        reply = body + crc16(body)
+        if f.crc_next > 0 or (f.crc_rate and self.rng.random() < f.crc_rate):
+            f.crc_next = max(0, f.crc_next - 1)
+            f.damaged += 1
+            reply = reply[:-2] + bytes([reply[-2] ^ 0x5A, reply[-1]])
+        return reply
+
+    @staticmethod
+    def request_length(buf: bytes | bytearray) -> int:
+        fc = buf[1]
+        if fc in (15, 16):
+            return 9 + buf[6] if len(buf) >= 7 else 0
+        return 8
+
+    def serve(self, conn: Conn, stop: threading.Event) -> None:
+        buf = bytearray()
+        last = time.monotonic()
+        while not stop.is_set() and not conn.closed:
+            data = conn.read(0.05)
+            now = time.monotonic()
+            if not data:
+                if buf and now - last > 0.05:  # a gap ends a frame: drop a fragment
+                    self.bad_requests += 1
+                    buf.clear()
+                continue
+            last = now
+            buf += data
+            while len(buf) >= 8:
+                n = self.request_length(buf)
+                if not n or len(buf) < n:
+                    break
+                frame = bytes(buf[:n])
+                if crc16(frame[:-2]) != frame[-2:]:
+                    self.bad_requests += 1
+                    del buf[:1]  # hunt for the next frame start
+                    continue
+                del buf[:n]
+                reply = self.respond(frame)
+                if reply is not None and not self.faults.paused:
+                    conn.write(self.faults.mangle(reply))
+
+
+# --- the station's slaves, bound to the world ----------------------------------------------------
+
+def weigher_tables(world: OreWorld) -> Callable[[], Tables]:
+    """Belt weigher integrator: input 0-1 rate t/h (float32), 2 speed mm/s, 3-4 total in 0.1 t
+    (uint32, low word first), 5 status (bit 0 belt running)."""
+
+    def tables() -> Tables:
+        s = world.belt()
+        ir: dict[int, int] = {}
+        put(ir, 0, "float32", s.rate_tph)
+        put(ir, 2, "uint16", min(65535, round(s.speed_mps * 1000)))
+        put(ir, 3, "uint32", round(s.total_t * 10) % 2**32, "little")
+        put(ir, 5, "uint16", 1 if s.running else 0)
+        return {"input": ir}
+
+    return tables
+
+
+def moisture_tables(world: OreWorld) -> Callable[[], Tables]:
+    """Microwave moisture analyser: input 0 moisture in 0.01 % (wet basis), 1 material temperature in
+    0.1 °C (int16), 2 status (bit 0 no material on the belt)."""
+
+    def tables() -> Tables:
+        s = world.belt()
+        ir: dict[int, int] = {}
+        put(ir, 0, "uint16", max(0, round(s.moisture_pct * 100)))
+        put(ir, 1, "int16", round(s.material_c * 10))
+        put(ir, 2, "uint16", 0 if s.moisture_pct > 0 else 1)
+        return {"input": ir}
+
+    return tables
+
+
+def belt_tables(world: OreWorld) -> Callable[[], Tables]:
+    """Belt PLC: discrete 0 running, 1 metal detected (latched); holding 0 lot number, 1 hold number,
+    2 metal detector trips (counter)."""
+
+    def tables() -> Tables:
+        s = world.belt()
+        return {"discrete": {0: int(s.running), 1: int(s.metal_detected)},
+                "holding": {0: s.lot_no % 65536, 1: s.hold_no, 2: s.metal_events % 65536}}
+
+    return tables
+
+
+def portal_tables(world: OreWorld) -> Callable[[], Tables]:
+    """Radiation portal monitor: input 0-1 gamma count rate cps (float32), 2-3 background cps,
+    4 alarm counter; discrete 0 gamma alarm."""
+
+    def tables() -> Tables:
+        s = world.belt()
+        ir: dict[int, int] = {}
+        put(ir, 0, "float32", s.gamma_cps)
+        put(ir, 2, "float32", s.gamma_background_cps)
+        put(ir, 4, "uint16", s.gamma_alarms % 65536)
+        return {"input": ir, "discrete": {0: int(s.gamma_alarm)}}
+
+    return tables
+
+
+# --- MT-SICS bench balance -----------------------------------------------------------------------
+
+class Bench:
+    """The sample-room balance: increments and moisture test portions put on and taken off in cycles
+    (wall time, a person's pace). force() pins the displayed weight for tests."""
+
+    def __init__(self, seed: int | None = None, cycle_s: float = 8.0, capacity_g: float = 6200.0) -> None:
+        self.rng = random.Random(seed)
+        self.cycle_s = cycle_s
+        self.capacity_g = capacity_g
+        self.t0 = time.monotonic()
+        self.zero_offset = 0.0
+        self._cycle = -1
+        self._load = 0.0
+        self._forced: tuple[float, bool] | None = None
+        self._lock = threading.Lock()
+
+    def force(self, weight_g: float | None, motion: bool = False) -> None:
+        self._forced = None if weight_g is None else (weight_g, motion)
+
+    def sample(self, now: float | None = None) -> tuple[float, bool]:
+        """(gross weight in g, motion)."""
+        if self._forced is not None:
+            return self._forced
+        with self._lock:
+            t = (time.monotonic() if now is None else now) - self.t0
+            cycle, phase = divmod(t, self.cycle_s)
+            if int(cycle) != self._cycle:
+                self._cycle = int(cycle)
+                self._load = round(self.rng.uniform(400.0, 2500.0), 2)
+            f = phase / self.cycle_s
+            if f < 0.2:
+                return 0.0, False
+            if f < 0.35:
+                k = (f - 0.2) / 0.15
+                return round(self._load * (1 + 0.1 * (1 - k) * math.sin(40 * k)), 2), True
+            if f < 0.9:
+                return self._load, False
+            return round(self._load * (1 - (f - 0.9) * 10), 2), True
+
+
+class SicsBalanceSim(DeviceSim):
+    """Answers MT-SICS level-0 commands. Faults.mangle garbles replies (flipped bits, lost bytes)."""
+
+    SERIAL = "B642117519"
+
+    def __init__(self, bench: Bench, faults: Faults | None = None) -> None:
+        super().__init__(faults)
+        self.bench = bench
+        self.commands = 0
+
+    def reply(self, line: bytes) -> bytes:
+        try:
+            cmd = line.decode("ascii")
+        except UnicodeDecodeError:
+            return b"ET" + EOL
+        if not cmd.isprintable():
+            return b"ET" + EOL
+        weight, motion = self.bench.sample()
+        net = weight - self.bench.zero_offset
+        if cmd in ("S", "SI"):
+            if net > self.bench.capacity_g:
+                return b"S +" + EOL
+            if net < -self.bench.capacity_g * 0.02:
+                return b"S -" + EOL
+            if cmd == "S" and motion:
+                return b"S I" + EOL  # no stable value within the balance's own timeout
+            return format_weight(net, "g", stable=not motion)
+        if cmd in ("Z", "ZI"):
+            if cmd == "Z" and motion:
+                return b"Z I" + EOL
+            if abs(weight) > self.bench.capacity_g * 0.02:
+                return b"Z +" + EOL  # outside the zero-setting range
+            self.bench.zero_offset = weight
+            return b"Z A" + EOL
+        if cmd in ("@", "I4"):
+            if cmd == "@":
+                self.bench.zero_offset = 0.0
+            return f'I4 A "{self.SERIAL}"'.encode() + EOL
+        if cmd == "":
+            return b"ES" + EOL
+        return b"ES" + EOL
+
+    def serve(self, conn: Conn, stop: threading.Event) -> None:
+        buf = bytearray()
+        while not stop.is_set() and not conn.closed:
+            data = conn.read(0.05)
+            if not data:
+                continue
+            buf += data
+            while True:
+                end = buf.find(b"\n")
+                if end < 0:
+                    if len(buf) > 256:
+                        buf.clear()
+                    break
+                line = bytes(buf[:end]).rstrip(b"\r")
+                del buf[: end + 1]
+                self.commands += 1
+                if self.faults.paused:
+                    continue
+                conn.write(self.faults.mangle(self.reply(line)))
+
+
+# --- cross-belt analyser -------------------------------------------------------------------------
+
+class AnalyserSim(DeviceSim):
+    """Pushes each new result block of the world's analyser to every connected client, and a $STAT
+    line every `stat_every_s` wall seconds. Faults.mangle damages blocks; pause() silences it."""
+
+    def __init__(self, world: OreWorld, stat_every_s: float = 2.0, faults: Faults | None = None) -> None:
+        super().__init__(faults)
+        self.world = world
+        self.stat_every_s = stat_every_s
+        self.sent = 0
+
+    def serve(self, conn: Conn, stop: threading.Event) -> None:
+        last = self.world.last_seq()
+        next_stat = 0.0
+        while not stop.is_set() and not conn.closed:
+            conn.read(0.1)  # nothing is expected from the client; this also notices a closed socket
+            if self.faults.paused:
+                continue
+            for r in self.world.results_after(last):
+                last = r.seq
+                block = encode_result(AnalyserResult(
+                    seq=r.seq, ts=r.ts, interval_s=r.interval_s, tonnes=r.tonnes, status=r.status,
+                    assays=r.own, live_time_s=r.interval_s, kev_per_channel=10_000.0 / len(r.counts),
+                    offset_kev=0.0, counts=r.counts))
+                conn.write(self.faults.mangle(block))
+                self.sent += 1
+            now = time.monotonic()
+            if now >= next_stat:
+                next_stat = now + self.stat_every_s
+                conn.write(encode_status(time.time(), "RUN", 31.5 + random.uniform(-0.3, 0.3)))

@@ -1,0 +1,259 @@
+"""ModbusRtu against the station's Modbus line simulator, on a real pty and a loopback socket,
+including every injected fault: withheld replies, CRC errors, exception responses, a dead slave,
+a dead line, and bytes damaged on the wire."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from agent.errors import DriverFault
+from drivers.modbus import (
+    Block,
+    ModbusRtu,
+    ModbusRtuConfig,
+    PointConfig,
+    build_request,
+    crc16,
+    decode_value,
+    encode_value,
+    plan_blocks,
+)
+from simulators.base import Endpoints, Faults
+from simulators.ore_devices import ModbusLineSim, SlaveModel
+
+
+class Registers:
+    """A slave's register image that a test changes at will."""
+
+    def __init__(self) -> None:
+        self.ir = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0}
+        self.hr = {0: 7, 1: 2}
+        self.di = {0: 1, 1: 0}
+        self.set(rate=4012.5, speed=4.512, total=123456.7, temp=-3.5)
+
+    def set(self, rate: float, speed: float, total: float, temp: float) -> None:
+        hi, lo = struct.unpack(">HH", struct.pack(">f", rate))
+        self.ir[0], self.ir[1] = hi, lo
+        self.ir[2] = round(speed * 1000)
+        raw = round(total * 10)
+        self.ir[3], self.ir[4] = raw & 0xFFFF, raw >> 16  # low word first
+        self.ir[5] = struct.unpack(">H", struct.pack(">h", round(temp * 10)))[0]
+
+    def tables(self) -> dict[str, dict[int, int]]:
+        return {"input": dict(self.ir), "holding": dict(self.hr), "discrete": dict(self.di)}
+
+
+POINTS = [
+    {"name": "rate_tph", "table": "input", "address": 0, "type": "float32", "unit": "t/h"},
+    {"name": "speed_mps", "table": "input", "address": 2, "scale": 0.001, "unit": "m/s"},
+    {"name": "total_t", "table": "input", "address": 3, "type": "uint32", "word_order": "little", "scale": 0.1},
+    {"name": "temp_c", "table": "input", "address": 5, "type": "int16", "scale": 0.1},
+    {"name": "lot_no", "table": "holding", "address": 0},
+    {"name": "hold_no", "table": "holding", "address": 1},
+    {"name": "running", "table": "discrete", "address": 0, "type": "bool"},
+    {"name": "metal", "table": "discrete", "address": 1, "type": "bool"},
+]
+
+
+@pytest.fixture(params=["pty", "socket"])
+def line(request: pytest.FixtureRequest):
+    regs = {1: Registers(), 2: Registers()}
+    slaves = [SlaveModel(1, "weigher", regs[1].tables), SlaveModel(2, "moisture", regs[2].tables)]
+    sim = ModbusLineSim(slaves, Faults(seed=3), seed=3)
+    with Endpoints(sim) as urls:
+        yield sim, regs, urls[request.param]
+
+
+def driver(url: str, ids: tuple[int, ...] = (1,), **kw: object) -> ModbusRtu:
+    names = {1: "weigher", 2: "moisture"}
+    # parity N: Linux ptys refuse a second open with parity E (EINVAL from tcsetattr)
+    cfg = ModbusRtuConfig(port=url, parity="N", read_timeout_s=0.15, slaves=[
+        {"name": names[i], "id": i, "poll_interval_s": 0.01, "points": POINTS} for i in ids], **kw)
+    return ModbusRtu("belt_weigher", cfg)
+
+
+def test_reads_every_type_and_table(line) -> None:
+    sim, regs, url = line
+    with driver(url) as d:
+        r = d.read() or d.read()
+    assert r is not None and r.kind == "registers"
+    v = r.values
+    assert v["slave"] == "weigher" and v["slave_id"] == 1
+    assert v["rate_tph"] == pytest.approx(4012.5)
+    assert v["speed_mps"] == pytest.approx(4.512)
+    assert v["total_t"] == pytest.approx(123456.7)
+    assert v["temp_c"] == pytest.approx(-3.5)
+    assert (v["lot_no"], v["hold_no"], v["running"], v["metal"]) == (7, 2, True, False)
+    # three tables -> three requests per poll
+    assert sim.slaves[1].requests == 3
+    regs[1].set(rate=10.0, speed=0.0, total=0.5, temp=20.0)
+    regs[1].di[1] = 1
+    with driver(url) as d:
+        v = (d.read() or d.read()).values  # type: ignore[union-attr]
+    assert (v["rate_tph"], v["total_t"], v["metal"]) == (pytest.approx(10.0), pytest.approx(0.5), True)
+
+
+def test_crc_error_is_counted_and_retried(line) -> None:
+    sim, _, url = line
+    sim.slaves[1].faults.crc_next = 2
+    with driver(url, retries=2) as d:
+        r = d.read() or d.read()
+        assert r is not None and r.kind == "registers"
+        assert d.stats.extra["crc_errors"] == 2 and d.stats.corrupt == 2
+        assert d.stats.extra["retries"] == 2
+    assert sim.slaves[1].faults.damaged == 2
+
+
+def test_timeout_is_counted_and_retried(line) -> None:
+    sim, _, url = line
+    sim.slaves[1].faults.timeout_next = 1
+    with driver(url, retries=1) as d:
+        r = d.read() or d.read()
+        assert r is not None and r.kind == "registers"
+        assert d.stats.extra["timeouts"] == 1 and d.stats.extra["retries"] == 1
+
+
+def test_retries_exhausted_gives_slave_error_then_recovers(line) -> None:
+    sim, _, url = line
+    sim.slaves[1].faults.timeout_next = 3
+    with driver(url, retries=1, fail_after=5) as d:
+        r = d.read() or d.read()
+        assert r is not None and r.kind == "slave_error"
+        assert r.values["slave"] == "weigher" and "timeout" in str(r.values["error"])
+        assert r.values["consecutive"] == 1
+        r = d.read() or d.read()  # third withheld reply, then the retry succeeds
+        assert r is not None and r.kind == "registers"
+
+
+def test_exception_response_is_reported_not_retried(line) -> None:
+    sim, _, url = line
+    sim.slaves[1].faults.exception_next = 1
+    sim.slaves[1].faults.exception_code = 4
+    with driver(url, retries=3) as d:
+        r = d.read() or d.read()
+        assert r is not None and r.kind == "slave_error"
+        assert "exception 4" in str(r.values["error"]) and "slave device failure" in str(r.values["error"])
+        assert d.stats.extra["exceptions"] == 1 and d.stats.extra["retries"] == 0
+
+
+def test_unmapped_address_gives_illegal_address(line) -> None:
+    _, _, url = line
+    cfg = ModbusRtuConfig(port=url, parity="N", read_timeout_s=0.15, slaves=[{"name": "weigher", "id": 1, "points": [
+        {"name": "nothing_here", "table": "holding", "address": 900}]}])
+    with ModbusRtu("x", cfg) as d:
+        r = d.read() or d.read()
+    assert r is not None and r.kind == "slave_error" and "illegal data address" in str(r.values["error"])
+
+
+def test_dead_slave_on_shared_line_reports_per_slave(line) -> None:
+    sim, _, url = line
+    sim.slaves[2].faults.dead = True
+    with driver(url, ids=(1, 2), retries=0, fail_after=2) as d:
+        kinds: dict[str, list[str]] = {"weigher": [], "moisture": []}
+        for _ in range(20):
+            r = d.read()
+            if r is not None:
+                kinds[str(r.values["slave"])].append(r.kind)
+        assert set(kinds["weigher"]) == {"registers"}
+        assert kinds["moisture"] and set(kinds["moisture"]) == {"slave_error"}
+        assert d.stats.faults == 0  # the line works: no DriverFault for one dead slave
+
+
+def test_dead_line_raises_driver_fault(line) -> None:
+    sim, _, url = line
+    sim.slaves[1].faults.dead = True
+    sim.slaves[2].faults.dead = True
+    with driver(url, ids=(1, 2), retries=0, fail_after=2) as d:
+        with pytest.raises(DriverFault, match="no slave answers"):
+            for _ in range(20):
+                d.read()
+        assert d.stats.faults == 1
+
+
+def test_damaged_bytes_on_the_wire_are_counted_and_skipped(line) -> None:
+    sim, _, url = line
+    sim.faults.corrupt_next(6)  # flipped bits or truncated replies, one per damaged frame
+    with driver(url, retries=0, fail_after=50) as d:
+        kinds = []
+        while sim.faults.corrupted < 6 or len(kinds) < 12:
+            r = d.read()
+            if r is not None:
+                kinds.append(r.kind)
+        x = d.stats.extra
+        assert x["crc_errors"] + x["timeouts"] + x["wrong_slave"] == 6
+        assert kinds.count("slave_error") == 6  # retries=0: each damaged reply fails one poll
+        assert kinds[-3:] == ["registers"] * 3  # back in step after the damage
+
+
+def test_unplugged_socket_raises_driver_fault() -> None:
+    regs = Registers()
+    sim = ModbusLineSim([SlaveModel(1, "weigher", regs.tables)])
+    ep = Endpoints(sim, use_pty=False)
+    urls = ep.start()
+    d = driver(urls["socket"])
+    d.open()
+    try:
+        assert (d.read() or d.read()) is not None
+        ep.drop_clients(refuse_for=5)
+        with pytest.raises(DriverFault):
+            for _ in range(10):
+                d.read()
+    finally:
+        d.close()
+        ep.stop()
+
+
+def test_open_fails_cleanly() -> None:
+    with pytest.raises(DriverFault, match="cannot open"):
+        driver("/dev/does-not-exist-ttyUSB9").open()
+
+
+# --- pure functions --------------------------------------------------------------------------
+
+def test_crc_matches_the_specification_example() -> None:
+    # Modbus over serial line spec, read holding registers of slave 1, address 0, count 1: 84 0A
+    assert crc16(bytes.fromhex("010300000001")) == bytes.fromhex("840A")
+    assert build_request(1, Block("holding", 0, 1, ())) == bytes.fromhex("010300000001840A")
+
+
+@given(st.sampled_from(["uint16", "int16", "uint32", "int32"]), st.integers(), st.sampled_from(["big", "little"]))
+def test_integer_values_round_trip(dtype: str, value: int, order: str) -> None:
+    bits = {"uint16": (0, 2**16), "int16": (-2**15, 2**15), "uint32": (0, 2**32), "int32": (-2**31, 2**31)}[dtype]
+    value = bits[0] + value % (bits[1] - bits[0])
+    words = encode_value(dtype, value, order)  # type: ignore[arg-type]
+    assert all(0 <= w < 65536 for w in words)
+    assert decode_value(dtype, words, order) == value  # type: ignore[arg-type]
+
+
+def test_float_word_order() -> None:
+    assert encode_value("float32", 1.0, "big") == [0x3F80, 0x0000]
+    assert encode_value("float32", 1.0, "little") == [0x0000, 0x3F80]
+    assert decode_value("float32", [0x0000, 0x3F80], "little") == 1.0
+
+
+def test_blocks_group_contiguous_points_per_table() -> None:
+    pts = [PointConfig.model_validate(p) for p in POINTS]
+    blocks = {(b.table, b.address, b.count) for b in plan_blocks(pts)}
+    assert blocks == {("input", 0, 6), ("holding", 0, 2), ("discrete", 0, 2)}
+    far = [PointConfig(name="a", address=0), PointConfig(name="b", address=200)]
+    assert [(b.address, b.count) for b in plan_blocks(far)] == [(0, 1), (200, 1)]
+
+
+def test_config_refuses_mismatched_type_and_duplicates() -> None:
+    with pytest.raises(ValidationError, match="coils/discrete inputs take type 'bool'"):
+        PointConfig(name="x", table="coil", address=0, type="uint16")
+    with pytest.raises(ValidationError, match="unique"):
+        ModbusRtuConfig(port="/dev/null", slaves=[
+            {"name": "a", "id": 1, "points": [{"name": "x", "address": 0}]},
+            {"name": "b", "id": 1, "points": [{"name": "x", "address": 0}]}])
+    with pytest.raises(ValidationError, match="repeated"):
+        ModbusRtuConfig(port="/dev/null", slaves=[{"name": "a", "id": 1, "points": [
+            {"name": "x", "address": 0}, {"name": "x", "address": 1}]}])
+    with pytest.raises(ValidationError):
+        ModbusRtuConfig(port="/dev/null", slaves=[{"name": "a", "id": 1, "points": [
+            {"name": "x", "address": 0, "scaling": 2}]}])
