@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,10 @@ class MqttLink:
             self._client = None
             self.last_error = str(exc)
             raise OSError(str(exc)) from exc
+        sock = c.socket()
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # paho leaves Nagle on: a small ack then waits for the peer's delayed ACK (~40 ms)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_connect(self, client: paho.Client, _u: Any, flags: Any, rc: Any, _p: Any = None) -> None:
         if client is not self._client:

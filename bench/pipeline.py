@@ -1,0 +1,263 @@
+"""End-to-end pipeline benchmark: driver -> app -> outbox (SQLite) -> sync -> mosquitto -> hub -> ack.
+
+    python bench/pipeline.py [--records 200000] [--json]
+
+Runs a real mosquitto, a hub process and an agent process: the production Unit (core thread, group
+commit, sync thread) with a synthetic source in place of an instrument. For the throughput figure the
+source yields readings that each make 100 records (instruments send <= 50 frames/s, so the per-frame
+driver path is not what limits a unit; the parser's own rate is measured separately), as fast as the
+bounded queue between driver and app takes them. For the latency figure it yields one record per
+reading at a steady 200 readings/s. Measures in one run:
+  records_per_s           records hub-acknowledged (stored with synchronous=FULL, ack received) per s
+  baseline_records_per_s  raw SQLite executemany of the same records, 1,000 per transaction, FULL
+  ratio                   records_per_s / baseline_records_per_s
+  latency_p50_ms/p99_ms   reading created -> hub ack received by the agent, at 200 records/s
+  agent_rss_mb            the agent process's RSS after the run
+  parser_frames_per_s     the Toledo continuous-output parser alone (a real scale sends ~50 frames/s)
+  outbox_*                outbox put() rates, FULL vs NORMAL, group commits of 1,000 and single records
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.apps.base import App, AppConfig  # noqa: E402
+from agent.records import Priority, Reading, RecordIn  # noqa: E402
+from bench.common import percentile, rss_mb  # noqa: E402
+from drivers.base import Driver, DriverConfig  # noqa: E402
+
+PAYLOAD = {"weight": 12.34, "tare": 0.0, "unit": "kg", "net": False, "motion": False, "source": "bench",
+           "note": "x" * 150}  # ~250 bytes of JSON, about a record's size
+
+
+class BenchDriverConfig(DriverConfig):
+    driver: str = "bench"
+    rate_hz: float = 0.0  # 0: as fast as the queue takes them
+    burst: int = 1  # records the app makes per reading
+
+
+class BenchDriver(Driver):
+    Config = BenchDriverConfig
+    config: BenchDriverConfig
+
+    def __init__(self, role: str, config: DriverConfig, limit: int) -> None:
+        super().__init__(role, config)
+        self.limit = limit
+        self.n = 0
+        self._next = time.monotonic()
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def read(self) -> Reading | None:
+        if self.n >= self.limit:
+            time.sleep(0.05)
+            return None
+        if self.config.rate_hz:
+            delay = self._next - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self._next += 1.0 / self.config.rate_hz
+        self.n += self.config.burst
+        return Reading(source=self.role, kind="bench", values={"burst": self.config.burst})
+
+
+class PassApp(App):
+    """One record per reading; the payload carries the creation time for the latency figure."""
+
+    Config = AppConfig
+    REQUIRED_DRIVERS: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def feed(self, reading: Reading) -> list[RecordIn]:
+        n = int(reading.values["burst"] or 1)
+        return [RecordIn(type="bench", priority=Priority.EVENT, ts=reading.ts,
+                         payload={**PAYLOAD, "created": reading.mono, "k": k}) for k in range(n)]
+
+
+def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[str, Any]:
+    """Runs in its own process: the production Unit with the synthetic driver."""
+    from agent.config import parse_unit_config
+    from agent.outbox import SqliteOutbox
+    from agent.runtime import Unit
+
+    def unit_for(name: str, limit: int, rate: float, burst: int) -> tuple[Unit, list[float]]:
+        cfg = parse_unit_config({"device_id": f"bench-{name}", "type": "scale",
+                                 "drivers": {"scale": {"driver": "toledo-continuous", "port": "unused"}},
+                                 "outbox": {"path": str(work / f"{name}.db"), "synchronous": "FULL"},
+                                 "sync": {"port": port, "batch_max_records": 1000, "window_batches": 8}})
+        latencies: list[float] = []
+        outbox = SqliteOutbox(cfg.outbox.path, synchronous="FULL")
+        if rate:
+            created: dict[int, float] = {}
+            real_put, real_ack = outbox.put, outbox.ack
+
+            def put(recs: Any) -> range:
+                seqs = real_put(recs)
+                for s, r in zip(seqs, recs, strict=True):
+                    created[s] = r.payload["created"]
+                return seqs
+
+            def ack(ranges: Any) -> int:
+                now = time.monotonic()
+                for a, b in ranges:
+                    for s in range(a, b + 1):
+                        if s in created:
+                            latencies.append(now - created.pop(s))
+                return real_ack(ranges)
+
+            outbox.put, outbox.ack = put, ack  # type: ignore[method-assign]
+        drv = BenchDriver("bench", BenchDriverConfig(driver="bench", rate_hz=rate, burst=burst), limit)
+        return Unit(cfg, outbox=outbox, app=PassApp(cfg.device_id, AppConfig()), drivers={"bench": drv}), latencies
+
+    # throughput
+    unit, _ = unit_for("tput", records, 0.0, 100)
+    t0 = time.monotonic()
+    unit.start()
+    while unit.sync.stats.records_acked < records:
+        time.sleep(0.01)
+        if time.monotonic() - t0 > 600:
+            raise TimeoutError("throughput run did not finish in 600 s")
+    elapsed = time.monotonic() - t0
+    result = {"records": records, "seconds": round(elapsed, 3), "records_per_s": records / elapsed,
+              "ack_timeouts": unit.sync.stats.ack_timeouts}
+    unit.stop()
+    # latency at a steady 200 records/s
+    n = int(200 * latency_s)
+    unit, lat = unit_for("lat", n, 200.0, 1)
+    unit.start()
+    deadline = time.monotonic() + latency_s + 15
+    while unit.sync.stats.records_acked < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    unit.stop()
+    result.update(latency_p50_ms=percentile(lat, 50) * 1000, latency_p99_ms=percentile(lat, 99) * 1000,
+                  latency_samples=len(lat), agent_rss_mb=rss_mb())
+    return result
+
+
+def sqlite_baseline(work: Path, n: int, synchronous: str = "FULL", batch: int = 1000) -> float:
+    """Records/s for the raw floor of the agent's work: executemany into a WAL file, one commit per batch."""
+    db = sqlite3.connect(work / f"baseline-{synchronous}-{batch}.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute("CREATE TABLE r (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, boot TEXT, mono REAL, type TEXT,"
+               " prio INTEGER, payload TEXT)")
+    row = (time.time(), "boot", 1.0, "bench", 1, json.dumps(PAYLOAD, separators=(",", ":")))
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO r (ts, boot, mono, type, prio, payload) VALUES (?,?,?,?,?,?)",
+                       [row] * min(batch, n - i))
+        db.execute("COMMIT")
+    rate = n / (time.perf_counter() - t0)
+    db.close()
+    return rate
+
+
+def outbox_rates(work: Path) -> dict[str, float]:
+    from agent.outbox import SqliteOutbox
+
+    out: dict[str, float] = {}
+    recs = [RecordIn(type="bench", payload=PAYLOAD) for _ in range(1000)]
+    for sync in ("FULL", "NORMAL"):
+        ob = SqliteOutbox(work / f"outbox-{sync}.db", synchronous=sync)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            ob.put(recs)
+        out[f"outbox_{sync.lower()}_batch1000_records_per_s"] = 50_000 / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for r in recs[:1000]:
+            ob.put([r])
+        out[f"outbox_{sync.lower()}_single_records_per_s"] = 1000 / (time.perf_counter() - t0)
+        ob.close()
+    return out
+
+
+def parser_rate() -> float:
+    from drivers.toledo import ToledoParser, encode
+
+    frames = b"".join(encode(i / 100, 1.0) for i in range(0, 100_000))
+    p = ToledoParser("auto")
+    t0 = time.perf_counter()
+    for i in range(0, len(frames), 4096):
+        p.feed(frames[i:i + 4096])
+        while p.next() is not None:
+            pass
+    return p.frames / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=200_000)
+    ap.add_argument("--latency-seconds", type=float, default=10.0)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(agent_child(args.port, Path(args.work), args.records, args.latency_seconds)))
+        return
+
+    from hub.brokers import Mosquitto
+
+    work = Path(tempfile.mkdtemp(prefix="ce-bench-"))
+    say = (lambda *_: None) if args.json else print
+    say(f"work dir {work}; {os.cpu_count()} cores")
+    baseline = sqlite_baseline(work, args.records)
+    say(f"raw SQLite baseline (executemany, 1,000/transaction, FULL): {baseline:,.0f} records/s")
+    with Mosquitto(work / "broker", persistence=False) as mq:
+        hub = subprocess.Popen([sys.executable, "-m", "agent", "hub", "--db", str(work / "hub.db"),
+                                "--port", str(mq.port), "--client-id", "bench-hub", "--log-level", "WARNING"])
+        try:
+            time.sleep(1.0)
+            child = subprocess.run([sys.executable, __file__, "--child", "--port", str(mq.port), "--work", str(work),
+                                    "--records", str(args.records), "--latency-seconds", str(args.latency_seconds)],
+                                   capture_output=True, text=True, timeout=900,
+                                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+            if child.returncode:
+                raise SystemExit(f"agent child failed:\n{child.stderr[-3000:]}")
+            res = json.loads(child.stdout.strip().splitlines()[-1])
+        finally:
+            hub.terminate()
+            hub.wait(10)
+    hub_db = sqlite3.connect(work / "hub.db")
+    stored = hub_db.execute("SELECT count(*) FROM records WHERE device_id='bench-tput'").fetchone()[0]
+    hub_db.close()
+    out = {
+        "records_per_s": round(res["records_per_s"]),
+        "baseline_records_per_s": round(baseline),
+        "ratio": round(res["records_per_s"] / baseline, 3),
+        "latency_p50_ms": round(res["latency_p50_ms"], 2),
+        "latency_p99_ms": round(res["latency_p99_ms"], 2),
+        "agent_rss_mb": round(res["agent_rss_mb"], 1),
+        "records": args.records,
+        "hub_stored": stored,
+        "latency_samples": res["latency_samples"],
+        "ack_timeouts": res["ack_timeouts"],
+        "parser_frames_per_s": round(parser_rate()),
+        **{k: round(v) for k, v in outbox_rates(work).items()},
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k:>42}: {v:,}" if isinstance(v, int | float) else f"{k:>42}: {v}")
+
+
+if __name__ == "__main__":
+    main()
