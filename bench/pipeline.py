@@ -26,17 +26,16 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.apps.base import App, AppConfig  # noqa: E402
-from agent.records import Priority, Reading, RecordIn  # noqa: E402
-from bench.common import percentile, rss_mb  # noqa: E402
-from drivers.base import Driver, DriverConfig  # noqa: E402
+from agent.apps.base import App, AppConfig
+from agent.records import Priority, Reading, RecordIn
+from bench.common import percentile, rss_mb
+from drivers.base import Driver, DriverConfig
 
 PAYLOAD = {"weight": 12.34, "tare": 0.0, "unit": "kg", "net": False, "motion": False, "source": "bench",
            "note": "x" * 150}  # ~250 bytes of JSON, about a record's size
