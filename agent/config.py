@@ -45,7 +45,9 @@ class SyncConfig(BaseModel):
         "hub", description="hub: delete when the hub confirms it stored the records; broker: on PUBACK")
     batch_max_records: int = Field(500, ge=1, le=10000)
     window_batches: int = Field(8, ge=1, le=64, description="batches in flight awaiting an ack")
-    ack_timeout_s: float = Field(10.0, gt=0, description="no ack for this long: link presumed half-open")
+    ack_timeout_s: float = Field(10.0, gt=0, description="no PUBACK for this long: link presumed half-open;"
+                                 " PUBACK but no hub ack: the batch is published again")
+    max_resend_interval_s: float = Field(300.0, gt=0, description="cap on the doubling wait between resends")
     keepalive_s: int = Field(10, ge=2, le=600)
     connect_timeout_s: float = Field(5.0, gt=0)
     backoff_min_s: float = Field(0.5, gt=0)

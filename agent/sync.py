@@ -7,8 +7,12 @@ One thread owns the MQTT link and runs `run()`: an explicit loop, nothing hidden
   - connected: keep up to `window_batches` batches in flight; an Ack from the hub deletes exactly the
     ranges it names (ack_mode "hub"); in ack_mode "broker" a PUBACK deletes the batch instead, for sites
     whose own consumer replaces our hub (a broker crash can then lose records: see README);
-  - if the oldest batch in flight has no ack after `ack_timeout_s`, the link is presumed half-open:
-    it is dropped and everything is resent after reconnecting. A timeout is never taken as success.
+  - a batch the broker has not even PUBACKed after `ack_timeout_s`: the link is presumed half-open; it
+    is dropped and everything in flight is resent after reconnecting;
+  - a batch the broker PUBACKed but the hub has not acked after `ack_timeout_s` (hub down, or it
+    crashed between receiving and committing): the batch is published again, over the same link, with
+    the wait doubling on each attempt up to `max_resend_interval_s`, so a long hub outage does not flood
+    the broker. A timeout is never taken as success.
 The hub drops duplicates by (device_id, seq), so resending is always safe.
 """
 
@@ -27,7 +31,7 @@ from pydantic import ValidationError
 from agent.config import SyncConfig
 from agent.jsonfast import dumps
 from agent.mqtt import Backoff, MqttLink, NotConnected, Will
-from agent.outbox import Outbox
+from agent.outbox import Outbox, Pending
 from agent.wire import Ack, Command, CommandReply, encode_batch, ranges_of, topic
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,8 @@ class SyncStats:
     records_sent: int = 0
     records_acked: int = 0
     resent_after_reconnect: int = 0
-    ack_timeouts: int = 0
+    ack_timeouts: int = 0  # half-open links detected (no PUBACK in time)
+    hub_resends: int = 0  # batches published again because the hub did not ack them in time
     bad_messages: int = 0
     last_ack_mono: float = 0.0
 
@@ -52,6 +57,9 @@ class _InFlight:
     count: int
     sent_at: float
     mid: int
+    records: list[Pending]
+    pubacked: bool = False
+    attempt: int = 0
 
 
 class Sync:
@@ -168,31 +176,54 @@ class Sync:
                 self.link.abort()
                 return
             self._inflight[batch_id] = _InFlight(ranges_of([r.seq for r in records]), len(records),
-                                                 time.monotonic(), mid)
+                                                 time.monotonic(), mid, records)
             self._by_mid[mid] = batch_id
             self.stats.batches_sent += 1
             self.stats.records_sent += len(records)
 
     def _check_deadline(self, now: float) -> None:
-        if not self._inflight:
-            return
-        oldest = min(f.sent_at for f in self._inflight.values())
-        if now - oldest > self.cfg.ack_timeout_s:
-            self.stats.ack_timeouts += 1
-            log.warning("no ack in time: link presumed half-open, reconnecting",
-                        extra={"ack_timeout_s": self.cfg.ack_timeout_s, "batches_in_flight": len(self._inflight)})
+        timeout = self.cfg.ack_timeout_s
+        for batch_id, f in list(self._inflight.items()):
+            if not f.pubacked:
+                if now - f.sent_at > timeout:
+                    self.stats.ack_timeouts += 1
+                    log.warning("no PUBACK in time: link presumed half-open, reconnecting",
+                                extra={"ack_timeout_s": timeout, "batches_in_flight": len(self._inflight)})
+                    self.link.abort()
+                    return
+            elif now - f.sent_at > min(timeout * 2 ** f.attempt, self.cfg.max_resend_interval_s):
+                self._resend(batch_id, f)
+
+    def _resend(self, batch_id: str, f: _InFlight) -> None:
+        """The broker has the batch, the hub has not confirmed it: publish it again (the hub dedupes)."""
+        try:
+            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, f.records), qos=1)
+        except NotConnected:
             self.link.abort()
+            return
+        self._by_mid.pop(f.mid, None)
+        self._by_mid[mid] = batch_id
+        f.mid, f.sent_at, f.pubacked, f.attempt = mid, time.monotonic(), False, f.attempt + 1
+        self.stats.hub_resends += 1
+        if f.attempt == 1 or f.attempt % 10 == 0:
+            log.warning("hub has not acked a stored batch; publishing it again",
+                        extra={"batch": batch_id, "attempt": f.attempt, "records": f.count})
 
     # -- receiving ------------------------------------------------------------------------------
     def _drain_inbox(self) -> None:
         inbox = self.link.inbox
         if inbox.pubacks:
             mids, inbox.pubacks = inbox.pubacks, []
-            if self.cfg.ack_mode == "broker":
-                for mid in mids:
-                    batch_id = self._by_mid.pop(mid, None)
-                    if batch_id and batch_id in self._inflight:
-                        self._acked(self._inflight.pop(batch_id).ranges)
+            for mid in mids:
+                batch_id = self._by_mid.get(mid)
+                flight = self._inflight.get(batch_id) if batch_id else None
+                if batch_id is None or flight is None:
+                    continue
+                if self.cfg.ack_mode == "broker":
+                    del self._by_mid[mid], self._inflight[batch_id]
+                    self._acked(flight.ranges)
+                else:
+                    flight.pubacked = True
         if inbox.messages:
             msgs, inbox.messages = inbox.messages, []
             for t, payload in msgs:

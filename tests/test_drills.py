@@ -144,3 +144,46 @@ def test_agent_restart_keeps_seq_monotonic(rig: Rig) -> None:
     seqs, _ = hub_seqs(rig.hub_db, rig.agent.cfg["device_id"])
     assert rig.drain_and_check() > last_before + 20
     assert seqs == sorted(set(seqs))
+
+
+@pytest.mark.parametrize("mode", ["hub", "broker"])
+def test_broker_kill_9_while_the_hub_is_offline(tmp_path: Path, mode: str) -> None:
+    """Why the hub's ack, not the broker's PUBACK, releases records: the broker queues records for the
+    offline hub and acknowledges them; a kill -9 loses that queue. In `hub` mode the agent still holds
+    them and resends; in `broker` mode they were already deleted and are gone."""
+    need_mosquitto()
+    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
+    hub_db = tmp_path / "hub.db"
+    HubThread(broker.port, hub_db, client_id="hub-p").start().stop()  # a persistent session, now offline
+    sim = Endpoints(ScaleSim(ScaleWorld(seed=6, cycle_s=1.0), rate_hz=50))
+    urls = sim.start()
+    agent = AgentProc(unit_dict(tmp_path, urls["socket"], broker.port, sync={"ack_mode": mode}), tmp_path).start()
+    outbox = Path(agent.cfg["outbox"]["path"])
+    hub: HubThread | None = None
+    try:
+        wait_for(lambda: outbox_state(outbox)[0] > 60, 10, "records while the hub is offline")
+        time.sleep(6)  # longer than ack_timeout_s: the agent must not mistake a missing hub for a dead link
+        broker.kill9()
+        broker.start()
+        hub = HubThread(broker.port, hub_db, client_id="hub-p").start()
+        sim.stop()
+        wait_for(lambda: not outbox_state(outbox)[1], 45, "the outbox to drain", interval=0.2)
+        time.sleep(1.0)
+        agent.terminate()
+        hub.stop()
+        last, _ = outbox_state(outbox)
+        seqs, _ = hub_seqs(hub_db, agent.cfg["device_id"])
+        missing = set(range(1, last + 1)) - set(seqs)
+        if mode == "hub":
+            assert not missing and len(seqs) == last
+            log = agent.log_text()
+            assert "presumed half-open" not in log and "hub has not acked" in log
+        else:
+            assert len(missing) > 20, "broker mode should lose what the killed broker had acknowledged"
+    finally:
+        if agent.proc and agent.proc.poll() is None:
+            agent.proc.kill()
+        if hub:
+            hub.stop()
+        sim.stop()
+        broker.stop()
