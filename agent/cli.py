@@ -160,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
     return run_demo(duration=args.duration, as_json=args.json, workdir=args.workdir,
-                    types=args.types.split(",") if args.types else None)
+                    types=args.types.split(",") if args.types else None, broker_kind=args.broker)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     d.add_argument("--workdir", default=None, help="default: a new temporary directory")
     d.add_argument("--types", default=None, help="comma-separated unit types (default: every available one)")
+    d.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
+                   help="auto: a local mosquitto if installed, else the embedded broker")
     d.set_defaults(fn=cmd_demo)
     return p
 

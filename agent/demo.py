@@ -75,8 +75,10 @@ def _cli(*args: str) -> list[str]:
 
 
 class Broker:
-    def __init__(self, work: Path) -> None:
-        self.kind = "mosquitto" if mosquitto_path() else "embedded"
+    def __init__(self, work: Path, kind: str = "auto") -> None:
+        if kind == "auto":
+            kind = "mosquitto" if mosquitto_path() else "embedded"
+        self.kind = kind
         self._mq: Mosquitto | None = None
         self._embedded: Any = None
         if self.kind == "mosquitto":
@@ -174,17 +176,17 @@ def _table(units: list[DemoUnit], hub_db: Path, broker: str, elapsed: float) -> 
 
 
 def run_demo(duration: float | None = None, as_json: bool = False, workdir: str | None = None,
-             types: list[str] | None = None) -> int:
+             types: list[str] | None = None, broker_kind: str = "auto") -> int:
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="customs-edge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     types = types or available_types()
     say = (lambda *_: None) if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    broker = Broker(work)
+    broker = Broker(work, broker_kind)
     say(f"broker: {broker.kind} on 127.0.0.1:{broker.port}; work dir {work}")
     hub_db = work / "hub.db"
     hub_log = (work / "hub.log").open("wb")
-    hub = subprocess.Popen(_cli("hub", "--db", str(hub_db), "--port", str(broker.port), "--client-id", "demo-hub",
-                                *([] if broker.kind == "mosquitto" else ["--no-share"])), stderr=hub_log)
+    hub = subprocess.Popen(_cli("hub", "--db", str(hub_db), "--port", str(broker.port), "--client-id", "demo-hub"),
+                           stderr=hub_log)
     units: list[DemoUnit] = []
     stop = threading.Event()
     try:
