@@ -1,0 +1,460 @@
+"""Iron-ore sampling and supervision station: lots, mass-basis increments, local grade inference,
+assessment, alerts. Uploads summaries and events, never every poll.
+
+Inputs (Readings; point names are configurable under `points:`):
+  belt_weigher  registers: total_t (totaliser), rate_tph, speed_mps    -> tonnage, increments
+  belt_portal   registers: running, lot_no, hold_no, metal_detected     -> lot / sub-lot, foreign matter
+                registers: gamma_cps, gamma_alarm                       -> radiation alerts
+  moisture      registers: moisture_pct                                 -> moisture (microwave, wet basis)
+  analyser      analysis (spectrum + the analyser's own assays)         -> ore-grade model: Fe, SiO2, H2O
+  scale         weight (MT-SICS or Toledo)                              -> settled bench weighings
+A lot opens and closes with the lot number the belt PLC publishes; a sub-lot is a ship's hold.
+
+Records:
+  increment            EVENT   every `increment_t` tonnes of the lot (ISO 3082 mass-basis primary increment)
+  ore_analysis         EVENT   each analyser result: the local model's assay and the analyser's own
+  bench_weighing       EVENT   a settled weighing in the sample room
+  radiation_alarm      ALERT   gamma alarm rising edge: the lot is put on hold at once
+  foreign_matter       ALERT   metal detector trip
+  analyser_disagreement EVENT  local model and analyser differ in Fe for `check_count` results in a row
+  instrument_fault / instrument_recovered  REPORT  a Modbus slave stopped / resumed answering
+  ore_interval         TELEMETRY per `summary_interval_s`: tonnage, rate, moisture, gamma, counts
+  lot_report           REPORT  at lot close: per lot and sub-lot estimates +- U95, decision and reasons
+  lot_hold             ALERT   when a closed lot's decision is hold
+  lot_interim          REPORT  at agent shutdown, the open lot's figures so far (decision "open")
+
+Assessment (lot and each sub-lot): hold if a gamma alarm occurred, or if moisture exceeds
+`moisture_hold_fraction` x `tml_pct` (IMSBC transportable moisture limit); otherwise resample if fewer
+primary increments than the configured minimum or no grade estimate; otherwise pass. Flags (do not
+change the decision): Fe below `fe_min_pct`, moisture within U95 of the limit, foreign matter,
+analyser disagreement. Estimates are tonnage-weighted means; U95 = 2 sqrt(s^2 / n_eff + bias^2) with s
+the weighted spread of the per-minute values and bias the model's held-out bias from its manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.apps.base import App, AppConfig
+from agent.records import Priority, Reading, RecordIn, Scalar
+
+
+def _num(values: dict[str, Scalar], key: str) -> float | None:
+    """A numeric value from a Reading, or None when absent, empty or not a number."""
+    x = values.get(key)
+    if x is None or isinstance(x, str):
+        return None
+    return float(x)
+
+
+class OrePoints(BaseModel):
+    """Names of the Modbus points (as in the drivers' register maps) the app reads."""
+
+    model_config = ConfigDict(extra="forbid")
+    total_t: str = "total_t"
+    rate_tph: str = "rate_tph"
+    speed_mps: str = "speed_mps"
+    moisture_pct: str = "moisture_pct"
+    running: str = "running"
+    lot_no: str = "lot_no"
+    hold_no: str = "hold_no"
+    metal: str = "metal_detected"
+    gamma_cps: str = "gamma_cps"
+    gamma_alarm: str = "gamma_alarm"
+
+
+class OreAppConfig(AppConfig):
+    model_manifest: Path | None = Field(None, description="ore-grade manifest; default: the shipped model")
+    increment_t: float = Field(25.0, gt=0, description="tonnes between primary increments (mass basis)")
+    min_increments_lot: int = Field(40, ge=1, description="primary increments a lot needs (ISO 3082 table)")
+    min_increments_sublot: int = Field(12, ge=1)
+    tml_pct: float = Field(10.0, gt=0, le=40, description="transportable moisture limit of the cargo, % wet")
+    moisture_hold_fraction: float = Field(0.9, gt=0, le=1.0, description="hold above this fraction of TML")
+    fe_min_pct: float = Field(62.0, ge=0, le=72, description="contract minimum Fe, % dry")
+    summary_interval_s: float = Field(60.0, gt=0)
+    check_fe_pct: float = Field(1.0, gt=0, description="model vs analyser Fe difference worth flagging")
+    check_count: int = Field(3, ge=1, description="... for this many results in a row")
+    bench_settle_readings: int = Field(3, ge=1)
+    bench_min_g: float = Field(50.0, ge=0)
+    bench_deadband_g: float = Field(1.0, ge=0)
+    points: OrePoints = OrePoints()
+
+
+@dataclass
+class Series:
+    """Weighted values for an estimate."""
+
+    values: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    def add(self, value: float, weight: float) -> None:
+        if weight > 0 and math.isfinite(value):
+            self.values.append(value)
+            self.weights.append(weight)
+
+    def estimate(self, bias: float = 0.0) -> dict[str, Any] | None:
+        if not self.values:
+            return None
+        v, w = np.asarray(self.values), np.asarray(self.weights)
+        mean = float(np.average(v, weights=w))
+        var = float(np.average((v - mean) ** 2, weights=w))
+        n_eff = float(w.sum() ** 2 / (w ** 2).sum())
+        u95 = 2.0 * math.sqrt(var / n_eff + bias ** 2)
+        return {"value": round(mean, 3), "u95": round(u95, 3), "n": len(v)}
+
+
+@dataclass
+class Part:
+    """A lot or a sub-lot: what its assessment needs."""
+
+    tonnes: float = 0.0
+    increments: int = 0
+    fe: Series = field(default_factory=Series)
+    sio2: Series = field(default_factory=Series)
+    h2o_model: Series = field(default_factory=Series)
+    moisture: Series = field(default_factory=Series)  # microwave analyser, weighted by belt rate
+    fe_analyser: Series = field(default_factory=Series)
+    gamma_alarms: int = 0
+    gamma_max_cps: float = 0.0
+    foreign_matter: int = 0
+    disagreements: int = 0
+    analyses: int = 0
+    bench_weighings: int = 0
+
+
+@dataclass
+class Lot:
+    lot_no: int
+    lot_id: str
+    opened: float
+    whole: Part = field(default_factory=Part)
+    sublots: dict[int, Part] = field(default_factory=dict)
+    hold_no: int = 1
+
+    @property
+    def sub(self) -> Part:
+        return self.sublots.setdefault(self.hold_no, Part())
+
+
+class Interval:
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.tonnes = 0.0
+        self.rates: list[float] = []
+        self.running: list[bool] = []
+        self.moisture: list[float] = []
+        self.gamma: list[float] = []
+        self.increments = 0
+        self.analyses = 0
+        self.bench = 0
+        self.errors = 0
+
+
+class OreStationApp(App):
+    Config = OreAppConfig
+    REQUIRED_DRIVERS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "belt_weigher": ("modbus-rtu",), "belt_portal": ("modbus-rtu",), "analyser": ("elemental-analyser",)}
+    config: OreAppConfig
+
+    def __init__(self, device_id: str, config: OreAppConfig) -> None:
+        super().__init__(device_id, config)
+        from agent.model import OnnxModel
+        from models import default_manifest
+
+        self.model = OnnxModel(config.model_manifest or default_manifest("ore_grade"))
+        held = self.model.manifest.metrics.get("held_out", {})
+        self._bias = {k: abs(float(held.get(k, {}).get("bias", 0.0))) for k in ("Fe", "SiO2", "H2O")}
+        self.p = config.points
+        self.lot: Lot | None = None
+        self.lots_closed = 0
+        self._last_total: float | None = None
+        self._rate = 0.0
+        self._gamma_alarm = False
+        self._metal = False
+        self._disagree_run = 0
+        self._down: set[tuple[str, str]] = set()
+        self._bench_still = 0
+        self._bench_last: float | None = None
+        self._interval: Interval | None = None
+
+    # --- inputs --------------------------------------------------------------------------------
+    def feed(self, reading: Reading) -> list[RecordIn]:
+        if self._interval is None:
+            self._interval = Interval(reading.mono)
+        if reading.kind == "registers":
+            return self._registers(reading)
+        if reading.kind == "slave_error":
+            return self._slave_error(reading)
+        if reading.kind == "analysis":
+            return self._analysis(reading)
+        if reading.kind == "weight":
+            return self._bench(reading)
+        return []
+
+    def _registers(self, r: Reading) -> list[RecordIn]:
+        v, p, out = r.values, self.p, []
+        key = (r.source, str(v.get("slave", "")))
+        if key in self._down:
+            self._down.discard(key)
+            out.append(RecordIn(type="instrument_recovered", priority=Priority.REPORT,
+                                payload={"driver": r.source, "slave": key[1]}))
+        iv = self._interval
+        assert iv is not None
+        lot_no = _num(v, p.lot_no)
+        if lot_no is not None:
+            out += self._lot_number(int(lot_no), int(_num(v, p.hold_no) or 1), r.ts)
+        if p.running in v:
+            iv.running.append(bool(v[p.running]))
+        rate = _num(v, p.rate_tph)
+        if rate is not None:
+            self._rate = max(0.0, rate)
+            iv.rates.append(self._rate)
+        total = _num(v, p.total_t)
+        if total is not None:
+            out += self._tonnage(total)
+        m = _num(v, p.moisture_pct)
+        if m is not None and m > 0 and self._rate > 0:  # 0: no material under the sensor
+            iv.moisture.append(m)
+            if self.lot:
+                self.lot.whole.moisture.add(m, self._rate)
+                self.lot.sub.moisture.add(m, self._rate)
+        cps = _num(v, p.gamma_cps)
+        if cps is not None:
+            iv.gamma.append(cps)
+            for part in self._parts():
+                part.gamma_max_cps = max(part.gamma_max_cps, cps)
+        if p.gamma_alarm in v:
+            alarm = bool(v[p.gamma_alarm])
+            if alarm and not self._gamma_alarm:
+                out.append(self._radiation(v, r.ts))
+            self._gamma_alarm = alarm
+        if p.metal in v:
+            metal = bool(v[p.metal])
+            if metal and not self._metal:
+                for part in self._parts():
+                    part.foreign_matter += 1
+                out.append(RecordIn(type="foreign_matter", priority=Priority.ALERT, ts=r.ts, payload={
+                    **self._where(), "detector": f"{r.source}/{v.get('slave')}",
+                    "reason": "tramp metal detected on the belt; belt tripped"}))
+            self._metal = metal
+        return out
+
+    def _parts(self) -> list[Part]:
+        return [self.lot.whole, self.lot.sub] if self.lot else []
+
+    def _where(self) -> dict[str, Any]:
+        if not self.lot:
+            return {"lot_id": None, "sublot": None, "lot_t": None}
+        return {"lot_id": self.lot.lot_id, "sublot": self.lot.hold_no, "lot_t": round(self.lot.whole.tonnes, 1)}
+
+    def _radiation(self, v: dict[str, Any], ts: float) -> RecordIn:
+        for part in self._parts():
+            part.gamma_alarms += 1
+        return RecordIn(type="radiation_alarm", priority=Priority.ALERT, ts=ts, payload={
+            **self._where(), "gamma_cps": v.get(self.p.gamma_cps), "decision": "hold",
+            "reason": "radiation portal gamma alarm: lot on hold pending inspection"})
+
+    def _lot_number(self, lot_no: int, hold_no: int, ts: float) -> list[RecordIn]:
+        out: list[RecordIn] = []
+        if self.lot is None or lot_no != self.lot.lot_no:
+            if self.lot is not None:
+                out += self._close_lot(final=True)
+            when = datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%MZ")
+            self.lot = Lot(lot_no, f"{self.device_id}-L{lot_no}-{when}", ts)
+        self.lot.hold_no = hold_no
+        return out
+
+    def _tonnage(self, total: float) -> list[RecordIn]:
+        last, self._last_total = self._last_total, total
+        if last is None or total < last:  # first reading, or the totaliser was reset
+            return []
+        delta = total - last
+        assert self._interval is not None
+        self._interval.tonnes += delta
+        if self.lot is None or delta <= 0:
+            return []
+        lot = self.lot
+        before = lot.whole.tonnes
+        lot.whole.tonnes += delta
+        lot.sub.tonnes += delta
+        out = []
+        step = self.config.increment_t
+        for k in range(int(before // step) + 1, int(lot.whole.tonnes // step) + 1):
+            lot.whole.increments += 1
+            lot.sub.increments += 1
+            self._interval.increments += 1
+            out.append(RecordIn(type="increment", priority=Priority.EVENT, payload={
+                "lot_id": lot.lot_id, "sublot": lot.hold_no, "number": lot.whole.increments,
+                "sublot_number": lot.sub.increments, "at_t": round(k * step, 1)}))
+        return out
+
+    def _slave_error(self, r: Reading) -> list[RecordIn]:
+        assert self._interval is not None
+        self._interval.errors += 1
+        key = (r.source, str(r.values.get("slave", "")))
+        if key in self._down:
+            return []
+        self._down.add(key)
+        return [RecordIn(type="instrument_fault", priority=Priority.REPORT, ts=r.ts, payload={
+            "driver": r.source, "slave": key[1], "error": r.values.get("error")})]
+
+    def _analysis(self, r: Reading) -> list[RecordIn]:
+        v = r.values
+        if v.get("status") != "OK" or r.array is None:
+            return []
+        assay = self.model.predict({"spectrum": r.array.reshape(1, -1)})["assay"][0]
+        fe, sio2, h2o = (float(x) for x in assay)
+        tonnes = _num(v, "tonnes") or 0.0
+        assert self._interval is not None
+        self._interval.analyses += 1
+        out: list[RecordIn] = []
+        own_fe = _num(v, "fe")
+        for part in self._parts():
+            part.analyses += 1
+            part.fe.add(fe, tonnes)
+            part.sio2.add(sio2, tonnes)
+            part.h2o_model.add(h2o, tonnes)
+            if own_fe is not None:
+                part.fe_analyser.add(own_fe, tonnes)
+        if own_fe is not None and abs(fe - own_fe) > self.config.check_fe_pct:
+            self._disagree_run += 1
+            if self._disagree_run == self.config.check_count:
+                for part in self._parts():
+                    part.disagreements += 1
+                out.append(RecordIn(type="analyser_disagreement", priority=Priority.EVENT, ts=r.ts, payload={
+                    **self._where(), "model_fe": round(fe, 3), "analyser_fe": own_fe,
+                    "results_in_a_row": self._disagree_run,
+                    "reason": f"analyser Fe differs from the local model by more than {self.config.check_fe_pct} %"}))
+        else:
+            self._disagree_run = 0
+        out.append(RecordIn(type="ore_analysis", priority=Priority.EVENT, ts=r.ts, payload={
+            **self._where(), "seq": v.get("seq"), "tonnes": tonnes,
+            "model": {"fe": round(fe, 3), "sio2": round(sio2, 3), "h2o": round(h2o, 3),
+                      "version": self.model.manifest.version},
+            "analyser": {k: v.get(k) for k in ("fe", "sio2", "al2o3", "p", "s", "h2o")}}))
+        return out
+
+    def _bench(self, r: Reading) -> list[RecordIn]:
+        v = r.values
+        w = _num(v, "weight")
+        if w is None or v.get("motion") or v.get("out_of_range"):
+            self._bench_still = 0
+            return []
+        self._bench_still += 1
+        if self._bench_still != self.config.bench_settle_readings:
+            return []
+        if w < self.config.bench_min_g:
+            self._bench_last = None
+            return []
+        if self._bench_last is not None and abs(w - self._bench_last) <= self.config.bench_deadband_g:
+            return []
+        self._bench_last = w
+        assert self._interval is not None
+        self._interval.bench += 1
+        for part in self._parts():
+            part.bench_weighings += 1
+        return [RecordIn(type="bench_weighing", priority=Priority.EVENT, ts=r.ts, payload={
+            **self._where(), "weight": w, "unit": v.get("unit"), "source": r.source})]
+
+    # --- assessment ----------------------------------------------------------------------------
+    def assess(self, part: Part, min_increments: int) -> dict[str, Any]:
+        c = self.config
+        fe = part.fe.estimate(self._bias["Fe"])
+        sio2 = part.sio2.estimate(self._bias["SiO2"])
+        h2o_model = part.h2o_model.estimate(self._bias["H2O"])
+        microwave = part.moisture.estimate()
+        moisture = dict(microwave, source="microwave") if microwave else (
+            dict(h2o_model, source="ore-grade model") if h2o_model else None)
+        limit = round(c.moisture_hold_fraction * c.tml_pct, 3)
+        reasons: list[str] = []
+        flags: list[str] = []
+        decision = "pass"
+        if part.gamma_alarms:
+            decision = "hold"
+            reasons.append(f"radiation: {part.gamma_alarms} gamma alarm(s), peak {part.gamma_max_cps:.0f} cps")
+        if moisture and moisture["value"] > limit:
+            decision = "hold"
+            reasons.append(f"moisture {moisture['value']:.2f} % > {c.moisture_hold_fraction:g} x TML "
+                           f"{c.tml_pct:g} % = {limit:g} %")
+        elif moisture and moisture["value"] + moisture["u95"] > limit:
+            flags.append("moisture_near_limit")
+        if decision != "hold":
+            if part.increments < min_increments:
+                decision = "resample"
+                reasons.append(f"{part.increments} primary increments < minimum {min_increments}")
+            if fe is None or moisture is None:
+                decision = "resample"
+                reasons.append("no " + " or ".join(n for n, e in (("grade", fe), ("moisture", moisture)) if e is None)
+                               + " estimate")
+        if fe is not None and fe["value"] < c.fe_min_pct:
+            flags.append("fe_below_contract")
+            reasons.append(f"Fe {fe['value']:.2f} % < contract minimum {c.fe_min_pct:g} %")
+        if part.foreign_matter:
+            flags.append("foreign_matter")
+            reasons.append(f"foreign matter: {part.foreign_matter} metal detector trip(s)")
+        if part.disagreements:
+            flags.append("analyser_disagreement")
+        if decision == "pass" and not reasons:
+            reasons.append("within limits")
+        return {"decision": decision, "reasons": reasons, "flags": flags,
+                "tonnes": round(part.tonnes, 1), "increments": part.increments,
+                "min_increments": min_increments, "fe": fe, "sio2": sio2, "moisture": moisture,
+                "h2o_model": h2o_model, "fe_analyser": part.fe_analyser.estimate(),
+                "moisture_limit_pct": limit, "analyses": part.analyses,
+                "gamma_alarms": part.gamma_alarms, "gamma_max_cps": round(part.gamma_max_cps, 1),
+                "foreign_matter": part.foreign_matter, "bench_weighings": part.bench_weighings}
+
+    def _close_lot(self, final: bool) -> list[RecordIn]:
+        lot = self.lot
+        if lot is None:
+            return []
+        report = {"lot_id": lot.lot_id, "lot_no": lot.lot_no, "opened": lot.opened, "closed": time.time(),
+                  **self.assess(lot.whole, self.config.min_increments_lot),
+                  "sublots": [{"sublot": h, **self.assess(part, self.config.min_increments_sublot)}
+                              for h, part in sorted(lot.sublots.items())],
+                  "model": {"name": self.model.manifest.name, "version": self.model.manifest.version},
+                  "criteria": {"tml_pct": self.config.tml_pct, "fe_min_pct": self.config.fe_min_pct,
+                               "increment_t": self.config.increment_t}}
+        if not final:
+            report["decision"] = "open"
+            return [RecordIn(type="lot_interim", priority=Priority.REPORT, payload=report)]
+        self.lots_closed += 1
+        out = [RecordIn(type="lot_report", priority=Priority.REPORT, payload=report)]
+        if report["decision"] == "hold":
+            out.append(RecordIn(type="lot_hold", priority=Priority.ALERT, payload={
+                "lot_id": lot.lot_id, "decision": "hold", "reasons": report["reasons"]}))
+        return out
+
+    # --- time ----------------------------------------------------------------------------------
+    def tick(self, now: float) -> list[RecordIn]:
+        iv = self._interval
+        if iv is None or now - iv.start < self.config.summary_interval_s:
+            return []
+        self._interval = Interval(now)
+        return [self._summary(iv, now)]
+
+    def _summary(self, iv: Interval, now: float) -> RecordIn:
+        def stats(xs: list[float]) -> dict[str, float] | None:
+            return {"mean": round(sum(xs) / len(xs), 3), "max": round(max(xs), 3)} if xs else None
+
+        return RecordIn(type="ore_interval", priority=Priority.TELEMETRY, payload={
+            **self._where(), "interval_s": round(now - iv.start, 1), "tonnes": round(iv.tonnes, 2),
+            "rate_tph": stats(iv.rates), "moisture_pct": stats(iv.moisture), "gamma_cps": stats(iv.gamma),
+            "running_share": round(sum(iv.running) / len(iv.running), 3) if iv.running else None,
+            "increments": iv.increments, "analyses": iv.analyses, "bench_weighings": iv.bench,
+            "slave_errors": iv.errors})
+
+    def close(self) -> list[RecordIn]:
+        out: list[RecordIn] = []
+        if self._interval is not None:
+            out.append(self._summary(self._interval, time.monotonic()))
+            self._interval = None
+        return out + self._close_lot(final=False)
