@@ -192,6 +192,8 @@ class OreWorld:
         self._hold_base: list[Composition] = []
         self._walk = np.zeros(4)
         self.gain = 1.0
+        self.lot_truth: dict[int, np.ndarray] = {}  # lot_no -> [tonnes, sum t*Fe, t*SiO2, t*Al2O3, t*H2O]
+        self._force_gamma = self._force_metal = False
         self._new_lot()
         self.state.running = True
 
@@ -249,12 +251,14 @@ class OreWorld:
         if s.running and self._p(c.stops_per_h, dt):
             self._stop_until = t + r.uniform(60, 240)
             s.stops += 1
-        if s.running and self._p(c.metal_per_h, dt):
+        if s.running and (self._force_metal or self._p(c.metal_per_h, dt)):
+            self._force_metal = False
             s.metal_detected = True  # the detector trips the belt and latches until restart
             s.metal_events += 1
             self._stop_until = max(self._stop_until, t + self._latch_s(120))
             s.stops += 1
-        if t >= self._gamma_episode_until and self._p(c.gamma_alarms_per_h, dt):
+        if t >= self._gamma_episode_until and (self._force_gamma or self._p(c.gamma_alarms_per_h, dt)):
+            self._force_gamma = False
             self._gamma_until = t + r.uniform(20, 60)
             self._gamma_episode_until = t + self._latch_s(120)
         running = t >= self._stop_until and t >= self._gap_until
@@ -281,7 +285,10 @@ class OreWorld:
         truth = self.truth()
         if tonnes > 0:
             self._acc_t += tonnes
-            self._acc_sum += tonnes * np.array([truth.fe, truth.sio2, truth.al2o3, truth.h2o])
+            comp = np.array([truth.fe, truth.sio2, truth.al2o3, truth.h2o])
+            self._acc_sum += tonnes * comp
+            lt = self.lot_truth.setdefault(s.lot_no, np.zeros(5))
+            lt += np.concatenate([[tonnes], tonnes * comp])
             s.moisture_pct = truth.h2o + r.normal(0, c.moisture_noise_pct) + 0.1
             s.material_c = 22.0 + r.normal(0, 0.2)
         else:
@@ -326,6 +333,22 @@ class OreWorld:
         self._acc_sum = np.zeros(4)
 
     # --- what instruments read -----------------------------------------------------------------
+    def trigger_gamma(self) -> None:
+        """A source passes the portal at the next step (tests, drills)."""
+        with self._lock:
+            self._force_gamma = True
+
+    def trigger_metal(self) -> None:
+        with self._lock:
+            self._force_metal = True
+
+    def lot_mean(self, lot_no: int) -> dict[str, float]:
+        """The true tonnage-weighted composition of a lot so far."""
+        with self._lock:
+            lt = self.lot_truth[lot_no]
+            return {"tonnes": float(lt[0]), "fe": float(lt[1] / lt[0]), "sio2": float(lt[2] / lt[0]),
+                    "al2o3": float(lt[3] / lt[0]), "h2o": float(lt[4] / lt[0])}
+
     def belt(self) -> BeltState:
         with self._lock:
             self.advance()

@@ -1,0 +1,150 @@
+"""The whole station: `customs-edge simulate ore-station` as the demo runs it, and the production
+runtime (agent.runtime.Unit) with configs/ore-station.yaml reading every instrument from the simulator
+over ptys and loopback sockets, with faults injected on every wire, until a lot report is committed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.config import parse_unit_config
+from agent.outbox import SqliteOutbox
+from agent.records import Priority, RecordIn
+from agent.runtime import Unit
+from simulators.ore_station import OreStation
+from simulators.ore_world import OreWorld, WorldConfig
+from tests.conftest import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_simulate_prints_a_url_for_every_configured_role() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "ore-station", "--seed", "3"],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        urls = json.loads(proc.stdout.readline())["urls"]
+        roles = set(yaml.safe_load((REPO / "configs" / "ore-station.yaml").read_text())["drivers"])
+        assert set(urls) == roles
+        assert set(urls["analyser"]) == {"socket"}
+        for role in roles - {"analyser"}:
+            assert Path(urls[role]["pty"]).exists() and urls[role]["socket"].startswith("socket://127.0.0.1:")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+def test_simulate_refuses_an_unknown_instrument() -> None:
+    res = subprocess.run([sys.executable, "-m", "agent", "simulate", "ore-station", "--dead", "wiegher"],
+                         capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert res.returncode == 2 and "--dead wiegher" in res.stderr
+
+
+def test_world_is_coherent_and_deterministic() -> None:
+    def run(seed: int) -> tuple[list[Any], dict[str, float]]:
+        clock = [0.0]
+        w = OreWorld(WorldConfig(seed=seed, speed=1.0, lot_t=1200, holds=3), clock=lambda: clock[0])
+        seen = []
+        for _ in range(40):
+            clock[0] += 60
+            b = w.belt()
+            seen.append((b.lot_no, b.hold_no, round(b.total_t, 3)))
+        return seen, w.lot_mean(1)
+
+    a, truth = run(5)
+    assert a == run(5)[0] and a != run(6)[0]
+    lots = [x[0] for x in a]
+    holds = [x[1] for x in a if x[0] == 1]
+    assert lots == sorted(lots) and lots[-1] >= 2  # the first lot closed
+    assert holds == sorted(holds) and set(holds) == {1, 2, 3}
+    assert truth["tonnes"] == pytest.approx(1200, abs=30)
+    assert 55 < truth["fe"] < 67
+
+
+class Capture(SqliteOutbox):
+    """The real outbox, also keeping what was put, for the test to look at."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, synchronous="NORMAL")
+        self.seen: list[RecordIn] = []
+
+    def put(self, records: Any) -> range:
+        self.seen.extend(records)
+        return super().put(records)
+
+    def of(self, type_: str) -> list[RecordIn]:
+        return [r for r in list(self.seen) if r.type == type_]
+
+
+def unit_config(urls: dict[str, dict[str, str]], tmp: Path, prefer: dict[str, str]) -> Any:
+    raw = yaml.safe_load((REPO / "configs" / "ore-station.yaml").read_text())
+    for role, eps in urls.items():
+        raw["drivers"][role]["port"] = eps[prefer.get(role, "socket")]
+    raw["drivers"]["moisture"].update(fail_after=2, retries=0)
+    raw["app"].update(increment_t=10, min_increments_lot=20, min_increments_sublot=8, summary_interval_s=2)
+    raw["outbox"] = {"path": str(tmp / "outbox.db")}
+    raw["sync"] = {"port": 9, "backoff_min_s": 5, "backoff_max_s": 5}  # no broker: records stay in the outbox
+    return parse_unit_config(raw)
+
+
+def test_unit_assesses_a_lot_through_every_wire_with_faults(tmp_path: Path) -> None:
+    st = OreStation(WorldConfig(seed=7, speed=120.0, lot_t=500, holds=2, lot_gap_s=60, stops_per_h=0,
+                                gamma_alarms_per_h=0, metal_per_h=0), bench_cycle_s=2.0, analyser_stat_s=0.5)
+    st.weigher.faults.crc_rate = 0.05
+    st.belt.faults.timeout_rate = 0.05
+    st.scale.faults.corrupt_rate = 0.1
+    st.analyser.faults.corrupt_rate = 0.15
+    st.kill("moisture")  # a dead sensor: its line never answers
+    eps = st.endpoints()
+    urls = {role: ep.start() for role, ep in eps.items()}
+    unit = None
+    try:
+        # Modbus lines and the balance on ptys, the analyser on its socket
+        cfg = unit_config(urls, tmp_path, {"belt_weigher": "pty", "belt_portal": "pty", "scale": "pty"})
+        outbox = Capture(tmp_path / "outbox.db")
+        unit = Unit(cfg, outbox=outbox)
+        unit.start()
+        wait_for(lambda: outbox.of("ore_analysis"), 20, "a first analysis")
+        st.world.trigger_gamma()
+        st.world.trigger_metal()
+        wait_for(lambda: outbox.of("lot_report"), 40, "a lot report")
+        report = outbox.of("lot_report")[0].payload
+        truth = st.world.lot_mean(report["lot_no"])
+        stats = {role: d.stats.as_dict() for role, d in unit.drivers.items()}
+    finally:
+        if unit is not None:
+            unit.stop()
+        for ep in eps.values():
+            ep.stop()
+
+    # the assessment: estimates near the truth, the radiation alarm holds the lot
+    assert report["fe"]["value"] == pytest.approx(truth["fe"], abs=0.5)
+    assert report["sio2"]["value"] == pytest.approx(truth["sio2"], abs=0.5)
+    assert report["moisture"]["source"] == "ore-grade model"  # the microwave analyser is dead
+    assert report["moisture"]["value"] == pytest.approx(truth["h2o"], abs=0.4)
+    assert report["decision"] == "hold" and report["gamma_alarms"] >= 1
+    assert "foreign_matter" in report["flags"]
+    assert report["increments"] >= 20 and len(report["sublots"]) == 2
+    assert report["tonnes"] == pytest.approx(truth["tonnes"], rel=0.25)
+
+    alerts = {r.type for r in outbox.seen if r.priority == Priority.ALERT}
+    assert {"radiation_alarm", "foreign_matter", "lot_hold"} <= alerts
+    faults = outbox.of("driver_fault")
+    assert any(f.payload["driver"] == "moisture" for f in faults)
+    assert outbox.of("ore_interval") and outbox.of("increment") and outbox.of("bench_weighing")
+    # no per-poll records: a few hundred polls became a few dozen records
+    assert len(outbox.seen) < 400
+
+    # every injected fault was seen, counted and survived
+    assert stats["belt_weigher"]["crc_errors"] >= 1
+    assert stats["belt_portal"]["timeouts"] >= 1
+    assert stats["scale"]["corrupt"] >= 1
+    assert stats["analyser"]["corrupt"] >= 1
+    assert stats["moisture"]["faults"] >= 1
