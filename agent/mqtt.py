@@ -63,6 +63,8 @@ class MqttLink:
     -> connected. `abort()` returns to idle from anywhere. `lost` counts connections that ended.
     """
 
+    MAX_READS = 200
+
     def __init__(self, client_id: str, host: str, port: int, *, keepalive: int = 10,
                  clean_session: bool = True, will: Will | None = None, username: str | None = None,
                  password: str | None = None, connect_timeout_s: float = 5.0) -> None:
@@ -145,6 +147,15 @@ class MqttLink:
             self.abort()
             return
         rc = c.loop(timeout)
+        # paho reads about one packet per loop(): keep reading what is already there (bounded), so the
+        # owner handles a burst of messages in one go (one hub transaction, one outbox delete).
+        for _ in range(self.MAX_READS):
+            if rc != paho.MQTT_ERR_SUCCESS or c is not self._client:
+                break
+            before = len(self.inbox.messages) + len(self.inbox.pubacks)
+            rc = c.loop(0)
+            if len(self.inbox.messages) + len(self.inbox.pubacks) == before:
+                break
         if rc != paho.MQTT_ERR_SUCCESS and c is self._client:
             self.last_error = f"network loop: {paho.error_string(rc)}"
             self.abort()

@@ -100,7 +100,8 @@ class SqliteOutbox:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        self._sync_full = synchronous == "FULL"
+        self._db.execute(f"PRAGMA synchronous={'FULL' if self._sync_full else 'NORMAL'}")
         self._migrate()
         self._cursor = {int(p): 0 for p in Priority}
         self._next_cap_check = 0.0
@@ -151,11 +152,22 @@ class SqliteOutbox:
         return out
 
     def ack(self, ranges: Iterable[tuple[int, int]]) -> int:
-        """Delete confirmed records. Idempotent: acking an absent seq is a no-op."""
-        with self._lock, self._tx():
-            before = self._db.total_changes
-            self._db.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", list(ranges))
-            return self._db.total_changes - before
+        """Delete confirmed records. Idempotent: acking an absent seq is a no-op.
+
+        Deletes commit without an fsync of their own (synchronous=NORMAL for this transaction; the next
+        put's FULL commit syncs the WAL): a delete lost to a power cut only means a resend, which the hub
+        drops as a duplicate. Puts are never relaxed."""
+        with self._lock:
+            if self._sync_full:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._tx():
+                    before = self._db.total_changes
+                    self._db.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", list(ranges))
+                    return self._db.total_changes - before
+            finally:
+                if self._sync_full:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def release(self) -> None:
         """Everything handed out and not acked is pending again (after a reconnect or ack timeout)."""

@@ -226,25 +226,28 @@ class Sync:
                     flight.pubacked = True
         if inbox.messages:
             msgs, inbox.messages = inbox.messages, []
+            acked: list[tuple[int, int]] = []
             for t, payload in msgs:
                 if t == self.t_ack:
-                    self._on_ack(payload)
+                    acked += self._on_ack(payload)
                 elif t == self.t_cmd:
                     self._on_command(payload)
+            if acked:
+                self._acked(acked)  # one delete transaction for every ack that arrived together
 
-    def _on_ack(self, payload: bytes) -> None:
+    def _on_ack(self, payload: bytes) -> list[tuple[int, int]]:
         if self.cfg.ack_mode != "hub":
-            return
+            return []
         try:
             ack = Ack.model_validate_json(payload)
         except ValidationError as exc:
             self.stats.bad_messages += 1
             log.warning("bad ack ignored", extra={"error": str(exc).splitlines()[0]})
-            return
+            return []
         flight = self._inflight.pop(ack.batch, None)
         if flight:
             self._by_mid.pop(flight.mid, None)
-        self._acked(ack.ranges)  # an ack for a batch we already resent still means: stored
+        return ack.ranges  # an ack for a batch we already resent still means: stored
 
     def _acked(self, ranges: list[tuple[int, int]]) -> None:
         self.stats.records_acked += self.outbox.ack(ranges)

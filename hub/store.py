@@ -29,7 +29,6 @@ SCHEMA: list[str] = [
         received_at REAL    NOT NULL,
         PRIMARY KEY (device_id, seq)
     ) WITHOUT ROWID;
-    CREATE INDEX records_type ON records(device_id, type, ts);
     CREATE TABLE devices (
         device_id  TEXT PRIMARY KEY,
         received   INTEGER NOT NULL DEFAULT 0,
