@@ -276,15 +276,52 @@ def add_endpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", help="also make this path a symlink to the pty (a stable port name)")
     p.add_argument("--corrupt-rate", type=float, default=0.0, help="share of frames damaged on the wire")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--pause-every", type=float, default=0.0, metavar="S",
+                   help="every S seconds the device goes silent (port open) for --pause-for seconds")
+    p.add_argument("--pause-for", type=float, default=5.0, metavar="S")
+    p.add_argument("--disconnect-every", type=float, default=0.0, metavar="S",
+                   help="every S seconds drop every TCP client (a pulled cable)")
 
 
-def run_until_signalled(endpoint_sets: dict[str, Endpoints], extra: dict[str, Any] | None = None) -> None:
-    """Start every endpoint set, print one JSON line of URLs on stdout, run until SIGTERM or SIGINT."""
+class FaultSchedule(threading.Thread):
+    """Periodic pauses and disconnects, from the command-line flags."""
+
+    def __init__(self, sims: list[DeviceSim], endpoints: list[Endpoints], args: argparse.Namespace,
+                 stop: threading.Event) -> None:
+        super().__init__(name="sim-faults", daemon=True)
+        self.sims, self.endpoints, self.args, self.stop_event = sims, endpoints, args, stop
+
+    def run(self) -> None:
+        a = self.args
+        now = time.monotonic()
+        next_pause = now + a.pause_every if a.pause_every else float("inf")
+        next_drop = now + a.disconnect_every if a.disconnect_every else float("inf")
+        while not self.stop_event.wait(0.1):
+            now = time.monotonic()
+            if now >= next_pause:
+                next_pause = now + a.pause_every
+                for sim in self.sims:
+                    sim.faults.pause(a.pause_for)
+                print(json.dumps({"fault": "pause", "seconds": a.pause_for}), file=sys.stderr, flush=True)
+            if now >= next_drop:
+                next_drop = now + a.disconnect_every
+                for ep in self.endpoints:
+                    ep.drop_clients()
+                print(json.dumps({"fault": "disconnect"}), file=sys.stderr, flush=True)
+
+
+def run_until_signalled(endpoint_sets: dict[str, Endpoints], extra: dict[str, Any] | None = None,
+                        args: argparse.Namespace | None = None) -> None:
+    """Start every endpoint set, print one JSON line of URLs on stdout, run until SIGTERM or SIGINT.
+    With `args` from add_endpoint_args, also run the periodic pause / disconnect faults they ask for."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     urls = {name: ep.start() for name, ep in endpoint_sets.items()}
     print(json.dumps({"urls": urls, **(extra or {})}), flush=True)
+    if args is not None and (getattr(args, "pause_every", 0) or getattr(args, "disconnect_every", 0)):
+        eps = list(endpoint_sets.values())
+        FaultSchedule([ep.sim for ep in eps], eps, args, stop).start()
     try:
         while not stop.wait(0.5):
             pass

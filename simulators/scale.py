@@ -101,4 +101,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     sim = ScaleSim(ScaleWorld(args.seed, cycle_s=args.cycle), args.rate, args.checksum == "on",
                    Faults(args.corrupt_rate, args.seed))
-    run_until_signalled({"scale": endpoints_from_args(sim, args)})
+    run_until_signalled({"scale": endpoints_from_args(sim, args)}, args=args)
