@@ -5,7 +5,8 @@ Identity: `seq` is an AUTOINCREMENT rowid, so it is monotonic per device and nev
 restarts and after deletions. Schema version lives in PRAGMA user_version; MIGRATIONS[i] upgrades
 version i to i+1.
 
-Cap policy (checked at most once a second and on open):
+Cap policy (the size cap is checked at most once a second, the age cap, a table scan, at most every
+ten minutes; both on open):
   1. records older than max_age_days are dropped, except ALERT records and records stamped before
      2020 (a Pi without an RTC boots in 1970: its first records must not look ancient);
   2. while the file's used pages exceed max_mb, the oldest records of the lowest priority present
@@ -104,7 +105,7 @@ class SqliteOutbox:
         self._db.execute(f"PRAGMA synchronous={'FULL' if self._sync_full else 'NORMAL'}")
         self._migrate()
         self._cursor = {int(p): 0 for p in Priority}
-        self._next_cap_check = 0.0
+        self._next_cap_check = self._next_age_check = 0.0
         self.enforce_cap()
 
     # -- schema -----------------------------------------------------------------------------------
@@ -130,8 +131,9 @@ class SqliteOutbox:
             self._db.executemany(
                 "INSERT INTO records (ts, boot_id, mono, type, priority, payload) VALUES (?,?,?,?,?,?)", rows)
             last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
-        if time.monotonic() >= self._next_cap_check:
-            self.enforce_cap()
+        now = time.monotonic()
+        if now >= self._next_cap_check:
+            self.enforce_cap(age=now >= self._next_age_check)
         return range(last - len(rows) + 1, last + 1)
 
     def begin(self, max_records: int) -> list[Pending]:
@@ -194,20 +196,16 @@ class SqliteOutbox:
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
         return int((count - free) * page)
 
-    def enforce_cap(self) -> dict[int, int]:
-        """Apply the age and size caps now; returns records dropped per priority."""
+    AGE_CHECK_S = 600.0
+
+    def enforce_cap(self, age: bool = True) -> dict[int, int]:
+        """Apply the size cap (and the age cap, unless age=False) now; returns records dropped per priority."""
         self._next_cap_check = time.monotonic() + 1.0
         dropped: dict[int, int] = {}
         with self._lock:
-            cutoff = time.time() - self.max_age_s
-            age = "ts < ? AND ts > 1577836800 AND priority < ?"
-            with self._tx():
-                for prio, n in self._db.execute(
-                    f"SELECT priority, count(*) FROM records WHERE {age} GROUP BY priority",
-                    (cutoff, int(Priority.ALERT)),
-                ).fetchall():
-                    dropped[prio] = dropped.get(prio, 0) + n
-                self._db.execute(f"DELETE FROM records WHERE {age}", (cutoff, int(Priority.ALERT)))
+            if age:
+                self._next_age_check = time.monotonic() + self.AGE_CHECK_S
+                dropped = self._drop_old()
             while self._used_bytes() > self.max_bytes:
                 row = self._db.execute(
                     "SELECT min(priority) FROM records WHERE priority < ?", (int(Priority.ALERT),)).fetchone()
@@ -227,6 +225,16 @@ class SqliteOutbox:
                         " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
                         [(f"dropped.{Priority(p).name.lower()}", n) for p, n in dropped.items()])
                 log.warning("outbox cap dropped records", extra={"dropped": dropped})
+        return dropped
+
+    def _drop_old(self) -> dict[int, int]:
+        cutoff = time.time() - self.max_age_s
+        age = "ts < ? AND ts > 1577836800 AND priority < ?"
+        with self._tx():
+            dropped = dict(self._db.execute(
+                f"SELECT priority, count(*) FROM records WHERE {age} GROUP BY priority",
+                (cutoff, int(Priority.ALERT))).fetchall())
+            self._db.execute(f"DELETE FROM records WHERE {age}", (cutoff, int(Priority.ALERT)))
         return dropped
 
 
