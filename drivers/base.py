@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import serial
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.errors import DriverFault, DriverSilent  # noqa: F401  (re-exported for drivers)
+from agent.errors import DriverFault, DriverSilent
 from agent.records import Reading
 
 
