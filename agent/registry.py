@@ -22,6 +22,7 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "elemental-analyser": "drivers.analyser:ElementalAnalyser",
     "mlx90640-serial": "drivers.mlx90640:Mlx90640Serial",
     "passage": "drivers.passage:PassageSensor",
+    "camera-opencv": "drivers.camera:OpenCvCamera",
 }
 
 BUILTIN_APPS: dict[str, str] = {
