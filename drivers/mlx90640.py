@@ -1,0 +1,275 @@
+"""MLX90640 thermal array behind the GY-MCU90640 serial module (STM32 reads the sensor, streams frames).
+
+Frame, 1544 bytes, every 16-bit field little-endian:
+  5A 5A | size (02 06 = 1538: the bytes that follow up to the checksum) | 768 x int16 pixels, °C x 100,
+  row-major 24 rows x 32 columns | int16 ambient (sensor die) °C x 100 | uint16 checksum.
+Checksum ("sum16"): the sum of the 771 preceding 16-bit words (header and size included), truncated to
+16 bits. Source: an STM32 firmware that reproduces the module's output (CheckCode = 0x5A5A + 0x0602 +
+every pixel + Ta); see docs/gate.md. It is one function, `checksum`, and `checksum: none` turns it off.
+Commands: `A5 cmd arg sum` (sum = low byte of the three): 0x25 refresh rate, 0x35 output mode
+(01 query one frame, 02 automatic output), 0x15 baud rate.
+
+The parser resynchronises on the next `5A 5A` after a bad frame and counts it. Pixels outside the
+sensor's range (a dead pixel reads an impossible value) are replaced by the mean of their valid
+neighbours and counted; they never fault the driver. A frozen sensor (the module repeats the same
+frame) raises DriverFault; a silent one DriverSilent (SilenceWatch).
+
+`ThermalSource` is the interface the gate app consumes: a Lepton-over-UVC driver (OpenCV, 160x120,
+°C = (Y16 - 27315) / 100) would satisfy it too, with its own registry name.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import serial
+from pydantic import Field, field_validator
+
+from agent.errors import DriverFault
+from agent.records import Reading
+from drivers.base import DriverStats, SerialPortConfig, StreamSerialDriver
+
+ROWS, COLS = 24, 32
+PIXELS = ROWS * COLS
+HEADER = b"\x5a\x5a"
+SIZE = PIXELS * 2 + 2  # pixels + ambient: 1538 = 0x0602
+FRAME_LEN = 4 + SIZE + 2  # 1544
+VALID_C = (-40.0, 300.0)  # the MLX90640's object range; outside it a pixel is dead
+
+CMD_RATE, CMD_MODE, CMD_BAUD = 0x25, 0x35, 0x15
+MODE_QUERY, MODE_AUTO = 0x01, 0x02
+# Refresh-rate argument of command 0x25. 8/4/2 Hz agree across public drivers of the module
+# (A5 25 01 CB is "4 Hz"); 1 and 0.5 Hz continue the same pattern and are unverified (docs/gate.md).
+RATE_ARGS: dict[float, int] = {8.0: 0x00, 4.0: 0x01, 2.0: 0x02, 1.0: 0x03, 0.5: 0x04}
+BAUD_ARGS: dict[int, int] = {9600: 0x01, 115200: 0x02, 460800: 0x03}
+
+
+def command(cmd: int, arg: int) -> bytes:
+    """`A5 cmd arg sum`, sum = (0xA5 + cmd + arg) & 0xFF. command(0x35, 0x02) == A5 35 02 DC."""
+    return bytes([0xA5, cmd & 0xFF, arg & 0xFF, (0xA5 + cmd + arg) & 0xFF])
+
+
+def parse_command(data: bytes) -> tuple[int, int] | None:
+    """(cmd, arg) of a 4-byte command with a good sum, else None (used by the simulator)."""
+    if len(data) != 4 or data[0] != 0xA5 or (data[0] + data[1] + data[2]) & 0xFF != data[3]:
+        return None
+    return data[1], data[2]
+
+
+def checksum(body: bytes | bytearray | memoryview) -> int:
+    """Sum of the 16-bit little-endian words of `body` (header .. ambient, 1542 bytes), mod 2**16."""
+    return int(np.frombuffer(body, dtype="<u2").sum(dtype=np.uint64)) & 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class ThermalFrame:
+    pixels: np.ndarray  # float32 (24, 32) °C, dead pixels already replaced
+    ambient_c: float  # the module's ambient (sensor die) temperature
+    dead: int  # pixels replaced in this frame
+    raw: bytes  # the 1536 pixel bytes, to detect a frozen sensor
+
+
+def encode(pixels_c: np.ndarray, ambient_c: float, *, good_checksum: bool = True) -> bytes:
+    """A frame as the module sends it (simulator and tests). Values are clipped to int16."""
+    arr = np.asarray(pixels_c, dtype=np.float64)
+    if arr.shape != (ROWS, COLS):
+        raise ValueError(f"pixels must be {ROWS}x{COLS}, got {arr.shape}")
+    vals = np.clip(np.rint(arr * 100.0), -32768, 32767).astype("<i2")
+    amb = np.array([np.clip(round(ambient_c * 100.0), -32768, 32767)], dtype="<i2")
+    body = HEADER + SIZE.to_bytes(2, "little") + vals.tobytes() + amb.tobytes()
+    s = checksum(body)
+    if not good_checksum:
+        s ^= 0x0101
+    return body + s.to_bytes(2, "little")
+
+
+class DeadPixels:
+    """Replaces pixels outside VALID_C, in place, by the mean of their valid 4-neighbours (the frame's
+    mean when none is valid). The neighbour lists are cached: dead pixels stay dead."""
+
+    def __init__(self) -> None:
+        self._key = b""
+        self._plan: list[tuple[int, np.ndarray]] = []
+
+    def repair(self, pixels: np.ndarray) -> int:
+        flat = pixels.reshape(-1)
+        lo, hi = flat.min(), flat.max()
+        if lo >= VALID_C[0] and hi <= VALID_C[1]:  # the common case, and NaN-free
+            return 0
+        bad = (pixels < VALID_C[0]) | (pixels > VALID_C[1]) | ~np.isfinite(pixels)
+        idx = np.flatnonzero(bad)
+        key = idx.tobytes()
+        if key != self._key:
+            self._key, self._plan = key, self._make_plan(bad)
+        for i, nbrs in self._plan:
+            flat[i] = flat[nbrs].mean() if nbrs.size else flat[~bad.reshape(-1)].mean() if idx.size < flat.size else 0.0
+        return int(idx.size)
+
+    @staticmethod
+    def _make_plan(bad: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        h, w = bad.shape
+        plan = []
+        for r, c in zip(*np.nonzero(bad), strict=True):
+            nb = [rr * w + cc for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
+                  if 0 <= rr < h and 0 <= cc < w and not bad[rr, cc]]
+            plan.append((int(r * w + c), np.array(nb, dtype=np.intp)))
+        return plan
+
+
+def repair_dead(pixels: np.ndarray) -> int:
+    """One-off repair (see DeadPixels). Returns how many pixels were replaced."""
+    return DeadPixels().repair(pixels)
+
+
+class Mlx90640Parser:
+    """Incremental parser. feed(bytes), then next() until None. Counters: frames (valid), corrupt
+    (dropped for size or checksum, or garbage between frames), resyncs (times bytes were skipped to
+    find a header), dead_pixels (replaced so far)."""
+
+    def __init__(self, checksum_rule: Literal["sum16", "none"] = "sum16", max_buffer: int = 1 << 20) -> None:
+        self.rule = checksum_rule
+        self.buf = bytearray()
+        self.max_buffer = max_buffer
+        self.frames = 0
+        self.corrupt = 0
+        self.resyncs = 0
+        self.dead_pixels = 0
+        self._dead = DeadPixels()
+        self._synced = False  # a valid frame was seen: later garbage means a damaged frame
+        self._rejected = False  # the bytes being skipped belong to a frame already counted
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > self.max_buffer:  # only when nobody calls next(): bound the memory anyway
+            self._skip_to_header(len(self.buf) - FRAME_LEN)
+
+    def _skip_to_header(self, start: int) -> bool:
+        """Drop bytes before the next header at or after `start`. False when none is buffered yet.
+        A run of bytes skipped after the stream was in sync is one corrupt frame (a damaged header),
+        unless it is the remains of a frame just rejected (already counted)."""
+        i = self.buf.find(HEADER, start)
+        if i < 0:
+            keep = 1 if self.buf[-1:] == HEADER[:1] else 0  # half a header may be on its way
+            i = len(self.buf) - keep
+        if i:
+            del self.buf[:i]
+            self.resyncs += 1
+            if self._synced and not self._rejected:
+                self.corrupt += 1
+            self._rejected = True  # further bytes of the same run are not counted again
+        return bool(self.buf) and self.buf.startswith(HEADER)
+
+    def next(self) -> ThermalFrame | None:
+        while True:
+            if not self.buf.startswith(HEADER) and not self._skip_to_header(0):
+                return None
+            if len(self.buf) < FRAME_LEN:
+                return None
+            size = int.from_bytes(self.buf[2:4], "little")
+            ok = size == SIZE
+            if ok and self.rule == "sum16":
+                ok = checksum(memoryview(self.buf)[: FRAME_LEN - 2]) == int.from_bytes(
+                    self.buf[FRAME_LEN - 2: FRAME_LEN], "little")
+            if not ok:
+                self.corrupt += 1
+                self._rejected = True
+                self._skip_to_header(1)
+                continue
+            raw = bytes(self.buf[4: 4 + PIXELS * 2])
+            ambient = int.from_bytes(self.buf[4 + PIXELS * 2: 6 + PIXELS * 2], "little", signed=True) / 100.0
+            del self.buf[:FRAME_LEN]
+            self._synced, self._rejected = True, False
+            pixels = np.frombuffer(raw, dtype="<i2").astype(np.float32).reshape(ROWS, COLS)
+            pixels *= np.float32(0.01)
+            dead = self._dead.repair(pixels)
+            self.dead_pixels += dead
+            self.frames += 1
+            return ThermalFrame(pixels, ambient, dead, raw)
+
+
+@runtime_checkable
+class ThermalSource(Protocol):
+    """What the gate app needs from a thermal camera driver: Readings of kind 'thermal_frame' with
+    `array` = float32 (H, W) in °C (any H x W) and `values` holding 'ambient_c' (float or None) and
+    'dead_pixels' (int). The MLX90640 driver below satisfies it; a FLIR Lepton 3.5 over UVC, read
+    with OpenCV (CAP_PROP_CONVERT_RGB off, Y16), would too."""
+
+    role: str
+    stats: DriverStats
+
+    def open(self) -> None: ...
+
+    def read(self) -> Reading | None: ...
+
+    def close(self) -> None: ...
+
+
+THERMAL_KIND = "thermal_frame"
+
+
+class Mlx90640Config(SerialPortConfig):
+    driver: Literal["mlx90640-serial"] = "mlx90640-serial"
+    baudrate: int = Field(460800, gt=0, description="460800 for 8 Hz; 115200 caps the module near 7 frames/s")
+    rate_hz: float = Field(8.0, description="refresh rate sent to the module on open: 0.5, 1, 2, 4 or 8")
+    checksum: Literal["sum16", "none"] = Field(
+        "sum16", description="frame checksum rule: 16-bit sum of the preceding words, or none")
+    frozen_after: int = Field(16, ge=2, description="this many identical frames in a row: the sensor is frozen")
+    send_commands: bool = Field(True, description="send 'rate' and 'automatic output' on open")
+    silent_after_s: float = Field(3.0, gt=0, description="no valid frame for this long is a fault")
+
+    @field_validator("rate_hz")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        if float(v) not in RATE_ARGS:
+            raise ValueError(f"rate_hz must be one of {', '.join(f'{r:g}' for r in sorted(RATE_ARGS))}")
+        return float(v)
+
+
+class Mlx90640Serial(StreamSerialDriver):
+    """Yields Reading(kind='thermal_frame', array=float32 24x32 °C, values={'ambient_c', 'dead_pixels'})."""
+
+    Config = Mlx90640Config
+    config: Mlx90640Config
+
+    def open(self) -> None:
+        self.parser = Mlx90640Parser(self.config.checksum)
+        self._recent: deque[bytes] = deque(maxlen=2)
+        self._same = 0
+        super().open()
+
+    def _on_open(self, port: serial.SerialBase) -> None:
+        if not self.config.send_commands:
+            return
+        try:
+            port.write(command(CMD_RATE, RATE_ARGS[float(self.config.rate_hz)]))
+            port.write(command(CMD_MODE, MODE_AUTO))
+            port.flush()
+        except (serial.SerialException, OSError) as exc:
+            raise DriverFault(f"{self.role}: cannot send start-up commands on {self.config.port}: {exc}") from exc
+
+    def _feed(self, data: bytes) -> None:
+        self.parser.feed(data)
+
+    def _next(self) -> Reading | None:
+        frame = self.parser.next()
+        p = self.parser
+        self.stats.frames, self.stats.corrupt = p.frames, p.corrupt
+        self.stats.extra["resyncs"] = p.resyncs
+        self.stats.extra["dead_pixels"] = p.dead_pixels
+        if frame is None:
+            return None
+        if self._recent and frame.raw == self._recent[-1]:
+            self._same += 1
+        else:
+            self._same = 1
+        self._recent.append(frame.raw)
+        if self._same >= self.config.frozen_after:
+            self._same = 0
+            self.stats.faults += 1
+            self.stats.extra["frozen"] = self.stats.extra.get("frozen", 0) + 1
+            raise DriverFault(f"{self.role}: sensor frozen: {self.config.frozen_after} identical frames in a row")
+        return Reading(source=self.role, kind=THERMAL_KIND, array=frame.pixels,
+                       values={"ambient_c": frame.ambient_c, "dead_pixels": frame.dead})
