@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -148,3 +149,29 @@ def test_unit_assesses_a_lot_through_every_wire_with_faults(tmp_path: Path) -> N
     assert stats["scale"]["corrupt"] >= 1
     assert stats["analyser"]["corrupt"] >= 1
     assert stats["moisture"]["faults"] >= 1
+
+
+def test_analyser_drift_is_caught_by_the_local_model() -> None:
+    """An analyser whose own Fe calibration drifts (+6 % Fe per simulated hour) while its spectra stay
+    true: the app's check against the local model raises analyser_disagreement, and the lot's Fe
+    estimate (from the model) stays near the truth while the analyser's own does not."""
+    from agent.apps.ore import OreAppConfig, OreStationApp
+    from agent.records import Reading
+    from simulators.ore_world import simulate_lot
+
+    results = [r for r in simulate_lot(4, analyser_drift_pct_per_h=6.0) if r.truth is not None]
+    app = OreStationApp("drift", OreAppConfig(check_fe_pct=1.0, check_count=3))
+    out = app.feed(Reading(source="belt_portal", kind="registers", values={"slave": "belt", "lot_no": 1}))
+    for r in results:
+        out += app.feed(Reading(source="analyser", kind="analysis", array=r.counts, values={
+            "seq": r.seq, "status": "OK", "tonnes": r.tonnes, "fe": r.own["Fe"]}))
+    events = [x for x in out if x.type == "analyser_disagreement"]
+    assert len(events) >= 1
+    first = events[0].payload
+    assert first["analyser_fe"] - first["model_fe"] > 1.0
+    report = app.feed(Reading(source="belt_portal", kind="registers", values={"slave": "belt", "lot_no": 2}))
+    lot = next(x for x in report if x.type == "lot_report").payload
+    true_fe = float(np.average([r.truth.fe for r in results], weights=[r.tonnes for r in results]))
+    assert abs(lot["fe"]["value"] - true_fe) < 0.3
+    assert lot["fe_analyser"]["value"] - true_fe > 0.5
+    assert "analyser_disagreement" in lot["flags"]
