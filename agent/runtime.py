@@ -71,7 +71,6 @@ class DriverThread(threading.Thread):
                         self.readings += 1
                         self.out.put(reading)
             except DriverFault as exc:
-                d.stats.faults += 1
                 if self.down_since is None:
                     self.down_since = time.monotonic()
                     self.out.put(_Fault(d.role, exc))

@@ -8,6 +8,7 @@ DriverFault, and the runtime reports it and reopens with backoff.
 
 from __future__ import annotations
 
+import termios
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class DriverStats:
     frames: int = 0  # valid frames decoded
     corrupt: int = 0  # frames dropped for a bad checksum, length or field
     bytes_in: int = 0
-    faults: int = 0  # DriverFaults seen by the runtime (silence, unplugged, refused)
+    faults: int = 0  # DriverFaults raised (silence, unplugged, refused): each driver counts its own
     opened: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -96,7 +97,8 @@ def open_serial(cfg: SerialPortConfig) -> serial.SerialBase:
             cfg.port, baudrate=cfg.baudrate, bytesize=cfg.bytesize, parity=cfg.parity,
             stopbits=cfg.stopbits, timeout=cfg.read_timeout_s, write_timeout=cfg.read_timeout_s,
         )
-    except (serial.SerialException, OSError, ValueError) as exc:
+    except (serial.SerialException, OSError, ValueError, termios.error) as exc:
+        # termios.error is not an OSError: a pty refusing a line setting (e.g. parity) raises it
         raise DriverFault(f"cannot open {cfg.port}: {exc}") from exc
 
 
@@ -127,6 +129,7 @@ class StreamSerialDriver(Driver):
     def __init__(self, role: str, config: DriverConfig) -> None:
         super().__init__(role, config)
         self._port: serial.SerialBase | None = None
+        self._socket = False
         self._watch = SilenceWatch(self.config.silent_after_s)
 
     @abstractmethod
@@ -141,11 +144,16 @@ class StreamSerialDriver(Driver):
         """Hook: send start-up commands (e.g. 'start automatic output')."""
 
     def open(self) -> None:
-        self._port = open_serial(self.config)
         try:
+            self._port = open_serial(self.config)
             self._port.reset_input_buffer()  # stale bytes queued while nobody listened
+        except DriverFault:
+            self.stats.faults += 1
+            raise
         except (serial.SerialException, OSError) as exc:
+            self.stats.faults += 1
             raise DriverFault(f"{self.role}: {self.config.port}: {exc}") from exc
+        self._socket = self.config.port.startswith("socket://")
         self.stats.opened += 1
         self._watch.reset()
         self._on_open(self._port)
@@ -165,8 +173,9 @@ class StreamSerialDriver(Driver):
         if self._port is None:
             raise DriverFault(f"{self.role}: port not open")
         try:
-            data = self._port.read(max(1, self._port.in_waiting))
+            data = self._read_chunk(self._port)
         except (serial.SerialException, OSError) as exc:
+            self.stats.faults += 1
             raise DriverFault(f"{self.role}: read failed on {self.config.port}: {exc}") from exc
         if data:
             self.stats.bytes_in += len(data)
@@ -175,5 +184,24 @@ class StreamSerialDriver(Driver):
             if reading is not None:
                 self._watch.reset()
                 return reading
-        self._watch.check(f"{self.role} on {self.config.port}")
+        try:
+            self._watch.check(f"{self.role} on {self.config.port}")
+        except DriverSilent:
+            self.stats.faults += 1
+            raise
         return None
+
+    def _read_chunk(self, port: serial.SerialBase) -> bytes:
+        """What has arrived, waiting up to read_timeout_s for the first byte."""
+        waiting = port.in_waiting
+        if waiting > 1:
+            return bytes(port.read(waiting))
+        data = bytes(port.read(1))
+        if data and self._socket:
+            # pyserial's socket:// reports in_waiting as 0 or 1: take what is queued without waiting
+            port.timeout = 0
+            try:
+                data += port.read(65536)
+            finally:
+                port.timeout = self.config.read_timeout_s
+        return data
