@@ -34,11 +34,12 @@ from hub.brokers import Mosquitto, free_port, mosquitto_path, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-# Extra simulator flags per type, so that something worth seeing happens within a demo's minute.
+# Extra simulator flags per type, so that something worth seeing happens within a demo's minute: time
+# runs faster, and the rare events (fever, gamma alarms, tramp metal) are far more common than in life.
 SIM_ARGS: dict[str, list[str]] = {
     "scale": ["--cycle", "3"],
-    "ore-station": ["--speed", "60"],
-    "gate": ["--speed", "4"],
+    "ore-station": ["--speed", "60", "--gamma-per-h", "4", "--metal-per-h", "4"],
+    "gate": ["--speed", "4", "--febrile-share", "0.1"],
 }
 DRAIN_TIMEOUT_S = 30.0
 

@@ -13,7 +13,11 @@ from agent.demo import available_types
 from tests.conftest import need_mosquitto
 
 # What each unit type must have delivered to the hub within the demo's run.
-EXPECTED_TYPES = {"scale": {"weighing"}, "ore-station": {"lot_report"}, "gate": {"screening"}}
+EXPECTED_TYPES = {
+    "scale": {"weighing"},
+    "ore-station": {"lot_report", "radiation_alarm", "foreign_matter"},
+    "gate": {"screening", "fever_alert"},
+}
 
 
 def run_demo(tmp_path: Path, *args: str) -> dict:
