@@ -192,7 +192,7 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
     stop = threading.Event()
     try:
         for i, t in enumerate(types):
-            device_id = f"{t}-{i + 1:02d}"
+            device_id = f"{t}-01"
             sim, urls = _start_sim(t, seed=i + 1, work=work)
             cfg = _unit_config(t, device_id, urls, work, broker.port)
             path = work / f"{device_id}.yaml"
