@@ -253,12 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--quality", type=int, default=85, help="JPEG quality 1-100")
-    add_endpoint_args(p)  # --no-pty/--link do not apply (HTTP only); --tcp-port, faults and --seed do
+    add_endpoint_args(p)  # --tcp-port, --seed and the fault flags apply; --link/--no-pty are refused
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.link or args.no_pty or args.tcp_port < 0:
+        parser.error("a camera is served over HTTP only: --link, --no-pty and --tcp-port -1 do not apply")
     sim = CameraSim(WoodSection(args.seed, args.width, args.height), args.fps, args.quality,
                     Faults(args.corrupt_rate, args.seed))
-    run_until_signalled({"camera": HttpEndpoints(sim, tcp_port=max(0, args.tcp_port))}, args=args)
+    run_until_signalled({"camera": HttpEndpoints(sim, tcp_port=args.tcp_port)}, args=args)
