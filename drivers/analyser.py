@@ -29,12 +29,10 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
-import serial
 from pydantic import Field
 
-from agent.errors import DriverFault, DriverSilent
 from agent.records import Reading, Scalar
-from drivers.base import Driver, SerialPortConfig, SilenceWatch, open_serial
+from drivers.base import SerialPortConfig, StreamSerialDriver
 
 EOL = b"\r\n"
 PER_LINE = 64
@@ -223,48 +221,21 @@ class AnalyserConfig(SerialPortConfig):
     silent_after_s: float = Field(30.0, gt=0, description="the analyser sends $STAT every few seconds")
 
 
-class ElementalAnalyser(Driver):
+class ElementalAnalyser(StreamSerialDriver):
     Config = AnalyserConfig
     config: AnalyserConfig
 
     def __init__(self, role: str, config: AnalyserConfig) -> None:
         super().__init__(role, config)
-        self._port: serial.SerialBase | None = None
-        self._watch = SilenceWatch(config.silent_after_s)
         self.parser = AnalyserParser()
         self.stats.extra["wrong_size"] = 0
 
     def open(self) -> None:
-        self.parser = AnalyserParser()
-        self._port = open_serial(self.config)
-        self.stats.opened += 1
-        self._watch.reset()
+        self.parser.buf.clear()  # a block cut by a reconnect is not continued; counters accumulate
+        super().open()
 
-    def close(self) -> None:
-        if self._port is not None:
-            try:
-                self._port.close()
-            finally:
-                self._port = None
-
-    def _receive(self) -> bytes:
-        """Whatever arrived within the read timeout, in one piece (a block is ~6 kB)."""
-        port = self._port
-        if port is None:
-            raise DriverFault(f"{self.role}: port not open")
-        try:
-            data = port.read(1)
-            if data:
-                timeout = port.timeout
-                port.timeout = 0  # then take everything already queued without waiting
-                try:
-                    data += port.read(65536)
-                finally:
-                    port.timeout = timeout
-        except (serial.SerialException, OSError) as exc:
-            self.stats.faults += 1
-            raise DriverFault(f"{self.role}: read failed on {self.config.port}: {exc}") from exc
-        return data
+    def _feed(self, data: bytes) -> None:
+        self.parser.feed(data)
 
     def _next(self) -> Reading | None:
         while True:
@@ -281,20 +252,3 @@ class ElementalAnalyser(Driver):
                 continue
             return Reading(source=self.role, kind="analysis", values=item.values(), array=item.counts)
 
-    def read(self) -> Reading | None:
-        reading = self._next()
-        if reading is not None:
-            return reading
-        data = self._receive()
-        if data:
-            self.stats.bytes_in += len(data)
-            self.parser.feed(data)
-            reading = self._next()
-            if reading is not None:
-                return reading
-        try:
-            self._watch.check(f"{self.role} on {self.config.port}")
-        except DriverSilent:
-            self.stats.faults += 1
-            raise
-        return None

@@ -119,10 +119,9 @@ class SilenceWatch:
             raise DriverSilent(f"{what}: no valid frame for {idle:.1f} s")
 
 
-class StreamSerialDriver(Driver):
-    """Base for instruments that stream frames unasked (Toledo continuous, MLX90640 auto mode, NMEA,
-    barcode lines). Subclasses implement `_decode(buffer) -> (consumed, Reading | None)` style parsing
-    through `parser`, an object with `feed(bytes)` and `next() -> Reading | None`."""
+class SerialDriver(Driver):
+    """Base for every instrument on one serial line (any pyserial URL): opens it with the configured
+    line settings and drops stale input, closes it, counts faults, and watches for silence."""
 
     config: SerialPortConfig
 
@@ -131,14 +130,6 @@ class StreamSerialDriver(Driver):
         self._port: serial.SerialBase | None = None
         self._socket = False
         self._watch = SilenceWatch(self.config.silent_after_s)
-
-    @abstractmethod
-    def _feed(self, data: bytes) -> None:
-        """Push received bytes into the parser."""
-
-    @abstractmethod
-    def _next(self) -> Reading | None:
-        """The next complete Reading the parser holds, or None."""
 
     def _on_open(self, port: serial.SerialBase) -> None:
         """Hook: send start-up commands (e.g. 'start automatic output')."""
@@ -165,18 +156,47 @@ class StreamSerialDriver(Driver):
             finally:
                 self._port = None
 
+    def _require_port(self) -> serial.SerialBase:
+        if self._port is None:
+            raise DriverFault(f"{self.role}: port not open")
+        return self._port
+
+    def _io_fault(self, exc: BaseException, what: str = "I/O error") -> DriverFault:
+        """Count a failed exchange and describe it; the caller raises it `from exc`."""
+        self.stats.faults += 1
+        return DriverFault(f"{self.role}: {what} on {self.config.port}: {exc}")
+
+    def _check_silence(self) -> None:
+        try:
+            self._watch.check(f"{self.role} on {self.config.port}")
+        except DriverSilent:
+            self.stats.faults += 1
+            raise
+
+
+class StreamSerialDriver(SerialDriver):
+    """Base for instruments that stream frames unasked (Toledo continuous, MLX90640 automatic output,
+    analyser result blocks, NMEA, barcode lines): push bytes into a parser with `_feed`, take complete
+    Readings with `_next`."""
+
+    @abstractmethod
+    def _feed(self, data: bytes) -> None:
+        """Push received bytes into the parser."""
+
+    @abstractmethod
+    def _next(self) -> Reading | None:
+        """The next complete Reading the parser holds, or None."""
+
     def read(self) -> Reading | None:
         reading = self._next()
         if reading is not None:
             self._watch.reset()
             return reading
-        if self._port is None:
-            raise DriverFault(f"{self.role}: port not open")
+        port = self._require_port()
         try:
-            data = self._read_chunk(self._port)
+            data = self._read_chunk(port)
         except (serial.SerialException, OSError) as exc:
-            self.stats.faults += 1
-            raise DriverFault(f"{self.role}: read failed on {self.config.port}: {exc}") from exc
+            raise self._io_fault(exc, "read failed") from exc
         if data:
             self.stats.bytes_in += len(data)
             self._feed(data)
@@ -184,11 +204,7 @@ class StreamSerialDriver(Driver):
             if reading is not None:
                 self._watch.reset()
                 return reading
-        try:
-            self._watch.check(f"{self.role} on {self.config.port}")
-        except DriverSilent:
-            self.stats.faults += 1
-            raise
+        self._check_silence()
         return None
 
     def _read_chunk(self, port: serial.SerialBase) -> bytes:

@@ -34,7 +34,7 @@ from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, ReadInput
 
 from agent.errors import DriverFault
 from agent.records import Reading, Scalar
-from drivers.base import Driver, SerialPortConfig, open_serial
+from drivers.base import SerialDriver, SerialPortConfig
 
 Table = Literal["holding", "input", "coil", "discrete"]
 DataType = Literal["uint16", "int16", "uint32", "int32", "float32", "bool"]
@@ -192,7 +192,7 @@ class SlaveState:
         self.consecutive_failures = 0
 
 
-class ModbusRtu(Driver):
+class ModbusRtu(SerialDriver):
     """Polls each configured slave at its interval; one Reading per poll."""
 
     Config = ModbusRtuConfig
@@ -200,7 +200,6 @@ class ModbusRtu(Driver):
 
     def __init__(self, role: str, config: ModbusRtuConfig) -> None:
         super().__init__(role, config)
-        self._port: serial.SerialBase | None = None
         self._slaves = [SlaveState(s) for s in config.slaves]
         self._decoder = DecodePDU(is_server=False)
         for key in ("timeouts", "crc_errors", "exceptions", "wrong_slave", "retries", "slave_errors"):
@@ -209,23 +208,14 @@ class ModbusRtu(Driver):
         self._t35 = max(0.00175, 3.5 * 11 / config.baudrate)
 
     def open(self) -> None:
-        self._port = open_serial(self.config)
-        self.stats.opened += 1
+        super().open()
         now = time.monotonic()
         for s in self._slaves:
             s.next_due = now
             s.consecutive_failures = 0
 
-    def close(self) -> None:
-        if self._port is not None:
-            try:
-                self._port.close()
-            finally:
-                self._port = None
-
     def read(self) -> Reading | None:
-        if self._port is None:
-            raise DriverFault(f"{self.role}: port not open")
+        self._require_port()
         slave = min(self._slaves, key=lambda s: s.next_due)
         wait = slave.next_due - time.monotonic()
         if wait > 0:
@@ -274,8 +264,7 @@ class ModbusRtu(Driver):
 
     def transact(self, slave_id: int, block: Block) -> ModbusPDU:
         """Send one read request, return the decoded response PDU. Raises ModbusError."""
-        port = self._port
-        assert port is not None
+        port = self._require_port()
         request = build_request(slave_id, block)
         need = 3
         try:
@@ -288,8 +277,7 @@ class ModbusRtu(Driver):
                 need = 5 if frame[1] & 0x80 else expected_length(block)
                 frame += port.read(need - 3)
         except (serial.SerialException, OSError) as exc:
-            self.stats.faults += 1
-            raise DriverFault(f"{self.role}: I/O error on {self.config.port}: {exc}") from exc
+            raise self._io_fault(exc) from exc
         self.stats.bytes_in += len(frame)
         if len(frame) < 3 or len(frame) < need:
             self.stats.extra["timeouts"] += 1

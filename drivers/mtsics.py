@@ -25,9 +25,9 @@ from typing import Literal
 import serial
 from pydantic import Field
 
-from agent.errors import DriverFault, DriverSilent
+from agent.errors import DriverFault
 from agent.records import Reading, Scalar
-from drivers.base import Driver, SerialPortConfig, SilenceWatch, open_serial
+from drivers.base import SerialDriver, SerialPortConfig
 
 EOL = b"\r\n"
 _WEIGHT = re.compile(r"^S ([SD]) +(-?\d+(?:\.\d+)?) (\S{1,5})$")
@@ -94,7 +94,7 @@ class MtSicsConfig(SerialPortConfig):
     zero_on_open: bool = Field(False, description="send Z once after opening (platform must be empty)")
 
 
-class MtSics(Driver):
+class MtSics(SerialDriver):
     """Bench balance speaking MT-SICS. Yields Reading(kind='weight'); a missing weight
     (busy, overload, underload) comes as weight=None with `status` set."""
 
@@ -103,46 +103,28 @@ class MtSics(Driver):
 
     def __init__(self, role: str, config: MtSicsConfig) -> None:
         super().__init__(role, config)
-        self._port: serial.SerialBase | None = None
-        self._watch = SilenceWatch(config.silent_after_s)
         self._next_poll = 0.0
         self.serial_number: str | None = None
         for key in ("timeouts", "ES", "ET", "EL"):
             self.stats.extra[key] = 0
 
     def open(self) -> None:
-        self._port = open_serial(self.config)
-        try:
-            self._port.reset_input_buffer()
-        except (serial.SerialException, OSError) as exc:
-            raise DriverFault(f"{self.role}: {self.config.port}: {exc}") from exc
-        self.stats.opened += 1
-        self._watch.reset()
+        super().open()
         self._next_poll = 0.0
         if self.config.zero_on_open:
             reply = self.command("Z")
             if reply is None or reply.status != "A":
                 raise DriverFault(f"{self.role}: zero on open refused: {reply}")
 
-    def close(self) -> None:
-        if self._port is not None:
-            try:
-                self._port.close()
-            finally:
-                self._port = None
-
     def command(self, cmd: str) -> SicsReply | None:
         """Send one command, return its decoded reply; None on a timeout or a garbled reply (counted)."""
-        port = self._port
-        if port is None:
-            raise DriverFault(f"{self.role}: port not open")
+        port = self._require_port()
         try:
             port.reset_input_buffer()  # a late reply to the last poll must not answer this one
             port.write(cmd.encode("ascii") + EOL)
             line = port.read_until(EOL, 128)
         except (serial.SerialException, OSError) as exc:
-            self.stats.faults += 1
-            raise DriverFault(f"{self.role}: I/O error on {self.config.port}: {exc}") from exc
+            raise self._io_fault(exc) from exc
         self.stats.bytes_in += len(line)
         if not line.endswith(EOL):
             if line:
@@ -170,9 +152,5 @@ class MtSics(Driver):
         if reply is not None and (reply.kind == "weight" or (reply.kind == "status" and reply.command == "S")):
             self.stats.frames += 1
             return Reading(source=self.role, kind="weight", values=reply.values())
-        try:
-            self._watch.check(f"{self.role} on {self.config.port}")
-        except DriverSilent:
-            self.stats.faults += 1
-            raise
+        self._check_silence()
         return None
