@@ -4,6 +4,8 @@ commands, status and malformed input behave as documented."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +174,13 @@ def test_hub_reports_gaps(tmp_path: Path, mosquitto: Mosquitto) -> None:
     finally:
         c.close()
         hub.stop()
+    cli = [sys.executable, "-m", "agent", "hub", "stats", "--db", str(tmp_path / "hub.db")]
+    out = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, check=True).stdout)
+    assert out["devices"]["dev-g"] | {"last_seen": None} == {
+        "device_id": "dev-g", "received": 4, "duplicates": 0, "stored": 4, "max_seq": 9, "gaps": 5,
+        "last_seen": None, "status": None}
+    table = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
+    assert "missing seq ranges: [(3, 4), (6, 8)]" in table
 
 
 def test_two_hubs_share_the_load_through_a_shared_subscription(tmp_path: Path, mosquitto: Mosquitto,
