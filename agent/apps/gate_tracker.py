@@ -1,7 +1,9 @@
 """Per-frame person detection and cross-frame tracking for the thermal gate (any H x W frame in °C).
 
 Per frame: the scene background is the frame's median; warm connected regions (> background +
-`fg_delta_k`) are people. A person's head is the top of their region, down to where the region widens
+`fg_delta_k`) whose warmest skin is `head_min_k` above the background are people (in a warm hall,
+clothing can come apart from its head: such a region has no face and is not a traveller).
+A person's head is the top of their region, down to where the region widens
 into the shoulders. Inside the head: the hottest pixels (skin that is not a hot object: anything
 above `object_c`, a cup or a heater, is masked with its neighbours), their mean, and the mean of the
 skin, with the head's apparent size (a distance proxy).
@@ -25,6 +27,7 @@ FEATURES = ("head_max_c", "head_hot_c", "head_skin_c", "background_c", "head_are
 @dataclass(frozen=True, slots=True)
 class TrackerParams:
     fg_delta_k: float = 2.0  # warmer than the background by this much: part of a person
+    head_min_k: float = 3.0  # a region whose warmest skin is not this much warmer has no face in it
     min_area_px: int = 3
     object_c: float = 41.0  # no skin reads this hot: a drink, a lamp
     eye_rows: float = 0.7  # share of the head's rows, from the top, searched for the hottest spot
@@ -143,6 +146,8 @@ class Tracker:
             if spot.size == 0:
                 spot = pix
             hmax = float(spot.max())
+            if hmax < bg + p.head_min_k:  # warm clothing cut off from its head, a lamp's glow: no one's face
+                continue
             top2 = float(np.partition(spot, -2)[-2:].sum()) / 2 if spot.size >= 2 else hmax
             skin = pix[pix > (hmax + bg) / 2]
             cols = np.flatnonzero(head.any(axis=0))
