@@ -257,30 +257,7 @@ class Mlx90640Serial(StreamSerialDriver):
             port.write(command(CMD_MODE, MODE_AUTO))
             port.flush()
         except (serial.SerialException, OSError) as exc:
-            raise DriverFault(f"{self.role}: cannot send start-up commands on {self.config.port}: {exc}") from exc
-
-    def read(self) -> Reading | None:
-        """As StreamSerialDriver.read, but asks the port for a frame's worth of bytes at a time: pyserial's
-        socket:// reports in_waiting as 0 or 1, and a byte per call cannot keep up with 46 kB/s."""
-        reading = self._next()
-        if reading is not None:
-            self._watch.reset()
-            return reading
-        if self._port is None:
-            raise DriverFault(f"{self.role}: port not open")
-        try:
-            data = self._port.read(max(FRAME_LEN, self._port.in_waiting))  # returns at the read timeout at most
-        except (serial.SerialException, OSError) as exc:
-            raise DriverFault(f"{self.role}: read failed on {self.config.port}: {exc}") from exc
-        if data:
-            self.stats.bytes_in += len(data)
-            self._feed(data)
-            reading = self._next()
-            if reading is not None:
-                self._watch.reset()
-                return reading
-        self._watch.check(f"{self.role} on {self.config.port}")
-        return None
+            raise self._io_fault(exc, "cannot send start-up commands") from exc
 
     def _feed(self, data: bytes) -> None:
         self.parser.feed(data)
@@ -300,6 +277,7 @@ class Mlx90640Serial(StreamSerialDriver):
         self._recent.append(frame.raw)
         if self._same >= self.config.frozen_after:
             self._same = 0
+            self.stats.faults += 1
             self.stats.extra["frozen"] = self.stats.extra.get("frozen", 0) + 1
             raise DriverFault(f"{self.role}: sensor frozen: {self.config.frozen_after} identical frames in a row")
         return Reading(source=self.role, kind=THERMAL_KIND, array=frame.pixels,
