@@ -316,10 +316,9 @@ class OpenCvCamera(Driver):
 
     def _reconnect(self, cv2: Any) -> bool:
         now = time.monotonic()
-        if now < self._retry_at:
+        if now < self._retry_at:  # wait in this call, try in the next: one read() stays within read_timeout_s
             time.sleep(min(self._retry_at - now, self.config.read_timeout_s))
-            if time.monotonic() < self._retry_at:
-                return False
+            return False
         self._retry_at = time.monotonic() + self.config.read_timeout_s
         try:
             self._cap = self._capture(cv2, min(self.config.open_timeout_s, self.config.read_timeout_s))
