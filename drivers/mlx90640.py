@@ -243,9 +243,16 @@ class Mlx90640Serial(StreamSerialDriver):
     Config = Mlx90640Config
     config: Mlx90640Config
 
-    def open(self) -> None:
-        self.parser = Mlx90640Parser(self.config.checksum)
+    def __init__(self, role: str, config: Mlx90640Config) -> None:
+        super().__init__(role, config)
+        self.parser = Mlx90640Parser(self.config.checksum)  # counters accumulate across reopens
         self._recent: deque[bytes] = deque(maxlen=2)
+        self._same = 0
+
+    def open(self) -> None:
+        self.parser.buf.clear()  # a frame cut by a reconnect is not continued
+        self.parser._synced = False
+        self._recent.clear()
         self._same = 0
         super().open()
 
