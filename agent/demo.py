@@ -120,7 +120,7 @@ def _unit_config(unit_type: str, device_id: str, urls: dict[str, Any], work: Pat
         drv = cfg["drivers"].get(role)
         if drv is None:
             continue
-        url = endpoints.get("socket") or endpoints.get("pty")
+        url = endpoints.get("socket") or endpoints.get("http") or endpoints.get("pty")
         key = "url" if "url" in drv else "port"
         drv[key] = url
     return dict(cfg)

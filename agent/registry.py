@@ -36,6 +36,7 @@ SIMULATORS: dict[str, str] = {
     "scale": "simulators.scale:main",
     "ore-station": "simulators.ore_station:main",
     "gate": "simulators.gate:main",
+    "camera": "simulators.camera:main",
 }
 
 # `customs-edge models evaluate NAME` runs NAME's evaluate(seed) -> dict.
