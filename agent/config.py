@@ -20,7 +20,7 @@ from agent import registry
 from agent.errors import ConfigError
 from drivers.base import DriverConfig
 
-Strict = ConfigDict(extra="forbid")
+Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class OutboxConfig(BaseModel):
@@ -40,7 +40,8 @@ class SyncConfig(BaseModel):
     port: int = Field(1883, gt=0, lt=65536)
     username: str | None = None
     password: str | None = None
-    topic_prefix: str = "customs-edge/v1"
+    topic_prefix: str = Field("customs-edge/v1", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+                              description="topic levels of letters, digits, _ . - (no wildcards)")
     ack_mode: Literal["hub", "broker"] = Field(
         "hub", description="hub: delete when the hub confirms it stored the records; broker: on PUBACK")
     batch_max_records: int = Field(500, ge=1, le=10000)
@@ -87,6 +88,8 @@ def load_unit_config(path: str | Path) -> UnitConfig:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {exc.start})"]) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from exc
     return parse_unit_config(raw, str(path))

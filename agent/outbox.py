@@ -7,8 +7,10 @@ version i to i+1.
 
 Cap policy (the size cap is checked at most once a second, the age cap, a table scan, at most every
 ten minutes; both on open):
-  1. records older than max_age_days are dropped, except ALERT records and records stamped before
-     2020 (a Pi without an RTC boots in 1970: its first records must not look ancient);
+  1. records older than max_age_days are dropped, except ALERT records. Within the current boot, age
+     is measured on the monotonic clock (a wall clock that jumps forward must not empty the outbox);
+     records of earlier boots by their wall-clock stamp, except those stamped before 2020 (a Pi
+     without an RTC boots in 1970: its first records must not look ancient);
   2. while the file's used pages exceed max_mb, the oldest records of the lowest priority present
      (below ALERT) are dropped, 500 at a time;
   3. ALERT records are never dropped; if alerts alone exceed the cap, the cap is exceeded and a
@@ -228,13 +230,16 @@ class SqliteOutbox:
         return dropped
 
     def _drop_old(self) -> dict[int, int]:
-        cutoff = time.time() - self.max_age_s
-        age = "ts < ? AND ts > 1577836800 AND priority < ?"
+        """Age = monotonic time for records of this boot (a wall clock that jumps forward must not empty
+        the outbox), wall-clock time for older boots, never for records stamped before 2020."""
+        args = {"boot": self.boot_id, "mono_cut": time.monotonic() - self.max_age_s,
+                "ts_cut": time.time() - self.max_age_s, "alert": int(Priority.ALERT)}
+        old = ("priority < :alert AND ((boot_id = :boot AND mono < :mono_cut)"
+               " OR (boot_id != :boot AND ts < :ts_cut AND ts > 1577836800))")
         with self._tx():
             dropped = dict(self._db.execute(
-                f"SELECT priority, count(*) FROM records WHERE {age} GROUP BY priority",
-                (cutoff, int(Priority.ALERT))).fetchall())
-            self._db.execute(f"DELETE FROM records WHERE {age}", (cutoff, int(Priority.ALERT)))
+                f"SELECT priority, count(*) FROM records WHERE {old} GROUP BY priority", args).fetchall())
+            self._db.execute(f"DELETE FROM records WHERE {old}", args)
         return dropped
 
 

@@ -135,7 +135,11 @@ class Unit:
         for t in self._threads:
             if t.name == "sync":
                 t.join(max(0.1, deadline - time.monotonic()))
-        self.outbox.close()
+        busy = [t.name for t in self._threads if t.is_alive() and not t.name.startswith("driver-")]
+        if busy:  # closing under them would fail their last commit: leave the file to process exit
+            log.warning("unit stopped with threads still running", extra={"threads": ",".join(busy)})
+        else:
+            self.outbox.close()
         log.info("unit stopped", extra={"device_id": self.cfg.device_id})
 
     # -- core -----------------------------------------------------------------------------------
@@ -230,8 +234,15 @@ def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
                               extra={"problems": " | ".join(exc.problems), "file": exc.source})
                     continue
                 sdnotify.notify("RELOADING=1")
+                try:
+                    replacement = Unit(new)  # opens the outbox, loads the app's models: may fail
+                except Exception as exc:
+                    log.error("config reload refused: the new config cannot start; the running config stays",
+                              extra={"file": config_path, "error": repr(exc)})
+                    sdnotify.notify("READY=1")
+                    continue
                 unit.stop()
-                unit = Unit(new)
+                unit = replacement
                 unit.start()
                 sdnotify.notify("READY=1")
                 log.info("config reloaded", extra={"file": config_path})

@@ -32,7 +32,7 @@ from agent.config import SyncConfig
 from agent.jsonfast import dumps
 from agent.mqtt import Backoff, MqttLink, NotConnected, Will
 from agent.outbox import Outbox, Pending
-from agent.wire import Ack, Command, CommandReply, encode_batch, ranges_of, topic
+from agent.wire import Ack, Command, CommandReply, encode_batch, intersect, ranges_of, topic
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class SyncStats:
     ack_timeouts: int = 0  # half-open links detected (no PUBACK in time)
     hub_resends: int = 0  # batches published again because the hub did not ack them in time
     bad_messages: int = 0
+    stale_acks: int = 0  # acks for batches not in flight on this connection: ignored
     last_ack_mono: float = 0.0
 
 
@@ -97,7 +98,12 @@ class Sync:
     def run(self, stop: threading.Event) -> None:
         try:
             while not stop.is_set():
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # an outbox locked for long, a full disk: never let sync die
+                    log.exception("sync step failed; dropping the link and starting over")
+                    self.link.abort()
+                    stop.wait(self._backoff.next())
         finally:
             self._goodbye()
 
@@ -115,7 +121,8 @@ class Sync:
             except OSError as exc:
                 self._connect_failed(str(exc))
                 return
-        link.step(0.0 if self._more and link.connected else 0.01)
+        busy = self._more and link.connected and len(self._inflight) < self.cfg.window_batches
+        link.step(0.0 if busy else 0.01)
         if link.idle:
             if not self._was_connected:
                 self._connect_failed(link.last_error)
@@ -191,7 +198,7 @@ class Sync:
                                 extra={"ack_timeout_s": timeout, "batches_in_flight": len(self._inflight)})
                     self.link.abort()
                     return
-            elif now - f.sent_at > min(timeout * 2 ** f.attempt, self.cfg.max_resend_interval_s):
+            elif now - f.sent_at > min(timeout * 2 ** min(f.attempt, 30), self.cfg.max_resend_interval_s):
                 self._resend(batch_id, f)
 
     def _resend(self, batch_id: str, f: _InFlight) -> None:
@@ -245,9 +252,13 @@ class Sync:
             log.warning("bad ack ignored", extra={"error": str(exc).splitlines()[0]})
             return []
         flight = self._inflight.pop(ack.batch, None)
-        if flight:
-            self._by_mid.pop(flight.mid, None)
-        return ack.ranges  # an ack for a batch we already resent still means: stored
+        if flight is None:
+            # not a batch of this connection (a stale, retained or stray ack): delete nothing; anything
+            # it meant is still unacked here and gets resent, and the hub acks it again.
+            self.stats.stale_acks += 1
+            return []
+        self._by_mid.pop(flight.mid, None)
+        return intersect(flight.ranges, ack.ranges)  # only what we sent in that batch
 
     def _acked(self, ranges: list[tuple[int, int]]) -> None:
         self.stats.records_acked += self.outbox.ack(ranges)

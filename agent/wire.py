@@ -10,7 +10,7 @@ The hub subscribes to `$share/{group}/{prefix}/+/records`, so several hubs share
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,9 +24,14 @@ def topic(prefix: str, device_id: str, kind: str) -> str:
     return f"{prefix}/{device_id}/{kind}"
 
 
+SEQ_MAX = 2**63 - 1  # SQLite INTEGER
+
+Seq = Annotated[int, Field(ge=1, le=SEQ_MAX)]
+
+
 class WireRecord(BaseModel):
-    seq: int = Field(ge=1)
-    ts: float
+    seq: Seq
+    ts: float = Field(allow_inf_nan=False)
     boot: str
     mono: float
     type: str
@@ -44,7 +49,7 @@ class Batch(BaseModel):
 class Ack(BaseModel):
     v: Literal[1] = 1
     batch: str
-    ranges: list[tuple[int, int]]  # inclusive seq ranges now durably stored at the hub
+    ranges: list[tuple[Seq, Seq]]  # inclusive seq ranges now durably stored at the hub
     stored: int = 0  # new records stored
     duplicates: int = 0  # records the hub already had (redeliveries dropped)
 
@@ -89,4 +94,15 @@ def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
             out[-1] = (out[-1][0], s)
         else:
             out.append((s, s))
+    return out
+
+
+def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Seq ranges present in both lists of inclusive ranges."""
+    out = []
+    for lo1, hi1 in a:
+        for lo2, hi2 in b:
+            lo, hi = max(lo1, lo2), min(hi1, hi2)
+            if lo <= hi:
+                out.append((lo, hi))
     return out

@@ -24,7 +24,7 @@ from agent.records import Reading
 class DriverConfig(BaseModel):
     """Every driver's config has `driver` (its registry name). Subclasses forbid unknown keys."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     driver: str
 
 

@@ -48,45 +48,52 @@ class Hub:
         self.rejected = 0
         self.batches = 0
         self.ready = threading.Event()  # set once subscribed
+        self._was_connected = False
+        self._next_attempt = 0.0
 
     def records_filter(self) -> str:
         f = f"{self.cfg.topic_prefix}/+/records"
         return f"$share/{self.cfg.share_group}/{f}" if self.cfg.share_group else f
 
     def run(self, stop: threading.Event) -> None:
-        next_attempt = 0.0
-        was_connected = False
         while not stop.is_set():
-            if self.link.idle:
-                if was_connected:
-                    was_connected = False
-                    self.ready.clear()
-                    log.warning("hub lost the broker", extra={"error": self.link.last_error})
-                if time.monotonic() < next_attempt:
-                    stop.wait(0.05)
-                    continue
-                try:
-                    self.link.connect()
-                except OSError as exc:
-                    next_attempt = time.monotonic() + self.backoff.next()
-                    log.warning("hub cannot reach broker", extra={"error": str(exc)})
-                    continue
-            self.link.step(0.01)
-            if not self.link.connected:
-                if self.link.idle:
-                    next_attempt = time.monotonic() + self.backoff.next()
-                continue
-            if not was_connected:
-                was_connected = True
-                self.backoff.reset()
-                # Always subscribe: a broker restarted without persistence forgot our session.
-                self.link.subscribe(self.records_filter(), 1)
-                self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
-                self.ready.set()
-                log.info("hub subscribed", extra={"filter": self.records_filter()})
-            self._handle(self.link.inbox.messages)
+            try:
+                self._step(stop)
+            except Exception:  # one bad message or a locked file must not take the hub down
+                log.exception("hub step failed; continuing")
+                stop.wait(0.5)
         self.link.disconnect()
         self.store.close()
+
+    def _step(self, stop: threading.Event) -> None:
+        if self.link.idle:
+            if self._was_connected:
+                self._was_connected = False
+                self.ready.clear()
+                log.warning("hub lost the broker", extra={"error": self.link.last_error})
+            if time.monotonic() < self._next_attempt:
+                stop.wait(0.05)
+                return
+            try:
+                self.link.connect()
+            except OSError as exc:
+                self._next_attempt = time.monotonic() + self.backoff.next()
+                log.warning("hub cannot reach broker", extra={"error": str(exc)})
+                return
+        self.link.step(0.01)
+        if not self.link.connected:
+            if self.link.idle:
+                self._next_attempt = time.monotonic() + self.backoff.next()
+            return
+        if not self._was_connected:
+            self._was_connected = True
+            self.backoff.reset()
+            # Always subscribe: a broker restarted without persistence forgot our session.
+            self.link.subscribe(self.records_filter(), 1)
+            self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
+            self.ready.set()
+            log.info("hub subscribed", extra={"filter": self.records_filter()})
+        self._handle(self.link.inbox.messages)
 
     def _handle(self, messages: list[tuple[str, bytes]]) -> None:
         if not messages:
@@ -112,7 +119,18 @@ class Hub:
             batches.append(batch)
         if not batches:
             return
-        for s in self.store.store(batches):
+        try:
+            results = self.store.store(batches)
+        except Exception:  # one batch the store refuses must not hold back the others: store one by one
+            results = []
+            for b in batches:
+                try:
+                    results += self.store.store([b])
+                except Exception as exc:
+                    self.rejected += 1
+                    log.warning("store refused a batch; not acked", extra={"device_id": b.device_id,
+                                                                          "batch": b.batch, "error": repr(exc)})
+        for s in results:
             self.batches += 1
             ack = Ack(batch=s.batch.batch, ranges=s.ranges, stored=s.stored, duplicates=s.duplicates)
             try:
@@ -123,7 +141,7 @@ class Hub:
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]
         try:
-            state = str(loads(payload).get("state", "?")) if payload else "?"
-        except (ValueError, AttributeError):
+            state = str(loads(payload).get("state", "?"))[:16] if payload else "?"
+        except Exception:  # anything on a status topic, even a retained one, is only informational
             state = "?"
         self.store.set_status(device_id, state)

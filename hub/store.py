@@ -1,5 +1,10 @@
 """The hub's store: SQLite, one row per (device_id, seq), so a redelivered record is stored once.
 
+A record whose (device_id, seq) is already stored but whose (boot_id, mono) differ is not a redelivery:
+its seq was handed out twice (an outbox file restored from an old image, an outbox with
+synchronous=NORMAL that lost its last commits to a power cut, two units configured with one device_id).
+It is kept in `conflicts`, counted per device, and acked: nothing the hub acks is ever discarded.
+
 Acks are published only after the transaction that stored the records has committed with
 synchronous=FULL: an acked record survives a power cut of the hub.
 """
@@ -29,10 +34,23 @@ SCHEMA: list[str] = [
         received_at REAL    NOT NULL,
         PRIMARY KEY (device_id, seq)
     ) WITHOUT ROWID;
+    CREATE TABLE conflicts (
+        device_id   TEXT    NOT NULL,
+        seq         INTEGER NOT NULL,
+        ts          REAL    NOT NULL,
+        boot_id     TEXT    NOT NULL,
+        mono        REAL    NOT NULL,
+        type        TEXT    NOT NULL,
+        priority    INTEGER NOT NULL,
+        payload     TEXT    NOT NULL,
+        received_at REAL    NOT NULL,
+        PRIMARY KEY (device_id, seq, boot_id, mono)
+    ) WITHOUT ROWID;
     CREATE TABLE devices (
         device_id  TEXT PRIMARY KEY,
         received   INTEGER NOT NULL DEFAULT 0,
         duplicates INTEGER NOT NULL DEFAULT 0,
+        conflicts  INTEGER NOT NULL DEFAULT 0,
         stored     INTEGER NOT NULL DEFAULT 0,
         max_seq    INTEGER NOT NULL DEFAULT 0,
         first_seen REAL,
@@ -56,6 +74,7 @@ class DeviceStats:
     device_id: str
     received: int
     duplicates: int
+    conflicts: int  # records that reused a stored seq with other content: kept in `conflicts`
     stored: int
     max_seq: int
     gaps: int  # seqs below max_seq that the hub does not have
@@ -90,20 +109,39 @@ class HubStore:
                      for r in b.records])
                 stored = db.total_changes - before
                 dup = len(b.records) - stored
+                conflicts = self._conflicts(b, now) if dup else 0
+                dup -= conflicts
                 max_seq = max((r.seq for r in b.records), default=0)
                 db.execute(
-                    "INSERT INTO devices (device_id, received, duplicates, stored, max_seq, first_seen, last_seen)"
-                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
+                    "INSERT INTO devices (device_id, received, duplicates, conflicts, stored, max_seq, first_seen,"
+                    " last_seen) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
                     " received = received + excluded.received, duplicates = duplicates + excluded.duplicates,"
+                    " conflicts = conflicts + excluded.conflicts,"
                     " stored = stored + excluded.stored, max_seq = max(max_seq, excluded.max_seq),"
                     " last_seen = excluded.last_seen",
-                    (b.device_id, len(b.records), dup, stored, max_seq, now, now))
+                    (b.device_id, len(b.records), dup, conflicts, stored, max_seq, now, now))
                 out.append(Stored(b, ranges_of([r.seq for r in b.records]), stored, dup))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return out
+
+    def _conflicts(self, b: Batch, now: float) -> int:
+        """Of a batch's records the PK turned away, keep those that are not the stored record."""
+        seqs = [r.seq for r in b.records]
+        stored: dict[int, tuple[str, float]] = {}
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            stored.update((seq, (boot, mono)) for seq, boot, mono in self.db.execute(
+                f"SELECT seq, boot_id, mono FROM records WHERE device_id=? AND seq IN ({','.join('?' * len(chunk))})",
+                (b.device_id, *chunk)))
+        clash = [r for r in b.records if r.seq in stored and stored[r.seq] != (r.boot, r.mono)]
+        before = self.db.total_changes
+        self.db.executemany(
+            "INSERT OR IGNORE INTO conflicts VALUES (?,?,?,?,?,?,?,?,?)",
+            [(b.device_id, r.seq, r.ts, r.boot, r.mono, r.type, r.prio, dumps(r.payload), now) for r in clash])
+        return self.db.total_changes - before  # a conflict resent again is a plain duplicate
 
     def set_status(self, device_id: str, status: str) -> None:
         self.db.execute(
@@ -113,10 +151,10 @@ class HubStore:
 
     def stats(self) -> list[DeviceStats]:
         rows = self.db.execute(
-            "SELECT device_id, received, duplicates, stored, max_seq, last_seen, status FROM devices"
+            "SELECT device_id, received, duplicates, conflicts, stored, max_seq, last_seen, status FROM devices"
             " ORDER BY device_id").fetchall()
-        return [DeviceStats(d, rcv, dup, st, mx, max(0, mx - st), seen, status)
-                for d, rcv, dup, st, mx, seen, status in rows]
+        return [DeviceStats(d, rcv, dup, cf, st, mx, max(0, mx - st), seen, status)
+                for d, rcv, dup, cf, st, mx, seen, status in rows]
 
     def gap_ranges(self, device_id: str, limit: int = 20) -> list[tuple[int, int]]:
         """Missing seq ranges below the highest seq seen."""

@@ -123,3 +123,18 @@ def test_cli_schema_covers_driver_sections() -> None:
     drivers = schema["properties"]["drivers"]["additionalProperties"]["oneOf"]
     titles = {d.get("title") for d in drivers}
     assert "ToledoConfig" in titles
+
+
+def test_values_that_validate_but_cannot_work_are_refused(tmp_path: Path) -> None:
+    raw = base()
+    raw["sync"]["topic_prefix"] = "customs/#"
+    raw["sync"]["ack_timeout_s"] = float("inf")
+    raw["outbox"]["max_mb"] = float("nan")
+    got = "\n".join(problems_of(raw))
+    assert "sync.topic_prefix: String should match pattern" in got
+    assert "sync.ack_timeout_s: Input should be a finite number" in got
+    assert "outbox.max_mb: Input should be a finite number" in got
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("device_id: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_unit_config(binary)

@@ -127,21 +127,36 @@ def test_alerts_alone_may_exceed_the_cap(make: Factory) -> None:
 
 
 def test_age_cap_spares_alerts_and_clockless_boots(make: Factory) -> None:
-    ob = make(max_age_days=1)
+    earlier = make(max_age_days=1, boot="an-earlier-boot")  # records of a previous boot age by wall clock
     old = time.time() - 3 * 86400
-    ob.put(recs(3, Priority.EVENT, ts=old))
-    ob.put(recs(2, Priority.ALERT, ts=old))
-    ob.put(recs(4, Priority.EVENT, ts=86400.0))  # 1970: a Pi before NTP, not an old record
+    earlier.put(recs(3, Priority.EVENT, ts=old))
+    earlier.put(recs(2, Priority.ALERT, ts=old))
+    earlier.put(recs(4, Priority.EVENT, ts=86400.0))  # 1970: a Pi before NTP, not an old record
+    earlier.close()
+    ob = make(max_age_days=1)
     ob.put(recs(1, Priority.EVENT))
-    dropped = ob.enforce_cap()
-    assert dropped == {int(Priority.EVENT): 3}
-    assert ob.stats().pending == 7
+    assert ob.stats().pending == 7  # opening applied the cap: 3 old events gone
+    assert ob.stats().dropped == {"dropped.event": 3}
+
+
+def test_age_within_this_boot_is_monotonic_so_a_clock_jump_drops_nothing(
+        make: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.outbox as mod
+
+    ob = make(max_age_days=1)
+    ob.put(recs(4))
+    real_time, real_mono = time.time, time.monotonic
+    monkeypatch.setattr(mod.time, "time", lambda: real_time() + 365 * 86400)  # NTP/GPS jumps a year ahead
+    assert ob.enforce_cap() == {}
+    monkeypatch.setattr(mod.time, "monotonic", lambda: real_mono() + 2 * 86400)  # two days really pass
+    assert ob.enforce_cap() == {int(Priority.EVENT): 4}
 
 
 def test_drop_counters_survive_restart(make: Factory) -> None:
+    earlier = make(max_age_days=1, boot="an-earlier-boot")
+    earlier.put(recs(3, ts=time.time() - 5 * 86400))
+    earlier.close()
     ob = make(max_age_days=1)
-    ob.put(recs(3, ts=time.time() - 5 * 86400))
-    ob.enforce_cap()
     ob.close()
     ob = make(max_age_days=1)
     assert ob.stats().dropped == {"dropped.event": 3}

@@ -177,7 +177,7 @@ def test_hub_reports_gaps(tmp_path: Path, mosquitto: Mosquitto) -> None:
     cli = [sys.executable, "-m", "agent", "hub", "stats", "--db", str(tmp_path / "hub.db")]
     out = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, check=True).stdout)
     assert out["devices"]["dev-g"] | {"last_seen": None} == {
-        "device_id": "dev-g", "received": 4, "duplicates": 0, "stored": 4, "max_seq": 9, "gaps": 5,
+        "device_id": "dev-g", "received": 4, "duplicates": 0, "conflicts": 0, "stored": 4, "max_seq": 9, "gaps": 5,
         "last_seen": None, "status": None}
     table = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
     assert "missing seq ranges: [(3, 4), (6, 8)]" in table
@@ -234,3 +234,114 @@ def test_reload_with_a_bad_config_keeps_the_old_one_running(tmp_path: Path, mosq
     agent.terminate()
 
 
+
+
+def test_stray_and_malformed_acks_delete_nothing(tmp_path: Path, mosquitto: Mosquitto,
+                                                 scale_urls: dict[str, str]) -> None:
+    cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port))
+    unit = Unit(cfg)
+    unit.start()
+    c = Client(mosquitto.port)
+    t_ack = f"customs-edge/v1/{cfg.device_id}/ack"
+    try:
+        wait_for(lambda: unit.sync.stats.records_sent >= 5, 10, "records in flight (no hub runs)")
+        c.pub(t_ack, json.dumps({"v": 1, "batch": "not-ours", "ranges": [[1, 10**9]]}))
+        c.pub(t_ack, json.dumps({"v": 1, "batch": "x", "ranges": [[1, 2**63]]}))  # beyond SQLite INTEGER
+        c.pub(t_ack, b"\xff\xfe")
+        wait_for(lambda: unit.sync.stats.stale_acks >= 1 and unit.sync.stats.bad_messages >= 2, 10, "acks seen")
+        assert unit.sync.stats.records_acked == 0
+        last, pending = outbox_state(cfg.outbox.path)
+        assert len(pending) == last  # nothing deleted without the hub
+        assert unit.health()  # the sync thread is alive
+    finally:
+        c.close()
+        unit.stop()
+
+
+def test_hub_survives_hostile_messages_including_retained_ones(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    c = Client(mosquitto.port)
+    rec = {"seq": 2**63, "ts": 1.0, "boot": "b", "mono": 1.0, "type": "t", "prio": 1, "payload": {}}
+    deep = "[" * 100_000 + "]" * 100_000
+    c.c.publish("customs-edge/v1/evil/status", deep, qos=1, retain=True).wait_for_publish(5)
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
+    try:
+        c.sub("customs-edge/v1/dev-ok/ack")
+        c.pub("customs-edge/v1/evil/records", json.dumps({"v": 1, "device_id": "evil", "batch": "e",
+                                                          "records": [rec]}))
+        c.pub("customs-edge/v1/evil/records", json.dumps({"v": 1, "device_id": "evil", "batch": "n",
+                                                          "records": [{**rec, "seq": 1, "ts": "NaN"}]}))
+        good = {**rec, "seq": 1}
+        c.pub("customs-edge/v1/dev-ok/records", json.dumps({"v": 1, "device_id": "dev-ok", "batch": "g",
+                                                            "records": [good]}))
+        wait_for(lambda: c.got, 10, "the good batch's ack")
+        assert hub.thread.is_alive() and hub.hub.rejected == 2
+    finally:
+        hub.stop()
+        c.c.publish("customs-edge/v1/evil/status", b"", qos=1, retain=True).wait_for_publish(5)
+        c.close()
+
+
+def test_sync_survives_an_outbox_error_and_keeps_delivering(tmp_path: Path, mosquitto: Mosquitto,
+                                                            scale_urls: dict[str, str]) -> None:
+    import sqlite3
+
+    from agent.outbox import SqliteOutbox
+
+    class FlakyOutbox(SqliteOutbox):
+        failures = 2
+
+        def ack(self, ranges):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return super().ack(ranges)
+
+    cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port,
+                                      sync={"backoff_min_s": 0.1}))
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
+    unit = Unit(cfg, outbox=FlakyOutbox(cfg.outbox.path))
+    unit.start()
+    try:
+        wait_for(lambda: unit.sync.stats.records_acked >= 30, 15, "deliveries after the outbox errors")
+        assert unit.health()
+    finally:
+        unit.stop()
+        hub.stop()
+
+
+def test_resend_backoff_does_not_overflow_after_days_of_hub_silence(tmp_path: Path) -> None:
+    from agent.sync import Sync, _InFlight
+
+    cfg = parse_unit_config(unit_dict(tmp_path, "/dev/null", 1))
+    sync = Sync("d", _NoOutbox(), cfg.sync)
+    sync._inflight["b"] = _InFlight([(1, 1)], 1, 0.0, 1, [], pubacked=True, attempt=5000)
+    sync._check_deadline(10.0)  # sent at 0, 10 s ago: far less than the capped 300 s wait
+    assert sync.stats.hub_resends == 0
+
+
+class _NoOutbox:
+    def release(self) -> None:
+        pass
+
+
+def test_reload_to_a_config_that_cannot_start_keeps_the_old_one(tmp_path: Path, mosquitto: Mosquitto,
+                                                                scale_urls: dict[str, str]) -> None:
+    import signal
+
+    import yaml
+
+    from tests.fleet import AgentProc
+
+    agent = AgentProc(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port), tmp_path).start()
+    ob = Path(agent.cfg["outbox"]["path"])
+    wait_for(lambda: outbox_state(ob)[0] > 5, 10, "records")
+    (tmp_path / "a-file").write_text("not a directory")
+    bad = {**agent.cfg, "outbox": {"path": str(tmp_path / "a-file" / "outbox.db")}}  # validates, cannot open
+    agent.path.write_text(yaml.safe_dump(bad))
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "the new config cannot start" in agent.log_text(), 10, "the refusal in the log")
+    n = outbox_state(ob)[0]
+    wait_for(lambda: outbox_state(ob)[0] > n + 10, 5, "records to keep coming into the old outbox")
+    assert agent.proc.poll() is None
+    agent.terminate()
