@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from agent import registry
 from hub.brokers import Mosquitto, free_port, mosquitto_path, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
+# Children run in their own sessions: Ctrl-C reaches only the demo, which then stops the simulators,
+# lets the agents drain, and stops the rest in order.
 CONFIGS = REPO / "configs"
 # Extra simulator flags per type, so that something worth seeing happens within a demo's minute: time
 # runs faster, and the rare events (fever, gamma alarms, tramp metal) are far more common than in life.
@@ -102,7 +105,8 @@ class Broker:
 
 def _start_sim(unit_type: str, seed: int, work: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     proc = subprocess.Popen(_cli("simulate", unit_type, "--seed", str(seed), *SIM_ARGS.get(unit_type, [])),
-                            stdout=subprocess.PIPE, stderr=(work / f"sim-{unit_type}.log").open("wb"), text=True)
+                            stdout=subprocess.PIPE, stderr=(work / f"sim-{unit_type}.log").open("wb"), text=True,
+                            start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -187,7 +191,7 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
     hub_db = work / "hub.db"
     hub_log = (work / "hub.log").open("wb")
     hub = subprocess.Popen(_cli("hub", "--db", str(hub_db), "--port", str(broker.port), "--client-id", "demo-hub"),
-                           stderr=hub_log)
+                           stderr=hub_log, start_new_session=True)
     units: list[DemoUnit] = []
     stop = threading.Event()
     try:
@@ -199,10 +203,12 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             u = DemoUnit(device_id, t, path, Path(cfg["outbox"]["path"]), sim, urls=urls)
             u.log = (work / f"{device_id}.log").open("wb")
-            u.agent = subprocess.Popen(_cli("run", "--config", str(path)), stderr=u.log)
+            u.agent = subprocess.Popen(_cli("run", "--config", str(path)), stderr=u.log, start_new_session=True)
             units.append(u)
             say(f"{device_id}: simulator {json.dumps(urls)}; agent log {work / (device_id + '.log')}")
         t0 = time.monotonic()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or a kill: stop in order, drain, report
+            signal.signal(sig, lambda *_: stop.set())
         try:
             while not stop.wait(2.0 if not as_json else 0.5):
                 elapsed = time.monotonic() - t0
