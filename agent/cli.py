@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
 from agent import logs, registry
 from agent.errors import ConfigError, CustomsEdgeError
@@ -77,12 +78,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.role not in cfg.drivers:
         raise ConfigError(args.config, [f"drivers: no driver named {args.role!r}; have {', '.join(cfg.drivers)}"])
     dc = cfg.drivers[args.role]
-    if args.hexdump and hasattr(dc, "port"):
-        dc = dc.model_copy(update={"port": "spy://" + dc.port + "?file=/dev/stderr"})
     driver = registry.lookup("driver", dc.driver)(args.role, dc)
     n, deadline = 0, time.monotonic() + args.seconds
     try:
         driver.open()
+        port = getattr(driver, "_port", None)
+        if args.hexdump and port is not None:
+            _hexdump(port)
         while n < args.count and time.monotonic() < deadline:
             r = driver.read()
             if r is not None:
@@ -95,6 +97,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
         driver.close()
     print(json.dumps({"role": args.role, "readings": n, **driver.stats.as_dict()}), file=sys.stderr)
     return 0 if n else 1
+
+
+def _hexdump(port: Any) -> None:
+    """Print every byte read (<) and written (>) on stderr: what a technician needs when an instrument
+    "sends garbage". Works for any pyserial URL, sockets included (pyserial's spy:// wraps devices only)."""
+    real_read, real_write = port.read, port.write
+
+    def read(size: int = 1) -> bytes:
+        data = real_read(size)
+        if data:
+            print("< " + bytes(data).hex(" "), file=sys.stderr)
+        return bytes(data)
+
+    def write(data: bytes) -> Any:
+        print("> " + bytes(data).hex(" "), file=sys.stderr)
+        return real_write(data)
+
+    port.read, port.write = read, write
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -185,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("role")
     pr.add_argument("--count", type=int, default=10)
     pr.add_argument("--seconds", type=float, default=10.0)
-    pr.add_argument("--hexdump", action="store_true", help="hex-dump the serial traffic to stderr (spy://)")
+    pr.add_argument("--hexdump", action="store_true", help="hex-dump the traffic to stderr (< read, > written)")
     pr.set_defaults(fn=cmd_probe)
 
     st = sub.add_parser("status", help="the unit's outbox on disk")
