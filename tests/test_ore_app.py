@@ -278,3 +278,45 @@ def test_station_config_validates_and_needs_its_instruments() -> None:
     raw["app"]["tml_pc"] = 9
     with pytest.raises(ConfigError, match="did you mean 'tml_pct'"):
         parse_unit_config(raw)
+
+
+def test_non_finite_register_values_are_ignored_not_poisoning_the_lot() -> None:
+    st = Station(tml_pct=10.0, moisture_hold_fraction=0.9)
+    st.minutes(5, moisture=12.0)
+    st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": float("inf"), "total_t": float("nan")})
+    st.feed("moisture", "registers", {"slave": "moisture", "moisture_pct": 12.0})
+    st.feed("belt_portal", "registers", {"slave": "belt", "lot_no": float("nan"), "hold_no": float("inf")})
+    st.minutes(15, moisture=12.0)
+    report = st.close_lot()
+    assert report["decision"] == "hold"  # the moisture hold survives the glitches
+    assert 1300 < report["tonnes"] < 1400  # 20 minutes at 4000 t/h; the NaN totaliser read added nothing
+
+
+def test_a_totaliser_misread_makes_no_burst_of_increments() -> None:
+    st = Station()
+    st.minutes(5)
+    n = len(st.of("increment"))
+    st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 4000.0, "total_t": 0.0})  # misread
+    st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 4000.0, "total_t": st.total})
+    st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 4000.0, "total_t": 5e7})  # garbage
+    assert len(st.of("increment")) == n
+    st.total = 5e7
+    st.minutes(1)
+    assert len(st.of("increment")) > n  # counting resumes from the new reading
+
+
+def test_a_flapping_hold_register_cannot_grow_the_lot_without_bound() -> None:
+    st = Station(max_sublots=4)
+    for hold in range(1, 50):
+        st.minutes(1, hold_no=hold)
+    report = st.close_lot()
+    assert isinstance(report["sublots"], (list, dict)) and len(report["sublots"]) == 4
+
+
+def test_a_spectrum_that_does_not_fit_the_model_is_counted_and_skipped() -> None:
+    st = Station()
+    st.minutes(2)
+    analyses = len(st.of("ore_analysis"))
+    assert analyses == 2
+    out = st.feed("analyser", "analysis", {"seq": 99, "status": "OK", "tonnes": 60.0}, np.ones(512, np.float32))
+    assert out == [] and len(st.of("ore_analysis")) == analyses

@@ -40,7 +40,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.apps.base import App, AppConfig
@@ -48,11 +47,13 @@ from agent.records import Priority, Reading, RecordIn, Scalar
 
 
 def _num(values: dict[str, Scalar], key: str) -> float | None:
-    """A numeric value from a Reading, or None when absent, empty or not a number."""
+    """A numeric value from a Reading, or None when absent, empty, not a number, NaN or infinite
+    (a float32 register can decode to either: one such glitch must not poison a lot's estimates)."""
     x = values.get(key)
     if x is None or isinstance(x, str):
         return None
-    return float(x)
+    f = float(x)
+    return f if math.isfinite(f) else None
 
 
 class OrePoints(BaseModel):
@@ -86,29 +87,39 @@ class OreAppConfig(AppConfig):
     bench_min_g: float = Field(50.0, ge=0)
     bench_deadband_g: float = Field(1.0, ge=0)
     points: OrePoints = OrePoints()
+    max_step_t: float = Field(1000.0, gt=0, description="a totaliser step larger than this between two "
+                              "readings is a misread: skipped and counted, not turned into increments")
+    max_sublots: int = Field(32, ge=1, description="a lot's sub-lots (holds); more hold numbers are refused")
 
 
 @dataclass
 class Series:
-    """Weighted values for an estimate."""
+    """A weighted mean and spread kept as running sums (West's algorithm): constant memory however long
+    a lot runs. Non-finite values and non-positive or non-finite weights are ignored."""
 
-    values: list[float] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
+    n: int = 0
+    w_sum: float = 0.0
+    w2_sum: float = 0.0
+    mean: float = 0.0
+    s: float = 0.0  # sum of w * (x - mean_old) * (x - mean_new)
 
     def add(self, value: float, weight: float) -> None:
-        if weight > 0 and math.isfinite(value):
-            self.values.append(value)
-            self.weights.append(weight)
+        if not (math.isfinite(value) and math.isfinite(weight) and weight > 0):
+            return
+        self.n += 1
+        self.w_sum += weight
+        self.w2_sum += weight * weight
+        old = self.mean
+        self.mean += (weight / self.w_sum) * (value - old)
+        self.s += weight * (value - old) * (value - self.mean)
 
     def estimate(self, bias: float = 0.0) -> dict[str, Any] | None:
-        if not self.values:
+        if not self.n:
             return None
-        v, w = np.asarray(self.values), np.asarray(self.weights)
-        mean = float(np.average(v, weights=w))
-        var = float(np.average((v - mean) ** 2, weights=w))
-        n_eff = float(w.sum() ** 2 / (w ** 2).sum())
+        var = max(0.0, self.s / self.w_sum)
+        n_eff = self.w_sum ** 2 / self.w2_sum
         u95 = 2.0 * math.sqrt(var / n_eff + bias ** 2)
-        return {"value": round(mean, 3), "u95": round(u95, 3), "n": len(v)}
+        return {"value": round(self.mean, 3), "u95": round(u95, 3), "n": self.n}
 
 
 @dataclass
@@ -170,6 +181,7 @@ class OreStationApp(App):
         from models import default_manifest
 
         self.model = OnnxModel(config.model_manifest or default_manifest("ore_grade"))
+        self._channels = int(self.model.manifest.inputs[0].shape[-1] or 0)
         held = self.model.manifest.metrics.get("held_out", {})
         self._bias = {k: abs(float(held.get(k, {}).get("bias", 0.0))) for k in ("Fe", "SiO2", "H2O")}
         self.p = config.points
@@ -269,7 +281,10 @@ class OreStationApp(App):
                 out += self._close_lot(final=True)
             when = datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%MZ")
             self.lot = Lot(lot_no, f"{self.device_id}-L{lot_no}-{when}", ts)
-        self.lot.hold_no = hold_no
+        if hold_no in self.lot.sublots or len(self.lot.sublots) < self.config.max_sublots:
+            self.lot.hold_no = hold_no
+        elif self._interval is not None:
+            self._interval.errors += 1  # a flapping or garbled hold register: stay on the current sub-lot
         return out
 
     def _tonnage(self, total: float) -> list[RecordIn]:
@@ -278,6 +293,9 @@ class OreStationApp(App):
             return []
         delta = total - last
         assert self._interval is not None
+        if delta > self.config.max_step_t:
+            self._interval.errors += 1  # a misread (or a restart of the count): no burst of increments
+            return []
         self._interval.tonnes += delta
         if self.lot is None or delta <= 0:
             return []
@@ -309,6 +327,10 @@ class OreStationApp(App):
     def _analysis(self, r: Reading) -> list[RecordIn]:
         v = r.values
         if v.get("status") != "OK" or r.array is None:
+            return []
+        if r.array.size != self._channels:  # the analyser's channel count does not fit the model
+            assert self._interval is not None
+            self._interval.errors += 1
             return []
         assay = self.model.predict({"spectrum": r.array.reshape(1, -1)})["assay"][0]
         fe, sio2, h2o = (float(x) for x in assay)
