@@ -38,9 +38,12 @@ EOL = b"\r\n"
 PER_LINE = 64
 ASSAY_KEYS = {"Fe": "fe", "SiO2": "sio2", "Al2O3": "al2o3", "P": "p", "S": "s", "H2O": "h2o"}
 STATES = ("OK", "NOLOAD", "FAULT")
-_NUM = r"-?\d+(?:\.\d+)?"
-_RESULT = re.compile(rf"^\$RESULT,(\d+),(\S+Z),({_NUM}),({_NUM}),(OK|NOLOAD|FAULT)$")
-_SPEC = re.compile(rf"^\$SPEC,(\d+),({_NUM}),({_NUM}),({_NUM})$")
+# Field widths are bounded: a well-formed block (its CRC-32 guards transmission, not intent) with a
+# 5,000-digit number must be refused as corrupt, not raise inside int() or float().
+_NUM = r"-?\d{1,9}(?:\.\d{1,9})?"
+_COUNT = re.compile(r"^\d{1,9}$")
+_RESULT = re.compile(rf"^\$RESULT,(\d{{1,12}}),(\S+Z),({_NUM}),({_NUM}),(OK|NOLOAD|FAULT)$")
+_SPEC = re.compile(rf"^\$SPEC,(\d{{1,6}}),({_NUM}),({_NUM}),({_NUM})$")
 _END = re.compile(r"^\$END,([0-9A-F]{8})$")
 _STAT = re.compile(rf"^\$STAT,(\S+Z),([A-Z]+),({_NUM})$")
 
@@ -189,10 +192,9 @@ class AnalyserParser:
             key, _, val = item.partition("=")
             if key not in ASSAY_KEYS or key in assays:
                 return None
-            try:
-                assays[key] = float(val)
-            except ValueError:
+            if not re.fullmatch(_NUM, val):  # no nan, inf or exponent: an assay is a plain percentage
                 return None
+            assays[key] = float(val)
         channels = int(spec.group(1))
         lines = text[3:]
         if channels <= 0 or len(lines) != (channels + PER_LINE - 1) // PER_LINE:
@@ -204,7 +206,7 @@ class AnalyserParser:
             n = min(PER_LINE, channels - start)
             if parts[0] != "$CH" or len(parts) != n + 2 or parts[1] != str(start):
                 return None
-            if not all(p.isdigit() for p in parts[2:]):
+            if not all(_COUNT.match(p) for p in parts[2:]):
                 return None
             counts[start:start + n] = [int(p) for p in parts[2:]]
         return AnalyserResult(seq=int(m.group(1)), ts=ts, interval_s=float(m.group(3)),

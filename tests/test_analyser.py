@@ -163,3 +163,23 @@ def test_dropped_connection_raises_driver_fault() -> None:
             assert d.stats.faults == 1
     finally:
         ep.stop()
+
+
+def _reblock(block: bytes, old: bytes, new: bytes) -> bytes:
+    """Edit a block and give it a correct CRC-32 again: well-formed on the wire, hostile in content."""
+    body = block[: block.rindex(b"$END,")].replace(old, new, 1)
+    return body + f"$END,{zlib.crc32(body):08X}".encode() + b"\r\n"
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (b"$RESULT,7,", b"$RESULT," + b"9" * 5000 + b","),  # a seq int() refuses to convert
+    (b"$SPEC,1024,", b"$SPEC," + b"9" * 5000 + b","),
+    (b"Fe=62.", b"Fe=nan"[:3] + b"nan."),  # an assay that is not a number
+    (b"$CH,0,", b"$CH,0," + b"9" * 400 + b"0"),  # a count float32 cannot hold
+])
+def test_well_formed_hostile_blocks_are_corrupt_not_exceptions(old: bytes, new: bytes) -> None:
+    good = encode_result(result())
+    hostile = _reblock(good, old, new)
+    assert hostile != good
+    got, p = parse_all(hostile + good)
+    assert p.corrupt >= 1 and len(got) == 1 and got[0].seq == 7  # refused, counted; the next block read
