@@ -62,6 +62,11 @@ def _same_shape(declared: list[int | None], actual: list[Any]) -> bool:
     return all(d is None or not isinstance(a, int) or d == a for d, a in zip(declared, actual, strict=True))
 
 
+ONNX_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
+              "int64": "tensor(int64)", "int32": "tensor(int32)", "uint8": "tensor(uint8)", "int8": "tensor(int8)",
+              "bool": "tensor(bool)"}
+
+
 class OnnxModel:
     """onnxruntime session on one thread (the agent shares two cores with the drivers)."""
 
@@ -69,8 +74,9 @@ class OnnxModel:
         manifest_path = Path(manifest_path)
         try:
             self.manifest = Manifest.model_validate(json.loads(manifest_path.read_text()))
-        except (OSError, json.JSONDecodeError, ValidationError) as exc:
-            raise ModelError(f"{manifest_path}: bad manifest: {exc}") from exc
+            self._dtypes = {t.name: np.dtype(t.dtype) for t in self.manifest.inputs}
+        except (OSError, ValueError, TypeError, RecursionError, ValidationError) as exc:
+            raise ModelError(f"{manifest_path}: bad manifest: {str(exc)[:300]}") from exc
         path = manifest_path.parent / self.manifest.file
         if not path.is_file():
             raise ModelError(f"{path}: model file missing")
@@ -88,7 +94,11 @@ class OnnxModel:
             raise ModelError(f"{path}: onnxruntime refused the model: {exc}") from exc
         self._check(self.session.get_inputs(), self.manifest.inputs, "input")
         self._check(self.session.get_outputs(), self.manifest.outputs, "output")
-        self._dtypes = {t.name: np.dtype(t.dtype) for t in self.manifest.inputs}
+        for spec in self.session.get_inputs():
+            want = ONNX_TYPES.get(self._dtypes[spec.name].name)
+            if spec.type != want:
+                raise ModelError(f"{self.manifest.name}: input {spec.name!r} is {spec.type}, manifest says "
+                                 f"{self._dtypes[spec.name].name}")
 
     def _check(self, actual: list[Any], declared: list[TensorSpec], what: str) -> None:
         got = {a.name: a.shape for a in actual}

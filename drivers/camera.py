@@ -177,6 +177,13 @@ class OpenCvCamera(Driver):
     # -- open / close -------------------------------------------------------------------------------
 
     def open(self) -> None:
+        try:
+            self._open()
+        except DriverFault:
+            self.stats.faults += 1
+            raise
+
+    def _open(self) -> None:
         cv2 = _cv2()
         self.close()
         if self.kind == "still":
@@ -258,6 +265,13 @@ class OpenCvCamera(Driver):
     # -- read ---------------------------------------------------------------------------------------
 
     def read(self) -> Reading | None:
+        try:
+            return self._read()
+        except DriverFault:  # DriverSilent included
+            self.stats.faults += 1
+            raise
+
+    def _read(self) -> Reading | None:
         cv2 = _cv2()  # already imported by open(): a dict lookup
         if self.kind == "still":
             if self._still is None:

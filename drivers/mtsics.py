@@ -114,6 +114,7 @@ class MtSics(SerialDriver):
         if self.config.zero_on_open:
             reply = self.command("Z")
             if reply is None or reply.status != "A":
+                self.stats.faults += 1
                 raise DriverFault(f"{self.role}: zero on open refused: {reply}")
 
     def command(self, cmd: str) -> SicsReply | None:

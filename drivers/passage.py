@@ -115,8 +115,12 @@ class PassageSensor(StreamSerialDriver):
     Config = PassageConfig
     config: PassageConfig
 
+    def __init__(self, role: str, config: PassageConfig) -> None:
+        super().__init__(role, config)
+        self.parser = PassageParser()  # counters accumulate across reopens
+
     def open(self) -> None:
-        self.parser = PassageParser()
+        self.parser.buf.clear()  # a line cut by a reconnect is not continued
         super().open()
 
     def _feed(self, data: bytes) -> None:

@@ -110,7 +110,7 @@ class ToledoParser:
     LATCH = 3
     UNLATCH = 8
 
-    def __init__(self, mode: Literal["auto", "on", "off"] = "auto", max_buffer: int = 4096) -> None:
+    def __init__(self, mode: Literal["auto", "on", "off"] = "auto", max_buffer: int = 1 << 17) -> None:
         self.auto = mode == "auto"
         self.mode = mode
         self.buf = bytearray()

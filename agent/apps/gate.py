@@ -75,7 +75,10 @@ class GateApp(App):
     def __init__(self, device_id: str, config: GateAppConfig, model: OnnxModel | None = None) -> None:
         super().__init__(device_id, config)
         self.model = model or load_fever_model(config.model)
-        self.sigma_c = float(self.model.manifest.metrics.get("residual_sd_c", 0.25))
+        sd = self.model.manifest.metrics.get("residual_sd_c", 0.25)
+        if not isinstance(sd, int | float) or not math.isfinite(sd) or sd <= 0:
+            raise ModelError(f"{self.model.manifest.name}: metrics.residual_sd_c must be a positive number, got {sd!r}")
+        self.sigma_c = float(sd)
         self.tracker = Tracker(TrackerParams(fg_delta_k=config.fg_delta_k, max_gap=config.max_gap_frames,
                                              min_frames=config.min_frames),
                                keep_frames=config.thumbnail_on_alert)
