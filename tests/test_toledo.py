@@ -209,3 +209,10 @@ def test_disconnected_socket_is_a_driver_fault() -> None:
     finally:
         d.close()
         ep.stop()
+
+
+def test_a_backlog_in_one_read_is_decoded_not_trimmed() -> None:
+    """After a stall, a serial buffer or a TCP gateway hands over many frames at once."""
+    backlog = b"".join(encode(i / 100, with_checksum=True) for i in range(1, 1001))  # 18 kB
+    got, p = parse_all(backlog, "auto")
+    assert len(got) == 1000 and p.corrupt == 0
