@@ -200,3 +200,19 @@ def test_config_file_and_refusals() -> None:
                       "passage": {"driver": "mlx90640-serial", "port": "y"}}
     with pytest.raises(ConfigError, match="passage"):
         parse_unit_config(raw)
+
+
+def test_malformed_frames_and_values_are_skipped_not_raised() -> None:
+    import numpy as np
+
+    from agent.apps.gate import GateApp, GateAppConfig
+    from agent.records import Reading
+
+    app = GateApp("g", GateAppConfig())
+    for arr in (np.zeros(768, np.float32), np.zeros((0, 0), np.float32), np.zeros((24, 32, 3), np.float32)):
+        assert app.feed(Reading(source="thermal", kind="thermal_frame", array=arr)) == []
+    ok = np.full((24, 32), 22.0, np.float32)
+    assert app.feed(Reading(source="thermal", kind="thermal_frame", array=ok,
+                            values={"dead_pixels": float("nan"), "ambient_c": float("inf")})) == []
+    assert app.feed(Reading(source="passage", kind="passage", values={"event": "entry", "lost": float("nan")})) == []
+    assert app.totals["entries"] == 1

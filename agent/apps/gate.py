@@ -66,6 +66,10 @@ def load_fever_model(path: Path | None) -> OnnxModel:
     return model
 
 
+def _finite(x: object) -> float | None:
+    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
+
+
 class GateApp(App):
     Config = GateAppConfig
     THERMAL_DRIVERS: ClassVar[tuple[str, ...]] = ("mlx90640-serial",)  # add e.g. a Lepton UVC driver here
@@ -95,7 +99,8 @@ class GateApp(App):
         return problems
 
     def _reset_window(self) -> None:
-        self._w = {"frames": 0, "screened": 0, "alerts": 0, "entries": 0, "exits": 0, "passage_lost": 0}
+        self._w = {"frames": 0, "screened": 0, "alerts": 0, "entries": 0, "exits": 0, "passage_lost": 0,
+                   "bad_frames": 0}
         self._w_estimates: list[float] = []
         self._w_dead = 0
         self._w_ambient: float | None = None
@@ -124,16 +129,20 @@ class GateApp(App):
         if self._window_start is None:
             self._window_start = reading.mono
         if reading.kind == "thermal_frame" and reading.array is not None:
+            if reading.array.ndim != 2 or min(reading.array.shape) < 4:  # not an image: a driver's bug
+                self._w["bad_frames"] += 1
+                return []
             self._last_frame_mono = reading.mono
             self._w["frames"] += 1
-            self._w_dead = max(self._w_dead, int(reading.values.get("dead_pixels") or 0))
+            dead = _finite(reading.values.get("dead_pixels"))
+            self._w_dead = max(self._w_dead, int(dead or 0))
             amb = reading.values.get("ambient_c")
             if isinstance(amb, int | float):
                 self._w_ambient = float(amb)
             frame = np.asarray(reading.array, dtype=np.float32)
             return self._records(self.process_frame(frame, reading.mono, reading.ts), reading.source)
         if reading.kind == "passage":
-            n = 1 + int(reading.values.get("lost") or 0)
+            n = 1 + max(0, int(_finite(reading.values.get("lost")) or 0))
             key = "entries" if reading.values.get("event") == "entry" else "exits"
             self._w[key] += n
             self.totals[key] += n
