@@ -226,18 +226,12 @@ class AnalyserConfig(SerialPortConfig):
 class ElementalAnalyser(StreamSerialDriver):
     Config = AnalyserConfig
     config: AnalyserConfig
+    parser: AnalyserParser
 
     def __init__(self, role: str, config: AnalyserConfig) -> None:
         super().__init__(role, config)
         self.parser = AnalyserParser()
         self.stats.extra["wrong_size"] = 0
-
-    def open(self) -> None:
-        self.parser.buf.clear()  # a block cut by a reconnect is not continued; counters accumulate
-        super().open()
-
-    def _feed(self, data: bytes) -> None:
-        self.parser.feed(data)
 
     def _next(self) -> Reading | None:
         while True:

@@ -12,7 +12,7 @@ import termios
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import serial
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -174,14 +174,27 @@ class SerialDriver(Driver):
             raise
 
 
+class FrameParser(Protocol):
+    """An incremental parser: bytes in with feed(), its pending bytes in `buf`."""
+
+    buf: bytearray
+
+    def feed(self, data: bytes) -> None: ...
+
+
 class StreamSerialDriver(SerialDriver):
     """Base for instruments that stream frames unasked (Toledo continuous, MLX90640 automatic output,
-    analyser result blocks, NMEA, barcode lines): push bytes into a parser with `_feed`, take complete
-    Readings with `_next`."""
+    analyser result blocks, passage lines, NMEA, barcodes). A subclass creates `self.parser` once in
+    __init__ (so its counters accumulate across reopens) and turns what it parsed into Readings in `_next`."""
 
-    @abstractmethod
+    parser: FrameParser
+
+    def open(self) -> None:
+        self.parser.buf.clear()  # a frame cut by a reconnect is not continued
+        super().open()
+
     def _feed(self, data: bytes) -> None:
-        """Push received bytes into the parser."""
+        self.parser.feed(data)
 
     @abstractmethod
     def _next(self) -> Reading | None:

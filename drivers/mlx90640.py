@@ -242,6 +242,7 @@ class Mlx90640Serial(StreamSerialDriver):
 
     Config = Mlx90640Config
     config: Mlx90640Config
+    parser: Mlx90640Parser
 
     def __init__(self, role: str, config: Mlx90640Config) -> None:
         super().__init__(role, config)
@@ -250,7 +251,6 @@ class Mlx90640Serial(StreamSerialDriver):
         self._same = 0
 
     def open(self) -> None:
-        self.parser.buf.clear()  # a frame cut by a reconnect is not continued
         self.parser._synced = False
         self._recent.clear()
         self._same = 0
@@ -265,9 +265,6 @@ class Mlx90640Serial(StreamSerialDriver):
             port.flush()
         except (serial.SerialException, OSError) as exc:
             raise self._io_fault(exc, "cannot send start-up commands") from exc
-
-    def _feed(self, data: bytes) -> None:
-        self.parser.feed(data)
 
     def _next(self) -> Reading | None:
         frame = self.parser.next()

@@ -114,17 +114,11 @@ class PassageSensor(StreamSerialDriver):
 
     Config = PassageConfig
     config: PassageConfig
+    parser: PassageParser
 
     def __init__(self, role: str, config: PassageConfig) -> None:
         super().__init__(role, config)
         self.parser = PassageParser()  # counters accumulate across reopens
-
-    def open(self) -> None:
-        self.parser.buf.clear()  # a line cut by a reconnect is not continued
-        super().open()
-
-    def _feed(self, data: bytes) -> None:
-        self.parser.feed(data)
 
     def _next(self) -> Reading | None:
         ev = self.parser.next()

@@ -188,17 +188,11 @@ class ToledoContinuous(StreamSerialDriver):
 
     Config = ToledoConfig
     config: ToledoConfig
+    parser: ToledoParser
 
     def __init__(self, role: str, config: ToledoConfig) -> None:
         super().__init__(role, config)
         self.parser = ToledoParser(self.config.checksum)  # counters accumulate across reopens
-
-    def open(self) -> None:
-        self.parser.buf.clear()  # a partial frame from before a reconnect is not continued
-        super().open()
-
-    def _feed(self, data: bytes) -> None:
-        self.parser.feed(data)
 
     def _next(self) -> Reading | None:
         frame = self.parser.next()
