@@ -15,7 +15,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import asdict
 from typing import Any
 
 from agent import registry, sdnotify
@@ -249,7 +248,3 @@ def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
     finally:
         sdnotify.notify("STOPPING=1")
         unit.stop()
-
-
-def unit_status(unit: Unit) -> dict[str, Any]:
-    return {"outbox": asdict(unit.outbox.stats()), "sync": asdict(unit.sync.stats), **unit.status_extra()}

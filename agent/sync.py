@@ -319,7 +319,3 @@ class Sync:
             self.link.disconnect(flush_s=1.0)
         else:
             self.link.abort()
-
-    @property
-    def in_flight(self) -> int:
-        return sum(f.count for f in self._inflight.values())

@@ -58,7 +58,7 @@ class Status(BaseModel):
     model_config = ConfigDict(extra="allow")
     state: Literal["online", "offline"]
     device_id: str
-    ts: float
+    ts: float | None  # None in the will, which is written at connect time
 
 
 class Command(BaseModel):

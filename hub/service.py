@@ -15,9 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.jsonfast import loads
 from agent.mqtt import Backoff, MqttLink, NotConnected
-from agent.wire import Ack, Batch
+from agent.wire import Ack, Batch, Status
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,9 @@ class Hub:
 
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]
+        state: str
         try:
-            state = str(loads(payload).get("state", "?"))[:16] if payload else "?"
-        except Exception:  # anything on a status topic, even a retained one, is only informational
+            state = Status.model_validate_json(payload).state
+        except ValidationError:  # anything on a status topic, even a retained one, is only informational
             state = "?"
         self.store.set_status(device_id, state)

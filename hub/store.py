@@ -163,8 +163,5 @@ class HubStore:
             " FROM records WHERE device_id = ?) WHERE seq > prev + 1 LIMIT ?", (device_id, limit)).fetchall()
         return [(a, b) for a, b in rows]
 
-    def distinct(self, device_id: str) -> int:
-        return int(self.db.execute("SELECT count(*) FROM records WHERE device_id=?", (device_id,)).fetchone()[0])
-
     def close(self) -> None:
         self.db.close()
