@@ -149,6 +149,7 @@ class Mlx90640Parser:
         self._dead = DeadPixels()
         self._synced = False  # a valid frame was seen: later garbage means a damaged frame
         self._rejected = False  # the bytes being skipped belong to a frame already counted
+        self._since_bad = FRAME_LEN  # bytes skipped since the last counted corrupt frame
 
     def feed(self, data: bytes) -> None:
         self.buf += data
@@ -165,6 +166,7 @@ class Mlx90640Parser:
             i = len(self.buf) - keep
         if i:
             del self.buf[:i]
+            self._since_bad += i
             self.resyncs += 1
             if self._synced and not self._rejected:
                 self.corrupt += 1
@@ -183,14 +185,17 @@ class Mlx90640Parser:
                 ok = checksum(memoryview(self.buf)[: FRAME_LEN - 2]) == int.from_bytes(
                     self.buf[FRAME_LEN - 2: FRAME_LEN], "little")
             if not ok:
-                self.corrupt += 1
+                # one count per damaged frame: a run of false headers (a flood of 0x5A) is one, not one per byte
+                if self._since_bad >= FRAME_LEN:
+                    self.corrupt += 1
+                    self._since_bad = 0
                 self._rejected = True
                 self._skip_to_header(1)
                 continue
             raw = bytes(self.buf[4: 4 + PIXELS * 2])
             ambient = int.from_bytes(self.buf[4 + PIXELS * 2: 6 + PIXELS * 2], "little", signed=True) / 100.0
             del self.buf[:FRAME_LEN]
-            self._synced, self._rejected = True, False
+            self._synced, self._rejected, self._since_bad = True, False, FRAME_LEN
             pixels = np.frombuffer(raw, dtype="<i2").astype(np.float32).reshape(ROWS, COLS)
             pixels *= np.float32(0.01)
             dead = self._dead.repair(pixels)

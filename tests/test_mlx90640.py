@@ -282,3 +282,13 @@ def test_frozen_sensor_faults_and_silence_faults() -> None:
             assert len(read_until(drv, 2)) == 2
         finally:
             drv.close()
+
+
+def test_a_flood_of_false_headers_is_one_corrupt_frame_not_one_per_byte() -> None:
+    good = encode(np.full((24, 32), 30.0, np.float32), 22.0)
+    p = Mlx90640Parser()
+    p.feed(good + b"\x5a" * 100 + good + good)
+    frames = 0
+    while p.next() is not None:
+        frames += 1
+    assert frames == 3 and p.corrupt == 1
