@@ -308,6 +308,7 @@ class ModbusRtu(SerialDriver):
         if block.table in ("coil", "discrete"):
             bits = list(pdu.bits)
             if len(bits) < block.count:
+                self.stats.corrupt += 1
                 raise ModbusError("malformed", f"{len(bits)} bits for {block.count}")
             for p in block.points:
                 out[p.name] = bool(bits[p.address - block.address])
