@@ -145,10 +145,11 @@ def cmd_hub(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"devices": {r.device_id: asdict(r) for r in rows}}, indent=2))
         else:
-            print(f"{'device':<20} {'received':>9} {'stored':>9} {'dups dropped':>12} {'gaps':>6} {'status':>8}")
+            print(f"{'device':<20} {'received':>9} {'stored':>9} {'dups dropped':>12} {'conflicts':>9} {'gaps':>6} "
+                  f"{'status':>8}")
             for r in rows:
-                print(f"{r.device_id:<20} {r.received:>9} {r.stored:>9} {r.duplicates:>12} {r.gaps:>6} "
-                      f"{r.status or '-':>8}")
+                print(f"{r.device_id:<20} {r.received:>9} {r.stored:>9} {r.duplicates:>12} {r.conflicts:>9} "
+                      f"{r.gaps:>6} {r.status or '-':>8}")
                 if r.gaps:
                     print(f"{'':<20} missing seq ranges: {store.gap_ranges(r.device_id)}")
         store.close()
@@ -251,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "hub" and args.action == "stats" and args.db is None:
-        args.db = "/var/lib/customs-edge/hub.db"
+        from hub.service import DEFAULT_DB
+
+        args.db = str(DEFAULT_DB)
     try:
         sys.exit(args.fn(args))
     except ConfigError as exc:

@@ -21,6 +21,9 @@ from agent.wire import Ack, Batch, Status
 log = logging.getLogger(__name__)
 
 
+DEFAULT_DB = Path("/var/lib/customs-edge-hub/hub.db")  # systemd/customs-edge-hub.service's StateDirectory
+
+
 class HubConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
@@ -30,7 +33,7 @@ class HubConfig(BaseModel):
     topic_prefix: str = "customs-edge/v1"
     share_group: str | None = Field("hubs", description="MQTT shared-subscription group; null: plain")
     client_id: str = Field(default_factory=lambda: f"ce-hub-{socket.gethostname()}")
-    db: Path = Path("/var/lib/customs-edge/hub.db")
+    db: Path = DEFAULT_DB
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     keepalive_s: int = 10
 
