@@ -102,6 +102,17 @@ def open_serial(cfg: SerialPortConfig) -> serial.SerialBase:
         raise DriverFault(f"cannot open {cfg.port}: {exc}") from exc
 
 
+def poll_due(due: float, interval: float, max_wait: float) -> float | None:
+    """For drivers that poll on a schedule: sleep toward the poll due at `due` (monotonic) for at most
+    `max_wait`, so read() stays bounded. Returns the next due time when the poll is due now, else None."""
+    wait = due - time.monotonic()
+    if wait > 0:
+        time.sleep(min(wait, max_wait))
+        if due > time.monotonic():
+            return None
+    return max(due + interval, time.monotonic())
+
+
 class SilenceWatch:
     """Raises DriverSilent when no valid frame was seen for `after_s` seconds since open or last frame."""
 

@@ -34,7 +34,7 @@ from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, ReadInput
 
 from agent.errors import DriverFault
 from agent.records import Reading, Scalar
-from drivers.base import SerialDriver, SerialPortConfig
+from drivers.base import SerialDriver, SerialPortConfig, poll_due
 
 Table = Literal["holding", "input", "coil", "discrete"]
 DataType = Literal["uint16", "int16", "uint32", "int32", "float32", "bool"]
@@ -217,12 +217,10 @@ class ModbusRtu(SerialDriver):
     def read(self) -> Reading | None:
         self._require_port()
         slave = min(self._slaves, key=lambda s: s.next_due)
-        wait = slave.next_due - time.monotonic()
-        if wait > 0:
-            time.sleep(min(wait, self.config.read_timeout_s))
-            if slave.next_due > time.monotonic():
-                return None
-        slave.next_due = max(slave.next_due + slave.cfg.poll_interval_s, time.monotonic())
+        due = poll_due(slave.next_due, slave.cfg.poll_interval_s, self.config.read_timeout_s)
+        if due is None:
+            return None
+        slave.next_due = due
         return self.poll(slave)
 
     def poll(self, slave: SlaveState) -> Reading:

@@ -18,7 +18,6 @@ silent_after_s raises DriverSilent. ES/ET/EL are counted per kind and the poll i
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +26,7 @@ from pydantic import Field
 
 from agent.errors import DriverFault
 from agent.records import Reading, Scalar
-from drivers.base import SerialDriver, SerialPortConfig
+from drivers.base import SerialDriver, SerialPortConfig, poll_due
 
 EOL = b"\r\n"
 _WEIGHT = re.compile(r"^S ([SD]) +(-?\d+(?:\.\d+)?) (\S{1,5})$")
@@ -143,12 +142,10 @@ class MtSics(SerialDriver):
         return reply
 
     def read(self) -> Reading | None:
-        wait = self._next_poll - time.monotonic()
-        if wait > 0:
-            time.sleep(min(wait, self.config.read_timeout_s))
-            if self._next_poll > time.monotonic():
-                return None
-        self._next_poll = max(self._next_poll + self.config.poll_interval_s, time.monotonic())
+        due = poll_due(self._next_poll, self.config.poll_interval_s, self.config.read_timeout_s)
+        if due is None:
+            return None
+        self._next_poll = due
         reply = self.command(self.config.command)
         if reply is not None and (reply.kind == "weight" or (reply.kind == "status" and reply.command == "S")):
             self.stats.frames += 1
