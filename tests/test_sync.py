@@ -136,17 +136,22 @@ def test_commands_good_and_bad_are_answered_never_crash(tmp_path: Path, mosquitt
         unit.stop()
 
 
+def wire_batch(device_id: str, batch: str, seqs: list[int], **record: object) -> str:
+    """A records message as an agent sends it, for poking the hub directly."""
+    recs = [{"seq": s, "ts": 1.0, "boot": "b", "mono": 1.0, "type": "t", "prio": 1, "payload": {}, **record}
+            for s in seqs]
+    return json.dumps({"v": 1, "device_id": device_id, "batch": batch, "records": recs})
+
+
 def test_hub_drops_redeliveries_and_rejects_malformed_messages(tmp_path: Path, mosquitto: Mosquitto) -> None:
     hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
     c = Client(mosquitto.port)
     try:
         c.sub("customs-edge/v1/dev-x/ack")
-        rec = {"seq": 1, "ts": time.time(), "boot": "b", "mono": 1.0, "type": "t", "prio": 1, "payload": {"a": 1}}
-        batch = {"v": 1, "device_id": "dev-x", "batch": "b-1", "records": [rec, {**rec, "seq": 2}]}
         c.pub("customs-edge/v1/dev-x/records", b"{broken")
-        c.pub("customs-edge/v1/dev-x/records", json.dumps({**batch, "device_id": "someone-else"}))
-        c.pub("customs-edge/v1/dev-x/records", json.dumps(batch))
-        c.pub("customs-edge/v1/dev-x/records", json.dumps({**batch, "batch": "b-2"}))  # a resend
+        c.pub("customs-edge/v1/dev-x/records", wire_batch("someone-else", "b-0", [1, 2]))
+        c.pub("customs-edge/v1/dev-x/records", wire_batch("dev-x", "b-1", [1, 2], payload={"a": 1}))
+        c.pub("customs-edge/v1/dev-x/records", wire_batch("dev-x", "b-2", [1, 2], payload={"a": 1}))  # a resend
         wait_for(lambda: len(c.got) >= 2, 10, "two acks")
         acks = [json.loads(p) for _, p, _ in c.got]
         assert acks[0] == {"v": 1, "batch": "b-1", "ranges": [[1, 2]], "stored": 2, "duplicates": 0}
@@ -164,10 +169,7 @@ def test_hub_reports_gaps(tmp_path: Path, mosquitto: Mosquitto) -> None:
     c = Client(mosquitto.port)
     try:
         c.sub("customs-edge/v1/dev-g/ack")
-        recs = [{"seq": s, "ts": 1.0, "boot": "b", "mono": 1.0, "type": "t", "prio": 1, "payload": {}}
-                for s in (1, 2, 5, 9)]
-        batch = {"v": 1, "device_id": "dev-g", "batch": "x", "records": recs}
-        c.pub("customs-edge/v1/dev-g/records", json.dumps(batch))
+        c.pub("customs-edge/v1/dev-g/records", wire_batch("dev-g", "x", [1, 2, 5, 9]))
         wait_for(lambda: c.got, 10, "ack")
         (st,) = hub.hub.store.stats()
         assert st.gaps == 5 and hub.hub.store.gap_ranges("dev-g") == [(3, 4), (6, 8)]
@@ -260,19 +262,14 @@ def test_stray_and_malformed_acks_delete_nothing(tmp_path: Path, mosquitto: Mosq
 
 def test_hub_survives_hostile_messages_including_retained_ones(tmp_path: Path, mosquitto: Mosquitto) -> None:
     c = Client(mosquitto.port)
-    rec = {"seq": 2**63, "ts": 1.0, "boot": "b", "mono": 1.0, "type": "t", "prio": 1, "payload": {}}
     deep = "[" * 100_000 + "]" * 100_000
     c.c.publish("customs-edge/v1/evil/status", deep, qos=1, retain=True).wait_for_publish(5)
     hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
     try:
         c.sub("customs-edge/v1/dev-ok/ack")
-        c.pub("customs-edge/v1/evil/records", json.dumps({"v": 1, "device_id": "evil", "batch": "e",
-                                                          "records": [rec]}))
-        c.pub("customs-edge/v1/evil/records", json.dumps({"v": 1, "device_id": "evil", "batch": "n",
-                                                          "records": [{**rec, "seq": 1, "ts": "NaN"}]}))
-        good = {**rec, "seq": 1}
-        c.pub("customs-edge/v1/dev-ok/records", json.dumps({"v": 1, "device_id": "dev-ok", "batch": "g",
-                                                            "records": [good]}))
+        c.pub("customs-edge/v1/evil/records", wire_batch("evil", "e", [2**63]))  # beyond SQLite INTEGER
+        c.pub("customs-edge/v1/evil/records", wire_batch("evil", "n", [1], ts="NaN"))
+        c.pub("customs-edge/v1/dev-ok/records", wire_batch("dev-ok", "g", [1]))
         wait_for(lambda: c.got, 10, "the good batch's ack")
         assert hub.thread.is_alive() and hub.hub.rejected == 2
     finally:
