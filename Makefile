@@ -18,13 +18,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py $(ARGS)
 
 models: $(STAMP)
-	$(BIN)/python -m models.train all
+	$(BIN)/python -m customs_edge.training.train all
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

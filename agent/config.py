@@ -16,9 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent import registry
-from agent.errors import ConfigError
-from drivers.base import DriverConfig
+from customs_edge.agent import registry
+from customs_edge.core.errors import ConfigError
+from customs_edge.drivers.base import DriverConfig
 
 Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
 

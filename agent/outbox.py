@@ -28,10 +28,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
-from agent.jsonfast import dumps
-from agent.records import Priority, RecordIn
+from customs_edge.core.jsonfast import dumps
+from customs_edge.core.records import Pending, Priority, RecordIn
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,6 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return str(uuid.uuid4())
-
-
-class Pending(NamedTuple):
-    seq: int
-    ts: float
-    boot_id: str
-    mono: float
-    type: str
-    priority: int
-    payload: str  # JSON text, stored as-is and sent as-is
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Name -> class lookups for drivers, apps, simulators and models.
+"""Name -> class lookups for drivers and apps.
 
 Built-ins are listed here as 'module:attr' strings, imported only when used, so a unit pays the import
 cost (pymodbus, cv2, onnxruntime) only of what its config names. Third parties add drivers with an
@@ -16,33 +16,19 @@ DRIVER_GROUP = "customs_edge.drivers"
 APP_GROUP = "customs_edge.apps"
 
 BUILTIN_DRIVERS: dict[str, str] = {
-    "toledo-continuous": "drivers.toledo:ToledoContinuous",
-    "mt-sics": "drivers.mtsics:MtSics",
-    "modbus-rtu": "drivers.modbus:ModbusRtu",
-    "elemental-analyser": "drivers.analyser:ElementalAnalyser",
-    "mlx90640-serial": "drivers.mlx90640:Mlx90640Serial",
-    "passage": "drivers.passage:PassageSensor",
-    "camera-opencv": "drivers.camera:OpenCvCamera",
+    "toledo-continuous": "customs_edge.drivers.toledo:ToledoContinuous",
+    "mt-sics": "customs_edge.drivers.mtsics:MtSics",
+    "modbus-rtu": "customs_edge.drivers.modbus:ModbusRtu",
+    "elemental-analyser": "customs_edge.drivers.analyser:ElementalAnalyser",
+    "mlx90640-serial": "customs_edge.drivers.mlx90640:Mlx90640Serial",
+    "passage": "customs_edge.drivers.passage:PassageSensor",
+    "camera-opencv": "customs_edge.drivers.camera:OpenCvCamera",
 }
 
 BUILTIN_APPS: dict[str, str] = {
-    "scale": "agent.apps.scale:ScaleApp",
-    "ore-station": "agent.apps.ore:OreStationApp",
-    "gate": "agent.apps.gate:GateApp",
-}
-
-# `customs-edge simulate NAME ...` runs NAME's main(argv).
-SIMULATORS: dict[str, str] = {
-    "scale": "simulators.scale:main",
-    "ore-station": "simulators.ore_station:main",
-    "gate": "simulators.gate:main",
-    "camera": "simulators.camera:main",
-}
-
-# `customs-edge models evaluate NAME` runs NAME's evaluate(seed) -> dict.
-MODELS: dict[str, str] = {
-    "ore-grade": "models.ore_grade:evaluate",
-    "fever": "models.fever:evaluate",
+    "scale": "customs_edge.agent.apps.scale:ScaleApp",
+    "ore-station": "customs_edge.agent.apps.ore:OreStationApp",
+    "gate": "customs_edge.agent.apps.gate:GateApp",
 }
 
 
@@ -86,8 +72,6 @@ def lookup(kind: str, name: str) -> Any:
     tables = {
         "driver": _table(BUILTIN_DRIVERS, DRIVER_GROUP),
         "app": _table(BUILTIN_APPS, APP_GROUP),
-        "simulator": SIMULATORS,
-        "model": MODELS,
     }
     table = tables[kind]
     if name not in table:

@@ -17,15 +17,15 @@ import threading
 import time
 from typing import Any
 
-from agent import registry, sdnotify
-from agent.apps.base import App
-from agent.config import UnitConfig
-from agent.errors import DriverFault
-from agent.mqtt import Backoff
-from agent.outbox import Outbox, SqliteOutbox
-from agent.records import Reading, RecordIn
-from agent.sync import Sync
-from drivers.base import Driver
+from customs_edge.agent import registry, sdnotify
+from customs_edge.agent.apps.base import App
+from customs_edge.agent.config import UnitConfig
+from customs_edge.agent.outbox import Outbox, SqliteOutbox
+from customs_edge.agent.sync import Sync
+from customs_edge.core.errors import DriverFault
+from customs_edge.core.mqtt import Backoff
+from customs_edge.core.records import Reading, RecordIn
+from customs_edge.drivers.base import Driver
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,8 @@ def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
                 reload: threading.Event | None = None) -> None:
     """Run a unit until `stop`; on `reload`, re-read config_path: a bad file is refused and the old
     config keeps running; a good one replaces the running unit."""
-    from agent.config import load_unit_config
-    from agent.errors import ConfigError
+    from customs_edge.agent.config import load_unit_config
+    from customs_edge.core.errors import ConfigError
 
     unit = Unit(cfg)
     unit.start()

@@ -28,11 +28,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.config import SyncConfig
-from agent.jsonfast import dumps
-from agent.mqtt import Backoff, MqttLink, NotConnected, Will
-from agent.outbox import Outbox, Pending
-from agent.wire import Ack, Command, CommandReply, encode_batch, intersect, ranges_of, topic
+from customs_edge.agent.config import SyncConfig
+from customs_edge.agent.outbox import Outbox
+from customs_edge.core.jsonfast import dumps
+from customs_edge.core.mqtt import Backoff, MqttLink, NotConnected, Will
+from customs_edge.core.records import Pending
+from customs_edge.core.wire import Ack, Command, CommandReply, encode_batch, intersect, ranges_of, topic
 
 log = logging.getLogger(__name__)
 

@@ -46,10 +46,10 @@ def pin_one_core() -> None:
 def pipeline(n_frames: int, seed: int = 3) -> dict[str, Any]:
     import numpy as np
 
-    from agent.apps.gate import GateApp, GateAppConfig
-    from agent.records import Reading
-    from drivers.mlx90640 import Mlx90640Parser, encode
-    from simulators.gate_world import GateWorld, WorldParams
+    from customs_edge.agent.apps.gate import GateApp, GateAppConfig
+    from customs_edge.core.records import Reading
+    from customs_edge.drivers.mlx90640 import Mlx90640Parser, encode
+    from customs_edge.simulators.gate_world import GateWorld, WorldParams
 
     world = GateWorld(seed, WorldParams(rate_per_h=2000))
     times = np.arange(n_frames) / 8.0
@@ -93,11 +93,11 @@ def pipeline(n_frames: int, seed: int = 3) -> dict[str, Any]:
 def link(seconds: float) -> dict[str, Any]:
     import serial
 
-    from agent.apps.gate import GateApp, GateAppConfig
-    from drivers.mlx90640 import CMD_MODE, CMD_RATE, MODE_AUTO, Mlx90640Config, Mlx90640Serial, command
+    from customs_edge.agent.apps.gate import GateApp, GateAppConfig
+    from customs_edge.drivers.mlx90640 import CMD_MODE, CMD_RATE, MODE_AUTO, Mlx90640Config, Mlx90640Serial, command
 
     def simulator() -> tuple[subprocess.Popen[str], str]:
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "gate", "--seed", "3",
+        proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "simulate", "gate", "--seed", "3",
                                  "--rate-per-h", "2000", "--tcp-port", "-1"],
                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert proc.stdout is not None

@@ -17,20 +17,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+ORE = ("import customs_edge.agent.runtime, customs_edge.agent.apps.ore, customs_edge.drivers.modbus, "
+       "customs_edge.drivers.mtsics, customs_edge.drivers.analyser")
 STAGES: list[tuple[str, str]] = [
     ("python", "pass"),
     ("+ numpy", "import numpy"),
     ("+ pydantic", "import numpy, pydantic"),
     ("+ paho-mqtt (imports ssl)", "import numpy, pydantic, paho.mqtt.client"),
     ("+ pyserial, yaml, sqlite3", "import numpy, pydantic, paho.mqtt.client, serial, yaml, sqlite3"),
-    ("+ customs-edge runtime", "import agent.runtime"),
-    ("+ ore-station drivers and app", "import agent.runtime, agent.apps.ore, drivers.modbus, drivers.mtsics, "
-                                      "drivers.analyser"),
-    ("+ onnxruntime", "import agent.runtime, agent.apps.ore, drivers.modbus, drivers.mtsics, drivers.analyser, "
-                      "onnxruntime"),
-    ("+ ore-grade model session", "import agent.runtime, agent.apps.ore, drivers.modbus, drivers.mtsics, "
-                                  "drivers.analyser\nfrom agent.model import OnnxModel\nfrom models import "
-                                  "default_manifest\nm = OnnxModel(default_manifest('ore_grade'))"),
+    ("+ customs-edge runtime", "import customs_edge.agent.runtime"),
+    ("+ ore-station drivers and app", f"{ORE}"),
+    ("+ onnxruntime", f"{ORE}, onnxruntime"),
+    ("+ ore-grade model session", f"{ORE}\nfrom customs_edge.models.runtime import OnnxModel\n"
+                                  "from customs_edge.models import default_manifest\n"
+                                  "m = OnnxModel(default_manifest('ore_grade'))"),
 ]
 
 PROBE = "\n{code}\nprint([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"

@@ -56,7 +56,7 @@ def exchanges(urls: dict[str, Any]) -> list[dict[str, Any]]:
     [{"url", "interval", "timeout", "exchanges": [[request hex, reply length or 0 for a line]]}]."""
     import yaml
 
-    from drivers.modbus import ModbusRtuConfig, build_request, expected_length, plan_blocks
+    from customs_edge.drivers.modbus import ModbusRtuConfig, build_request, expected_length, plan_blocks
 
     cfg = yaml.safe_load((REPO / "configs" / "ore-station.yaml").read_text())
     jobs = []
@@ -107,10 +107,10 @@ def inference_figures(reps: int = 2000) -> dict[str, float]:
     import onnx
     from onnx import numpy_helper
 
-    from agent.model import OnnxModel
-    from models import default_manifest
-    from models.ore_grade import preprocess
-    from simulators.ore_world import Composition, spectrum
+    from customs_edge.models import default_manifest
+    from customs_edge.models.runtime import OnnxModel
+    from customs_edge.simulators.ore_world import Composition, spectrum
+    from customs_edge.training.ore_grade import preprocess
 
     manifest = default_manifest("ore_grade")
     model = OnnxModel(manifest)
@@ -151,14 +151,15 @@ def run(args: argparse.Namespace) -> None:
 
     import yaml
 
-    from hub.brokers import Mosquitto, mosquitto_path
+    from customs_edge.hub.brokers import Mosquitto, mosquitto_path
 
     work = Path(tempfile.mkdtemp(prefix="bench-ore-"))
     procs: list[subprocess.Popen[Any]] = []
     broker = None
     try:
-        sim = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "ore-station", "--seed", str(args.seed),
-                                "--speed", str(args.speed), "--no-pty"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        sim = subprocess.Popen([sys.executable, "-m", "customs_edge", "simulate", "ore-station",
+                                "--seed", str(args.seed), "--speed", str(args.speed), "--no-pty"],
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)
         procs.append(sim)
         assert sim.stdout is not None
         urls = json.loads(sim.stdout.readline())["urls"]
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
         cfg["log_level"] = "WARNING"
         (work / "ore.yaml").write_text(yaml.safe_dump(cfg))
         total = args.warmup + args.duration
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(work / "ore.yaml")],
+        agent = subprocess.Popen([sys.executable, "-m", "customs_edge", "run", "--config", str(work / "ore.yaml")],
                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=(work / "agent.log").open("wb"))
         spec = {"jobs": exchanges(urls), "analyser": urls["analyser"]["socket"]}
         raw = subprocess.Popen([sys.executable, __file__, "--raw-poller", json.dumps(spec),

@@ -32,10 +32,10 @@ from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.apps.base import App, AppConfig
-from agent.records import Priority, Reading, RecordIn
 from bench.common import percentile, rss_mb
-from drivers.base import Driver, DriverConfig
+from customs_edge.agent.apps.base import App, AppConfig
+from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.drivers.base import Driver, DriverConfig
 
 PAYLOAD = {"weight": 12.34, "tare": 0.0, "unit": "kg", "net": False, "motion": False, "source": "bench",
            "note": "x" * 150}  # ~250 bytes of JSON, about a record's size
@@ -90,9 +90,9 @@ class PassApp(App):
 
 def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[str, Any]:
     """Runs in its own process: the production Unit with the synthetic driver."""
-    from agent.config import parse_unit_config
-    from agent.outbox import SqliteOutbox
-    from agent.runtime import Unit
+    from customs_edge.agent.config import parse_unit_config
+    from customs_edge.agent.outbox import SqliteOutbox
+    from customs_edge.agent.runtime import Unit
 
     def unit_for(name: str, limit: int, rate: float, burst: int) -> tuple[Unit, list[float]]:
         cfg = parse_unit_config({"device_id": f"bench-{name}", "type": "scale",
@@ -168,7 +168,7 @@ def sqlite_baseline(work: Path, n: int, synchronous: str = "FULL", batch: int = 
 
 
 def outbox_rates(work: Path) -> dict[str, float]:
-    from agent.outbox import SqliteOutbox
+    from customs_edge.agent.outbox import SqliteOutbox
 
     out: dict[str, float] = {}
     recs = [RecordIn(type="bench", payload=PAYLOAD) for _ in range(1000)]
@@ -187,7 +187,7 @@ def outbox_rates(work: Path) -> dict[str, float]:
 
 
 def parser_rate() -> float:
-    from drivers.toledo import ToledoParser, encode
+    from customs_edge.drivers.toledo import ToledoParser, encode
 
     frames = b"".join(encode(i / 100, 1.0) for i in range(0, 100_000))
     p = ToledoParser("auto")
@@ -212,7 +212,7 @@ def main() -> None:
         print(json.dumps(agent_child(args.port, Path(args.work), args.records, args.latency_seconds)))
         return
 
-    from hub.brokers import Mosquitto
+    from customs_edge.hub.brokers import Mosquitto
 
     work = Path(tempfile.mkdtemp(prefix="ce-bench-"))
     say = (lambda *_: None) if args.json else print
@@ -220,7 +220,7 @@ def main() -> None:
     baseline = sqlite_baseline(work, args.records)
     say(f"raw SQLite baseline (executemany, 1,000/transaction, FULL): {baseline:,.0f} records/s")
     with Mosquitto(work / "broker", persistence=False) as mq:
-        hub = subprocess.Popen([sys.executable, "-m", "agent", "hub", "--db", str(work / "hub.db"),
+        hub = subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--db", str(work / "hub.db"),
                                 "--port", str(mq.port), "--client-id", "bench-hub", "--log-level", "WARNING"])
         try:
             time.sleep(1.0)

@@ -31,8 +31,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from agent.records import Reading, Scalar
-from drivers.base import SerialPortConfig, StreamSerialDriver
+from customs_edge.core.records import Reading, Scalar
+from customs_edge.drivers.base import SerialPortConfig, StreamSerialDriver
 
 EOL = b"\r\n"
 PER_LINE = 64

@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Literal, Protocol
 import serial
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.errors import DriverFault, DriverSilent
-from agent.records import Reading
+from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.core.records import Reading
 
 
 class DriverConfig(BaseModel):

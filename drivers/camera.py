@@ -47,9 +47,9 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from agent.errors import DriverFault
-from agent.records import Reading
-from drivers.base import Driver, DriverConfig, SilenceWatch
+from customs_edge.core.errors import DriverFault
+from customs_edge.core.records import Reading
+from customs_edge.drivers.base import Driver, DriverConfig, SilenceWatch
 
 SourceKind = Literal["device", "stream", "video", "still"]
 

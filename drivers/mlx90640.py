@@ -28,9 +28,9 @@ import numpy as np
 import serial
 from pydantic import Field, field_validator
 
-from agent.errors import DriverFault
-from agent.records import Reading
-from drivers.base import DriverStats, SerialPortConfig, StreamSerialDriver
+from customs_edge.core.errors import DriverFault
+from customs_edge.core.records import Reading
+from customs_edge.drivers.base import DriverStats, SerialPortConfig, StreamSerialDriver
 
 ROWS, COLS = 24, 32
 PIXELS = ROWS * COLS

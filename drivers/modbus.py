@@ -32,9 +32,9 @@ from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest
 from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, ReadInputRegistersRequest
 
-from agent.errors import DriverFault
-from agent.records import Reading, Scalar
-from drivers.base import SerialDriver, SerialPortConfig, poll_due
+from customs_edge.core.errors import DriverFault
+from customs_edge.core.records import Reading, Scalar
+from customs_edge.drivers.base import SerialDriver, SerialPortConfig, poll_due
 
 Table = Literal["holding", "input", "coil", "discrete"]
 DataType = Literal["uint16", "int16", "uint32", "int32", "float32", "bool"]

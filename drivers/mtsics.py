@@ -24,9 +24,9 @@ from typing import Literal
 import serial
 from pydantic import Field
 
-from agent.errors import DriverFault
-from agent.records import Reading, Scalar
-from drivers.base import SerialDriver, SerialPortConfig, poll_due
+from customs_edge.core.errors import DriverFault
+from customs_edge.core.records import Reading, Scalar
+from customs_edge.drivers.base import SerialDriver, SerialPortConfig, poll_due
 
 EOL = b"\r\n"
 _WEIGHT = re.compile(r"^S ([SD]) +(-?\d+(?:\.\d+)?) (\S{1,5})$")

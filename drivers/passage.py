@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.records import Reading
-from drivers.base import SerialPortConfig, StreamSerialDriver
+from customs_edge.core.records import Reading
+from customs_edge.drivers.base import SerialPortConfig, StreamSerialDriver
 
 WRAP = 1_000_000
 MAX_LINE = 64

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.records import Reading
-from drivers.base import SerialPortConfig, StreamSerialDriver
+from customs_edge.core.records import Reading
+from customs_edge.drivers.base import SerialPortConfig, StreamSerialDriver
 
 STX, CR = 0x02, 0x0D
 BODY = 17  # STX .. CR inclusive

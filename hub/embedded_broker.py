@@ -18,7 +18,7 @@
   other abnormal end: socket closed, protocol error, take-over by the same client id, dropped).
 - username/password are accepted and ignored. Listens on 127.0.0.1 unless told otherwise.
 
-`python -m hub.embedded_broker --port N` runs it in the foreground until SIGTERM/SIGINT and prints one JSON
+`python -m customs_edge.hub.embedded_broker --port N` runs it in the foreground until SIGTERM/SIGINT and prints one JSON
 line {"host": ..., "port": ...} when listening. In-process: `EmbeddedBroker().start()` ... `.stop()`.
 """
 
@@ -469,7 +469,8 @@ class EmbeddedBroker:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hub.embedded_broker", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m customs_edge.hub.embedded_broker",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883, help="0 picks a free port (printed)")
     parser.add_argument("--log-level", default="INFO")

@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.mqtt import Backoff, MqttLink, NotConnected
-from agent.wire import Ack, Batch, Status
+from customs_edge.core.mqtt import Backoff, MqttLink, NotConnected
+from customs_edge.core.wire import Ack, Batch, Status
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class HubConfig(BaseModel):
 
 class Hub:
     def __init__(self, cfg: HubConfig) -> None:
-        from hub.store import HubStore
+        from customs_edge.hub.store import HubStore
 
         self.cfg = cfg
         self.store = HubStore(cfg.db, cfg.synchronous)

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.jsonfast import dumps
-from agent.wire import Batch, ranges_of
+from customs_edge.core.jsonfast import dumps
+from customs_edge.core.wire import Batch, ranges_of
 
 SCHEMA: list[str] = [
     """

@@ -1,17 +1,18 @@
-"""Models trained here from data the repo generates, exported to ONNX with a manifest.
+"""The shipped ONNX models (package data: models/<name>/manifest.json + .onnx) and the runtime that loads
+them (customs_edge.models.runtime.OnnxModel: hash, input and output shapes checked against the manifest).
 
-Each model module (e.g. models/ore_grade.py) provides:
-  train(out_dir: Path, seed: int = 0) -> Path      # writes <out_dir>/manifest.json and the .onnx file
-  evaluate(seed: int = 1) -> dict                  # held-out figures on freshly simulated data
-and ships its trained artefacts in models/<module_name>/ (manifest.json + .onnx), rebuilt by
-`python -m models.train NAME` (or `all`). The agent loads them with agent.model.OnnxModel.
+They are built by customs_edge.training (`python -m customs_edge.training.train NAME|all`) from data the
+simulators generate. This package imports nothing but customs_edge.core.
 """
 
+from __future__ import annotations
+
+from importlib.resources import files
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parent
+MODELS_DIR = Path(str(files(__name__)))
 
 
 def default_manifest(module_name: str) -> Path:
-    """The shipped manifest of a model module, e.g. default_manifest('ore_grade')."""
+    """The shipped manifest of a model, e.g. default_manifest('ore_grade')."""
     return MODELS_DIR / module_name / "manifest.json"

@@ -319,7 +319,7 @@ def run_until_signalled(endpoint_sets: dict[str, Endpoints], extra: dict[str, An
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     urls = {name: ep.start() for name, ep in endpoint_sets.items()}
     print(json.dumps({"urls": urls, **(extra or {})}), flush=True)
-    if args is not None and (getattr(args, "pause_every", 0) or getattr(args, "disconnect_every", 0)):
+    if args is not None and (getattr(args, "pause_every", None) or getattr(args, "disconnect_every", None)):
         eps = list(endpoint_sets.values())
         FaultSchedule([ep.sim for ep in eps], eps, args, stop).start()
     try:

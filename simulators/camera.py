@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from simulators.base import (
+from customs_edge.simulators.base import (
     Conn,
     DeviceSim,
     Endpoints,

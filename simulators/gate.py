@@ -26,7 +26,7 @@ from typing import IO
 
 import numpy as np
 
-from drivers.mlx90640 import (
+from customs_edge.drivers.mlx90640 import (
     CMD_MODE,
     CMD_RATE,
     FRAME_LEN,
@@ -36,8 +36,8 @@ from drivers.mlx90640 import (
     encode,
     parse_command,
 )
-from drivers.passage import encode_event, encode_heartbeat
-from simulators.base import (
+from customs_edge.drivers.passage import encode_event, encode_heartbeat
+from customs_edge.simulators.base import (
     Conn,
     DeviceSim,
     Endpoints,
@@ -46,7 +46,7 @@ from simulators.base import (
     endpoints_from_args,
     run_until_signalled,
 )
-from simulators.gate_world import GateWorld, WorldParams
+from customs_edge.simulators.gate_world import GateWorld, WorldParams
 
 RATES = {v: k for k, v in RATE_ARGS.items()}
 

@@ -113,7 +113,7 @@ class GateWorld:
         r = np.random.default_rng([seed, 2])
         rows = np.arange(ROWS, dtype=np.float32)[:, None]
         wall = 0.15 * r.standard_normal((ROWS // 4 + 1, COLS // 4 + 1))
-        wall = np.kron(wall, np.ones((4, 4)))[:ROWS, :COLS]  # blotchy, like a real wall
+        wall = np.kron(wall, np.ones((4, 4)))[:ROWS, :COLS].astype(np.float64)  # blotchy, like a real wall
         self.wall = (wall + 0.02 * (rows - ROWS / 2)).astype(np.float32)
         n_dead = self.p.dead_pixels
         self.dead = r.choice(ROWS * COLS, size=n_dead, replace=False) if n_dead else np.array([], dtype=int)

@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from drivers.analyser import AnalyserResult, encode_result, encode_status
-from drivers.modbus import FUNCTION, crc16, encode_value
-from drivers.mtsics import EOL, format_weight
-from simulators.base import Conn, DeviceSim, Faults
-from simulators.ore_world import OreWorld
+from customs_edge.drivers.analyser import AnalyserResult, encode_result, encode_status
+from customs_edge.drivers.modbus import FUNCTION, crc16, encode_value
+from customs_edge.drivers.mtsics import EOL, format_weight
+from customs_edge.simulators.base import Conn, DeviceSim, Faults
+from customs_edge.simulators.ore_world import OreWorld
 
 Tables = dict[str, dict[int, int]]  # table name -> address -> register word (or 0/1 for bits)
 

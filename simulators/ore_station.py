@@ -27,8 +27,8 @@ import argparse
 import threading
 from collections.abc import Sequence
 
-from simulators.base import Endpoints, Faults, add_endpoint_args, run_until_signalled
-from simulators.ore_devices import (
+from customs_edge.simulators.base import Endpoints, Faults, add_endpoint_args, run_until_signalled
+from customs_edge.simulators.ore_devices import (
     AnalyserSim,
     Bench,
     ModbusLineSim,
@@ -39,7 +39,7 @@ from simulators.ore_devices import (
     portal_tables,
     weigher_tables,
 )
-from simulators.ore_world import OreWorld, WorldConfig
+from customs_edge.simulators.ore_world import OreWorld, WorldConfig
 
 SLAVES = {"weigher": 1, "moisture": 2, "belt": 3, "portal": 4}
 

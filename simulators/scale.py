@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from drivers.toledo import encode
-from simulators.base import (
+from customs_edge.drivers.toledo import encode
+from customs_edge.simulators.base import (
     Conn,
     DeviceSim,
     Faults,

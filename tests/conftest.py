@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from hub.brokers import Mosquitto, mosquitto_path
+from customs_edge.hub.brokers import Mosquitto, mosquitto_path
 
 
 def need_mosquitto() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from hub.service import Hub, HubConfig
+from customs_edge.hub.service import Hub, HubConfig
 
 
 class HubThread:
@@ -43,7 +43,7 @@ class AgentProc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProc:
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "run", "--config", str(self.path)],
                                      stderr=self.log.open("ab"))
         return self
 

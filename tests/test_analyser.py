@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from agent.errors import DriverFault, DriverSilent
-from drivers.analyser import (
+from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.drivers.analyser import (
     AnalyserConfig,
     AnalyserParser,
     AnalyserResult,
@@ -20,9 +20,9 @@ from drivers.analyser import (
     encode_result,
     encode_status,
 )
-from simulators.base import Endpoints
-from simulators.ore_devices import AnalyserSim
-from simulators.ore_world import OreWorld, WorldConfig
+from customs_edge.simulators.base import Endpoints
+from customs_edge.simulators.ore_devices import AnalyserSim
+from customs_edge.simulators.ore_world import OreWorld, WorldConfig
 
 
 def result(seq: int = 7, channels: int = 1024) -> AnalyserResult:

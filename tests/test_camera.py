@@ -18,12 +18,12 @@ import cv2
 import numpy as np
 import pytest
 
-from agent import registry
-from agent.errors import DriverFault, DriverSilent
-from agent.records import Reading
-from drivers.camera import CameraConfig, OpenCvCamera, as_y16, classify, jpeg_complete, y16_to_celsius
-from simulators.base import Faults
-from simulators.camera import CameraSim, HttpEndpoints, WoodSection, read_counter
+from customs_edge.agent import registry
+from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.core.records import Reading
+from customs_edge.drivers.camera import CameraConfig, OpenCvCamera, as_y16, classify, jpeg_complete, y16_to_celsius
+from customs_edge.simulators.base import Faults
+from customs_edge.simulators.camera import CameraSim, HttpEndpoints, WoodSection, read_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 320, 240

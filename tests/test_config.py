@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import load_unit_config, parse_unit_config
-from agent.errors import ConfigError
+from customs_edge.agent.config import load_unit_config, parse_unit_config
+from customs_edge.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,7 +100,7 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "customs_edge", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_cli_validate_exit_codes(tmp_path: Path) -> None:

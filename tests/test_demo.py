@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.demo import available_types
+from customs_edge.cli.demo import available_types
 from tests.conftest import need_mosquitto
 
 # What each unit type must have delivered to the hub within the demo's run.
@@ -21,7 +21,7 @@ EXPECTED_TYPES = {
 
 
 def run_demo(tmp_path: Path, *args: str) -> dict:
-    res = subprocess.run([sys.executable, "-m", "agent", "demo", "--json", "--workdir", str(tmp_path), *args],
+    res = subprocess.run([sys.executable, "-m", "customs_edge", "demo", "--json", "--workdir", str(tmp_path), *args],
                          capture_output=True, text=True, timeout=240)
     assert res.returncode in (0, 2), res.stderr[-2000:]
     return json.loads(res.stdout)

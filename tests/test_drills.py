@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hub.brokers import Mosquitto
-from simulators.base import Endpoints
-from simulators.scale import ScaleSim, ScaleWorld
+from customs_edge.hub.brokers import Mosquitto
+from customs_edge.simulators.base import Endpoints
+from customs_edge.simulators.scale import ScaleSim, ScaleWorld
 from tests.conftest import Relay, need_mosquitto, unit_dict, wait_for
 from tests.fleet import AgentProc, HubThread, assert_exactly_once, hub_seqs, outbox_state
 

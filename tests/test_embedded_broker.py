@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hub.embedded_broker import EmbeddedBroker, matches, parse_filter
+from customs_edge.hub.embedded_broker import EmbeddedBroker, matches, parse_filter
 
 DEADLINE_S = 5.0
 
@@ -395,7 +395,7 @@ def test_refuses_bad_filters_other_protocol_versions_and_anonymous_persistent(br
 
 
 def test_command_line_runs_until_sigterm() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "hub.embedded_broker", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "customs_edge.hub.embedded_broker", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from simulators.base import Endpoints
-from simulators.scale import ScaleSim, ScaleWorld
+from customs_edge.simulators.base import Endpoints
+from customs_edge.simulators.scale import ScaleSim, ScaleWorld
 from tests.conftest import unit_dict
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "customs_edge", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_probe_reads_frames_and_hexdumps_the_wire(tmp_path: Path) -> None:
@@ -44,8 +44,8 @@ def test_probe_of_a_dead_port_says_fault_and_exits_1(tmp_path: Path) -> None:
 
 
 def test_status_reads_the_outbox_on_disk(tmp_path: Path) -> None:
-    from agent.outbox import SqliteOutbox
-    from agent.records import RecordIn
+    from customs_edge.agent.outbox import SqliteOutbox
+    from customs_edge.core.records import RecordIn
 
     raw = unit_dict(tmp_path, "/dev/ttyUSB0", 1883)
     ob = SqliteOutbox(raw["outbox"]["path"])

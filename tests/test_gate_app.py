@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.apps.gate import GateApp, GateAppConfig
-from agent.config import load_unit_config, parse_unit_config
-from agent.errors import ConfigError, DriverSilent
-from agent.records import Priority, Reading, RecordIn
-from drivers.mlx90640 import DeadPixels
-from simulators.gate_world import GateWorld, WorldParams
+from customs_edge.agent.apps.gate import GateApp, GateAppConfig
+from customs_edge.agent.config import load_unit_config, parse_unit_config
+from customs_edge.core.errors import ConfigError, DriverSilent
+from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.drivers.mlx90640 import DeadPixels
+from customs_edge.simulators.gate_world import GateWorld, WorldParams
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1.7e9  # wall clock of world time 0
@@ -205,8 +205,8 @@ def test_config_file_and_refusals() -> None:
 def test_malformed_frames_and_values_are_skipped_not_raised() -> None:
     import numpy as np
 
-    from agent.apps.gate import GateApp, GateAppConfig
-    from agent.records import Reading
+    from customs_edge.agent.apps.gate import GateApp, GateAppConfig
+    from customs_edge.core.records import Reading
 
     app = GateApp("g", GateAppConfig())
     for arr in (np.zeros(768, np.float32), np.zeros((0, 0), np.float32), np.zeros((24, 32, 3), np.float32)):

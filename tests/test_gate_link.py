@@ -11,15 +11,15 @@ import threading
 import time
 from pathlib import Path
 
-from agent.apps.gate import GateApp, GateAppConfig
-from agent.errors import DriverFault
-from agent.records import RecordIn
-from drivers.base import Driver
-from drivers.mlx90640 import Mlx90640Config, Mlx90640Serial
-from drivers.passage import PassageConfig, PassageSensor
-from simulators.base import Endpoints
-from simulators.gate import GateSim
-from simulators.gate_world import WorldParams
+from customs_edge.agent.apps.gate import GateApp, GateAppConfig
+from customs_edge.core.errors import DriverFault
+from customs_edge.core.records import RecordIn
+from customs_edge.drivers.base import Driver
+from customs_edge.drivers.mlx90640 import Mlx90640Config, Mlx90640Serial
+from customs_edge.drivers.passage import PassageConfig, PassageSensor
+from customs_edge.simulators.base import Endpoints
+from customs_edge.simulators.gate import GateSim
+from customs_edge.simulators.gate_world import WorldParams
 
 
 def pump(drv: Driver, out: queue.Queue, stop: threading.Event) -> None:
@@ -86,7 +86,7 @@ def test_travellers_pass_end_to_end_through_drivers_and_app() -> None:
 
 def test_simulate_gate_cli_serves_both_roles_and_writes_truth(tmp_path: Path) -> None:
     truth = tmp_path / "truth.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "gate", "--seed", "5", "--speed", "10",
+    proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "simulate", "gate", "--seed", "5", "--speed", "10",
                              "--rate-per-h", "2000", "--truth", str(truth), "--corrupt-rate", "0.05"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

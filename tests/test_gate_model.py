@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.apps.gate import GateApp, GateAppConfig
-from agent.errors import ModelError
-from agent.model import OnnxModel
-from agent.records import Reading, RecordIn
-from drivers.mlx90640 import DeadPixels
-from models import default_manifest
-from models.fever import dataset, evaluate, predict_numpy, train
-from simulators.gate_world import GateWorld, WorldParams
+from customs_edge.agent.apps.gate import GateApp, GateAppConfig
+from customs_edge.core.errors import ModelError
+from customs_edge.core.records import Reading, RecordIn
+from customs_edge.drivers.mlx90640 import DeadPixels
+from customs_edge.models import default_manifest
+from customs_edge.models.runtime import OnnxModel
+from customs_edge.simulators.gate_world import GateWorld, WorldParams
+from customs_edge.training.fever import dataset, evaluate, predict_numpy, train
 
 
 def test_shipped_model_loads_and_is_small() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.wire import Batch, WireRecord
-from hub.store import HubStore
+from customs_edge.core.wire import Batch, WireRecord
+from customs_edge.hub.store import HubStore
 
 
 def batch(seqs: list[int], boot: str, batch_id: str = "b") -> Batch:

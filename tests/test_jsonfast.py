@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from agent.jsonfast import dumps
+from customs_edge.core.jsonfast import dumps
 
 
 def test_values_an_app_may_produce_always_encode_to_valid_json() -> None:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import DriverFault, DriverSilent
-from drivers.mlx90640 import (
+from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.drivers.mlx90640 import (
     COLS,
     FRAME_LEN,
     ROWS,
@@ -27,9 +27,9 @@ from drivers.mlx90640 import (
     encode,
     parse_command,
 )
-from simulators.base import Endpoints
-from simulators.gate import GateSim
-from simulators.gate_world import WorldParams
+from customs_edge.simulators.base import Endpoints
+from customs_edge.simulators.gate import GateSim
+from customs_edge.simulators.gate_world import WorldParams
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "gate"
 

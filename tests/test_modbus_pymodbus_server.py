@@ -20,7 +20,7 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from drivers.modbus import ModbusRtu, ModbusRtuConfig
+from customs_edge.drivers.modbus import ModbusRtu, ModbusRtuConfig
 
 
 def devices() -> list[SimDevice]:

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.errors import DriverFault
-from drivers.modbus import (
+from customs_edge.core.errors import DriverFault
+from customs_edge.drivers.modbus import (
     Block,
     ModbusRtu,
     ModbusRtuConfig,
@@ -23,8 +23,8 @@ from drivers.modbus import (
     encode_value,
     plan_blocks,
 )
-from simulators.base import Endpoints, Faults
-from simulators.ore_devices import ModbusLineSim, SlaveModel
+from customs_edge.simulators.base import Endpoints, Faults
+from customs_edge.simulators.ore_devices import ModbusLineSim, SlaveModel
 
 
 class Registers:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ModelError
-from agent.model import OnnxModel
-from models import default_manifest
+from customs_edge.core.errors import ModelError
+from customs_edge.models import default_manifest
+from customs_edge.models.runtime import OnnxModel
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from agent.errors import DriverFault, DriverSilent
-from drivers.mtsics import MtSics, MtSicsConfig, format_weight, parse_reply
-from simulators.base import Endpoints, Faults
-from simulators.ore_devices import Bench, SicsBalanceSim
+from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.drivers.mtsics import MtSics, MtSicsConfig, format_weight, parse_reply
+from customs_edge.simulators.base import Endpoints, Faults
+from customs_edge.simulators.ore_devices import Bench, SicsBalanceSim
 
 
 @pytest.fixture(params=["pty", "socket"])

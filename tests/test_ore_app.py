@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.apps.ore import OreAppConfig, OreStationApp
-from agent.config import parse_unit_config
-from agent.errors import ConfigError, ModelError
-from agent.records import Priority, Reading, RecordIn
-from models import default_manifest
-from simulators.ore_world import Composition, spectrum
+from customs_edge.agent.apps.ore import OreAppConfig, OreStationApp
+from customs_edge.agent.config import parse_unit_config
+from customs_edge.core.errors import ConfigError, ModelError
+from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.models import default_manifest
+from customs_edge.simulators.ore_world import Composition, spectrum
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = Composition(fe=63.0, sio2=4.0, al2o3=2.0, h2o=7.5)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drivers.analyser import AnalyserParser, AnalyserResult, AnalyserStatus, encode_result
-from drivers.modbus import ModbusRtu, ModbusRtuConfig, build_request, crc16, plan_blocks
-from drivers.mtsics import parse_reply
-from simulators.base import Conn, Endpoints
-from simulators.ore_devices import ModbusLineSim
+from customs_edge.drivers.analyser import AnalyserParser, AnalyserResult, AnalyserStatus, encode_result
+from customs_edge.drivers.modbus import ModbusRtu, ModbusRtuConfig, build_request, crc16, plan_blocks
+from customs_edge.drivers.mtsics import parse_reply
+from customs_edge.simulators.base import Conn, Endpoints
+from customs_edge.simulators.ore_devices import ModbusLineSim
 
 FIX = Path(__file__).parent / "fixtures" / "ore"
 REPO = Path(__file__).resolve().parent.parent
@@ -34,8 +34,8 @@ def test_analyser_block_fixture_parses_and_re_encodes_identically() -> None:
 
 
 def test_shipped_model_reads_the_fixture_spectrum() -> None:
-    from agent.model import OnnxModel
-    from models import default_manifest
+    from customs_edge.models import default_manifest
+    from customs_edge.models.runtime import OnnxModel
 
     p = AnalyserParser()
     p.feed((FIX / "analyser_result.txt").read_bytes())

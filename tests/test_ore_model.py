@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import ModelError
-from agent.model import OnnxModel, sha256_file
-from models import default_manifest
-from models.ore_grade import build_onnx, empty_background, evaluate, fit, preprocess, train
+from customs_edge.core.errors import ModelError
+from customs_edge.models import default_manifest
+from customs_edge.models.runtime import OnnxModel, sha256_file
+from customs_edge.training.ore_grade import build_onnx, empty_background, evaluate, fit, preprocess, train
 
 # Held-out limits per output: RMSE and |bias| in percentage points, and the correlation with the
 # truth across the lot's minutes (a model that learnt nothing does not follow the holds' changes).

@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 import yaml
 
-from agent.config import parse_unit_config
-from agent.outbox import SqliteOutbox
-from agent.records import Priority, RecordIn
-from agent.runtime import Unit
-from simulators.ore_station import OreStation
-from simulators.ore_world import OreWorld, WorldConfig
+from customs_edge.agent.config import parse_unit_config
+from customs_edge.agent.outbox import SqliteOutbox
+from customs_edge.agent.runtime import Unit
+from customs_edge.core.records import Priority, RecordIn
+from customs_edge.simulators.ore_station import OreStation
+from customs_edge.simulators.ore_world import OreWorld, WorldConfig
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_simulate_prints_a_url_for_every_configured_role() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "ore-station", "--seed", "3"],
+    proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "simulate", "ore-station", "--seed", "3"],
                             stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert proc.stdout is not None
@@ -43,7 +43,7 @@ def test_simulate_prints_a_url_for_every_configured_role() -> None:
 
 
 def test_simulate_refuses_an_unknown_instrument() -> None:
-    res = subprocess.run([sys.executable, "-m", "agent", "simulate", "ore-station", "--dead", "wiegher"],
+    res = subprocess.run([sys.executable, "-m", "customs_edge", "simulate", "ore-station", "--dead", "wiegher"],
                          capture_output=True, text=True, cwd=REPO, timeout=30)
     assert res.returncode == 2 and "--dead wiegher" in res.stderr
 
@@ -155,9 +155,9 @@ def test_analyser_drift_is_caught_by_the_local_model() -> None:
     """An analyser whose own Fe calibration drifts (+6 % Fe per simulated hour) while its spectra stay
     true: the app's check against the local model raises analyser_disagreement, and the lot's Fe
     estimate (from the model) stays near the truth while the analyser's own does not."""
-    from agent.apps.ore import OreAppConfig, OreStationApp
-    from agent.records import Reading
-    from simulators.ore_world import simulate_lot
+    from customs_edge.agent.apps.ore import OreAppConfig, OreStationApp
+    from customs_edge.core.records import Reading
+    from customs_edge.simulators.ore_world import simulate_lot
 
     results = [r for r in simulate_lot(4, analyser_drift_pct_per_h=6.0) if r.truth is not None]
     app = OreStationApp("drift", OreAppConfig(check_fe_pct=1.0, check_count=3))

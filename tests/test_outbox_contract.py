@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import MIGRATIONS, Outbox, SqliteOutbox
-from agent.records import Priority, RecordIn
+from customs_edge.agent.outbox import MIGRATIONS, Outbox, SqliteOutbox
+from customs_edge.core.records import Priority, RecordIn
 
 Factory = Callable[..., SqliteOutbox]
 
@@ -141,7 +141,7 @@ def test_age_cap_spares_alerts_and_clockless_boots(make: Factory) -> None:
 
 def test_age_within_this_boot_is_monotonic_so_a_clock_jump_drops_nothing(
         make: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.outbox as mod
+    import customs_edge.agent.outbox as mod
 
     ob = make(max_age_days=1)
     ob.put(recs(4))

@@ -6,11 +6,18 @@ import time
 
 import pytest
 
-from agent.errors import DriverSilent
-from drivers.passage import PassageConfig, PassageParser, PassageSensor, decode_line, encode_event, encode_heartbeat
-from simulators.base import Endpoints
-from simulators.gate import GateSim
-from simulators.gate_world import WorldParams
+from customs_edge.core.errors import DriverSilent
+from customs_edge.drivers.passage import (
+    PassageConfig,
+    PassageParser,
+    PassageSensor,
+    decode_line,
+    encode_event,
+    encode_heartbeat,
+)
+from customs_edge.simulators.base import Endpoints
+from customs_edge.simulators.gate import GateSim
+from customs_edge.simulators.gate_world import WorldParams
 
 
 def events(p: PassageParser, data: bytes) -> list:

@@ -8,11 +8,11 @@ import subprocess
 import sys
 import time
 
-from drivers.toledo import ToledoConfig, ToledoContinuous
+from customs_edge.drivers.toledo import ToledoConfig, ToledoContinuous
 
 
 def test_simulate_scale_serves_frames_and_scheduled_disconnects() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "scale", "--rate", "50",
+    proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "simulate", "scale", "--rate", "50",
                              "--disconnect-every", "1.5", "--corrupt-rate", "0.2", "--seed", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -13,11 +13,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import parse_unit_config
-from agent.runtime import Unit
-from hub.brokers import Mosquitto
-from simulators.base import Endpoints
-from simulators.scale import ScaleSim, ScaleWorld
+from customs_edge.agent.config import parse_unit_config
+from customs_edge.agent.runtime import Unit
+from customs_edge.hub.brokers import Mosquitto
+from customs_edge.simulators.base import Endpoints
+from customs_edge.simulators.scale import ScaleSim, ScaleWorld
 from tests.conftest import unit_dict, wait_for
 from tests.fleet import HubThread, hub_seqs, outbox_state
 
@@ -176,7 +176,7 @@ def test_hub_reports_gaps(tmp_path: Path, mosquitto: Mosquitto) -> None:
     finally:
         c.close()
         hub.stop()
-    cli = [sys.executable, "-m", "agent", "hub", "stats", "--db", str(tmp_path / "hub.db")]
+    cli = [sys.executable, "-m", "customs_edge", "hub", "stats", "--db", str(tmp_path / "hub.db")]
     out = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, check=True).stdout)
     assert out["devices"]["dev-g"] | {"last_seen": None} == {
         "device_id": "dev-g", "received": 4, "duplicates": 0, "conflicts": 0, "stored": 4, "max_seq": 9, "gaps": 5,
@@ -282,7 +282,7 @@ def test_sync_survives_an_outbox_error_and_keeps_delivering(tmp_path: Path, mosq
                                                             scale_urls: dict[str, str]) -> None:
     import sqlite3
 
-    from agent.outbox import SqliteOutbox
+    from customs_edge.agent.outbox import SqliteOutbox
 
     class FlakyOutbox(SqliteOutbox):
         failures = 2
@@ -307,7 +307,7 @@ def test_sync_survives_an_outbox_error_and_keeps_delivering(tmp_path: Path, mosq
 
 
 def test_resend_backoff_does_not_overflow_after_days_of_hub_silence(tmp_path: Path) -> None:
-    from agent.sync import Sync, _InFlight
+    from customs_edge.agent.sync import Sync, _InFlight
 
     cfg = parse_unit_config(unit_dict(tmp_path, "/dev/null", 1))
     sync = Sync("d", _NoOutbox(), cfg.sync)

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import DriverFault, DriverSilent
-from drivers.toledo import ToledoConfig, ToledoContinuous, ToledoParser, checksum, decode, encode
-from simulators.base import Endpoints, Faults
-from simulators.scale import ScaleSim, ScaleWorld
+from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.drivers.toledo import ToledoConfig, ToledoContinuous, ToledoParser, checksum, decode, encode
+from customs_edge.simulators.base import Endpoints, Faults
+from customs_edge.simulators.scale import ScaleSim, ScaleWorld
 
 FIXTURES = Path(__file__).parent / "fixtures" / "toledo" / "frames.txt"
 

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from agent.errors import DriverFault
-from agent.records import Priority, Reading, RecordIn
-from drivers.base import DriverConfig
+from customs_edge.core.errors import DriverFault
+from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.drivers.base import DriverConfig
 
 
 class AppConfig(BaseModel):

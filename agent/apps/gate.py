@@ -24,12 +24,12 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from agent.apps.base import App, AppConfig
-from agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker, TrackerParams
-from agent.errors import DriverFault, ModelError
-from agent.model import OnnxModel
-from agent.records import Priority, Reading, RecordIn
-from drivers.base import DriverConfig
+from customs_edge.agent.apps.base import App, AppConfig
+from customs_edge.agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker, TrackerParams
+from customs_edge.core.errors import DriverFault, ModelError
+from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.drivers.base import DriverConfig
+from customs_edge.models.runtime import OnnxModel
 
 
 class GateAppConfig(AppConfig):
@@ -57,7 +57,7 @@ def normal_cdf(z: float) -> float:
 
 
 def load_fever_model(path: Path | None) -> OnnxModel:
-    from models import default_manifest
+    from customs_edge.models import default_manifest
 
     model = OnnxModel(path or default_manifest("fever"))
     spec = {t.name: t.shape for t in model.manifest.inputs}

@@ -42,8 +42,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.apps.base import App, AppConfig
-from agent.records import Priority, Reading, RecordIn, Scalar
+from customs_edge.agent.apps.base import App, AppConfig
+from customs_edge.core.records import Priority, Reading, RecordIn, Scalar
 
 
 def _num(values: dict[str, Scalar], key: str) -> float | None:
@@ -177,8 +177,8 @@ class OreStationApp(App):
 
     def __init__(self, device_id: str, config: OreAppConfig) -> None:
         super().__init__(device_id, config)
-        from agent.model import OnnxModel
-        from models import default_manifest
+        from customs_edge.models import default_manifest
+        from customs_edge.models.runtime import OnnxModel
 
         self.model = OnnxModel(config.model_manifest or default_manifest("ore_grade"))
         self._channels = int(self.model.manifest.inputs[0].shape[-1] or 0)

@@ -10,8 +10,8 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from agent.apps.base import App, AppConfig
-from agent.records import Priority, Reading, RecordIn
+from customs_edge.agent.apps.base import App, AppConfig
+from customs_edge.core.records import Priority, Reading, RecordIn
 
 
 class ScaleAppConfig(AppConfig):

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import ModelError
+from customs_edge.core.errors import ModelError
 
 
 class TensorSpec(BaseModel):

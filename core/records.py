@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,3 +57,15 @@ class Record(BaseModel):
     type: str
     priority: Priority
     payload: dict[str, Any]
+
+
+class Pending(NamedTuple):
+    """A committed record as the outbox hands it to sync: the payload is JSON text, sent as-is."""
+
+    seq: int
+    ts: float
+    boot_id: str
+    mono: float
+    type: str
+    priority: int
+    payload: str  # JSON text, stored as-is and sent as-is

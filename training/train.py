@@ -1,12 +1,12 @@
-"""Rebuild shipped models: python -m models.train NAME|all [--seed N]."""
+"""Rebuild shipped models: python -m customs_edge.training.train NAME|all [--seed N]."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 
-from agent.registry import MODELS
-from models import MODELS_DIR
+from customs_edge.models import MODELS_DIR
+from customs_edge.training import MODELS
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ Inputs  'features' [N, 6] float32: head_max_c, head_hot_c, head_skin_c, backgrou
 Output  'core_c' [N, 1] float32: estimated core temperature, °C.
 The network is a small MLP (sklearn) written out to ONNX by hand (standardise, 2 x Dense+ReLU, Dense).
 
-    python -m models.train fever            # rebuild models/fever/
+    python -m customs_edge.training.train fever            # rebuild models/fever/
     customs-edge models evaluate fever --json
 evaluate(seed) screens >= 20,000 simulated travellers with the gate app (tracker + shipped model +
 threshold) and compares every decision with the simulated truth.
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker
-from simulators.gate_world import GateWorld, TravellerTruth, WorldParams
+from customs_edge.agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker
+from customs_edge.simulators.gate_world import GateWorld, TravellerTruth, WorldParams
 
 NAME = "fever"
 VERSION = "1.0.0"
@@ -67,7 +67,7 @@ Runner = Callable[[np.ndarray, float], list[tuple[FinishedTrack, Any]]]
 def run_shard(shard: Shard, make_runner: Callable[[], tuple[Runner, Callable[[], list[tuple[FinishedTrack, Any]]]]],
               ) -> ShardResult:
     """Render a shard's travellers at RATE_HZ and feed every frame to a runner (tracker or gate app)."""
-    from drivers.mlx90640 import DeadPixels
+    from customs_edge.drivers.mlx90640 import DeadPixels
 
     world = GateWorld(shard.seed, shard.params)
     while len(world.truth) < shard.travellers:
@@ -108,7 +108,7 @@ class _AppRunner:
         self.manifest, self.threshold_c = manifest, threshold_c
 
     def __call__(self) -> tuple[Runner, Callable[[], list[tuple[FinishedTrack, Any]]]]:
-        from agent.apps.gate import GateApp, GateAppConfig
+        from customs_edge.agent.apps.gate import GateApp, GateAppConfig
 
         app = GateApp("eval", GateAppConfig(threshold_c=self.threshold_c,
                                             model=Path(self.manifest) if self.manifest else None))
@@ -208,7 +208,7 @@ def predict_numpy(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 
 def train(out_dir: Path, seed: int = 0, n_travellers: int = 16000) -> Path:
     """Simulate, fit, export; held-out figures (a separate seed) go into the manifest."""
-    from agent.model import sha256_file
+    from customs_edge.models.runtime import sha256_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

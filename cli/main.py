@@ -24,8 +24,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from agent import logs, registry
-from agent.errors import ConfigError, CustomsEdgeError
+from customs_edge.agent import registry
+from customs_edge.core import logs
+from customs_edge.core.errors import ConfigError, CustomsEdgeError
+from customs_edge.simulators import SIMULATORS
+from customs_edge.training import MODELS
 
 log = logging.getLogger("customs_edge")
 
@@ -40,8 +43,8 @@ def _stop_on_signals(reload: threading.Event | None = None) -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_unit_config
-    from agent.runtime import run_forever
+    from customs_edge.agent.config import load_unit_config
+    from customs_edge.agent.runtime import run_forever
 
     cfg = load_unit_config(args.config)
     logs.setup(args.log_level or cfg.log_level)
@@ -52,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from agent.config import load_unit_config, unit_schema
+    from customs_edge.agent.config import load_unit_config, unit_schema
 
     if args.action == "schema":
         print(json.dumps(unit_schema(), indent=2))
@@ -71,8 +74,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Open one instrument as configured and print what it sends: the first thing to run on site."""
-    from agent.config import load_unit_config
-    from agent.errors import DriverFault
+    from customs_edge.agent.config import load_unit_config
+    from customs_edge.core.errors import DriverFault
 
     cfg = load_unit_config(args.config)
     if args.role not in cfg.drivers:
@@ -118,8 +121,8 @@ def _hexdump(port: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.config import load_unit_config
-    from agent.outbox import SqliteOutbox
+    from customs_edge.agent.config import load_unit_config
+    from customs_edge.agent.outbox import SqliteOutbox
 
     cfg = load_unit_config(args.config)
     ob = SqliteOutbox(cfg.outbox.path, synchronous=cfg.outbox.synchronous, max_mb=cfg.outbox.max_mb,
@@ -131,13 +134,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    registry.lookup("simulator", args.type)(args.rest)
+    registry.load_object(SIMULATORS[args.type])(args.rest)
     return 0
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from hub.service import Hub, HubConfig
-    from hub.store import HubStore
+    from customs_edge.hub.service import Hub, HubConfig
+    from customs_edge.hub.store import HubStore
 
     if args.action == "stats":
         store = HubStore(args.db)
@@ -168,7 +171,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    result = registry.lookup("model", args.name)(seed=args.seed)
+    result = registry.load_object(MODELS[args.name])(seed=args.seed)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -178,7 +181,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from customs_edge.cli.demo import run_demo
 
     return run_demo(duration=args.duration, as_json=args.json, workdir=args.workdir,
                     types=args.types.split(",") if args.types else None, broker_kind=args.broker)
@@ -214,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_status)
 
     s = sub.add_parser("simulate", help="serve a simulated device", add_help=False)
-    s.add_argument("type", choices=sorted(registry.SIMULATORS))
+    s.add_argument("type", choices=sorted(SIMULATORS))
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_simulate)
 
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="model figures")
     msub = m.add_subparsers(dest="action", required=True)
     ev = msub.add_parser("evaluate")
-    ev.add_argument("name", choices=sorted(registry.MODELS))
+    ev.add_argument("name", choices=sorted(MODELS))
     ev.add_argument("--seed", type=int, default=1)
     ev.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_models)
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "hub" and args.action == "stats" and args.db is None:
-        from hub.service import DEFAULT_DB
+        from customs_edge.hub.service import DEFAULT_DB
 
         args.db = str(DEFAULT_DB)
     try:

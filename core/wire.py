@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.jsonfast import dumps
-from agent.outbox import Pending
+from customs_edge.core.jsonfast import dumps
+from customs_edge.core.records import Pending
 
 WIRE_VERSION = 1
 
@@ -33,7 +33,7 @@ class WireRecord(BaseModel):
     seq: Seq
     ts: float = Field(allow_inf_nan=False)
     boot: str
-    mono: float
+    mono: float = Field(allow_inf_nan=False)
     type: str
     prio: int = Field(ge=0, le=3)
     payload: dict[str, Any]
@@ -52,6 +52,9 @@ class Ack(BaseModel):
     ranges: list[tuple[Seq, Seq]]  # inclusive seq ranges now durably stored at the hub
     stored: int = 0  # new records stored
     duplicates: int = 0  # records the hub already had (redeliveries dropped)
+    # inclusive seq ranges the hub refused and will never store (a record that fails validation): the agent
+    # deletes them too, counts them and keeps a trace (dead letters); they never block their neighbours
+    rejected: list[tuple[Seq, Seq]] = Field(default_factory=list)
 
 
 class Status(BaseModel):

@@ -30,13 +30,13 @@ from typing import IO, Any
 
 import yaml
 
-from agent import registry
-from hub.brokers import Mosquitto, free_port, mosquitto_path, wait_port
+from customs_edge.agent import registry
+from customs_edge.configs import config_path
+from customs_edge.hub.brokers import Mosquitto, free_port, mosquitto_path, wait_port
+from customs_edge.simulators import SIMULATORS
 
-REPO = Path(__file__).resolve().parent.parent
 # Children run in their own sessions: Ctrl-C reaches only the demo, which then stops the simulators,
 # lets the agents drain, and stops the rest in order.
-CONFIGS = REPO / "configs"
 # Extra simulator flags per type, so that something worth seeing happens within a demo's minute: time
 # runs faster, and the rare events (fever, gamma alarms, tramp metal) are far more common than in life.
 SIM_ARGS: dict[str, list[str]] = {
@@ -63,11 +63,11 @@ def available_types() -> list[str]:
     """Unit types whose app, simulator and demo config are all present in this checkout."""
     out = []
     for t in registry.app_names():
-        if t not in registry.SIMULATORS or not (CONFIGS / f"{t}.yaml").exists():
+        if t not in SIMULATORS or not config_path(t).exists():
             continue
         try:
             registry.lookup("app", t)
-            registry.lookup("simulator", t)
+            registry.load_object(SIMULATORS[t])
         except (ImportError, AttributeError):
             continue
         out.append(t)
@@ -75,7 +75,7 @@ def available_types() -> list[str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent", *args]
+    return [sys.executable, "-m", "customs_edge", *args]
 
 
 class Broker:
@@ -89,7 +89,7 @@ class Broker:
             self._mq = Mosquitto(work / "broker", persistence=False).start()
             self.port = self._mq.port
         else:
-            from hub.embedded_broker import EmbeddedBroker
+            from customs_edge.hub.embedded_broker import EmbeddedBroker
 
             self._embedded = EmbeddedBroker("127.0.0.1", free_port())
             self._embedded.start()
@@ -115,7 +115,7 @@ def _start_sim(unit_type: str, seed: int, work: Path) -> tuple[subprocess.Popen[
 
 
 def _unit_config(unit_type: str, device_id: str, urls: dict[str, Any], work: Path, port: int) -> dict[str, Any]:
-    cfg = yaml.safe_load((CONFIGS / f"{unit_type}.yaml").read_text())
+    cfg = yaml.safe_load(config_path(unit_type).read_text())
     cfg["device_id"] = device_id
     cfg.setdefault("outbox", {})["path"] = str(work / device_id / "outbox.db")
     sync = cfg.setdefault("sync", {})
@@ -185,6 +185,8 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="customs-edge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     types = types or available_types()
+    if not types:
+        raise SystemExit("demo: no unit type has its app, simulator and config installed; nothing to run")
     say = (lambda *_: None) if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     broker = Broker(work, broker_kind)
     say(f"broker: {broker.kind} on 127.0.0.1:{broker.port}; work dir {work}")

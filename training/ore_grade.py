@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from simulators.ore_world import CHANNELS, Composition, simulate_lot, spectrum
+from customs_edge.simulators.ore_world import CHANNELS, Composition, simulate_lot, spectrum
 
 NAME = "ore-grade"
 VERSION = "1.0.0"
@@ -122,7 +122,7 @@ def fit(n: int = 6000, seed: int = 0) -> dict[str, Any]:
 def train(out_dir: Path, seed: int = 0, n: int = 6000) -> Path:
     import sklearn
 
-    from agent.model import sha256_file
+    from customs_edge.models.runtime import sha256_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,8 +158,8 @@ def evaluate(seed: int = 1, manifest: Path | str | None = None) -> dict[str, Any
     """Held-out figures on a freshly simulated lot (five holds, one analysis per minute): RMSE, bias
     and correlation per output against the true composition, and the RMSE of always predicting the
     training range's centre (what a model that learnt nothing would score)."""
-    from agent.model import OnnxModel
-    from models import default_manifest
+    from customs_edge.models import default_manifest
+    from customs_edge.models.runtime import OnnxModel
 
     model = OnnxModel(manifest or default_manifest("ore_grade"))
     results = [r for r in simulate_lot(seed, lots=1, **EVAL_LOT) if r.truth is not None]

@@ -1,0 +1,3 @@
+from customs_edge.cli.main import main
+
+main()

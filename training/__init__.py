@@ -1,0 +1,8 @@
+"""Build and evaluate the shipped models from data the simulators generate (`customs-edge models evaluate`,
+`python -m customs_edge.training.train NAME|all`)."""
+
+# `customs-edge models evaluate NAME` runs NAME's evaluate(seed) -> dict; train.py rebuilds them.
+MODELS: dict[str, str] = {
+    "ore-grade": "customs_edge.training.ore_grade:evaluate",
+    "fever": "customs_edge.training.fever:evaluate",
+}
