@@ -32,11 +32,14 @@ class SlaveFaults:
     crc_next: int = 0  # damage the CRC of the next n replies
     exception_next: int = 0  # answer the next n requests with an exception
     exception_code: int = 4  # slave device failure
+    late_next: int = 0  # answer the next n requests late: after the master gave up waiting
+    late_by_s: float = 0.5  # how long after its request a late reply goes out
     timeout_rate: float = 0.0
     crc_rate: float = 0.0
     withheld: int = 0
     damaged: int = 0
     exceptions: int = 0
+    late: int = 0
 
 
 @dataclass
@@ -58,7 +61,8 @@ def put(table: dict[int, int], address: int, dtype: str, value: float | int,
 
 class ModbusLineSim(DeviceSim):
     """An RS-485 line with one or more slaves answering Modbus RTU read requests (FC 1-4).
-    Requests with a bad CRC or for an absent slave get no reply, as on a real line."""
+    Requests with a bad CRC or for an absent slave get no reply, as on a real line. A late reply
+    (SlaveFaults.late_next) goes out late_by_s after its request, and replies keep their order."""
 
     def __init__(self, slaves: list[SlaveModel], faults: Faults | None = None, seed: int | None = None) -> None:
         super().__init__(faults)
@@ -115,9 +119,12 @@ class ModbusLineSim(DeviceSim):
     def serve(self, conn: Conn, stop: threading.Event) -> None:
         buf = bytearray()
         last = time.monotonic()
+        outbox: list[tuple[float, bytes]] = []  # (when, reply): late replies wait here, in order
         while not stop.is_set() and not conn.closed:
-            data = conn.read(0.05)
+            data = conn.read(min(0.05, max(0.0, outbox[0][0] - time.monotonic())) if outbox else 0.05)
             now = time.monotonic()
+            while outbox and outbox[0][0] <= now:
+                conn.write(outbox.pop(0)[1])
             if not data:
                 if buf and now - last > 0.05:  # a gap ends a frame: drop a fragment
                     self.bad_requests += 1
@@ -136,7 +143,17 @@ class ModbusLineSim(DeviceSim):
                     continue
                 del buf[:n]
                 reply = self.respond(frame)
-                if reply is not None and not self.faults.paused:
+                if reply is None or self.faults.paused:
+                    continue
+                f = self.slaves[frame[0]].faults
+                due = now
+                if f.late_next > 0:
+                    f.late_next -= 1
+                    f.late += 1
+                    due += f.late_by_s
+                if outbox or due > now:  # one reply at a time on the line, in the order asked
+                    outbox.append((max(due, outbox[-1][0] if outbox else due), self.faults.mangle(reply)))
+                else:
                     conn.write(self.faults.mangle(reply))
 
 
