@@ -4,7 +4,9 @@ a dead line, and bytes damaged on the wire."""
 
 from __future__ import annotations
 
+import json
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -325,3 +327,29 @@ def test_a_reply_that_does_not_match_the_request_is_refused_and_counted(reply: b
             r = d.read() or d.read()
     assert r is not None and r.kind == "registers" and r.values["a"] == 111  # the retry got the right reply
     assert d.stats.extra[counter] == 1 and d.stats.corrupt == 1
+
+
+# --- a published exchange, read by the driver and written by the simulator independently --------------------
+EXAMPLE = json.loads((Path(__file__).parent / "fixtures" / "modbus" / "read_holding_example.json").read_text())
+
+
+def test_the_published_exchange_is_what_the_driver_sends_and_decodes() -> None:
+    req, reply = (bytes.fromhex(EXAMPLE[k]["hex"]) for k in ("request", "reply"))
+    slave, address, count = EXAMPLE["request"]["slave"], EXAMPLE["request"]["address"], EXAMPLE["request"]["count"]
+    assert build_request(slave, Block("holding", address, count, ())) == req
+    points = [{"name": f"r{i}", "table": "holding", "address": address + i} for i in range(count)]
+    with Endpoints(Scripted([reply]), use_pty=False) as urls:
+        cfg = ModbusRtuConfig(port=urls["socket"], parity="N", slaves=[{"name": "s", "id": slave, "points": points}])
+        with ModbusRtu("line", cfg) as d:
+            r = d.read() or d.read()
+    assert r is not None and r.kind == "registers"
+    assert [r.values[f"r{i}"] for i in range(count)] == EXAMPLE["reply"]["registers"]
+
+
+def test_the_published_exchange_is_what_the_simulator_answers() -> None:
+    req, reply = (bytes.fromhex(EXAMPLE[k]["hex"]) for k in ("request", "reply"))
+    assert rtu.crc16(req[:-2]) == req[-2:]
+    address, words = EXAMPLE["request"]["address"], EXAMPLE["reply"]["registers"]
+    slave = SlaveModel(EXAMPLE["request"]["slave"], "s",
+                       lambda: {"holding": {address + i: w for i, w in enumerate(words)}})
+    assert ModbusLineSim([slave]).respond(req) == reply
