@@ -62,13 +62,6 @@ def command(cmd: int, arg: int) -> bytes:
     return bytes([0xA5, cmd & 0xFF, arg & 0xFF, (0xA5 + cmd + arg) & 0xFF])
 
 
-def parse_command(data: bytes) -> tuple[int, int] | None:
-    """(cmd, arg) of a 4-byte command with a good sum, else None (used by the simulator)."""
-    if len(data) != 4 or data[0] != 0xA5 or (data[0] + data[1] + data[2]) & 0xFF != data[3]:
-        return None
-    return data[1], data[2]
-
-
 def checksum(body: bytes | bytearray | memoryview) -> int:
     """Sum of the 16-bit little-endian words of `body` (header .. ambient, 1542 bytes), mod 2**16."""
     return int(np.frombuffer(body, dtype="<u2").sum(dtype=np.uint64)) & 0xFFFF
@@ -83,7 +76,8 @@ class ThermalFrame:
 
 
 def encode(pixels_c: np.ndarray, ambient_c: float, *, good_checksum: bool = True) -> bytes:
-    """A frame as the module sends it (simulator and tests). Values are clipped to int16."""
+    """A frame as the module sends it (tests and benches; the simulator has its own). Values are clipped
+    to int16."""
     arr = np.asarray(pixels_c, dtype=np.float64)
     if arr.shape != (ROWS, COLS):
         raise ValueError(f"pixels must be {ROWS}x{COLS}, got {arr.shape}")

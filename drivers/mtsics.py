@@ -91,7 +91,8 @@ def parse_reply(line: bytes) -> SicsReply | None:
 
 
 def format_weight(weight: float, unit: str = "g", *, stable: bool = True, decimals: int = 2) -> bytes:
-    """A weight reply as a balance sends it: 'S S     100.00 g' + CR LF (simulator and tests)."""
+    """A weight reply as a balance sends it: 'S S     100.00 g' + CR LF (round-trip tests; the
+    simulator has its own)."""
     value = f"{weight:.{decimals}f}"
     if len(value) > 10:
         raise ValueError("weight does not fit the 10-character field")

@@ -89,7 +89,7 @@ def decode(body: bytes, with_checksum: bool) -> ScaleFrame | None:
 def encode(weight: float, tare: float = 0.0, *, decimals: int = 2, unit: str = "kg", net: bool = False,
            motion: bool = False, out_of_range: bool = False, increment: int = 1,
            with_checksum: bool = True) -> bytes:
-    """Build a frame as an indicator sends it (used by the simulator and the tests)."""
+    """Build a frame as an indicator sends it (round-trip tests, benches; the simulator has its own)."""
     power = -decimals if decimals > 0 else 0
     swa_dp = {v: k for k, v in DECIMALS.items()}[power]
     swa = 0x20 | swa_dp | ({v: k for k, v in INCREMENTS.items()}[increment] << 3)
