@@ -94,7 +94,15 @@ def link(seconds: float) -> dict[str, Any]:
     import serial
 
     from customs_edge.agent.apps.gate import GateApp, GateAppConfig
-    from customs_edge.drivers.mlx90640 import CMD_MODE, CMD_RATE, MODE_AUTO, Mlx90640Config, Mlx90640Serial, command
+    from customs_edge.drivers.mlx90640 import (
+        CMD_MODE,
+        CMD_RATE,
+        MODE_AUTO,
+        RATE_ARGS,
+        Mlx90640Config,
+        Mlx90640Serial,
+        command,
+    )
 
     def simulator() -> tuple[subprocess.Popen[str], str]:
         proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "simulate", "gate", "--seed", "3",
@@ -132,7 +140,7 @@ def link(seconds: float) -> dict[str, Any]:
     proc, port = simulator()
     try:
         s = serial.serial_for_url(port, timeout=0.2)
-        s.write(command(CMD_RATE, 0x00) + command(CMD_MODE, MODE_AUTO))
+        s.write(command(CMD_RATE, RATE_ARGS[8.0]) + command(CMD_MODE, MODE_AUTO))
         warm = time.monotonic() + 2.0
         while time.monotonic() < warm:
             s.read(max(1544, s.in_waiting))

@@ -85,7 +85,7 @@ def _utc(text: str) -> float | None:
 
 
 def encode_result(r: AnalyserResult) -> bytes:
-    """The block as the analyser sends it (simulator and tests)."""
+    """The block as the analyser sends it (the driver's round-trip tests; the simulator has its own)."""
     when = datetime.fromtimestamp(r.ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = [f"$RESULT,{r.seq},{when},{r.interval_s:.1f},{r.tonnes:.2f},{r.status}",
              "$ASSAY," + ",".join(f"{k}={r.assays[k]:.3f}" for k in ASSAY_KEYS if k in r.assays),

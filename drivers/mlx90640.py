@@ -9,6 +9,12 @@ every pixel + Ta); see docs/gate.md. It is one function, `checksum`, and `checks
 Commands: `A5 cmd arg sum` (sum = low byte of the three): 0x25 refresh rate, 0x35 output mode
 (01 query one frame, 02 automatic output), 0x15 baud rate.
 
+The module is sent `rate_hz` on open; the frames are then counted over `rate_window_s` windows. A
+window slower than RATE_TOLERANCE x rate_hz raises one DriverFault (once per driver: the runtime's
+reopen sends the rate again) and is counted in stats.rate_low afterwards; a faster one is counted in
+stats.rate_high (a simulator run with --speed sends faster on purpose). stats.frame_rate_mhz holds
+the last window's rate in milli-hertz.
+
 The parser resynchronises on the next `5A 5A` after a bad frame and counts it. Pixels outside the
 sensor's range (a dead pixel reads an impossible value) are replaced by the mean of their valid
 neighbours and counted; they never fault the driver. A frozen sensor (the module repeats the same
@@ -20,6 +26,7 @@ frame) raises DriverFault; a silent one DriverSilent (SilenceWatch).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -41,22 +48,18 @@ VALID_C = (-40.0, 300.0)  # the MLX90640's object range; outside it a pixel is d
 
 CMD_RATE, CMD_MODE, CMD_BAUD = 0x25, 0x35, 0x15
 MODE_QUERY, MODE_AUTO = 0x01, 0x02
-# Refresh-rate argument of command 0x25. 8/4/2 Hz agree across public drivers of the module
-# (A5 25 01 CB is "4 Hz"); 1 and 0.5 Hz continue the same pattern and are unverified (docs/gate.md).
-RATE_ARGS: dict[float, int] = {8.0: 0x00, 4.0: 0x01, 2.0: 0x02, 1.0: 0x03, 0.5: 0x04}
+# Refresh-rate argument of command 0x25, from the module's manual ("GYMCU90640 Module User Manual V1.0",
+# section IV.4; ../shared/PROTOCOLS.md): A5 25 00 CA = 0.5 Hz ... A5 25 04 CE = 8 Hz. The npm package
+# gy-mcu90640-node lists the same order. (vvkuryshev's main.py comments A5 25 01 CB as "4 Hz": the
+# manual says 1 Hz.) tests/fixtures/gate/commands.txt holds the manual's bytes.
+RATE_ARGS: dict[float, int] = {0.5: 0x00, 1.0: 0x01, 2.0: 0x02, 4.0: 0x03, 8.0: 0x04}
+RATE_TOLERANCE = 0.75  # a window below this share of rate_hz (or above rate_hz / it) does not match
 BAUD_ARGS: dict[int, int] = {9600: 0x01, 115200: 0x02, 460800: 0x03}
 
 
 def command(cmd: int, arg: int) -> bytes:
     """`A5 cmd arg sum`, sum = (0xA5 + cmd + arg) & 0xFF. command(0x35, 0x02) == A5 35 02 DC."""
     return bytes([0xA5, cmd & 0xFF, arg & 0xFF, (0xA5 + cmd + arg) & 0xFF])
-
-
-def parse_command(data: bytes) -> tuple[int, int] | None:
-    """(cmd, arg) of a 4-byte command with a good sum, else None (used by the simulator)."""
-    if len(data) != 4 or data[0] != 0xA5 or (data[0] + data[1] + data[2]) & 0xFF != data[3]:
-        return None
-    return data[1], data[2]
 
 
 def checksum(body: bytes | bytearray | memoryview) -> int:
@@ -73,7 +76,8 @@ class ThermalFrame:
 
 
 def encode(pixels_c: np.ndarray, ambient_c: float, *, good_checksum: bool = True) -> bytes:
-    """A frame as the module sends it (simulator and tests). Values are clipped to int16."""
+    """A frame as the module sends it (tests and benches; the simulator has its own). Values are clipped
+    to int16."""
     arr = np.asarray(pixels_c, dtype=np.float64)
     if arr.shape != (ROWS, COLS):
         raise ValueError(f"pixels must be {ROWS}x{COLS}, got {arr.shape}")
@@ -228,6 +232,8 @@ class Mlx90640Config(SerialPortConfig):
     driver: Literal["mlx90640-serial"] = "mlx90640-serial"
     baudrate: int = Field(460800, gt=0, description="460800 for 8 Hz; 115200 caps the module near 7 frames/s")
     rate_hz: float = Field(8.0, description="refresh rate sent to the module on open: 0.5, 1, 2, 4 or 8")
+    rate_window_s: float = Field(10.0, gt=0, le=3600,
+                                 description="frames are counted over this window and compared with rate_hz")
     checksum: Literal["sum16", "none"] = Field(
         "sum16", description="frame checksum rule: 16-bit sum of the preceding words, or none")
     frozen_after: int = Field(16, ge=2, description="this many identical frames in a row: the sensor is frozen")
@@ -254,11 +260,17 @@ class Mlx90640Serial(StreamSerialDriver):
         self.parser = Mlx90640Parser(self.config.checksum)  # counters accumulate across reopens
         self._recent: deque[bytes] = deque(maxlen=2)
         self._same = 0
+        self._window_t0: float | None = None  # the frame rate window: its first frame's time
+        self._window_frames = 0
+        self._rate_reported = False
+        for key in ("rate_low", "rate_high", "frame_rate_mhz"):
+            self.stats.extra[key] = 0
 
     def open(self) -> None:
         self.parser._synced = False
         self._recent.clear()
         self._same = 0
+        self._window_t0 = None
         super().open()
 
     def _on_open(self, port: serial.SerialBase) -> None:
@@ -279,6 +291,7 @@ class Mlx90640Serial(StreamSerialDriver):
         self.stats.extra["dead_pixels"] = p.dead_pixels
         if frame is None:
             return None
+        self._count_rate()
         if self._recent and frame.raw == self._recent[-1]:
             self._same += 1
         else:
@@ -291,3 +304,30 @@ class Mlx90640Serial(StreamSerialDriver):
             raise DriverFault(f"{self.role}: sensor frozen: {self.config.frozen_after} identical frames in a row")
         return Reading(source=self.role, kind=THERMAL_KIND, array=frame.pixels,
                        values={"ambient_c": frame.ambient_c, "dead_pixels": frame.dead})
+
+    def _count_rate(self) -> None:
+        """One more valid frame: at the end of each window compare the frames per second with rate_hz."""
+        now = time.monotonic()
+        if self._window_t0 is None:
+            self._window_t0, self._window_frames = now, 0
+            return
+        self._window_frames += 1
+        elapsed = now - self._window_t0
+        if elapsed < self.config.rate_window_s:
+            return
+        hz = self._window_frames / elapsed
+        self._window_t0, self._window_frames = now, 0
+        self.stats.extra["frame_rate_mhz"] = round(hz * 1000)
+        want = self.config.rate_hz
+        if hz > want / RATE_TOLERANCE:
+            self.stats.extra["rate_high"] += 1
+        if hz >= RATE_TOLERANCE * want:
+            return
+        self.stats.extra["rate_low"] += 1
+        if not self._rate_reported:
+            self._rate_reported = True
+            self.stats.faults += 1
+            raise DriverFault(
+                f"{self.role}: {hz:.2f} frames/s over {elapsed:.0f} s, configured rate_hz {want:g}: check the "
+                f"module's refresh rate (sent on open unless send_commands is off) and the baud rate "
+                f"({self.config.baudrate}; 115200 carries at most ~7 frames/s, 8 Hz needs 460800)")

@@ -13,7 +13,12 @@ Reading kinds (one per slave poll):
   kind="registers"    values = {"slave": name, "slave_id": id, <point name>: scaled value, ...}
   kind="slave_error"  values = {"slave": name, "slave_id": id, "error": text, "consecutive": n}
 A poll retries a timeout or CRC error `retries` times, then reports `slave_error`; an exception
-response is not retried (the slave did answer) except 'device busy'. When EVERY slave on the line
+response is not retried (the slave did answer) except 'device busy'. RTU has no transaction id, so a
+reply is checked against its request (slave id, function code, byte count), and after any failed
+exchange the line is drained: bytes are read and discarded until it has been silent for 3.5
+character times, waiting up to `drain_s` for a late reply to begin. A slave that always answers
+after the timeout then fails every poll as a timeout instead of handing one register's value to
+the next request. When EVERY slave on the line
 has failed `fail_after` polls in a row the line is presumed dead (cable, converter, power) and read()
 raises DriverFault: the runtime reports it and reopens the port with backoff.
 """
@@ -118,6 +123,9 @@ class ModbusRtuConfig(SerialPortConfig):
     parity: Literal["N", "E", "O", "M", "S"] = "E"  # Modbus RTU default is 8E1
     read_timeout_s: float = Field(0.3, gt=0, le=10, description="response timeout per request")
     retries: int = Field(2, ge=0, le=10, description="re-sends after a timeout or CRC error")
+    drain_s: float | None = Field(None, gt=0, le=10, description=(
+        "after a failed request, wait this long for a late reply to begin and discard it "
+        "(default: read_timeout_s)"))
     fail_after: int = Field(3, ge=1, description="failed polls in a row, on every slave, before DriverFault")
     slaves: list[SlaveConfig] = Field(min_length=1)
 
@@ -202,10 +210,13 @@ class ModbusRtu(SerialDriver):
         super().__init__(role, config)
         self._slaves = [SlaveState(s) for s in config.slaves]
         self._decoder = DecodePDU(is_server=False)
-        for key in ("timeouts", "crc_errors", "exceptions", "wrong_slave", "retries", "slave_errors"):
+        for key in ("timeouts", "crc_errors", "exceptions", "wrong_slave", "wrong_count", "retries",
+                    "slave_errors", "drained"):
             self.stats.extra[key] = 0
         # 3.5 character times of line silence separate frames (11 bits per character in RTU)
         self._t35 = max(0.00175, 3.5 * 11 / config.baudrate)
+        self._drain_s = config.read_timeout_s if config.drain_s is None else config.drain_s
+        self._longest_frame_s = 256 * 11 / config.baudrate
 
     def open(self) -> None:
         super().open()
@@ -261,12 +272,23 @@ class ModbusRtu(SerialDriver):
         raise AssertionError("unreachable")
 
     def transact(self, slave_id: int, block: Block) -> ModbusPDU:
-        """Send one read request, return the decoded response PDU. Raises ModbusError."""
+        """Send one read request, return the decoded response PDU. Raises ModbusError; unless the slave
+        gave a well-formed exception reply, the line is drained first, so that nothing of this exchange
+        can be read as the reply to the next request."""
+        try:
+            return self._exchange(slave_id, block)
+        except ModbusError as exc:
+            if exc.kind != "exception":
+                self._drain(self._drain_s)
+            raise
+
+    def _exchange(self, slave_id: int, block: Block) -> ModbusPDU:
         port = self._require_port()
         request = build_request(slave_id, block)
         need = 3
+        if self._waiting(port):  # bytes nobody asked for: a reply later than even the drain
+            self._drain(0.0)
         try:
-            port.reset_input_buffer()  # a late reply to an earlier request must not be taken for this one
             port.write(request)
             frame = port.read(3)
             if len(frame) == 3:
@@ -290,6 +312,11 @@ class ModbusRtu(SerialDriver):
             self.stats.extra["wrong_slave"] += 1
             raise ModbusError("wrong_slave", f"asked slave {slave_id} fc {FUNCTION[block.table]}, "
                                              f"got slave {frame[0]} fc {frame[1]}")
+        if not frame[1] & 0x80 and frame[2] != need - 5:
+            self.stats.corrupt += 1
+            self.stats.extra["wrong_count"] += 1
+            raise ModbusError("malformed", f"slave {slave_id}: byte count {frame[2]} in a reply to a read of "
+                                           f"{block.count} ({need - 5} bytes)")
         pdu = self._decoder.decode(frame[1:-2])
         if pdu is None:
             self.stats.corrupt += 1
@@ -300,6 +327,37 @@ class ModbusRtu(SerialDriver):
             raise ModbusError("exception", f"slave {slave_id} exception {code} "
                                            f"({EXCEPTIONS.get(code, 'unknown')})", code)
         return pdu
+
+    def _waiting(self, port: serial.SerialBase) -> int:
+        try:
+            return int(port.in_waiting)
+        except (serial.SerialException, OSError) as exc:
+            raise self._io_fault(exc) from exc
+
+    def _drain(self, wait: float) -> None:
+        """Read and discard until the line has been silent for 3.5 character times (RTU's gap between
+        frames), waiting up to `wait` for a late reply to begin; never longer than `wait` plus two of
+        the longest frames in all (a line that never falls silent is left to the next exchange)."""
+        port = self._require_port()
+        start = last = time.monotonic()
+        dropped = 0
+        while True:
+            waiting = self._waiting(port)
+            if waiting:
+                try:
+                    dropped += len(port.read(waiting))
+                except (serial.SerialException, OSError) as exc:
+                    raise self._io_fault(exc) from exc
+                last = time.monotonic()
+            now = time.monotonic()
+            if not waiting and now - last >= (self._t35 if dropped else max(wait, self._t35)):
+                break
+            if now - start >= wait + 2 * self._longest_frame_s:
+                break
+            if not waiting:
+                time.sleep(self._t35 / 2)
+        self.stats.bytes_in += dropped
+        self.stats.extra["drained"] += dropped
 
     def _values(self, block: Block, pdu: ModbusPDU) -> dict[str, Scalar]:
         out: dict[str, Scalar] = {}

@@ -1,13 +1,22 @@
 """Mettler-Toledo MT-SICS (Standard Interface Command Set), request/response, level 0 commands.
 
-Commands and replies are ASCII lines ending CR LF, typically 9600 8N1:
-  S   stable weight       -> "S S     100.00 g"  | "S I" (no stable value in time) | "S +" / "S -"
+Commands and replies are ASCII lines ending CR LF, typically 9600 8N1. Reply codes as the MT-SICS
+manuals give them (e.g. METTLER TOLEDO AT balances operating instructions, "S - Send stable weight
+value"; reference manual MT-SICS 11780711):
+  S   stable weight       -> "S S     100.00 g"  | "S I" (not executable: busy, or no stable value in
+                             time) | "S +" (overload range) | "S -" (underload range)
   SI  weight immediately  -> "S S     100.00 g"  | "S D     99.87 g" (dynamic)     | "S I" | "S +" | "S -"
   Z   zero when stable    -> "Z A" (done) | "Z I" (not executed, busy) | "Z +" / "Z -" (out of zero range)
+  ZI  zero immediately    -> "ZI S" / "ZI D" (done, stable / dynamic) | "ZI I" | "ZI +" | "ZI -"
   @   reset               -> 'I4 A "serial number"'
   I4  serial number       -> 'I4 A "serial number"'
   any command             -> "ES" (syntax: command unknown) | "ET" (transmission error) | "EL" (logic error)
-The weight field is right-aligned in 10 characters between single blanks; the unit follows.
+The weight field is right-aligned in 10 characters between single blanks; the unit follows. A status
+code the manual does not list for that reply (e.g. "S A") is a garbled line.
+
+Only "S S" is a stable weight. "S D" is motion; "S I" is no value and not stable (motion, `busy`);
+"S +" / "S -" are no value and out of range (`overload` / `underload`): none of them is a weight to
+settle on or to average.
 
 The driver polls with `command` (SI by default, so the app sees motion) every `poll_interval_s`.
 A reply that fits none of these shapes is counted in stats.corrupt and dropped (a garbled line);
@@ -31,7 +40,7 @@ from customs_edge.drivers.base import SerialDriver, SerialPortConfig, poll_due
 EOL = b"\r\n"
 _WEIGHT = re.compile(r"^S ([SD]) +(-?\d+(?:\.\d+)?) (\S{1,5})$")
 UNITS = {"g", "kg", "mg", "ug", "ct", "lb", "oz", "ozt", "GN", "dwt", "t", "mom", "tl"}
-_STATUS = re.compile(r"^(S|SI|Z|ZI) ([I+\-A])$")
+STATUS_CODES = {"S": "I+-", "Z": "AI+-", "ZI": "SDI+-"}  # replies without a weight, per command
 _SERIAL = re.compile(r'^I4 A "([^"]*)"$')
 ERRORS = {"ES": "syntax error", "ET": "transmission error", "EL": "logical error"}
 
@@ -48,9 +57,12 @@ class SicsReply:
     text: str = ""
 
     def values(self) -> dict[str, Scalar]:
-        """Reading values, shaped like the Toledo driver's so the same apps consume both."""
-        return {"weight": self.weight, "unit": self.unit, "motion": self.status == "D",
-                "out_of_range": self.status in ("+", "-"), "net": None, "tare": None, "status": self.status}
+        """Reading values, shaped like the Toledo driver's so the same apps consume both. `motion` is
+        "not stable" (dynamic or busy); `out_of_range` is an overload or underload (no weight)."""
+        return {"weight": self.weight, "unit": self.unit, "motion": self.status in ("D", "I"),
+                "busy": self.status == "I", "out_of_range": self.status in ("+", "-"),
+                "overload": self.status == "+", "underload": self.status == "-",
+                "net": None, "tare": None, "status": self.status}
 
 
 def parse_reply(line: bytes) -> SicsReply | None:
@@ -69,9 +81,9 @@ def parse_reply(line: bytes) -> SicsReply | None:
         if len(text) < 16 or field.strip() != m.group(2) or text[14] != " " or m.group(3) not in UNITS:
             return None
         return SicsReply("weight", "S", m.group(1), float(m.group(2)), m.group(3))
-    m = _STATUS.match(text)
-    if m:
-        return SicsReply("status", m.group(1), m.group(2))
+    command, _, code = text.partition(" ")
+    if len(code) == 1 and code in STATUS_CODES.get(command, ""):
+        return SicsReply("status", command, code)
     m = _SERIAL.match(text)
     if m:
         return SicsReply("serial", "I4", "A", text=m.group(1))
@@ -79,7 +91,8 @@ def parse_reply(line: bytes) -> SicsReply | None:
 
 
 def format_weight(weight: float, unit: str = "g", *, stable: bool = True, decimals: int = 2) -> bytes:
-    """A weight reply as a balance sends it: 'S S     100.00 g' + CR LF (simulator and tests)."""
+    """A weight reply as a balance sends it: 'S S     100.00 g' + CR LF (round-trip tests; the
+    simulator has its own)."""
     value = f"{weight:.{decimals}f}"
     if len(value) > 10:
         raise ValueError("weight does not fit the 10-character field")

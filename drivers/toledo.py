@@ -3,7 +3,10 @@
 Frame: STX, SWA, SWB, SWC, 6 weight digits, 6 tare digits, CR, and an optional checksum byte
 (-(sum of the 17 preceding bytes)) & 0x7F. 18 bytes with it, 17 without: the indicator's setting.
 Digits are right-aligned, space-padded, with no sign and no decimal point; both live in the status
-bytes (see ../shared/PROTOCOLS.md). The parser resynchronises on the next STX after a bad frame.
+bytes (see ../shared/PROTOCOLS.md). Status bytes A and C have bit 5 set and bit 6 clear; status B's
+bit 6 is "power-up, not zeroed" (Mettler-Toledo Wildcat user's manual, table 6-10): a valid frame,
+flagged `power_up_not_zeroed`. Status B bit 2 (out of range, over capacity) is flagged `out_of_range`:
+its digits are not a weight. The parser resynchronises on the next STX after a bad frame.
 """
 
 from __future__ import annotations
@@ -31,15 +34,16 @@ class ScaleFrame:
     unit: str
     net: bool
     motion: bool
-    out_of_range: bool
-    zero_not_captured: bool
+    out_of_range: bool  # over or under the indicator's range: the digits are not a weight
+    power_up_not_zeroed: bool  # powered up and the zero not yet captured
     increment: int
     decimals: int  # digits after the point (0 for XXXXX0 style)
     checksum: bool  # the frame carried a checksum byte
 
     def values(self) -> dict[str, float | int | str | bool | None]:
         return {"weight": self.weight, "tare": self.tare, "unit": self.unit, "net": self.net,
-                "motion": self.motion, "out_of_range": self.out_of_range}
+                "motion": self.motion, "out_of_range": self.out_of_range,
+                "power_up_not_zeroed": self.power_up_not_zeroed}
 
 
 def checksum(body: bytes) -> int:
@@ -60,8 +64,8 @@ def decode(body: bytes, with_checksum: bool) -> ScaleFrame | None:
     if len(body) != BODY or body[0] != STX or body[16] != CR:
         return None
     swa, swb, swc = body[1], body[2], body[3]
-    if any(b & 0xE0 != 0x20 for b in (swa, swb, swc)):  # bit 5 set, bits 6-7 clear (ASCII 0x20-0x3F)
-        return None
+    if any(b & 0xE0 != 0x20 for b in (swa, swc)) or swb & 0xA0 != 0x20:  # bit 5 set, bit 7 clear,
+        return None  # bit 6 clear except in status B (power-up, not zeroed)
     if any(c not in b" 0123456789" for c in body[4:16]):
         return None
     w, t = _digits(body[4:10]), _digits(body[10:16])
@@ -78,14 +82,14 @@ def decode(body: bytes, with_checksum: bool) -> ScaleFrame | None:
     return ScaleFrame(
         weight=round(sign * w * scale, dec), tare=round(t * scale, dec), unit=unit,
         net=bool(swb & 0x01), motion=bool(swb & 0x08), out_of_range=bool(swb & 0x04),
-        zero_not_captured=bool(swb & 0x40), increment=inc, decimals=dec, checksum=with_checksum,
+        power_up_not_zeroed=bool(swb & 0x40), increment=inc, decimals=dec, checksum=with_checksum,
     )
 
 
 def encode(weight: float, tare: float = 0.0, *, decimals: int = 2, unit: str = "kg", net: bool = False,
            motion: bool = False, out_of_range: bool = False, increment: int = 1,
            with_checksum: bool = True) -> bytes:
-    """Build a frame as an indicator sends it (used by the simulator and the tests)."""
+    """Build a frame as an indicator sends it (round-trip tests, benches; the simulator has its own)."""
     power = -decimals if decimals > 0 else 0
     swa_dp = {v: k for k, v in DECIMALS.items()}[power]
     swa = 0x20 | swa_dp | ({v: k for k, v in INCREMENTS.items()}[increment] << 3)

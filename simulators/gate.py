@@ -26,17 +26,6 @@ from typing import IO
 
 import numpy as np
 
-from customs_edge.drivers.mlx90640 import (
-    CMD_MODE,
-    CMD_RATE,
-    FRAME_LEN,
-    MODE_AUTO,
-    MODE_QUERY,
-    RATE_ARGS,
-    encode,
-    parse_command,
-)
-from customs_edge.drivers.passage import encode_event, encode_heartbeat
 from customs_edge.simulators.base import (
     Conn,
     DeviceSim,
@@ -47,8 +36,8 @@ from customs_edge.simulators.base import (
     run_until_signalled,
 )
 from customs_edge.simulators.gate_world import GateWorld, WorldParams
-
-RATES = {v: k for k, v in RATE_ARGS.items()}
+from customs_edge.simulators.wire import gymcu90640 as module
+from customs_edge.simulators.wire import passage as beams
 
 
 class WorldClock:
@@ -67,7 +56,7 @@ class WorldClock:
         with self.lock:
             pixels = self.world.render(np.array([t]))[0]
             ambient = self.world.sensor_ambient(t)
-        return encode(pixels, ambient)
+        return module.frame(pixels, ambient)
 
     def events(self, t_from: float, t_to: float) -> list[tuple[float, str, int]]:
         with self.lock:
@@ -96,7 +85,7 @@ class ThermalSim(DeviceSim):
         super().__init__(self.gfaults)
         self.clock = clock
         self.rate_hz = rate_hz
-        self.min_period = FRAME_LEN * 10 / baudrate  # 8N1: ten bits a byte
+        self.min_period = module.FRAME_BYTES * 10 / baudrate  # 8N1: ten bits a byte
         self.autostart = autostart
         self.sent = 0
         self.commands: list[tuple[int, int]] = []
@@ -106,34 +95,20 @@ class ThermalSim(DeviceSim):
 
     def serve(self, conn: Conn, stop: threading.Event) -> None:
         streaming = self.autostart
-        pending = b""
+        pending = bytearray()
         last: bytes | None = None
         next_t = time.monotonic()
         while not stop.is_set() and not conn.closed:
             wait = max(0.0, next_t - time.monotonic()) if streaming else 0.05
-            data = conn.read(min(wait, 0.05))
+            pending += conn.read(min(wait, 0.05))
             query = False
-            if data:
-                pending += data
-                while len(pending) >= 4:
-                    i = pending.find(b"\xa5")
-                    if i < 0:
-                        pending = b""
-                        break
-                    cmd = parse_command(pending[i:i + 4])
-                    if cmd is None:
-                        if len(pending) - i < 4:
-                            pending = pending[i:]
-                            break
-                        pending = pending[i + 1:]
-                        continue
-                    pending = pending[i + 4:]
-                    self.commands.append(cmd)
-                    if cmd[0] == CMD_MODE:
-                        streaming = cmd[1] == MODE_AUTO
-                        query = cmd[1] == MODE_QUERY
-                    elif cmd[0] == CMD_RATE and cmd[1] in RATES:
-                        self.rate_hz = RATES[cmd[1]]
+            for cmd, arg in module.commands(pending):
+                self.commands.append((cmd, arg))
+                if cmd == module.OUTPUT:
+                    streaming = arg == module.AUTOMATIC
+                    query = arg == module.QUERY
+                elif cmd == module.RATE and arg in module.RATE_HZ:
+                    self.rate_hz = module.RATE_HZ[arg]
             now = time.monotonic()
             if not (query or (streaming and now >= next_t)):
                 continue
@@ -170,10 +145,10 @@ class PassageSim(DeviceSim):
             for _, kind, _ in self.clock.events(self._t, t_now):
                 if kind == "entry":
                     self.entries += 1
-                    self.log.append(encode_event("entry", self.entries))
+                    self.log.append(beams.beam("entry", self.entries))
                 else:
                     self.exits += 1
-                    self.log.append(encode_event("exit", self.exits))
+                    self.log.append(beams.beam("exit", self.exits))
             self._t = t_now
             return len(self.log)
 
@@ -191,7 +166,7 @@ class PassageSim(DeviceSim):
             mono = time.monotonic()
             if mono - last_hb >= 1.0:
                 last_hb = mono
-                conn.write(encode_heartbeat(self.entries, self.exits))
+                conn.write(beams.heartbeat(self.entries, self.exits))
 
 
 class GateSim:

@@ -12,12 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from customs_edge.drivers.analyser import AnalyserResult, encode_result, encode_status
-from customs_edge.drivers.modbus import FUNCTION, crc16, encode_value
-from customs_edge.drivers.mtsics import EOL, format_weight
 from customs_edge.simulators.base import Conn, DeviceSim, Faults
 from customs_edge.simulators.ore_world import OreWorld
+from customs_edge.simulators.wire import analyser as analyser_wire
+from customs_edge.simulators.wire import modbus as rtu
+from customs_edge.simulators.wire import mtsics as sics
 
 Tables = dict[str, dict[int, int]]  # table name -> address -> register word (or 0/1 for bits)
 
@@ -31,11 +32,14 @@ class SlaveFaults:
     crc_next: int = 0  # damage the CRC of the next n replies
     exception_next: int = 0  # answer the next n requests with an exception
     exception_code: int = 4  # slave device failure
+    late_next: int = 0  # answer the next n requests late: after the master gave up waiting
+    late_by_s: float = 0.5  # how long after its request a late reply goes out
     timeout_rate: float = 0.0
     crc_rate: float = 0.0
     withheld: int = 0
     damaged: int = 0
     exceptions: int = 0
+    late: int = 0
 
 
 @dataclass
@@ -49,14 +53,16 @@ class SlaveModel:
     requests: int = 0
 
 
-def put(table: dict[int, int], address: int, dtype: str, value: float | int | bool, word_order: str = "big") -> None:
-    for i, w in enumerate(encode_value(dtype, value, word_order)):  # type: ignore[arg-type]
+def put(table: dict[int, int], address: int, dtype: str, value: float | int,
+        word_order: Literal["big", "little"] = "big") -> None:
+    for i, w in enumerate(rtu.registers(dtype, value, word_order)):
         table[address + i] = w
 
 
 class ModbusLineSim(DeviceSim):
     """An RS-485 line with one or more slaves answering Modbus RTU read requests (FC 1-4).
-    Requests with a bad CRC or for an absent slave get no reply, as on a real line."""
+    Requests with a bad CRC or for an absent slave get no reply, as on a real line. A late reply
+    (SlaveFaults.late_next) goes out late_by_s after its request, and replies keep their order."""
 
     def __init__(self, slaves: list[SlaveModel], faults: Faults | None = None, seed: int | None = None) -> None:
         super().__init__(faults)
@@ -83,29 +89,20 @@ class ModbusLineSim(DeviceSim):
             return None
         fc = frame[1]
         address, count = struct.unpack(">HH", frame[2:6])
-        tables = slave.tables()
-        table = {v: k for k, v in FUNCTION.items()}.get(fc)
+        table = rtu.FUNCTIONS.get(fc)
+        image = slave.tables().get(table or "", {})
         if f.exception_next > 0:
             f.exception_next -= 1
             f.exceptions += 1
-            body = bytes([slave.id, fc | 0x80, f.exception_code])
+            reply = rtu.exception_reply(slave.id, fc, f.exception_code)
         elif table is None:
-            body = bytes([slave.id, fc | 0x80, 1])  # illegal function
-        elif not (1 <= count <= (2000 if fc <= 2 else 125)):
-            body = bytes([slave.id, fc | 0x80, 3])  # illegal data value
-        elif any(a not in tables.get(table, {}) for a in range(address, address + count)):
-            body = bytes([slave.id, fc | 0x80, 2])  # illegal data address
-        elif fc <= 2:
-            bits = [tables[table][a] for a in range(address, address + count)]
-            data = bytearray((count + 7) // 8)
-            for i, b in enumerate(bits):
-                if b:
-                    data[i // 8] |= 1 << (i % 8)
-            body = bytes([slave.id, fc, len(data)]) + bytes(data)
+            reply = rtu.exception_reply(slave.id, fc, rtu.ILLEGAL_FUNCTION)
+        elif not 1 <= count <= rtu.MAX_QUANTITY[fc]:
+            reply = rtu.exception_reply(slave.id, fc, rtu.ILLEGAL_DATA_VALUE)
+        elif any(a not in image for a in range(address, address + count)):
+            reply = rtu.exception_reply(slave.id, fc, rtu.ILLEGAL_DATA_ADDRESS)
         else:
-            words = [tables[table][a] for a in range(address, address + count)]
-            body = bytes([slave.id, fc, 2 * count]) + b"".join(w.to_bytes(2, "big") for w in words)
-        reply = body + crc16(body)
+            reply = rtu.read_reply(slave.id, fc, [image[a] for a in range(address, address + count)])
         if f.crc_next > 0 or (f.crc_rate and self.rng.random() < f.crc_rate):
             f.crc_next = max(0, f.crc_next - 1)
             f.damaged += 1
@@ -122,9 +119,12 @@ class ModbusLineSim(DeviceSim):
     def serve(self, conn: Conn, stop: threading.Event) -> None:
         buf = bytearray()
         last = time.monotonic()
+        outbox: list[tuple[float, bytes]] = []  # (when, reply): late replies wait here, in order
         while not stop.is_set() and not conn.closed:
-            data = conn.read(0.05)
+            data = conn.read(min(0.05, max(0.0, outbox[0][0] - time.monotonic())) if outbox else 0.05)
             now = time.monotonic()
+            while outbox and outbox[0][0] <= now:
+                conn.write(outbox.pop(0)[1])
             if not data:
                 if buf and now - last > 0.05:  # a gap ends a frame: drop a fragment
                     self.bad_requests += 1
@@ -137,13 +137,23 @@ class ModbusLineSim(DeviceSim):
                 if not n or len(buf) < n:
                     break
                 frame = bytes(buf[:n])
-                if crc16(frame[:-2]) != frame[-2:]:
+                if rtu.crc16(frame[:-2]) != frame[-2:]:
                     self.bad_requests += 1
                     del buf[:1]  # hunt for the next frame start
                     continue
                 del buf[:n]
                 reply = self.respond(frame)
-                if reply is not None and not self.faults.paused:
+                if reply is None or self.faults.paused:
+                    continue
+                f = self.slaves[frame[0]].faults
+                due = now
+                if f.late_next > 0:
+                    f.late_next -= 1
+                    f.late += 1
+                    due += f.late_by_s
+                if outbox or due > now:  # one reply at a time on the line, in the order asked
+                    outbox.append((max(due, outbox[-1][0] if outbox else due), self.faults.mangle(reply)))
+                else:
                     conn.write(self.faults.mangle(reply))
 
 
@@ -262,33 +272,36 @@ class SicsBalanceSim(DeviceSim):
         try:
             cmd = line.decode("ascii")
         except UnicodeDecodeError:
-            return b"ET" + EOL
+            return sics.TRANSMISSION_ERROR
         if not cmd.isprintable():
-            return b"ET" + EOL
+            return sics.TRANSMISSION_ERROR
         weight, motion = self.bench.sample()
         net = weight - self.bench.zero_offset
         if cmd in ("S", "SI"):
             if net > self.bench.capacity_g:
-                return b"S +" + EOL
+                return sics.status("S", "+")
             if net < -self.bench.capacity_g * 0.02:
-                return b"S -" + EOL
+                return sics.status("S", "-")
             if cmd == "S" and motion:
-                return b"S I" + EOL  # no stable value within the balance's own timeout
-            return format_weight(net, "g", stable=not motion)
-        if cmd in ("Z", "ZI"):
-            if cmd == "Z" and motion:
-                return b"Z I" + EOL
+                return sics.status("S", "I")  # no stable value within the balance's own timeout
+            return sics.weight(net, "g", stable=not motion)
+        if cmd == "Z":
+            if motion:
+                return sics.status("Z", "I")
             if abs(weight) > self.bench.capacity_g * 0.02:
-                return b"Z +" + EOL  # outside the zero-setting range
+                return sics.status("Z", "+")  # outside the zero-setting range
             self.bench.zero_offset = weight
-            return b"Z A" + EOL
+            return sics.status("Z", "A")
+        if cmd == "ZI":  # zero immediately: done, under stable (S) or dynamic (D) conditions
+            if abs(weight) > self.bench.capacity_g * 0.02:
+                return sics.status("ZI", "+")
+            self.bench.zero_offset = weight
+            return sics.status("ZI", "D" if motion else "S")
         if cmd in ("@", "I4"):
             if cmd == "@":
                 self.bench.zero_offset = 0.0
-            return f'I4 A "{self.SERIAL}"'.encode() + EOL
-        if cmd == "":
-            return b"ES" + EOL
-        return b"ES" + EOL
+            return sics.serial_number(self.SERIAL)
+        return sics.SYNTAX_ERROR
 
     def serve(self, conn: Conn, stop: threading.Event) -> None:
         buf = bytearray()
@@ -332,13 +345,12 @@ class AnalyserSim(DeviceSim):
                 continue
             for r in self.world.results_after(last):
                 last = r.seq
-                block = encode_result(AnalyserResult(
-                    seq=r.seq, ts=r.ts, interval_s=r.interval_s, tonnes=r.tonnes, status=r.status,
-                    assays=r.own, live_time_s=r.interval_s, kev_per_channel=10_000.0 / len(r.counts),
-                    offset_kev=0.0, counts=r.counts))
+                block = analyser_wire.result(
+                    r.seq, r.ts, r.interval_s, r.tonnes, r.status, r.own, r.counts.astype(int).tolist(),
+                    live_time_s=r.interval_s, kev_per_channel=10_000.0 / len(r.counts))
                 conn.write(self.faults.mangle(block))
                 self.sent += 1
             now = time.monotonic()
             if now >= next_stat:
                 next_stat = now + self.stat_every_s
-                conn.write(encode_status(time.time(), "RUN", 31.5 + random.uniform(-0.3, 0.3)))
+                conn.write(analyser_wire.status_line(time.time(), "RUN", 31.5 + random.uniform(-0.3, 0.3)))

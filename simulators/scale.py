@@ -2,7 +2,9 @@
 
 The world: a platform that is empty, then loaded (a few seconds of motion while the load settles),
 stable for a while, then unloaded. Frames go out continuously at `rate` per second (a real indicator
-at 9600 baud sends ~50/s) with or without the checksum byte.
+at 9600 baud sends ~50/s) with or without the checksum byte. A load above the platform's capacity
+sets the out-of-range bit; `ScaleSim.power_up` sets "powered up, not zeroed" (status B bit 6). The
+frames are written by simulators/wire/toledo.py, from the format's documentation.
 
     customs-edge simulate scale [--rate 50] [--checksum on|off] [--corrupt-rate 0.01] [--link /tmp/scale0]
 prints {"urls": {"scale": {"pty": "/dev/pts/N", "socket": "socket://127.0.0.1:P"}}} and runs until stopped.
@@ -16,7 +18,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-from customs_edge.drivers.toledo import encode
 from customs_edge.simulators.base import (
     Conn,
     DeviceSim,
@@ -25,6 +26,7 @@ from customs_edge.simulators.base import (
     endpoints_from_args,
     run_until_signalled,
 )
+from customs_edge.simulators.wire import toledo
 
 
 class ScaleWorld:
@@ -37,9 +39,16 @@ class ScaleWorld:
         self.t0 = time.monotonic()
         self._load = 0.0
         self._cycle = -1
+        self._forced: tuple[float, bool] | None = None
+
+    def force(self, weight_kg: float | None, motion: bool = False) -> None:
+        """Pin the platform's weight (tests); None resumes the cycles."""
+        self._forced = None if weight_kg is None else (weight_kg, motion)
 
     def sample(self, now: float) -> tuple[float, bool]:
         """(displayed weight in kg, motion) at monotonic time `now`."""
+        if self._forced is not None:
+            return self._forced
         t = now - self.t0
         cycle, phase = divmod(t, self.cycle_s)
         if int(cycle) != self._cycle:
@@ -63,13 +72,16 @@ class ScaleSim(DeviceSim):
         self.world = world
         self.period = 1.0 / rate_hz
         self.with_checksum = with_checksum
+        self.power_up = False  # powered up and not zeroed yet: status B bit 6
         self.sent = 0
         self._lock = threading.Lock()
 
     def frame(self, now: float) -> bytes:
         with self._lock:
             weight, motion = self.world.sample(now)
-        return encode(weight, 0.0, decimals=2, unit="kg", motion=motion, with_checksum=self.with_checksum)
+        over = weight > self.world.capacity
+        return toledo.frame(min(weight, 9999.99), 0.0, decimals=2, unit="kg", motion=motion, over_range=over,
+                            power_up=self.power_up, checksum=self.with_checksum)
 
     def serve(self, conn: Conn, stop: threading.Event) -> None:
         next_t = time.monotonic()

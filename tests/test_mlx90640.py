@@ -14,8 +14,14 @@ from hypothesis import strategies as st
 
 from customs_edge.core.errors import DriverFault, DriverSilent
 from customs_edge.drivers.mlx90640 import (
+    BAUD_ARGS,
+    CMD_MODE,
+    CMD_RATE,
     COLS,
     FRAME_LEN,
+    MODE_AUTO,
+    MODE_QUERY,
+    RATE_ARGS,
     ROWS,
     DeadPixels,
     Mlx90640Config,
@@ -25,11 +31,11 @@ from customs_edge.drivers.mlx90640 import (
     checksum,
     command,
     encode,
-    parse_command,
 )
 from customs_edge.simulators.base import Endpoints
 from customs_edge.simulators.gate import GateSim
 from customs_edge.simulators.gate_world import WorldParams
+from customs_edge.simulators.wire import gymcu90640 as module
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "gate"
 
@@ -56,9 +62,9 @@ def parse_all(p: Mlx90640Parser, data: bytes, chunk: int = 0) -> list:
 def test_commands_match_the_module_manual_bytes() -> None:
     assert command(0x35, 0x02) == bytes.fromhex("A53502DC")  # automatic output
     assert command(0x35, 0x01) == bytes.fromhex("A53501DB")  # query one frame
-    assert command(0x25, 0x01) == bytes.fromhex("A52501CB")  # 4 Hz
-    assert parse_command(bytes.fromhex("A53502DC")) == (0x35, 0x02)
-    assert parse_command(bytes.fromhex("A53502DD")) is None
+    assert command(0x25, 0x01) == bytes.fromhex("A52501CB")  # 1 Hz (the manual; see commands.txt)
+    assert module.commands(bytearray.fromhex("A53502DC")) == [(0x35, 0x02)]  # the simulator reads them back
+    assert module.commands(bytearray.fromhex("A53502DD")) == []  # a wrong sum is ignored
 
 
 def test_frame_layout_and_checksum_rule_by_hand() -> None:
@@ -217,7 +223,7 @@ def test_driver_starts_the_module_and_reads_frames(kind: str) -> None:
         finally:
             drv.close()
     assert len(readings) == 5
-    assert (0x25, 0x01) in sim.thermal.commands and (0x35, 0x02) in sim.thermal.commands
+    assert (0x25, 0x03) in sim.thermal.commands and (0x35, 0x02) in sim.thermal.commands  # 4 Hz
     r = readings[0]
     assert r.kind == "thermal_frame" and r.source == "thermal"
     assert r.array is not None and r.array.shape == (24, 32)
@@ -292,3 +298,65 @@ def test_a_flood_of_false_headers_is_one_corrupt_frame_not_one_per_byte() -> Non
     while p.next() is not None:
         frames += 1
     assert frames == 3 and p.corrupt == 1
+
+
+# --- the module's command table, read from its manual, and the frame rate it really runs at -------------
+def manual_commands() -> list[tuple[bytes, str, str]]:
+    rows = [line.split("\t") for line in (FIX / "commands.txt").read_text().splitlines() if not line.startswith("#")]
+    return [(bytes.fromhex(b), setting, value) for b, setting, value in rows]
+
+
+@pytest.mark.parametrize(("raw", "setting", "value"), manual_commands())
+def test_commands_are_the_manual_bytes_in_the_driver_and_in_the_simulator(raw: bytes, setting: str,
+                                                                            value: str) -> None:
+    code, arg = raw[1], raw[2]
+    assert module.command(code, arg) == raw and module.commands(bytearray(raw)) == [(code, arg)]
+    if setting == "rate_hz":
+        assert command(CMD_RATE, RATE_ARGS[float(value)]) == raw
+        assert module.RATE_HZ[arg] == float(value)
+    elif setting == "baudrate":
+        assert command(0x15, BAUD_ARGS[int(value)]) == raw and module.BAUD_RATES[arg] == int(value)
+    else:
+        assert command(CMD_MODE, {"query": MODE_QUERY, "automatic": MODE_AUTO}[value]) == raw
+
+
+def count_frames(drv: Mlx90640Serial, seconds: float) -> list[DriverFault]:
+    """Read for `seconds`; the DriverFaults raised on the way."""
+    faults: list[DriverFault] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            drv.read()
+        except DriverFault as exc:
+            faults.append(exc)
+    return faults
+
+
+def test_configured_8_hz_makes_the_module_send_8_frames_a_second() -> None:
+    sim = GateSim(6, speed=1.0, rate_hz=1.0)
+    with Endpoints(sim.thermal, use_pty=True, tcp_port=None) as urls:
+        drv = Mlx90640Serial("thermal", Mlx90640Config(port=urls["pty"], rate_hz=8, rate_window_s=2.0))
+        drv.open()
+        try:
+            faults = count_frames(drv, 4.5)
+        finally:
+            drv.close()
+    assert (CMD_RATE, 0x04) in sim.thermal.commands and sim.thermal.rate_hz == 8.0
+    assert faults == [] and drv.stats.extra["rate_low"] == 0
+    assert 6000 <= drv.stats.extra["frame_rate_mhz"] <= 10000  # measured over the last 2 s window
+
+
+def test_a_module_slower_than_rate_hz_is_reported_once() -> None:
+    """A module left at 2 Hz (commands not sent) while 8 Hz is configured: one DriverFault that says so
+    after the first window, then only a counter."""
+    sim = GateSim(6, speed=1.0, rate_hz=2.0, autostart=True)
+    with Endpoints(sim.thermal, use_pty=True, tcp_port=None) as urls:
+        drv = Mlx90640Serial("thermal", Mlx90640Config(port=urls["pty"], rate_hz=8, send_commands=False,
+                                                       rate_window_s=1.5))
+        drv.open()
+        try:
+            faults = count_frames(drv, 5.5)
+        finally:
+            drv.close()
+    assert len(faults) == 1 and "frames/s" in str(faults[0]) and "rate_hz 8" in str(faults[0])
+    assert drv.stats.extra["rate_low"] >= 2 and 1500 <= drv.stats.extra["frame_rate_mhz"] <= 2500

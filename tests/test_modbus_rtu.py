@@ -4,7 +4,9 @@ a dead line, and bytes damaged on the wire."""
 
 from __future__ import annotations
 
+import json
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -25,6 +27,7 @@ from customs_edge.drivers.modbus import (
 )
 from customs_edge.simulators.base import Endpoints, Faults
 from customs_edge.simulators.ore_devices import ModbusLineSim, SlaveModel
+from customs_edge.simulators.wire import modbus as rtu
 
 
 class Registers:
@@ -257,3 +260,96 @@ def test_config_refuses_mismatched_type_and_duplicates() -> None:
     with pytest.raises(ValidationError):
         ModbusRtuConfig(port="/dev/null", slaves=[{"name": "a", "id": 1, "points": [
             {"name": "x", "address": 0, "scaling": 2}]}])
+
+
+# --- late replies: RTU has no transaction id, so the line is drained after a timeout ------------------------
+SPLIT = [{"name": "a", "table": "holding", "address": 0}, {"name": "b", "table": "holding", "address": 100}]
+
+
+@pytest.fixture(params=["pty", "socket"])
+def split_line(request: pytest.FixtureRequest):
+    """One slave whose two points are read by two requests of the same shape (function 3, one register)."""
+    slave = SlaveModel(1, "weigher", lambda: {"holding": {0: 111, 100: 222}})
+    sim = ModbusLineSim([slave], Faults(seed=4), seed=4)
+    with Endpoints(sim) as urls:
+        yield slave, ModbusRtuConfig(port=urls[request.param], parity="N", read_timeout_s=0.2, retries=0,
+                                     fail_after=1000, slaves=[{"name": "weigher", "id": 1,
+                                                               "poll_interval_s": 0.01, "points": SPLIT}])
+
+
+def test_replies_later_than_the_timeout_never_land_on_the_next_request(split_line) -> None:
+    """A slave that always answers 0.3 s after a 0.2 s timeout: without draining, each request reads the
+    previous request's reply and a and b swap silently. Every poll must fail as a timeout instead."""
+    slave, cfg = split_line
+    slave.faults.late_next, slave.faults.late_by_s = 1000, 0.3
+    with ModbusRtu("belt_weigher", cfg) as d:
+        readings = [r for _ in range(8) if (r := d.read()) is not None]
+        assert d.stats.extra["drained"] > 0
+    assert len(readings) >= 6 and slave.faults.late >= 6
+    assert [(r.values["a"], r.values["b"]) for r in readings if r.kind == "registers"] == []  # no swapped values
+    assert all("timeout" in str(r.values["error"]) for r in readings)
+
+
+def test_after_one_late_reply_the_values_stay_in_place(split_line) -> None:
+    slave, cfg = split_line
+    slave.faults.late_next, slave.faults.late_by_s = 1, 0.3
+    with ModbusRtu("belt_weigher", cfg) as d:
+        readings = [r for _ in range(10) if (r := d.read()) is not None]
+    assert readings[0].kind == "slave_error" and "timeout" in str(readings[0].values["error"])
+    good = [(r.values["a"], r.values["b"]) for r in readings if r.kind == "registers"]
+    assert len(good) >= 8 and set(good) == {(111, 222)}
+
+
+class Scripted(ModbusLineSim):
+    """Answers every request with the next scripted reply (each a whole frame with a valid CRC)."""
+
+    def __init__(self, replies: list[bytes]) -> None:
+        super().__init__([])
+        self.replies = replies
+
+    def serve(self, conn, stop) -> None:  # type: ignore[no-untyped-def]
+        while not stop.is_set() and not conn.closed:
+            if conn.read(0.05) and self.replies:
+                conn.write(self.replies.pop(0))
+
+
+@pytest.mark.parametrize(("reply", "counter"), [
+    (rtu.read_reply(2, 3, [111]), "wrong_slave"),             # another slave's reply
+    (rtu.read_reply(1, 4, [111]), "wrong_slave"),             # another function's reply
+    (rtu.frame(bytes([1, 3, 4, 0, 111])), "wrong_count"),     # byte count 4 for one register, CRC good
+    (rtu.frame(bytes([1, 3, 1, 0, 111])), "wrong_count"),     # byte count 1, CRC good
+])
+def test_a_reply_that_does_not_match_the_request_is_refused_and_counted(reply: bytes, counter: str) -> None:
+    with Endpoints(Scripted([reply, rtu.read_reply(1, 3, [111])]), use_pty=False) as urls:
+        cfg = ModbusRtuConfig(port=urls["socket"], parity="N", read_timeout_s=0.2, retries=1, slaves=[
+            {"name": "weigher", "id": 1, "points": [{"name": "a", "table": "holding", "address": 0}]}])
+        with ModbusRtu("belt_weigher", cfg) as d:
+            r = d.read() or d.read()
+    assert r is not None and r.kind == "registers" and r.values["a"] == 111  # the retry got the right reply
+    assert d.stats.extra[counter] == 1 and d.stats.corrupt == 1
+
+
+# --- a published exchange, read by the driver and written by the simulator independently --------------------
+EXAMPLE = json.loads((Path(__file__).parent / "fixtures" / "modbus" / "read_holding_example.json").read_text())
+
+
+def test_the_published_exchange_is_what_the_driver_sends_and_decodes() -> None:
+    req, reply = (bytes.fromhex(EXAMPLE[k]["hex"]) for k in ("request", "reply"))
+    slave, address, count = EXAMPLE["request"]["slave"], EXAMPLE["request"]["address"], EXAMPLE["request"]["count"]
+    assert build_request(slave, Block("holding", address, count, ())) == req
+    points = [{"name": f"r{i}", "table": "holding", "address": address + i} for i in range(count)]
+    with Endpoints(Scripted([reply]), use_pty=False) as urls:
+        cfg = ModbusRtuConfig(port=urls["socket"], parity="N", slaves=[{"name": "s", "id": slave, "points": points}])
+        with ModbusRtu("line", cfg) as d:
+            r = d.read() or d.read()
+    assert r is not None and r.kind == "registers"
+    assert [r.values[f"r{i}"] for i in range(count)] == EXAMPLE["reply"]["registers"]
+
+
+def test_the_published_exchange_is_what_the_simulator_answers() -> None:
+    req, reply = (bytes.fromhex(EXAMPLE[k]["hex"]) for k in ("request", "reply"))
+    assert rtu.crc16(req[:-2]) == req[-2:]
+    address, words = EXAMPLE["request"]["address"], EXAMPLE["reply"]["registers"]
+    slave = SlaveModel(EXAMPLE["request"]["slave"], "s",
+                       lambda: {"holding": {address + i: w for i, w in enumerate(words)}})
+    assert ModbusLineSim([slave]).respond(req) == reply

@@ -4,13 +4,17 @@ garbled replies, error replies, overload and a silent balance."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
+from customs_edge.agent.apps.scale import ScaleApp, ScaleAppConfig
 from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.core.records import RecordIn
 from customs_edge.drivers.mtsics import MtSics, MtSicsConfig, format_weight, parse_reply
 from customs_edge.simulators.base import Endpoints, Faults
 from customs_edge.simulators.ore_devices import Bench, SicsBalanceSim
+from customs_edge.simulators.wire import mtsics as sics
 
 
 @pytest.fixture(params=["pty", "socket"])
@@ -156,3 +160,72 @@ def test_format_round_trip() -> None:
         assert r is not None and r.weight == pytest.approx(w)
     with pytest.raises(ValueError):
         format_weight(1e12)
+
+
+# --- the manual's reply codes, read by the driver and written by the simulator independently ------------
+MANUAL = Path(__file__).parent / "fixtures" / "mtsics" / "manual_replies.txt"
+
+
+def manual_replies() -> list[tuple[str, ...]]:
+    return [tuple(line.split("\t")) for line in MANUAL.read_text().splitlines() if not line.startswith("#")]
+
+
+@pytest.mark.parametrize(("reply", "kind", "command", "status", "weight", "unit"), manual_replies())
+def test_manual_replies_parse_and_the_simulator_writes_them(reply: str, kind: str, command: str, status: str,
+                                                            weight: str, unit: str) -> None:
+    r = parse_reply(reply.encode())
+    assert r is not None and (r.kind, r.status, r.weight) == (kind, status, float(weight) if weight else None)
+    if kind == "weight":
+        written = sics.weight(float(weight), unit, stable=status == "S", decimals=len(weight.partition(".")[2]))
+    elif kind == "status":
+        written = sics.status(command, status)
+    else:
+        written = {"ES": sics.SYNTAX_ERROR, "ET": sics.TRANSMISSION_ERROR, "EL": sics.LOGICAL_ERROR}[status]
+    assert written == reply.encode() + b"\r\n"
+
+
+@pytest.mark.parametrize("line", [b"S A", b"S D", b"S S", b"Z D", b"Z S", b"SI I", b"ZI A", b"S  I"])
+def test_status_codes_the_manual_does_not_give_a_command_are_garbled(line: bytes) -> None:
+    assert parse_reply(line) is None
+
+
+def feed_app(app: ScaleApp, d: MtSics, n: int) -> list[RecordIn]:
+    out: list[RecordIn] = []
+    for _ in range(n):
+        out += app.feed(first(d))
+    return out
+
+
+def test_busy_replies_to_s_are_not_still_so_the_settled_load_is_reported(balance) -> None:
+    """With `command: S` a moving balance answers 'S I' (no stable value in time). Busy is no value and
+    not stable: the settle count restarts, and the load that then settles is reported as a weighing."""
+    _, bench, url = balance
+    app = ScaleApp("scale-1", ScaleAppConfig(settle_frames=3, min_weight=1.0))
+    bench.force(800.0, motion=True)
+    with make(url, command="S") as d:
+        busy = first(d)
+        assert busy.values["weight"] is None and busy.values["motion"] is True and busy.values["busy"] is True
+        records = feed_app(app, d, 6)
+        bench.force(1234.56)
+        records += feed_app(app, d, 6)
+    assert [r.payload["weight"] for r in records if r.type == "weighing"] == [pytest.approx(1234.56)]
+
+
+def test_overload_and_underload_are_flagged_and_never_averaged_as_a_weight(balance) -> None:
+    _, bench, url = balance
+    app = ScaleApp("scale-1", ScaleAppConfig(settle_frames=3, min_weight=1.0))
+    with make(url) as d:
+        bench.force(1000.0)
+        records = feed_app(app, d, 4)
+        bench.force(9000.0)
+        over = first(d)
+        assert (over.values["overload"], over.values["underload"], over.values["out_of_range"]) == (True, False, True)
+        records += app.feed(over) + feed_app(app, d, 3)
+        bench.force(-500.0)
+        under = first(d)
+        assert (under.values["overload"], under.values["underload"], under.values["weight"]) == (False, True, None)
+        records += app.feed(under)
+    summary = app.close()[0].payload
+    assert [r.payload["weight"] for r in records if r.type == "weighing"] == [pytest.approx(1000.0)]
+    assert summary["out_of_range"] == 5
+    assert summary["min"] == summary["max"] == summary["mean"] == pytest.approx(1000.0)  # no 0 kg from an overload

@@ -15,6 +15,7 @@ from customs_edge.drivers.modbus import ModbusRtu, ModbusRtuConfig, build_reques
 from customs_edge.drivers.mtsics import parse_reply
 from customs_edge.simulators.base import Conn, Endpoints
 from customs_edge.simulators.ore_devices import ModbusLineSim
+from customs_edge.simulators.wire import analyser as analyser_wire
 
 FIX = Path(__file__).parent / "fixtures" / "ore"
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +32,11 @@ def test_analyser_block_fixture_parses_and_re_encodes_identically() -> None:
     assert result.assays == pytest.approx(meta["own"], abs=1e-3)
     assert float(result.counts.sum()) == meta["counts_sum"] and result.counts.shape == (1024,)
     assert data.startswith(encode_result(result))  # the encoder still writes the documented format
+    # and so does the simulator's own encoder (simulators/wire/analyser.py never imports the driver)
+    assert data == analyser_wire.result(
+        result.seq, result.ts, result.interval_s, result.tonnes, result.status, result.assays,
+        result.counts.astype(int).tolist(), result.live_time_s, result.kev_per_channel,
+        result.offset_kev) + analyser_wire.status_line(status.ts, status.state, status.detector_c)
 
 
 def test_shipped_model_reads_the_fixture_spectrum() -> None:

@@ -18,6 +18,7 @@ from customs_edge.drivers.passage import (
 from customs_edge.simulators.base import Endpoints
 from customs_edge.simulators.gate import GateSim
 from customs_edge.simulators.gate_world import WorldParams
+from customs_edge.simulators.wire import passage as beams
 
 
 def events(p: PassageParser, data: bytes) -> list:
@@ -104,3 +105,14 @@ def test_driver_heartbeat_keeps_an_empty_lane_alive_and_silence_faults() -> None
                     drv.read()
         finally:
             drv.close()
+
+
+def test_the_simulators_lines_are_the_documented_ones_and_the_driver_reads_them() -> None:
+    """docs/gate.md's line format, written by simulators/wire/passage.py (which never imports the driver)."""
+    assert beams.beam("entry", 12) == b"IN,12\r\n" and beams.beam("exit", 1_000_003) == b"OUT,3\r\n"
+    assert beams.heartbeat(1_000_001, 7) == b"HB,1,7\r\n"
+    p = PassageParser()
+    got = events(p, beams.beam("entry", 1) + beams.beam("exit", 1) + beams.heartbeat(1, 1) + beams.beam("entry", 3))
+    assert [(e.kind, e.count, e.lost) for e in got] == [("entry", 1, 0), ("exit", 1, 0), ("heartbeat", 1, 0),
+                                                         ("entry", 3, 1)]
+    assert p.corrupt == 0

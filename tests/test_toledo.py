@@ -6,27 +6,36 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from customs_edge.agent.apps.scale import ScaleApp, ScaleAppConfig
 from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.core.records import Reading
 from customs_edge.drivers.toledo import ToledoConfig, ToledoContinuous, ToledoParser, checksum, decode, encode
 from customs_edge.simulators.base import Endpoints, Faults
 from customs_edge.simulators.scale import ScaleSim, ScaleWorld
+from customs_edge.simulators.wire import toledo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "toledo" / "frames.txt"
 
 
-def captured() -> list[tuple[bytes, dict[str, object]]]:
+def fixture_frames() -> list[tuple[bytes, dict[str, object], dict[str, int]]]:
+    """(frame, its decoded fields, the encoder settings the frame implies) per fixture line."""
     out = []
     for line in FIXTURES.read_text().splitlines():
         if line.startswith("#") or not line.strip():
             continue
-        hexpart, _, expected = line.partition("|")
-        out.append((bytes.fromhex(hexpart), json.loads(expected)))
+        hexpart, expected, settings = line.split("|")
+        out.append((bytes.fromhex(hexpart), json.loads(expected), json.loads(settings)))
     return out
+
+
+def captured() -> list[tuple[bytes, dict[str, object]]]:
+    return [(frame, expected) for frame, expected, _ in fixture_frames()]
 
 
 def parse_all(data: bytes, mode: str = "auto") -> tuple[list[dict[str, object]], ToledoParser]:
@@ -216,3 +225,69 @@ def test_a_backlog_in_one_read_is_decoded_not_trimmed() -> None:
     backlog = b"".join(encode(i / 100, with_checksum=True) for i in range(1, 1001))  # 18 kB
     got, p = parse_all(backlog, "auto")
     assert len(got) == 1000 and p.corrupt == 0
+
+
+# --- status bits: power-up not zeroed, over range ---------------------------------------------------------
+@pytest.mark.parametrize(("frame", "expected", "settings"), fixture_frames())
+def test_the_simulator_writes_each_fixture_frame_from_its_fields(frame: bytes, expected: dict[str, Any],
+                                                                 settings: dict[str, int]) -> None:
+    e = expected
+    assert toledo.frame(e["weight"], e["tare"], unit=e["unit"], net=e["net"], motion=e["motion"],
+                        over_range=e["out_of_range"], power_up=e["power_up_not_zeroed"], **settings) == frame
+
+
+def test_a_power_up_frame_is_accepted_and_flagged_not_corrupt() -> None:
+    """Status B bit 6 ("power-up, not zeroed") is a state of a valid frame; bit 6 of status A or C is not."""
+    sim = ScaleSim(ScaleWorld(seed=1), rate_hz=100)
+    sim.world.force(0.57)
+    sim.power_up = True
+    with Endpoints(sim, tcp_port=None) as urls:
+        d = _driver(urls["pty"])
+        d.open()
+        try:
+            values = _read_n(d, 10)
+        finally:
+            d.close()
+    assert len(values) == 10 and d.stats.corrupt <= 1  # at most the frame cut when the port opened
+    assert all(v["power_up_not_zeroed"] is True and v["weight"] == pytest.approx(0.57) for v in values)
+    frame = bytearray(toledo.frame(1.0))
+    for status_byte in (1, 3):  # A and C: bit 6 is always 0
+        bad = bytearray(frame)
+        bad[status_byte] |= 0x40
+        bad[17] = checksum(bytes(bad[:17]))
+        assert decode(bytes(bad[:17]), with_checksum=True) is None
+
+
+def _readings_once(d: ToledoContinuous, settled: Any, n: int, timeout: float = 10.0) -> list[Reading]:
+    """The first n readings from the one for which settled(values) holds (frames already on the line
+    when the simulated load changed are skipped)."""
+    out: list[Reading] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        r = d.read()
+        if r is not None and (out or settled(r.values)):
+            out.append(r)
+    assert len(out) == n, f"{len(out)} of {n} readings"
+    return out
+
+
+def test_an_over_range_reading_is_flagged_and_never_a_weighing() -> None:
+    """A load over capacity sets status B bit 2: the reading says out of range and the scale app reports
+    no weighing from it (nor averages it); the load that follows within range is reported."""
+    sim = ScaleSim(ScaleWorld(seed=1, capacity_kg=60.0), rate_hz=100)
+    app = ScaleApp("scale-1", ScaleAppConfig(settle_frames=5))
+    with Endpoints(sim, tcp_port=None) as urls:
+        d = _driver(urls["pty"])
+        d.open()
+        try:
+            sim.world.force(75.0)
+            over = _readings_once(d, lambda v: v["out_of_range"], 20)
+            sim.world.force(20.0)
+            within = _readings_once(d, lambda v: not v["out_of_range"], 20)
+        finally:
+            d.close()
+    assert all(r.values["out_of_range"] is True for r in over) and not any(r.values["out_of_range"] for r in within)
+    records = [rec for r in over + within for rec in app.feed(r)]
+    assert [r.payload["weight"] for r in records if r.type == "weighing"] == [pytest.approx(20.0)]
+    summary = app.close()[0].payload
+    assert summary["out_of_range"] == 20 and summary["max"] == pytest.approx(20.0)

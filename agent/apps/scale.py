@@ -45,14 +45,17 @@ class ScaleApp(App):
         if reading.kind != "weight":
             return []
         v = reading.values
-        w, motion = float(v["weight"] or 0.0), bool(v["motion"])
         if self._window_start is None:
             self._window_start = reading.mono
+        if v["weight"] is None or v.get("out_of_range"):  # busy, overload, underload, over range: no weight
+            self._oor += bool(v.get("out_of_range"))
+            self._still = 0
+            return []
+        w, motion = float(v["weight"]), bool(v["motion"])
         self._n += 1
         self._sum += w
         self._min, self._max = min(self._min, w), max(self._max, w)
         self._motion += motion
-        self._oor += bool(v.get("out_of_range"))
         self._unit = str(v.get("unit", ""))
         out: list[RecordIn] = []
         self._still = 0 if motion else self._still + 1
