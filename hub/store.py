@@ -23,9 +23,8 @@ from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.wire import ranges_of
 from customs_edge.hub.intake import Incoming, Row
 
-SCHEMA: list[str] = [
-    """
-    CREATE TABLE records (
+# A record's columns, in records and conflicts. Part of schema v1: never edit, add a migration.
+_RECORD_COLUMNS = """
         device_id   TEXT    NOT NULL,
         seq         INTEGER NOT NULL,
         ts          REAL    NOT NULL,
@@ -34,19 +33,14 @@ SCHEMA: list[str] = [
         type        TEXT    NOT NULL,
         priority    INTEGER NOT NULL,
         payload     TEXT    NOT NULL,
-        received_at REAL    NOT NULL,
+        received_at REAL    NOT NULL"""
+
+SCHEMA: list[str] = [
+    f"""
+    CREATE TABLE records ({_RECORD_COLUMNS},
         PRIMARY KEY (device_id, seq)
     ) WITHOUT ROWID;
-    CREATE TABLE conflicts (
-        device_id   TEXT    NOT NULL,
-        seq         INTEGER NOT NULL,
-        ts          REAL    NOT NULL,
-        boot_id     TEXT    NOT NULL,
-        mono        REAL    NOT NULL,
-        type        TEXT    NOT NULL,
-        priority    INTEGER NOT NULL,
-        payload     TEXT    NOT NULL,
-        received_at REAL    NOT NULL,
+    CREATE TABLE conflicts ({_RECORD_COLUMNS},
         PRIMARY KEY (device_id, seq, boot_id, mono)
     ) WITHOUT ROWID;
     CREATE TABLE devices (
@@ -62,7 +56,7 @@ SCHEMA: list[str] = [
     );
     """,
     # v2: per-record validation (a trace of what was rejected), conflicts found by comparing content
-    """
+    f"""
     ALTER TABLE devices ADD COLUMN rejected INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE rejected (
         device_id   TEXT    NOT NULL,
@@ -74,17 +68,7 @@ SCHEMA: list[str] = [
     );
     CREATE UNIQUE INDEX rejected_by_seq ON rejected (device_id, seq);
     -- any other content for a stored seq is a conflict: (boot_id, mono) no longer identify one
-    CREATE TABLE conflicts_v2 (
-        device_id   TEXT    NOT NULL,
-        seq         INTEGER NOT NULL,
-        ts          REAL    NOT NULL,
-        boot_id     TEXT    NOT NULL,
-        mono        REAL    NOT NULL,
-        type        TEXT    NOT NULL,
-        priority    INTEGER NOT NULL,
-        payload     TEXT    NOT NULL,
-        received_at REAL    NOT NULL
-    );
+    CREATE TABLE conflicts_v2 ({_RECORD_COLUMNS});
     INSERT INTO conflicts_v2 SELECT * FROM conflicts;
     DROP TABLE conflicts;
     ALTER TABLE conflicts_v2 RENAME TO conflicts;
