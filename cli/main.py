@@ -143,18 +143,21 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.store import HubStore
 
     if args.action == "stats":
-        store = HubStore(args.db)
-        rows = store.stats()
+        store = HubStore(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
+        rows, refused = store.stats(), store.refused()
         if args.json:
-            print(json.dumps({"devices": {r.device_id: asdict(r) for r in rows}}, indent=2))
+            print(json.dumps({"devices": {r.device_id: asdict(r) for r in rows}, "refused_batches": refused}, indent=2))
         else:
-            print(f"{'device':<20} {'received':>9} {'stored':>9} {'dups dropped':>12} {'conflicts':>9} {'gaps':>6} "
-                  f"{'status':>8}")
-            for r in rows:
-                print(f"{r.device_id:<20} {r.received:>9} {r.stored:>9} {r.duplicates:>12} {r.conflicts:>9} "
-                      f"{r.gaps:>6} {r.status or '-':>8}")
+            print(f"{'device':<20} {'received':>9} {'stored':>9} {'dups dropped':>12} {'conflicts':>9} {'rejected':>8} "
+                  f"{'gaps':>6} {'status':>8}")
+            for r in rows:  # device ids and statuses come from the network: escaped, one line each
+                print(f"{logs.escape(r.device_id):<20} {r.received:>9} {r.stored:>9} {r.duplicates:>12} "
+                      f"{r.conflicts:>9} {r.rejected:>8} {r.gaps:>6} {logs.escape(r.status or '-'):>8}")
                 if r.gaps:
                     print(f"{'':<20} missing seq ranges: {store.gap_ranges(r.device_id)}")
+            if refused:
+                print("records messages refused whole (never acked): "
+                      + ", ".join(f"{k} {n}" for k, n in refused.items()))
         store.close()
         return 0
     logs.setup(args.log_level or "INFO")

@@ -13,11 +13,28 @@ from typing import Any
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _hex(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def escape(text: str) -> str:
+    """`text` on one line, unambiguous: backslash, double quote, \\n, \\r and \\t backslash-escaped, any other
+    non-printable character (control characters, U+2028, ...) as \\xNN / \\uNNNN. A device id or topic
+    holding "\\nlevel=error" must not forge a line in the log or in `hub stats`."""
+    if text.isprintable() and "\\" not in text and '"' not in text:
+        return text
+    return "".join(_ESCAPES.get(c) or (c if c.isprintable() else _hex(c)) for c in text)
+
+
 def _fmt(value: Any) -> str:
     text = str(value)
-    if not text or any(c in text for c in ' ="'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return text
+    if text and text.isprintable() and not any(c in text for c in ' ="\\'):
+        return text
+    return '"' + escape(text) + '"'
 
 
 class LogfmtFormatter(logging.Formatter):

@@ -5,11 +5,13 @@
   {prefix}/{device_id}/status      agent, retained: a Status; the will publishes state "offline"
   {prefix}/{device_id}/cmd         operator -> agent, QoS 1: a Command
   {prefix}/{device_id}/cmd/reply   agent -> operator, QoS 1: a CommandReply
+  {prefix}/{device_id}/alert       hub -> operator, QoS 1, retained: an Alert (the device's seqs conflict)
 The hub subscribes to `$share/{group}/{prefix}/+/records`, so several hubs share one fleet.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +29,8 @@ def topic(prefix: str, device_id: str, kind: str) -> str:
 SEQ_MAX = 2**63 - 1  # SQLite INTEGER
 
 Seq = Annotated[int, Field(ge=1, le=SEQ_MAX)]
+
+MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 64-px thumbnail) is ~12 kB
 
 
 class WireRecord(BaseModel):
@@ -57,6 +61,18 @@ class Ack(BaseModel):
     rejected: list[tuple[Seq, Seq]] = Field(default_factory=list)
 
 
+class Alert(BaseModel):
+    """The hub found a seq of this device already stored with other content (both are kept: `hub stats`)."""
+
+    v: Literal[1] = 1
+    alert: Literal["seq_conflict"] = "seq_conflict"
+    device_id: str
+    seqs: list[tuple[int, int]]  # the conflicting seqs of the batch that raised it, as inclusive ranges
+    conflicts: int  # the device's conflicts so far
+    hub: str  # the hub's client id
+    ts: float
+
+
 class Status(BaseModel):
     model_config = ConfigDict(extra="allow")
     state: Literal["online", "offline"]
@@ -78,10 +94,16 @@ class CommandReply(BaseModel):
     error: str | None = None
 
 
+def _number(x: float) -> str:
+    """A float as JSON. repr() of inf or NaN (`inf`, `nan`) is not JSON: it made the whole batch unreadable,
+    refused forever. null keeps the batch readable; the hub rejects that one record and says so in its ack."""
+    return repr(x) if math.isfinite(x) else "null"
+
+
 def encode_batch(device_id: str, batch_id: str, records: list[Pending]) -> bytes:
     """Batch JSON built by string joining: the stored payload JSON is sent as-is, never re-parsed."""
     parts = [
-        f'{{"seq":{r.seq},"ts":{r.ts!r},"boot":"{r.boot_id}","mono":{r.mono!r},'
+        f'{{"seq":{r.seq},"ts":{_number(r.ts)},"boot":"{r.boot_id}","mono":{_number(r.mono)},'
         f'"type":{dumps(r.type)},"prio":{r.priority},"payload":{r.payload}}}'
         for r in records
     ]

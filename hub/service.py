@@ -6,17 +6,21 @@ hands each records message to one of them. Each hub acks only what it stored its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from customs_edge.core.mqtt import Backoff, MqttLink, NotConnected
-from customs_edge.core.wire import Ack, Batch, Status
+from customs_edge.core.wire import Ack, Alert, Status, ranges_of, topic
+from customs_edge.hub import intake
+from customs_edge.hub.store import HubStore, Stored
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +42,22 @@ class HubConfig(BaseModel):
     keepalive_s: int = 10
 
 
+class Out(NamedTuple):
+    """A message the hub publishes (QoS 1)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
 class Hub:
     def __init__(self, cfg: HubConfig) -> None:
-        from customs_edge.hub.store import HubStore
-
         self.cfg = cfg
         self.store = HubStore(cfg.db, cfg.synchronous)
         self.link = MqttLink(cfg.client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s,
                              clean_session=False, username=cfg.username, password=cfg.password)
         self.backoff = Backoff(0.5, 10.0)
-        self.rejected = 0
+        self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
         self.batches = 0
         self.ready = threading.Event()  # set once subscribed
         self._was_connected = False
@@ -102,43 +112,63 @@ class Hub:
             return
         msgs = messages[:]
         messages.clear()
-        batches: list[Batch] = []
-        for t, payload in msgs:
+        for out in self.handle(msgs):
+            try:
+                self.link.publish(out.topic, out.payload, qos=1, retain=out.retain)
+            except NotConnected:
+                return  # stored, not acked: the agent resends, we drop the duplicates and ack then
+
+    def handle(self, messages: list[tuple[str, bytes]]) -> list[Out]:
+        """Store what a burst of messages carries, in one transaction; return the acks and alerts to publish."""
+        incoming: list[intake.Incoming] = []
+        refused: Counter[str] = Counter()
+        for t, payload in messages:
             if t.endswith("/status"):
                 self._status(t, payload)
                 continue
             try:
-                batch = Batch.model_validate_json(payload)
-            except ValidationError as exc:
-                self.rejected += 1
-                log.warning("rejected a malformed records message",
-                            extra={"topic": t, "error": str(exc).splitlines()[0], "bytes": len(payload)})
+                b = intake.parse(t, payload)
+            except intake.Refused as exc:
+                refused[exc.kind] += 1
+                log.warning("refused a records message; not acked",
+                            extra={"topic": t, "kind": exc.kind, "reason": exc.reason, "bytes": len(payload)})
                 continue
-            if t.split("/")[-2] != batch.device_id:
-                self.rejected += 1
-                log.warning("rejected records whose device_id does not match the topic", extra={"topic": t})
-                continue
-            batches.append(batch)
-        if not batches:
-            return
+            if b.rejected:
+                log.warning("rejected records that failed validation", extra={
+                    "device": b.device_id, "batch": b.batch, "count": len(b.rejected), "seq": b.rejected[0].seq,
+                    "reason": b.rejected[0].reason})
+            incoming.append(b)
+        if not incoming and not refused:
+            return []
         try:
-            results = self.store.store(batches)
+            results = self.store.store(incoming, refused)
         except Exception:  # one batch the store refuses must not hold back the others: store one by one
             results = []
-            for b in batches:
+            for b in incoming:
                 try:
                     results += self.store.store([b])
                 except Exception as exc:
-                    self.rejected += 1
-                    log.warning("store refused a batch; not acked", extra={"device_id": b.device_id,
-                                                                          "batch": b.batch, "error": repr(exc)})
-        for s in results:
-            self.batches += 1
-            ack = Ack(batch=s.batch.batch, ranges=s.ranges, stored=s.stored, duplicates=s.duplicates)
-            try:
-                self.link.publish(f"{self.cfg.topic_prefix}/{s.batch.device_id}/ack", ack.model_dump_json(), qos=1)
-            except NotConnected:
-                return  # stored, not acked: the agent resends, we drop the duplicates and ack then
+                    refused["store_failed"] += 1
+                    log.warning("store refused a batch; not acked",
+                                extra={"device": b.device_id, "batch": b.batch, "error": repr(exc)})
+            with contextlib.suppress(Exception):  # the counts of refused messages, in the store too if it can
+                self.store.store([], refused)
+        self.refused.update(refused)
+        return [out for s in results for out in self._answer(s)]
+
+    def _answer(self, s: Stored) -> list[Out]:
+        self.batches += 1
+        ack = Ack(batch=s.batch, ranges=s.ranges, stored=s.stored, duplicates=s.duplicates, rejected=s.rejected)
+        out = [Out(topic(self.cfg.topic_prefix, s.device_id, "ack"), ack.model_dump_json().encode())]
+        if s.conflicts:
+            seqs = ranges_of(s.conflicts)
+            log.warning("seq conflict", extra={"device": s.device_id, "seq": _seqs(seqs), "count": len(s.conflicts),
+                                               "conflicts": s.device_conflicts})
+            alert = Alert(device_id=s.device_id, seqs=seqs, conflicts=s.device_conflicts, hub=self.cfg.client_id,
+                          ts=time.time())
+            out.append(Out(topic(self.cfg.topic_prefix, s.device_id, "alert"), alert.model_dump_json().encode(),
+                           retain=True))
+        return out
 
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]
@@ -148,3 +178,9 @@ class Hub:
         except ValidationError:  # anything on a status topic, even a retained one, is only informational
             state = "?"
         self.store.set_status(device_id, state)
+
+
+def _seqs(ranges: list[tuple[int, int]], most: int = 10) -> str:
+    """[(1, 3), (7, 7)] -> "1-3,7" (the first `most` ranges), for a log line."""
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges[:most])
+    return text + (",..." if len(ranges) > most else "")

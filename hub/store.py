@@ -1,9 +1,11 @@
 """The hub's store: SQLite, one row per (device_id, seq), so a redelivered record is stored once.
 
-A record whose (device_id, seq) is already stored but whose (boot_id, mono) differ is not a redelivery:
+Each record of a batch is compared with what the hub holds for its (device_id, seq): none, stored; the
+same (ts, boot, mono, type, prio, payload), a redelivery, dropped and counted; other content, a conflict:
 its seq was handed out twice (an outbox file restored from an old image, an outbox with
 synchronous=NORMAL that lost its last commits to a power cut, two units configured with one device_id).
-It is kept in `conflicts`, counted per device, and acked: nothing the hub acks is ever discarded.
+A conflict is kept in `conflicts`, counted per device, and acked: nothing the hub acks is ever discarded.
+Records that failed validation (hub/intake.py) are counted per device and traced in `rejected`.
 
 Acks are published only after the transaction that stored the records has committed with
 synchronous=FULL: an acked record survives a power cut of the hub.
@@ -13,37 +15,32 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from customs_edge.core.jsonfast import dumps
-from customs_edge.core.wire import Batch, ranges_of
+from customs_edge.core.errors import CustomsEdgeError
+from customs_edge.core.wire import ranges_of
+from customs_edge.hub.intake import Incoming, Row
+
+# A record's columns, in records and conflicts. Part of schema v1: never edit, add a migration.
+_RECORD_COLUMNS = """
+        device_id   TEXT    NOT NULL,
+        seq         INTEGER NOT NULL,
+        ts          REAL    NOT NULL,
+        boot_id     TEXT    NOT NULL,
+        mono        REAL    NOT NULL,
+        type        TEXT    NOT NULL,
+        priority    INTEGER NOT NULL,
+        payload     TEXT    NOT NULL,
+        received_at REAL    NOT NULL"""
 
 SCHEMA: list[str] = [
-    """
-    CREATE TABLE records (
-        device_id   TEXT    NOT NULL,
-        seq         INTEGER NOT NULL,
-        ts          REAL    NOT NULL,
-        boot_id     TEXT    NOT NULL,
-        mono        REAL    NOT NULL,
-        type        TEXT    NOT NULL,
-        priority    INTEGER NOT NULL,
-        payload     TEXT    NOT NULL,
-        received_at REAL    NOT NULL,
+    f"""
+    CREATE TABLE records ({_RECORD_COLUMNS},
         PRIMARY KEY (device_id, seq)
     ) WITHOUT ROWID;
-    CREATE TABLE conflicts (
-        device_id   TEXT    NOT NULL,
-        seq         INTEGER NOT NULL,
-        ts          REAL    NOT NULL,
-        boot_id     TEXT    NOT NULL,
-        mono        REAL    NOT NULL,
-        type        TEXT    NOT NULL,
-        priority    INTEGER NOT NULL,
-        payload     TEXT    NOT NULL,
-        received_at REAL    NOT NULL,
+    CREATE TABLE conflicts ({_RECORD_COLUMNS},
         PRIMARY KEY (device_id, seq, boot_id, mono)
     ) WITHOUT ROWID;
     CREATE TABLE devices (
@@ -58,33 +55,67 @@ SCHEMA: list[str] = [
         status     TEXT
     );
     """,
+    # v2: per-record validation (a trace of what was rejected), conflicts found by comparing content
+    f"""
+    ALTER TABLE devices ADD COLUMN rejected INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE rejected (
+        device_id   TEXT    NOT NULL,
+        seq         INTEGER,            -- NULL: the record had no usable seq
+        batch       TEXT    NOT NULL,
+        reason      TEXT    NOT NULL,
+        raw         TEXT    NOT NULL,   -- the record as received, truncated
+        received_at REAL    NOT NULL
+    );
+    CREATE UNIQUE INDEX rejected_by_seq ON rejected (device_id, seq);
+    -- any other content for a stored seq is a conflict: (boot_id, mono) no longer identify one
+    CREATE TABLE conflicts_v2 ({_RECORD_COLUMNS});
+    INSERT INTO conflicts_v2 SELECT * FROM conflicts;
+    DROP TABLE conflicts;
+    ALTER TABLE conflicts_v2 RENAME TO conflicts;
+    CREATE INDEX conflicts_by_seq ON conflicts (device_id, seq);
+    CREATE TABLE refused (kind TEXT PRIMARY KEY, batches INTEGER NOT NULL) WITHOUT ROWID;
+    """,
 ]
+
+Content = tuple[float, str, float, str, int, str]  # a Row without its seq: what a redelivery repeats exactly
+
+
+class StoreError(CustomsEdgeError):
+    """The hub's database cannot be used as asked (a read-only open of a missing or foreign file)."""
 
 
 @dataclass
 class Stored:
-    batch: Batch
-    ranges: list[tuple[int, int]]
+    device_id: str
+    batch: str
+    ranges: list[tuple[int, int]]  # every record the hub now holds: stored, redelivered or in conflict
+    rejected: list[tuple[int, int]]  # records that failed validation, those an ack can name
     stored: int
     duplicates: int
+    conflicts: list[int]  # seqs of this batch newly kept in `conflicts`
+    device_conflicts: int  # the device's conflicts so far
 
 
 @dataclass
 class DeviceStats:
     device_id: str
-    received: int
+    received: int  # = stored + duplicates + conflicts + rejected
     duplicates: int
     conflicts: int  # records that reused a stored seq with other content: kept in `conflicts`
+    rejected: int  # records that failed validation: traced in `rejected`
     stored: int
-    max_seq: int
-    gaps: int  # seqs below max_seq that the hub does not have
+    max_seq: int  # the highest seq received, stored or rejected
+    gaps: int  # seqs up to max_seq the hub never received (neither stored nor rejected)
     last_seen: float | None
     status: str | None
 
 
 class HubStore:
-    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str | Path, synchronous: str = "FULL", *, readonly: bool = False) -> None:
         self.path = Path(path)
+        if readonly:
+            self.db = self._open_readonly()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -94,54 +125,94 @@ class HubStore:
         for v in range(version, len(SCHEMA)):
             self.db.executescript("BEGIN;" + SCHEMA[v] + f";PRAGMA user_version={v + 1};COMMIT;")
 
-    def store(self, batches: Iterable[Batch]) -> list[Stored]:
-        """Store many batches in one transaction (group commit). Returns what to ack for each."""
+    def _open_readonly(self) -> sqlite3.Connection:
+        """For `hub stats`: never creates, upgrades or writes a file (a mistyped path is an error, not a new file)."""
+        try:
+            db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None)
+            db.execute("PRAGMA busy_timeout=5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the hub database {self.path} ({exc}): check the path given with --db") \
+                from None
+        if version != len(SCHEMA):
+            db.close()
+            raise StoreError(f"{self.path} is not a hub database" if version == 0 else
+                             f"{self.path} has schema version {version}, this hub {len(SCHEMA)}: "
+                             + ("start the hub once to upgrade it" if version < len(SCHEMA) else "use a newer CLI"))
+        return db
+
+    def store(self, batches: Iterable[Incoming], refused: Mapping[str, int] | None = None) -> list[Stored]:
+        """Store many batches in one transaction (group commit), with the counts of messages refused whole
+        since the last call. Returns what to ack for each batch."""
         now = time.time()
-        out: list[Stored] = []
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for b in batches:
-                before = db.total_changes
-                db.executemany(
-                    "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?)",
-                    [(b.device_id, r.seq, r.ts, r.boot, r.mono, r.type, r.prio, dumps(r.payload), now)
-                     for r in b.records])
-                stored = db.total_changes - before
-                dup = len(b.records) - stored
-                conflicts = self._conflicts(b, now) if dup else 0
-                dup -= conflicts
-                max_seq = max((r.seq for r in b.records), default=0)
-                db.execute(
-                    "INSERT INTO devices (device_id, received, duplicates, conflicts, stored, max_seq, first_seen,"
-                    " last_seen) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
-                    " received = received + excluded.received, duplicates = duplicates + excluded.duplicates,"
-                    " conflicts = conflicts + excluded.conflicts,"
-                    " stored = stored + excluded.stored, max_seq = max(max_seq, excluded.max_seq),"
-                    " last_seen = excluded.last_seen",
-                    (b.device_id, len(b.records), dup, conflicts, stored, max_seq, now, now))
-                out.append(Stored(b, ranges_of([r.seq for r in b.records]), stored, dup))
+            out = [self._store(b, now) for b in batches]
+            db.executemany("INSERT INTO refused VALUES (?,?) ON CONFLICT(kind) DO UPDATE SET"
+                           " batches = batches + excluded.batches", [(k, n) for k, n in (refused or {}).items() if n])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return out
 
-    def _conflicts(self, b: Batch, now: float) -> int:
-        """Of a batch's records the PK turned away, keep those that are not the stored record."""
-        seqs = [r.seq for r in b.records]
-        stored: dict[int, tuple[str, float]] = {}
+    def _store(self, b: Incoming, now: float) -> Stored:
+        held = {seq: {content} for seq, content in self._held("records", b.device_id, b.rows)}
+        new: list[Row] = []
+        clash: list[Row] = []
+        dup = 0
+        for row in b.rows:
+            if row[0] not in held:
+                held[row[0]] = {row[1:]}
+                new.append(row)
+            elif row[1:] in held[row[0]]:
+                dup += 1
+            else:
+                clash.append(row)
+        fresh: list[Row] = []
+        if clash:  # kept apart once: a conflicting record resent is a redelivery of it
+            for seq, content in self._held("conflicts", b.device_id, clash):
+                held[seq].add(content)
+            for row in clash:
+                if row[1:] in held[row[0]]:
+                    dup += 1
+                else:
+                    held[row[0]].add(row[1:])
+                    fresh.append(row)
+        # Plain INSERTs: the comparison above decided. A constraint failing here (a NaN where NOT NULL) raises,
+        # and nothing of the batch is acked; it is never taken for a duplicate.
+        self.db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?)", [(b.device_id, *r, now) for r in new])
+        self.db.executemany("INSERT INTO conflicts VALUES (?,?,?,?,?,?,?,?,?)",
+                            [(b.device_id, *r, now) for r in fresh])
+        self.db.executemany(
+            "INSERT INTO rejected VALUES (?,?,?,?,?,?) ON CONFLICT(device_id, seq) DO UPDATE SET"
+            " batch = excluded.batch, reason = excluded.reason, raw = excluded.raw, received_at = excluded.received_at",
+            [(b.device_id, r.seq, b.batch, r.reason, r.raw, now) for r in b.rejected])
+        named = [r.seq for r in b.rejected if r.seq is not None]
+        (conflicts,) = self.db.execute(
+            "INSERT INTO devices (device_id, received, duplicates, conflicts, rejected, stored, max_seq, first_seen,"
+            " last_seen) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
+            " received = received + excluded.received, duplicates = duplicates + excluded.duplicates,"
+            " conflicts = conflicts + excluded.conflicts, rejected = rejected + excluded.rejected,"
+            " stored = stored + excluded.stored, max_seq = max(max_seq, excluded.max_seq),"
+            " last_seen = excluded.last_seen RETURNING conflicts",
+            (b.device_id, len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new),
+             max([r[0] for r in b.rows] + named, default=0), now, now)).fetchone()
+        return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named), len(new), dup,
+                      [r[0] for r in fresh], conflicts)
+
+    def _held(self, table: str, device_id: str, rows: list[Row]) -> list[tuple[int, Content]]:
+        """(seq, content) of every row `table` holds for these rows' seqs."""
+        seqs = sorted({r[0] for r in rows})
+        out: list[tuple[int, Content]] = []
         for i in range(0, len(seqs), 500):
             chunk = seqs[i:i + 500]
-            stored.update((seq, (boot, mono)) for seq, boot, mono in self.db.execute(
-                f"SELECT seq, boot_id, mono FROM records WHERE device_id=? AND seq IN ({','.join('?' * len(chunk))})",
-                (b.device_id, *chunk)))
-        clash = [r for r in b.records if r.seq in stored and stored[r.seq] != (r.boot, r.mono)]
-        before = self.db.total_changes
-        self.db.executemany(
-            "INSERT OR IGNORE INTO conflicts VALUES (?,?,?,?,?,?,?,?,?)",
-            [(b.device_id, r.seq, r.ts, r.boot, r.mono, r.type, r.prio, dumps(r.payload), now) for r in clash])
-        return self.db.total_changes - before  # a conflict resent again is a plain duplicate
+            out += [(seq, (ts, boot, mono, type_, prio, payload)) for seq, ts, boot, mono, type_, prio, payload in
+                    self.db.execute("SELECT seq, ts, boot_id, mono, type, priority, payload FROM " + table +
+                                    f" WHERE device_id=? AND seq IN ({','.join('?' * len(chunk))})",
+                                    (device_id, *chunk))]
+        return out
 
     def set_status(self, device_id: str, status: str) -> None:
         self.db.execute(
@@ -151,16 +222,23 @@ class HubStore:
 
     def stats(self) -> list[DeviceStats]:
         rows = self.db.execute(
-            "SELECT device_id, received, duplicates, conflicts, stored, max_seq, last_seen, status FROM devices"
-            " ORDER BY device_id").fetchall()
-        return [DeviceStats(d, rcv, dup, cf, st, mx, max(0, mx - st), seen, status)
-                for d, rcv, dup, cf, st, mx, seen, status in rows]
+            "SELECT device_id, received, duplicates, conflicts, rejected, stored, max_seq, last_seen, status,"
+            " (SELECT count(*) FROM rejected r WHERE r.device_id = d.device_id AND r.seq IS NOT NULL AND NOT EXISTS"
+            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq))"
+            " FROM devices d ORDER BY device_id").fetchall()
+        return [DeviceStats(d, rcv, dup, cf, rj, st, mx, max(0, mx - st - rj_seqs), seen, status)
+                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs in rows]
+
+    def refused(self) -> dict[str, int]:
+        """Records messages refused whole, by kind (malformed, device_mismatch, store_failed)."""
+        return dict(self.db.execute("SELECT kind, batches FROM refused ORDER BY kind").fetchall())
 
     def gap_ranges(self, device_id: str, limit: int = 20) -> list[tuple[int, int]]:
-        """Missing seq ranges below the highest seq seen."""
+        """Seq ranges below the highest seq received that the hub never received (neither stored nor rejected)."""
         rows = self.db.execute(
-            "SELECT prev + 1, seq - 1 FROM (SELECT seq, coalesce(lag(seq) OVER (ORDER BY seq), 0) AS prev"
-            " FROM records WHERE device_id = ?) WHERE seq > prev + 1 LIMIT ?", (device_id, limit)).fetchall()
+            "SELECT prev + 1, seq - 1 FROM (SELECT seq, coalesce(lag(seq) OVER (ORDER BY seq), 0) AS prev FROM"
+            " (SELECT seq FROM records WHERE device_id = ?1 UNION SELECT seq FROM rejected WHERE device_id = ?1"
+            " AND seq IS NOT NULL)) WHERE seq > prev + 1 LIMIT ?2", (device_id, limit)).fetchall()
         return [(a, b) for a, b in rows]
 
     def close(self) -> None:

@@ -4,8 +4,6 @@ commands, status and malformed input behave as documented."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -136,55 +134,6 @@ def test_commands_good_and_bad_are_answered_never_crash(tmp_path: Path, mosquitt
         unit.stop()
 
 
-def wire_batch(device_id: str, batch: str, seqs: list[int], **record: object) -> str:
-    """A records message as an agent sends it, for poking the hub directly."""
-    recs = [{"seq": s, "ts": 1.0, "boot": "b", "mono": 1.0, "type": "t", "prio": 1, "payload": {}, **record}
-            for s in seqs]
-    return json.dumps({"v": 1, "device_id": device_id, "batch": batch, "records": recs})
-
-
-def test_hub_drops_redeliveries_and_rejects_malformed_messages(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
-    c = Client(mosquitto.port)
-    try:
-        c.sub("customs-edge/v1/dev-x/ack")
-        c.pub("customs-edge/v1/dev-x/records", b"{broken")
-        c.pub("customs-edge/v1/dev-x/records", wire_batch("someone-else", "b-0", [1, 2]))
-        c.pub("customs-edge/v1/dev-x/records", wire_batch("dev-x", "b-1", [1, 2], payload={"a": 1}))
-        c.pub("customs-edge/v1/dev-x/records", wire_batch("dev-x", "b-2", [1, 2], payload={"a": 1}))  # a resend
-        wait_for(lambda: len(c.got) >= 2, 10, "two acks")
-        acks = [json.loads(p) for _, p, _ in c.got]
-        assert acks[0] == {"v": 1, "batch": "b-1", "ranges": [[1, 2]], "stored": 2, "duplicates": 0}
-        assert acks[1] == {"v": 1, "batch": "b-2", "ranges": [[1, 2]], "stored": 0, "duplicates": 2}
-        assert hub.hub.rejected == 2
-        (st,) = hub.hub.store.stats()
-        assert (st.received, st.stored, st.duplicates, st.gaps) == (4, 2, 2, 0)
-    finally:
-        c.close()
-        hub.stop()
-
-
-def test_hub_reports_gaps(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
-    c = Client(mosquitto.port)
-    try:
-        c.sub("customs-edge/v1/dev-g/ack")
-        c.pub("customs-edge/v1/dev-g/records", wire_batch("dev-g", "x", [1, 2, 5, 9]))
-        wait_for(lambda: c.got, 10, "ack")
-        (st,) = hub.hub.store.stats()
-        assert st.gaps == 5 and hub.hub.store.gap_ranges("dev-g") == [(3, 4), (6, 8)]
-    finally:
-        c.close()
-        hub.stop()
-    cli = [sys.executable, "-m", "customs_edge", "hub", "stats", "--db", str(tmp_path / "hub.db")]
-    out = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, check=True).stdout)
-    assert out["devices"]["dev-g"] | {"last_seen": None} == {
-        "device_id": "dev-g", "received": 4, "duplicates": 0, "conflicts": 0, "stored": 4, "max_seq": 9, "gaps": 5,
-        "last_seen": None, "status": None}
-    table = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
-    assert "missing seq ranges: [(3, 4), (6, 8)]" in table
-
-
 def test_two_hubs_share_the_load_through_a_shared_subscription(tmp_path: Path, mosquitto: Mosquitto,
                                                                scale_urls: dict[str, str]) -> None:
     hubs = [HubThread(mosquitto.port, tmp_path / f"hub{i}.db", client_id=f"hub-{i}").start() for i in range(2)]
@@ -258,24 +207,6 @@ def test_stray_and_malformed_acks_delete_nothing(tmp_path: Path, mosquitto: Mosq
     finally:
         c.close()
         unit.stop()
-
-
-def test_hub_survives_hostile_messages_including_retained_ones(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    c = Client(mosquitto.port)
-    deep = "[" * 100_000 + "]" * 100_000
-    c.c.publish("customs-edge/v1/evil/status", deep, qos=1, retain=True).wait_for_publish(5)
-    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
-    try:
-        c.sub("customs-edge/v1/dev-ok/ack")
-        c.pub("customs-edge/v1/evil/records", wire_batch("evil", "e", [2**63]))  # beyond SQLite INTEGER
-        c.pub("customs-edge/v1/evil/records", wire_batch("evil", "n", [1], ts="NaN"))
-        c.pub("customs-edge/v1/dev-ok/records", wire_batch("dev-ok", "g", [1]))
-        wait_for(lambda: c.got, 10, "the good batch's ack")
-        assert hub.thread.is_alive() and hub.hub.rejected == 2
-    finally:
-        hub.stop()
-        c.c.publish("customs-edge/v1/evil/status", b"", qos=1, retain=True).wait_for_publish(5)
-        c.close()
 
 
 def test_sync_survives_an_outbox_error_and_keeps_delivering(tmp_path: Path, mosquitto: Mosquitto,
