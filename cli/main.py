@@ -121,15 +121,16 @@ def _hexdump(port: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Read-only: a live agent's file is neither capped nor locked, and a mistyped path creates nothing."""
     from customs_edge.agent.config import load_unit_config
-    from customs_edge.agent.outbox import SqliteOutbox
+    from customs_edge.agent.outbox import read_stats
 
     cfg = load_unit_config(args.config)
-    ob = SqliteOutbox(cfg.outbox.path, synchronous=cfg.outbox.synchronous, max_mb=cfg.outbox.max_mb,
-                      max_age_days=cfg.outbox.max_age_days)
-    st = asdict(ob.stats())
-    ob.close()
-    print(json.dumps({"device_id": cfg.device_id, "outbox": st}, indent=2))
+    st = read_stats(cfg.outbox.path)  # an OutboxError names the file and the fix
+    print(json.dumps({"device_id": cfg.device_id, "outbox": asdict(st)}, indent=2))
+    if st.device_id not in (None, cfg.device_id):
+        print(f"{cfg.outbox.path} belongs to device {st.device_id!r}, not {cfg.device_id!r}", file=sys.stderr)
+        return 1
     return 0
 
 
