@@ -170,13 +170,18 @@ def test_a_failing_delete_keeps_the_link_and_never_sends_acked_records_again(tmp
     assert link.aborts == []
 
 
-def test_the_hubs_high_water_mark_survives_a_restart_and_lifts_a_replaced_outbox(tmp_path: Path) -> None:
+def hub_holds_1_to_10(tmp_path: Path) -> tuple[Sync, FakeLink]:
     sync, link, _ = make(tmp_path, 10)
     connect(sync, link)
     (first,) = link.batches()
     hub_ack(link, first, [(1, 10)])
     sync.step()
     assert sync.stats.hub_acked_seq == 10
+    return sync, link
+
+
+def test_the_hubs_high_water_mark_survives_a_restart_and_lifts_a_replaced_outbox(tmp_path: Path) -> None:
+    sync, _ = hub_holds_1_to_10(tmp_path)
     sync._goodbye()  # the unit stops
     fresh = MemOutbox()  # the outbox file was replaced: it would start again at seq 1
     sync2, _, _ = make(tmp_path, 0, outbox=fresh)
@@ -185,11 +190,7 @@ def test_the_hubs_high_water_mark_survives_a_restart_and_lifts_a_replaced_outbox
 
 
 def test_an_outbox_replaced_under_a_running_sync_is_lifted_on_reconnect(tmp_path: Path) -> None:
-    sync, link, _ = make(tmp_path, 10)
-    connect(sync, link)
-    (first,) = link.batches()
-    hub_ack(link, first, [(1, 10)])
-    sync.step()
+    sync, link = hub_holds_1_to_10(tmp_path)
     sync.outbox = fresh = MemOutbox()
     link.drop()
     sync.step()
