@@ -193,8 +193,11 @@ class Sync:
         self.outbox.release()
         self._more = True
         self._check_seq_floor()
-        self.link.subscribe(self.t_ack, 1)
-        self.link.subscribe(self.t_cmd, 1)
+        try:
+            self.link.subscribe(self.t_ack, 1)
+            self.link.subscribe(self.t_cmd, 1)
+        except NotConnected:
+            return  # lost again at once: the Lost event follows in this step
         self._publish_status()
         log.info("broker connected", extra={"broker": f"{self.cfg.host}:{self.cfg.port}",
                                             "client_id": self.link.client_id})

@@ -61,6 +61,16 @@ def test_connect_fills_the_window_and_a_lost_link_sends_it_again(tmp_path: Path)
     assert len(ob.records) == 25  # nothing deleted without the hub
 
 
+def test_a_connection_lost_in_the_step_that_made_it_is_no_error(tmp_path: Path) -> None:
+    sync, link, _ = make(tmp_path, 5)
+    link.connect()
+    link.drop()  # CONNACK, then EOF, read in one go
+    sync.step()
+    assert sync.stats.connects == 1 and not link.connected and link.batches() == []
+    connect(sync, link)
+    assert [seqs(p) for p in link.batches()] == [[1, 2, 3, 4, 5]]
+
+
 def test_a_partial_ack_deletes_what_it_covers_and_sends_the_rest_again(tmp_path: Path) -> None:
     sync, link, ob = make(tmp_path, 10, window_batches=1)
     connect(sync, link)
