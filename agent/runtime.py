@@ -107,7 +107,7 @@ class Unit:
         self.drivers = drivers
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=10_000)
         self.stop_event = threading.Event()
-        self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, status=self.status_extra)
+        self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, outbox_path=cfg.outbox.path, status=self.status_extra)
         self.committed = 0
         self.heartbeat = time.monotonic()
         self._threads: list[threading.Thread] = []

@@ -1,12 +1,15 @@
 """Sync: move records from the outbox to the hub, deleting them only on a real acknowledgement.
 
-One thread owns the MQTT link and runs `run()`: an explicit loop, nothing hidden.
-  - not connected: connect, and on failure wait a jittered exponential backoff;
-  - on connect: subscribe to our ack and cmd topics, publish a retained "online" status, and treat
+One thread runs `run()`: an explicit loop over the MQTT link's events (core/mqtt.py), nothing hidden.
+The link connects, backs off and reconnects by itself; the sync reacts:
+  - Connected: subscribe to our ack and cmd topics, publish a retained "online" status, and treat
     everything in flight as unsent (outbox.release()): it is sent again;
+  - Lost: the same release; records still in flight are counted as resent;
   - connected: keep up to `window_batches` batches in flight; an Ack from the hub deletes exactly the
-    ranges it names (ack_mode "hub"); in ack_mode "broker" a PUBACK deletes the batch instead, for sites
-    whose own consumer replaces our hub (a broker crash can then lose records: see README);
+    ranges it names within the batch it names (ack_mode "hub"), its `rejected` ranges are handed to
+    outbox.reject() (dead letters, counted), and whatever of the batch it covers neither way is sent
+    again at once. In ack_mode "broker" a PUBACK deletes the batch instead, for sites whose own
+    consumer replaces our hub (a broker crash can then lose records: see README);
   - a batch the broker has not even PUBACKed after `ack_timeout_s`: the link is presumed half-open; it
     is dropped and everything in flight is resent after reconnecting;
   - a batch the broker PUBACKed but the hub has not acked after `ack_timeout_s` (hub down, or it
@@ -14,16 +17,25 @@ One thread owns the MQTT link and runs `run()`: an explicit loop, nothing hidden
     the wait doubling on each attempt up to `max_resend_interval_s`, so a long hub outage does not flood
     the broker. A timeout is never taken as success.
 The hub drops duplicates by (device_id, seq), so resending is always safe.
+
+What the hub acked is deleted from the outbox; when that delete fails (a full disk), the ranges are
+kept here and retried every SETTLE_RETRY_S, the link stays up, and those records are never sent again.
+The highest seq the hub acked is kept in `{outbox}.sync.json`: an outbox that would hand out seqs at
+or below it (a replaced or restored file) has its seq floor raised past it.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,11 +43,23 @@ from pydantic import ValidationError
 from customs_edge.agent.config import SyncConfig
 from customs_edge.agent.outbox import Outbox
 from customs_edge.core.jsonfast import dumps
-from customs_edge.core.mqtt import Backoff, MqttLink, NotConnected, Will
+from customs_edge.core.mqtt import (
+    Connected,
+    Link,
+    Lost,
+    Message,
+    MqttLink,
+    NotConnected,
+    PubAck,
+    Will,
+    install_client_id,
+)
 from customs_edge.core.records import Pending
 from customs_edge.core.wire import Ack, Command, CommandReply, encode_batch, intersect, ranges_of, topic
 
 log = logging.getLogger(__name__)
+
+Ranges = list[tuple[int, int]]
 
 
 @dataclass
@@ -44,18 +68,23 @@ class SyncStats:
     connect_failures: int = 0
     batches_sent: int = 0
     records_sent: int = 0
-    records_acked: int = 0
+    records_acked: int = 0  # deleted from the outbox after the hub's ack (or the PUBACK, ack_mode broker)
+    records_rejected: int = 0  # refused by the hub for good: handed to the outbox's dead letters
     resent_after_reconnect: int = 0
     ack_timeouts: int = 0  # half-open links detected (no PUBACK in time)
     hub_resends: int = 0  # batches published again because the hub did not ack them in time
+    partial_acks: int = 0  # hub acks that covered only part of their batch: the rest was sent again
+    settle_failures: int = 0  # outbox deletes that failed (disk full): kept, retried, never resent
     bad_messages: int = 0
-    stale_acks: int = 0  # acks for batches not in flight on this connection: ignored
+    stale_acks: int = 0  # acks for batches not in flight on this connection, or covering none of it
+    hub_acked_seq: int = 0  # highest seq the hub acked for this install (persisted)
+    seq_floor_raised: int = 0  # times the outbox was found behind hub_acked_seq and moved past it
     last_ack_mono: float = 0.0
 
 
 @dataclass
 class _InFlight:
-    ranges: list[tuple[int, int]]
+    ranges: Ranges
     count: int
     sent_at: float
     mid: int
@@ -64,10 +93,30 @@ class _InFlight:
     attempt: int = 0
 
 
+def _merge(ranges: Iterable[tuple[int, int]]) -> Ranges:
+    """Inclusive ranges, sorted and merged: [(5,6),(1,2),(3,3)] -> [(1,3),(5,6)]."""
+    out: Ranges = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _covers(merged: Ranges, seq: int) -> bool:
+    i = bisect.bisect_right(merged, seq, key=lambda r: r[0]) - 1
+    return i >= 0 and merged[i][1] >= seq
+
+
 class Sync:
-    def __init__(self, device_id: str, outbox: Outbox, cfg: SyncConfig, *,
+    IDLE_WAIT_S = 0.25  # longest wait in one step: how soon a stop is noticed (records wake it at once)
+    SETTLE_RETRY_S = 1.0  # a failed outbox delete is retried this often
+    STATE_SAVE_S = 5.0  # the hub's high-water mark is written at most this often (and on loss and stop)
+
+    def __init__(self, device_id: str, outbox: Outbox, cfg: SyncConfig, *, outbox_path: str | Path,
                  status: Callable[[], dict[str, Any]] | None = None, status_interval_s: float = 30.0,
-                 commands: Callable[[Command], dict[str, Any]] | None = None) -> None:
+                 commands: Callable[[Command], dict[str, Any]] | None = None, link: Link | None = None) -> None:
         self.device_id = device_id
         self.outbox = outbox
         self.cfg = cfg
@@ -75,25 +124,31 @@ class Sync:
         self.status_interval_s = status_interval_s
         self.commands = commands
         self.stats = SyncStats()
-        self.wake = threading.Event()  # set by the writer when it committed records
         p = cfg.topic_prefix
         self.t_records = topic(p, device_id, "records")
         self.t_ack = topic(p, device_id, "ack")
         self.t_status = topic(p, device_id, "status")
         self.t_cmd = topic(p, device_id, "cmd")
-        self.link = MqttLink(
-            f"ce-agent-{device_id}", cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=True,
+        self.link: Link = link or MqttLink(
+            install_client_id(f"ce-{device_id}", Path(outbox_path)), cfg.host, cfg.port,
+            keepalive=cfg.keepalive_s, clean_session=True,
             will=Will(self.t_status, dumps({"state": "offline", "device_id": device_id, "ts": None}).encode()),
-            username=cfg.username, password=cfg.password, connect_timeout_s=cfg.connect_timeout_s)
-        self._backoff = Backoff(cfg.backoff_min_s, cfg.backoff_max_s)
-        self._next_attempt = 0.0
+            username=cfg.username, password=cfg.password, connect_timeout_s=cfg.connect_timeout_s,
+            backoff_min_s=cfg.backoff_min_s, backoff_max_s=cfg.backoff_max_s)
+        self.wake = self.link.waker  # set by the writer when it committed records
         self._inflight: dict[str, _InFlight] = {}
-        self._by_mid: dict[int, str] = {}
+        self._by_mid: dict[int, str] = {}  # mids awaiting their PUBACK
         self._ids = itertools.count(1)
         self._boot = f"{int(time.time()):x}"
-        self._was_connected = False
         self._next_status = 0.0
         self._more = True  # the outbox may hold unsent records
+        self._settle_acked: Ranges = []  # acked by the hub, not yet deleted from the outbox
+        self._settle_rejected: Ranges = []  # rejected by the hub, not yet handed to outbox.reject()
+        self._settle_at = 0.0
+        self._state_file = Path(f"{outbox_path}.sync.json")
+        self.stats.hub_acked_seq = self._saved_seq = self._load_state()
+        self._next_save = 0.0
+        self._check_seq_floor()
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -101,93 +156,92 @@ class Sync:
             while not stop.is_set():
                 try:
                     self.step()
-                except Exception:  # an outbox locked for long, a full disk: never let sync die
+                except Exception:  # a bug, an outbox locked for long: never let sync die
                     log.exception("sync step failed; dropping the link and starting over")
-                    self.link.abort()
-                    stop.wait(self._backoff.next())
+                    self.link.abort("sync step failed")
+                    stop.wait(self.IDLE_WAIT_S)
         finally:
             self._goodbye()
 
     def step(self) -> None:
-        now = time.monotonic()
         link = self.link
-        if link.idle:
-            if self._was_connected:
-                self._on_lost()
-            if now < self._next_attempt:
-                self.wake.wait(min(0.05, self._next_attempt - now))
-                return
-            try:
-                link.connect()
-            except OSError as exc:
-                self._connect_failed(str(exc))
-                return
-        busy = self._more and link.connected and len(self._inflight) < self.cfg.window_batches
-        link.step(0.0 if busy else 0.01)
-        if link.idle:
-            if not self._was_connected:
-                self._connect_failed(link.last_error)
-            return
-        if not link.connected:
-            return
-        if not self._was_connected:
-            self._on_connected()
-        self._drain_inbox()
-        self._fill_window()
-        self._check_deadline(time.monotonic())
-        if time.monotonic() >= self._next_status:
-            self._publish_status()
-
-    def _connect_failed(self, why: str) -> None:
-        self.stats.connect_failures += 1
-        delay = self._backoff.next()
-        self._next_attempt = time.monotonic() + delay
-        log.warning("broker connect failed", extra={"broker": f"{self.cfg.host}:{self.cfg.port}",
-                                                    "error": why, "retry_in_s": round(delay, 2)})
+        busy = link.connected and self._more and len(self._inflight) < self.cfg.window_batches
+        for ev in link.step(0.0 if busy else self.IDLE_WAIT_S):
+            if isinstance(ev, Message):
+                if ev.topic == self.t_ack:
+                    self._on_ack(ev.payload)
+                elif ev.topic == self.t_cmd:
+                    self._on_command(ev.payload)
+            elif isinstance(ev, PubAck):
+                self._on_puback(ev.mid)
+            elif isinstance(ev, Connected):
+                self._on_connected()
+            else:
+                self._on_lost(ev)
+        self._settle()  # one delete transaction for every ack this step brought
+        if link.connected:
+            self._fill_window()
+            self._check_deadline(time.monotonic())
+            if time.monotonic() >= self._next_status:
+                self._publish_status()
+        self._save_state()
 
     def _on_connected(self) -> None:
-        self._was_connected = True
         self.stats.connects += 1
-        self._backoff.reset()
         self._inflight.clear()
         self._by_mid.clear()
         self.outbox.release()
         self._more = True
-        self.link.subscribe(self.t_ack, 1)
-        self.link.subscribe(self.t_cmd, 1)
+        self._check_seq_floor()
+        try:
+            self.link.subscribe(self.t_ack, 1)
+            self.link.subscribe(self.t_cmd, 1)
+        except NotConnected:
+            return  # lost again at once: the Lost event follows in this step
         self._publish_status()
-        log.info("broker connected", extra={"broker": f"{self.cfg.host}:{self.cfg.port}"})
+        log.info("broker connected", extra={"broker": f"{self.cfg.host}:{self.cfg.port}",
+                                            "client_id": self.link.client_id})
 
-    def _on_lost(self) -> None:
-        self._was_connected = False
+    def _on_lost(self, ev: Lost) -> None:
+        if not ev.was_connected:
+            self.stats.connect_failures += 1
+            return
         n = sum(f.count for f in self._inflight.values())
         self.stats.resent_after_reconnect += n
         self._inflight.clear()
         self._by_mid.clear()
         self.outbox.release()
-        self._next_attempt = time.monotonic() + self._backoff.next()
-        log.warning("broker connection lost", extra={"error": self.link.last_error, "unacked_records": n})
+        self._save_state(force=True)
+        if n:
+            log.info("records in flight will be sent again", extra={"unacked_records": n})
 
     # -- sending --------------------------------------------------------------------------------
     def _fill_window(self) -> None:
-        self.wake.clear()
         while len(self._inflight) < self.cfg.window_batches:
             records = self.outbox.begin(self.cfg.batch_max_records)
             if not records:
                 self._more = False
                 return
             self._more = len(records) == self.cfg.batch_max_records
-            batch_id = f"{self._boot}-{next(self._ids)}"
-            try:
-                mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, records), qos=1)
-            except NotConnected:
-                self.link.abort()
+            if self._settle_acked or self._settle_rejected:  # answered by the hub: never sent again
+                records = [r for r in records if not (_covers(self._settle_acked, r.seq)
+                                                      or _covers(self._settle_rejected, r.seq))]
+            if records and not self._send(records):
                 return
-            self._inflight[batch_id] = _InFlight(ranges_of([r.seq for r in records]), len(records),
-                                                 time.monotonic(), mid, records)
-            self._by_mid[mid] = batch_id
-            self.stats.batches_sent += 1
-            self.stats.records_sent += len(records)
+
+    def _send(self, records: list[Pending], attempt: int = 0) -> bool:
+        batch_id = f"{self._boot}-{next(self._ids)}"
+        try:
+            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, records), qos=1)
+        except NotConnected:
+            self.link.abort("publish refused: not connected")
+            return False
+        self._inflight[batch_id] = _InFlight(ranges_of([r.seq for r in records]), len(records),
+                                             time.monotonic(), mid, records, attempt=attempt)
+        self._by_mid[mid] = batch_id
+        self.stats.batches_sent += 1
+        self.stats.records_sent += len(records)
+        return True
 
     def _check_deadline(self, now: float) -> None:
         timeout = self.cfg.ack_timeout_s
@@ -197,7 +251,7 @@ class Sync:
                     self.stats.ack_timeouts += 1
                     log.warning("no PUBACK in time: link presumed half-open, reconnecting",
                                 extra={"ack_timeout_s": timeout, "batches_in_flight": len(self._inflight)})
-                    self.link.abort()
+                    self.link.abort(f"no PUBACK within {timeout} s")
                     return
             elif now - f.sent_at > min(timeout * 2 ** min(f.attempt, 30), self.cfg.max_resend_interval_s):
                 self._resend(batch_id, f)
@@ -207,9 +261,8 @@ class Sync:
         try:
             mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, f.records), qos=1)
         except NotConnected:
-            self.link.abort()
+            self.link.abort("publish refused: not connected")
             return
-        self._by_mid.pop(f.mid, None)
         self._by_mid[mid] = batch_id
         f.mid, f.sent_at, f.pubacked, f.attempt = mid, time.monotonic(), False, f.attempt + 1
         self.stats.hub_resends += 1
@@ -218,52 +271,70 @@ class Sync:
                         extra={"batch": batch_id, "attempt": f.attempt, "records": f.count})
 
     # -- receiving ------------------------------------------------------------------------------
-    def _drain_inbox(self) -> None:
-        inbox = self.link.inbox
-        if inbox.pubacks:
-            mids, inbox.pubacks = inbox.pubacks, []
-            for mid in mids:
-                batch_id = self._by_mid.get(mid)
-                flight = self._inflight.get(batch_id) if batch_id else None
-                if batch_id is None or flight is None:
-                    continue
-                if self.cfg.ack_mode == "broker":
-                    del self._by_mid[mid], self._inflight[batch_id]
-                    self._acked(flight.ranges)
-                else:
-                    flight.pubacked = True
-        if inbox.messages:
-            msgs, inbox.messages = inbox.messages, []
-            acked: list[tuple[int, int]] = []
-            for t, payload in msgs:
-                if t == self.t_ack:
-                    acked += self._on_ack(payload)
-                elif t == self.t_cmd:
-                    self._on_command(payload)
-            if acked:
-                self._acked(acked)  # one delete transaction for every ack that arrived together
+    def _on_puback(self, mid: int) -> None:
+        batch_id = self._by_mid.pop(mid, None)  # gone once answered: a mid is reused after 65535
+        flight = self._inflight.get(batch_id) if batch_id else None
+        if batch_id is None or flight is None or flight.mid != mid:
+            return
+        if self.cfg.ack_mode == "broker":
+            del self._inflight[batch_id]
+            self._settle_acked = _merge(self._settle_acked + flight.ranges)
+        else:
+            flight.pubacked = True
 
-    def _on_ack(self, payload: bytes) -> list[tuple[int, int]]:
+    def _on_ack(self, payload: bytes) -> None:
         if self.cfg.ack_mode != "hub":
-            return []
+            return
         try:
             ack = Ack.model_validate_json(payload)
         except ValidationError as exc:
             self.stats.bad_messages += 1
             log.warning("bad ack ignored", extra={"error": str(exc).splitlines()[0]})
-            return []
-        flight = self._inflight.pop(ack.batch, None)
-        if flight is None:
-            # not a batch of this connection (a stale, retained or stray ack): delete nothing; anything
-            # it meant is still unacked here and gets resent, and the hub acks it again.
-            self.stats.stale_acks += 1
-            return []
-        self._by_mid.pop(flight.mid, None)
-        return intersect(flight.ranges, ack.ranges)  # only what we sent in that batch
+            return
+        flight = self._inflight.get(ack.batch)
+        # only what we sent in that batch: a stale, retained or stray ack deletes nothing; anything it
+        # meant is still unacked here and gets resent, and the hub acks it again
+        acked = intersect(flight.ranges, ack.ranges) if flight else []
+        rejected = intersect(flight.ranges, ack.rejected) if flight else []
+        if flight is None or not (acked or rejected):
+            self.stats.stale_acks += 1  # a batch that stays in flight is resent on its timer
+            return
+        del self._inflight[ack.batch]
+        if self._by_mid.get(flight.mid) == ack.batch:  # the hub's ack overtook the PUBACK
+            del self._by_mid[flight.mid]
+        if acked:
+            self._settle_acked = _merge(self._settle_acked + acked)
+            self.stats.hub_acked_seq = max(self.stats.hub_acked_seq, max(hi for _, hi in acked))
+        if rejected:
+            self._settle_rejected = _merge(self._settle_rejected + rejected)
+        done = _merge(acked + rejected)
+        rest = [r for r in flight.records if not _covers(done, r.seq)]
+        if rest:
+            self.stats.partial_acks += 1
+            log.warning("the hub answered for part of a batch; sending the rest again",
+                        extra={"batch": ack.batch, "answered": flight.count - len(rest), "rest": len(rest)})
+            self._send(rest, attempt=flight.attempt)
 
-    def _acked(self, ranges: list[tuple[int, int]]) -> None:
-        self.stats.records_acked += self.outbox.ack(ranges)
-        self.stats.last_ack_mono = time.monotonic()
+    def _settle(self) -> None:
+        """Delete what the hub acked, dead-letter what it rejected. A failure (a full disk) is no link
+        failure: the ranges stay here, are retried, and their records are not sent again."""
+        if not (self._settle_acked or self._settle_rejected) or time.monotonic() < self._settle_at:
+            return
+        try:
+            if self._settle_acked:
+                self.stats.records_acked += self.outbox.ack(self._settle_acked)
+                self._settle_acked = []
+                self.stats.last_ack_mono = time.monotonic()
+            if self._settle_rejected:
+                self.stats.records_rejected += self.outbox.reject(self._settle_rejected, "rejected by the hub")
+                self._settle_rejected = []
+        except Exception as exc:
+            self.stats.settle_failures += 1
+            self._settle_at = time.monotonic() + self.SETTLE_RETRY_S
+            if self.stats.settle_failures == 1 or self.stats.settle_failures % 60 == 0:
+                log.warning("outbox delete failed; acked ranges kept and retried, not resent",
+                            extra={"error": repr(exc), "failures": self.stats.settle_failures,
+                                   "ranges": len(self._settle_acked) + len(self._settle_rejected)})
 
     def _on_command(self, payload: bytes) -> None:
         reply_topic = self.t_cmd + "/reply"
@@ -297,10 +368,51 @@ class Sync:
             return self.commands(cmd)
         raise ValueError(f"unsupported command {cmd.cmd!r}")
 
+    # -- the hub's high-water mark --------------------------------------------------------------
+    def _check_seq_floor(self) -> None:
+        """An outbox whose highest seq is below what the hub acked is a replaced or restored file: its next
+        seqs are already stored at the hub. Move its sequence past them."""
+        hwm = self.stats.hub_acked_seq
+        if not hwm:
+            return
+        try:
+            last = self.outbox.stats().last_seq
+            if last < hwm:
+                self.outbox.raise_seq_floor(hwm)
+                self.stats.seq_floor_raised += 1
+                log.error("outbox is behind the hub (replaced or restored file?): its seqs now continue after"
+                          " the hub's", extra={"outbox_last_seq": last, "hub_acked_seq": hwm})
+        except Exception:
+            log.exception("could not check the outbox against the hub's high-water mark")
+
+    def _load_state(self) -> int:
+        try:
+            return int(json.loads(self._state_file.read_text())["hub_acked_seq"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("sync state unreadable; the hub's high-water mark starts at 0",
+                        extra={"path": str(self._state_file), "error": repr(exc)})
+            return 0
+
+    def _save_state(self, force: bool = False) -> None:
+        seq = self.stats.hub_acked_seq
+        now = time.monotonic()
+        if seq == self._saved_seq or (now < self._next_save and not force):
+            return
+        self._next_save = now + self.STATE_SAVE_S
+        tmp = self._state_file.with_name(self._state_file.name + ".tmp")
+        try:
+            tmp.write_text(dumps({"hub_acked_seq": seq}))
+            os.replace(tmp, self._state_file)
+            self._saved_seq = seq
+        except OSError as exc:  # a full disk: kept in memory, written later
+            log.warning("cannot write the sync state", extra={"path": str(self._state_file), "error": str(exc)})
+
     # -- status ---------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         ob = self.outbox.stats()
-        return {"state": "online", "device_id": self.device_id, "ts": time.time(),
+        return {"state": "online", "device_id": self.device_id, "ts": time.time(), "client_id": self.link.client_id,
                 "outbox": asdict(ob), "sync": asdict(self.stats), **self.status_fn()}
 
     def _publish_status(self) -> None:
@@ -318,5 +430,7 @@ class Sync:
             except NotConnected:
                 pass
             self.link.disconnect(flush_s=1.0)
-        else:
-            self.link.abort()
+        self.link.close()
+        self._settle_at = 0.0
+        self._settle()
+        self._save_state(force=True)

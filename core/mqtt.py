@@ -1,19 +1,37 @@
-"""paho-mqtt wrapped in one small class, driven by the thread that owns it.
+"""One MQTT 3.1.1 link, driven by the thread that owns it; paho stays inside this module.
 
-Nothing here runs a thread of its own: the owner calls `step()` in its loop, and paho's callbacks
-(which run inside step) only append to lists the owner drains. Each connection attempt uses a fresh
-paho client, so aborting a half-open attempt is closing its socket and forgetting it.
+The owner calls `step(timeout)` in its loop and acts on the events it returns:
+  Connected(session_present)   CONNACK accepted: subscribe, resend what was in flight
+  Lost(reason, was_connected)  the connection ended, or an attempt failed (was_connected=False)
+  Message(topic, payload)      a PUBLISH arrived
+  PubAck(mid)                  the broker acknowledged our QoS 1 publish `mid`
+A step returns what it saw (and what abort() or publish() noticed since the last step) and keeps
+nothing: no list here waits for its owner to drain it.
+
+One state machine for every owner (the agent's sync, the hub):
+  idle --attempt due--> connecting --CONNACK--> connected --error, keepalive, abort()--> idle
+Attempts are paced by a jittered exponential backoff; a socket that gets no CONNACK within
+connect_timeout_s is dropped. The backoff resets only when a connection lasted a keepalive period, so
+a broker that accepts and drops at once (two clients taking one client id's session over) is retried
+ever more slowly, never in a loop. Each attempt uses a fresh paho client, so dropping a half-open
+connection is closing its socket and forgetting it. No thread of its own: step() waits in select() on
+the socket and on `waker`, which any thread may set to end the wait early.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 import random
+import select
 import socket
 import time
-from dataclasses import dataclass, field
-from typing import Any
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -33,10 +51,29 @@ class Will:
     retain: bool = True
 
 
-@dataclass
-class Inbox:
-    messages: list[tuple[str, bytes]] = field(default_factory=list)
-    pubacks: list[int] = field(default_factory=list)
+@dataclass(frozen=True)
+class Connected:
+    session_present: bool
+
+
+@dataclass(frozen=True)
+class Lost:
+    reason: str
+    was_connected: bool  # False: an attempt failed (refused, unreachable, no CONNACK in time)
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PubAck:
+    mid: int
+
+
+Event = Connected | Lost | Message | PubAck
 
 
 class Backoff:
@@ -56,38 +93,144 @@ class Backoff:
         self.attempt = 0
 
 
+class Wake(Protocol):
+    def set(self) -> None: ...
+
+
+class Link(Protocol):
+    """What an owner uses; MqttLink is the real one, tests/fakes.py's FakeLink the scripted one."""
+
+    client_id: str
+
+    @property
+    def waker(self) -> Wake: ...
+    @property
+    def connected(self) -> bool: ...
+    def step(self, timeout: float) -> list[Event]: ...
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int: ...
+    def subscribe(self, topic: str, qos: int = 1) -> None: ...
+    def abort(self, reason: str = "aborted by its owner") -> None: ...
+    def disconnect(self, flush_s: float = 1.0) -> None: ...
+    def close(self) -> None: ...
+
+
+class Waker:
+    """Ends a step()'s wait early. set() may be called from any thread, any number of times."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def set(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe: a wake is pending anyway; closed: nobody waits
+            self._w.send(b"\0")
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._r.recv(4096):
+                pass
+
+    def wait(self, timeout: float) -> None:
+        select.select([self._r], [], [], max(0.0, timeout))
+        self.clear()
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+
+
+def install_client_id(name: str, anchor: Path) -> str:
+    """`{name}-{h}`: h hashes this machine's id with the absolute path of `anchor`, the file this install
+    keeps its state in (the agent's outbox, the hub's database). Two installs never share a client id
+    (each would take the other's session over, in a loop), and a restart keeps it."""
+    anchor = Path(anchor).resolve()
+    h = hashlib.sha256(f"{_machine_id(anchor)}\0{anchor}".encode()).hexdigest()[:10]
+    return f"{name}-{h}"
+
+
+def _machine_id(anchor: Path) -> str:
+    for p in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if text := p.read_text().strip():
+                return text
+    # no machine id (a container, a minimal image): a random id, kept next to the anchor
+    kept = anchor.with_name(anchor.name + ".install-id")
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if text := kept.read_text().strip():
+            return text
+    new = uuid.uuid4().hex
+    tmp = kept.with_name(kept.name + ".tmp")
+    try:
+        tmp.write_text(new + "\n")
+        os.replace(tmp, kept)
+    except OSError as exc:
+        log.warning("cannot keep the install id: the MQTT client id changes on every restart",
+                    extra={"path": str(kept), "error": str(exc)})
+    return new
+
+
 class MqttLink:
-    """One MQTT 3.1.1 session to one broker.
+    """One MQTT 3.1.1 session to one broker, with its own connect/backoff state machine."""
 
-    States: idle (no socket) -> connecting (socket open, CONNACK awaited, bounded by connect_timeout_s)
-    -> connected. `abort()` returns to idle from anywhere. `lost` counts connections that ended.
-    """
-
-    MAX_READS = 200
+    MAX_READS = 200  # packets read in one step when they are already there (one hub commit, one delete)
 
     def __init__(self, client_id: str, host: str, port: int, *, keepalive: int = 10,
                  clean_session: bool = True, will: Will | None = None, username: str | None = None,
-                 password: str | None = None, connect_timeout_s: float = 5.0) -> None:
+                 password: str | None = None, connect_timeout_s: float = 5.0, backoff_min_s: float = 0.5,
+                 backoff_max_s: float = 30.0, rng: random.Random | None = None) -> None:
         self.client_id, self.host, self.port = client_id, host, port
         self.keepalive = keepalive
         self.clean_session = clean_session
         self.will = will
         self.username, self.password = username, password
         self.connect_timeout_s = connect_timeout_s
-        self.inbox = Inbox()
-        self._client: paho.Client | None = None
-        self._deadline = 0.0
-        self.connected = False
-        self.session_present = False
+        self.backoff = Backoff(backoff_min_s, backoff_max_s, rng)
+        self._waker = Waker()
+        self.attempts = 0  # connection attempts, and connections made: counters for status and tests
+        self.connects = 0
         self.last_error = ""
+        self._client: paho.Client | None = None
+        self._connected = False
+        self._since = 0.0  # connecting: when the attempt began; connected: when CONNACK came
+        self._next_attempt = 0.0
+        self._refused = ""
+        self._events: list[Event] = []  # what happened since the last step; every step() empties it
+
+    @property
+    def waker(self) -> Waker:
+        return self._waker
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
 
     @property
     def idle(self) -> bool:
         return self._client is None
 
-    def connect(self) -> None:
-        """Open TCP and send CONNECT; CONNACK arrives in a later step(). Raises OSError on refusal."""
-        self.abort()
+    def step(self, timeout: float) -> list[Event]:
+        """Wait up to `timeout` s (less when the waker is set) for something to happen; return what did."""
+        c = self._client
+        if c is None:
+            wait = self._next_attempt - time.monotonic()
+            if wait > 0:
+                self._waker.wait(min(timeout, wait))
+            else:
+                self._attempt()
+        else:
+            self._io(c, timeout)
+        events, self._events = self._events, []
+        return events
+
+    def _attempt(self) -> None:
+        self.attempts += 1
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                         clean_session=self.clean_session, protocol=paho.MQTTv311)
         c.connect_timeout = self.connect_timeout_s
@@ -101,68 +244,77 @@ class MqttLink:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
-        self._deadline = time.monotonic() + self.connect_timeout_s
-        self._client = c
+        self._client, self._connected, self._since, self._refused = c, False, time.monotonic(), ""
         try:
-            c.connect(self.host, self.port, keepalive=self.keepalive)
+            c.connect(self.host, self.port, keepalive=self.keepalive)  # TCP, then CONNECT is written
         except (OSError, ValueError) as exc:
-            self._client = None
-            self.last_error = str(exc)
-            raise OSError(str(exc)) from exc
+            self._drop(f"connect: {exc}")
+            return
         sock = c.socket()
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             # paho leaves Nagle on: a small ack then waits for the peer's delayed ACK (~40 ms)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _io(self, c: paho.Client, timeout: float) -> None:
+        if not self._connected:
+            left = self._since + self.connect_timeout_s - time.monotonic()
+            if left <= 0:
+                self._drop(f"no CONNACK within {self.connect_timeout_s:.1f} s")
+                return
+            timeout = min(timeout, left)
+        sock = c.socket()
+        if not isinstance(sock, socket.socket):
+            self._drop("socket closed")
+            return
+        try:
+            rlist: list[socket.socket | Waker] = [sock, self._waker]
+            readable, writable, _ = select.select(rlist, [sock] if c.want_write() else [], [], max(0.0, timeout))
+        except (OSError, ValueError) as exc:
+            self._drop(f"select: {exc}")
+            return
+        if self._waker in readable:
+            self._waker.clear()
+        rc = paho.MQTT_ERR_SUCCESS
+        if sock in readable:
+            # paho reads about one packet per call: go on while packets are there (bounded), so the owner
+            # handles a burst in one go
+            for _ in range(self.MAX_READS):
+                before = len(self._events)
+                rc = c.loop_read()
+                if rc != paho.MQTT_ERR_SUCCESS or c is not self._client or len(self._events) == before:
+                    break
+        if rc == paho.MQTT_ERR_SUCCESS and c is self._client and (writable or c.want_write()):
+            rc = c.loop_write()
+        if rc == paho.MQTT_ERR_SUCCESS and c is self._client:
+            rc = c.loop_misc()  # keepalive: PINGREQ, and no PINGRESP in time ends the connection
+        if rc != paho.MQTT_ERR_SUCCESS and c is self._client:
+            self._drop(f"network loop: {paho.error_string(rc)}")
+
     def _on_connect(self, client: paho.Client, _u: Any, flags: Any, rc: Any, _p: Any = None) -> None:
         if client is not self._client:
             return
         if rc.is_failure:
-            self.last_error = f"CONNACK refused: {rc}"
+            self._refused = f"CONNACK refused: {rc}"  # the broker closes the connection next
             return
-        self.connected = True
-        self.session_present = bool(getattr(flags, "session_present", False))
+        self._connected, self._since = True, time.monotonic()
+        self.connects += 1
+        self._events.append(Connected(bool(getattr(flags, "session_present", False))))
 
     def _on_disconnect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         if client is self._client:
-            self.last_error = f"disconnected: {rc}"
-            self._forget()
+            self._drop(self._refused or f"disconnected: {rc}")
 
     def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if client is self._client:
-            self.inbox.messages.append((msg.topic, bytes(msg.payload)))
+            self._events.append(Message(msg.topic, bytes(msg.payload)))
 
     def _on_publish(self, client: paho.Client, _u: Any, mid: int, _rc: Any, _p: Any = None) -> None:
         if client is self._client:
-            self.inbox.pubacks.append(mid)
-
-    def step(self, timeout: float) -> None:
-        """Run paho's network loop once. Detects CONNACK timeouts and lost connections."""
-        c = self._client
-        if c is None:
-            time.sleep(timeout)
-            return
-        if not self.connected and time.monotonic() > self._deadline:
-            self.last_error = f"no CONNACK within {self.connect_timeout_s:.1f} s"
-            self.abort()
-            return
-        rc = c.loop(timeout)
-        # paho reads about one packet per loop(): keep reading what is already there (bounded), so the
-        # owner handles a burst of messages in one go (one hub transaction, one outbox delete).
-        for _ in range(self.MAX_READS):
-            if rc != paho.MQTT_ERR_SUCCESS or c is not self._client:
-                break
-            before = len(self.inbox.messages) + len(self.inbox.pubacks)
-            rc = c.loop(0)
-            if len(self.inbox.messages) + len(self.inbox.pubacks) == before:
-                break
-        if rc != paho.MQTT_ERR_SUCCESS and c is self._client:
-            self.last_error = f"network loop: {paho.error_string(rc)}"
-            self.abort()
+            self._events.append(PubAck(int(mid)))
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
         c = self._client
-        if c is None or not self.connected:
+        if c is None or not self._connected:
             raise NotConnected(topic)
         info = c.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
@@ -171,32 +323,52 @@ class MqttLink:
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         c = self._client
-        if c is None or not self.connected:
+        if c is None or not self._connected:
             raise NotConnected(topic)
         c.subscribe(topic, qos)
 
     def disconnect(self, flush_s: float = 1.0) -> None:
         """Clean DISCONNECT (the broker then does not publish the will), after flushing for up to flush_s."""
         c = self._client
-        if c is not None and self.connected:
+        if c is not None and self._connected:
             deadline = time.monotonic() + flush_s
-            while c.want_write() and time.monotonic() < deadline:
-                c.loop(0.05)
-            c.disconnect()
-            with contextlib.suppress(Exception):
-                c.loop(0.05)
-        self.abort()
+            while c is self._client and c.want_write() and time.monotonic() < deadline:
+                sock = c.socket()
+                if not isinstance(sock, socket.socket):
+                    break
+                select.select([], [sock], [], 0.05)
+                c.loop_write()
+            if c is self._client:
+                c.on_disconnect = None  # this end is ours: no "connection lost" for it
+                c.disconnect()
+        self._drop("disconnected by its owner", quiet=True)
 
-    def abort(self) -> None:
+    def abort(self, reason: str = "aborted by its owner") -> None:
         """Drop the connection now, without DISCONNECT (the broker will publish the will)."""
-        c = self._client
-        if c is not None:
-            sock = c.socket()
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        self._forget()
+        self._drop(reason)
 
-    def _forget(self) -> None:
-        self._client = None
-        self.connected = False
+    def close(self) -> None:
+        """abort() and release the waker: the link is not used again."""
+        self._drop("closed", quiet=True)
+        self._waker.close()
+
+    def _drop(self, reason: str, *, quiet: bool = False) -> None:
+        c, was_connected = self._client, self._connected
+        if c is None:
+            return
+        self._client, self._connected = None, False
+        sock = c.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        now = time.monotonic()
+        if was_connected and now - self._since >= self.keepalive:
+            self.backoff.reset()  # that connection was real: reconnect soon
+        delay = self.backoff.next()
+        self._next_attempt = now + delay
+        self.last_error = reason
+        self._events.append(Lost(reason, was_connected))
+        if not quiet:
+            log.warning("broker connection lost" if was_connected else "broker connect failed",
+                        extra={"broker": f"{self.host}:{self.port}", "client_id": self.client_id,
+                               "error": reason, "retry_in_s": round(delay, 2)})

@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from customs_edge.core.mqtt import Backoff, MqttLink, NotConnected
+from customs_edge.core.mqtt import Connected, Lost, Message, MqttLink, NotConnected, install_client_id
 from customs_edge.core.wire import Ack, Alert, Status, ranges_of, topic
 from customs_edge.hub import intake
 from customs_edge.hub.store import HubStore, Stored
@@ -36,7 +36,8 @@ class HubConfig(BaseModel):
     password: str | None = None
     topic_prefix: str = "customs-edge/v1"
     share_group: str | None = Field("hubs", description="MQTT shared-subscription group; null: plain")
-    client_id: str = Field(default_factory=lambda: f"ce-hub-{socket.gethostname()}")
+    client_id: str | None = Field(None, description="default ce-hub-{host}-{hash of machine id and db path}:"
+                                  " one per hub file, so two hubs on one host never take each other's session")
     db: Path = DEFAULT_DB
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     keepalive_s: int = 10
@@ -54,14 +55,12 @@ class Hub:
     def __init__(self, cfg: HubConfig) -> None:
         self.cfg = cfg
         self.store = HubStore(cfg.db, cfg.synchronous)
-        self.link = MqttLink(cfg.client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s,
-                             clean_session=False, username=cfg.username, password=cfg.password)
-        self.backoff = Backoff(0.5, 10.0)
+        client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
+        self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
+                             username=cfg.username, password=cfg.password, backoff_min_s=0.5, backoff_max_s=10.0)
         self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
         self.batches = 0
         self.ready = threading.Event()  # set once subscribed
-        self._was_connected = False
-        self._next_attempt = 0.0
 
     def records_filter(self) -> str:
         f = f"{self.cfg.topic_prefix}/+/records"
@@ -75,37 +74,23 @@ class Hub:
                 log.exception("hub step failed; continuing")
                 stop.wait(0.5)
         self.link.disconnect()
+        self.link.close()
         self.store.close()
 
     def _step(self, stop: threading.Event) -> None:
-        if self.link.idle:
-            if self._was_connected:
-                self._was_connected = False
+        messages: list[tuple[str, bytes]] = []
+        for ev in self.link.step(0.25):  # the link connects and backs off by itself
+            if isinstance(ev, Message):
+                messages.append((ev.topic, ev.payload))
+            elif isinstance(ev, Connected):
+                # Always subscribe: a broker restarted without persistence forgot our session.
+                self.link.subscribe(self.records_filter(), 1)
+                self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
+                self.ready.set()
+                log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
+            elif isinstance(ev, Lost) and ev.was_connected:
                 self.ready.clear()
-                log.warning("hub lost the broker", extra={"error": self.link.last_error})
-            if time.monotonic() < self._next_attempt:
-                stop.wait(0.05)
-                return
-            try:
-                self.link.connect()
-            except OSError as exc:
-                self._next_attempt = time.monotonic() + self.backoff.next()
-                log.warning("hub cannot reach broker", extra={"error": str(exc)})
-                return
-        self.link.step(0.01)
-        if not self.link.connected:
-            if self.link.idle:
-                self._next_attempt = time.monotonic() + self.backoff.next()
-            return
-        if not self._was_connected:
-            self._was_connected = True
-            self.backoff.reset()
-            # Always subscribe: a broker restarted without persistence forgot our session.
-            self.link.subscribe(self.records_filter(), 1)
-            self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
-            self.ready.set()
-            log.info("hub subscribed", extra={"filter": self.records_filter()})
-        self._handle(self.link.inbox.messages)
+        self._handle(messages)
 
     def _handle(self, messages: list[tuple[str, bytes]]) -> None:
         if not messages:
@@ -164,7 +149,7 @@ class Hub:
             seqs = ranges_of(s.conflicts)
             log.warning("seq conflict", extra={"device": s.device_id, "seq": _seqs(seqs), "count": len(s.conflicts),
                                                "conflicts": s.device_conflicts})
-            alert = Alert(device_id=s.device_id, seqs=seqs, conflicts=s.device_conflicts, hub=self.cfg.client_id,
+            alert = Alert(device_id=s.device_id, seqs=seqs, conflicts=s.device_conflicts, hub=self.link.client_id,
                           ts=time.time())
             out.append(Out(topic(self.cfg.topic_prefix, s.device_id, "alert"), alert.model_dump_json().encode(),
                            retain=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -101,3 +102,14 @@ def assert_exactly_once(outbox: Path, hub_db: Path, device_id: str) -> int:
     assert not lost, f"lost {len(lost)} of {last}: first {lost[:10]}"
     assert len(seqs) == len(set(seqs)) == last, "duplicates stored at the hub"
     return last
+
+
+def rec(seq: object, **over: object) -> dict[str, Any]:
+    """One record as an agent sends it; `over` replaces fields (with anything, valid or not)."""
+    return {"seq": seq, "ts": 1.7e9, "boot": "boot-a", "mono": float(seq) if isinstance(seq, int) else 1.0,
+            "type": "t", "prio": 1, "payload": {}, **over}
+
+
+def records_msg(device_id: str, batch: str, records: list[dict[str, Any]]) -> str:
+    """A records message. json.dumps writes float NaN and infinities as the tokens NaN and Infinity."""
+    return json.dumps({"v": 1, "device_id": device_id, "batch": batch, "records": records})

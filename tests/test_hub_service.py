@@ -19,22 +19,11 @@ from customs_edge.core.logs import LogfmtFormatter
 from customs_edge.core.wire import MAX_PAYLOAD_BYTES
 from customs_edge.hub.brokers import Mosquitto
 from tests.conftest import wait_for
-from tests.fleet import HubThread
+from tests.fleet import HubThread, rec, records_msg
 
 pytestmark = pytest.mark.broker
 
 PREFIX = "customs-edge/v1"
-
-
-def rec(seq: object, **over: object) -> dict[str, Any]:
-    """One record as an agent sends it; `over` replaces fields (with anything, valid or not)."""
-    return {"seq": seq, "ts": 1.7e9, "boot": "boot-a", "mono": float(seq) if isinstance(seq, int) else 1.0,
-            "type": "t", "prio": 1, "payload": {}, **over}
-
-
-def records_msg(device_id: str, batch: str, records: list[dict[str, Any]]) -> str:
-    """A records message. json.dumps writes float NaN and infinities as the tokens NaN and Infinity."""
-    return json.dumps({"v": 1, "device_id": device_id, "batch": batch, "records": records})
 
 
 class Operator:

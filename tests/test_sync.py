@@ -4,6 +4,7 @@ commands, status and malformed input behave as documented."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from customs_edge.agent.config import parse_unit_config
+from customs_edge.agent.config import SyncConfig, parse_unit_config
 from customs_edge.agent.runtime import Unit
+from customs_edge.agent.sync import Sync
 from customs_edge.hub.brokers import Mosquitto
 from customs_edge.simulators.base import Endpoints
 from customs_edge.simulators.scale import ScaleSim, ScaleWorld
 from tests.conftest import unit_dict, wait_for
-from tests.fleet import HubThread, hub_seqs, outbox_state
+from tests.fakes import MemOutbox
+from tests.fleet import HubThread, hub_seqs, outbox_state, rec, records_msg
 
 pytestmark = pytest.mark.broker
 
@@ -185,8 +188,6 @@ def test_reload_with_a_bad_config_keeps_the_old_one_running(tmp_path: Path, mosq
     agent.terminate()
 
 
-
-
 def test_stray_and_malformed_acks_delete_nothing(tmp_path: Path, mosquitto: Mosquitto,
                                                  scale_urls: dict[str, str]) -> None:
     cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port))
@@ -216,12 +217,12 @@ def test_sync_survives_an_outbox_error_and_keeps_delivering(tmp_path: Path, mosq
     from customs_edge.agent.outbox import SqliteOutbox
 
     class FlakyOutbox(SqliteOutbox):
-        failures = 2
+        failures = 3
 
         def ack(self, ranges):  # type: ignore[no-untyped-def]
             if self.failures:
                 self.failures -= 1
-                raise sqlite3.OperationalError("database is locked")
+                raise sqlite3.OperationalError("database or disk is full")
             return super().ack(ranges)
 
     cfg = parse_unit_config(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port,
@@ -232,24 +233,12 @@ def test_sync_survives_an_outbox_error_and_keeps_delivering(tmp_path: Path, mosq
     try:
         wait_for(lambda: unit.sync.stats.records_acked >= 30, 15, "deliveries after the outbox errors")
         assert unit.health()
+        # a failed delete is no link failure: the link stayed up and nothing was sent twice
+        st = unit.sync.stats
+        assert st.settle_failures == 3 and (st.connects, st.resent_after_reconnect, st.hub_resends) == (1, 0, 0)
     finally:
         unit.stop()
         hub.stop()
-
-
-def test_resend_backoff_does_not_overflow_after_days_of_hub_silence(tmp_path: Path) -> None:
-    from customs_edge.agent.sync import Sync, _InFlight
-
-    cfg = parse_unit_config(unit_dict(tmp_path, "/dev/null", 1))
-    sync = Sync("d", _NoOutbox(), cfg.sync)
-    sync._inflight["b"] = _InFlight([(1, 1)], 1, 0.0, 1, [], pubacked=True, attempt=5000)
-    sync._check_deadline(10.0)  # sent at 0, 10 s ago: far less than the capped 300 s wait
-    assert sync.stats.hub_resends == 0
-
-
-class _NoOutbox:
-    def release(self) -> None:
-        pass
 
 
 def test_reload_to_a_config_that_cannot_start_keeps_the_old_one(tmp_path: Path, mosquitto: Mosquitto,
@@ -273,3 +262,78 @@ def test_reload_to_a_config_that_cannot_start_keeps_the_old_one(tmp_path: Path, 
     wait_for(lambda: outbox_state(ob)[0] > n + 10, 5, "records to keep coming into the old outbox")
     assert agent.proc.poll() is None
     agent.terminate()
+
+
+def _run_for(syncs: list[Sync], stop: threading.Event) -> list[threading.Thread]:
+    threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in syncs]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_two_units_with_one_device_id_keep_their_own_sessions(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Before, both used the client id ce-agent-{device_id}: each connect took the other's session over,
+    31 times in 30 s. Client ids are now unique per install (machine id + outbox path)."""
+    cfg = SyncConfig(port=mosquitto.port, backoff_min_s=0.2, backoff_max_s=1)
+    syncs = [Sync("twin", MemOutbox(), cfg, outbox_path=tmp_path / f"unit{i}" / "outbox.db") for i in range(2)]
+    assert syncs[0].link.client_id != syncs[1].link.client_id
+    stop = threading.Event()
+    threads = _run_for(syncs, stop)
+    try:
+        wait_for(lambda: all(s.link.connected for s in syncs), 10, "both units connected")
+        time.sleep(5)  # a window in which a takeover loop reconnects several times
+        assert [s.stats.connects for s in syncs] == [1, 1] and all(s.link.connected for s in syncs)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+
+
+def test_two_hubs_on_one_host_keep_their_own_sessions(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Before, both hubs defaulted to ce-hub-{hostname} and took each other's persistent session over."""
+    hubs = [HubThread(mosquitto.port, tmp_path / f"hub{i}" / "hub.db").start() for i in range(2)]
+    try:
+        assert hubs[0].hub.link.client_id != hubs[1].hub.link.client_id
+        time.sleep(5)
+        assert [h.hub.link.connects for h in hubs] == [1, 1] and all(h.hub.ready.is_set() for h in hubs)
+    finally:
+        for h in hubs:
+            h.stop()
+
+
+def _containers(obj: object, seen: set[int] | None = None) -> dict[str, int]:
+    """Sizes of the lists, dicts, sets and deques an object of ours holds, also inside its dataclasses."""
+    import collections
+    import dataclasses
+
+    seen = seen if seen is not None else set()
+    out: dict[str, int] = {}
+    if id(obj) in seen:
+        return out
+    seen.add(id(obj))
+    for name, value in vars(obj).items():
+        if isinstance(value, list | dict | set | collections.deque):
+            out[name] = len(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out |= {f"{name}.{k}": n for k, n in _containers(value, seen).items()}
+    return out
+
+
+def test_the_hub_keeps_nothing_per_acked_publish(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Before, every PUBACK the hub received (one per ack it published) was appended to a list that
+    nothing drained. Now a step returns its events and keeps none."""
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
+    c = Client(mosquitto.port)
+    n = 60
+    try:
+        c.sub("customs-edge/v1/dev-m/ack")
+        for i in range(n):
+            c.pub("customs-edge/v1/dev-m/records", records_msg("dev-m", f"b{i}", [rec(i + 1)]))
+        wait_for(lambda: len(c.got) >= n, 15, f"{n} acks")
+        link = hub.hub.link
+        wait_for(lambda: not link._client._out_messages, 5, "the hub's acks PUBACKed by the broker")  # type: ignore[union-attr]
+        sizes = _containers(link)
+        assert sizes and max(sizes.values()) < 5, sizes
+    finally:
+        c.close()
+        hub.stop()

@@ -1,0 +1,153 @@
+"""Fakes with the real interfaces, for testing the sync state machine without a broker or a file.
+
+FakeLink implements core/mqtt.py's Link: the test scripts what the broker does (`connect`, `drop`,
+`puback`, `deliver`) and the next step() returns it as events, exactly as MqttLink would; what the
+owner published is kept in `published`. Message ids wrap at `mid_max` as MQTT's do at 65535.
+MemOutbox implements agent/outbox.py's Outbox in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from customs_edge.agent.outbox import OutboxStats
+from customs_edge.core.mqtt import Connected, Event, Lost, Message, NotConnected, PubAck
+from customs_edge.core.records import Pending, RecordIn
+
+
+@dataclass
+class Published:
+    topic: str
+    payload: bytes
+    mid: int
+    retain: bool
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class FakeLink:
+    def __init__(self, client_id: str = "fake", mid_max: int = 65535) -> None:
+        self.client_id = client_id
+        self.waker = threading.Event()
+        self.mid_max = mid_max
+        self.published: list[Published] = []
+        self.subscribed: list[str] = []
+        self.aborts: list[str] = []
+        self.steps = 0
+        self._connected = False
+        self._next: list[Event] = []
+        self._mid = 0
+
+    # -- the broker's side, scripted by the test --------------------------------------------------
+    def connect(self, session_present: bool = False) -> None:
+        self._next.append(Connected(session_present))
+
+    def drop(self, reason: str = "broker went away") -> None:
+        self._next.append(Lost(reason, True))
+
+    def puback(self, mid: int) -> None:
+        self._next.append(PubAck(mid))
+
+    def deliver(self, topic: str, payload: bytes | str) -> None:
+        self._next.append(Message(topic, payload.encode() if isinstance(payload, str) else payload))
+
+    def batches(self) -> list[Published]:
+        return [p for p in self.published if p.topic.endswith("/records")]
+
+    # -- Link ---------------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def step(self, timeout: float) -> list[Event]:
+        self.steps += 1
+        events, self._next = self._next, []
+        for ev in events:
+            if isinstance(ev, Connected):
+                self._connected = True
+            elif isinstance(ev, Lost):
+                self._connected = False
+        return events
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
+        if not self._connected:
+            raise NotConnected(topic)
+        self._mid = self._mid % self.mid_max + 1
+        self.published.append(Published(topic, payload.encode() if isinstance(payload, str) else payload,
+                                         self._mid, retain))
+        return self._mid
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        if not self._connected:
+            raise NotConnected(topic)
+        self.subscribed.append(topic)
+
+    def abort(self, reason: str = "aborted by its owner") -> None:
+        self.aborts.append(reason)
+        if self._connected:
+            self._connected = False
+            self._next.append(Lost(reason, True))
+
+    def disconnect(self, flush_s: float = 1.0) -> None:
+        self._connected = False
+
+    def close(self) -> None:
+        self._connected = False
+
+
+class MemOutbox:
+    """The Outbox contract in memory: seqs never reused, begin() hands each record out once until
+    release(), ack() deletes, reject() moves to `dead`, raise_seq_floor() moves the sequence on."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, Pending] = {}
+        self.dead: dict[int, tuple[Pending, str]] = {}
+        self.last_seq = 0
+        self._handed: set[int] = set()
+
+    def put(self, records: Sequence[RecordIn]) -> range:
+        first = self.last_seq + 1
+        for r in records:
+            self.last_seq += 1
+            self.records[self.last_seq] = Pending(self.last_seq, r.ts, "boot", time.monotonic(), r.type,
+                                                  int(r.priority), json.dumps(r.payload))
+        return range(first, self.last_seq + 1)
+
+    def begin(self, max_records: int) -> list[Pending]:
+        out = sorted((r for s, r in self.records.items() if s not in self._handed),
+                     key=lambda r: (-r.priority, r.seq))[:max_records]
+        self._handed.update(r.seq for r in out)
+        return out
+
+    def _take(self, ranges: Iterable[tuple[int, int]]) -> list[Pending]:
+        gone = [self.records.pop(s) for lo, hi in ranges for s in sorted(self.records) if lo <= s <= hi]
+        self._handed.difference_update(r.seq for r in gone)
+        return gone
+
+    def ack(self, ranges: Iterable[tuple[int, int]]) -> int:
+        return len(self._take(ranges))
+
+    def reject(self, ranges: Iterable[tuple[int, int]], reason: str) -> int:
+        gone = self._take(ranges)
+        self.dead.update((r.seq, (r, reason)) for r in gone)
+        return len(gone)
+
+    def release(self) -> None:
+        self._handed.clear()
+
+    def raise_seq_floor(self, seq: int) -> None:
+        self.last_seq = max(self.last_seq, seq)
+
+    def stats(self) -> OutboxStats:
+        return OutboxStats(pending=len(self.records), last_seq=self.last_seq,
+                           oldest_ts=min((r.ts for r in self.records.values()), default=None), used_bytes=0,
+                           dropped={})
+
+    def close(self) -> None:
+        pass
