@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.core.readings import ThermalFrame
 from customs_edge.drivers.mlx90640 import (
     COLS,
     FRAME_LEN,
@@ -219,12 +220,12 @@ def test_driver_starts_the_module_and_reads_frames(kind: str) -> None:
     assert len(readings) == 5
     assert (0x25, 0x01) in sim.thermal.commands and (0x35, 0x02) in sim.thermal.commands
     r = readings[0]
-    assert r.kind == "thermal_frame" and r.source == "thermal"
-    assert r.array is not None and r.array.shape == (24, 32)
-    assert 10 < float(np.median(r.array)) < 35
-    assert isinstance(r.values["ambient_c"], float)
-    assert r.values["dead_pixels"] == 2  # the world's two dead pixels, replaced
-    assert float(r.array.min()) > -40
+    assert isinstance(r, ThermalFrame) and r.source == "thermal"
+    assert r.pixels.shape == (24, 32)
+    assert 10 < float(np.median(r.pixels)) < 35
+    assert isinstance(r.ambient_c, float)
+    assert r.dead_pixels == 2  # the world's two dead pixels, replaced
+    assert float(r.pixels.min()) > -40
 
 
 def test_module_sends_nothing_until_told() -> None:
@@ -254,7 +255,7 @@ def test_corrupt_frames_on_the_wire_are_counted_and_skipped() -> None:
     assert len(readings) == 20
     assert drv.stats.corrupt >= 2
     assert sim.faults.corrupted >= drv.stats.corrupt - 1  # nothing counted that was not damaged (+ a tail)
-    assert all(r.array is not None and float(r.array.min()) > -40 for r in readings)
+    assert all(float(r.pixels.min()) > -40 for r in readings)
 
 
 def test_frozen_sensor_faults_and_silence_faults() -> None:

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from customs_edge.core import readings as rd
 from customs_edge.core.errors import DriverFault
 from customs_edge.drivers.modbus import (
     Block,
@@ -81,9 +82,9 @@ def test_reads_every_type_and_table(line) -> None:
     sim, regs, url = line
     with driver(url) as d:
         r = d.read() or d.read()
-    assert r is not None and r.kind == "registers"
-    v = r.values
-    assert v["slave"] == "weigher" and v["slave_id"] == 1
+    assert isinstance(r, rd.Registers)
+    v = {name: p.value for name, p in r.points.items()}
+    assert r.slave == "weigher" and r.slave_id == 1
     assert v["rate_tph"] == pytest.approx(4012.5)
     assert v["speed_mps"] == pytest.approx(4.512)
     assert v["total_t"] == pytest.approx(123456.7)
@@ -94,7 +95,9 @@ def test_reads_every_type_and_table(line) -> None:
     regs[1].set(rate=10.0, speed=0.0, total=0.5, temp=20.0)
     regs[1].di[1] = 1
     with driver(url) as d:
-        v = (d.read() or d.read()).values  # type: ignore[union-attr]
+        r = d.read() or d.read()
+    assert isinstance(r, rd.Registers)
+    v = {name: p.value for name, p in r.points.items()}
     assert (v["rate_tph"], v["total_t"], v["metal"]) == (pytest.approx(10.0), pytest.approx(0.5), True)
 
 
@@ -103,7 +106,7 @@ def test_crc_error_is_counted_and_retried(line) -> None:
     sim.slaves[1].faults.crc_next = 2
     with driver(url, retries=2) as d:
         r = d.read() or d.read()
-        assert r is not None and r.kind == "registers"
+        assert isinstance(r, rd.Registers)
         assert d.stats.extra["crc_errors"] == 2 and d.stats.corrupt == 2
         assert d.stats.extra["retries"] == 2
     assert sim.slaves[1].faults.damaged == 2
@@ -114,7 +117,7 @@ def test_timeout_is_counted_and_retried(line) -> None:
     sim.slaves[1].faults.timeout_next = 1
     with driver(url, retries=1) as d:
         r = d.read() or d.read()
-        assert r is not None and r.kind == "registers"
+        assert isinstance(r, rd.Registers)
         assert d.stats.extra["timeouts"] == 1 and d.stats.extra["retries"] == 1
 
 
@@ -123,11 +126,11 @@ def test_retries_exhausted_gives_slave_error_then_recovers(line) -> None:
     sim.slaves[1].faults.timeout_next = 3
     with driver(url, retries=1, fail_after=5) as d:
         r = d.read() or d.read()
-        assert r is not None and r.kind == "slave_error"
-        assert r.values["slave"] == "weigher" and "timeout" in str(r.values["error"])
-        assert r.values["consecutive"] == 1
+        assert isinstance(r, rd.SlaveError)
+        assert r.slave == "weigher" and "timeout" in r.error
+        assert r.consecutive == 1
         r = d.read() or d.read()  # third withheld reply, then the retry succeeds
-        assert r is not None and r.kind == "registers"
+        assert isinstance(r, rd.Registers)
 
 
 def test_exception_response_is_reported_not_retried(line) -> None:
@@ -136,8 +139,8 @@ def test_exception_response_is_reported_not_retried(line) -> None:
     sim.slaves[1].faults.exception_code = 4
     with driver(url, retries=3) as d:
         r = d.read() or d.read()
-        assert r is not None and r.kind == "slave_error"
-        assert "exception 4" in str(r.values["error"]) and "slave device failure" in str(r.values["error"])
+        assert isinstance(r, rd.SlaveError)
+        assert "exception 4" in r.error and "slave device failure" in r.error
         assert d.stats.extra["exceptions"] == 1 and d.stats.extra["retries"] == 0
 
 
@@ -147,7 +150,7 @@ def test_unmapped_address_gives_illegal_address(line) -> None:
         {"name": "nothing_here", "table": "holding", "address": 900}]}])
     with ModbusRtu("x", cfg) as d:
         r = d.read() or d.read()
-    assert r is not None and r.kind == "slave_error" and "illegal data address" in str(r.values["error"])
+    assert isinstance(r, rd.SlaveError) and "illegal data address" in r.error
 
 
 def test_dead_slave_on_shared_line_reports_per_slave(line) -> None:
@@ -158,7 +161,8 @@ def test_dead_slave_on_shared_line_reports_per_slave(line) -> None:
         for _ in range(20):
             r = d.read()
             if r is not None:
-                kinds[str(r.values["slave"])].append(r.kind)
+                assert isinstance(r, rd.Registers | rd.SlaveError)
+                kinds[r.slave].append(r.KIND)
         assert set(kinds["weigher"]) == {"registers"}
         assert kinds["moisture"] and set(kinds["moisture"]) == {"slave_error"}
         assert d.stats.faults == 0  # the line works: no DriverFault for one dead slave
@@ -183,7 +187,7 @@ def test_damaged_bytes_on_the_wire_are_counted_and_skipped(line) -> None:
         while sim.faults.corrupted < 6 or len(kinds) < 12:
             r = d.read()
             if r is not None:
-                kinds.append(r.kind)
+                kinds.append(r.KIND)
         x = d.stats.extra
         assert x["crc_errors"] + x["timeouts"] + x["wrong_slave"] == 6
         assert kinds.count("slave_error") == 6  # retries=0: each damaged reply fails one poll

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.core.readings import Weight
 from customs_edge.drivers.toledo import ToledoConfig, ToledoContinuous, ToledoParser, checksum, decode, encode
 from customs_edge.simulators.base import Endpoints, Faults
 from customs_edge.simulators.scale import ScaleSim, ScaleWorld
@@ -131,13 +132,14 @@ def _driver(port: str, **kw: object) -> ToledoContinuous:
     return ToledoContinuous("scale", ToledoConfig(driver="toledo-continuous", port=port, **kw))  # type: ignore[arg-type]
 
 
-def _read_n(d: ToledoContinuous, n: int, timeout: float = 5.0) -> list[dict[str, object]]:
-    out: list[dict[str, object]] = []
+def _read_n(d: ToledoContinuous, n: int, timeout: float = 5.0) -> list[Weight]:
+    out: list[Weight] = []
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
         r = d.read()
         if r is not None:
-            out.append(r.values)
+            assert isinstance(r, Weight)
+            out.append(r)
     return out
 
 
@@ -155,7 +157,7 @@ def test_driver_reads_the_simulator(kind: str, with_sum: bool) -> None:
     assert len(values) == 50
     assert d.stats.corrupt <= 1  # at most a partial frame at the moment the port opened
     assert d.parser.mode == ("on" if with_sum else "off")
-    assert any(v["weight"] > 0 for v in values) and all(v["unit"] == "kg" for v in values)
+    assert any((v.value or 0) > 0 for v in values) and all(v.unit == "kg" for v in values)
 
 
 def test_driver_counts_injected_corruption_and_keeps_reading() -> None:
