@@ -2,7 +2,8 @@
 
 Pass 1 checks the frame (device_id, type, outbox, sync, the names of drivers). Pass 2 validates each
 driver section with that driver's own Config model and the `app` section with the unit type's app
-model, so a third-party driver's keys are checked as strictly as ours. Every problem is reported with
+model, so a third-party driver's keys are checked as strictly as ours; then what each driver produces
+is matched, by reading type, against what the app consumes in that role. Every problem is reported with
 the file, the dotted path to the bad key, what was expected, and a did-you-mean for misspelt keys.
 """
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from customs_edge.agent import registry
 from customs_edge.core.errors import ConfigError
+from customs_edge.core.readings import Reading
 from customs_edge.drivers.base import DriverConfig
 
 Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -107,6 +109,7 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
         problems += format_errors(exc, _Frame)
 
     drivers: dict[str, DriverConfig] = {}
+    produces: dict[str, tuple[type[Reading], ...]] = {}
     raw_drivers: dict[str, Any] = raw["drivers"] if isinstance(raw.get("drivers"), dict) else {}
     for role, spec in raw_drivers.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("driver"), str):
@@ -118,6 +121,7 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
             continue
         try:
             drivers[role] = cls.Config.model_validate(spec)
+            produces[role] = cls.produces(drivers[role]) if hasattr(cls, "produces") else ()
         except ValidationError as exc:
             problems += format_errors(exc, cls.Config, prefix=("drivers", role))
 
@@ -134,7 +138,7 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
             except ValidationError as exc:
                 problems += format_errors(exc, app_cls.Config, prefix=("app",))
             if len(drivers) == len(raw_drivers):
-                problems += [f"drivers: {p}" for p in app_cls.check_drivers(drivers)]
+                problems += app_cls.check_drivers(drivers, produces)
     if problems or frame is None:
         raise ConfigError(source, problems)
     return UnitConfig.model_construct(**{**frame.__dict__, "drivers": drivers, "app": app_cfg})

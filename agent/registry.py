@@ -10,7 +10,10 @@ from __future__ import annotations
 import difflib
 import importlib
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from customs_edge.core.readings import Reading
 
 DRIVER_GROUP = "customs_edge.drivers"
 APP_GROUP = "customs_edge.apps"
@@ -66,6 +69,22 @@ def driver_names() -> list[str]:
 
 def app_names() -> list[str]:
     return sorted(_table(BUILTIN_APPS, APP_GROUP))
+
+
+def drivers_producing(types: tuple[type[Reading], ...]) -> list[str]:
+    """Registered drivers that yield one of `types`: the hint in a config error. Importing every driver
+    costs a moment, paid only when a config is refused; one that fails to import is left out."""
+    from customs_edge.core.readings import fits
+
+    out = []
+    for name in driver_names():
+        try:
+            cls = lookup("driver", name)
+        except (ImportError, AttributeError):
+            continue
+        if fits(getattr(cls, "PRODUCES", ()), types):
+            out.append(name)
+    return out
 
 
 def lookup(kind: str, name: str) -> Any:

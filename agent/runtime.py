@@ -24,7 +24,8 @@ from customs_edge.agent.outbox import Outbox, SqliteOutbox
 from customs_edge.agent.sync import Sync
 from customs_edge.core.errors import DriverFault
 from customs_edge.core.mqtt import Backoff
-from customs_edge.core.records import Reading, RecordIn
+from customs_edge.core.readings import Reading
+from customs_edge.core.records import RecordIn
 from customs_edge.drivers.base import Driver
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ def pipeline(n_frames: int, seed: int = 3) -> dict[str, Any]:
     import numpy as np
 
     from customs_edge.agent.apps.gate import GateApp, GateAppConfig
-    from customs_edge.core.records import Reading
+    from customs_edge.core.readings import ThermalFrame
     from customs_edge.drivers.mlx90640 import Mlx90640Parser, encode
     from customs_edge.simulators.gate_world import GateWorld, WorldParams
 
@@ -70,8 +70,7 @@ def pipeline(n_frames: int, seed: int = 3) -> dict[str, Any]:
     records = 0
     cpu0 = time.process_time()
     for t, f in zip(times.tolist(), decoded, strict=True):
-        r = Reading(source="thermal", kind="thermal_frame", mono=t, array=f.pixels,
-                    values={"ambient_c": f.ambient_c, "dead_pixels": f.dead})
+        r = ThermalFrame(source="thermal", mono=t, pixels=f.pixels, ambient_c=f.ambient_c, dead_pixels=f.dead)
         records += len(app.feed(r)) + len(app.tick(t))
     app_s = time.process_time() - cpu0
 

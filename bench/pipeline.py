@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,11 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import percentile, rss_mb
 from customs_edge.agent.apps.base import App, AppConfig
-from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.core.readings import Reading
+from customs_edge.core.records import Priority, RecordIn
 from customs_edge.drivers.base import Driver, DriverConfig
 
 PAYLOAD = {"weight": 12.34, "tare": 0.0, "unit": "kg", "net": False, "motion": False, "source": "bench",
            "note": "x" * 150}  # ~250 bytes of JSON, about a record's size
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Burst(Reading):
+    """The synthetic source's reading: the app makes `records` records of it."""
+
+    KIND: ClassVar[str] = "burst"
+    records: int = 1
 
 
 class BenchDriverConfig(DriverConfig):
@@ -49,6 +59,7 @@ class BenchDriverConfig(DriverConfig):
 
 class BenchDriver(Driver):
     Config = BenchDriverConfig
+    PRODUCES = (Burst,)
     config: BenchDriverConfig
 
     def __init__(self, role: str, config: DriverConfig, limit: int) -> None:
@@ -63,7 +74,7 @@ class BenchDriver(Driver):
     def close(self) -> None:
         pass
 
-    def read(self) -> Reading | None:
+    def read(self) -> Burst | None:
         if self.n >= self.limit:
             time.sleep(0.05)
             return None
@@ -73,17 +84,16 @@ class BenchDriver(Driver):
                 time.sleep(delay)
             self._next += 1.0 / self.config.rate_hz
         self.n += self.config.burst
-        return Reading(source=self.role, kind="bench", values={"burst": self.config.burst})
+        return Burst(source=self.role, records=self.config.burst)
 
 
 class PassApp(App):
     """One record per reading; the payload carries the creation time for the latency figure."""
 
     Config = AppConfig
-    REQUIRED_DRIVERS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def feed(self, reading: Reading) -> list[RecordIn]:
-        n = int(reading.values["burst"] or 1)
+        n = reading.records if isinstance(reading, Burst) else 0
         return [RecordIn(type="bench", priority=Priority.EVENT, ts=reading.ts,
                          payload={**PAYLOAD, "created": reading.mono, "k": k}) for k in range(n)]
 

@@ -92,8 +92,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             r = driver.read()
             if r is not None:
                 n += 1
-                shape = f" array={list(r.array.shape)}" if r.array is not None else ""
-                print(f"{r.kind} {json.dumps(r.values)}{shape}")
+                print(f"{r.KIND} {json.dumps(r.summary())}")
     except DriverFault as exc:
         print(f"FAULT: {exc}", file=sys.stderr)
     finally:

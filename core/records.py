@@ -1,4 +1,5 @@
-"""The values that cross module boundaries: a driver's Reading, an app's RecordIn, a stored Record."""
+"""The values that cross module boundaries after the app: an app's RecordIn, a stored Record.
+(What a driver hands the app is a typed reading: core/readings.py.)"""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import time
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 
 class Priority(IntEnum):
@@ -21,20 +21,6 @@ class Priority(IntEnum):
 
 
 Scalar = float | int | str | bool | None
-
-
-class Reading(BaseModel):
-    """One decoded frame or poll result from a driver. `values` holds scalars; `array` holds a
-    numeric payload (a thermal frame, a spectrum) that never leaves the device as-is."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
-
-    source: str  # the driver's role name in the unit config, e.g. "scale"
-    kind: str  # e.g. "weight", "thermal_frame", "spectrum", "scan"
-    ts: float = Field(default_factory=time.time)  # UTC unix seconds
-    mono: float = Field(default_factory=time.monotonic)
-    values: dict[str, Scalar] = Field(default_factory=dict)
-    array: np.ndarray | None = None
 
 
 class RecordIn(BaseModel):

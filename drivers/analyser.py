@@ -15,9 +15,9 @@ Everything between $RESULT and $END is one block: any line out of place, a count
 integer, a missing channel or a CRC mismatch drops the whole block (stats.corrupt += 1) and the parser
 waits for the next $RESULT. The driver opens the analyser with serial_for_url('socket://host:port').
 
-Readings: kind="analysis" (values: seq, status, interval_s, tonnes, the analyser's own assays as
-fe/sio2/al2o3/p/s/h2o, live_time_s, kev_per_channel, offset_kev; array: float32 counts per channel)
-and kind="analyser_status" (values: state, detector_c).
+Readings: Analysis (seq, status, analysed_at, interval_s, tonnes, the analyser's own Assay as
+fe/sio2/al2o3/p/s/h2o, and the Spectrum: float32 counts per channel, live_time_s, kev_per_channel,
+offset_kev) and AnalyserStatus (state, detector_c).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from customs_edge.core.records import Reading, Scalar
+from customs_edge.core import readings as rd
+from customs_edge.core.records import Scalar
 from customs_edge.drivers.base import SerialPortConfig, StreamSerialDriver
 
 EOL = b"\r\n"
@@ -68,6 +69,12 @@ class AnalyserResult:
                                 "analyser_ts": self.ts}
         v.update({ASSAY_KEYS[k]: x for k, x in self.assays.items()})
         return v
+
+    def reading(self, source: str) -> rd.Analysis:
+        return rd.Analysis(
+            source=source, seq=self.seq, status=self.status, analysed_at=self.ts, interval_s=self.interval_s,
+            tonnes=self.tonnes, assay=rd.Assay(**{ASSAY_KEYS[k]: x for k, x in self.assays.items()}),
+            spectrum=rd.Spectrum(self.counts, self.live_time_s, self.kev_per_channel, self.offset_kev))
 
 
 @dataclass
@@ -225,6 +232,7 @@ class AnalyserConfig(SerialPortConfig):
 
 class ElementalAnalyser(StreamSerialDriver):
     Config = AnalyserConfig
+    PRODUCES = (rd.Analysis, rd.AnalyserStatus)
     config: AnalyserConfig
     parser: AnalyserParser
 
@@ -233,7 +241,7 @@ class ElementalAnalyser(StreamSerialDriver):
         self.parser = AnalyserParser()
         self.stats.extra["wrong_size"] = 0
 
-    def _next(self) -> Reading | None:
+    def _next(self) -> rd.Analysis | rd.AnalyserStatus | None:
         while True:
             item = self.parser.next()
             self.stats.frames, self.stats.corrupt = self.parser.frames, self.parser.corrupt
@@ -241,10 +249,9 @@ class ElementalAnalyser(StreamSerialDriver):
                 return None
             self._watch.reset()
             if isinstance(item, AnalyserStatus):
-                return Reading(source=self.role, kind="analyser_status",
-                               values={"state": item.state, "detector_c": item.detector_c})
+                return rd.AnalyserStatus(source=self.role, state=item.state, detector_c=item.detector_c)
             if len(item.counts) != self.config.channels:
                 self.stats.extra["wrong_size"] += 1
                 continue
-            return Reading(source=self.role, kind="analysis", values=item.values(), array=item.counts)
+            return item.reading(self.role)
 

@@ -1,9 +1,10 @@
 """The Driver interface, shared config pieces, and the helpers every serial driver needs.
 
 A driver is small: `open()`, `read()` (one decoded Reading, or None when nothing complete arrived
-within its read timeout), `close()`, and counters in `stats`. It never sleeps to pace itself beyond
-its own polling interval and never swallows a fault: a silent or unplugged instrument raises
-DriverFault, and the runtime reports it and reopens with backoff.
+within its read timeout), `close()`, counters in `stats`, and `PRODUCES`: the reading types (see
+core/readings.py) read() yields, which the config loader matches against what the app consumes.
+It never sleeps to pace itself beyond its own polling interval and never swallows a fault: a silent
+or unplugged instrument raises DriverFault, and the runtime reports it and reopens with backoff.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import serial
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from customs_edge.core.errors import DriverFault, DriverSilent
-from customs_edge.core.records import Reading
+from customs_edge.core.readings import Reading
 
 
 class DriverConfig(BaseModel):
@@ -64,9 +65,16 @@ class DriverStats:
 
 
 class Driver(ABC):
-    """Subclasses set `Config` to their pydantic config model and implement the three methods."""
+    """Subclasses set `Config` to their pydantic config model and `PRODUCES` to the reading types
+    read() yields, and implement the three methods."""
 
     Config: ClassVar[type[DriverConfig]]
+    PRODUCES: ClassVar[tuple[type[Reading], ...]] = ()
+
+    @classmethod
+    def produces(cls, config: DriverConfig) -> tuple[type[Reading], ...]:
+        """The reading types this driver yields with `config`: PRODUCES, unless a setting changes them."""
+        return cls.PRODUCES
 
     def __init__(self, role: str, config: DriverConfig) -> None:
         self.role = role

@@ -28,7 +28,7 @@ JPEG that lacks its start or end marker, or does not decode, is counted in stats
 Y16 (UVC thermal cameras such as a FLIR Lepton 3.5 on a PureThermal board): with `y16: true` the device
 is asked for FOURCC "Y16 " with RGB conversion off, and each 16-bit pixel is converted to degrees
 Celsius as (value - 27315) / 100: the Lepton's radiometric TLinear output is kelvin x 100. Those
-Readings have kind="thermal_frame" and a float32 HxW array in °C, like the MLX90640 driver's; a 16-bit
+readings are ThermalFrames, float32 HxW in °C, like the MLX90640 driver's; a 16-bit
 image file (PNG/TIFF holding the raw values) works as a still source for the same path.
 
 cv2 is imported inside open(): it costs ~31 MiB RSS, and a unit without a camera must not pay it.
@@ -48,7 +48,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from customs_edge.core.errors import DriverFault
-from customs_edge.core.records import Reading
+from customs_edge.core.readings import Image, Reading, ThermalFrame
 from customs_edge.drivers.base import Driver, DriverConfig, SilenceWatch
 
 SourceKind = Literal["device", "stream", "video", "still"]
@@ -153,14 +153,19 @@ def _cv2() -> Any:
 
 
 class OpenCvCamera(Driver):
-    """Yields Reading(kind='image', array=HxWx3 uint8 BGR, or HxW uint8 with grayscale,
-    values={'width', 'height', 'frame_no'}); with y16, kind='thermal_frame' and float32 °C.
+    """Yields Image (HxWx3 uint8 BGR, or HxW uint8 with grayscale, and frame_no); with y16,
+    ThermalFrame (float32 °C) instead.
     `frame_no` counts frames received from the source since the driver was made (gaps: frames skipped
     by the fps cap). stats: frames, corrupt (undecodable JPEGs), bytes_in (MJPEG), opened, and extra
     'failures' (reads that returned nothing), 'reconnects', 'skipped' (fps cap), 'rewinds' (video files)."""
 
     Config = CameraConfig
+    PRODUCES = (Image, ThermalFrame)
     config: CameraConfig
+
+    @classmethod
+    def produces(cls, config: DriverConfig) -> tuple[type[Reading], ...]:
+        return (ThermalFrame,) if isinstance(config, CameraConfig) and config.y16 else (Image,)
 
     def __init__(self, role: str, config: CameraConfig) -> None:
         super().__init__(role, config)
@@ -358,7 +363,7 @@ class OpenCvCamera(Driver):
             return None
         return np.asarray(img)
 
-    def _finish(self, cv2: Any, img: np.ndarray) -> Reading:
+    def _finish(self, cv2: Any, img: np.ndarray) -> Image | ThermalFrame:
         c = self.config
         if c.y16:
             h = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) if self._cap is not None else 0
@@ -378,6 +383,6 @@ class OpenCvCamera(Driver):
             out = img
         if c.width and c.height and out.shape[:2] != (c.height, c.width):
             out = cv2.resize(out, (c.width, c.height), interpolation=cv2.INTER_AREA)
-        return Reading(source=self.role, kind="thermal_frame" if c.y16 else "image", array=out,
-                       values={"width": int(out.shape[1]), "height": int(out.shape[0]),
-                               "frame_no": self.stats.frames})
+        if c.y16:
+            return ThermalFrame(source=self.role, pixels=out)
+        return Image(source=self.role, pixels=out, frame_no=self.stats.frames)

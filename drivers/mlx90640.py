@@ -20,8 +20,8 @@ sensor's range (a dead pixel reads an impossible value) are replaced by the mean
 neighbours and counted; they never fault the driver. A frozen sensor (the module repeats the same
 frame) raises DriverFault; a silent one DriverSilent (SilenceWatch).
 
-`ThermalSource` is the interface the gate app consumes: a Lepton-over-UVC driver (OpenCV, 160x120,
-°C = (Y16 - 27315) / 100) would satisfy it too, with its own registry name.
+The driver yields ThermalFrame readings, the type the gate app consumes in its `thermal` role; any driver
+that produces ThermalFrame fits there (camera-opencv with y16: a Lepton over UVC, °C = (Y16 - 27315) / 100).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import numpy as np
 import serial
 from pydantic import Field, field_validator
 
+from customs_edge.core import readings as rd
 from customs_edge.core.errors import DriverFault
-from customs_edge.core.records import Reading
 from customs_edge.drivers.base import DriverStats, SerialPortConfig, StreamSerialDriver
 
 ROWS, COLS = 24, 32
@@ -210,22 +210,18 @@ class Mlx90640Parser:
 
 @runtime_checkable
 class ThermalSource(Protocol):
-    """What the gate app needs from a thermal camera driver: Readings of kind 'thermal_frame' with
-    `array` = float32 (H, W) in °C (any H x W) and `values` holding 'ambient_c' (float or None) and
-    'dead_pixels' (int). The MLX90640 driver below satisfies it; a FLIR Lepton 3.5 over UVC, read
-    with OpenCV (CAP_PROP_CONVERT_RGB off, Y16), would too."""
+    """A thermal camera driver: it yields rd.ThermalFrame (float32 (H, W) °C, any H x W), which is
+    what the gate app consumes. The MLX90640 driver below is one; so is camera-opencv with `y16: true`
+    (a FLIR Lepton 3.5 over UVC, read with OpenCV, CAP_PROP_CONVERT_RGB off)."""
 
     role: str
     stats: DriverStats
 
     def open(self) -> None: ...
 
-    def read(self) -> Reading | None: ...
+    def read(self) -> rd.Reading | None: ...
 
     def close(self) -> None: ...
-
-
-THERMAL_KIND = "thermal_frame"
 
 
 class Mlx90640Config(SerialPortConfig):
@@ -249,9 +245,10 @@ class Mlx90640Config(SerialPortConfig):
 
 
 class Mlx90640Serial(StreamSerialDriver):
-    """Yields Reading(kind='thermal_frame', array=float32 24x32 °C, values={'ambient_c', 'dead_pixels'})."""
+    """Yields rd.ThermalFrame (float32 24x32 °C, ambient_c, dead_pixels)."""
 
     Config = Mlx90640Config
+    PRODUCES = (rd.ThermalFrame,)
     config: Mlx90640Config
     parser: Mlx90640Parser
 
@@ -283,7 +280,7 @@ class Mlx90640Serial(StreamSerialDriver):
         except (serial.SerialException, OSError) as exc:
             raise self._io_fault(exc, "cannot send start-up commands") from exc
 
-    def _next(self) -> Reading | None:
+    def _next(self) -> rd.ThermalFrame | None:
         frame = self.parser.next()
         p = self.parser
         self.stats.frames, self.stats.corrupt = p.frames, p.corrupt
@@ -302,8 +299,8 @@ class Mlx90640Serial(StreamSerialDriver):
             self.stats.faults += 1
             self.stats.extra["frozen"] = self.stats.extra.get("frozen", 0) + 1
             raise DriverFault(f"{self.role}: sensor frozen: {self.config.frozen_after} identical frames in a row")
-        return Reading(source=self.role, kind=THERMAL_KIND, array=frame.pixels,
-                       values={"ambient_c": frame.ambient_c, "dead_pixels": frame.dead})
+        return rd.ThermalFrame(source=self.role, pixels=frame.pixels, ambient_c=frame.ambient_c,
+                               dead_pixels=frame.dead)
 
     def _count_rate(self) -> None:
         """One more valid frame: at the end of each window compare the frames per second with rate_hz."""

@@ -9,9 +9,9 @@ pty or an RTU-over-TCP gateway (socket://), and so a timeout, a CRC error, a rep
 slave and an exception response are told apart and counted (pymodbus's own client folds them into
 one "no response").
 
-Reading kinds (one per slave poll):
-  kind="registers"    values = {"slave": name, "slave_id": id, <point name>: scaled value, ...}
-  kind="slave_error"  values = {"slave": name, "slave_id": id, "error": text, "consecutive": n}
+Readings (one per slave poll):
+  Registers   slave, slave_id, points = {<point name>: Point(scaled value, unit), ...}
+  SlaveError  slave, slave_id, error (text), consecutive (failed polls in a row)
 A poll retries a timeout or CRC error `retries` times, then reports `slave_error`; an exception
 response is not retried (the slave did answer) except 'device busy'. RTU has no transaction id, so a
 reply is checked against its request (slave id, function code, byte count), and after any failed
@@ -38,7 +38,7 @@ from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest
 from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, ReadInputRegistersRequest
 
 from customs_edge.core.errors import DriverFault
-from customs_edge.core.records import Reading, Scalar
+from customs_edge.core.readings import PointValue, Registers, SlaveError
 from customs_edge.drivers.base import SerialDriver, SerialPortConfig, poll_due
 
 Table = Literal["holding", "input", "coil", "discrete"]
@@ -201,9 +201,10 @@ class SlaveState:
 
 
 class ModbusRtu(SerialDriver):
-    """Polls each configured slave at its interval; one Reading per poll."""
+    """Polls each configured slave at its interval; one Registers or SlaveError per poll."""
 
     Config = ModbusRtuConfig
+    PRODUCES = (Registers, SlaveError)
     config: ModbusRtuConfig
 
     def __init__(self, role: str, config: ModbusRtuConfig) -> None:
@@ -225,7 +226,7 @@ class ModbusRtu(SerialDriver):
             s.next_due = now
             s.consecutive_failures = 0
 
-    def read(self) -> Reading | None:
+    def read(self) -> Registers | SlaveError | None:
         self._require_port()
         slave = min(self._slaves, key=lambda s: s.next_due)
         due = poll_due(slave.next_due, slave.cfg.poll_interval_s, self.config.read_timeout_s)
@@ -234,8 +235,8 @@ class ModbusRtu(SerialDriver):
         slave.next_due = due
         return self.poll(slave)
 
-    def poll(self, slave: SlaveState) -> Reading:
-        values: dict[str, Scalar] = {"slave": slave.cfg.name, "slave_id": slave.cfg.id}
+    def poll(self, slave: SlaveState) -> Registers | SlaveError:
+        values: dict[str, PointValue] = {}
         try:
             for block in slave.blocks:
                 values.update(self._read_block(slave.cfg.id, block))
@@ -248,13 +249,14 @@ class ModbusRtu(SerialDriver):
                     s.consecutive_failures = 0  # one fault per dead spell; the runtime reopens
                 raise DriverFault(f"{self.role} on {self.config.port}: no slave answers (last: slave "
                                   f"{slave.cfg.id} {slave.cfg.name}: {exc})") from exc
-            return Reading(source=self.role, kind="slave_error", values={
-                **values, "error": f"{exc.kind}: {exc}", "consecutive": slave.consecutive_failures})
+            return SlaveError(source=self.role, slave=slave.cfg.name, slave_id=slave.cfg.id,
+                              error=f"{exc.kind}: {exc}", consecutive=slave.consecutive_failures)
         slave.consecutive_failures = 0
         self.stats.frames += 1
-        return Reading(source=self.role, kind="registers", values=values)
+        return Registers.of(values, units={p.name: p.unit for p in slave.cfg.points}, source=self.role,
+                            slave=slave.cfg.name, slave_id=slave.cfg.id)
 
-    def _read_block(self, slave_id: int, block: Block) -> dict[str, Scalar]:
+    def _read_block(self, slave_id: int, block: Block) -> dict[str, PointValue]:
         """One request with retries; decoded, scaled point values."""
         attempts = self.config.retries + 1
         for attempt in range(attempts):
@@ -359,8 +361,8 @@ class ModbusRtu(SerialDriver):
         self.stats.bytes_in += dropped
         self.stats.extra["drained"] += dropped
 
-    def _values(self, block: Block, pdu: ModbusPDU) -> dict[str, Scalar]:
-        out: dict[str, Scalar] = {}
+    def _values(self, block: Block, pdu: ModbusPDU) -> dict[str, PointValue]:
+        out: dict[str, PointValue] = {}
         if block.table in ("coil", "discrete"):
             bits = list(pdu.bits)
             if len(bits) < block.count:

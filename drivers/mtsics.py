@@ -34,7 +34,7 @@ import serial
 from pydantic import Field
 
 from customs_edge.core.errors import DriverFault
-from customs_edge.core.records import Reading, Scalar
+from customs_edge.core.readings import Weight
 from customs_edge.drivers.base import SerialDriver, SerialPortConfig, poll_due
 
 EOL = b"\r\n"
@@ -56,13 +56,10 @@ class SicsReply:
     unit: str = ""
     text: str = ""
 
-    def values(self) -> dict[str, Scalar]:
-        """Reading values, shaped like the Toledo driver's so the same apps consume both. `motion` is
-        "not stable" (dynamic or busy); `out_of_range` is an overload or underload (no weight)."""
-        return {"weight": self.weight, "unit": self.unit, "motion": self.status in ("D", "I"),
-                "busy": self.status == "I", "out_of_range": self.status in ("+", "-"),
-                "overload": self.status == "+", "underload": self.status == "-",
-                "net": None, "tare": None, "status": self.status}
+    def reading(self, source: str) -> Weight:
+        """The reply as a Weight, the type the Toledo driver yields too, so the same apps consume both."""
+        return Weight(source=source, value=self.weight, unit=self.unit, stable=self.status == "S",
+                      overload=self.status == "+", underload=self.status == "-")
 
 
 def parse_reply(line: bytes) -> SicsReply | None:
@@ -107,10 +104,11 @@ class MtSicsConfig(SerialPortConfig):
 
 
 class MtSics(SerialDriver):
-    """Bench balance speaking MT-SICS. Yields Reading(kind='weight'); a missing weight
-    (busy, overload, underload) comes as weight=None with `status` set."""
+    """Bench balance speaking MT-SICS. Yields Weight; a missing weight (busy, overload, underload)
+    comes as value=None, with `overload` / `underload` set for '+' / '-'."""
 
     Config = MtSicsConfig
+    PRODUCES = (Weight,)
     config: MtSicsConfig
 
     def __init__(self, role: str, config: MtSicsConfig) -> None:
@@ -154,7 +152,7 @@ class MtSics(SerialDriver):
             self.stats.extra[reply.status] += 1
         return reply
 
-    def read(self) -> Reading | None:
+    def read(self) -> Weight | None:
         due = poll_due(self._next_poll, self.config.poll_interval_s, self.config.read_timeout_s)
         if due is None:
             return None
@@ -162,6 +160,6 @@ class MtSics(SerialDriver):
         reply = self.command(self.config.command)
         if reply is not None and (reply.kind == "weight" or (reply.kind == "status" and reply.command == "S")):
             self.stats.frames += 1
-            return Reading(source=self.role, kind="weight", values=reply.values())
+            return reply.reading(self.role)
         self._check_silence()
         return None

@@ -6,8 +6,8 @@ Protocol (what a small beam-controller board sends, 9600 8N1, one event per line
   HB,<in>,<out>\\r\\n   heartbeat once a second with both counters, so an empty lane is not a dead one
 The counters let the driver notice lost lines: a jump of k > 1 is reported as `lost` = k - 1 (the
 events still happened; the app counts them). Lines that do not parse are counted as corrupt.
-Yields Reading(kind='passage', values={'event': 'entry'|'exit', 'count': n, 'lost': k}) per event and
-Reading(kind='passage_heartbeat', values={'entries': in, 'exits': out}) per heartbeat.
+Yields Passage(event='entry'|'exit', count=n, lost=k) per event and PassageHeartbeat(entries=in,
+exits=out) per heartbeat.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from customs_edge.core.records import Reading
+from customs_edge.core.readings import Passage, PassageHeartbeat
 from customs_edge.drivers.base import SerialPortConfig, StreamSerialDriver
 
 WRAP = 1_000_000
@@ -110,9 +110,10 @@ class PassageConfig(SerialPortConfig):
 
 
 class PassageSensor(StreamSerialDriver):
-    """Entry/exit beam controller. Yields Reading(kind='passage') and Reading(kind='passage_heartbeat')."""
+    """Entry/exit beam controller. Yields Passage and PassageHeartbeat."""
 
     Config = PassageConfig
+    PRODUCES = (Passage, PassageHeartbeat)
     config: PassageConfig
     parser: PassageParser
 
@@ -120,13 +121,12 @@ class PassageSensor(StreamSerialDriver):
         super().__init__(role, config)
         self.parser = PassageParser()  # counters accumulate across reopens
 
-    def _next(self) -> Reading | None:
+    def _next(self) -> Passage | PassageHeartbeat | None:
         ev = self.parser.next()
         self.stats.frames, self.stats.corrupt = self.parser.frames, self.parser.corrupt
         self.stats.extra["lost"] = self.parser.lost
         if ev is None:
             return None
         if ev.kind == "heartbeat":
-            return Reading(source=self.role, kind="passage_heartbeat",
-                           values={"entries": ev.count, "exits": ev.exits})
-        return Reading(source=self.role, kind="passage", values={"event": ev.kind, "count": ev.count, "lost": ev.lost})
+            return PassageHeartbeat(source=self.role, entries=ev.count, exits=ev.exits)
+        return Passage(source=self.role, event=ev.kind, count=ev.count, lost=ev.lost)

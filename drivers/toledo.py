@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from customs_edge.core.records import Reading
+from customs_edge.core.readings import Weight
 from customs_edge.drivers.base import SerialPortConfig, StreamSerialDriver
 
 STX, CR = 0x02, 0x0D
@@ -188,9 +188,10 @@ class ToledoConfig(SerialPortConfig):
 
 
 class ToledoContinuous(StreamSerialDriver):
-    """Weighing indicator in continuous-output mode. Yields Reading(kind='weight')."""
+    """Weighing indicator in continuous-output mode. Yields Weight."""
 
     Config = ToledoConfig
+    PRODUCES = (Weight,)
     config: ToledoConfig
     parser: ToledoParser
 
@@ -198,9 +199,12 @@ class ToledoContinuous(StreamSerialDriver):
         super().__init__(role, config)
         self.parser = ToledoParser(self.config.checksum)  # counters accumulate across reopens
 
-    def _next(self) -> Reading | None:
+    def _next(self) -> Weight | None:
         frame = self.parser.next()
         self.stats.frames, self.stats.corrupt = self.parser.frames, self.parser.corrupt
         if frame is None:
             return None
-        return Reading(source=self.role, kind="weight", values=frame.values())
+        over = frame.out_of_range  # SWB bit 2 is over capacity or under zero: the sign tells which
+        return Weight(source=self.role, value=frame.weight, unit=frame.unit, stable=not frame.motion, net=frame.net,
+                      tare=frame.tare, overload=over and frame.weight >= 0, underload=over and frame.weight < 0,
+                      not_zeroed=frame.power_up_not_zeroed)

@@ -135,3 +135,13 @@ class Relay:
     def close(self) -> None:
         self.stop_event.set()
         self.lst.close()
+
+
+def analysis_reading(counts: Any, *, seq: int, tonnes: float, status: str = "OK", mono: float | None = None,
+                     **assay: float) -> Any:
+    """An elemental analyser's Analysis reading as the driver makes it, from the fields a test cares about."""
+    from customs_edge.core.readings import Analysis, Assay, Spectrum
+
+    extra = {} if mono is None else {"mono": mono}
+    return Analysis(source="analyser", seq=seq, status=status, analysed_at=time.time(), interval_s=60.0,
+                    tonnes=tonnes, assay=Assay(**assay), spectrum=Spectrum(counts, 60.0, 3.0), **extra)

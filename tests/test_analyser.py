@@ -112,7 +112,7 @@ def read_until(d: ElementalAnalyser, kind: str, n: int = 1, timeout: float = 10.
     while len(out) < n:
         assert time.monotonic() < deadline, f"no {kind} within {timeout} s"
         r = d.read()
-        if r is not None and r.kind == kind:
+        if r is not None and kind == r.KIND:
             out.append(r)
     return out
 
@@ -121,12 +121,12 @@ def test_results_reach_the_driver_with_the_true_spectrum(analyser) -> None:
     world, _, url = analyser
     with ElementalAnalyser("analyser", AnalyserConfig(port=url)) as d:
         r1, r2 = read_until(d, "analysis", 2)
-        assert r2.values["seq"] == r1.values["seq"] + 1
+        assert r2.seq == r1.seq + 1
         sent = {a.seq: a for a in world.results}
-        a = sent[r1.values["seq"]]
-        np.testing.assert_array_equal(r1.array, a.counts)
-        assert r1.values["fe"] == pytest.approx(a.own["Fe"], abs=1e-3)
-        assert r1.array is not None and r1.array.dtype == np.float32 and r1.array.shape == (1024,)
+        a = sent[r1.seq]
+        np.testing.assert_array_equal(r1.spectrum.counts, a.counts)
+        assert r1.assay.fe == pytest.approx(a.own["Fe"], abs=1e-3)
+        assert r1.spectrum.counts.dtype == np.float32 and r1.spectrum.counts.shape == (1024,)
         assert d.stats.corrupt == 0
 
 
@@ -138,7 +138,7 @@ def test_damaged_blocks_are_skipped_on_the_wire(analyser) -> None:
         got = read_until(d, "analysis", 1)
         assert sim.faults.corrupted == 2
         assert d.stats.corrupt >= 2
-        assert got[0].values["status"] in ("OK", "NOLOAD")
+        assert got[0].status in ("OK", "NOLOAD")
 
 
 def test_silent_analyser_raises_driver_silent(analyser) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from customs_edge.agent import registry
 from customs_edge.core.errors import DriverFault, DriverSilent
-from customs_edge.core.records import Reading
+from customs_edge.core.readings import Image, Reading, ThermalFrame
 from customs_edge.drivers.camera import CameraConfig, OpenCvCamera, as_y16, classify, jpeg_complete, y16_to_celsius
 from customs_edge.simulators.base import Faults
 from customs_edge.simulators.camera import CameraSim, HttpEndpoints, WoodSection, read_counter
@@ -89,12 +89,12 @@ def test_driver_reads_the_mjpeg_stream_with_frames_advancing(camera: tuple[Camer
     assert len(got) == 12
     assert d._raw_jpeg  # MJPEG parts decoded here, so a damaged one can be counted
     for r in got:
-        assert r.kind == "image" and r.source == "camera"
-        assert r.array is not None and r.array.shape == (H, W, 3) and r.array.dtype == np.uint8
-        assert (r.values["width"], r.values["height"]) == (W, H)
-    counters = [read_counter(r.array) for r in got if r.array is not None]
+        assert isinstance(r, Image) and r.source == "camera"
+        assert r.pixels.shape == (H, W, 3) and r.pixels.dtype == np.uint8
+        assert (r.width, r.height) == (W, H)
+    counters = [read_counter(r.pixels) for r in got]
     assert all(b > a for a, b in itertools.pairwise(counters)), counters
-    assert [r.values["frame_no"] for r in got] == list(range(1, 13))
+    assert [r.frame_no for r in got] == list(range(1, 13))
     assert d.stats.frames == 12 and d.stats.corrupt == 0 and d.stats.bytes_in > 12 * 1000
     assert sim.requests[-1] == "/stream.mjpg"
 
@@ -108,10 +108,10 @@ def test_grayscale_resize_and_fps_cap(camera: tuple[CameraSim, HttpEndpoints]) -
     finally:
         d.close()
     assert len(got) == 5
-    assert all(r.array is not None and r.array.shape == (120, 160) and r.array.dtype == np.uint8 for r in got)
+    assert all(r.pixels.shape == (120, 160) and r.pixels.dtype == np.uint8 for r in got)
     # the stream runs at 25 frames/s; at most 5 a second are decoded, the rest are grabbed and skipped
     assert d.stats.extra["skipped"] >= 8
-    gaps = np.diff([r.values["frame_no"] for r in got])  # type: ignore[arg-type]
+    gaps = np.diff([r.frame_no for r in got])
     assert float(np.median(gaps)) >= 3
 
 
@@ -131,7 +131,7 @@ def test_corrupt_jpegs_are_counted_and_skipped_and_reading_goes_on(camera: tuple
     # every truncated JPEG is refused; a flipped bit may still decode (JPEG has no checksum) or may not
     assert truncated <= d.stats.corrupt <= len(sim.damaged)
     assert d.stats.frames == 28 + d.stats.corrupt  # every grabbed part was delivered or counted
-    counters = [read_counter(r.array) for r in got[-5:] if r.array is not None]
+    counters = [read_counter(r.pixels) for r in got[-5:]]
     assert counters == sorted(counters) and len(set(counters)) == 5  # clean frames again after the burst
 
 
@@ -147,8 +147,7 @@ def test_dropped_client_reconnects_without_a_fault(camera: tuple[CameraSim, Http
         d.close()
     assert len(before) == 3 and len(after) == 5
     assert d.stats.extra["reconnects"] >= 1 and d.stats.extra["failures"] >= 1
-    assert before[-1].array is not None and after[-1].array is not None
-    assert read_counter(after[-1].array) > read_counter(before[-1].array)
+    assert read_counter(after[-1].pixels) > read_counter(before[-1].pixels)
     assert sim.requests.count("/stream.mjpg") >= 2
 
 
@@ -229,10 +228,10 @@ def test_still_file_url_is_delivered_at_the_fps_cap(tmp_path: Path, section: Woo
         finally:
             d.close()
         assert len(got) == 4 and 0.1 <= took < 2.0  # 4 frames at 20/s: ~0.15 s, not a busy loop
-        assert got[0].array is not None and got[0].array.shape == (H, W, 3)
-        assert np.array_equal(got[0].array, section.frame(321))
-        assert read_counter(got[-1].array) == 321  # type: ignore[arg-type]
-        assert [r.values["frame_no"] for r in got] == [1, 2, 3, 4]
+        assert got[0].pixels.shape == (H, W, 3)
+        assert np.array_equal(got[0].pixels, section.frame(321))
+        assert read_counter(got[-1].pixels) == 321
+        assert [r.frame_no for r in got] == [1, 2, 3, 4]
 
 
 def test_video_file_plays_at_its_rate_and_starts_again_at_its_end(tmp_path: Path, section: WoodSection) -> None:
@@ -251,7 +250,7 @@ def test_video_file_plays_at_its_rate_and_starts_again_at_its_end(tmp_path: Path
     finally:
         d.close()
     assert len(got) == 12 and took >= 0.2  # 40 frames/s from the file's own header
-    assert [read_counter(r.array) for r in got if r.array is not None] == [0, 1, 2, 3, 4] * 2 + [0, 1]
+    assert [read_counter(r.pixels) for r in got] == [0, 1, 2, 3, 4] * 2 + [0, 1]
     assert d.stats.extra["rewinds"] == 2
 
 
@@ -284,10 +283,10 @@ def test_y16_still_gives_a_thermal_frame_in_celsius(tmp_path: Path) -> None:
         r = _read_n(d, 1)[0]
     finally:
         d.close()
-    assert r.kind == "thermal_frame" and r.array is not None and r.array.dtype == np.float32
-    assert r.array.shape == (120, 160)
-    assert float(r.array.max()) == pytest.approx(37.65, abs=1e-4)
-    assert float(np.median(r.array)) == pytest.approx(34.0, abs=1e-4)
+    assert isinstance(r, ThermalFrame) and r.pixels.dtype == np.float32
+    assert r.pixels.shape == (120, 160)
+    assert float(r.pixels.max()) == pytest.approx(37.65, abs=1e-4)
+    assert float(np.median(r.pixels)) == pytest.approx(34.0, abs=1e-4)
     eight_bit = tmp_path / "visible.png"
     cv2.imwrite(str(eight_bit), np.zeros((4, 4), np.uint8))
     with pytest.raises(DriverFault, match="16-bit"):

@@ -12,7 +12,8 @@ import pytest
 from customs_edge.agent.apps.gate import GateApp, GateAppConfig
 from customs_edge.agent.config import load_unit_config, parse_unit_config
 from customs_edge.core.errors import ConfigError, DriverSilent
-from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.core.readings import Passage, ReadingError, ThermalFrame
+from customs_edge.core.records import Priority, RecordIn
 from customs_edge.drivers.mlx90640 import DeadPixels
 from customs_edge.simulators.gate_world import GateWorld, WorldParams
 
@@ -33,9 +34,8 @@ def frames(world: GateWorld, t_end: float, rate_hz: float = 8.0, scale: int = 1)
             yield t, (np.kron(f, np.ones((scale, scale), np.float32)) if scale > 1 else f)
 
 
-def thermal(t: float, f: np.ndarray, ambient: float = 25.0) -> Reading:
-    return Reading(source="thermal", kind="thermal_frame", ts=T0 + t, mono=t, array=f,
-                   values={"ambient_c": ambient, "dead_pixels": 2})
+def thermal(t: float, f: np.ndarray, ambient: float = 25.0) -> ThermalFrame:
+    return ThermalFrame(source="thermal", ts=T0 + t, mono=t, pixels=f, ambient_c=ambient, dead_pixels=2)
 
 
 def run(app: GateApp, world: GateWorld, t_end: float, **kw: int) -> list[RecordIn]:
@@ -139,8 +139,7 @@ def test_lane_summary_counts_passages_and_screenings() -> None:
             _, kind, _ = events[k]
             n_in += kind == "entry"
             lost = 2 if k == 3 else 0  # the controller's counter jumped: two lines were lost
-            recs += app.feed(Reading(source="passage", kind="passage", ts=T0 + t, mono=t,
-                                     values={"event": kind, "count": k + 1, "lost": lost}))
+            recs += app.feed(Passage(source="passage", ts=T0 + t, mono=t, event=kind, count=k + 1, lost=lost))
             k += 1
         recs += app.feed(thermal(t, f))
         recs += app.tick(t)
@@ -202,17 +201,23 @@ def test_config_file_and_refusals() -> None:
         parse_unit_config(raw)
 
 
-def test_malformed_frames_and_values_are_skipped_not_raised() -> None:
-    import numpy as np
-
-    from customs_edge.agent.apps.gate import GateApp, GateAppConfig
-    from customs_edge.core.records import Reading
-
-    app = GateApp("g", GateAppConfig())
-    for arr in (np.zeros(768, np.float32), np.zeros((0, 0), np.float32), np.zeros((24, 32, 3), np.float32)):
-        assert app.feed(Reading(source="thermal", kind="thermal_frame", array=arr)) == []
+def test_malformed_frames_and_values_are_refused_where_the_reading_is_made() -> None:
     ok = np.full((24, 32), 22.0, np.float32)
-    assert app.feed(Reading(source="thermal", kind="thermal_frame", array=ok,
-                            values={"dead_pixels": float("nan"), "ambient_c": float("inf")})) == []
-    assert app.feed(Reading(source="passage", kind="passage", values={"event": "entry", "lost": float("nan")})) == []
+    bad_pixels = ok.copy()
+    bad_pixels[3, 4] = np.nan
+    for arr in (np.zeros(768, np.float32), np.zeros((0, 0), np.float32), np.zeros((24, 32, 3), np.float32),
+                bad_pixels):
+        with pytest.raises(ReadingError, match=r"ThermalFrame\.pixels"):
+            ThermalFrame(source="thermal", pixels=arr)
+    with pytest.raises(ReadingError, match=r"ThermalFrame\.ambient_c"):
+        ThermalFrame(source="thermal", pixels=ok, ambient_c=float("inf"))
+    with pytest.raises(ReadingError, match=r"ThermalFrame\.dead_pixels"):
+        ThermalFrame(source="thermal", pixels=ok, dead_pixels=-1)
+    with pytest.raises(ReadingError, match=r"Passage\.lost"):
+        Passage(source="passage", event="entry", count=1, lost=float("nan"))  # type: ignore[arg-type]
+    app = GateApp("g", GateAppConfig())
+    assert app.feed(ThermalFrame(source="thermal", pixels=np.zeros((2, 2), np.float32))) == []  # no head fits
+    assert app.feed(ThermalFrame(source="thermal", pixels=ok)) == []
+    assert app.feed(Passage(source="passage", event="entry", count=1)) == []
     assert app.totals["entries"] == 1
+    assert app._w["bad_frames"] == 1 and app._w["frames"] == 1

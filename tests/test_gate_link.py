@@ -104,7 +104,7 @@ def test_simulate_gate_cli_serves_both_roles_and_writes_truth(tmp_path: Path) ->
             for d in (th, ps):
                 r = d.read()
                 if r is not None:
-                    kinds[r.kind] = kinds.get(r.kind, 0) + 1
+                    kinds[r.KIND] = kinds.get(r.KIND, 0) + 1
         th.close()
         ps.close()
         assert kinds.get("thermal_frame", 0) >= 30 and kinds.get("passage", 0) >= 2

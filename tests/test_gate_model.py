@@ -12,7 +12,8 @@ import pytest
 
 from customs_edge.agent.apps.gate import GateApp, GateAppConfig
 from customs_edge.core.errors import ModelError
-from customs_edge.core.records import Reading, RecordIn
+from customs_edge.core.readings import Passage, ThermalFrame
+from customs_edge.core.records import RecordIn
 from customs_edge.drivers.mlx90640 import DeadPixels
 from customs_edge.models import default_manifest
 from customs_edge.models.runtime import OnnxModel
@@ -101,12 +102,10 @@ def test_counting_at_2000_per_hour_through_the_app() -> None:
         np.round(chunk, 2, out=chunk)
         for t, f in zip(times[i:i + 512].tolist(), chunk, strict=True):
             while k < len(events) and events[k][0] <= t:
-                recs += app.feed(Reading(source="passage", kind="passage", mono=t,
-                                         values={"event": events[k][1], "count": k + 1, "lost": 0}))
+                recs += app.feed(Passage(source="passage", mono=t, event=events[k][1], count=k + 1))
                 k += 1
             dead.repair(f)
-            recs += app.feed(Reading(source="thermal", kind="thermal_frame", mono=t, array=f,
-                                     values={"ambient_c": 25.0, "dead_pixels": 2}))
+            recs += app.feed(ThermalFrame(source="thermal", mono=t, pixels=f, ambient_c=25.0, dead_pixels=2))
             recs += app.tick(t)
     recs += app.close()
     simulated = sum(1 for tr in world.truth if tr.t_out_view < t_end)

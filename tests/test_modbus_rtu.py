@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from customs_edge.core import readings as rd
 from customs_edge.core.errors import DriverFault
 from customs_edge.drivers.modbus import (
     Block,
@@ -84,9 +85,9 @@ def test_reads_every_type_and_table(line) -> None:
     sim, regs, url = line
     with driver(url) as d:
         r = d.read() or d.read()
-    assert r is not None and r.kind == "registers"
-    v = r.values
-    assert v["slave"] == "weigher" and v["slave_id"] == 1
+    assert isinstance(r, rd.Registers)
+    v = {name: p.value for name, p in r.points.items()}
+    assert r.slave == "weigher" and r.slave_id == 1
     assert v["rate_tph"] == pytest.approx(4012.5)
     assert v["speed_mps"] == pytest.approx(4.512)
     assert v["total_t"] == pytest.approx(123456.7)
@@ -97,7 +98,9 @@ def test_reads_every_type_and_table(line) -> None:
     regs[1].set(rate=10.0, speed=0.0, total=0.5, temp=20.0)
     regs[1].di[1] = 1
     with driver(url) as d:
-        v = (d.read() or d.read()).values  # type: ignore[union-attr]
+        r = d.read() or d.read()
+    assert isinstance(r, rd.Registers)
+    v = {name: p.value for name, p in r.points.items()}
     assert (v["rate_tph"], v["total_t"], v["metal"]) == (pytest.approx(10.0), pytest.approx(0.5), True)
 
 
@@ -106,7 +109,7 @@ def test_crc_error_is_counted_and_retried(line) -> None:
     sim.slaves[1].faults.crc_next = 2
     with driver(url, retries=2) as d:
         r = d.read() or d.read()
-        assert r is not None and r.kind == "registers"
+        assert isinstance(r, rd.Registers)
         assert d.stats.extra["crc_errors"] == 2 and d.stats.corrupt == 2
         assert d.stats.extra["retries"] == 2
     assert sim.slaves[1].faults.damaged == 2
@@ -117,7 +120,7 @@ def test_timeout_is_counted_and_retried(line) -> None:
     sim.slaves[1].faults.timeout_next = 1
     with driver(url, retries=1) as d:
         r = d.read() or d.read()
-        assert r is not None and r.kind == "registers"
+        assert isinstance(r, rd.Registers)
         assert d.stats.extra["timeouts"] == 1 and d.stats.extra["retries"] == 1
 
 
@@ -126,11 +129,11 @@ def test_retries_exhausted_gives_slave_error_then_recovers(line) -> None:
     sim.slaves[1].faults.timeout_next = 3
     with driver(url, retries=1, fail_after=5) as d:
         r = d.read() or d.read()
-        assert r is not None and r.kind == "slave_error"
-        assert r.values["slave"] == "weigher" and "timeout" in str(r.values["error"])
-        assert r.values["consecutive"] == 1
+        assert isinstance(r, rd.SlaveError)
+        assert r.slave == "weigher" and "timeout" in r.error
+        assert r.consecutive == 1
         r = d.read() or d.read()  # third withheld reply, then the retry succeeds
-        assert r is not None and r.kind == "registers"
+        assert isinstance(r, rd.Registers)
 
 
 def test_exception_response_is_reported_not_retried(line) -> None:
@@ -139,8 +142,8 @@ def test_exception_response_is_reported_not_retried(line) -> None:
     sim.slaves[1].faults.exception_code = 4
     with driver(url, retries=3) as d:
         r = d.read() or d.read()
-        assert r is not None and r.kind == "slave_error"
-        assert "exception 4" in str(r.values["error"]) and "slave device failure" in str(r.values["error"])
+        assert isinstance(r, rd.SlaveError)
+        assert "exception 4" in r.error and "slave device failure" in r.error
         assert d.stats.extra["exceptions"] == 1 and d.stats.extra["retries"] == 0
 
 
@@ -150,7 +153,7 @@ def test_unmapped_address_gives_illegal_address(line) -> None:
         {"name": "nothing_here", "table": "holding", "address": 900}]}])
     with ModbusRtu("x", cfg) as d:
         r = d.read() or d.read()
-    assert r is not None and r.kind == "slave_error" and "illegal data address" in str(r.values["error"])
+    assert isinstance(r, rd.SlaveError) and "illegal data address" in r.error
 
 
 def test_dead_slave_on_shared_line_reports_per_slave(line) -> None:
@@ -161,7 +164,8 @@ def test_dead_slave_on_shared_line_reports_per_slave(line) -> None:
         for _ in range(20):
             r = d.read()
             if r is not None:
-                kinds[str(r.values["slave"])].append(r.kind)
+                assert isinstance(r, rd.Registers | rd.SlaveError)
+                kinds[r.slave].append(r.KIND)
         assert set(kinds["weigher"]) == {"registers"}
         assert kinds["moisture"] and set(kinds["moisture"]) == {"slave_error"}
         assert d.stats.faults == 0  # the line works: no DriverFault for one dead slave
@@ -186,7 +190,7 @@ def test_damaged_bytes_on_the_wire_are_counted_and_skipped(line) -> None:
         while sim.faults.corrupted < 6 or len(kinds) < 12:
             r = d.read()
             if r is not None:
-                kinds.append(r.kind)
+                kinds.append(r.KIND)
         x = d.stats.extra
         assert x["crc_errors"] + x["timeouts"] + x["wrong_slave"] == 6
         assert kinds.count("slave_error") == 6  # retries=0: each damaged reply fails one poll
@@ -286,8 +290,8 @@ def test_replies_later_than_the_timeout_never_land_on_the_next_request(split_lin
         readings = [r for _ in range(8) if (r := d.read()) is not None]
         assert d.stats.extra["drained"] > 0
     assert len(readings) >= 6 and slave.faults.late >= 6
-    assert [(r.values["a"], r.values["b"]) for r in readings if r.kind == "registers"] == []  # no swapped values
-    assert all("timeout" in str(r.values["error"]) for r in readings)
+    assert [(r.number("a"), r.number("b")) for r in readings if isinstance(r, rd.Registers)] == []  # no swapped values
+    assert all(isinstance(r, rd.SlaveError) and "timeout" in r.error for r in readings)
 
 
 def test_after_one_late_reply_the_values_stay_in_place(split_line) -> None:
@@ -295,8 +299,8 @@ def test_after_one_late_reply_the_values_stay_in_place(split_line) -> None:
     slave.faults.late_next, slave.faults.late_by_s = 1, 0.3
     with ModbusRtu("belt_weigher", cfg) as d:
         readings = [r for _ in range(10) if (r := d.read()) is not None]
-    assert readings[0].kind == "slave_error" and "timeout" in str(readings[0].values["error"])
-    good = [(r.values["a"], r.values["b"]) for r in readings if r.kind == "registers"]
+    assert isinstance(readings[0], rd.SlaveError) and "timeout" in readings[0].error
+    good = [(r.number("a"), r.number("b")) for r in readings if isinstance(r, rd.Registers)]
     assert len(good) >= 8 and set(good) == {(111, 222)}
 
 
@@ -325,7 +329,7 @@ def test_a_reply_that_does_not_match_the_request_is_refused_and_counted(reply: b
             {"name": "weigher", "id": 1, "points": [{"name": "a", "table": "holding", "address": 0}]}])
         with ModbusRtu("belt_weigher", cfg) as d:
             r = d.read() or d.read()
-    assert r is not None and r.kind == "registers" and r.values["a"] == 111  # the retry got the right reply
+    assert isinstance(r, rd.Registers) and r.number("a") == 111  # the retry got the right reply
     assert d.stats.extra[counter] == 1 and d.stats.corrupt == 1
 
 
@@ -342,8 +346,8 @@ def test_the_published_exchange_is_what_the_driver_sends_and_decodes() -> None:
         cfg = ModbusRtuConfig(port=urls["socket"], parity="N", slaves=[{"name": "s", "id": slave, "points": points}])
         with ModbusRtu("line", cfg) as d:
             r = d.read() or d.read()
-    assert r is not None and r.kind == "registers"
-    assert [r.values[f"r{i}"] for i in range(count)] == EXAMPLE["reply"]["registers"]
+    assert isinstance(r, rd.Registers)
+    assert [r.points[f"r{i}"].value for i in range(count)] == EXAMPLE["reply"]["registers"]
 
 
 def test_the_published_exchange_is_what_the_simulator_answers() -> None:

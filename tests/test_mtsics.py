@@ -10,6 +10,7 @@ import pytest
 
 from customs_edge.agent.apps.scale import ScaleApp, ScaleAppConfig
 from customs_edge.core.errors import DriverFault, DriverSilent
+from customs_edge.core.readings import Weight
 from customs_edge.core.records import RecordIn
 from customs_edge.drivers.mtsics import MtSics, MtSicsConfig, format_weight, parse_reply
 from customs_edge.simulators.base import Endpoints, Faults
@@ -42,12 +43,12 @@ def test_stable_and_dynamic_weights(balance) -> None:
     bench.force(1234.56)
     with make(url) as d:
         r = first(d)
-        assert r.kind == "weight"
-        assert r.values["weight"] == pytest.approx(1234.56) and r.values["unit"] == "g"
-        assert r.values["motion"] is False and r.values["status"] == "S"
+        assert isinstance(r, Weight)
+        assert r.value == pytest.approx(1234.56) and r.unit == "g"
+        assert r.stable is True and not (r.overload or r.underload)
         bench.force(-12.5, motion=True)
         r = first(d)
-        assert r.values["weight"] == pytest.approx(-12.5) and r.values["motion"] is True
+        assert r.value == pytest.approx(-12.5) and r.stable is False
 
 
 def test_stable_command_while_moving_is_busy(balance) -> None:
@@ -55,7 +56,7 @@ def test_stable_command_while_moving_is_busy(balance) -> None:
     bench.force(500.0, motion=True)
     with make(url, command="S") as d:
         r = first(d)
-        assert r.values["weight"] is None and r.values["status"] == "I"
+        assert r.value is None and r.stable is False and not (r.overload or r.underload)
 
 
 def test_overload_and_underload(balance) -> None:
@@ -63,9 +64,10 @@ def test_overload_and_underload(balance) -> None:
     bench.force(9000.0)
     with make(url) as d:
         r = first(d)
-        assert r.values["weight"] is None and r.values["out_of_range"] is True and r.values["status"] == "+"
+        assert r.value is None and r.overload is True and r.underload is False
         bench.force(-500.0)
-        assert first(d).values["status"] == "-"
+        r = first(d)
+        assert r.value is None and r.underload is True and r.overload is False
 
 
 def test_zero_on_open_and_error_replies(balance) -> None:
@@ -73,7 +75,7 @@ def test_zero_on_open_and_error_replies(balance) -> None:
     bench.force(20.0)
     with make(url, zero_on_open=True) as d:
         assert bench.zero_offset == 20.0
-        assert first(d).values["weight"] == 0.0
+        assert first(d).value == 0.0
         assert d.command("XYZ") is not None and d.stats.extra["ES"] == 1
         reply = d.command("I4")
         assert reply is not None and reply.text == sim.SERIAL
@@ -104,10 +106,10 @@ def test_garbled_replies_are_counted_and_skipped(balance) -> None:
         # a damaged reply is a partial line (no CR LF) or an invalid one, both counted; MT-SICS has
         # no checksum, so a flip that turns one digit into another passes as a (wrong) weight
         assert sim.faults.corrupted == 5
-        wrong = sum(r.values["weight"] != pytest.approx(777.77) for r in readings)
+        wrong = sum(r.value != pytest.approx(777.77) for r in readings)
         assert d.stats.corrupt + wrong == 5
         assert d.stats.corrupt >= 3
-        assert readings[-1].values["weight"] == pytest.approx(777.77)
+        assert readings[-1].value == pytest.approx(777.77)
 
 
 def test_silent_balance_raises_driver_silent(balance) -> None:
@@ -204,7 +206,7 @@ def test_busy_replies_to_s_are_not_still_so_the_settled_load_is_reported(balance
     bench.force(800.0, motion=True)
     with make(url, command="S") as d:
         busy = first(d)
-        assert busy.values["weight"] is None and busy.values["motion"] is True and busy.values["busy"] is True
+        assert busy.value is None and not busy.stable
         records = feed_app(app, d, 6)
         bench.force(1234.56)
         records += feed_app(app, d, 6)
@@ -219,11 +221,11 @@ def test_overload_and_underload_are_flagged_and_never_averaged_as_a_weight(balan
         records = feed_app(app, d, 4)
         bench.force(9000.0)
         over = first(d)
-        assert (over.values["overload"], over.values["underload"], over.values["out_of_range"]) == (True, False, True)
+        assert (over.overload, over.underload, over.in_range, over.value) == (True, False, False, None)
         records += app.feed(over) + feed_app(app, d, 3)
         bench.force(-500.0)
         under = first(d)
-        assert (under.values["overload"], under.values["underload"], under.values["weight"]) == (False, True, None)
+        assert (under.overload, under.underload, under.value) == (False, True, None)
         records += app.feed(under)
     summary = app.close()[0].payload
     assert [r.payload["weight"] for r in records if r.type == "weighing"] == [pytest.approx(1000.0)]

@@ -14,9 +14,11 @@ import pytest
 from customs_edge.agent.apps.ore import OreAppConfig, OreStationApp
 from customs_edge.agent.config import parse_unit_config
 from customs_edge.core.errors import ConfigError, ModelError
-from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.core.readings import PointValue, Reading, Registers, SlaveError, Weight
+from customs_edge.core.records import Priority, RecordIn
 from customs_edge.models import default_manifest
 from customs_edge.simulators.ore_world import Composition, spectrum
+from tests.conftest import analysis_reading
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = Composition(fe=63.0, sio2=4.0, al2o3=2.0, h2o=7.5)
@@ -33,20 +35,26 @@ class Station:
         self.rng = np.random.default_rng(0)
         self.records: list[RecordIn] = []
         self.seq = 0
-        self.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 0.0, "total_t": self.total})
+        self.regs("belt_weigher", "weigher", rate_tph=0.0, total_t=self.total)
 
-    def feed(self, source: str, kind: str, values: dict[str, Any], array: np.ndarray | None = None) -> list[RecordIn]:
+    def at(self) -> float:
+        """The next reading's monotonic time."""
         self.mono += 0.5
-        out = self.app.feed(Reading(source=source, kind=kind, mono=self.mono, values=values, array=array))
+        return self.mono
+
+    def feed(self, reading: Reading) -> list[RecordIn]:
+        out = self.app.feed(reading)
         self.records += out
         return out
 
+    def regs(self, source: str, slave: str, **values: PointValue) -> list[RecordIn]:
+        return self.feed(Registers.of(values, source=source, slave=slave, slave_id=1, mono=self.at()))
+
     def belt(self, lot_no: int, hold_no: int = 1, metal: bool = False) -> list[RecordIn]:
-        return self.feed("belt_portal", "registers", {"slave": "belt", "running": True, "lot_no": lot_no,
-                                                      "hold_no": hold_no, "metal_detected": metal})
+        return self.regs("belt_portal", "belt", running=True, lot_no=lot_no, hold_no=hold_no, metal_detected=metal)
 
     def portal(self, alarm: bool = False, cps: float = 110.0) -> list[RecordIn]:
-        return self.feed("belt_portal", "registers", {"slave": "portal", "gamma_cps": cps, "gamma_alarm": alarm})
+        return self.regs("belt_portal", "portal", gamma_cps=cps, gamma_alarm=alarm)
 
     def minutes(self, n: int, comp: Composition = GOOD, lot_no: int = 1, hold_no: int = 1,
                 moisture: float | None = None, rate: float = 4000.0, analyser_fe: float | None = None) -> None:
@@ -55,14 +63,14 @@ class Station:
             self.portal()
             for _ in range(4):
                 self.total += rate / 60 / 4
-                self.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": rate, "total_t": self.total})
+                self.regs("belt_weigher", "weigher", rate_tph=rate, total_t=self.total)
                 if moisture is not None:
-                    self.feed("moisture", "registers", {"slave": "moisture", "moisture_pct": moisture})
+                    self.regs("moisture", "moisture", moisture_pct=moisture)
             self.seq += 1
             counts = spectrum(comp, self.rng, load=rate / 4000.0)
-            self.feed("analyser", "analysis", {"seq": self.seq, "status": "OK", "tonnes": rate / 60,
-                                               "fe": comp.fe if analyser_fe is None else analyser_fe,
-                                               "sio2": comp.sio2, "h2o": comp.h2o}, counts)
+            self.feed(analysis_reading(counts, seq=self.seq, tonnes=rate / 60, mono=self.at(),
+                                       fe=comp.fe if analyser_fe is None else analyser_fe, sio2=comp.sio2,
+                                       h2o=comp.h2o))
 
     def close_lot(self, next_lot: int = 2) -> dict[str, Any]:
         out = self.belt(next_lot)
@@ -144,7 +152,7 @@ def test_no_grade_estimate_means_resample() -> None:
     for _ in range(30):
         st.belt(1)
         st.total += 50
-        st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 4000.0, "total_t": st.total})
+        st.regs("belt_weigher", "weigher", rate_tph=4000.0, total_t=st.total)
     report = st.close_lot()
     assert report["decision"] == "resample" and "no grade or moisture estimate" in report["reasons"]
 
@@ -197,7 +205,7 @@ def test_increments_follow_tonnage_and_ignore_a_totaliser_reset() -> None:
     st.belt(1)
     # 5000 -> 1000 and 1350 -> 3: totaliser resets, the drops count nothing; the rest is 350 + 117 t
     for total in (1000.0, 1099.0, 1100.0, 1350.0, 3.0, 120.0):
-        st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 4000.0, "total_t": total})
+        st.regs("belt_weigher", "weigher", rate_tph=4000.0, total_t=total)
     incs = st.of("increment")
     assert [i.payload["at_t"] for i in incs] == [100.0, 200.0, 300.0, 400.0]
     assert [i.payload["number"] for i in incs] == [1, 2, 3, 4]
@@ -228,10 +236,13 @@ def test_analyser_disagreement_after_results_in_a_row() -> None:
 
 def test_slave_fault_and_recovery_are_reported_once() -> None:
     st = Station()
-    err = {"slave": "moisture", "error": "timeout: no reply", "consecutive": 1}
-    assert [r.type for r in st.feed("moisture", "slave_error", err)] == ["instrument_fault"]
-    assert st.feed("moisture", "slave_error", {**err, "consecutive": 2}) == []
-    out = st.feed("moisture", "registers", {"slave": "moisture", "moisture_pct": 7.0})
+    def err(n: int) -> SlaveError:
+        return SlaveError(source="moisture", slave="moisture", slave_id=1, error="timeout: no reply", consecutive=n,
+                          mono=st.at())
+
+    assert [r.type for r in st.feed(err(1))] == ["instrument_fault"]
+    assert st.feed(err(2)) == []
+    out = st.regs("moisture", "moisture", moisture_pct=7.0)
     assert [r.type for r in out] == ["instrument_recovered"]
 
 
@@ -240,7 +251,7 @@ def test_bench_weighing_reported_once_when_settled() -> None:
     seq = [(0.0, False)] * 3 + [(812.4, True)] * 2 + [(812.5, False)] * 6 + [(812.5, True), (1204.0, False),
                                                                              (1204.0, False), (1204.0, False)]
     for w, motion in seq:
-        st.feed("scale", "weight", {"weight": w, "unit": "g", "motion": motion, "out_of_range": False})
+        st.feed(Weight(source="scale", mono=st.at(), value=w, unit="g", stable=not motion))
     weighings = st.of("bench_weighing")
     assert [w.payload["weight"] for w in weighings] == [812.5, 1204.0]
 
@@ -283,9 +294,9 @@ def test_station_config_validates_and_needs_its_instruments() -> None:
 def test_non_finite_register_values_are_ignored_not_poisoning_the_lot() -> None:
     st = Station(tml_pct=10.0, moisture_hold_fraction=0.9)
     st.minutes(5, moisture=12.0)
-    st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": float("inf"), "total_t": float("nan")})
-    st.feed("moisture", "registers", {"slave": "moisture", "moisture_pct": 12.0})
-    st.feed("belt_portal", "registers", {"slave": "belt", "lot_no": float("nan"), "hold_no": float("inf")})
+    st.regs("belt_weigher", "weigher", rate_tph=float("inf"), total_t=float("nan"))
+    st.regs("moisture", "moisture", moisture_pct=12.0)
+    st.regs("belt_portal", "belt", lot_no=float("nan"), hold_no=float("inf"))
     st.minutes(15, moisture=12.0)
     report = st.close_lot()
     assert report["decision"] == "hold"  # the moisture hold survives the glitches
@@ -296,9 +307,9 @@ def test_a_totaliser_misread_makes_no_burst_of_increments() -> None:
     st = Station()
     st.minutes(5)
     n = len(st.of("increment"))
-    st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 4000.0, "total_t": 0.0})  # misread
-    st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 4000.0, "total_t": st.total})
-    st.feed("belt_weigher", "registers", {"slave": "weigher", "rate_tph": 4000.0, "total_t": 5e7})  # garbage
+    st.regs("belt_weigher", "weigher", rate_tph=4000.0, total_t=0.0)  # misread
+    st.regs("belt_weigher", "weigher", rate_tph=4000.0, total_t=st.total)
+    st.regs("belt_weigher", "weigher", rate_tph=4000.0, total_t=5e7)  # garbage
     assert len(st.of("increment")) == n
     st.total = 5e7
     st.minutes(1)
@@ -318,5 +329,5 @@ def test_a_spectrum_that_does_not_fit_the_model_is_counted_and_skipped() -> None
     st.minutes(2)
     analyses = len(st.of("ore_analysis"))
     assert analyses == 2
-    out = st.feed("analyser", "analysis", {"seq": 99, "status": "OK", "tonnes": 60.0}, np.ones(512, np.float32))
+    out = st.feed(analysis_reading(np.ones(512, np.float32), seq=99, tonnes=60.0, mono=st.at()))
     assert out == [] and len(st.of("ore_analysis")) == analyses

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from customs_edge.core.readings import Registers
 from customs_edge.drivers.analyser import AnalyserParser, AnalyserResult, AnalyserStatus, encode_result
 from customs_edge.drivers.modbus import ModbusRtu, ModbusRtuConfig, build_request, crc16, plan_blocks
 from customs_edge.drivers.mtsics import parse_reply
@@ -95,14 +96,15 @@ def test_modbus_frames_fixture() -> None:
         weigher = weigher.model_copy(update={"port": urls["socket"]})
         with ModbusRtu("belt_weigher", weigher) as d:
             r = d.read() or d.read()
-        assert r is not None and r.kind == "registers"
+        assert isinstance(r, Registers)
         for name, value in fx["weigher"]["values"].items():
-            assert r.values[name] == pytest.approx(value), name
+            assert r.points[name].value == pytest.approx(value), name
         belt = ModbusRtuConfig(port=urls["socket"], slaves=[{"name": "belt", "id": 3, "points": [
             p for p in cfg["drivers"]["belt_portal"]["slaves"][0]["points"] if p["table"] == "discrete"]}])
         with ModbusRtu("belt_portal", belt) as d:
             r = d.read() or d.read()
-        assert r is not None and {k: r.values[k] for k in fx["belt"]["values"]} == fx["belt"]["values"]
+        assert isinstance(r, Registers)
+        assert {k: r.points[k].value for k in fx["belt"]["values"]} == fx["belt"]["values"]
     exc = bytes.fromhex(fx["exception"]["reply"])
     assert crc16(exc[:-2]) == exc[-2:] and exc[1] == 0x80 | fx["exception"]["function"]
     assert exc[2] == fx["exception"]["code"]

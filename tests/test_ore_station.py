@@ -21,7 +21,7 @@ from customs_edge.agent.runtime import Unit
 from customs_edge.core.records import Priority, RecordIn
 from customs_edge.simulators.ore_station import OreStation
 from customs_edge.simulators.ore_world import OreWorld, WorldConfig
-from tests.conftest import wait_for
+from tests.conftest import analysis_reading, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,20 +156,19 @@ def test_analyser_drift_is_caught_by_the_local_model() -> None:
     true: the app's check against the local model raises analyser_disagreement, and the lot's Fe
     estimate (from the model) stays near the truth while the analyser's own does not."""
     from customs_edge.agent.apps.ore import OreAppConfig, OreStationApp
-    from customs_edge.core.records import Reading
+    from customs_edge.core.readings import Registers
     from customs_edge.simulators.ore_world import simulate_lot
 
     results = [r for r in simulate_lot(4, analyser_drift_pct_per_h=6.0) if r.truth is not None]
     app = OreStationApp("drift", OreAppConfig(check_fe_pct=1.0, check_count=3))
-    out = app.feed(Reading(source="belt_portal", kind="registers", values={"slave": "belt", "lot_no": 1}))
+    out = app.feed(Registers.of({"lot_no": 1}, source="belt_portal", slave="belt", slave_id=1))
     for r in results:
-        out += app.feed(Reading(source="analyser", kind="analysis", array=r.counts, values={
-            "seq": r.seq, "status": "OK", "tonnes": r.tonnes, "fe": r.own["Fe"]}))
+        out += app.feed(analysis_reading(r.counts, seq=r.seq, tonnes=r.tonnes, fe=r.own["Fe"]))
     events = [x for x in out if x.type == "analyser_disagreement"]
     assert len(events) >= 1
     first = events[0].payload
     assert first["analyser_fe"] - first["model_fe"] > 1.0
-    report = app.feed(Reading(source="belt_portal", kind="registers", values={"slave": "belt", "lot_no": 2}))
+    report = app.feed(Registers.of({"lot_no": 2}, source="belt_portal", slave="belt", slave_id=1))
     lot = next(x for x in report if x.type == "lot_report").payload
     true_fe = float(np.average([r.truth.fe for r in results], weights=[r.tonnes for r in results]))
     assert abs(lot["fe"]["value"] - true_fe) < 0.3

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from customs_edge.core.errors import DriverSilent
+from customs_edge.core.readings import Passage, PassageHeartbeat
 from customs_edge.drivers.passage import (
     PassageConfig,
     PassageParser,
@@ -78,14 +79,14 @@ def test_driver_reports_every_beam_break_the_world_makes() -> None:
         drv = PassageSensor("passage", PassageConfig(port=urls["socket"]))
         drv.open()
         try:
-            got = read_until(drv, lambda out: sum(r.kind == "passage" for r in out) >= 12, timeout=20)
+            got = read_until(drv, lambda out: sum(isinstance(r, Passage) for r in out) >= 12, timeout=20)
         finally:
             drv.close()
-    ev = [r for r in got if r.kind == "passage"]
+    ev = [r for r in got if isinstance(r, Passage)]
     assert len(ev) >= 12
-    entries = [r.values["count"] for r in ev if r.values["event"] == "entry"]
+    entries = [r.count for r in ev if r.event == "entry"]
     assert entries == list(range(entries[0], entries[0] + len(entries)))  # consecutive: nothing lost
-    assert all(r.values["lost"] == 0 for r in ev)
+    assert all(r.lost == 0 for r in ev)
     truth_entries = {t.id for t in sim.world.truth if t.t_entry <= sim.clock.now()}
     assert set(entries) <= truth_entries  # the counter is the traveller's place in the queue
 
@@ -97,7 +98,7 @@ def test_driver_heartbeat_keeps_an_empty_lane_alive_and_silence_faults() -> None
         drv.open()
         try:
             got = read_until(drv, lambda out: len(out) >= 2, timeout=5)
-            assert [r.kind for r in got] == ["passage_heartbeat"] * 2
+            assert [type(r) for r in got] == [PassageHeartbeat] * 2
             sim.passage.faults.pause(30)
             with pytest.raises(DriverSilent):
                 deadline = time.monotonic() + 6

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from customs_edge.agent.apps.scale import ScaleApp, ScaleAppConfig
 from customs_edge.core.errors import DriverFault, DriverSilent
-from customs_edge.core.records import Reading
+from customs_edge.core.readings import Weight
 from customs_edge.drivers.toledo import ToledoConfig, ToledoContinuous, ToledoParser, checksum, decode, encode
 from customs_edge.simulators.base import Endpoints, Faults
 from customs_edge.simulators.scale import ScaleSim, ScaleWorld
@@ -140,13 +140,14 @@ def _driver(port: str, **kw: object) -> ToledoContinuous:
     return ToledoContinuous("scale", ToledoConfig(driver="toledo-continuous", port=port, **kw))  # type: ignore[arg-type]
 
 
-def _read_n(d: ToledoContinuous, n: int, timeout: float = 5.0) -> list[dict[str, object]]:
-    out: list[dict[str, object]] = []
+def _read_n(d: ToledoContinuous, n: int, timeout: float = 5.0) -> list[Weight]:
+    out: list[Weight] = []
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
         r = d.read()
         if r is not None:
-            out.append(r.values)
+            assert isinstance(r, Weight)
+            out.append(r)
     return out
 
 
@@ -164,7 +165,7 @@ def test_driver_reads_the_simulator(kind: str, with_sum: bool) -> None:
     assert len(values) == 50
     assert d.stats.corrupt <= 1  # at most a partial frame at the moment the port opened
     assert d.parser.mode == ("on" if with_sum else "off")
-    assert any(v["weight"] > 0 for v in values) and all(v["unit"] == "kg" for v in values)
+    assert any((v.value or 0) > 0 for v in values) and all(v.unit == "kg" for v in values)
 
 
 def test_driver_counts_injected_corruption_and_keeps_reading() -> None:
@@ -249,7 +250,7 @@ def test_a_power_up_frame_is_accepted_and_flagged_not_corrupt() -> None:
         finally:
             d.close()
     assert len(values) == 10 and d.stats.corrupt <= 1  # at most the frame cut when the port opened
-    assert all(v["power_up_not_zeroed"] is True and v["weight"] == pytest.approx(0.57) for v in values)
+    assert all(v.not_zeroed and v.value == pytest.approx(0.57) for v in values)
     frame = bytearray(toledo.frame(1.0))
     for status_byte in (1, 3):  # A and C: bit 6 is always 0
         bad = bytearray(frame)
@@ -258,14 +259,14 @@ def test_a_power_up_frame_is_accepted_and_flagged_not_corrupt() -> None:
         assert decode(bytes(bad[:17]), with_checksum=True) is None
 
 
-def _readings_once(d: ToledoContinuous, settled: Any, n: int, timeout: float = 10.0) -> list[Reading]:
-    """The first n readings from the one for which settled(values) holds (frames already on the line
+def _readings_once(d: ToledoContinuous, settled: Any, n: int, timeout: float = 10.0) -> list[Weight]:
+    """The first n readings from the one for which settled(reading) holds (frames already on the line
     when the simulated load changed are skipped)."""
-    out: list[Reading] = []
+    out: list[Weight] = []
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
         r = d.read()
-        if r is not None and (out or settled(r.values)):
+        if r is not None and (out or settled(r)):
             out.append(r)
     assert len(out) == n, f"{len(out)} of {n} readings"
     return out
@@ -281,12 +282,12 @@ def test_an_over_range_reading_is_flagged_and_never_a_weighing() -> None:
         d.open()
         try:
             sim.world.force(75.0)
-            over = _readings_once(d, lambda v: v["out_of_range"], 20)
+            over = _readings_once(d, lambda r: r.overload, 20)
             sim.world.force(20.0)
-            within = _readings_once(d, lambda v: not v["out_of_range"], 20)
+            within = _readings_once(d, lambda r: r.in_range, 20)
         finally:
             d.close()
-    assert all(r.values["out_of_range"] is True for r in over) and not any(r.values["out_of_range"] for r in within)
+    assert all(r.overload and r.value is not None for r in over) and all(r.in_range for r in within)
     records = [rec for r in over + within for rec in app.feed(r)]
     assert [r.payload["weight"] for r in records if r.type == "weighing"] == [pytest.approx(20.0)]
     summary = app.close()[0].payload

@@ -5,18 +5,22 @@ The runtime calls, from one thread only:
   tick(now)          about every 100 ms (now = time.monotonic()), for interval aggregates and timeouts;
   on_fault(role, e)  when a driver raises DriverFault (the default emits one 'driver_fault' record);
   close()            once at shutdown, to flush partial aggregates.
-Each returns the records to commit. `check_drivers` lets an app refuse a config that lacks a driver
-it needs, with a message naming the missing role.
+Each returns the records to commit. `CONSUMES` declares, per driver role, the reading types the app
+takes; `check_drivers` refuses a config whose drivers do not produce them (by type, not by driver name),
+with a message naming the role, the driver, what it produces and what the app needs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from customs_edge.agent.registry import drivers_producing
 from customs_edge.core.errors import DriverFault
-from customs_edge.core.records import Priority, Reading, RecordIn
+from customs_edge.core.readings import Reading, fits, type_names
+from customs_edge.core.records import Priority, RecordIn
 from customs_edge.drivers.base import DriverConfig
 
 
@@ -24,23 +28,44 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class Role:
+    """What an app takes from the driver in one role: readings of any of `types` (or a subclass);
+    a driver that produces none of them does not fit. An optional role may be left out of the config."""
+
+    __slots__ = ("optional", "types")
+
+    def __init__(self, *types: type[Reading], optional: bool = False) -> None:
+        if not types:
+            raise ValueError("a role consumes at least one reading type")
+        self.types, self.optional = types, optional
+
+
 class App:
     Config: ClassVar[type[BaseModel]] = AppConfig
-    # role name -> accepted driver names; checked by the config loader
-    REQUIRED_DRIVERS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # role name -> the reading types the app takes from that role's driver; checked by the config loader
+    CONSUMES: ClassVar[dict[str, Role]] = {}
 
     def __init__(self, device_id: str, config: Any) -> None:
         self.device_id = device_id
         self.config = config
 
     @classmethod
-    def check_drivers(cls, drivers: dict[str, DriverConfig]) -> list[str]:
+    def check_drivers(cls, drivers: Mapping[str, DriverConfig],
+                      produces: Mapping[str, tuple[type[Reading], ...]]) -> list[str]:
+        """Problems, one line each ('drivers.<role>: ...'), of the configured drivers (role -> config;
+        `produces`: role -> the reading types that driver yields with that config) against CONSUMES."""
         problems = []
-        for role, accepted in cls.REQUIRED_DRIVERS.items():
+        for role, want in cls.CONSUMES.items():
             if role not in drivers:
-                problems.append(f"this unit type needs a driver named {role!r} ({' or '.join(accepted)})")
-            elif accepted and drivers[role].driver not in accepted:
-                problems.append(f"{role}: driver {drivers[role].driver!r} does not fit; use {' or '.join(accepted)}")
+                if not want.optional:
+                    problems.append(f"drivers.{role}: this unit type needs a driver named {role!r} producing "
+                                    f"{type_names(want.types, ' or ')}{_fitting(drivers_producing(want.types))}")
+                continue
+            got = produces.get(role, ())
+            if not fits(got, want.types):
+                problems.append(f"drivers.{role}: driver {drivers[role].driver!r} as configured produces "
+                                f"{type_names(got)}; this unit type needs {type_names(want.types, ' or ')} here"
+                                f"{_fitting(drivers_producing(want.types))}")
         return problems
 
     def feed(self, reading: Reading) -> list[RecordIn]:
@@ -59,3 +84,7 @@ class App:
 
     def close(self) -> list[RecordIn]:
         return []
+
+
+def _fitting(names: list[str]) -> str:
+    return f" (drivers that do: {', '.join(names)})" if names else ""

@@ -1,7 +1,7 @@
 """Health-quarantine gate: one screening record per traveller, a fever alert at the highest priority.
 
-Drivers: `thermal` (any ThermalSource: Reading(kind='thermal_frame', array=HxW °C)), and optionally
-`passage` (entry/exit beams). Per frame the tracker finds people and their heads; when a traveller's
+Drivers: `thermal` (any driver that yields ThermalFrame: float32 HxW °C), and optionally `passage`
+(entry/exit beams: Passage). Per frame the tracker finds people and their heads; when a traveller's
 track ends, the ONNX model turns the track's measurement (hottest stable head area, skin, background,
 apparent head size) into a core-temperature estimate, compensated for ambient and distance.
 
@@ -19,16 +19,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 from pydantic import Field
 
-from customs_edge.agent.apps.base import App, AppConfig
+from customs_edge.agent.apps.base import App, AppConfig, Role
 from customs_edge.agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker, TrackerParams
 from customs_edge.core.errors import DriverFault, ModelError
-from customs_edge.core.records import Priority, Reading, RecordIn
-from customs_edge.drivers.base import DriverConfig
+from customs_edge.core.readings import Passage, PassageHeartbeat, Reading, ThermalFrame
+from customs_edge.core.records import Priority, RecordIn
 from customs_edge.models.runtime import OnnxModel
 
 
@@ -66,14 +65,9 @@ def load_fever_model(path: Path | None) -> OnnxModel:
     return model
 
 
-def _finite(x: object) -> float | None:
-    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
-
-
 class GateApp(App):
     Config = GateAppConfig
-    THERMAL_DRIVERS: ClassVar[tuple[str, ...]] = ("mlx90640-serial",)  # add e.g. a Lepton UVC driver here
-    REQUIRED_DRIVERS: ClassVar[dict[str, tuple[str, ...]]] = {"thermal": THERMAL_DRIVERS}
+    CONSUMES = {"thermal": Role(ThermalFrame), "passage": Role(Passage, PassageHeartbeat, optional=True)}
     config: GateAppConfig
 
     def __init__(self, device_id: str, config: GateAppConfig, model: OnnxModel | None = None) -> None:
@@ -90,13 +84,6 @@ class GateApp(App):
         self._window_start: float | None = None
         self.totals = {"screened": 0, "alerts": 0, "entries": 0, "exits": 0}
         self._reset_window()
-
-    @classmethod
-    def check_drivers(cls, drivers: dict[str, DriverConfig]) -> list[str]:
-        problems = super().check_drivers(drivers)
-        if "passage" in drivers and drivers["passage"].driver != "passage":
-            problems.append(f"passage: driver {drivers['passage'].driver!r} does not fit; use 'passage'")
-        return problems
 
     def _reset_window(self) -> None:
         self._w = {"frames": 0, "screened": 0, "alerts": 0, "entries": 0, "exits": 0, "passage_lost": 0,
@@ -128,25 +115,23 @@ class GateApp(App):
     def feed(self, reading: Reading) -> list[RecordIn]:
         if self._window_start is None:
             self._window_start = reading.mono
-        if reading.kind == "thermal_frame" and reading.array is not None:
-            if reading.array.ndim != 2 or min(reading.array.shape) < 4:  # not an image: a driver's bug
+        if isinstance(reading, ThermalFrame):
+            frame = reading.pixels
+            if min(frame.shape) < 4:  # too small to hold a traveller's head: not this app's camera
                 self._w["bad_frames"] += 1
                 return []
             self._last_frame_mono = reading.mono
             self._w["frames"] += 1
-            dead = _finite(reading.values.get("dead_pixels"))
-            self._w_dead = max(self._w_dead, int(dead or 0))
-            amb = reading.values.get("ambient_c")
-            if isinstance(amb, int | float):
-                self._w_ambient = float(amb)
-            frame = np.asarray(reading.array, dtype=np.float32)
+            self._w_dead = max(self._w_dead, reading.dead_pixels)
+            if reading.ambient_c is not None:
+                self._w_ambient = reading.ambient_c
             return self._records(self.process_frame(frame, reading.mono, reading.ts), reading.source)
-        if reading.kind == "passage":
-            n = 1 + max(0, int(_finite(reading.values.get("lost")) or 0))
-            key = "entries" if reading.values.get("event") == "entry" else "exits"
+        if isinstance(reading, Passage):
+            n = 1 + reading.lost
+            key = "entries" if reading.event == "entry" else "exits"
             self._w[key] += n
             self.totals[key] += n
-            self._w["passage_lost"] += n - 1
+            self._w["passage_lost"] += reading.lost
         return []
 
     def _records(self, screenings: list[Screening], source: str) -> list[RecordIn]:

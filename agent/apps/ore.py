@@ -1,13 +1,16 @@
 """Iron-ore sampling and supervision station: lots, mass-basis increments, local grade inference,
 assessment, alerts. Uploads summaries and events, never every poll.
 
-Inputs (Readings; point names are configurable under `points:`):
-  belt_weigher  registers: total_t (totaliser), rate_tph, speed_mps    -> tonnage, increments
-  belt_portal   registers: running, lot_no, hold_no, metal_detected     -> lot / sub-lot, foreign matter
-                registers: gamma_cps, gamma_alarm                       -> radiation alerts
-  moisture      registers: moisture_pct                                 -> moisture (microwave, wet basis)
-  analyser      analysis (spectrum + the analyser's own assays)         -> ore-grade model: Fe, SiO2, H2O
-  scale         weight (MT-SICS or Toledo)                              -> settled bench weighings
+Inputs (typed readings; point names are configurable under `points:`):
+  belt_weigher  Registers: total_t (totaliser), rate_tph, speed_mps    -> tonnage, increments
+  belt_portal   Registers: running, lot_no, hold_no, metal_detected     -> lot / sub-lot, foreign matter
+                Registers: gamma_cps, gamma_alarm                       -> radiation alerts
+  moisture      Registers: moisture_pct (optional role)                 -> moisture (microwave, wet basis)
+  analyser      Analysis (spectrum + the analyser's own assay)          -> ore-grade model: Fe, SiO2, H2O
+  scale         Weight, MT-SICS or Toledo (optional role)               -> settled bench weighings
+                (agent/apps/settle.py, the scale app's rules)
+A point that is absent or flagged (a float register that decoded to NaN or inf) is skipped: one such
+glitch must not poison a lot's estimates.
 A lot opens and closes with the lot number the belt PLC publishes; a sub-lot is a ship's hold.
 
 Records:
@@ -38,22 +41,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from customs_edge.agent.apps.base import App, AppConfig
-from customs_edge.core.records import Priority, Reading, RecordIn, Scalar
-
-
-def _num(values: dict[str, Scalar], key: str) -> float | None:
-    """A numeric value from a Reading, or None when absent, empty, not a number, NaN or infinite
-    (a float32 register can decode to either: one such glitch must not poison a lot's estimates)."""
-    x = values.get(key)
-    if x is None or isinstance(x, str):
-        return None
-    f = float(x)
-    return f if math.isfinite(f) else None
+from customs_edge.agent.apps.base import App, AppConfig, Role
+from customs_edge.agent.apps.settle import Settle
+from customs_edge.core.readings import AnalyserStatus, Analysis, Reading, Registers, SlaveError, Weight
+from customs_edge.core.records import Priority, RecordIn
 
 
 class OrePoints(BaseModel):
@@ -85,7 +80,7 @@ class OreAppConfig(AppConfig):
     check_count: int = Field(3, ge=1, description="... for this many results in a row")
     bench_settle_readings: int = Field(3, ge=1)
     bench_min_g: float = Field(50.0, ge=0)
-    bench_deadband_g: float = Field(1.0, ge=0)
+    bench_deadband_g: float = Field(1.0, ge=0, description="as the scale app's deadband (agent/apps/settle.py)")
     points: OrePoints = OrePoints()
     max_step_t: float = Field(1000.0, gt=0, description="a totaliser step larger than this between two "
                               "readings is a misread: skipped and counted, not turned into increments")
@@ -171,8 +166,9 @@ class Interval:
 
 class OreStationApp(App):
     Config = OreAppConfig
-    REQUIRED_DRIVERS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "belt_weigher": ("modbus-rtu",), "belt_portal": ("modbus-rtu",), "analyser": ("elemental-analyser",)}
+    CONSUMES = {"belt_weigher": Role(Registers, SlaveError), "belt_portal": Role(Registers, SlaveError),
+                "analyser": Role(Analysis, AnalyserStatus),
+                "moisture": Role(Registers, SlaveError, optional=True), "scale": Role(Weight, optional=True)}
     config: OreAppConfig
 
     def __init__(self, device_id: str, config: OreAppConfig) -> None:
@@ -193,68 +189,69 @@ class OreStationApp(App):
         self._metal = False
         self._disagree_run = 0
         self._down: set[tuple[str, str]] = set()
-        self._bench_still = 0
-        self._bench_last: float | None = None
+        self.bench = Settle(config.bench_settle_readings, config.bench_min_g, config.bench_deadband_g)
         self._interval: Interval | None = None
 
     # --- inputs --------------------------------------------------------------------------------
     def feed(self, reading: Reading) -> list[RecordIn]:
         if self._interval is None:
             self._interval = Interval(reading.mono)
-        if reading.kind == "registers":
-            return self._registers(reading)
-        if reading.kind == "slave_error":
-            return self._slave_error(reading)
-        if reading.kind == "analysis":
-            return self._analysis(reading)
-        if reading.kind == "weight":
-            return self._bench(reading)
+        match reading:
+            case Registers():
+                return self._registers(reading)
+            case SlaveError():
+                return self._slave_error(reading)
+            case Analysis():
+                return self._analysis(reading)
+            case Weight():
+                return self._bench(reading)
         return []
 
-    def _registers(self, r: Reading) -> list[RecordIn]:
-        v, p, out = r.values, self.p, []
-        key = (r.source, str(v.get("slave", "")))
+    def _registers(self, r: Registers) -> list[RecordIn]:
+        p, out = self.p, []
+        key = (r.source, r.slave)
         if key in self._down:
             self._down.discard(key)
             out.append(RecordIn(type="instrument_recovered", priority=Priority.REPORT,
                                 payload={"driver": r.source, "slave": key[1]}))
         iv = self._interval
         assert iv is not None
-        lot_no = _num(v, p.lot_no)
+        lot_no = r.number(p.lot_no)
         if lot_no is not None:
-            out += self._lot_number(int(lot_no), int(_num(v, p.hold_no) or 1), r.ts)
-        if p.running in v:
-            iv.running.append(bool(v[p.running]))
-        rate = _num(v, p.rate_tph)
+            out += self._lot_number(int(lot_no), int(r.number(p.hold_no) or 1), r.ts)
+        running = r.flag(p.running)
+        if running is not None:
+            iv.running.append(running)
+        rate = r.number(p.rate_tph)
         if rate is not None:
             self._rate = max(0.0, rate)
             iv.rates.append(self._rate)
-        total = _num(v, p.total_t)
+        total = r.number(p.total_t)
         if total is not None:
             out += self._tonnage(total)
-        m = _num(v, p.moisture_pct)
+        m = r.number(p.moisture_pct)
         if m is not None and m > 0 and self._rate > 0:  # 0: no material under the sensor
             iv.moisture.append(m)
             if self.lot:
                 self.lot.whole.moisture.add(m, self._rate)
                 self.lot.sub.moisture.add(m, self._rate)
-        cps = _num(v, p.gamma_cps)
+        cps = r.number(p.gamma_cps)
         if cps is not None:
             iv.gamma.append(cps)
             for part in self._parts():
                 part.gamma_max_cps = max(part.gamma_max_cps, cps)
-        if p.gamma_alarm in v:
-            alarm = bool(v[p.gamma_alarm])
+        alarm = r.flag(p.gamma_alarm)
+        if alarm is not None:
             if alarm and not self._gamma_alarm:
-                out.append(self._radiation(v, r.ts))
+                out.append(self._radiation(cps, r.ts))
             self._gamma_alarm = alarm
-        if p.metal in v:
-            metal = bool(v[p.metal])
+        metal = r.flag(p.metal)
+        if metal is not None:
             if metal and not self._metal:
                 for part in self._parts():
                     part.foreign_matter += 1
                 out.append(RecordIn(type="foreign_matter", priority=Priority.ALERT, ts=r.ts, payload={
-                    **self._where(), "detector": f"{r.source}/{v.get('slave')}",
+                    **self._where(), "detector": f"{r.source}/{r.slave}",
                     "reason": "tramp metal detected on the belt; belt tripped"}))
             self._metal = metal
         return out
@@ -267,11 +264,11 @@ class OreStationApp(App):
             return {"lot_id": None, "sublot": None, "lot_t": None}
         return {"lot_id": self.lot.lot_id, "sublot": self.lot.hold_no, "lot_t": round(self.lot.whole.tonnes, 1)}
 
-    def _radiation(self, v: dict[str, Any], ts: float) -> RecordIn:
+    def _radiation(self, cps: float | None, ts: float) -> RecordIn:
         for part in self._parts():
             part.gamma_alarms += 1
         return RecordIn(type="radiation_alarm", priority=Priority.ALERT, ts=ts, payload={
-            **self._where(), "gamma_cps": v.get(self.p.gamma_cps), "decision": "hold",
+            **self._where(), "gamma_cps": cps, "decision": "hold",
             "reason": "radiation portal gamma alarm: lot on hold pending inspection"})
 
     def _lot_number(self, lot_no: int, hold_no: int, ts: float) -> list[RecordIn]:
@@ -314,31 +311,31 @@ class OreStationApp(App):
                 "sublot_number": lot.sub.increments, "at_t": round(k * step, 1)}))
         return out
 
-    def _slave_error(self, r: Reading) -> list[RecordIn]:
+    def _slave_error(self, r: SlaveError) -> list[RecordIn]:
         assert self._interval is not None
         self._interval.errors += 1
-        key = (r.source, str(r.values.get("slave", "")))
+        key = (r.source, r.slave)
         if key in self._down:
             return []
         self._down.add(key)
         return [RecordIn(type="instrument_fault", priority=Priority.REPORT, ts=r.ts, payload={
-            "driver": r.source, "slave": key[1], "error": r.values.get("error")})]
+            "driver": r.source, "slave": r.slave, "error": r.error})]
 
-    def _analysis(self, r: Reading) -> list[RecordIn]:
-        v = r.values
-        if v.get("status") != "OK" or r.array is None:
+    def _analysis(self, r: Analysis) -> list[RecordIn]:
+        if r.status != "OK":
             return []
-        if r.array.size != self._channels:  # the analyser's channel count does not fit the model
+        counts = r.spectrum.counts
+        if counts.size != self._channels:  # the analyser's channel count does not fit the model
             assert self._interval is not None
             self._interval.errors += 1
             return []
-        assay = self.model.predict({"spectrum": r.array.reshape(1, -1)})["assay"][0]
+        assay = self.model.predict({"spectrum": counts.reshape(1, -1)})["assay"][0]
         fe, sio2, h2o = (float(x) for x in assay)
-        tonnes = _num(v, "tonnes") or 0.0
+        tonnes = r.tonnes
         assert self._interval is not None
         self._interval.analyses += 1
         out: list[RecordIn] = []
-        own_fe = _num(v, "fe")
+        own_fe = r.assay.fe
         for part in self._parts():
             part.analyses += 1
             part.fe.add(fe, tonnes)
@@ -358,33 +355,23 @@ class OreStationApp(App):
         else:
             self._disagree_run = 0
         out.append(RecordIn(type="ore_analysis", priority=Priority.EVENT, ts=r.ts, payload={
-            **self._where(), "seq": v.get("seq"), "tonnes": tonnes,
+            **self._where(), "seq": r.seq, "tonnes": tonnes,
             "model": {"fe": round(fe, 3), "sio2": round(sio2, 3), "h2o": round(h2o, 3),
                       "version": self.model.manifest.version},
-            "analyser": {k: v.get(k) for k in ("fe", "sio2", "al2o3", "p", "s", "h2o")}}))
+            "analyser": r.assay.as_dict()}))
         return out
 
-    def _bench(self, r: Reading) -> list[RecordIn]:
-        v = r.values
-        w = _num(v, "weight")
-        if w is None or v.get("motion") or v.get("out_of_range"):
-            self._bench_still = 0
+    def _bench(self, r: Weight) -> list[RecordIn]:
+        settled = self.bench.feed(r)
+        if settled is None:
             return []
-        self._bench_still += 1
-        if self._bench_still != self.config.bench_settle_readings:
-            return []
-        if w < self.config.bench_min_g:
-            self._bench_last = None
-            return []
-        if self._bench_last is not None and abs(w - self._bench_last) <= self.config.bench_deadband_g:
-            return []
-        self._bench_last = w
         assert self._interval is not None
         self._interval.bench += 1
         for part in self._parts():
             part.bench_weighings += 1
-        return [RecordIn(type="bench_weighing", priority=Priority.EVENT, ts=r.ts, payload={
-            **self._where(), "weight": w, "unit": v.get("unit"), "source": r.source})]
+        return [RecordIn(type="bench_weighing", priority=Priority.EVENT, ts=settled.ts, payload={
+            **self._where(), "weight": settled.value, "unit": settled.unit, "zeroed": not settled.not_zeroed,
+            "source": settled.source})]
 
     # --- assessment ----------------------------------------------------------------------------
     def assess(self, part: Part, min_increments: int) -> dict[str, Any]:
