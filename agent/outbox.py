@@ -50,6 +50,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX records_priority_seq ON records(priority, seq);
     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
+    # 1 -> 2: app state (App.snapshot()), written in the same transaction as the records it belongs to
+    """
+    CREATE TABLE app_state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    """,
 ]
 
 
@@ -74,7 +78,8 @@ class OutboxStats:
 class Outbox(Protocol):
     """What sync and the runtime need; tests/test_outbox_contract.py runs against every implementation."""
 
-    def put(self, records: Sequence[RecordIn]) -> range: ...
+    def put(self, records: Sequence[RecordIn], state: tuple[str, bytes] | None = None) -> range: ...
+    def load_state(self, key: str) -> bytes | None: ...
     def begin(self, max_records: int) -> list[Pending]: ...
     def ack(self, ranges: Iterable[tuple[int, int]]) -> int: ...
     def release(self) -> None: ...
@@ -113,9 +118,10 @@ class SqliteOutbox:
         return _Tx(self._db)
 
     # -- Outbox -----------------------------------------------------------------------------------
-    def put(self, records: Sequence[RecordIn]) -> range:
-        """Commit records in one transaction; returns their seqs. Committed means durable (FULL)."""
-        if not records:
+    def put(self, records: Sequence[RecordIn], state: tuple[str, bytes] | None = None) -> range:
+        """Commit records, and the app state `(key, blob)` they leave behind, in one transaction; returns
+        their seqs. Committed means durable (FULL)."""
+        if not records and state is None:
             return range(0)
         mono = time.monotonic()
         rows = [(r.ts, self.boot_id, mono, r.type, int(r.priority), dumps(r.payload)) for r in records]
@@ -123,6 +129,11 @@ class SqliteOutbox:
             self._db.executemany(
                 "INSERT INTO records (ts, boot_id, mono, type, priority, payload) VALUES (?,?,?,?,?,?)", rows)
             last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+            if state is not None:
+                self._db.execute("INSERT INTO app_state (key, value) VALUES (?, ?)"
+                                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state)
+        if not rows:
+            return range(0)
         now = time.monotonic()
         if now >= self._next_cap_check:
             self.enforce_cap(age=now >= self._next_age_check)
@@ -162,6 +173,12 @@ class SqliteOutbox:
             finally:
                 if self._sync_full:
                     self._db.execute("PRAGMA synchronous=FULL")
+
+    def load_state(self, key: str) -> bytes | None:
+        """The app state last committed under `key` by put(), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM app_state WHERE key=?", (key,)).fetchone()
+        return bytes(row[0]) if row else None
 
     def release(self) -> None:
         """Everything handed out and not acked is pending again (after a reconnect or ack timeout)."""

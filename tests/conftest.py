@@ -135,3 +135,34 @@ class Relay:
     def close(self) -> None:
         self.stop_event.set()
         self.lst.close()
+
+
+def script_driver(role: str, steps: list[dict[str, Any]]) -> Any:
+    """A Driver that yields Reading(**step) for each step in turn (built when read, so `mono` is the
+    time it is read), then nothing; `.done` is set once every step was read. In place of an instrument
+    when a test needs exact inputs through the production runtime."""
+    from customs_edge.core.records import Reading
+    from customs_edge.drivers.base import Driver, DriverConfig
+
+    class Script(Driver):
+        Config = DriverConfig
+
+        def __init__(self) -> None:
+            super().__init__(role, DriverConfig(driver="script"))
+            self.steps = list(steps)
+            self.done = threading.Event()
+
+        def open(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        def read(self) -> Reading | None:
+            if self.steps:
+                return Reading(**self.steps.pop(0))
+            self.done.set()
+            time.sleep(0.02)
+            return None
+
+    return Script()

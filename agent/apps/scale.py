@@ -90,3 +90,28 @@ class ScaleApp(App):
 
         rec = self._summary(time.monotonic())
         return [rec] if rec else []
+
+    # --- state that survives restarts (see App.snapshot) -----------------------------------------
+    def snapshot(self) -> bytes | None:
+        import time
+
+        start = self._window_start
+        return self.pack_state({
+            "still": self._still, "last_reported": self._last_reported,
+            "window_age_s": None if start is None else time.monotonic() - start,
+            "frames": self._n, "motion": self._motion, "out_of_range": self._oor, "sum": self._sum,
+            "min": self._min if self._n else None, "max": self._max if self._n else None,
+            "weighings": self._weighings, "unit": self._unit})
+
+    def restore(self, blob: bytes) -> None:
+        import time
+
+        s = self.unpack_state(blob)
+        age, n = s["window_age_s"], int(s["frames"])
+        last = None if s["last_reported"] is None else float(s["last_reported"])
+        values = (int(s["still"]), last, None if age is None else time.monotonic() - float(age), n,
+                  int(s["motion"]), int(s["out_of_range"]), float(s["sum"]),
+                  float(s["min"]) if n else float("inf"), float(s["max"]) if n else float("-inf"),
+                  int(s["weighings"]), str(s["unit"]))
+        (self._still, self._last_reported, self._window_start, self._n, self._motion, self._oor, self._sum,
+         self._min, self._max, self._weighings, self._unit) = values
