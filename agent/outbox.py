@@ -591,6 +591,12 @@ class SqliteOutbox:
                     raise
                 self._retry_at = time.monotonic() + self.RETRY_S
 
+    def load_state(self, key: str) -> bytes | None:
+        """The app state last committed under `key` by put(), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM app_state WHERE key=?", (key,)).fetchone()
+        return bytes(row[0]) if row else None
+
     def release(self) -> None:
         """Everything handed out and not acked is pending again (after a reconnect or ack timeout)."""
         with self._lock:
@@ -610,11 +616,6 @@ class SqliteOutbox:
 
         with self._lock:
             self._write(floor)
-
-    def load_state(self, key: str) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM app_state WHERE key=?", (key,)).fetchone()
-        return bytes(row[0]) if row else None
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The newest dead letters, newest first."""

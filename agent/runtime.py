@@ -1,10 +1,16 @@
 """Wiring: drivers -> app -> outbox -> sync. Threads, each with one job:
 
   driver-<role>  open the port, read() in a loop, put Readings on the queue; on DriverFault put the
-                 fault, close, reopen with backoff (the rest of the unit keeps running);
-  core           take Readings, run the app, group-commit its records to the outbox (commit when
+                 fault, close, reopen with backoff (the rest of the unit keeps running). After a reload
+                 it first waits for the previous unit's thread on the same port to let go of it;
+  core           take Readings, run the app, commit its records to the outbox together with the app's
+                 snapshot (one transaction): at once when the queue is idle, grouped under load (when
                  `commit_max_records` are pending or the oldest has waited `commit_interval_ms`);
   sync           the MQTT loop (agent/sync.py).
+The core never stops for a bad input or a failing commit: an app exception is counted and reported in
+one `app_error` record a minute at most; records the outbox refuses are held and retried with backoff
+while the core keeps running, and a record that fails alone while its neighbours commit is written to
+`<outbox>.unsent.jsonl`, as is whatever the final commit at stop cannot store.
 stop() returns within a few seconds: drivers stop at their next read timeout, the core flushes the
 app and commits, the sync publishes "offline" and disconnects.
 """
@@ -12,9 +18,12 @@ app and commits, the sync publishes "offline" and disconnects.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from customs_edge.agent import registry, sdnotify
@@ -23,14 +32,16 @@ from customs_edge.agent.config import UnitConfig
 from customs_edge.agent.outbox import Outbox, SqliteOutbox
 from customs_edge.agent.sync import Sync
 from customs_edge.core.errors import DriverFault
+from customs_edge.core.jsonfast import dumps
 from customs_edge.core.mqtt import Backoff
 from customs_edge.core.readings import Reading
-from customs_edge.core.records import RecordIn
+from customs_edge.core.records import Priority, RecordIn
 from customs_edge.drivers.base import Driver
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+STATE_KEY = "app"  # the outbox's app_state row holding App.snapshot()
 
 
 class _Fault:
@@ -47,16 +58,25 @@ class _Recovered:
         self.role, self.down_s = role, down_s
 
 
+def port_of(driver: Driver) -> str:
+    """What a driver holds exclusively: its port (a serial line, a socket) or, without one, its role."""
+    return str(getattr(driver.config, "port", None) or f"role:{driver.role}")
+
+
 class DriverThread(threading.Thread):
-    def __init__(self, driver: Driver, out: queue.Queue[Any], stop: threading.Event) -> None:
+    def __init__(self, driver: Driver, out: queue.Queue[Any], stop: threading.Event,
+                 after: Sequence[threading.Thread] = ()) -> None:
         super().__init__(name=f"driver-{driver.role}", daemon=True)
         self.driver, self.out, self.stop_event = driver, out, stop
+        self.after = list(after)  # threads of a previous unit still holding this driver's port
+        self.waiting_for_port = bool(after)
         self.backoff = Backoff(0.5, 30.0)
         self.down_since: float | None = None
         self.readings = 0
 
     def run(self) -> None:
         d = self.driver
+        self._await_port()
         while not self.stop_event.is_set():
             try:
                 d.open()
@@ -83,6 +103,13 @@ class DriverThread(threading.Thread):
                 self.stop_event.wait(self.backoff.next())
         self._close()
 
+    def _await_port(self) -> None:
+        """Never two masters on one line: open the port only once the old unit's thread let go of it."""
+        for t in self.after:
+            while t.is_alive() and not self.stop_event.is_set():
+                t.join(0.2)
+        self.waiting_for_port = False
+
     def _close(self) -> None:
         try:
             self.driver.close()
@@ -90,16 +117,30 @@ class DriverThread(threading.Thread):
             log.exception("driver close failed", extra={"driver": self.driver.role})
 
 
+def open_outbox(cfg: UnitConfig) -> SqliteOutbox:
+    oc = cfg.outbox
+    return SqliteOutbox(oc.path, synchronous=oc.synchronous, max_mb=oc.max_mb, max_age_days=oc.max_age_days)
+
+
+def _same_outbox_file(a: UnitConfig, b: UnitConfig) -> bool:
+    return Path(a.outbox.path).resolve() == Path(b.outbox.path).resolve()
+
+
 class Unit:
     """One configured unit. `start()`, then `stop()`; `drivers`, `app`, `outbox`, `sync` are public
     so tests, the status command and the demo can look inside."""
 
+    STATE_INTERVAL_S = 5.0  # app state changed without records: committed on its own at most this often
+    APP_ERROR_INTERVAL_S = 60.0  # at most one app_error record (and log line) per interval
+    ISOLATE_AFTER = 3  # failed commits of held records before looking for the record that fails alone
+    ISOLATE_PUTS = 64  # commits tried per isolation pass (bisection: ~2 log2(n) per bad record)
+    MAX_HELD = 100_000  # records held in memory while the outbox refuses commits; older ones go to the file
+    FINAL_ATTEMPTS = 3
+
     def __init__(self, cfg: UnitConfig, *, outbox: Outbox | None = None, app: App | None = None,
                  drivers: dict[str, Driver] | None = None) -> None:
         self.cfg = cfg
-        self.outbox: Outbox = outbox or SqliteOutbox(
-            cfg.outbox.path, synchronous=cfg.outbox.synchronous, max_mb=cfg.outbox.max_mb,
-            max_age_days=cfg.outbox.max_age_days)
+        self.outbox: Outbox = outbox or open_outbox(cfg)
         if app is None:
             app = registry.lookup("app", cfg.type)(cfg.device_id, cfg.app)
         self.app: App = app
@@ -110,37 +151,75 @@ class Unit:
         self.stop_event = threading.Event()
         self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, outbox_path=cfg.outbox.path, status=self.status_extra)
         self.committed = 0
+        self.counters = dict.fromkeys(("app_errors", "state_restored", "state_refused", "commit_failures",
+                                       "records_unsent", "records_lost"), 0)
+        self.unsent_path = Path(f"{cfg.outbox.path}.unsent.jsonl")
         self.heartbeat = time.monotonic()
         self._threads: list[threading.Thread] = []
         self._driver_threads: list[DriverThread] = []
+        self._core_thread: threading.Thread | None = None
+        self._sync_thread: threading.Thread | None = None
         self._sync_stop = threading.Event()
+        self._keep_app = False
+        self._held: list[RecordIn] = []  # records the outbox refused, retried at _retry_at
+        self._held_failures = 0
+        self._retry = Backoff(0.1, 5.0)
+        self._retry_at = 0.0
+        self._state_sent: bytes | None = None
+        self._state_due = 0.0
+        self._errors: list[RecordIn] = []  # app_error records for the core to commit
+        self._errors_unreported = 0
+        self._next_error_report = 0.0
 
-    def start(self) -> None:
-        self._driver_threads = [DriverThread(d, self.queue, self.stop_event) for d in self.drivers.values()]
-        core = threading.Thread(target=self._core, name="core", daemon=True)
-        sync = threading.Thread(target=self.sync.run, args=(self._sync_stop,), name="sync", daemon=True)
-        self._threads = [*self._driver_threads, core, sync]
+    def start(self, *, restore: bool = True, state: bytes | None = None,
+              after: Sequence[DriverThread] = ()) -> None:
+        """Start every thread. `restore`: resume the app from `state`, or by default from the state last
+        committed to the outbox. `after`: a previous unit's driver threads still running; a driver on the
+        same port opens it only once they ended."""
+        if restore:
+            self._restore(state if state is not None else self.outbox.load_state(STATE_KEY))
+        self._driver_threads = [DriverThread(d, self.queue, self.stop_event,
+                                             [t for t in after if port_of(t.driver) == port_of(d)])
+                                for d in self.drivers.values()]
+        self._core_thread = threading.Thread(target=self._core, name="core", daemon=True)
+        self._sync_thread = threading.Thread(target=self.sync.run, args=(self._sync_stop,), name="sync", daemon=True)
+        self._threads = [*self._driver_threads, self._core_thread, self._sync_thread]
         for t in self._threads:
             t.start()
         log.info("unit started", extra={"device_id": self.cfg.device_id, "type": self.cfg.type,
                                         "drivers": ",".join(self.drivers)})
 
-    def stop(self, timeout: float = 4.0) -> None:
-        deadline = time.monotonic() + timeout
+    def stop(self, timeout: float = 4.0, *, keep_app: bool = False, close_outbox: bool = True) -> list[DriverThread]:
+        """Stop the unit. `keep_app`: the app lives on in the next unit (not closed, no interim records).
+        Returns the driver threads still inside a read past the bound: they still hold their ports."""
+        start = time.monotonic()
+        deadline = start + timeout
+        self._keep_app = keep_app
         self.stop_event.set()
-        for t in self._threads:
-            if t.name != "sync":
-                t.join(max(0.1, deadline - time.monotonic() - 1.0))
+        for t in self._driver_threads:  # at their next read timeout; half the time at most
+            t.join(max(0.0, start + timeout / 2 - time.monotonic()))
+        if self._core_thread is not None:  # it drains the queue, closes the app, commits
+            self._core_thread.join(max(0.1, deadline - time.monotonic() - 1.0))
         self._sync_stop.set()
-        for t in self._threads:
-            if t.name == "sync":
-                t.join(max(0.1, deadline - time.monotonic()))
+        if self._sync_thread is not None:
+            self._sync_thread.join(max(0.1, deadline - time.monotonic()))
+        stuck = [t for t in self._driver_threads if t.is_alive()]
+        for t in stuck:
+            log.warning("driver still busy after stop: its port opens to the next unit only once it returns",
+                        extra={"driver": t.driver.role, "port": port_of(t.driver)})
         busy = [t.name for t in self._threads if t.is_alive() and not t.name.startswith("driver-")]
         if busy:  # closing under them would fail their last commit: leave the file to process exit
             log.warning("unit stopped with threads still running", extra={"threads": ",".join(busy)})
-        else:
+        elif close_outbox:
             self.outbox.close()
         log.info("unit stopped", extra={"device_id": self.cfg.device_id})
+        return stuck
+
+    def join_core(self, timeout: float) -> bool:
+        """Wait for the core thread to end; True once it has (or never started)."""
+        if self._core_thread is not None:
+            self._core_thread.join(timeout)
+        return self._core_thread is None or not self._core_thread.is_alive()
 
     # -- core -----------------------------------------------------------------------------------
     def _core(self) -> None:
@@ -156,65 +235,261 @@ class Unit:
             wait = next_tick - now
             if pending:
                 wait = min(wait, first_at + window - now)
+            if self._held:
+                wait = min(wait, self._retry_at - now)
             try:
                 item = self.queue.get(timeout=max(0.0, wait)) if not stopping else self.queue.get_nowait()
             except queue.Empty:
                 item = None
             out: list[RecordIn] = []
-            try:
-                if isinstance(item, Reading):
-                    out = app.feed(item)
-                elif isinstance(item, _Fault):
-                    out = app.on_fault(item.role, item.error)
-                elif isinstance(item, _Recovered):
-                    out = app.on_recovered(item.role, item.down_s)
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + TICK_S
-                    self.heartbeat = now
-                    out = out + app.tick(now)
-                if stopping and item is None:
-                    out = out + app.close()
-            except Exception:
-                log.exception("app failed on an input; input skipped", extra={"item": type(item).__name__})
+            if isinstance(item, Reading):
+                out = self._call(app.feed, item)
+            elif isinstance(item, _Fault):
+                out = self._call(app.on_fault, item.role, item.error)
+            elif isinstance(item, _Recovered):
+                out = self._call(app.on_recovered, item.role, item.down_s)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                self.heartbeat = now
+                out = out + self._call(app.tick, now)
+            final = stopping and item is None
+            if final and not self._keep_app:
+                out = out + self._call(app.close)
+            if self._errors:
+                out = out + self._errors
+                self._errors = []
             if out:
                 if not pending:
-                    first_at = time.monotonic()
+                    first_at = now
                 pending.extend(out)
-            if pending and (len(pending) >= oc.commit_max_records or time.monotonic() - first_at >= window
-                            or (stopping and item is None)):
+            if final:
+                self._final_commit(pending)
+                return
+            due = bool(pending) and (self.queue.empty() or len(pending) >= oc.commit_max_records
+                                     or now - first_at >= window)
+            if due and self._held and now < self._retry_at:  # the outbox is failing: join the held ones
+                self._held += pending
+                pending = []
+            elif due or (self._held and now >= self._retry_at) \
+                    or (not pending and now >= self._state_due and self.queue.empty()):  # state, never ahead
                 self._commit(pending)
                 pending = []
-            if stopping and item is None:
-                return
+
+    def _call(self, fn: Callable[..., list[RecordIn]], *args: Any) -> list[RecordIn]:
+        """Run one app method; an exception (an invalid record included) is counted and reported, and
+        the input skipped."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            first = args[0] if args else None
+            where = getattr(fn, "__name__", "app") + (
+                f":{first.source}/{first.KIND}" if isinstance(first, Reading)
+                else f":{first}" if isinstance(first, str) else "")
+            self._app_error(where, exc)
+            return []
+
+    def _app_error(self, where: str, exc: Exception) -> None:
+        self.counters["app_errors"] += 1
+        self._errors_unreported += 1
+        now = time.monotonic()
+        if now < self._next_error_report:
+            return
+        self._next_error_report = now + self.APP_ERROR_INTERVAL_S
+        n, self._errors_unreported = self._errors_unreported, 0
+        error = f"{type(exc).__name__}: {exc}"[:1000]
+        log.error("app failed on an input; input skipped (one such line a minute at most)", exc_info=exc,
+                  extra={"where": where, "errors": n, "errors_total": self.counters["app_errors"]})
+        self._errors.append(RecordIn(type="app_error", priority=Priority.REPORT, payload={
+            "where": where, "error": error, "errors": n, "errors_total": self.counters["app_errors"]}))
+
+    # -- state ----------------------------------------------------------------------------------
+    def _restore(self, blob: bytes | None) -> None:
+        if blob is None:
+            return
+        try:
+            self.app.restore(blob)
+        except Exception as exc:
+            self.counters["state_refused"] += 1
+            log.warning("saved app state ignored; the app starts fresh",
+                        extra={"app": self.cfg.type, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            return
+        self.counters["state_restored"] += 1
+        log.info("app state restored", extra={"app": self.cfg.type, "bytes": len(blob)})
+
+    def _snapshot(self) -> bytes | None:
+        """The app's snapshot if it changed since the last one committed, else None."""
+        self._state_due = time.monotonic() + self.STATE_INTERVAL_S
+        try:
+            blob = self.app.snapshot()
+        except Exception as exc:
+            self._app_error("snapshot", exc)
+            return None
+        return None if blob == self._state_sent else blob
+
+    # -- commit ---------------------------------------------------------------------------------
+    def _put(self, records: list[RecordIn], state: bytes | None) -> bool:
+        if not records and state is None:
+            return True
+        try:
+            self.outbox.put(records, state=(STATE_KEY, state) if state is not None else None)
+        except Exception as exc:  # disk full, I/O error, a record the outbox cannot take
+            self.counters["commit_failures"] += 1
+            log.warning("outbox commit failed; records held in memory for a retry",
+                        extra={"records": len(records), "error": f"{type(exc).__name__}: {exc}"[:500]})
+            return False
+        if state is not None:
+            self._state_sent = state
+        if records:
+            self.committed += len(records)
+            self.sync.wake.set()
+        return True
 
     def _commit(self, records: list[RecordIn]) -> None:
-        while True:
-            try:
-                self.outbox.put(records)
-                break
-            except Exception:  # disk full, I/O error: keep the records in memory and retry
-                log.exception("outbox commit failed; retrying", extra={"records": len(records)})
-                if self.stop_event.wait(1.0):
-                    return
-        self.committed += len(records)
-        self.sync.wake.set()
+        """Commit held and new records with the app's state in one transaction. On failure they are held
+        and retried with backoff while the core keeps running; from the ISOLATE_AFTER-th failure on, a
+        bisection commits what can be committed and sets aside a record that fails alone."""
+        batch = self._held + records
+        if self._put(batch, self._snapshot()):
+            self._held, self._held_failures = [], 0
+            self._retry.reset()
+            return
+        self._held_failures += 1
+        if self._held_failures >= self.ISOLATE_AFTER:
+            batch = self._isolate(batch)
+        if len(batch) > self.MAX_HELD:
+            self._set_aside(batch[:-self.MAX_HELD], "outbox refused commits; more records held than MAX_HELD")
+            batch = batch[-self.MAX_HELD:]
+        self._held = batch
+        self._retry_at = time.monotonic() + self._retry.next()
+
+    def _isolate(self, batch: list[RecordIn]) -> list[RecordIn]:
+        """Commit `batch` by halves (at most ISOLATE_PUTS commits); returns what is still uncommitted.
+        A record that fails alone while others commit cannot be stored: it is set aside, never retried
+        forever. If nothing commits, the outbox itself is failing: everything is kept."""
+        alone: list[RecordIn] = []
+        rest: list[RecordIn] = []
+        puts = [0]
+        committed = False
+
+        def split(chunk: list[RecordIn]) -> None:
+            nonlocal committed
+            if len(chunk) == 1:
+                alone.extend(chunk)
+                return
+            half = len(chunk) // 2
+            for part in (chunk[:half], chunk[half:]):
+                if puts[0] >= self.ISOLATE_PUTS:
+                    rest.extend(part)
+                    continue
+                puts[0] += 1
+                if self._put(part, None):
+                    committed = True
+                else:
+                    split(part)
+
+        split(batch)
+        if committed and alone:
+            self._set_aside(alone, "the outbox refuses this record while it commits its neighbours")
+            return rest
+        return alone + rest
+
+    def _final_commit(self, records: list[RecordIn]) -> None:
+        """At stop: a bounded number of attempts, then what still cannot be committed goes to the
+        fallback file, never silently away."""
+        batch = self._held + records
+        self._held = []
+        for attempt in range(self.FINAL_ATTEMPTS):
+            if attempt:
+                time.sleep(0.1 * attempt)
+            if self._put(batch, self._snapshot()):
+                return
+        left = self._isolate(batch)
+        if left:
+            self._set_aside(left, "outbox commit failed at stop")
+
+    def _set_aside(self, records: list[RecordIn], why: str) -> None:
+        """Append records to `<outbox>.unsent.jsonl` (one JSON object per line), logged at error level."""
+        extra = {"records": len(records), "file": str(self.unsent_path), "reason": why}
+        try:
+            with self.unsent_path.open("a", encoding="utf-8") as f:
+                for r in records:
+                    f.write(dumps({"device_id": self.cfg.device_id, "type": r.type, "priority": int(r.priority),
+                                   "ts": r.ts, "payload": r.payload, "reason": why}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            self.counters["records_lost"] += len(records)
+            log.error("records LOST: the outbox refused them and the fallback file cannot be written",
+                      extra={**extra, "error": str(exc)})
+            return
+        self.counters["records_unsent"] += len(records)
+        log.error("records not committed to the outbox; written to the fallback file", extra=extra)
 
     # -- status ---------------------------------------------------------------------------------
     def status_extra(self) -> dict[str, Any]:
         drivers = {}
         for t in self._driver_threads:
-            drivers[t.driver.role] = {**t.driver.stats.as_dict(), "up": t.down_since is None and t.readings > 0}
-        return {"type": self.cfg.type, "drivers": drivers, "committed_since_start": self.committed}
+            drivers[t.driver.role] = {**t.driver.stats.as_dict(), "up": t.down_since is None and t.readings > 0,
+                                      "waiting_for_port": t.waiting_for_port}
+        return {"type": self.cfg.type, "drivers": drivers, "committed_since_start": self.committed,
+                "records_held": len(self._held), "app": dict(self.counters)}
 
     def health(self) -> bool:
         return time.monotonic() - self.heartbeat < 10 and all(t.is_alive() for t in self._threads)
 
 
+def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | None = None) -> Unit:
+    """A reload: stop `old`, start a unit for `cfg`; returns the unit now running (`old`, restarted if it
+    had to be stopped, when the new config cannot start).
+
+    An unchanged app (type, device_id and `app:` section) is handed over live: not closed, no snapshot
+    round trip. A changed one is closed and the new app resumes from its final snapshot if compatible.
+    An unchanged outbox is handed over too; another file is opened before `old` stops. The new drivers
+    wait for old driver threads still holding their ports."""
+    keep_app = (cfg.type, cfg.device_id, cfg.app) == (old.cfg.type, old.cfg.device_id, old.cfg.app)
+    keep_outbox = _same_outbox_file(cfg, old.cfg) and cfg.outbox.model_dump(
+        include={"synchronous", "max_mb", "max_age_days"}) == old.cfg.outbox.model_dump(
+        include={"synchronous", "max_mb", "max_age_days"})
+    try:  # everything that may fail while `old` still runs
+        app = old.app if keep_app else registry.lookup("app", cfg.type)(cfg.device_id, cfg.app)
+        outbox: Outbox | None = old.outbox if keep_outbox else None
+        if outbox is None and not _same_outbox_file(cfg, old.cfg):
+            outbox = open_outbox(cfg)
+        new = Unit(cfg, outbox=outbox, app=app, drivers=drivers) if outbox is not None else None
+    except Exception as exc:
+        log.error("config reload refused: the new config cannot start; the running config stays",
+                  extra={"error": repr(exc)})
+        return old
+    stuck = old.stop(keep_app=keep_app, close_outbox=not keep_outbox)
+    while not old.join_core(5.0):  # the app may move to the new unit only once the old core let go of it
+        log.error("reload waits for the old unit's core thread to finish its last commit")
+    state = None if keep_app else _final_snapshot(old.app)
+    if new is None:  # the same file with other settings: it can only be reopened after the stop
+        try:
+            new = Unit(cfg, app=app, drivers=drivers)
+        except Exception as exc:
+            log.error("config reload refused: the new config cannot start; the running config is restarted",
+                      extra={"error": repr(exc)})
+            new, keep_app, cfg = Unit(old.cfg, app=old.app), True, old.cfg
+    new.start(restore=not keep_app, state=state, after=stuck)
+    log.info("config reloaded", extra={"device_id": cfg.device_id, "app_kept": keep_app})
+    return new
+
+
+def _final_snapshot(app: App) -> bytes | None:
+    try:
+        return app.snapshot()
+    except Exception as exc:
+        log.error("app snapshot failed; the new app resumes from the last committed state",
+                  extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
+        return None
+
+
 def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
                 reload: threading.Event | None = None) -> None:
     """Run a unit until `stop`; on `reload`, re-read config_path: a bad file is refused and the old
-    config keeps running; a good one replaces the running unit."""
+    config keeps running; a good one replaces the running unit (replace_unit)."""
     from customs_edge.agent.config import load_unit_config
     from customs_edge.core.errors import ConfigError
 
@@ -234,18 +509,8 @@ def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
                               extra={"problems": " | ".join(exc.problems), "file": exc.source})
                     continue
                 sdnotify.notify("RELOADING=1")
-                try:
-                    replacement = Unit(new)  # opens the outbox, loads the app's models: may fail
-                except Exception as exc:
-                    log.error("config reload refused: the new config cannot start; the running config stays",
-                              extra={"file": config_path, "error": repr(exc)})
-                    sdnotify.notify("READY=1")
-                    continue
-                unit.stop()
-                unit = replacement
-                unit.start()
+                unit = replace_unit(unit, new)
                 sdnotify.notify("READY=1")
-                log.info("config reloaded", extra={"file": config_path})
     finally:
         sdnotify.notify("STOPPING=1")
         unit.stop()

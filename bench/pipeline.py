@@ -11,6 +11,10 @@ reading at a steady 200 readings/s. Measures in one run:
   records_per_s           records hub-acknowledged (stored with synchronous=FULL, ack received) per s
   baseline_records_per_s  raw SQLite executemany of the same records, 1,000 per transaction, FULL
   ratio                   records_per_s / baseline_records_per_s
+  latency_p50/p99_ms_at_200  reading created -> record durable in the outbox (FULL commit returned),
+                          at 200 records/s: the runtime's own part (the core commits at once when
+                          its queue is idle, groups only under load)
+  baseline_latency_p50/p99_ms_at_200  raw SQLite: one INSERT + COMMIT (WAL, FULL) every 5 ms
   latency_p50_ms/p99_ms   reading created -> hub ack received by the agent, at 200 records/s
   agent_rss_mb            the agent process's RSS after the run
   parser_frames_per_s     the Toledo continuous-output parser alone (a real scale sends ~50 frames/s)
@@ -104,6 +108,8 @@ def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[s
     from customs_edge.agent.outbox import SqliteOutbox
     from customs_edge.agent.runtime import Unit
 
+    durable: list[float] = []  # reading created -> committed, at the steady rate
+
     def unit_for(name: str, limit: int, rate: float, burst: int) -> tuple[Unit, list[float]]:
         cfg = parse_unit_config({"device_id": f"bench-{name}", "type": "scale",
                                  "drivers": {"scale": {"driver": "toledo-continuous", "port": "unused"}},
@@ -115,10 +121,12 @@ def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[s
             created: dict[int, float] = {}
             real_put, real_ack = outbox.put, outbox.ack
 
-            def put(recs: Any) -> range:
-                seqs = real_put(recs)
+            def put(recs: Any, state: Any = None) -> range:
+                seqs = real_put(recs, state)
+                now = time.monotonic()
                 for s, r in zip(seqs, recs, strict=True):
                     created[s] = r.payload["created"]
+                    durable.append(now - r.payload["created"])
                 return seqs
 
             def ack(ranges: Any) -> int:
@@ -154,27 +162,53 @@ def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[s
         time.sleep(0.05)
     unit.stop()
     result.update(latency_p50_ms=percentile(lat, 50) * 1000, latency_p99_ms=percentile(lat, 99) * 1000,
-                  latency_samples=len(lat), agent_rss_mb=rss_mb())
+                  latency_samples=len(lat), latency_p50_ms_at_200=percentile(durable, 50) * 1000,
+                  latency_p99_ms_at_200=percentile(durable, 99) * 1000, agent_rss_mb=rss_mb())
     return result
 
 
-def sqlite_baseline(work: Path, n: int, synchronous: str = "FULL", batch: int = 1000) -> float:
-    """Records/s for the raw floor of the agent's work: executemany into a WAL file, one commit per batch."""
-    db = sqlite3.connect(work / f"baseline-{synchronous}-{batch}.db", isolation_level=None)
+INSERT = "INSERT INTO r (ts, boot, mono, type, prio, payload) VALUES (?,?,?,?,?,?)"
+
+
+def raw_table(path: Path, synchronous: str) -> tuple[sqlite3.Connection, tuple[Any, ...]]:
+    """A bare WAL file with the outbox's columns, and one row of the benchmark's record to insert."""
+    db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
     db.execute("CREATE TABLE r (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, boot TEXT, mono REAL, type TEXT,"
                " prio INTEGER, payload TEXT)")
-    row = (time.time(), "boot", 1.0, "bench", 1, json.dumps(PAYLOAD, separators=(",", ":")))
+    return db, (time.time(), "boot", 1.0, "bench", 1, json.dumps(PAYLOAD, separators=(",", ":")))
+
+
+def sqlite_baseline(work: Path, n: int, synchronous: str = "FULL", batch: int = 1000) -> float:
+    """Records/s for the raw floor of the agent's work: executemany into a WAL file, one commit per batch."""
+    db, row = raw_table(work / f"baseline-{synchronous}-{batch}.db", synchronous)
     t0 = time.perf_counter()
     for i in range(0, n, batch):
         db.execute("BEGIN")
-        db.executemany("INSERT INTO r (ts, boot, mono, type, prio, payload) VALUES (?,?,?,?,?,?)",
-                       [row] * min(batch, n - i))
+        db.executemany(INSERT, [row] * min(batch, n - i))
         db.execute("COMMIT")
     rate = n / (time.perf_counter() - t0)
     db.close()
     return rate
+
+
+def commit_latency_baseline(work: Path, seconds: float, rate: float = 200.0) -> list[float]:
+    """Seconds per raw one-record INSERT + COMMIT (WAL, FULL), one every 1/rate s: the floor of the
+    runtime's commit latency at that rate."""
+    db, row = raw_table(work / "baseline-latency.db", "FULL")
+    out: list[float] = []
+    due = time.monotonic()
+    for _ in range(int(seconds * rate)):
+        due += 1.0 / rate
+        t0 = time.monotonic()
+        db.execute("BEGIN")
+        db.execute(INSERT, row)
+        db.execute("COMMIT")
+        out.append(time.monotonic() - t0)
+        time.sleep(max(0.0, due - time.monotonic()))
+    db.close()
+    return out
 
 
 def outbox_rates(work: Path) -> dict[str, float]:
@@ -229,6 +263,7 @@ def main() -> None:
     say(f"work dir {work}; {os.cpu_count()} cores")
     baseline = sqlite_baseline(work, args.records)
     say(f"raw SQLite baseline (executemany, 1,000/transaction, FULL): {baseline:,.0f} records/s")
+    commit_lat = commit_latency_baseline(work, min(args.latency_seconds, 5.0))
     with Mosquitto(work / "broker", persistence=False) as mq:
         hub = subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--db", str(work / "hub.db"),
                                 "--port", str(mq.port), "--client-id", "bench-hub", "--log-level", "WARNING"])
@@ -251,6 +286,10 @@ def main() -> None:
         "records_per_s": round(res["records_per_s"]),
         "baseline_records_per_s": round(baseline),
         "ratio": round(res["records_per_s"] / baseline, 3),
+        "latency_p50_ms_at_200": round(res["latency_p50_ms_at_200"], 2),
+        "latency_p99_ms_at_200": round(res["latency_p99_ms_at_200"], 2),
+        "baseline_latency_p50_ms_at_200": round(percentile(commit_lat, 50) * 1000, 2),
+        "baseline_latency_p99_ms_at_200": round(percentile(commit_lat, 99) * 1000, 2),
         "latency_p50_ms": round(res["latency_p50_ms"], 2),
         "latency_p99_ms": round(res["latency_p99_ms"], 2),
         "agent_rss_mb": round(res["agent_rss_mb"], 1),

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Priority(IntEnum):
@@ -24,12 +26,53 @@ Scalar = float | int | str | bool | None
 
 
 class RecordIn(BaseModel):
-    """What an app hands to the outbox. The outbox adds identity: device_id, seq, boot_id."""
+    """What an app hands to the outbox. The outbox adds identity: device_id, seq, boot_id.
+
+    Checked where it is made: `ts` and every number anywhere in `payload` must be finite (NaN or
+    infinity can be neither ordered, stored NOT NULL, nor encoded as JSON); a ValueError names the field."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     type: str
     priority: Priority = Priority.EVENT
     ts: float = Field(default_factory=time.time)
     payload: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("payload")
+    @classmethod
+    def _finite_payload(cls, payload: dict[str, Any]) -> dict[str, Any]:
+        where = _non_finite(payload, "payload")
+        if where is not None:
+            raise ValueError(f"{where} is not a finite number: records carry finite numbers only"
+                             " (use None for a missing value)")
+        return payload
+
+
+_PLAIN = (str, int, bool, type(None))
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinity inside value (dicts, lists, tuples, numpy), or None."""
+    if isinstance(value, dict):
+        items: Any = value.items()
+        step = "{}.{}"
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+        step = "{}[{}]"
+    elif isinstance(value, float | np.floating):
+        return None if math.isfinite(value) else path
+    elif isinstance(value, np.ndarray) and value.dtype.kind in "fc" and not np.isfinite(value).all():
+        return f"{path}[{np.flatnonzero(~np.isfinite(value))[0]}]"
+    else:
+        return None
+    for k, v in items:
+        kind = type(v)
+        if kind is float:  # the common case, checked inline
+            if not math.isfinite(v):
+                return step.format(path, k)
+        elif kind not in _PLAIN and (where := _non_finite(v, step.format(path, k))) is not None:
+            return where
+    return None
 
 
 class Record(BaseModel):

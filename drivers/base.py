@@ -99,15 +99,22 @@ class Driver(ABC):
 
 
 def open_serial(cfg: SerialPortConfig) -> serial.SerialBase:
-    """Open any pyserial URL with the configured line settings; DriverFault if it cannot be opened."""
+    """Open any pyserial URL with the configured line settings; DriverFault if it cannot be opened.
+
+    Local devices (a path, or spy:// around one) are opened exclusively (flock): a second opener, in
+    this process or another, is refused instead of becoming a second master on the line. socket://
+    and loop:// ignore the flag."""
     try:
         return serial.serial_for_url(
             cfg.port, baudrate=cfg.baudrate, bytesize=cfg.bytesize, parity=cfg.parity,
             stopbits=cfg.stopbits, timeout=cfg.read_timeout_s, write_timeout=cfg.read_timeout_s,
+            exclusive=True,
         )
     except (serial.SerialException, OSError, ValueError, termios.error) as exc:
         # termios.error is not an OSError: a pty refusing a line setting (e.g. parity) raises it
-        raise DriverFault(f"cannot open {cfg.port}: {exc}") from exc
+        held = " (another driver or process has the port open: one master per line)" \
+            if "exclusively lock" in str(exc) else ""
+        raise DriverFault(f"cannot open {cfg.port}: {exc}{held}") from exc
 
 
 def poll_due(due: float, interval: float, max_wait: float) -> float | None:

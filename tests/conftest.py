@@ -145,3 +145,37 @@ def analysis_reading(counts: Any, *, seq: int, tonnes: float, status: str = "OK"
     extra = {} if mono is None else {"mono": mono}
     return Analysis(source="analyser", seq=seq, status=status, analysed_at=time.time(), interval_s=60.0,
                     tonnes=tonnes, assay=Assay(**assay), spectrum=Spectrum(counts, 60.0, 3.0), **extra)
+
+
+def script_driver(role: str, steps: list[Any]) -> Any:
+    """A Driver that yields each of `steps` (typed readings) in turn, stamped with the monotonic time it
+    is read, then nothing; `.done` is set once every step was read. In place of an instrument when a test
+    needs exact inputs through the production runtime."""
+    from dataclasses import replace
+
+    from customs_edge.core.readings import Reading
+    from customs_edge.drivers.base import Driver, DriverConfig
+
+    class Script(Driver):
+        Config = DriverConfig
+
+        def __init__(self) -> None:
+            super().__init__(role, DriverConfig(driver="script"))
+            self.steps = list(steps)
+            self.done = threading.Event()
+
+        def open(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        def read(self) -> Reading | None:
+            if self.steps:
+                step: Reading = self.steps.pop(0)
+                return replace(step, mono=time.monotonic())
+            self.done.set()
+            time.sleep(0.02)
+            return None
+
+    return Script()

@@ -76,9 +76,9 @@ class Capture(SqliteOutbox):
         super().__init__(path, synchronous="NORMAL")
         self.seen: list[RecordIn] = []
 
-    def put(self, records: Any) -> range:
+    def put(self, records: Any, state: Any = None) -> range:
         self.seen.extend(records)
-        return super().put(records)
+        return super().put(records, state)
 
     def of(self, type_: str) -> list[RecordIn]:
         return [r for r in list(self.seen) if r.type == type_]

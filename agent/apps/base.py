@@ -8,10 +8,17 @@ The runtime calls, from one thread only:
 Each returns the records to commit. `CONSUMES` declares, per driver role, the reading types the app
 takes; `check_drivers` refuses a config whose drivers do not produce them (by type, not by driver name),
 with a message naming the role, the driver, what it produces and what the app needs.
+
+State that survives a restart, a reload and a power cut: after producing records the runtime calls
+`snapshot()` and commits the blob in the same transaction as those records; a new process calls
+`restore(blob)` before the first input. The blob is versioned JSON (`pack_state`/`unpack_state`): a
+blob of another app or another STATE_VERSION raises StateMismatch, which the runtime logs and counts
+while the app starts fresh. Apps without state keep the defaults (None / nothing to restore).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -40,10 +47,15 @@ class Role:
         self.types, self.optional = types, optional
 
 
+class StateMismatch(ValueError):
+    """A state blob this app cannot resume from (another app, another version, not a state blob)."""
+
+
 class App:
     Config: ClassVar[type[BaseModel]] = AppConfig
     # role name -> the reading types the app takes from that role's driver; checked by the config loader
     CONSUMES: ClassVar[dict[str, Role]] = {}
+    STATE_VERSION: ClassVar[int] = 1  # bump when snapshot()'s content changes meaning: older blobs are ignored
 
     def __init__(self, device_id: str, config: Any) -> None:
         self.device_id = device_id
@@ -85,6 +97,33 @@ class App:
     def close(self) -> list[RecordIn]:
         return []
 
+    # --- state that survives restarts -----------------------------------------------------------
+    def snapshot(self) -> bytes | None:
+        """The state to resume from after a restart, or None (nothing worth keeping)."""
+        return None
+
+    def restore(self, blob: bytes) -> None:
+        """Resume from a snapshot() blob; raise StateMismatch (changing nothing) if it does not fit."""
+
+    def pack_state(self, state: dict[str, Any]) -> bytes:
+        """A snapshot blob: `state` (finite numbers only) tagged with the app's class and STATE_VERSION."""
+        return json.dumps({"app": type(self).__name__, "version": self.STATE_VERSION, "state": state},
+                          separators=(",", ":"), allow_nan=False).encode()
+
+    def unpack_state(self, blob: bytes) -> dict[str, Any]:
+        """The state dict of a pack_state() blob of this app and version; StateMismatch otherwise."""
+        want = f"{type(self).__name__} version {self.STATE_VERSION}"
+        try:
+            doc = json.loads(blob)
+        except ValueError as exc:
+            raise StateMismatch(f"not a state blob ({exc}); expected {want}") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+            raise StateMismatch(f"not a state blob; expected {want}")
+        got = f"{doc.get('app')} version {doc.get('version')}"
+        if got != want:
+            raise StateMismatch(f"state of {got}; this app is {want}")
+        state: dict[str, Any] = doc["state"]
+        return state
 
 def _fitting(names: list[str]) -> str:
     return f" (drivers that do: {', '.join(names)})" if names else ""

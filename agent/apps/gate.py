@@ -194,6 +194,27 @@ class GateApp(App):
             out.append(self._summary(time.monotonic()))
         return out
 
+    # --- state that survives restarts (see App.snapshot); tracks in flight are dropped ---------------
+    def snapshot(self) -> bytes | None:
+        start = self._window_start
+        return self.pack_state({
+            "totals": self.totals, "window": self._w, "estimates": self._w_estimates, "dead_pixels": self._w_dead,
+            "ambient_c": self._w_ambient, "fragments": self.tracker.fragments - self._frag0,
+            "fixtures": self.tracker.fixtures - self._fix0,
+            "window_age_s": None if start is None else time.monotonic() - start})
+
+    def restore(self, blob: bytes) -> None:
+        s = self.unpack_state(blob)
+        totals = {k: int(s["totals"].get(k, 0)) for k in self.totals}
+        window = {k: int(s["window"].get(k, 0)) for k in self._w}
+        estimates = [float(x) for x in s["estimates"]]
+        age, ambient = s["window_age_s"], s["ambient_c"]
+        values = (totals, window, estimates, int(s["dead_pixels"]), None if ambient is None else float(ambient),
+                  self.tracker.fragments - int(s["fragments"]), self.tracker.fixtures - int(s["fixtures"]),
+                  None if age is None else time.monotonic() - float(age))
+        (self.totals, self._w, self._w_estimates, self._w_dead, self._w_ambient, self._frag0, self._fix0,
+         self._window_start) = values
+
 
 def thumbnail(frame: np.ndarray, width: int) -> dict[str, object]:
     """A small thermal image: `width` columns, °C x 10 as integers, row-major."""

@@ -467,3 +467,35 @@ class OreStationApp(App):
             out.append(self._summary(self._interval, time.monotonic()))
             self._interval = None
         return out + self._close_lot(final=False)
+
+    # --- state that survives restarts (see App.snapshot): the open lot and the inputs' edges ----------
+    # (the ore_interval telemetry starts a new interval after a restart)
+    def snapshot(self) -> bytes | None:
+        from dataclasses import asdict
+
+        return self.pack_state({
+            "lot": asdict(self.lot) if self.lot else None, "lots_closed": self.lots_closed,
+            "last_total": self._last_total, "rate": self._rate, "gamma_alarm": self._gamma_alarm,
+            "metal": self._metal, "disagree_run": self._disagree_run, "down": sorted(self._down),
+            "bench": self.bench.state()})
+
+    def restore(self, blob: bytes) -> None:
+        s = self.unpack_state(blob)
+
+        def part(d: dict[str, Any]) -> Part:
+            kw: dict[str, Any] = {k: Series(**v) if isinstance(v, dict) else v for k, v in d.items()}
+            return Part(**kw)
+
+        def opt(key: str) -> float | None:
+            return None if s[key] is None else float(s[key])
+
+        d = s["lot"]
+        lot = None if d is None else Lot(
+            int(d["lot_no"]), str(d["lot_id"]), float(d["opened"]), part(d["whole"]),
+            {int(h): part(p) for h, p in d["sublots"].items()}, int(d["hold_no"]))
+        values = (lot, int(s["lots_closed"]), opt("last_total"), float(s["rate"]),
+                  bool(s["gamma_alarm"]), bool(s["metal"]),
+                  int(s["disagree_run"]), {(str(a), str(b)) for a, b in s["down"]})
+        self.bench.load(s["bench"])
+        (self.lot, self.lots_closed, self._last_total, self._rate, self._gamma_alarm, self._metal,
+         self._disagree_run, self._down) = values

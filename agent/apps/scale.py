@@ -93,3 +93,32 @@ class ScaleApp(App):
 
         rec = self._summary(time.monotonic())
         return [rec] if rec else []
+
+    # --- state that survives restarts (see App.snapshot) -----------------------------------------
+    def snapshot(self) -> bytes | None:
+        import time
+
+        start, k = self._window_start, self._weights
+        return self.pack_state({
+            "settle": self.settle.state(), "window_age_s": None if start is None else time.monotonic() - start,
+            "frames": self._n, "weights": k, "motion": self._motion, "out_of_range": self._oor,
+            "no_weight": self._none, "sum": self._sum, "min": self._min if k else None,
+            "max": self._max if k else None, "weighings": self._weighings, "unit": self._unit})
+
+    def restore(self, blob: bytes) -> None:
+        import time
+
+        from customs_edge.agent.apps.base import StateMismatch
+
+        s = self.unpack_state(blob)
+        try:
+            age, k = s["window_age_s"], int(s["weights"])
+            values = (None if age is None else time.monotonic() - float(age), int(s["frames"]), k,
+                      int(s["motion"]), int(s["out_of_range"]), int(s["no_weight"]), float(s["sum"]),
+                      float(s["min"]) if k else float("inf"), float(s["max"]) if k else float("-inf"),
+                      int(s["weighings"]), str(s["unit"]))
+            self.settle.load(s["settle"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateMismatch(f"scale state: {exc!r}") from exc
+        (self._window_start, self._n, self._weights, self._motion, self._oor, self._none, self._sum,
+         self._min, self._max, self._weighings, self._unit) = values

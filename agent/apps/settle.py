@@ -21,6 +21,8 @@ A power-up zero not captured (`not_zeroed`) does not stop a weighing; the apps p
 
 from __future__ import annotations
 
+from typing import Any
+
 from customs_edge.core.readings import Weight
 
 
@@ -33,6 +35,17 @@ class Settle:
         self.first = 0.0  # the run's first weight
         self.last: float | None = None  # the last reported weighing
         self.unit: str | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What an app's snapshot keeps of the settle run (see App.snapshot)."""
+        return {"run": self.run, "first": self.first, "last": self.last, "unit": self.unit}
+
+    def load(self, s: dict[str, Any]) -> None:
+        """Resume from state(); a KeyError or ValueError leaves the run as it was."""
+        run, first = int(s["run"]), float(s["first"])
+        last = None if s["last"] is None else float(s["last"])
+        unit = None if s["unit"] is None else str(s["unit"])
+        self.run, self.first, self.last, self.unit = run, first, last, unit
 
     def feed(self, w: Weight) -> Weight | None:
         """The reading that completes a new settled weighing, else None."""
