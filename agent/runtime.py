@@ -41,6 +41,7 @@ from customs_edge.drivers.base import Driver
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+WATCH_S = 5.0  # how often the core looks for outbox problems the hub must hear of
 STATE_KEY = "app"  # the outbox's app_state row holding App.snapshot()
 
 
@@ -119,7 +120,8 @@ class DriverThread(threading.Thread):
 
 def open_outbox(cfg: UnitConfig) -> SqliteOutbox:
     oc = cfg.outbox
-    return SqliteOutbox(oc.path, synchronous=oc.synchronous, max_mb=oc.max_mb, max_age_days=oc.max_age_days)
+    return SqliteOutbox(oc.path, synchronous=oc.synchronous, max_mb=oc.max_mb, max_age_days=oc.max_age_days,
+                        device_id=cfg.device_id)
 
 
 def _same_outbox_file(a: UnitConfig, b: UnitConfig) -> bool:
@@ -168,6 +170,9 @@ class Unit:
         self._state_sent: bytes | None = None
         self._state_due = 0.0
         self._errors: list[RecordIn] = []  # app_error records for the core to commit
+        self._watch_due = 0.0
+        self._file_problem: str | None = None
+        self._dead_seen: dict[str, int] | None = None  # dead letters counted so far, per reason
         self._errors_unreported = 0
         self._next_error_report = 0.0
 
@@ -253,6 +258,9 @@ class Unit:
                 next_tick = now + TICK_S
                 self.heartbeat = now
                 out = out + self._call(app.tick, now)
+            if now >= self._watch_due:
+                self._watch_due = now + WATCH_S
+                out = out + self._watch_outbox()
             final = stopping and item is None
             if final and not self._keep_app:
                 out = out + self._call(app.close)
@@ -275,6 +283,29 @@ class Unit:
                     or (not pending and now >= self._state_due and self.queue.empty()):  # state, never ahead
                 self._commit(pending)
                 pending = []
+
+    def _watch_outbox(self) -> list[RecordIn]:
+        """ALERT records for what the outbox says went wrong: its file deleted or replaced under the unit
+        (what it holds is still sent through the open file, but is gone at the next start), and records set
+        aside as dead letters since the last look (the ones counted before this start were reported then)."""
+        try:
+            problem = self.outbox.check_file()
+            dead = dict(self.outbox.stats().dead_letters)
+        except Exception as exc:  # the outbox's own failures are handled where it is written
+            log.warning("outbox check failed", extra={"error": repr(exc)})
+            return []
+        out: list[RecordIn] = []
+        if problem and problem != self._file_problem:
+            log.error("outbox file problem", extra={"problem": problem, "path": self.cfg.outbox.path})
+            out.append(RecordIn(type="outbox_alert", priority=Priority.ALERT,
+                                payload={"problem": problem, "path": str(self.cfg.outbox.path)}))
+        self._file_problem = problem
+        seen, self._dead_seen = self._dead_seen, dead
+        new = {k: n - (seen or {}).get(k, 0) for k, n in dead.items() if n > (seen or {}).get(k, 0)}
+        if seen is not None and new:
+            log.warning("records set aside as dead letters", extra={"new": new})
+            out.append(RecordIn(type="dead_letters", priority=Priority.ALERT, payload={"new": new, "total": dead}))
+        return out
 
     def _call(self, fn: Callable[..., list[RecordIn]], *args: Any) -> list[RecordIn]:
         """Run one app method; an exception (an invalid record included) is counted and reported, and

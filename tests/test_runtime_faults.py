@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from customs_edge.agent import runtime
 from customs_edge.agent.apps.base import App
 from customs_edge.agent.config import parse_unit_config
 from customs_edge.agent.outbox import SqliteOutbox
@@ -186,6 +187,47 @@ def pty_path() -> Any:
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_an_outbox_file_deleted_under_the_unit_and_new_dead_letters_raise_alerts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outbox notices; the runtime must tell the hub: one ALERT per new file problem, and one per batch
+    of records newly set aside as dead letters (not for those counted before the unit started)."""
+    monkeypatch.setattr(runtime, "WATCH_S", 0.05)
+    watches = Counter[str]()
+    real_watch = Unit._watch_outbox
+
+    def counted(self: Unit) -> list[RecordIn]:
+        watches["n"] += 1
+        return real_watch(self)
+
+    monkeypatch.setattr(Unit, "_watch_outbox", counted)
+    outbox = SqliteOutbox(tmp_path / "agent" / "outbox.db")
+    outbox.put([RecordIn(type="old")])
+    outbox.reject([(1, 1)], "before this start")
+    unit, _ = echo_unit(tmp_path, steps(*[("ok", i, None) for i in range(3)]), outbox)
+    try:
+        wait_for(lambda: unit.committed >= 3, 10, "three records committed")
+        outbox.reject([(2, 2)], "rejected by the hub")
+        Path(tmp_path / "agent" / "outbox.db").unlink()
+
+        def alerts() -> list[tuple[str, dict[str, Any]]]:
+            return [(r.type, json.loads(r.payload)) for r in outbox.begin(10_000) if r.priority == 3]
+
+        def both() -> list[tuple[str, dict[str, Any]]]:
+            outbox.release()
+            got = alerts()
+            return got if {t for t, _ in got} == {"outbox_alert", "dead_letters"} else []
+
+        got = dict(wait_for(both, 10, "an outbox_alert and a dead_letters alert"))
+        seen = watches["n"]
+        wait_for(lambda: watches["n"] >= seen + 5, 10, "five more looks")  # a problem still there: no new alert
+        outbox.release()
+        assert sorted(t for t, _ in alerts()) == ["dead_letters", "outbox_alert"]
+    finally:
+        unit.stop()
+    assert "deleted" in got["outbox_alert"]["problem"] or "replaced" in got["outbox_alert"]["problem"]
+    assert got["dead_letters"]["new"] == {"rejected by the hub": 1}
 
 
 def test_a_serial_port_is_opened_exclusively(pty_path: str) -> None:
