@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from customs_edge.agent import registry
 from customs_edge.core.errors import ConfigError
@@ -287,26 +288,57 @@ def _unwrap(tp: Any) -> Any:
 
 
 def unit_schema() -> dict[str, Any]:
-    """JSON Schema of a unit file, with every registered driver's and app's own section."""
-    defs: dict[str, Any] = {}
-    schema = UnitConfig.model_json_schema()
-    schema.setdefault("$defs", {})
-    for name in registry.driver_names():
-        try:
-            cls = registry.lookup("driver", name)
-        except (ImportError, AttributeError):
-            continue
-        defs[name] = cls.Config.model_json_schema()
-    apps: dict[str, Any] = {}
-    for name in registry.app_names():
-        try:
-            apps[name] = registry.lookup("app", name).Config.model_json_schema()
-        except (ImportError, AttributeError):
-            continue
-    schema["properties"]["drivers"] = {
-        "type": "object",
-        "description": "role name -> driver section; `driver` picks the schema",
-        "additionalProperties": {"oneOf": list(defs.values())},
-    }
-    schema["properties"]["app"] = {"description": "section of the unit's type", "oneOf": list(apps.values())}
+    """JSON Schema (2020-12) of a unit file, self-contained: every sub-schema is in the root's $defs, a
+    driver section is checked against the schema its `driver` names, and `app` against the unit's `type`."""
+    drivers, apps = _configs("driver", registry.driver_names()), _configs("app", registry.app_names())
+    models: list[type[BaseModel]] = [UnitConfig, *drivers.values(), *apps.values()]
+    refs, top = models_json_schema([(m, "validation") for m in models], ref_template="#/$defs/{model}")
+    defs = top["$defs"]
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        return refs[(model, "validation")]
+
+    def pick(key: str, name: str, then: dict[str, Any]) -> dict[str, Any]:
+        return {"if": {"properties": {key: {"const": name}}, "required": [key]}, "then": then}
+
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+              **defs.pop(ref(UnitConfig)["$ref"].rsplit("/", 1)[1])}
+    props = schema["properties"]
+    props["type"]["enum"] = list(apps)
+    props["drivers"] = {
+        "type": "object", "description": "role name -> driver section; `driver` picks the schema",
+        "additionalProperties": {"type": "object", "required": ["driver"],
+                                 "properties": {"driver": {"enum": list(drivers)}},
+                                 "allOf": [pick("driver", n, ref(m)) for n, m in drivers.items()]}}
+    props["app"] = {"type": "object", "description": "the section of the unit's `type`"}
+    schema["allOf"] = [pick("type", n, {"properties": {"app": ref(m)}}) for n, m in apps.items()]
+    schema["$defs"] = _reachable(schema, defs)
     return schema
+
+
+def _configs(kind: str, names: list[str]) -> dict[str, type[BaseModel]]:
+    """name -> Config model of every registered driver or app that can be imported."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = registry.lookup(kind, name).Config
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+def _reachable(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """The $defs that `schema` refers to, directly or through other $defs."""
+    keep: dict[str, Any] = {}
+    todo: list[Any] = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            name = str(node.get("$ref", "")).removeprefix("#/$defs/")
+            if name in defs and name not in keep:
+                keep[name] = defs[name]
+                todo.append(defs[name])
+            todo += [v for k, v in node.items() if k != "$defs"]
+        elif isinstance(node, list):
+            todo += node
+    return keep

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -116,14 +117,65 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     assert f"{bad}: invalid config" in res.stderr and "sync.prot: unknown key (did you mean 'port'?)" in res.stderr
 
 
-def test_cli_schema_covers_driver_sections() -> None:
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
     res = cli("config", "schema")
-    assert res.returncode == 0
-    schema = json.loads(res.stdout)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def schema_errors(schema: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(raw)]
+
+
+def test_schema_is_self_contained(schema: dict[str, Any]) -> None:
+    """Every $ref is a pointer into the document itself, and points at something."""
+    refs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            refs.extend([node["$ref"]] if "$ref" in node else [])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    for ref in refs:
+        assert ref.startswith("#/"), ref
+        target: Any = schema
+        for part in ref[2:].split("/"):
+            assert isinstance(target, dict) and part in target, f"{ref} points nowhere"
+            target = target[part]
+    assert len(refs) > 10  # the driver and app sections too
+    titles = {d.get("title") for d in schema["$defs"].values()}
+    assert {"ToledoConfig", "ModbusRtuConfig", "SlaveConfig", "PointConfig", "OreAppConfig", "OrePoints"} <= titles
     assert schema["additionalProperties"] is False
-    drivers = schema["properties"]["drivers"]["additionalProperties"]["oneOf"]
-    titles = {d.get("title") for d in drivers}
-    assert "ToledoConfig" in titles
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate_against_the_schema(schema: dict[str, Any], path: Path) -> None:
+    jsonschema.Draft202012Validator.check_schema(schema)
+    raw = yaml.safe_load(path.read_text())
+    assert schema_errors(schema, raw) == []
+    raw["app"] = {}  # every app key has a default: an empty section is that type's app, and only that one
+    assert schema_errors(schema, raw) == []
+
+
+def test_schema_picks_the_app_by_type_and_the_driver_by_name(schema: dict[str, Any]) -> None:
+    gate = yaml.safe_load((REPO / "configs" / "gate.yaml").read_text())
+    gate["app"]["increment_t"] = 25  # an ore-station key
+    (err,) = schema_errors(schema, gate)
+    assert err.startswith("app: Additional properties are not allowed ('increment_t' was unexpected)")
+    gate = yaml.safe_load((REPO / "configs" / "gate.yaml").read_text())
+    gate["drivers"]["passage"]["slaves"] = []  # a modbus-rtu key on a passage sensor
+    (err,) = schema_errors(schema, gate)
+    assert err.startswith("drivers.passage: Additional properties are not allowed ('slaves' was unexpected)")
+    gate["drivers"]["passage"] = {"driver": "pasage", "port": "/dev/ttyUSB1"}
+    gate["type"] = "gates"
+    assert {e.split(":")[0] for e in schema_errors(schema, gate)} == {"drivers.passage.driver", "type"}
 
 
 def test_values_that_validate_but_cannot_work_are_refused(tmp_path: Path) -> None:
