@@ -304,26 +304,16 @@ def test_cli_validate_refuses_without_a_traceback(tmp_path: Path, content: str) 
 
 def test_reload_to_an_unloadable_file_keeps_the_agent_running(tmp_path: Path) -> None:
     """SIGHUP with a file nested 1,000 deep: the refusal is logged and the running unit carries on."""
-    import signal
-
     from customs_edge.hub.brokers import free_port
     from customs_edge.simulators.base import Endpoints
     from customs_edge.simulators.scale import ScaleSim, ScaleWorld
     from tests.conftest import unit_dict, wait_for
-    from tests.fleet import AgentProc, outbox_state
+    from tests.fleet import AgentProc, assert_reload_refused, outbox_state
 
     with Endpoints(ScaleSim(ScaleWorld(seed=2, cycle_s=1.0), rate_hz=50)) as urls:
         agent = AgentProc(unit_dict(tmp_path, urls["socket"], free_port()), tmp_path).start()  # no broker
         try:
-            ob = Path(agent.cfg["outbox"]["path"])
-            wait_for(lambda: outbox_state(ob)[0] > 5, 30, "records")
-            agent.path.write_text(deep_flow(1000))
-            assert agent.proc is not None
-            agent.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: "config reload refused" in agent.log_text(), 30, "the refusal in the log")
-            assert "nested deeper than 32 levels" in agent.log_text()
-            n = outbox_state(ob)[0]
-            wait_for(lambda: outbox_state(ob)[0] > n + 10, 30, "records to keep coming after the refused reload")
-            assert agent.proc.poll() is None and "Traceback" not in agent.log_text()
+            wait_for(lambda: outbox_state(Path(agent.cfg["outbox"]["path"]))[0] > 5, 30, "records")
+            assert_reload_refused(agent, deep_flow(1000), "nested deeper than 32 levels")
         finally:
             agent.terminate()
