@@ -9,6 +9,7 @@ the file, the dotted path to the bad key, what was expected, and a did-you-mean 
 
 from __future__ import annotations
 
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from customs_edge.agent import registry
 from customs_edge.core.errors import ConfigError
@@ -84,23 +86,119 @@ class _DriverName(BaseModel):
 _Frame.model_rebuild()
 
 
+# Bounds on what a unit file may cost to load: a unit file is a few kB and a handful of levels deep.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_EXPANDED = 4 * MAX_FILE_BYTES  # nodes + scalar characters, every alias counted as what it stands for
+ECHO_CHARS = 80  # a value or key quoted in a message is cut to this
+LINE_CHARS = 400  # and so is each problem line, whatever it quotes
+
+
+class _Refused(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses, while it composes, nesting deeper than MAX_DEPTH, a document whose aliases
+    expand it past MAX_EXPANDED, and an alias inside the node it names. An alias costs what it stands for,
+    so a 500-byte alias bomb is refused after a few dozen nodes instead of expanding in whatever walks it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._cost: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, expanded depth)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        mark = self.peek_event().start_mark
+        where = f"(line {mark.line + 1}, column {mark.column + 1})"
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._cost:
+                raise _Refused(f"an alias refers to itself, from inside the node it names {where}")
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels {where}")
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
+            kids = [self._cost[id(k)] for k in
+                    (node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv])]
+            cost = (1 + sum(c[0] for c in kids), 1 + max((c[1] for c in kids), default=0))
+        else:
+            cost = (1 + len(getattr(node, "value", "")), 1)
+        if cost[0] > MAX_EXPANDED:
+            raise _Refused(f"anchors and aliases (&x, *x) expand it past {MAX_EXPANDED:,} nodes and characters "
+                           f"{where}: write the values out")
+        if cost[1] > MAX_DEPTH:
+            raise _Refused(f"aliases nest it deeper than {MAX_DEPTH} levels {where}")
+        self._cost[id(node)] = cost
+        return node
+
+
 def load_unit_config(path: str | Path) -> UnitConfig:
-    path = Path(path)
+    return parse_unit_config(read_yaml(Path(path)), str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """The one YAML document in `path`. Any failure to load is a ConfigError naming the file: never a
+    traceback (a reload must not stop the running unit), never unbounded time or memory."""
+    source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from exc
+        raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(source, [f"larger than {MAX_FILE_BYTES // 1024} KiB: a unit file is a few kB; "
+                                   "is this the right file?"])
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), [f"not UTF-8 text (byte {exc.start})"]) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from exc
-    return parse_unit_config(raw, str(path))
+        raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from exc
+    try:
+        raw = yaml.load(text, Loader=_BoundedLoader)
+    except _Refused as exc:
+        raise ConfigError(source, [f"refused: {exc}"]) from exc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        what = ", ".join(filter(None, (exc.context, exc.problem)))
+        raise ConfigError(source, [_clip(f"not valid YAML: {what}{where}")]) from exc
+    except Exception as exc:  # a ReaderError, a constructor's ValueError (2024-13-45, an int of 5,000 digits)
+        what = "not valid YAML" if isinstance(exc, yaml.YAMLError) else f"cannot be loaded: {type(exc).__name__}"
+        raise ConfigError(source, [_clip(f"{what}: {exc}")]) from exc
+    if raw is None:
+        raise ConfigError(source, ["empty: a unit file needs at least device_id, type and drivers"])
+    return raw
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = ECHO_CHARS + 10
+
+
+def echo(value: Any) -> str:
+    """A value as a message may quote it: its repr, cut to ECHO_CHARS (a 1 MiB value, or a deep one, costs
+    no more to quote than a short one)."""
+    try:
+        text = repr(value[: ECHO_CHARS + 1]) if isinstance(value, str) else _REPR.repr(value)
+    except ValueError:  # an int too long for str()
+        text = f"<{type(value).__name__}>"
+    return _clip(text, ECHO_CHARS)
+
+
+def _clip(text: str, limit: int = LINE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _unknown(exc: registry.UnknownName) -> str:
+    return str(exc).replace(repr(exc.name), echo(exc.name), 1)
 
 
 def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
     """Validate everything and report every problem at once, not just the first one found."""
     if not isinstance(raw, dict):
-        raise ConfigError(source, ["top level must be a mapping of keys to values"])
+        raise ConfigError(source, [f"top level must be a mapping of keys to values (got {echo(raw)})"])
     problems: list[str] = []
     frame: _Frame | None = None
     try:
@@ -117,7 +215,7 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
         try:
             cls = registry.lookup("driver", spec["driver"])
         except registry.UnknownName as exc:
-            problems.append(f"drivers.{role}.driver: {exc}")
+            problems.append(f"drivers.{role}.driver: {_unknown(exc)}")
             continue
         try:
             drivers[role] = cls.Config.model_validate(spec)
@@ -131,7 +229,7 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
         try:
             app_cls = registry.lookup("app", unit_type)
         except registry.UnknownName as exc:
-            problems.append(f"type: {exc}")
+            problems.append(f"type: {_unknown(exc)}")
         else:
             try:
                 app_cfg = app_cls.Config.model_validate(app_cfg)
@@ -140,7 +238,7 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
             if len(drivers) == len(raw_drivers):
                 problems += app_cls.check_drivers(drivers, produces)
     if problems or frame is None:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, [_clip(p) for p in problems])
     return UnitConfig.model_construct(**{**frame.__dict__, "drivers": drivers, "app": app_cfg})
 
 
@@ -149,7 +247,7 @@ def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[An
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in prefix + loc) or "(top level)"
+        path = ".".join(_clip(str(p), ECHO_CHARS) for p in prefix + loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             known = _fields_at(model, loc[:-1])
             hint = registry.suggest(str(loc[-1]), known) if known else None
@@ -159,7 +257,7 @@ def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[An
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
-            msg = f"{err['msg']} (got {err.get('input')!r})"
+            msg = f"{err['msg']} (got {echo(err.get('input'))})"
         lines.append(f"{path}: {msg}")
     return lines
 
@@ -194,26 +292,57 @@ def _unwrap(tp: Any) -> Any:
 
 
 def unit_schema() -> dict[str, Any]:
-    """JSON Schema of a unit file, with every registered driver's and app's own section."""
-    defs: dict[str, Any] = {}
-    schema = UnitConfig.model_json_schema()
-    schema.setdefault("$defs", {})
-    for name in registry.driver_names():
-        try:
-            cls = registry.lookup("driver", name)
-        except (ImportError, AttributeError):
-            continue
-        defs[name] = cls.Config.model_json_schema()
-    apps: dict[str, Any] = {}
-    for name in registry.app_names():
-        try:
-            apps[name] = registry.lookup("app", name).Config.model_json_schema()
-        except (ImportError, AttributeError):
-            continue
-    schema["properties"]["drivers"] = {
-        "type": "object",
-        "description": "role name -> driver section; `driver` picks the schema",
-        "additionalProperties": {"oneOf": list(defs.values())},
-    }
-    schema["properties"]["app"] = {"description": "section of the unit's type", "oneOf": list(apps.values())}
+    """JSON Schema (2020-12) of a unit file, self-contained: every sub-schema is in the root's $defs, a
+    driver section is checked against the schema its `driver` names, and `app` against the unit's `type`."""
+    drivers, apps = _configs("driver", registry.driver_names()), _configs("app", registry.app_names())
+    models: list[type[BaseModel]] = [UnitConfig, *drivers.values(), *apps.values()]
+    refs, top = models_json_schema([(m, "validation") for m in models], ref_template="#/$defs/{model}")
+    defs = top["$defs"]
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        return refs[(model, "validation")]
+
+    def pick(key: str, name: str, then: dict[str, Any]) -> dict[str, Any]:
+        return {"if": {"properties": {key: {"const": name}}, "required": [key]}, "then": then}
+
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+              **defs.pop(ref(UnitConfig)["$ref"].rsplit("/", 1)[1])}
+    props = schema["properties"]
+    props["type"]["enum"] = list(apps)
+    props["drivers"] = {
+        "type": "object", "description": "role name -> driver section; `driver` picks the schema",
+        "additionalProperties": {"type": "object", "required": ["driver"],
+                                 "properties": {"driver": {"enum": list(drivers)}},
+                                 "allOf": [pick("driver", n, ref(m)) for n, m in drivers.items()]}}
+    props["app"] = {"type": "object", "description": "the section of the unit's `type`"}
+    schema["allOf"] = [pick("type", n, {"properties": {"app": ref(m)}}) for n, m in apps.items()]
+    schema["$defs"] = _reachable(schema, defs)
     return schema
+
+
+def _configs(kind: str, names: list[str]) -> dict[str, type[BaseModel]]:
+    """name -> Config model of every registered driver or app that can be imported."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = registry.lookup(kind, name).Config
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+def _reachable(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """The $defs that `schema` refers to, directly or through other $defs."""
+    keep: dict[str, Any] = {}
+    todo: list[Any] = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            name = str(node.get("$ref", "")).removeprefix("#/$defs/")
+            if name in defs and name not in keep:
+                keep[name] = defs[name]
+                todo.append(defs[name])
+            todo += [v for k, v in node.items() if k != "$defs"]
+        elif isinstance(node, list):
+            todo += node
+    return keep

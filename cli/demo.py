@@ -38,11 +38,13 @@ from customs_edge.simulators import SIMULATORS
 # Children run in their own sessions: Ctrl-C reaches only the demo, which then stops the simulators,
 # lets the agents drain, and stops the rest in order.
 # Extra simulator flags per type, so that something worth seeing happens within a demo's minute: time
-# runs faster, and the rare events (fever, gamma alarms, tramp metal) are far more common than in life.
+# runs faster, and the rare events come on a schedule, not by chance: a gamma alarm and tramp metal every
+# quarter hour of simulated belt time (15 s at 60x), every 10th traveller febrile.
 SIM_ARGS: dict[str, list[str]] = {
     "scale": ["--cycle", "3"],
-    "ore-station": ["--speed", "60", "--gamma-per-h", "4", "--metal-per-h", "4"],
-    "gate": ["--speed", "4", "--febrile-share", "0.1"],
+    "ore-station": ["--speed", "60", "--gamma-per-h", "0", "--metal-per-h", "0",
+                    "--gamma-every", "900", "--metal-every", "900"],
+    "gate": ["--speed", "4", "--febrile-share", "0", "--febrile-every", "10"],
 }
 DRAIN_TIMEOUT_S = 30.0
 

@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = WorldParams()
     p.add_argument("--rate-per-h", type=float, default=d.rate_per_h, help="travellers per hour (up to 2,000)")
     p.add_argument("--febrile-share", type=float, default=d.febrile_share)
+    p.add_argument("--febrile-every", type=int, default=0, metavar="N", help="and every N-th traveller (0: none)")
     p.add_argument("--hot-drink-share", type=float, default=d.hot_drink_share)
     p.add_argument("--sun-share", type=float, default=d.sun_share)
     p.add_argument("--child-share", type=float, default=d.child_share)
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not 0 < args.rate_per_h <= 4000:
         raise SystemExit("--rate-per-h must be in (0, 4000]")
-    params = WorldParams(rate_per_h=args.rate_per_h, febrile_share=args.febrile_share,
+    params = WorldParams(rate_per_h=args.rate_per_h, febrile_share=args.febrile_share, febrile_every=args.febrile_every,
                          hot_drink_share=args.hot_drink_share, sun_share=args.sun_share, child_share=args.child_share,
                          ambient_c=args.ambient, ambient_drift_k=args.ambient_drift, noise_k=args.noise,
                          dead_pixels=args.dead_pixels)

@@ -45,6 +45,7 @@ Confounder = Literal["none", "hot_drink", "sun", "child"]
 class WorldParams:
     rate_per_h: float = 1500.0  # travellers per hour (a lane passes 1,000-2,000)
     febrile_share: float = 0.003
+    febrile_every: int = 0  # and every n-th traveller for sure (a schedule for demos and tests); 0: none
     hot_drink_share: float = 0.01
     sun_share: float = 0.005  # arrived from outdoors without time to acclimatise
     child_share: float = 0.03
@@ -152,7 +153,7 @@ class GateWorld:
             confounder = "hot_drink"
         elif u < p.child_share + p.hot_drink_share + p.sun_share:
             confounder = "sun"
-        febrile = bool(rng.random() < p.febrile_share)
+        febrile = bool(rng.random() < p.febrile_share) or (p.febrile_every > 0 and pid % p.febrile_every == 0)
         core = float(rng.uniform(37.6, 39.5))
         while not febrile and not 36.0 <= (core := float(rng.normal(36.75, 0.2))) <= 37.2:
             pass  # a truncated normal: afebrile means <= 37.2 °C

@@ -18,7 +18,8 @@ simulated hour per minute, so a demo-sized lot of 1,200 t at 4,000 t/h passes in
 --modbus-timeout-rate / --modbus-crc-rate (per reply), --sics-garble-rate, --analyser-corrupt-rate,
 --analyser-drift (own Fe assay bias, % per simulated hour), --detector-drift (gain, per hour),
 --dead NAME[@SECONDS] (weigher, moisture, belt, portal, scale, analyser: dead from the start or after
-SECONDS of wall time), and the event rates --stops-per-h, --gamma-per-h, --metal-per-h.
+SECONDS of wall time), the event rates --stops-per-h, --gamma-per-h, --metal-per-h, and the schedules
+--gamma-every, --metal-every (an event for sure every SIM_S simulated seconds, as the demo runs it).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stops-per-h", type=float, default=0.5)
     p.add_argument("--gamma-per-h", type=float, default=0.3)
     p.add_argument("--metal-per-h", type=float, default=0.4)
+    p.add_argument("--gamma-every", type=float, default=0.0, metavar="SIM_S",
+                   help="and a gamma alarm for sure every SIM_S simulated seconds (0: never)")
+    p.add_argument("--metal-every", type=float, default=0.0, metavar="SIM_S",
+                   help="and tramp metal for sure every SIM_S simulated seconds (0: never)")
     p.add_argument("--moisture-mean", type=float, default=8.0, help="mean lot moisture, %% wet basis")
     p.add_argument("--fe-mean", type=float, default=62.0)
     p.add_argument("--modbus-timeout-rate", type=float, default=0.0, help="share of Modbus replies withheld")
@@ -117,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 def station_from_args(args: argparse.Namespace) -> OreStation:
     cfg = WorldConfig(seed=args.seed or 0, speed=args.speed, rate_tph=args.rate_tph, lot_t=args.lot_t,
                       holds=args.holds, stops_per_h=args.stops_per_h, gamma_alarms_per_h=args.gamma_per_h,
-                      metal_per_h=args.metal_per_h, analyser_drift_pct_per_h=args.analyser_drift,
+                      metal_per_h=args.metal_per_h, gamma_every_s=args.gamma_every, metal_every_s=args.metal_every,
+                      analyser_drift_pct_per_h=args.analyser_drift,
                       detector_drift_per_h=args.detector_drift, moisture_mean=args.moisture_mean,
                       fe_mean=args.fe_mean)
     st = OreStation(cfg, bench_cycle_s=args.bench_cycle, line_faults=Faults(args.corrupt_rate, args.seed))

@@ -158,6 +158,10 @@ class WorldConfig:
     stops_per_h: float = 0.5
     gamma_alarms_per_h: float = 0.3
     metal_per_h: float = 0.4
+    # A schedule on top of the rates: a gamma alarm / tramp metal for sure every this many simulated
+    # seconds, the first at that time (a metal trip waits for the belt to run). 0: the rates alone.
+    gamma_every_s: float = 0.0
+    metal_every_s: float = 0.0
     analyser_drift_pct_per_h: float = 0.0  # bias of the analyser's own Fe assay, growing
     detector_drift_per_h: float = 0.0  # relative gain drift of the detector (stabiliser off)
     moisture_noise_pct: float = 0.15
@@ -239,6 +243,10 @@ class OreWorld:
     def _p(self, per_h: float, dt: float) -> bool:
         return per_h > 0 and self.rng.random() < per_h * dt / 3600.0
 
+    def _scheduled(self, every_s: float, dt: float) -> bool:
+        """A multiple of `every_s` falls in this step (t, t + dt]."""
+        return every_s > 0 and (self.t + dt) // every_s > self.t // every_s
+
     def _latch_s(self, sim_s: float) -> float:
         """A latched signal lasts `sim_s` simulated seconds but at least 2 wall seconds, so a poller
         at any demo speed sees it."""
@@ -248,6 +256,8 @@ class OreWorld:
         c, s, r = self.cfg, self.state, self.rng
         t = self.t
         # events
+        self._force_gamma |= self._scheduled(c.gamma_every_s, dt)
+        self._force_metal |= self._scheduled(c.metal_every_s, dt)
         if s.running and self._p(c.stops_per_h, dt):
             self._stop_until = t + r.uniform(60, 240)
             s.stops += 1

@@ -113,3 +113,19 @@ def rec(seq: object, **over: object) -> dict[str, Any]:
 def records_msg(device_id: str, batch: str, records: list[dict[str, Any]]) -> str:
     """A records message. json.dumps writes float NaN and infinities as the tokens NaN and Infinity."""
     return json.dumps({"v": 1, "device_id": device_id, "batch": batch, "records": records})
+
+
+def assert_reload_refused(agent: AgentProc, text: str, reason: str, timeout: float = 30) -> None:
+    """Write `text` as the running agent's config and SIGHUP it: the refusal, naming `reason`, is logged,
+    the agent stays up and its records keep coming."""
+    from tests.conftest import wait_for
+
+    outbox = Path(agent.cfg["outbox"]["path"])
+    agent.path.write_text(text)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config reload refused" in agent.log_text(), timeout, "the refusal in the log")
+    assert reason in agent.log_text()
+    n = outbox_state(outbox)[0]
+    wait_for(lambda: outbox_state(outbox)[0] > n + 10, timeout, "records to keep coming after the refused reload")
+    assert agent.proc.poll() is None and "Traceback" not in agent.log_text()

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from customs_edge.cli.demo import available_types
+from customs_edge.cli.demo import SIM_ARGS, available_types
+from customs_edge.simulators import gate, ore_station
+from customs_edge.simulators.gate_world import GateWorld, WorldParams
 from tests.conftest import need_mosquitto
 
 # What each unit type must have delivered to the hub within the demo's run.
@@ -18,6 +21,32 @@ EXPECTED_TYPES = {
     "ore-station": {"lot_report", "radiation_alarm", "foreign_matter"},
     "gate": {"screening", "fever_alert"},
 }
+
+
+@pytest.mark.parametrize("seed", range(1, 21))
+def test_demo_simulators_make_the_rare_events_on_a_schedule(seed: int) -> None:
+    """What the demo test waits for happens on a schedule, whatever the seed and however often the
+    instruments are polled: the ore station raises a gamma alarm and trips on tramp metal within its first
+    20 s of wall time and again before 40 s; the gate sends a febrile traveller at least every 10."""
+    args = ore_station.build_parser().parse_args(["--seed", str(seed), *SIM_ARGS["ore-station"]])
+    world = ore_station.station_from_args(args).world
+    polls = np.random.default_rng(seed)  # a loaded machine: polls at irregular intervals, 0.05 to 3 s apart
+    gamma, metal, wall = [], [], 0.0
+    while wall < 40:
+        wall += float(polls.uniform(0.05, 3.0))
+        before = (world.state.gamma_alarms, world.state.metal_events)
+        world.advance(to=wall * args.speed)
+        gamma += [wall] * (world.state.gamma_alarms - before[0])
+        metal += [wall] * (world.state.metal_events - before[1])
+    assert len(gamma) >= 2 and gamma[0] < 20, gamma
+    assert len(metal) >= 2 and metal[0] < 20, metal
+
+    gargs = gate.build_parser().parse_args(["--seed", str(seed), *SIM_ARGS["gate"]])
+    params = {k: v for k, v in vars(gargs).items() if k in WorldParams.__dataclass_fields__}
+    lane = GateWorld(seed, WorldParams(**params))
+    lane.ensure(600.0)
+    febrile = [tr.id for tr in lane.truth if tr.febrile]
+    assert febrile and max(np.diff([0, *febrile])) <= 10, febrile
 
 
 def run_demo(tmp_path: Path, *args: str) -> dict:

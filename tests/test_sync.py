@@ -170,21 +170,13 @@ def test_sigterm_stops_the_agent_cleanly_within_5_s(tmp_path: Path, mosquitto: M
 
 def test_reload_with_a_bad_config_keeps_the_old_one_running(tmp_path: Path, mosquitto: Mosquitto,
                                                             scale_urls: dict[str, str]) -> None:
-    import signal
-
-    from tests.fleet import AgentProc
+    from tests.fleet import AgentProc, assert_reload_refused
 
     agent = AgentProc(unit_dict(tmp_path, scale_urls["socket"], mosquitto.port), tmp_path).start()
     ob = Path(agent.cfg["outbox"]["path"])
     wait_for(lambda: outbox_state(ob)[0] > 5, 10, "records")
-    agent.path.write_text(agent.path.read_text().replace("summary_interval_s", "summary_intervl_s"))
-    assert agent.proc is not None
-    agent.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "config reload refused" in agent.log_text(), 5, "the refusal in the log")
-    assert "app.summary_intervl_s: unknown key (did you mean 'summary_interval_s'?)" in agent.log_text()
-    n = outbox_state(ob)[0]
-    wait_for(lambda: outbox_state(ob)[0] > n + 10, 5, "records to keep coming after the refused reload")
-    assert agent.proc.poll() is None
+    assert_reload_refused(agent, agent.path.read_text().replace("summary_interval_s", "summary_intervl_s"),
+                          "app.summary_intervl_s: unknown key (did you mean 'summary_interval_s'?)")
     agent.terminate()
 
 
