@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from customs_edge.agent.config import SyncConfig
-from customs_edge.agent.outbox import Outbox
+from customs_edge.agent.outbox import Outbox, merge_ranges
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.mqtt import (
     Connected,
@@ -91,17 +91,6 @@ class _InFlight:
     records: list[Pending]
     pubacked: bool = False
     attempt: int = 0
-
-
-def _merge(ranges: Iterable[tuple[int, int]]) -> Ranges:
-    """Inclusive ranges, sorted and merged: [(5,6),(1,2),(3,3)] -> [(1,3),(5,6)]."""
-    out: Ranges = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
 
 
 def _covers(merged: Ranges, seq: int) -> bool:
@@ -278,7 +267,7 @@ class Sync:
             return
         if self.cfg.ack_mode == "broker":
             del self._inflight[batch_id]
-            self._settle_acked = _merge(self._settle_acked + flight.ranges)
+            self._settle_acked = merge_ranges(self._settle_acked + flight.ranges)
         else:
             flight.pubacked = True
 
@@ -303,11 +292,11 @@ class Sync:
         if self._by_mid.get(flight.mid) == ack.batch:  # the hub's ack overtook the PUBACK
             del self._by_mid[flight.mid]
         if acked:
-            self._settle_acked = _merge(self._settle_acked + acked)
+            self._settle_acked = merge_ranges(self._settle_acked + acked)
             self.stats.hub_acked_seq = max(self.stats.hub_acked_seq, max(hi for _, hi in acked))
         if rejected:
-            self._settle_rejected = _merge(self._settle_rejected + rejected)
-        done = _merge(acked + rejected)
+            self._settle_rejected = merge_ranges(self._settle_rejected + rejected)
+        done = merge_ranges(acked + rejected)
         rest = [r for r in flight.records if not _covers(done, r.seq)]
         if rest:
             self.stats.partial_acks += 1

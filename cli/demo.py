@@ -31,6 +31,7 @@ from typing import IO, Any
 import yaml
 
 from customs_edge.agent import registry
+from customs_edge.agent.outbox import OutboxError, read_stats
 from customs_edge.configs import config_path
 from customs_edge.hub.brokers import Mosquitto, free_port, mosquitto_path, wait_port
 from customs_edge.simulators import SIMULATORS
@@ -134,18 +135,11 @@ def _unit_config(unit_type: str, device_id: str, urls: dict[str, Any], work: Pat
 
 def _outbox_counts(path: Path) -> tuple[int, int, int]:
     """(produced, pending, dropped_by_cap) read from the agent's outbox file, read-only."""
-    if not path.exists():
-        return 0, 0, 0
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
-        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
-        pending = db.execute("SELECT count(*) FROM records").fetchone()[0]
-        dropped = db.execute("SELECT coalesce(sum(value), 0) FROM counters WHERE name LIKE 'dropped.%'").fetchone()[0]
-        return (row[0] if row else 0), pending, dropped
-    except sqlite3.OperationalError:
+        st = read_stats(path)
+    except (OutboxError, sqlite3.Error):  # not created yet
         return 0, 0, 0
-    finally:
-        db.close()
+    return st.last_seq, st.pending, sum(st.dropped.values())
 
 
 def _hub_counts(hub_db: Path) -> dict[str, dict[str, Any]]:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from customs_edge.agent.outbox import OutboxStats
+from customs_edge.agent.outbox import DeadLetter, MemoryOutbox
 from customs_edge.core.mqtt import Connected, Event, Lost, Message, NotConnected, PubAck
-from customs_edge.core.records import Pending, RecordIn
+from customs_edge.core.records import Pending
 
 
 @dataclass
@@ -101,53 +99,19 @@ class FakeLink:
         self._connected = False
 
 
-class MemOutbox:
-    """The Outbox contract in memory: seqs never reused, begin() hands each record out once until
-    release(), ack() deletes, reject() moves to `dead`, raise_seq_floor() moves the sequence on."""
+class MemOutbox(MemoryOutbox):
+    """The production in-memory outbox (agent/outbox.py, held to the outbox contract), with views for
+    assertions: `records` (pending, by seq), `dead` (seq -> (dead letter, reason)), `last_seq`."""
 
-    def __init__(self) -> None:
-        self.records: dict[int, Pending] = {}
-        self.dead: dict[int, tuple[Pending, str]] = {}
-        self.last_seq = 0
-        self._handed: set[int] = set()
+    @property
+    def records(self) -> dict[int, Pending]:
+        with self._lock:
+            return {seq: r for by_seq in self._records.values() for seq, r in by_seq.items()}
 
-    def put(self, records: Sequence[RecordIn]) -> range:
-        first = self.last_seq + 1
-        for r in records:
-            self.last_seq += 1
-            self.records[self.last_seq] = Pending(self.last_seq, r.ts, "boot", time.monotonic(), r.type,
-                                                  int(r.priority), json.dumps(r.payload))
-        return range(first, self.last_seq + 1)
+    @property
+    def dead(self) -> dict[int | None, tuple[DeadLetter, str]]:
+        return {d.seq: (d, d.reason) for d in reversed(self.dead_letters(10_000))}
 
-    def begin(self, max_records: int) -> list[Pending]:
-        out = sorted((r for s, r in self.records.items() if s not in self._handed),
-                     key=lambda r: (-r.priority, r.seq))[:max_records]
-        self._handed.update(r.seq for r in out)
-        return out
-
-    def _take(self, ranges: Iterable[tuple[int, int]]) -> list[Pending]:
-        gone = [self.records.pop(s) for lo, hi in ranges for s in sorted(self.records) if lo <= s <= hi]
-        self._handed.difference_update(r.seq for r in gone)
-        return gone
-
-    def ack(self, ranges: Iterable[tuple[int, int]]) -> int:
-        return len(self._take(ranges))
-
-    def reject(self, ranges: Iterable[tuple[int, int]], reason: str) -> int:
-        gone = self._take(ranges)
-        self.dead.update((r.seq, (r, reason)) for r in gone)
-        return len(gone)
-
-    def release(self) -> None:
-        self._handed.clear()
-
-    def raise_seq_floor(self, seq: int) -> None:
-        self.last_seq = max(self.last_seq, seq)
-
-    def stats(self) -> OutboxStats:
-        return OutboxStats(pending=len(self.records), last_seq=self.last_seq,
-                           oldest_ts=min((r.ts for r in self.records.values()), default=None), used_bytes=0,
-                           dropped={})
-
-    def close(self) -> None:
-        pass
+    @property
+    def last_seq(self) -> int:
+        return self.stats().last_seq

@@ -93,14 +93,23 @@ def hub_seqs(path: Path, device_id: str) -> tuple[list[int], int]:
 
 
 def assert_exactly_once(outbox: Path, hub_db: Path, device_id: str) -> int:
-    """Every seq the agent gave out is stored at the hub exactly once, and the outbox is empty."""
+    """Every seq the agent gave out is stored at the hub once, with the content it was first sent with:
+    none missing, the outbox empty, no seq reused for other content (a conflict), and the hub's own count of
+    stored records agreeing (a record stored twice, or a redelivery counted as new, shows there)."""
     last, pending = outbox_state(outbox)
     seqs, _ = hub_seqs(hub_db, device_id)
     assert last > 0, "the agent produced nothing"
     assert not pending, f"{len(pending)} records still in the outbox"
     lost = sorted(set(range(1, last + 1)) - set(seqs))
     assert not lost, f"lost {len(lost)} of {last}: first {lost[:10]}"
-    assert len(seqs) == len(set(seqs)) == last, "duplicates stored at the hub"
+    db = sqlite3.connect(f"file:{hub_db}?mode=ro", uri=True)
+    try:
+        stored, conflicts = db.execute("SELECT stored, conflicts FROM devices WHERE device_id=?",
+                                       (device_id,)).fetchone()
+        kept = db.execute("SELECT count(*) FROM conflicts WHERE device_id=?", (device_id,)).fetchone()[0]
+    finally:
+        db.close()
+    assert (stored, conflicts, kept) == (last, 0, 0), f"hub counts stored={stored} conflicts={conflicts}/{kept}"
     return last
 
 
