@@ -1,26 +1,31 @@
-"""Modbus RTU master for instruments on an RS-485 line (belt weigher, microwave moisture analyser,
-belt state and radiation portal PLC). Several slaves may share the line; each has its own register
-map in the config (table, address, data type, word order, scale, offset, unit) and poll interval.
+"""Modbus masters for instruments on an RS-485 line (`modbus-rtu`) or on Ethernet (`modbus-tcp`): belt
+weigher, microwave moisture analyser, belt state and radiation portal PLC. Several slaves (units) may
+share a line or a server; each has its own register map in the config (table, address, data type, byte
+order, scale, offset, range, unit) and poll interval. Everything but the transport is shared
+(ModbusMaster): polling, retries, the checks of a reply PDU against its request, decoding.
 
-Wire: [slave id][function][data][CRC-16 low byte first], poly 0xA001, init 0xFFFF. The PDUs are
-encoded and decoded by pymodbus (`pymodbus.pdu`), the CRC by pymodbus's RTU framer. The transaction
-loop is ours, over `serial.serial_for_url`, so the same code talks to /dev/ttyUSB0, a simulator's
-pty or an RTU-over-TCP gateway (socket://), and so a timeout, a CRC error, a reply from the wrong
-slave and an exception response are told apart and counted (pymodbus's own client folds them into
-one "no response").
+RTU wire: [slave id][function][data][CRC-16 low byte first], poly 0xA001, init 0xFFFF. TCP wire: MBAP
+header [transaction id][protocol 0][length][unit id], then the same PDU. The PDUs are encoded and
+decoded by pymodbus (`pymodbus.pdu`), the CRC by pymodbus's RTU framer. The transaction loops are ours,
+RTU over `serial.serial_for_url` (so the same code talks to /dev/ttyUSB0, a simulator's pty or an
+RTU-over-TCP gateway, socket://), TCP over a plain socket, so a timeout, a CRC error, a reply from the
+wrong slave or transaction and an exception response are told apart and counted (pymodbus's own client
+folds them into one "no response").
 
 Readings (one per slave poll):
-  Registers   slave, slave_id, points = {<point name>: Point(scaled value, unit), ...}
+  Registers   slave, slave_id, points = {<point name>: Point(scaled value, unit, error), ...}
   SlaveError  slave, slave_id, error (text), consecutive (failed polls in a row)
+A value that decodes to NaN or inf, or falls outside the point's declared `range`, is a Point without
+a value and with its `error` (counted: `non_finite`, `out_of_range`); the apps' number()/flag() give None.
 A poll retries a timeout or CRC error `retries` times, then reports `slave_error`; an exception
 response is not retried (the slave did answer) except 'device busy'. RTU has no transaction id, so a
 reply is checked against its request (slave id, function code, byte count), and after any failed
 exchange the line is drained: bytes are read and discarded until it has been silent for 3.5
 character times, waiting up to `drain_s` for a late reply to begin. A slave that always answers
 after the timeout then fails every poll as a timeout instead of handing one register's value to
-the next request. When EVERY slave on the line
-has failed `fail_after` polls in a row the line is presumed dead (cable, converter, power) and read()
-raises DriverFault: the runtime reports it and reopens the port with backoff.
+the next request. TCP matches each reply's transaction id to its request's (see ModbusTcp). When EVERY
+slave has failed `fail_after` polls in a row the line is presumed dead (cable, converter, power,
+server) and read() raises DriverFault: the runtime reports it and reopens the port with backoff.
 """
 
 from __future__ import annotations
