@@ -203,7 +203,6 @@ class ModbusTcpConfig(ModbusPolling):
     driver: Literal["modbus-tcp"] = "modbus-tcp"
     host: str | None = Field(None, min_length=1, description="server host name or address (with `port`)")
     port: str = Field(description="tcp://host:port, or the TCP port number (default 502) with `host`")
-    silent_after_s: float = Field(5.0, gt=0, description="unused by Modbus (fail_after decides); kept for symmetry")
 
     @model_validator(mode="before")
     @classmethod
@@ -582,11 +581,9 @@ class ModbusTcp(ModbusMaster):
         self._restart_schedule()
 
     def close(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            finally:
-                self._sock = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
     def _require_open(self) -> None:
         self._connected()
