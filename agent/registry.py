@@ -22,6 +22,7 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "toledo-continuous": "customs_edge.drivers.toledo:ToledoContinuous",
     "mt-sics": "customs_edge.drivers.mtsics:MtSics",
     "modbus-rtu": "customs_edge.drivers.modbus:ModbusRtu",
+    "modbus-tcp": "customs_edge.drivers.modbus:ModbusTcp",
     "elemental-analyser": "customs_edge.drivers.analyser:ElementalAnalyser",
     "mlx90640-serial": "customs_edge.drivers.mlx90640:Mlx90640Serial",
     "passage": "customs_edge.drivers.passage:PassageSensor",
