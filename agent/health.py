@@ -29,10 +29,21 @@ Clock = tuple[float, float]  # (offset of the hub's clock to ours, round trip of
 
 
 def config_hash(cfg: UnitConfig) -> str:
-    """sha256 of the config as validated, keys sorted, defaults filled in: two files that mean the same
-    config (other key order, a default written out) hash the same."""
+    """sha256 of the config as validated, keys sorted, defaults filled in, 60.0 written 60: two files that
+    mean the same config (other key order, a default written out) hash the same."""
     doc = cfg.model_dump(mode="json", serialize_as_any=True)  # driver and app sections with their own keys
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_canonical(doc), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _canonical(x: Any) -> Any:
+    """Integral floats as ints: a float field's default (256) and the same value written (256.0) agree."""
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    if isinstance(x, dict):
+        return {k: _canonical(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_canonical(v) for v in x]
+    return x
 
 
 def model_versions(app: object) -> dict[str, str]:
