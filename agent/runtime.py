@@ -6,7 +6,8 @@
   core           take Readings, run the app, commit its records to the outbox together with the app's
                  snapshot (one transaction): at once when the queue is idle, grouped under load (when
                  `commit_max_records` are pending or the oldest has waited `commit_interval_ms`);
-  sync           the MQTT loop (agent/sync.py).
+  sync           the MQTT loop (agent/sync.py), which also publishes the unit's health (agent/health.py):
+                 every health_interval_s, and at once when a driver thread goes up or down.
 The core never stops for a bad input or a failing commit: an app exception is counted and reported in
 one `app_error` record a minute at most; records the outbox refuses are held and retried with backoff
 while the core keeps running, and a record that fails alone while its neighbours commit is written to

@@ -188,7 +188,11 @@ class Hub:
             refused[device_id] += 1
             self.health_refused[kind] += 1
             log.warning("health message ignored", extra={"topic": t, "kind": kind, "reason": why[:300]})
-        self.store.put_health(keep, refused)
+        try:
+            self.store.put_health(keep, refused)
+        except Exception as exc:  # telemetry: the next message replaces it; the records of this burst go on
+            self.health_refused["store_failed"] += len(keep)
+            log.warning("health messages not stored", extra={"messages": len(keep), "error": repr(exc)})
 
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]

@@ -24,8 +24,9 @@ from customs_edge.cli.main import main
 from customs_edge.core.errors import ConfigError
 from customs_edge.core.records import RecordIn
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Health
+from customs_edge.hub import store as store_module
 from customs_edge.hub.brokers import Mosquitto
-from customs_edge.hub.store import HubStore
+from customs_edge.hub.store import SCHEMA, HubStore
 from customs_edge.simulators.base import Endpoints
 from customs_edge.simulators.scale import ScaleSim, ScaleWorld
 from tests.conftest import unit_dict, wait_for
@@ -48,9 +49,11 @@ def history(db: Path, device_id: str) -> list[Health]:
 
 
 def health_msg(device_id: str, **over: Any) -> Health:
-    return Health(device_id=device_id, ts=time.time(), agent_version="9.9", uptime_s=1.0, cpu_pct=0.5,
-                  rss_bytes=1, disk_free_bytes=1, soc_temp_c=None, outbox_pending=0, oldest_unsent_age_s=None,
-                  config_hash="0" * 64, **over)
+    fields: dict[str, Any] = {
+        "device_id": device_id, "ts": time.time(), "agent_version": "9.9", "uptime_s": 1.0, "cpu_pct": 0.5,
+        "rss_bytes": 1, "disk_free_bytes": 1, "soc_temp_c": None, "outbox_pending": 0,
+        "oldest_unsent_age_s": None, "config_hash": "0" * 64}
+    return Health.model_validate(fields | over)
 
 
 def statuses(db: Path) -> dict[str, str | None]:
@@ -124,6 +127,29 @@ def test_a_sample_reports_the_outbox_and_the_drivers(tmp_path: Path) -> None:
     assert sum(h.dead_letters.values()) == 1 and h.dropped == {}
     assert h.drivers["scale"].model_dump() == {"up": False, "frames": 7, "corrupt": 2, "faults": 3}
     assert (h.models, h.clock_offset_s, h.clock_rtt_s) == ({"m": "1"}, 0.25, 0.01)
+
+
+def test_the_hub_keeps_a_bounded_history_and_upgrades_a_version_2_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    db = sqlite3.connect(tmp_path / "hub.db")
+    db.executescript(SCHEMA[0] + ";" + SCHEMA[1] + ";PRAGMA user_version=2;")
+    db.execute("INSERT INTO devices (device_id, received, stored, max_seq, status) VALUES ('d1', 2, 2, 2, 'online')")
+    db.commit()
+    db.close()
+    monkeypatch.setattr(store_module, "HEALTH_KEPT", 3)
+    st = HubStore(tmp_path / "hub.db")
+    sent = [health_msg("d2", outbox_pending=i, ts=1.7e9 + i) for i in range(5)]
+    assert st.put_health([("d2", h.ts, h.model_dump_json()) for h in sent], {"d1": 2}) == 5
+    assert st.put_health([("d2", sent[-1].ts, sent[-1].model_dump_json())], {}) == 0  # the same, again
+    kept = [Health.model_validate_json(p).outbox_pending for _, p in st.health_history("d2")]
+    st.set_status("evil\nlevel=error\x1b[2J", "online")
+    rows = {r.device_id: r for r in st.fleet()}
+    st.close()
+    assert kept == [4, 3, 2]  # the latest three, newest first
+    assert (rows["d1"].status, rows["d1"].health, rows["d1"].health_refused) == ("online", None, 2)
+    lines = fleet_cli(tmp_path / "hub.db", capsys).splitlines()
+    assert [line.split()[:2] for line in lines[1:3]] == [["d1", "online"], ["d2", "-"]]
+    assert lines[3].startswith("evil\\nlevel=err") and all(c.isprintable() for c in "".join(lines))
 
 
 # -- against the broker and the hub -----------------------------------------------------------------
