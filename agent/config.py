@@ -68,6 +68,8 @@ class UnitConfig(BaseModel):
     app: BaseModel | dict[str, Any] = Field(default_factory=dict)
     outbox: OutboxConfig = OutboxConfig()
     sync: SyncConfig = SyncConfig()
+    health_interval_s: float = Field(60.0, gt=0, description="a health message to the hub this often, and when a"
+                                     " driver goes up or down: CPU, memory, disk, backlog, drivers, versions")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

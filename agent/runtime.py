@@ -6,7 +6,8 @@
   core           take Readings, run the app, commit its records to the outbox together with the app's
                  snapshot (one transaction): at once when the queue is idle, grouped under load (when
                  `commit_max_records` are pending or the oldest has waited `commit_interval_ms`);
-  sync           the MQTT loop (agent/sync.py).
+  sync           the MQTT loop (agent/sync.py), which also publishes the unit's health (agent/health.py):
+                 every health_interval_s, and at once when a driver thread goes up or down.
 The core never stops for a bad input or a failing commit: an app exception is counted and reported in
 one `app_error` record a minute at most; records the outbox refuses are held and retried with backoff
 while the core keeps running, and a record that fails alone while its neighbours commit is written to
@@ -29,6 +30,7 @@ from typing import Any
 from customs_edge.agent import registry, sdnotify
 from customs_edge.agent.apps.base import App
 from customs_edge.agent.config import UnitConfig
+from customs_edge.agent.health import HealthSampler, model_versions
 from customs_edge.agent.outbox import Outbox, SqliteOutbox
 from customs_edge.agent.sync import Sync
 from customs_edge.core.errors import DriverFault
@@ -66,9 +68,10 @@ def port_of(driver: Driver) -> str:
 
 class DriverThread(threading.Thread):
     def __init__(self, driver: Driver, out: queue.Queue[Any], stop: threading.Event,
-                 after: Sequence[threading.Thread] = ()) -> None:
+                 after: Sequence[threading.Thread] = (), on_change: Callable[[], None] = lambda: None) -> None:
         super().__init__(name=f"driver-{driver.role}", daemon=True)
         self.driver, self.out, self.stop_event = driver, out, stop
+        self.on_change = on_change  # called once the driver went up or down (`up` below changed)
         self.after = list(after)  # threads of a previous unit still holding this driver's port
         self.waiting_for_port = bool(after)
         self.backoff = Backoff(0.5, 30.0)
@@ -89,13 +92,17 @@ class DriverThread(threading.Thread):
                             log.info("driver recovered", extra={"driver": d.role})
                             self.down_since = None
                             self.backoff.reset()
+                            self.on_change()
                         self.readings += 1
+                        if self.readings == 1:
+                            self.on_change()
                         self.out.put(reading)
             except DriverFault as exc:
                 if self.down_since is None:
                     self.down_since = time.monotonic()
                     self.out.put(_Fault(d.role, exc))
                     log.warning("driver fault", extra={"driver": d.role, "error": str(exc)})
+                    self.on_change()
                 self._close()
                 self.stop_event.wait(self.backoff.next())
             except Exception:
@@ -151,7 +158,9 @@ class Unit:
         self.drivers = drivers
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=10_000)
         self.stop_event = threading.Event()
-        self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, outbox_path=cfg.outbox.path, status=self.status_extra)
+        self.health_sampler = HealthSampler(cfg, self.outbox, self.driver_states, lambda: model_versions(self.app))
+        self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, outbox_path=cfg.outbox.path, status=self.status_extra,
+                         health=self.health_sampler.sample, health_interval_s=cfg.health_interval_s)
         self.committed = 0
         self.counters = dict.fromkeys(("app_errors", "state_restored", "state_refused", "commit_failures",
                                        "records_unsent", "records_lost"), 0)
@@ -184,7 +193,8 @@ class Unit:
         if restore:
             self._restore(state if state is not None else self.outbox.load_state(STATE_KEY))
         self._driver_threads = [DriverThread(d, self.queue, self.stop_event,
-                                             [t for t in after if port_of(t.driver) == port_of(d)])
+                                             [t for t in after if port_of(t.driver) == port_of(d)],
+                                             on_change=self.sync.health_soon)
                                 for d in self.drivers.values()]
         self._core_thread = threading.Thread(target=self._core, name="core", daemon=True)
         self._sync_thread = threading.Thread(target=self.sync.run, args=(self._sync_stop,), name="sync", daemon=True)
@@ -458,12 +468,12 @@ class Unit:
         log.error("records not committed to the outbox; written to the fallback file", extra=extra)
 
     # -- status ---------------------------------------------------------------------------------
+    def driver_states(self) -> dict[str, dict[str, Any]]:
+        return {t.driver.role: {**t.driver.stats.as_dict(), "up": t.down_since is None and t.readings > 0,
+                                "waiting_for_port": t.waiting_for_port} for t in self._driver_threads}
+
     def status_extra(self) -> dict[str, Any]:
-        drivers = {}
-        for t in self._driver_threads:
-            drivers[t.driver.role] = {**t.driver.stats.as_dict(), "up": t.down_since is None and t.readings > 0,
-                                      "waiting_for_port": t.waiting_for_port}
-        return {"type": self.cfg.type, "drivers": drivers, "committed_since_start": self.committed,
+        return {"type": self.cfg.type, "drivers": self.driver_states(), "committed_since_start": self.committed,
                 "records_held": len(self._held), "app": dict(self.counters)}
 
     def health(self) -> bool:

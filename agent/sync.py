@@ -18,6 +18,11 @@ The link connects, backs off and reconnects by itself; the sync reacts:
     the broker. A timeout is never taken as success.
 The hub drops duplicates by (device_id, seq), so resending is always safe.
 
+Health (agent/health.py): every `health_interval_s` of the unit config, at each connect, and soon after
+`health_soon()` (a driver went up or down), the sync publishes a fresh Health message, retained, over the
+same link. Its clock offset to the hub comes from the acks: the hub stamps each with its clock; the sample
+with the shortest round trip since the last message is reported (its error is at most half that round trip).
+
 What the hub acked is deleted from the outbox; when that delete fails (a full disk), the ranges are
 kept here and retried every SETTLE_RETRY_S, the link stays up, and those records are never sent again.
 The highest seq the hub acked is kept in `{outbox}.sync.json`: an outbox that would hand out seqs at
@@ -55,7 +60,7 @@ from customs_edge.core.mqtt import (
     install_client_id,
 )
 from customs_edge.core.records import Pending
-from customs_edge.core.wire import Ack, Command, CommandReply, encode_batch, intersect, ranges_of, topic
+from customs_edge.core.wire import Ack, Command, CommandReply, Health, encode_batch, intersect, ranges_of, topic
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ class SyncStats:
     partial_acks: int = 0  # hub acks that covered only part of their batch: the rest was sent again
     settle_failures: int = 0  # outbox deletes that failed (disk full): kept, retried, never resent
     bad_messages: int = 0
+    health_sent: int = 0
     stale_acks: int = 0  # acks for batches not in flight on this connection, or covering none of it
     hub_acked_seq: int = 0  # highest seq the hub acked for this install (persisted)
     seq_floor_raised: int = 0  # times the outbox was found behind hub_acked_seq and moved past it
@@ -105,19 +111,24 @@ class Sync:
 
     def __init__(self, device_id: str, outbox: Outbox, cfg: SyncConfig, *, outbox_path: str | Path,
                  status: Callable[[], dict[str, Any]] | None = None, status_interval_s: float = 30.0,
-                 commands: Callable[[Command], dict[str, Any]] | None = None, link: Link | None = None) -> None:
+                 commands: Callable[[Command], dict[str, Any]] | None = None, link: Link | None = None,
+                 health: Callable[[tuple[float, float] | None], Health] | None = None,
+                 health_interval_s: float = 60.0) -> None:
         self.device_id = device_id
         self.outbox = outbox
         self.cfg = cfg
         self.status_fn = status or (lambda: {})
         self.status_interval_s = status_interval_s
         self.commands = commands
+        self.health_fn = health
+        self.health_interval_s = health_interval_s
         self.stats = SyncStats()
         p = cfg.topic_prefix
         self.t_records = topic(p, device_id, "records")
         self.t_ack = topic(p, device_id, "ack")
         self.t_status = topic(p, device_id, "status")
         self.t_cmd = topic(p, device_id, "cmd")
+        self.t_health = topic(p, device_id, "health")
         self.link: Link = link or MqttLink(
             install_client_id(f"ce-{device_id}", Path(outbox_path)), cfg.host, cfg.port,
             keepalive=cfg.keepalive_s, clean_session=True,
@@ -130,6 +141,9 @@ class Sync:
         self._ids = itertools.count(1)
         self._boot = f"{int(time.time()):x}"
         self._next_status = 0.0
+        self._next_health = 0.0
+        self.clock: tuple[float, float] | None = None  # (hub clock - ours, round trip), last reported
+        self._clock_best: tuple[float, float] | None = None  # the best sample since
         self._more = True  # the outbox may hold unsent records
         self._settle_acked: Ranges = []  # acked by the hub, not yet deleted from the outbox
         self._settle_rejected: Ranges = []  # rejected by the hub, not yet handed to outbox.reject()
@@ -173,6 +187,8 @@ class Sync:
             self._check_deadline(time.monotonic())
             if time.monotonic() >= self._next_status:
                 self._publish_status()
+            if self.health_fn is not None and time.monotonic() >= self._next_health:
+                self._publish_health(self.health_fn)
         self._save_state()
 
     def _on_connected(self) -> None:
@@ -188,6 +204,7 @@ class Sync:
         except NotConnected:
             return  # lost again at once: the Lost event follows in this step
         self._publish_status()
+        self._next_health = 0.0
         log.info("broker connected", extra={"broker": f"{self.cfg.host}:{self.cfg.port}",
                                             "client_id": self.link.client_id})
 
@@ -289,6 +306,10 @@ class Sync:
             self.stats.stale_acks += 1  # a batch that stays in flight is resent on its timer
             return
         del self._inflight[ack.batch]
+        if ack.ts is not None and flight.attempt == 0:  # a resent batch's round trip is ambiguous
+            rtt = time.monotonic() - flight.sent_at
+            if self._clock_best is None or rtt < self._clock_best[1]:
+                self._clock_best = (ack.ts - (time.time() - rtt / 2), rtt)
         if self._by_mid.get(flight.mid) == ack.batch:  # the hub's ack overtook the PUBACK
             del self._by_mid[flight.mid]
         if acked:
@@ -410,6 +431,27 @@ class Sync:
             self.link.publish(self.t_status, dumps(self.status()), qos=1, retain=True)
         except NotConnected:
             pass
+
+    def health_soon(self) -> None:
+        """Publish a health message at the next step (any thread: a driver went up or down)."""
+        self._next_health = 0.0
+        self.wake.set()
+
+    def _publish_health(self, sample: Callable[[tuple[float, float] | None], Health]) -> None:
+        # the deadline first: a health_soon() from now on is seen by this sample or causes the next one
+        self._next_health = time.monotonic() + self.health_interval_s
+        self.clock = self._clock_best or self.clock
+        self._clock_best = None
+        try:
+            payload = sample(self.clock).model_dump_json()
+        except Exception:  # a failing sample must cost the health message, never the sync
+            log.exception("health sample failed")
+            return
+        try:
+            self.link.publish(self.t_health, payload, qos=1, retain=True)
+        except NotConnected:
+            return
+        self.stats.health_sent += 1
 
     def _goodbye(self) -> None:
         if self.link.connected:

@@ -6,7 +6,7 @@
   customs-edge probe --config FILE ROLE    read a few frames from one instrument and show them
   customs-edge status --config FILE        the unit's outbox on disk: pending, produced, dropped
   customs-edge simulate TYPE [...]         serve a simulated device on a pty / loopback socket
-  customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats [--db F] [--json]
+  customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge models evaluate NAME        held-out figures of a shipped model
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
 """
@@ -142,6 +142,10 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.service import Hub, HubConfig
     from customs_edge.hub.store import HubStore
 
+    if args.action == "fleet":
+        from customs_edge.cli.fleet import cmd_fleet
+
+        return cmd_fleet(args.db, args.json)
     if args.action == "stats":
         store = HubStore(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
         rows, refused = store.stats(), store.refused()
@@ -224,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_simulate)
 
-    h = sub.add_parser("hub", help="run the hub, or `hub stats`")
-    h.add_argument("action", nargs="?", choices=["run", "stats"], default="run")
+    h = sub.add_parser("hub", help="run the hub, or `hub stats`, or `hub fleet` (every unit's health)")
+    h.add_argument("action", nargs="?", choices=["run", "stats", "fleet"], default="run")
     h.add_argument("--db", default=None)
     h.add_argument("--host")
     h.add_argument("--port", type=int)
@@ -257,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "hub" and args.action == "stats" and args.db is None:
+    if args.command == "hub" and args.action in ("stats", "fleet") and args.db is None:
         from customs_edge.hub.service import DEFAULT_DB
 
         args.db = str(DEFAULT_DB)

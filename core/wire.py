@@ -6,6 +6,8 @@
   {prefix}/{device_id}/cmd         operator -> agent, QoS 1: a Command
   {prefix}/{device_id}/cmd/reply   agent -> operator, QoS 1: a CommandReply
   {prefix}/{device_id}/alert       hub -> operator, QoS 1, retained: an Alert (the device's seqs conflict)
+  {prefix}/{device_id}/health      agent -> hub, QoS 1, retained: a Health (every health_interval_s
+                                   and when a driver goes up or down)
 The hub subscribes to `$share/{group}/{prefix}/+/records`, so several hubs share one fleet.
 """
 
@@ -59,6 +61,9 @@ class Ack(BaseModel):
     # inclusive seq ranges the hub refused and will never store (a record that fails validation): the agent
     # deletes them too, counts them and keeps a trace (dead letters); they never block their neighbours
     rejected: list[tuple[Seq, Seq]] = Field(default_factory=list)
+    # the hub's clock when it sent the ack: the agent estimates its offset to the hub from it (optional:
+    # older hubs leave it out, older agents ignore it)
+    ts: float | None = Field(None, allow_inf_nan=False)
 
 
 class Alert(BaseModel):
@@ -131,3 +136,37 @@ def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[
             if lo <= hi:
                 out.append((lo, hi))
     return out
+
+
+MAX_HEALTH_BYTES = 16384  # a health message is ~1 kB; the hub refuses larger ones
+
+
+class DriverHealth(BaseModel):
+    up: bool  # reading frames now (no fault since the last frame)
+    frames: int = 0
+    corrupt: int = 0
+    faults: int = 0
+
+
+class Health(BaseModel):
+    """What a unit reports about itself (agent/health.py). Sizes in bytes, times in seconds; None where
+    the platform cannot tell (no thermal zone, no /proc) or nothing was measured yet (no hub ack)."""
+
+    v: Literal[1] = 1
+    device_id: str
+    ts: float = Field(allow_inf_nan=False)  # the unit's clock
+    agent_version: str
+    uptime_s: float = Field(ge=0, allow_inf_nan=False)  # of the agent process
+    cpu_pct: float | None = Field(ge=0, allow_inf_nan=False)  # of one core, by the process, since the last message
+    rss_bytes: int | None = Field(ge=0)
+    disk_free_bytes: int | None = Field(ge=0)  # on the outbox's filesystem, for an unprivileged writer
+    soc_temp_c: float | None = Field(allow_inf_nan=False)
+    outbox_pending: int = Field(ge=0)
+    oldest_unsent_age_s: float | None = Field(allow_inf_nan=False)
+    dropped: dict[str, int] = Field(default_factory=dict)  # by the outbox's cap, per priority name
+    dead_letters: dict[str, int] = Field(default_factory=dict)  # per reason
+    drivers: dict[str, DriverHealth] = Field(default_factory=dict)  # per role
+    models: dict[str, str] = Field(default_factory=dict)  # manifest name -> version, of the models the app loaded
+    config_hash: str  # sha256 of the canonical unit config (agent/health.py config_hash)
+    clock_offset_s: float | None = Field(None, allow_inf_nan=False)  # hub clock - unit clock, from ack round trips
+    clock_rtt_s: float | None = Field(None, allow_inf_nan=False)  # the round trip of that estimate: its error <= rtt/2

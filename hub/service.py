@@ -1,7 +1,9 @@
 """The hub service: subscribe (shared), store, then ack. One thread, an explicit loop.
 
 Several hubs may run against one broker: they join the same shared-subscription group, and the broker
-hands each records message to one of them. Each hub acks only what it stored itself.
+hands each records message to one of them. Each hub acks only what it stored itself. Status and health
+messages are subscribed plainly (every hub keeps them); a health message that is not a valid Health of the
+device its topic names is counted (`health_refused`, and per device in the store) and ignored.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from customs_edge.core.mqtt import Connected, Lost, Message, MqttLink, NotConnected, install_client_id
-from customs_edge.core.wire import Ack, Alert, Status, ranges_of, topic
+from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
 from customs_edge.hub import intake
 from customs_edge.hub.store import HubStore, Stored
 
@@ -59,6 +61,7 @@ class Hub:
         self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
                              username=cfg.username, password=cfg.password, backoff_min_s=0.5, backoff_max_s=10.0)
         self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
+        self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
         self.batches = 0
         self.ready = threading.Event()  # set once subscribed
 
@@ -86,6 +89,7 @@ class Hub:
                 # Always subscribe: a broker restarted without persistence forgot our session.
                 self.link.subscribe(self.records_filter(), 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
+                self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
                 self.ready.set()
                 log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
             elif isinstance(ev, Lost) and ev.was_connected:
@@ -107,9 +111,13 @@ class Hub:
         """Store what a burst of messages carries, in one transaction; return the acks and alerts to publish."""
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
+        health: list[tuple[str, bytes]] = []
         for t, payload in messages:
             if t.endswith("/status"):
                 self._status(t, payload)
+                continue
+            if t.endswith("/health"):
+                health.append((t, payload))
                 continue
             try:
                 b = intake.parse(t, payload)
@@ -123,6 +131,8 @@ class Hub:
                     "device": b.device_id, "batch": b.batch, "count": len(b.rejected), "seq": b.rejected[0].seq,
                     "reason": b.rejected[0].reason})
             incoming.append(b)
+        if health:
+            self._health(health)
         if not incoming and not refused:
             return []
         try:
@@ -143,7 +153,8 @@ class Hub:
 
     def _answer(self, s: Stored) -> list[Out]:
         self.batches += 1
-        ack = Ack(batch=s.batch, ranges=s.ranges, stored=s.stored, duplicates=s.duplicates, rejected=s.rejected)
+        ack = Ack(batch=s.batch, ranges=s.ranges, stored=s.stored, duplicates=s.duplicates, rejected=s.rejected,
+                  ts=time.time())
         out = [Out(topic(self.cfg.topic_prefix, s.device_id, "ack"), ack.model_dump_json().encode())]
         if s.conflicts:
             seqs = ranges_of(s.conflicts)
@@ -154,6 +165,34 @@ class Hub:
             out.append(Out(topic(self.cfg.topic_prefix, s.device_id, "alert"), alert.model_dump_json().encode(),
                            retain=True))
         return out
+
+    def _health(self, messages: list[tuple[str, bytes]]) -> None:
+        keep: list[tuple[str, float, str]] = []
+        refused: Counter[str] = Counter()  # per device
+        for t, payload in messages:
+            device_id = t.split("/")[-2]
+            kind, why = None, ""
+            if len(payload) > MAX_HEALTH_BYTES:
+                kind, why = "too_large", f"{len(payload)} bytes, at most {MAX_HEALTH_BYTES}"
+            else:
+                try:
+                    h = Health.model_validate_json(payload)
+                except ValidationError as exc:
+                    kind, why = "malformed", intake._reason(exc, "message")
+                else:
+                    if h.device_id != device_id:
+                        kind, why = "device_mismatch", f"device_id {h.device_id!r} on {device_id!r}'s topic"
+            if kind is None:
+                keep.append((device_id, h.ts, h.model_dump_json()))
+                continue
+            refused[device_id] += 1
+            self.health_refused[kind] += 1
+            log.warning("health message ignored", extra={"topic": t, "kind": kind, "reason": why[:300]})
+        try:
+            self.store.put_health(keep, refused)
+        except Exception as exc:  # telemetry: the next message replaces it; the records of this burst go on
+            self.health_refused["store_failed"] += len(keep)
+            log.warning("health messages not stored", extra={"messages": len(keep), "error": repr(exc)})
 
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]

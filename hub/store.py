@@ -6,6 +6,8 @@ its seq was handed out twice (an outbox file restored from an old image, an outb
 synchronous=NORMAL that lost its last commits to a power cut, two units configured with one device_id).
 A conflict is kept in `conflicts`, counted per device, and acked: nothing the hub acks is ever discarded.
 Records that failed validation (hub/intake.py) are counted per device and traced in `rejected`.
+Health messages (core/wire.py Health) are kept per device in `health`: the latest and the HEALTH_KEPT before
+it; health messages refused (malformed, another device's) are counted in devices.health_refused.
 
 Acks are published only after the transaction that stored the records has committed with
 synchronous=FULL: an acked record survives a power cut of the hub.
@@ -75,7 +77,20 @@ SCHEMA: list[str] = [
     CREATE INDEX conflicts_by_seq ON conflicts (device_id, seq);
     CREATE TABLE refused (kind TEXT PRIMARY KEY, batches INTEGER NOT NULL) WITHOUT ROWID;
     """,
+    # v3: health telemetry
+    """
+    CREATE TABLE health (
+        device_id   TEXT NOT NULL,
+        ts          REAL NOT NULL,  -- the unit's clock
+        received_at REAL NOT NULL,
+        payload     TEXT NOT NULL   -- the Health message as validated
+    );
+    CREATE INDEX health_by_device ON health (device_id, ts);
+    ALTER TABLE devices ADD COLUMN health_refused INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
+
+HEALTH_KEPT = 1440  # health messages kept per device: a day at the default interval
 
 Content = tuple[float, str, float, str, int, str]  # a Row without its seq: what a redelivery repeats exactly
 
@@ -94,6 +109,15 @@ class Stored:
     duplicates: int
     conflicts: list[int]  # seqs of this batch newly kept in `conflicts`
     device_conflicts: int  # the device's conflicts so far
+
+
+@dataclass
+class FleetRow:
+    device_id: str
+    status: str | None  # online / offline (the last will) / ? (an unreadable status), None: never heard
+    last_seen: float | None  # the hub's clock: the last records or health message received
+    health: str | None  # the latest Health message (JSON), None: none received
+    health_refused: int
 
 
 @dataclass
@@ -219,6 +243,44 @@ class HubStore:
             "INSERT INTO devices (device_id, status, first_seen, last_seen) VALUES (?,?,?,?)"
             " ON CONFLICT(device_id) DO UPDATE SET status = excluded.status",
             (device_id, status, time.time(), time.time()))
+
+    def put_health(self, messages: Iterable[tuple[str, float, str]], refused: Mapping[str, int]) -> int:
+        """Keep health messages (device_id, the unit's ts, payload) and count refused ones per device, in one
+        transaction. A message already held (the retained copy, delivered again at each subscribe) is skipped;
+        a device keeps its HEALTH_KEPT latest. Returns how many were new."""
+        now = time.time()
+        db = self.db
+        new = 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for device_id, ts, payload in messages:
+                if db.execute("SELECT 1 FROM health WHERE device_id=? AND ts=?", (device_id, ts)).fetchone():
+                    continue
+                new += 1
+                db.execute("INSERT INTO health VALUES (?,?,?,?)", (device_id, ts, now, payload))
+                db.execute("DELETE FROM health WHERE device_id=?1 AND rowid <= (SELECT rowid FROM health WHERE"
+                           " device_id=?1 ORDER BY rowid DESC LIMIT 1 OFFSET ?2)", (device_id, HEALTH_KEPT))
+                db.execute("INSERT INTO devices (device_id, first_seen, last_seen) VALUES (?1,?2,?2)"
+                           " ON CONFLICT(device_id) DO UPDATE SET last_seen = excluded.last_seen", (device_id, now))
+            db.executemany("INSERT INTO devices (device_id, health_refused, first_seen) VALUES (?,?,?) ON CONFLICT"
+                           "(device_id) DO UPDATE SET health_refused = health_refused + excluded.health_refused",
+                           [(d, n, now) for d, n in refused.items() if n])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return new
+
+    def health_history(self, device_id: str, limit: int = HEALTH_KEPT + 1) -> list[tuple[float, str]]:
+        """(received_at, payload) of a device's health messages, newest first."""
+        return self.db.execute("SELECT received_at, payload FROM health WHERE device_id=? ORDER BY rowid DESC"
+                               " LIMIT ?", (device_id, limit)).fetchall()
+
+    def fleet(self) -> list[FleetRow]:
+        rows = self.db.execute(
+            "SELECT d.device_id, d.status, d.last_seen, d.health_refused, (SELECT payload FROM health h WHERE"
+            " h.device_id = d.device_id ORDER BY rowid DESC LIMIT 1) FROM devices d ORDER BY d.device_id").fetchall()
+        return [FleetRow(d, status, seen, payload, refused) for d, status, seen, refused, payload in rows]
 
     def stats(self) -> list[DeviceStats]:
         rows = self.db.execute(

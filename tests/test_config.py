@@ -252,7 +252,7 @@ def test_aliases_within_the_bound_still_work(tmp_path: Path) -> None:
     text = yaml.safe_dump(raw).replace("sync:\n", "sync: &s\n") + "x-copy: *s\n"
     problems = refusal(tmp_path, text)
     assert problems == ["x-copy: unknown key; expected one of: device_id, type, site, drivers, app, outbox, sync, "
-                        "log_level"]
+                        "health_interval_s, log_level"]
 
 
 @pytest.mark.parametrize(("content", "expected"), [
