@@ -63,15 +63,25 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "schema":
         print(json.dumps(unit_schema(), indent=2))
         return 0
+    from customs_edge.agent.config import duplicate_units
+
     bad = 0
+    units = {}
     for f in args.files:
+        warnings: list[str] = []
         try:
-            cfg = load_unit_config(f)
+            cfg = load_unit_config(f, warnings)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             bad += 1
         else:
+            units[f] = cfg
             print(f"{f}: ok ({cfg.type} {cfg.device_id}, drivers: {', '.join(cfg.drivers) or 'none'})")
+        for w in warnings:
+            print(f"{f}: warning: {w}", file=sys.stderr)
+    for line in duplicate_units(units):
+        print(line, file=sys.stderr)
+        bad += 1
     return 1 if bad else 0
 
 

@@ -251,8 +251,9 @@ def test_aliases_within_the_bound_still_work(tmp_path: Path) -> None:
     raw = base()
     text = yaml.safe_dump(raw).replace("sync:\n", "sync: &s\n") + "x-copy: *s\n"
     problems = refusal(tmp_path, text)
+    line = text.splitlines().index("x-copy: *s") + 1
     assert problems == ["x-copy: unknown key; expected one of: device_id, type, site, drivers, app, outbox, sync, "
-                        "log_level"]
+                        f"log_level (line {line})"]
 
 
 @pytest.mark.parametrize(("content", "expected"), [
@@ -287,7 +288,7 @@ def test_echoed_values_and_keys_are_capped(tmp_path: Path) -> None:
     problems = refusal(tmp_path, yaml.safe_dump(raw, width=1 << 20))
     assert len(problems) == 3 and all(len(p) < 320 for p in problems), [len(p) for p in problems]
     port = next(p for p in problems if p.startswith("sync.port"))
-    assert port.endswith("(got '" + "9" * 78 + "…)")
+    assert "(got '" + "9" * 78 + "…) (line " in port
     assert any(p.startswith("sync." + "k" * 79 + "…: unknown key") for p in problems)
     assert any(p.startswith("drivers.scale.driver: unknown driver '" + "d" * 78 + "…; known: ") for p in problems)
 
