@@ -197,6 +197,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from customs_edge.cli import check
+
+    return check.main(args.config, as_json=args.json, frame_timeout_s=args.frame_timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from customs_edge.cli.demo import run_demo
     from customs_edge.hub.brokers import mosquitto_path
@@ -279,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=1, help="data seed (default 1)")
     ev.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(fn=cmd_models)
+
+    ck = sub.add_parser("check", help="commissioning: is this unit ready to run? (✓ / ! / ✗ and the fix)",
+                        description="One line per check, with the fix for each ! and ✗. "
+                                    "Exit code: 0 all passed, 3 warnings, 1 a check failed.")
+    ck.add_argument("--config", required=True, help=CONFIG_HELP)
+    ck.add_argument("--json", action="store_true", help="print the results as JSON")
+    ck.add_argument("--frame-timeout", type=float, default=None,
+                    help="seconds to wait for a valid frame per port (default: its silent_after_s)")
+    ck.set_defaults(fn=cmd_check)
 
     d = sub.add_parser("demo", help="simulated fleet + broker + agents + hub on this machine")
     d.add_argument("--duration", type=float, default=None, help="seconds; default: until Ctrl-C")
