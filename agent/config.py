@@ -226,6 +226,14 @@ def _at_line(problem: str, positions: Positions | None) -> str:
     return problem
 
 
+# The patterns of our string fields in words, for the messages (a regular expression is no help on site)
+PATTERN_WORDS = {
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$": "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+    r"^[a-z][a-z0-9_]*$": "lower-case letters, digits and '_', starting with a letter",
+    r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$": "topic levels of letters, digits, '_', '.' or '-' joined by '/' "
+                                            "(no wildcards, no empty level)",
+}
+
 # What YAML 1.1 makes of an unquoted scalar, for a schema that wanted a string
 _YAML11 = {bool: "the boolean", int: "the number", float: "the number"}
 
@@ -415,6 +423,8 @@ def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[An
             msg = "required key is missing"
         elif err["type"] == "string_type" and (quoted := _yaml11(path, err.get("input"), positions)):
             msg = quoted
+        elif err["type"] == "string_pattern_mismatch" and (words := PATTERN_WORDS.get(err["ctx"]["pattern"])):
+            msg = f"must be {words} (got {echo(err.get('input'))})"
         else:
             msg = f"{err['msg']} (got {echo(err.get('input'))})"
         lines.append(f"{path}: {msg}")

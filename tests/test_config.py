@@ -62,7 +62,8 @@ def test_wrong_types_and_values_say_what_was_expected() -> None:
     got = "\n".join(problems_of(raw))
     assert "sync.port: Input should be a valid integer" in got and "'abc'" in got
     assert "drivers.scale.checksum: Input should be 'auto', 'on' or 'off' (got 'maybe')" in got
-    assert "device_id: String should match pattern" in got
+    assert "device_id: must be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit " \
+        "(got 'bad id with spaces')" in got
 
 
 def test_unknown_driver_and_type_suggest_registered_names() -> None:
@@ -184,7 +185,7 @@ def test_values_that_validate_but_cannot_work_are_refused(tmp_path: Path) -> Non
     raw["sync"]["ack_timeout_s"] = float("inf")
     raw["outbox"]["max_mb"] = float("nan")
     got = "\n".join(problems_of(raw))
-    assert "sync.topic_prefix: String should match pattern" in got
+    assert "sync.topic_prefix: must be topic levels of letters, digits" in got
     assert "sync.ack_timeout_s: Input should be a finite number" in got
     assert "outbox.max_mb: Input should be a finite number" in got
     binary = tmp_path / "latin1.yaml"

@@ -140,3 +140,23 @@ def test_validate_prints_warnings_and_still_exits_0(tmp_path: Path) -> None:
     res = cli("config", "validate", str(f))
     assert res.returncode == 0
     assert f"{f}: warning: drivers.scale.baudrate: has no effect on a socket:// port" in res.stderr
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("device_id", "ore 07", "must be 1 to 64 letters, digits, '_', '.' or '-'"),
+    ("sync.topic_prefix", "site/#", "must be topic levels of letters, digits"),
+    ("drivers.belt_weigher.slaves.0.name", "Weigher", "must be lower-case letters, digits and '_'"),
+    ("drivers.belt_weigher.slaves.0.points.0.name", "rate-tph", "must be lower-case letters, digits and '_'"),
+])
+def test_a_pattern_mismatch_is_said_in_words(tmp_path: Path, key: str, value: str, words: str) -> None:
+    import yaml
+
+    raw = yaml.safe_load(ORE)
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[last] = value
+    problems = [p for p in refused(tmp_path, yaml.safe_dump(raw, sort_keys=False)) if p.startswith(f"{key}:")]
+    assert problems and problems[0].startswith(f"{key}: {words}") and f"(got {value!r})" in problems[0]
+    assert "pattern" not in problems[0]
