@@ -239,11 +239,12 @@ def check_broker(cfg: UnitConfig) -> Result:
                     link.disconnect()
                     return Result("broker", OK, f"{where} accepted the connection"
                                   + (f" as {s.username!r}" if s.username else ""))
+                if isinstance(ev, Lost) and ev.reason.startswith("CONNACK refused"):
+                    what, fix = ev.reason.rsplit(": ", 1)  # each refusal reads "what: the fix"
+                    return Result("broker", FAIL, f"{where}: {what}", fix)
                 if isinstance(ev, Lost):
-                    refused = ev.reason.startswith("CONNACK refused")
-                    return Result("broker", FAIL, f"{where}: {ev.reason}",
-                                  "as above" if refused else "is the broker running and reachable from here? "
-                                  "check sync.host and sync.port, and any firewall between")
+                    return Result("broker", FAIL, f"{where}: {ev.reason}", "is the broker running and reachable "
+                                  "from here? check sync.host and sync.port, and any firewall between")
     finally:
         link.close()
     return Result("broker", FAIL, f"{where}: no answer in {s.connect_timeout_s:g} s",

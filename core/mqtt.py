@@ -180,14 +180,14 @@ def _machine_id(anchor: Path) -> str:
 
 TAKEOVER_AFTER = 2  # sessions in a row closed soon after CONNACK: named as a client id shared by two units
 
-# CONNACK refusals (MQTT 3.1.1 return codes, as paho maps them to MQTT 5 reason codes) in words, with the fix
+# CONNACK refusals (MQTT 3.1.1 return codes, as paho maps them to MQTT 5 reason codes): "what: the fix"
 REFUSALS = {
-    0x84: "unacceptable protocol version: the broker does not accept MQTT 3.1.1",
-    0x85: "client id rejected: the broker does not accept this client id",
+    0x84: "unacceptable protocol version: use a broker (or listener) that accepts MQTT 3.1.1",
+    0x85: "client id rejected: allow this client id at the broker",
     0x86: "bad user name or password: check sync.username and sync.password",
-    0x87: "not authorised: the broker refused these credentials (mosquitto also answers so to a wrong or "
-          "missing username/password): check sync.username, sync.password and the broker's ACL",
-    0x88: "server unavailable: the broker is up but refuses connections for now (see its log)",
+    0x87: "not authorised (mosquitto's answer to a wrong or missing username/password too): check "
+          "sync.username, sync.password and the broker's ACL",
+    0x88: "server unavailable: the broker refuses connections for now; see its log",
 }
 
 
