@@ -49,8 +49,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from customs_edge.agent.config import load_unit_config
     from customs_edge.agent.runtime import run_forever
 
-    cfg = load_unit_config(args.config)
+    warnings: list[str] = []
+    cfg = load_unit_config(args.config, warnings)
     logs.setup(args.log_level or cfg.log_level)
+    for w in warnings:  # the same as `config validate` prints: a role the app ignores, a setting the port ignores
+        log.warning("config: %s", w, extra={"config": args.config})
     reload = threading.Event()
     stop = _stop_on_signals(reload)
     run_forever(cfg, args.config, stop, reload)

@@ -72,3 +72,21 @@ def test_demo_without_mosquitto_names_the_embedded_broker(monkeypatch: pytest.Mo
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "mosquitto is not installed" in err and "--broker embedded" in err
+
+
+def test_run_logs_the_config_warnings(tmp_path: Path) -> None:
+    from customs_edge.hub.brokers import free_port
+    from customs_edge.simulators.base import Endpoints
+    from customs_edge.simulators.scale import ScaleSim, ScaleWorld
+    from tests.conftest import unit_dict, wait_for
+    from tests.fleet import AgentProc
+
+    with Endpoints(ScaleSim(ScaleWorld(seed=2), rate_hz=20), use_pty=False) as urls:
+        cfg = unit_dict(tmp_path, urls["socket"], free_port())
+        cfg["drivers"]["scale"]["baudrate"] = 19200  # ignored on a socket:// port
+        agent = AgentProc(cfg, tmp_path).start()
+        try:
+            wait_for(lambda: "drivers.scale.baudrate: has no effect on a socket:// port" in agent.log_text(), 30,
+                     "the warning in the agent's log")
+        finally:
+            agent.terminate()
