@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,11 +154,81 @@ def test_a_pattern_mismatch_is_said_in_words(tmp_path: Path, key: str, value: st
     import yaml
 
     raw = yaml.safe_load(ORE)
-    *parents, last = key.split(".")
-    node = raw
-    for part in parents:
-        node = node[int(part)] if part.isdigit() else node[part]
-    node[last] = value
+    _set(key, value)(raw)
     problems = [p for p in refused(tmp_path, yaml.safe_dump(raw, sort_keys=False)) if p.startswith(f"{key}:")]
     assert problems and problems[0].startswith(f"{key}: {words}") and f"(got {value!r})" in problems[0]
     assert "pattern" not in problems[0]
+
+
+# --- thirty-odd misconfigurations, each refused with a message that names the fix ---------------------
+
+def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def apply(raw: dict[str, Any]) -> None:
+        node: Any
+        *parents, last = path.split(".")
+        node = raw
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return apply
+
+
+_DELETE = object()
+SC, OR = "scale", "ore"
+MISCONFIGURATIONS = [  # (base file, edit, the start of the problem line, what it must say)
+    (SC, _set("drivers.scale.baudrat", 9600), "drivers.scale.baudrat:", "did you mean 'baudrate'?"),
+    (SC, _set("sync.ackmode", "hub"), "sync.ackmode:", "did you mean 'ack_mode'?"),
+    (SC, _set("drivers.scale.driver", "toledo-continous"), "drivers.scale.driver:",
+     "did you mean 'toledo-continuous'?"),
+    (SC, _set("type", "scales"), "type:", "did you mean 'scale'?"),
+    (SC, _set("x_extra", 1), "x_extra:", "expected one of: device_id, type"),
+    (SC, _set("drivers.scale.port", _DELETE), "drivers.scale.port:", "required key is missing"),
+    (SC, _set("drivers.scale.port", "10.0.0.5:4001"), "drivers.scale.port:", "written 'socket://10.0.0.5:4001'"),
+    (SC, _set("drivers.scale.port", "tcp://scale-1.local:23"), "drivers.scale.port:", "'socket://scale-1.local:23'"),
+    (SC, _set("drivers.scale.parity", "X"), "drivers.scale.parity:", "'N', 'E', 'O', 'M' or 'S'"),
+    (SC, _set("drivers.scale.bytesize", 9), "drivers.scale.bytesize:", "5, 6, 7 or 8"),
+    (SC, _set("drivers.scale.stopbits", 3), "drivers.scale.stopbits:", "must be 1, 1.5 or 2"),
+    (SC, _set("drivers.scale.checksum", "maybe"), "drivers.scale.checksum:", "'auto', 'on' or 'off'"),
+    (SC, _set("drivers.scale.read_timeout_s", 20), "drivers.scale.read_timeout_s:", "less than or equal to 10"),
+    (SC, _set("drivers.scale.driver", "modbus-rtu"), "drivers.scale", "required key is missing"),
+    (SC, _set("drivers", {"scael": {"driver": "toledo-continuous", "port": "/dev/ttyUSB0"}}), "drivers.scale:",
+     "needs a driver named 'scale'"),
+    (SC, _set("device_id", "scale 01"), "device_id:", "letters, digits, '_', '.' or '-'"),
+    (SC, _set("device_id", _DELETE), "device_id:", "required key is missing"),
+    (SC, _set("sync.topic_prefix", "site/#"), "sync.topic_prefix:", "no wildcards"),
+    (SC, _set("sync.port", 70000), "sync.port:", "less than 65536"),
+    (SC, _set("sync.port", "abc"), "sync.port:", "valid integer"),
+    (SC, _set("sync.keepalive_s", 1), "sync.keepalive_s:", "greater than or equal to 2"),
+    (SC, _set("sync.ack_mode", "never"), "sync.ack_mode:", "'hub' or 'broker'"),
+    (SC, _set("outbox.max_mb", 0), "outbox.max_mb:", "greater than 0"),
+    (SC, _set("outbox.synchronous", "OFF"), "outbox.synchronous:", "'FULL' or 'NORMAL'"),
+    (SC, _set("log_level", "verbose"), "log_level:", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
+    (SC, _set("app.deadbnd", 1), "app.deadbnd:", "did you mean 'deadband'?"),
+    (OR, _set("app.points", {"total_t": "total_tonnes"}), "app.points.total_t:", "did you mean 'total_t'?"),
+    (OR, _set("drivers.belt_weigher.slaves.0.points.2.name", "totaliser"), "app.points.total_t:",
+     "rename the point in drivers.belt_weigher or set app.points.total_t"),
+    (OR, _set("drivers.analyser", _DELETE), "drivers.analyser:", "needs a driver named 'analyser'"),
+    (OR, _set("drivers.belt_weigher.slaves.0.points.0.name", "Rate"), "drivers.belt_weigher.slaves.0.points.0.name:",
+     "lower-case letters, digits and '_'"),
+    (OR, _set("app.tml_pct", 50), "app.tml_pct:", "less than or equal to 40"),
+    (OR, _set("drivers.analyser.port", "192.0.2.10:4001"), "drivers.analyser.port:", "'socket://192.0.2.10:4001'"),
+]
+
+
+@pytest.mark.parametrize(("base", "apply", "where", "fix"), MISCONFIGURATIONS,
+                         ids=[f"{m[0]}-{m[2].rstrip(':')}-{i}" for i, m in enumerate(MISCONFIGURATIONS)])
+def test_a_misconfiguration_names_its_key_its_line_and_the_fix(tmp_path: Path, base: str,
+                                                               apply: Callable[[dict[str, Any]], None],
+                                                               where: str, fix: str) -> None:
+    import yaml
+
+    raw = yaml.safe_load(ORE if base == OR else SCALE)
+    apply(raw)
+    problems = refused(tmp_path, yaml.safe_dump(raw, sort_keys=False))
+    hits = [p for p in problems if p.startswith(where) and fix in p]
+    assert hits, problems
+    assert all("(line " in p for p in problems if not p.startswith(("device_id: required",)))
+
