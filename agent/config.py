@@ -9,6 +9,8 @@ the file, the dotted path to the bad key, what was expected, and a did-you-mean 
 
 from __future__ import annotations
 
+import json
+import re
 import reprlib
 import types
 import typing
@@ -22,7 +24,7 @@ from pydantic.json_schema import models_json_schema
 from customs_edge.agent import registry
 from customs_edge.core.errors import ConfigError
 from customs_edge.core.readings import Reading
-from customs_edge.drivers.base import DriverConfig
+from customs_edge.drivers.base import DriverConfig, SerialPortConfig
 
 Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -138,13 +140,24 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
-def load_unit_config(path: str | Path) -> UnitConfig:
-    return parse_unit_config(read_yaml(Path(path)), str(path))
+Positions = dict[str, tuple[yaml.Node, yaml.Node]]  # "a.b.0.c" -> (key node, value node) as written
+
+
+def load_unit_config(path: str | Path, warnings: list[str] | None = None) -> UnitConfig:
+    """The unit file at `path`, validated; problems name the line they are on. Warnings (a role the app
+    does not use, a setting the port ignores) are appended to `warnings` when it is given."""
+    raw, positions = read_yaml_marked(Path(path))
+    return parse_unit_config(raw, str(path), warnings=warnings, positions=positions)
 
 
 def read_yaml(path: Path) -> Any:
-    """The one YAML document in `path`. Any failure to load is a ConfigError naming the file: never a
-    traceback (a reload must not stop the running unit), never unbounded time or memory."""
+    return read_yaml_marked(path)[0]
+
+
+def read_yaml_marked(path: Path) -> tuple[Any, Positions]:
+    """The one YAML document in `path`, and where each key of it was written. Any failure to load is a
+    ConfigError naming the file: never a traceback (a reload must not stop the running unit), never
+    unbounded time or memory."""
     source = str(path)
     try:
         with path.open("rb") as f:
@@ -158,8 +171,11 @@ def read_yaml(path: Path) -> Any:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from exc
+    loader: _BoundedLoader | None = None
     try:
-        raw = yaml.load(text, Loader=_BoundedLoader)
+        loader = _BoundedLoader(text)
+        node = loader.get_single_node()
+        raw = None if node is None else loader.construct_document(node)
     except _Refused as exc:
         raise ConfigError(source, [f"refused: {exc}"]) from exc
     except yaml.MarkedYAMLError as exc:
@@ -170,9 +186,72 @@ def read_yaml(path: Path) -> Any:
     except Exception as exc:  # a ReaderError, a constructor's ValueError (2024-13-45, an int of 5,000 digits)
         what = "not valid YAML" if isinstance(exc, yaml.YAMLError) else f"cannot be loaded: {type(exc).__name__}"
         raise ConfigError(source, [_clip(f"{what}: {exc}")]) from exc
-    if raw is None:
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if raw is None or node is None:
         raise ConfigError(source, ["empty: a unit file needs at least device_id, type and drivers"])
-    return raw
+    return raw, _positions(node)
+
+
+def _positions(root: yaml.Node) -> Positions:
+    """Dotted key path -> the key and value nodes, for every key of the document (an aliased node is
+    walked once: its first place is its position)."""
+    out: Positions = {}
+    seen: set[int] = set()
+    todo: list[tuple[str, yaml.Node]] = [("", root)]
+    while todo:
+        path, node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        pairs: list[tuple[str, yaml.Node, yaml.Node]] = []
+        if isinstance(node, yaml.MappingNode):
+            pairs = [(str(k.value), k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)]
+        elif isinstance(node, yaml.SequenceNode):
+            pairs = [(str(i), v, v) for i, v in enumerate(node.value)]
+        for key, knode, vnode in pairs:
+            sub = f"{path}.{key}" if path else key
+            out.setdefault(sub, (knode, vnode))
+            todo.append((sub, vnode))
+    return out
+
+
+def _at_line(problem: str, positions: Positions | None) -> str:
+    """`problem` ('a.b.c: why') with the line of the deepest key of its path that the file has."""
+    if not positions:
+        return problem
+    parts = problem.split(": ", 1)[0].split(".")
+    for n in range(len(parts), 0, -1):
+        if (hit := positions.get(".".join(parts[:n]))) is not None:
+            return f"{problem} (line {hit[0].start_mark.line + 1})"
+    return problem
+
+
+# The patterns of our string fields in words, for the messages (a regular expression is no help on site)
+PATTERN_WORDS = {
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$": "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+    r"^[a-z][a-z0-9_]*$": "lower-case letters, digits and '_', starting with a letter",
+    r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$": "topic levels of letters, digits, '_', '.' or '-' joined by '/' "
+                                            "(no wildcards, no empty level)",
+}
+
+# What YAML 1.1 makes of an unquoted scalar, for a schema that wanted a string
+_YAML11 = {bool: "the boolean", int: "the number", float: "the number"}
+
+
+def _yaml11(path: str, value: Any, positions: Positions | None) -> str | None:
+    """'YAML read 0755 as the number 493: write it quoted' when a plain scalar became a bool or number."""
+    hit = positions.get(path) if positions else None
+    if hit is None or not isinstance(hit[1], yaml.ScalarNode) or hit[1].style is not None:
+        return None
+    kind = _YAML11.get(type(value))
+    if kind is None:
+        return None
+    text, key = hit[1].value, path.rsplit(".", 1)[-1]
+    shown = str(value).lower() if isinstance(value, bool) else echo(value)
+    return (f"YAML 1.1 reads {text} as {kind} {shown}, not text: write it quoted, "
+            f"{key}: {json.dumps(text)}")
 
 
 _REPR = reprlib.Repr()
@@ -197,16 +276,18 @@ def _unknown(exc: registry.UnknownName) -> str:
     return str(exc).replace(repr(exc.name), echo(exc.name), 1)
 
 
-def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
+def parse_unit_config(raw: Any, source: str = "<config>", *, warnings: list[str] | None = None,
+                      positions: Positions | None = None) -> UnitConfig:
     """Validate everything and report every problem at once, not just the first one found."""
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"top level must be a mapping of keys to values (got {echo(raw)})"])
     problems: list[str] = []
+    notes: list[str] = []
     frame: _Frame | None = None
     try:
         frame = _Frame.model_validate(raw)
     except ValidationError as exc:
-        problems += format_errors(exc, _Frame)
+        problems += format_errors(exc, _Frame, positions=positions)
 
     drivers: dict[str, DriverConfig] = {}
     produces: dict[str, tuple[type[Reading], ...]] = {}
@@ -223,7 +304,9 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
             drivers[role] = cls.Config.model_validate(spec)
             produces[role] = cls.produces(drivers[role]) if hasattr(cls, "produces") else ()
         except ValidationError as exc:
-            problems += format_errors(exc, cls.Config, prefix=("drivers", role))
+            problems += format_errors(exc, cls.Config, prefix=("drivers", role), positions=positions)
+        else:
+            _check_port(role, drivers[role], spec, problems, notes)
 
     app_cfg: BaseModel | dict[str, Any] = raw.get("app") or {}
     unit_type = raw.get("type")
@@ -236,15 +319,97 @@ def parse_unit_config(raw: Any, source: str = "<config>") -> UnitConfig:
             try:
                 app_cfg = app_cls.Config.model_validate(app_cfg)
             except ValidationError as exc:
-                problems += format_errors(exc, app_cls.Config, prefix=("app",))
+                problems += format_errors(exc, app_cls.Config, prefix=("app",), positions=positions)
             if len(drivers) == len(raw_drivers):
                 problems += app_cls.check_drivers(drivers, produces)
+                if isinstance(app_cfg, BaseModel):
+                    problems += _check_points(app_cfg, drivers)
+                notes += [f"drivers.{role}: a {unit_type} unit reads no driver named {role!r} (it reads "
+                          f"{', '.join(app_cls.CONSUMES)}): a misspelt role, or an instrument left over?"
+                          for role in drivers if app_cls.CONSUMES and role not in app_cls.CONSUMES]
+    if warnings is not None:
+        warnings += [_at_line(_clip(n), positions) for n in notes]
     if problems or frame is None:
-        raise ConfigError(source, [_clip(p) for p in problems])
+        raise ConfigError(source, [_at_line(_clip(p), positions) for p in problems])
     return UnitConfig.model_construct(**{**frame.__dict__, "drivers": drivers, "app": app_cfg})
 
 
-def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...] = ()) -> list[str]:
+_LINE_KEYS = ("baudrate", "bytesize", "parity", "stopbits")  # what a socket:// port cannot set
+_TCP_ADDRESS = re.compile(r"^(?:tcp://)?((?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})$")
+
+
+def _check_port(role: str, cfg: DriverConfig, spec: dict[str, Any], problems: list[str], notes: list[str]) -> None:
+    """A serial driver's `port` against the settings it was given: a TCP address needs socket://, and
+    line settings on a socket:// port are ignored (the device server at the far end sets the line)."""
+    if not isinstance(cfg, SerialPortConfig):
+        return
+    if m := _TCP_ADDRESS.match(cfg.port):
+        problems.append(f"drivers.{role}.port: {echo(cfg.port)} is neither a device path nor a URL: "
+                        f"a TCP address is written 'socket://{m[1]}:{m[2]}'")
+    elif cfg.port.startswith("socket://"):
+        notes += [f"drivers.{role}.{k}: has no effect on a socket:// port (set the line on the device "
+                  "server); remove it" for k in _LINE_KEYS if k in spec]
+
+
+def _check_points(app_cfg: BaseModel, drivers: dict[str, DriverConfig]) -> list[str]:
+    """An app's `points` (names of the points it reads, e.g. the ore station's totaliser) against the
+    points its drivers define: a point nobody defines is a value the app never sees, silently."""
+    points = getattr(app_cfg, "points", None)
+    if not isinstance(points, BaseModel):
+        return []
+    roles: dict[str, str] = getattr(points, "ROLES", {})
+    defined = {role: _point_names(cfg) for role, cfg in drivers.items()}
+    everywhere = sorted({n for names in defined.values() for n in names})
+    problems = []
+    for field, name in points.model_dump().items():
+        role = roles.get(field)
+        if not isinstance(name, str) or name in everywhere or (role is not None and role not in drivers):
+            continue  # defined, or read from an optional role this unit does not have
+        hint = registry.suggest(name, everywhere)
+        where = f"drivers.{role}" if role in drivers else "the drivers"
+        problems.append(f"app.points.{field}: no driver defines a point named {echo(name)}"
+                        + (f" (did you mean {hint!r}?)" if hint else "")
+                        + f": rename the point in {where} or set app.points.{field}; {where} define: "
+                        + (", ".join(sorted(defined[role])) if role in drivers else ", ".join(everywhere) or "none"))
+    return problems
+
+
+def _point_names(cfg: BaseModel) -> set[str]:
+    """Names of the points a driver config defines: every `points: [{name: ...}]` list inside it."""
+    out: set[str] = set()
+    todo: list[Any] = [cfg]
+    while todo:
+        model = todo.pop()
+        for field in type(model).model_fields:
+            value = getattr(model, field)
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if not isinstance(item, BaseModel):
+                    continue
+                name = getattr(item, "name", None)
+                if field == "points" and isinstance(name, str):
+                    out.add(name)
+                else:
+                    todo.append(item)
+    return out
+
+
+def duplicate_units(units: dict[str, UnitConfig]) -> list[str]:
+    """Across several unit files (source -> config): a device_id or an outbox file used twice. Two units
+    with one device_id take each other's MQTT session and interleave one (device_id, seq) series; two
+    agents on one outbox would share it."""
+    problems = []
+    seen: dict[tuple[str, str], str] = {}
+    for source, cfg in units.items():
+        for key, value in (("device_id", cfg.device_id), ("outbox.path", str(cfg.outbox.path.resolve()))):
+            other = seen.setdefault((key, value), source)
+            if other != source:
+                problems.append(f"{source}: {key}: {echo(value)} is also the {key} of {other}: "
+                                "every unit needs its own")
+    return problems
+
+
+def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...] = (),
+                  positions: Positions | None = None) -> list[str]:
     """One line per error: 'a.b.c: message', with a did-you-mean for unknown keys."""
     lines = []
     for err in exc.errors(include_url=False):
@@ -258,6 +423,10 @@ def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[An
                 msg += f"; expected one of: {', '.join(known)}"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif err["type"] == "string_type" and (quoted := _yaml11(path, err.get("input"), positions)):
+            msg = quoted
+        elif err["type"] == "string_pattern_mismatch" and (words := PATTERN_WORDS.get(err["ctx"]["pattern"])):
+            msg = f"must be {words} (got {echo(err.get('input'))})"
         else:
             msg = f"{err['msg']} (got {echo(err.get('input'))})"
         lines.append(f"{path}: {msg}")

@@ -9,6 +9,9 @@
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge models evaluate NAME        held-out figures of a shipped model
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
+  customs-edge check --config FILE         commissioning: config, models, ports, outbox, broker, clock
+
+Exit codes: 0 ok, 1 a refused config or a failed check (the message names the fix), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from customs_edge.agent.config import load_unit_config
     from customs_edge.agent.runtime import run_forever
 
-    cfg = load_unit_config(args.config)
+    warnings: list[str] = []
+    cfg = load_unit_config(args.config, warnings)
     logs.setup(args.log_level or cfg.log_level)
+    for w in warnings:  # the same as `config validate` prints: a role the app ignores, a setting the port ignores
+        log.warning("config: %s", w, extra={"config": args.config})
     reload = threading.Event()
     stop = _stop_on_signals(reload)
     run_forever(cfg, args.config, stop, reload)
@@ -60,15 +66,25 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "schema":
         print(json.dumps(unit_schema(), indent=2))
         return 0
+    from customs_edge.agent.config import duplicate_units
+
     bad = 0
+    units = {}
     for f in args.files:
+        warnings: list[str] = []
         try:
-            cfg = load_unit_config(f)
+            cfg = load_unit_config(f, warnings)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             bad += 1
         else:
+            units[f] = cfg
             print(f"{f}: ok ({cfg.type} {cfg.device_id}, drivers: {', '.join(cfg.drivers) or 'none'})")
+        for w in warnings:
+            print(f"{f}: warning: {w}", file=sys.stderr)
+    for line in duplicate_units(units):
+        print(line, file=sys.stderr)
+        bad += 1
     return 1 if bad else 0
 
 
@@ -134,6 +150,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    # each simulator parses its own options: `simulate TYPE --help` is its help
     registry.load_object(SIMULATORS[args.type])(args.rest)
     return 0
 
@@ -187,66 +204,104 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from customs_edge.cli import check
+
+    return check.main(args.config, as_json=args.json, frame_timeout_s=args.frame_timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from customs_edge.cli.demo import run_demo
+    from customs_edge.hub.brokers import mosquitto_path
+
+    if args.broker == "mosquitto" and mosquitto_path() is None:
+        raise CustomsEdgeError("mosquitto is not installed: install it (apt-get install mosquitto) "
+                               "or run with --broker embedded")
 
     return run_demo(duration=args.duration, as_json=args.json, workdir=args.workdir,
                     types=args.types.split(",") if args.types else None, broker_kind=args.broker)
 
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+CONFIG_HELP = "the unit's YAML file (e.g. /etc/customs-edge/ore-01.yaml)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("customs-edge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="customs-edge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a unit")
-    r.add_argument("--config", required=True)
-    r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r.add_argument("--config", required=True, help=CONFIG_HELP)
+    r.add_argument("--log-level", choices=LOG_LEVELS, help="overrides the config's log_level")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("config", help="validate config files or print the schema")
-    csub = c.add_subparsers(dest="action", required=True)
-    v = csub.add_parser("validate")
-    v.add_argument("files", nargs="+")
-    csub.add_parser("schema")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = csub.add_parser("validate", help="check unit files, and across them: duplicate device ids and outboxes")
+    v.add_argument("files", nargs="+", help="one or more unit YAML files")
+    csub.add_parser("schema", help="JSON Schema of a unit file, for editors")
     c.set_defaults(fn=cmd_config)
 
     pr = sub.add_parser("probe", help="read a few frames from one configured instrument")
-    pr.add_argument("--config", required=True)
-    pr.add_argument("role")
-    pr.add_argument("--count", type=int, default=10)
-    pr.add_argument("--seconds", type=float, default=10.0)
+    pr.add_argument("--config", required=True, help=CONFIG_HELP)
+    pr.add_argument("role", help="the driver's role name in the config (a key under drivers:)")
+    pr.add_argument("--count", type=int, default=10, help="stop after this many readings (default 10)")
+    pr.add_argument("--seconds", type=float, default=10.0, help="give up after this long (default 10)")
     pr.add_argument("--hexdump", action="store_true", help="hex-dump the traffic to stderr (< read, > written)")
     pr.set_defaults(fn=cmd_probe)
 
     st = sub.add_parser("status", help="the unit's outbox on disk")
-    st.add_argument("--config", required=True)
+    st.add_argument("--config", required=True, help=CONFIG_HELP)
     st.set_defaults(fn=cmd_status)
 
-    s = sub.add_parser("simulate", help="serve a simulated device", add_help=False)
-    s.add_argument("type", choices=sorted(SIMULATORS))
-    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s = sub.add_parser("simulate", help="serve a simulated device (`simulate TYPE --help` for its options)",
+                       description="Serve a simulated device on a pty and a loopback socket. "
+                                   "`customs-edge simulate TYPE --help` lists that simulator's options.")
+    s.add_argument("type", choices=sorted(SIMULATORS), help="the simulated device")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="options of that simulator")
     s.set_defaults(fn=cmd_simulate)
 
     h = sub.add_parser("hub", help="run the hub, or `hub stats`, or `hub fleet` (every unit's health)")
-    h.add_argument("action", nargs="?", choices=["run", "stats", "fleet"], default="run")
-    h.add_argument("--db", default=None)
-    h.add_argument("--host")
-    h.add_argument("--port", type=int)
-    h.add_argument("--share-group")
+    h.add_argument("action", nargs="?", choices=["run", "stats", "fleet"], default="run",
+                   help="run (default): store what units send; stats: per-device counts from the database; "
+                        "fleet: every unit's latest health")
+    h.add_argument("--db", default=None, help="the hub's SQLite database")
+    h.add_argument("--host", help="broker host")
+    h.add_argument("--port", type=int, help="broker port")
+    h.add_argument("--share-group", help="MQTT shared-subscription group (several hubs share the load)")
     h.add_argument("--no-share", action="store_true", help="plain subscription (brokers without $share)")
-    h.add_argument("--client-id")
-    h.add_argument("--json", action="store_true")
-    h.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    h.add_argument("--client-id", help="MQTT client id (default: derived from this machine and the database)")
+    h.add_argument("--json", action="store_true", help="stats or fleet as JSON")
+    h.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
     h.set_defaults(fn=cmd_hub)
 
     m = sub.add_parser("models", help="model figures")
-    msub = m.add_subparsers(dest="action", required=True)
-    ev = msub.add_parser("evaluate")
-    ev.add_argument("name", choices=sorted(MODELS))
-    ev.add_argument("--seed", type=int, default=1)
-    ev.add_argument("--json", action="store_true")
+    msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ev = msub.add_parser("evaluate", help="train on the synthetic set and print held-out figures")
+    ev.add_argument("name", choices=sorted(MODELS), help="the model")
+    ev.add_argument("--seed", type=int, default=1, help="data seed (default 1)")
+    ev.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(fn=cmd_models)
+
+    ck = sub.add_parser("check", help="commissioning: is this unit ready to run? (✓ / ! / ✗ and the fix)",
+                        description="One line per check, with the fix for each ! and ✗. "
+                                    "Exit code: 0 all passed, 3 warnings, 1 a check failed.")
+    ck.add_argument("--config", required=True, help=CONFIG_HELP)
+    ck.add_argument("--json", action="store_true", help="print the results as JSON")
+    ck.add_argument("--frame-timeout", type=float, default=None,
+                    help="seconds to wait for a valid frame per port (default: its silent_after_s)")
+    ck.set_defaults(fn=cmd_check)
 
     d = sub.add_parser("demo", help="simulated fleet + broker + agents + hub on this machine")
     d.add_argument("--duration", type=float, default=None, help="seconds; default: until Ctrl-C")
@@ -265,11 +320,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         from customs_edge.hub.service import DEFAULT_DB
 
         args.db = str(DEFAULT_DB)
+    # an expected failure is one line that names the fix, never a traceback
     try:
         sys.exit(args.fn(args))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        sys.exit(1)
     except CustomsEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error:{where}: {exc.strerror or exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(1)

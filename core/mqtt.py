@@ -13,7 +13,9 @@ One state machine for every owner (the agent's sync, the hub):
 Attempts are paced by a jittered exponential backoff; a socket that gets no CONNACK within
 connect_timeout_s is dropped. The backoff resets only when a connection lasted a keepalive period, so
 a broker that accepts and drops at once (two clients taking one client id's session over) is retried
-ever more slowly, never in a loop. Each attempt uses a fresh paho client, so dropping a half-open
+ever more slowly, never in a loop; after TAKEOVER_AFTER such sessions in a row the Lost reason (and an
+ERROR log line) names the likely cause: another client with the same id. A refused CONNACK is decoded
+into words naming what to check (`refusal`). Each attempt uses a fresh paho client, so dropping a half-open
 connection is closing its socket and forgetting it. No thread of its own: step() waits in select() on
 the socket and on `waker`, which any thread may set to end the wait early.
 """
@@ -176,6 +178,26 @@ def _machine_id(anchor: Path) -> str:
     return new
 
 
+TAKEOVER_AFTER = 2  # sessions in a row closed soon after CONNACK: named as a client id shared by two units
+
+# CONNACK refusals (MQTT 3.1.1 return codes, as paho maps them to MQTT 5 reason codes): "what: the fix"
+REFUSALS = {
+    0x84: "unacceptable protocol version: use a broker (or listener) that accepts MQTT 3.1.1",
+    0x85: "client id rejected: allow this client id at the broker",
+    0x86: "bad user name or password: check sync.username and sync.password",
+    0x87: "not authorised (mosquitto's answer to a wrong or missing username/password too): check "
+          "sync.username, sync.password and the broker's ACL",
+    0x88: "server unavailable: the broker refuses connections for now; see its log",
+}
+
+
+def refusal(rc: Any) -> str:
+    """A CONNACK refusal code in words, naming what to check."""
+    value = getattr(rc, "value", rc)
+    value = {1: 0x84, 2: 0x85, 3: 0x88, 4: 0x86, 5: 0x87}.get(value, value)  # a raw 3.1.1 return code
+    return REFUSALS.get(value, f"refused with code {value} ({rc})")
+
+
 class MqttLink:
     """One MQTT 3.1.1 session to one broker, with its own connect/backoff state machine."""
 
@@ -201,6 +223,7 @@ class MqttLink:
         self._since = 0.0  # connecting: when the attempt began; connected: when CONNACK came
         self._next_attempt = 0.0
         self._refused = ""
+        self._closed_early = 0  # sessions in a row the broker closed within a keepalive of accepting them
         self._events: list[Event] = []  # what happened since the last step; every step() empties it
 
     @property
@@ -294,15 +317,29 @@ class MqttLink:
         if client is not self._client:
             return
         if rc.is_failure:
-            self._refused = f"CONNACK refused: {rc}"  # the broker closes the connection next
+            self._refused = f"CONNACK refused: {refusal(rc)}"  # the broker closes the connection next
             return
         self._connected, self._since = True, time.monotonic()
         self.connects += 1
         self._events.append(Connected(bool(getattr(flags, "session_present", False))))
 
-    def _on_disconnect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
-        if client is self._client:
-            self._drop(self._refused or f"disconnected: {rc}")
+    def _on_disconnect(self, client: paho.Client, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
+        if client is not self._client:
+            return
+        if self._refused or not self._connected:
+            self._drop(self._refused or "the broker closed the connection before its CONNACK")
+            return
+        # MQTT 3.1.1 gives no reason: the broker (or the network) closed a session it had accepted.
+        # Closed soon after being accepted, again and again: what mosquitto does to the older of two
+        # clients with one client id, each time the other one connects.
+        if time.monotonic() - self._since < self.keepalive:
+            self._closed_early += 1
+        if self._closed_early >= TAKEOVER_AFTER:
+            self._drop(f"another client connected as {self.client_id!r}: two units share this client id? "
+                       f"(the broker closed {self._closed_early} sessions in a row soon after accepting them)",
+                       level=logging.ERROR)
+        else:
+            self._drop("the broker or the network closed the connection")
 
     def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if client is self._client:
@@ -352,7 +389,7 @@ class MqttLink:
         self._drop("closed", quiet=True)
         self._waker.close()
 
-    def _drop(self, reason: str, *, quiet: bool = False) -> None:
+    def _drop(self, reason: str, *, quiet: bool = False, level: int = logging.WARNING) -> None:
         c, was_connected = self._client, self._connected
         if c is None:
             return
@@ -364,11 +401,12 @@ class MqttLink:
         now = time.monotonic()
         if was_connected and now - self._since >= self.keepalive:
             self.backoff.reset()  # that connection was real: reconnect soon
+            self._closed_early = 0
         delay = self.backoff.next()
         self._next_attempt = now + delay
         self.last_error = reason
         self._events.append(Lost(reason, was_connected))
         if not quiet:
-            log.warning("broker connection lost" if was_connected else "broker connect failed",
-                        extra={"broker": f"{self.host}:{self.port}", "client_id": self.client_id,
+            log.log(level, "broker connection lost" if was_connected else "broker connect failed",
+                    extra={"broker": f"{self.host}:{self.port}", "client_id": self.client_id,
                                "error": reason, "retry_in_s": round(delay, 2)})

@@ -179,3 +179,27 @@ def script_driver(role: str, steps: list[Any]) -> Any:
             return None
 
     return Script()
+
+
+@pytest.fixture
+def mosquitto_with_password(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto that admits only user 'unit' with password 'right' (anonymous clients refused)."""
+    import shutil
+    import subprocess
+
+    need_mosquitto()
+    passwd = shutil.which("mosquitto_passwd")
+    if passwd is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    mq = Mosquitto(tmp_path / "broker-pw", persistence=False)
+    pw = mq.workdir / "passwords"
+    subprocess.run([passwd, "-b", "-c", str(pw), "unit", "right"], check=True, capture_output=True)
+    # run as root, mosquitto drops to user mosquitto, which cannot read a file under pytest's 0700 tmp_path
+    keep_user = "user root\n" if os.geteuid() == 0 else ""
+    mq.conf.write_text(mq.conf.read_text().replace("allow_anonymous true",
+                                                   f"{keep_user}allow_anonymous false\npassword_file {pw}"))
+    mq.start()
+    try:
+        yield mq
+    finally:
+        mq.stop()

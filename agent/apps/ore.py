@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +55,11 @@ class OrePoints(BaseModel):
     """Names of the Modbus points (as in the drivers' register maps) the app reads."""
 
     model_config = ConfigDict(extra="forbid")
+    # the role each point is read from (the config loader checks the names against the drivers' points)
+    ROLES: ClassVar[dict[str, str]] = {
+        "total_t": "belt_weigher", "rate_tph": "belt_weigher", "speed_mps": "belt_weigher",
+        "moisture_pct": "moisture", "running": "belt_portal", "lot_no": "belt_portal",
+        "hold_no": "belt_portal", "metal": "belt_portal", "gamma_cps": "belt_portal", "gamma_alarm": "belt_portal"}
     total_t: str = "total_t"
     rate_tph: str = "rate_tph"
     speed_mps: str = "speed_mps"

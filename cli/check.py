@@ -1,0 +1,271 @@
+"""`customs-edge check --config FILE`: is this unit ready to run? One line per check, ✓ / ! / ✗, and for
+every ! and ✗ the fix to try. Read-only, like `status`: it creates no outbox and takes no lock a running
+unit needs (it opens each port for a moment, exclusively, as the unit would; a port the running unit
+holds is reported as held, with the process that holds it).
+
+  config            the file loads and validates (every problem with its key and line)
+  cross-references  warnings of `config validate`: roles the app does not read, ignored port settings
+  models            the app's model files are present and match their manifests (the app loads them)
+  port <role>       exists (else the serial ports present, by /dev/serial/by-id name), is not held by
+                    another process, opens, and yields a valid frame within its silence window
+  outbox            its directory is writable, not on a RAM disk, with room for outbox.max_mb
+  broker            reachable, and the CONNACK accepted (a refusal in words)
+  clock             not before this software was built (a Pi without RTC before NTP)
+
+Exit code by the worst result: 0 all ✓, 3 a warning (!), 1 a failure (✗).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from customs_edge.agent import registry
+from customs_edge.agent.config import UnitConfig, load_unit_config
+from customs_edge.core.errors import ConfigError, CustomsEdgeError, DriverFault
+from customs_edge.core.mqtt import Connected, Lost, MqttLink
+from customs_edge.drivers.base import DriverConfig, SerialPortConfig
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+MARK = {OK: "✓", WARN: "!", FAIL: "✗"}
+EXIT = {OK: 0, WARN: 3, FAIL: 1}
+RANK = {OK: 0, WARN: 1, FAIL: 2}
+MIB = 1 << 20
+VOLATILE_FS = {"tmpfs", "ramfs"}
+
+
+@dataclass
+class Result:
+    check: str
+    state: str
+    detail: str
+    fix: str = ""
+
+
+def run_checks(path: str | Path, *, frame_timeout_s: float | None = None, now: float | None = None) -> list[Result]:
+    warnings: list[str] = []
+    try:
+        cfg = load_unit_config(path, warnings)
+    except ConfigError as exc:
+        return [Result("config", FAIL, f"{path}: " + "; ".join(exc.problems),
+                       f"edit the keys named (each with its line); `customs-edge config validate {path}`"),
+                check_clock(now)]
+    out = [Result("config", OK, f"{path}: {cfg.type} unit {cfg.device_id}, drivers: {', '.join(cfg.drivers)}")]
+    out += [Result("cross-references", WARN, w, "fix or remove that key (config validate prints the same)")
+            for w in warnings] or [Result("cross-references", OK, "drivers, app points and port settings agree")]
+    out.append(check_models(cfg))
+    out += [check_port(role, dc, frame_timeout_s) for role, dc in cfg.drivers.items()]
+    out.append(check_outbox(cfg))
+    out.append(check_broker(cfg))
+    out.append(check_clock(now))
+    return out
+
+
+def worst(results: list[Result]) -> str:
+    return max((r.state for r in results), key=RANK.__getitem__, default=OK)
+
+
+def render(results: list[Result]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"{MARK[r.state]} {r.check}: {r.detail}")
+        if r.fix and r.state != OK:
+            lines.append(f"    fix: {r.fix}")
+    return "\n".join(lines)
+
+
+def main(path: str, *, as_json: bool = False, frame_timeout_s: float | None = None) -> int:
+    # the link's own warnings would repeat the broker line: the results are the report
+    logging.getLogger("customs_edge").addHandler(logging.NullHandler())
+    results = run_checks(path, frame_timeout_s=frame_timeout_s)
+    state = worst(results)
+    if as_json:
+        print(json.dumps({"result": state, "checks": [asdict(r) for r in results]}, indent=2, ensure_ascii=False))
+    else:
+        print(render(results))
+    return EXIT[state]
+
+
+def check_models(cfg: UnitConfig) -> Result:
+    """The app loads its models as the running unit would: a missing file or one that does not match its
+    manifest (hash, inputs, outputs) is refused here, not at the first reading."""
+    try:
+        registry.lookup("app", cfg.type)(cfg.device_id, cfg.app)  # loads and verifies its models
+    except (CustomsEdgeError, OSError, ValueError) as exc:
+        return Result("models", FAIL, str(exc), "reinstall the package (its model files are part of it), or point "
+                      "app.model_manifest at a manifest whose files are present and unchanged")
+    return Result("models", OK, "every model of the app present and matching its manifest (or none needed)")
+
+
+def check_port(role: str, dc: DriverConfig, frame_timeout_s: float | None = None) -> Result:
+    name = f"port {role}"
+    port = getattr(dc, "port", None) or getattr(dc, "url", None) or dc.driver
+    if isinstance(dc, SerialPortConfig) and "://" not in dc.port:
+        if not os.path.exists(dc.port):
+            return Result(name, FAIL, f"{dc.port} does not exist",
+                          f"serial ports present: {', '.join(serial_ports()) or 'none'}; write the "
+                          "/dev/serial/by-id name (stable across reboots and replugging)")
+        holders = holders_of(dc.port)
+        if holders:
+            return Result(name, FAIL, f"{dc.port} is held by {', '.join(holders)}",
+                          "stop that process (a running unit: systemctl stop customs-edge@NAME), then check again")
+    timeout = frame_timeout_s or float(getattr(dc, "silent_after_s", 5.0))
+    driver = registry.lookup("driver", dc.driver)(role, dc)
+    t0 = time.monotonic()
+    try:
+        driver.open()
+    except DriverFault as exc:
+        return Result(name, FAIL, str(exc), "check the path or URL, the cable, and that the device server is up"
+                      if "exclusively lock" not in str(exc) else
+                      "stop the other process that has it open (a running unit?), then check again")
+    try:
+        while time.monotonic() - t0 < timeout:
+            with contextlib.suppress(DriverFault):  # silence within the window: keep waiting
+                if (reading := driver.read()) is not None:
+                    return Result(name, OK, f"{port}: a valid {reading.KIND} frame after "
+                                  f"{time.monotonic() - t0:.1f} s")
+    finally:
+        driver.close()
+    st = driver.stats
+    if st.corrupt or st.bytes_in:
+        return Result(name, FAIL, f"{port}: {st.bytes_in} bytes, {st.corrupt} corrupt frames and no valid one in "
+                      f"{timeout:.0f} s", "match baudrate, parity, bytesize, stopbits and the checksum setting to "
+                      f"the instrument's; `customs-edge probe --config FILE {role} --hexdump` shows the bytes")
+    return Result(name, FAIL, f"{port}: opened, but nothing arrived in {timeout:.0f} s",
+                  "check the wiring (TX/RX, RS-485 A/B), that the instrument is on and set to send "
+                  "(continuous output, or answering this protocol's polls), and its address")
+
+
+def serial_ports() -> list[str]:
+    """Serial ports on this machine, by their stable /dev/serial/by-id name when they have one."""
+    by_id = sorted(glob.glob("/dev/serial/by-id/*"))
+    named = {os.path.realpath(p) for p in by_id}
+    raw = sorted(p for pat in ("/dev/ttyUSB*", "/dev/ttyACM*", "/dev/ttyAMA*", "/dev/serial[0-9]")
+                 for p in glob.glob(pat) if os.path.realpath(p) not in named)
+    return by_id + raw
+
+
+def holders_of(path: str) -> list[str]:
+    """'pid N (command)' of every other process with `path` open (those /proc lets us see)."""
+    target = os.path.realpath(path)
+    out = []
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        pid = fd_dir.split("/")[2]
+        if int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.path.realpath(os.path.join(fd_dir, fd)) == target for fd in os.listdir(fd_dir)):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                out.append(f"pid {pid} ({cmd.strip()[:60]})")
+    return out
+
+
+def check_outbox(cfg: UnitConfig) -> Result:
+    path = cfg.outbox.path
+    d = path.parent
+    existing = next(p for p in (d, *d.parents) if p.exists())
+    if not existing.is_dir():
+        return Result("outbox", FAIL, f"{existing} is a file, so {d} cannot be created",
+                      "set outbox.path to a file in a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return Result("outbox", FAIL, f"{existing} is not writable ({exc.strerror})",
+                      "give the service user the directory (chown), or check the file system is mounted rw")
+    fstype = mount_type(existing)
+    if fstype in VOLATILE_FS:
+        return Result("outbox", WARN, f"{existing} is on {fstype}: records are lost at power off",
+                      "put outbox.path on persistent storage (e.g. /var/lib/customs-edge)")
+    free = shutil.disk_usage(existing).free
+    if free < cfg.outbox.max_mb * MIB:
+        return Result("outbox", WARN, f"{free / MIB:.0f} MiB free on {existing}, less than outbox.max_mb "
+                      f"({cfg.outbox.max_mb:g} MiB): a long outage fills the disk before the cap",
+                      "free space, or lower outbox.max_mb")
+    held = outbox_holder(path)
+    if held:
+        return Result("outbox", WARN, f"{path} is open in a running agent (pid {held})",
+                      "expected on a running unit; its ports are then held too (stop it to check them)")
+    made = "" if existing == d else f" (the agent creates {d})"
+    return Result("outbox", OK, f"{existing} writable{made}, {free / MIB:.0f} MiB free (cap {cfg.outbox.max_mb:g} MiB)")
+
+
+def mount_type(path: Path) -> str:
+    """File system type of the mount holding `path` (from /proc/mounts; '' when unknown)."""
+    best, kind = "", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and str(path.resolve()).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, kind = parts[1], parts[2]
+    return kind
+
+
+def outbox_holder(path: Path) -> str | None:
+    """The pid written in `<outbox>.lock` when an agent holds the lock; None when nobody does."""
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # closing releases a lock we may have taken
+    return None
+
+
+def check_broker(cfg: UnitConfig) -> Result:
+    s = cfg.sync
+    where = f"{s.host}:{s.port}"
+    link = MqttLink(f"customs-edge-check-{os.getpid()}", s.host, s.port, username=s.username, password=s.password,
+                    connect_timeout_s=s.connect_timeout_s)
+    deadline = time.monotonic() + s.connect_timeout_s + 1.0
+    try:
+        while time.monotonic() < deadline:
+            for ev in link.step(0.2):
+                if isinstance(ev, Connected):
+                    link.disconnect()
+                    return Result("broker", OK, f"{where} accepted the connection"
+                                  + (f" as {s.username!r}" if s.username else ""))
+                if isinstance(ev, Lost) and ev.reason.startswith("CONNACK refused"):
+                    what, fix = ev.reason.rsplit(": ", 1)  # each refusal reads "what: the fix"
+                    return Result("broker", FAIL, f"{where}: {what}", fix)
+                if isinstance(ev, Lost):
+                    return Result("broker", FAIL, f"{where}: {ev.reason}", "is the broker running and reachable "
+                                  "from here? check sync.host and sync.port, and any firewall between")
+    finally:
+        link.close()
+    return Result("broker", FAIL, f"{where}: no answer in {s.connect_timeout_s:g} s",
+                  "check sync.host and sync.port, and any firewall between")
+
+
+def build_time() -> float:
+    """When this software was built: the modification time of its own files, as installed."""
+    return Path(__file__).resolve().stat().st_mtime
+
+
+def check_clock(now: float | None = None) -> Result:
+    now = time.time() if now is None else now
+    built = build_time()
+
+    def day(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    if now < built:
+        return Result("clock", FAIL, f"reads {day(now)}, before this software was built ({day(built)}): "
+                      "records would carry wrong times", "set the time and enable NTP (`timedatectl set-ntp true`),"
+                      " or fit an RTC; `timedatectl` shows the state")
+    return Result("clock", OK, f"{day(now)} (after the build, {day(built)})")
+
