@@ -35,6 +35,13 @@ def _num(x: Any) -> float | None:
     return float(x) if x not in (None, "") else None
 
 
+def _times_read(msg: pynmea2.NMEASentence) -> bool:
+    """False when a time or date field does not decode (pynmea2 then hands back its text)."""
+    if isinstance(msg, pynmea2.GGA | pynmea2.RMC) and not isinstance(msg.timestamp, dt.time | None):
+        return False
+    return not isinstance(msg, pynmea2.RMC) or isinstance(msg.datestamp, dt.date | None)
+
+
 class NmeaParser:
     """Incremental line parser: complete sentences out of bytes, checksum-checked by pynmea2.
     Counters: frames (good sentences of any type), corrupt, other (good but not GGA/RMC/GSA)."""
@@ -75,6 +82,9 @@ class NmeaParser:
                 self.other += 1
                 continue
             except (pynmea2.ParseError, UnicodeDecodeError):
+                self.corrupt += 1
+                continue
+            if not _times_read(msg):
                 self.corrupt += 1
                 continue
             self.frames += 1
@@ -170,9 +180,9 @@ class NmeaGps(StreamSerialDriver):
         epoch, self._epoch = self._epoch, Epoch()
         if epoch.empty:
             return None
+        if epoch.rmc is not None and epoch.rmc.datestamp is not None:
+            self._date = epoch.rmc.datestamp
         try:
-            if epoch.rmc is not None and epoch.rmc.datestamp:
-                self._date = epoch.rmc.datestamp
             pos = epoch.position(self.role, self._date)
         except (ValueError, TypeError, ReadingError):
             self.parser.corrupt += 1  # sentences with good checksums whose fields are not what they say

@@ -26,15 +26,14 @@ import datetime as dt
 import math
 import random
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 
 from customs_edge.simulators.base import (
     Conn,
-    DeviceSim,
     Faults,
+    PeriodicSim,
     add_endpoint_args,
     endpoints_from_args,
     run_until_signalled,
@@ -168,26 +167,17 @@ def burst(t: EpochTruth) -> list[bytes]:
         f"GPGSV,1,1,{min(t.satellites, 4):02d}", f"GPGLL,{la},{ns},{lo},{ew},{hms},A,A")]
 
 
-class GpsSim(DeviceSim):
+class GpsSim(PeriodicSim):
     def __init__(self, world: GpsWorld, rate_hz: float = 1.0, faults: Faults | None = None) -> None:
         super().__init__(faults)
         self.world = world
         self.period = 1.0 / rate_hz
         self.sent = 0  # sentences written
 
-    def serve(self, conn: Conn, stop: threading.Event) -> None:
-        next_t = time.monotonic()
-        while not stop.is_set() and not conn.closed:
-            now = time.monotonic()
-            if now < next_t:
-                time.sleep(min(next_t - now, 0.05))
-                continue
-            next_t = max(next_t + self.period, now - 1)
-            if self.faults.paused:
-                continue
-            for s in burst(self.world.step()):
-                conn.write(self.faults.mangle(s))
-                self.sent += 1
+    def tick(self, conn: Conn) -> None:
+        for s in burst(self.world.step()):
+            conn.write(self.faults.mangle(s))
+            self.sent += 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,14 +23,13 @@ import datetime as dt
 import random
 import string
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from customs_edge.simulators.base import (
     Conn,
-    DeviceSim,
     Faults,
+    PeriodicSim,
     add_endpoint_args,
     endpoints_from_args,
     run_until_signalled,
@@ -129,7 +128,7 @@ class ScanWorld:
                          text=line[3:] if kind in ("digital-link", "url", "text") else None)
 
 
-class ScannerSim(DeviceSim):
+class ScannerSim(PeriodicSim):
     """Sends one read every `period` seconds (an officer scanning the goods of an inspection)."""
 
     def __init__(self, world: ScanWorld, period_s: float = 2.0, crlf: bool = False,
@@ -140,19 +139,10 @@ class ScannerSim(DeviceSim):
         self.suffix = b"\r\n" if crlf else b"\r"
         self.truth: list[ScanTruth] = []
 
-    def serve(self, conn: Conn, stop: threading.Event) -> None:
-        next_t = time.monotonic() + self.period
-        while not stop.is_set() and not conn.closed:
-            now = time.monotonic()
-            if now < next_t:
-                time.sleep(min(next_t - now, 0.05))
-                continue
-            next_t = max(next_t + self.period, now - 1)
-            if self.faults.paused:
-                continue
-            t = self.world.read()
-            self.truth.append(t)
-            conn.write(self.faults.mangle(t.line.encode("utf-8") + self.suffix))
+    def tick(self, conn: Conn) -> None:
+        t = self.world.read()
+        self.truth.append(t)
+        conn.write(self.faults.mangle(t.line.encode("utf-8") + self.suffix))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from customs_edge.core.errors import DriverSilent
 from customs_edge.core.readings import Position, ReadingError
 from customs_edge.drivers.gps import NmeaGps, NmeaGpsConfig
 from customs_edge.simulators.base import Conn, DeviceSim, Endpoints, Faults
-from customs_edge.simulators.gps import EARTH_M_PER_DEG, EpochTruth, GpsSim, GpsWorld
+from customs_edge.simulators.gps import EARTH_M_PER_DEG, EpochTruth, GpsSim, GpsWorld, sentence
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nmea"
 
@@ -259,3 +259,22 @@ def test_a_receiver_that_stops_sending_is_silent() -> None:
                     drv.read()
         finally:
             drv.close()
+
+
+def test_sentences_with_good_checksums_but_impossible_fields_are_corrupt() -> None:
+    """A checksum guards the line, not the sender: a field that does not decode is counted, never a crash."""
+    drv = NmeaGps("gps", NmeaGpsConfig(port="loop://"))
+    good = "4807.038,N,01131.324,E,1,08,0.9,545.4,M,46.9,M,,"
+    drv.parser.feed(sentence("GPRMC,123518,A,4807.038,N,01131.324,E,022.4,084.4,230394,003.1,W")
+                    + sentence(f"GPGGA,123518,{good}"))
+    for body in ("GPGGA,12x519,4807.038,N,01131.324,E,1,08,0.9,545.4,M,46.9,M,,",  # time
+                 "GPGGA,123520,9507.038,N,01131.324,E,1,08,0.9,545.4,M,46.9,M,,",  # latitude 95 degrees
+                 "GPRMC,123521,A,4807.038,N,01131.324,E,022.4,084.4,320394,003.1,W",  # 32 March
+                 "GPGGA,123522,4807.038,N,01131.324,E,q,08,0.9,545.4,M,46.9,M,,"):  # fix quality
+        drv.parser.feed(sentence(body))
+    drv.parser.feed(sentence(f"GPGGA,123523,{good}") + sentence(f"GPGGA,123524,{good}"))
+    got = list(iter(drv._next, None))
+    day = dt.datetime(1994, 3, 23, 12, 35, tzinfo=dt.UTC).timestamp()
+    assert [p.fix_time for p in got] == [day + 18, day + 23]
+    assert all(p.valid and p.lat == pytest.approx(minutes(48, 7.038)) for p in got)
+    assert drv.stats.corrupt == 4
