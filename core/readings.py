@@ -22,7 +22,6 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from biip.checksums import gs1_standard_check_digit
 
 from customs_edge.core.errors import CustomsEdgeError
 
@@ -451,6 +450,8 @@ class CodeScan(Reading):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.ais.items()):
             raise _bad(self, "ais", "must map AI strings to value strings", self.ais)
         object.__setattr__(self, "ais", MappingProxyType(dict(self.ais)))
+        from biip.checksums import gs1_standard_check_digit  # here: importing biip costs ~0.1 s, paid by scanners only
+
         if self.gtin is not None and (len(self.gtin) != 14 or not self.gtin.isdigit()
                                       or int(self.gtin[-1]) != gs1_standard_check_digit(self.gtin[:-1])):
             raise _bad(self, "gtin", "must be 14 digits with a valid check digit", self.gtin)
