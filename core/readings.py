@@ -443,7 +443,7 @@ class CodeScan(Reading):
         for name in ("text", "symbology", "symbology_name"):
             if not isinstance(getattr(self, name), str):
                 raise _bad(self, name, "must be a string", getattr(self, name))
-        if self.symbology and not (len(self.symbology) == 3 and self.symbology[0] == "]"):
+        if self.symbology and not (len(self.symbology) >= 3 and self.symbology[0] == "]"):
             raise _bad(self, "symbology", "must be an AIM identifier like ']C1' or ''", self.symbology)
         if not isinstance(self.valid, bool) or self.valid == (self.error is not None):
             raise _bad(self, "error", "an invalid scan says why, a valid one has no error", self.error)

@@ -56,11 +56,20 @@ def _gs1_fields(result: biip.ParseResult) -> dict[str, Any]:
 
 def decode(line: str, source: str = "scanner") -> CodeScan:
     """One scanner line (without its CR / CR LF) as a CodeScan; never raises for what a scanner sends."""
+    try:
+        return _decode(line, source)
+    except (biip.BiipException, ValueError, IndexError) as exc:  # biip trips on some malformed input
+        return CodeScan(source=source, text=line, valid=False, error=f"unreadable: {type(exc).__name__}: {exc}")
+
+
+def _decode(line: str, source: str) -> CodeScan:
     ident = None
     if line.startswith("]"):
         try:
             ident = SymbologyIdentifier.extract(line)
-        except biip.ParseError:
+        except (biip.ParseError, ValueError, IndexError):  # ']', ']Y ' ... are not identifiers
+            ident = None
+        if ident is None or len(ident.value) < 3:  # ']C': biip takes it for one
             return CodeScan(source=source, text=line, valid=False,
                             error=f"unknown AIM symbology identifier {line[:3]!r}")
     sym = ident.value if ident is not None else ""

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from customs_edge.agent.registry import lookup
 from customs_edge.core.errors import DriverSilent
@@ -278,3 +280,16 @@ def test_sentences_with_good_checksums_but_impossible_fields_are_corrupt() -> No
     assert [p.fix_time for p in got] == [day + 18, day + 23]
     assert all(p.valid and p.lat == pytest.approx(minutes(48, 7.038)) for p in got)
     assert drv.stats.corrupt == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=120) | st.sampled_from([b"$GPGGA,", b"*", b"\r\n", b"$GPRMC,123519,A,"]),
+                max_size=30))
+def test_no_bytes_make_the_driver_raise(chunks: list[bytes]) -> None:
+    drv = NmeaGps("gps", NmeaGpsConfig(port="loop://"))
+    for c in chunks:
+        drv.parser.feed(c)
+        while drv._next() is not None:
+            pass
+    drv._finish()
+    assert len(drv.parser.buf) <= 4 * 82 + 120

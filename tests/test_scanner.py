@@ -11,6 +11,8 @@ from typing import Any
 
 import pydantic
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from customs_edge.agent.registry import lookup
 from customs_edge.core.readings import CodeScan, ReadingError
@@ -57,6 +59,8 @@ def test_non_gs1_payloads_are_kept_as_text_with_their_symbology() -> None:
     ("]C1", "no GS1 element strings"),
     ("]I114012345678902", "check digit"),
     ("],x123", "unknown AIM symbology identifier"),
+    ("]", "unknown AIM symbology identifier"),
+    ("]C", "unknown AIM symbology identifier"),
 ])
 def test_damaged_reads_are_kept_flagged_with_the_reason(line: str, why: str) -> None:
     scan = decode(line, "scanner")
@@ -146,3 +150,13 @@ def test_driver_on_the_simulator_reads_every_scan_as_the_ground_truth_says(trans
     assert drv.stats.corrupt == 0
     bad_date = next(s for s, t in zip(got, truth[first:], strict=False) if t.damage == "bad-date")
     assert bad_date.error is not None and "(17)" in bad_date.error
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["", "]", "]C", "]C1", "]d2", "]Q1", "]Q3", "]E0", "]I1", "]e0", "]Y", "]Q1https://id.gs1.org/01/"]),
+       st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=60))
+def test_no_line_makes_the_driver_raise(prefix: str, rest: str) -> None:
+    """What a scanner sends is a CodeScan, valid or flagged, whatever biip makes of it."""
+    scan = decode(prefix + rest, "scanner")
+    assert scan.raw == prefix + rest  # the line as it came, whatever it means
+    assert scan.valid == (scan.error is None)
