@@ -27,6 +27,8 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "mlx90640-serial": "customs_edge.drivers.mlx90640:Mlx90640Serial",
     "passage": "customs_edge.drivers.passage:PassageSensor",
     "camera-opencv": "customs_edge.drivers.camera:OpenCvCamera",
+    "nmea-gps": "customs_edge.drivers.gps:NmeaGps",
+    "barcode-serial": "customs_edge.drivers.scanner:BarcodeSerial",
 }
 
 BUILTIN_APPS: dict[str, str] = {

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import date
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
@@ -362,6 +363,113 @@ class PassageHeartbeat(Reading):
     def _check(self) -> None:
         _count(self, "entries", self.entries)
         _count(self, "exits", self.exits)
+
+
+# --- handheld: position and code scans ----------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Position(Reading):
+    """One GNSS epoch (the GGA, RMC and GSA sentences of one fix time, merged).
+
+    `valid`: the receiver says it has a measured fix (GGA quality 1-5 and RMC status A, for those it sent);
+    a valid position always has lat and lon. An invalid one reports a lost fix: do not place an event with
+    its coordinates (a receiver may still send a dead-reckoned or stale one; quality 6 says so).
+    `quality`: GGA fix quality (0 none, 1 GPS, 2 DGPS, 3 PPS, 4 RTK fixed, 5 RTK float, 6 estimated,
+    7 manual, 8 simulator; None: no GGA); `fix_mode`: GSA 1 no fix, 2 2-D, 3 3-D (None: no GSA). `fix_time`: the
+    receiver's UTC time of the fix as unix seconds (None until a date is known from RMC)."""
+
+    KIND: ClassVar[str] = "position"
+    valid: bool
+    lat: float | None = None  # degrees, north positive (WGS 84)
+    lon: float | None = None  # degrees, east positive
+    alt_m: float | None = None  # above mean sea level
+    quality: int | None = None
+    fix_mode: int | None = None
+    satellites: int | None = None  # in use
+    hdop: float | None = None
+    speed_mps: float | None = None  # over ground
+    course_deg: float | None = None  # true
+    fix_time: float | None = None
+
+    def _check(self) -> None:
+        if not isinstance(self.valid, bool):
+            raise _bad(self, "valid", "must be a bool", self.valid)
+        for name in ("lat", "lon", "alt_m", "hdop", "speed_mps", "course_deg", "fix_time"):
+            _number(self, name, getattr(self, name), optional=True)
+        for name, lo, hi in (("lat", -90, 90), ("lon", -180, 180), ("course_deg", 0, 360)):
+            v = getattr(self, name)
+            if v is not None and not lo <= v <= hi:
+                raise _bad(self, name, f"must be within [{lo}, {hi}]", v)
+        for name in ("hdop", "speed_mps"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise _bad(self, name, "must be >= 0", v)
+        if self.quality not in (None, *range(9)):
+            raise _bad(self, "quality", "must be a GGA fix quality 0-8 or None", self.quality)
+        if self.fix_mode not in (None, 1, 2, 3):
+            raise _bad(self, "fix_mode", "must be a GSA fix mode 1-3 or None", self.fix_mode)
+        if self.satellites is not None:
+            _count(self, "satellites", self.satellites)
+        if self.valid and (self.lat is None or self.lon is None):
+            raise _bad(self, "lat", "a valid position has lat and lon", (self.lat, self.lon))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodeScan(Reading):
+    """One read of a barcode or 2-D code. `text`: the payload as scanned (without the AIM symbology
+    identifier and the line end; GS1 separators kept as GS, 0x1D); `symbology`: the AIM identifier
+    (']C1', ']E0', ']Q1', ...; '' when the scanner sent none) and `symbology_name` its name.
+
+    `gs1`: the content is GS1 (element strings, a GTIN, or a GS1 Digital Link URI); then `ais` maps every
+    Application Identifier to its value as scanned, and `gtin` (14 digits, check digit valid), `batch`
+    (AI 10), `serial` (AI 21) and `expiry` (AI 17, ISO date; day 00 means the month's last day) are
+    taken out. Anything else (a URL, a plain traceability code) is kept as `text`. `valid` False: a
+    damaged read (a bad check digit, an AI whose value breaks its format, a bad date) that the
+    scanner still passed on; `error` says what is wrong, and nothing in it is to be trusted but `text`."""
+
+    KIND: ClassVar[str] = "code_scan"
+    text: str
+    symbology: str = ""
+    symbology_name: str = "unknown"
+    gs1: bool = False
+    ais: Mapping[str, str] = field(default_factory=dict)
+    gtin: str | None = None
+    batch: str | None = None
+    serial: str | None = None
+    expiry: str | None = None
+    valid: bool = True
+    error: str | None = None
+
+    def _check(self) -> None:
+        for name in ("text", "symbology", "symbology_name"):
+            if not isinstance(getattr(self, name), str):
+                raise _bad(self, name, "must be a string", getattr(self, name))
+        if self.symbology and not (len(self.symbology) >= 3 and self.symbology[0] == "]"):
+            raise _bad(self, "symbology", "must be an AIM identifier like ']C1' or ''", self.symbology)
+        if not isinstance(self.valid, bool) or self.valid == (self.error is not None):
+            raise _bad(self, "error", "an invalid scan says why, a valid one has no error", self.error)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.ais.items()):
+            raise _bad(self, "ais", "must map AI strings to value strings", self.ais)
+        object.__setattr__(self, "ais", MappingProxyType(dict(self.ais)))
+        from biip.checksums import gs1_standard_check_digit  # here: importing biip costs ~0.1 s, paid by scanners only
+
+        if self.gtin is not None and (len(self.gtin) != 14 or not self.gtin.isdigit()
+                                      or int(self.gtin[-1]) != gs1_standard_check_digit(self.gtin[:-1])):
+            raise _bad(self, "gtin", "must be 14 digits with a valid check digit", self.gtin)
+        if self.expiry is not None:
+            try:
+                date.fromisoformat(self.expiry)
+            except (TypeError, ValueError):
+                raise _bad(self, "expiry", "must be an ISO date YYYY-MM-DD", self.expiry) from None
+        if (self.ais or self.gtin) and not self.gs1:
+            raise _bad(self, "gs1", "a scan with GS1 data is a GS1 scan", self.gs1)
+
+    @property
+    def raw(self) -> str:
+        """The line as the scanner sent it, without its CR / CR LF."""
+        return self.symbology + self.text
+
+    def expires(self) -> date | None:
+        return None if self.expiry is None else date.fromisoformat(self.expiry)
 
 
 def fits(produced: tuple[type[Reading], ...], wanted: tuple[type[Reading], ...]) -> bool:

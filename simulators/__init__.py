@@ -7,4 +7,6 @@ SIMULATORS: dict[str, str] = {
     "ore-station": "customs_edge.simulators.ore_station:main",
     "gate": "customs_edge.simulators.gate:main",
     "camera": "customs_edge.simulators.camera:main",
+    "gps": "customs_edge.simulators.gps:main",
+    "scanner": "customs_edge.simulators.scanner:main",
 }

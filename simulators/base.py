@@ -335,3 +335,24 @@ def endpoints_from_args(sim: DeviceSim, args: argparse.Namespace, suffix: str = 
     link = f"{args.link}{suffix}" if args.link else None
     return Endpoints(sim, use_pty=not args.no_pty, tcp_port=None if args.tcp_port < 0 else args.tcp_port,
                      link=link)
+
+
+class PeriodicSim(DeviceSim):
+    """A device that speaks unasked every `period` seconds (a GNSS receiver's burst, a scanner's read):
+    subclasses write one period's output in `tick`. Silent while paused; no catch-up burst after a stall."""
+
+    period: float
+
+    @abstractmethod
+    def tick(self, conn: Conn) -> None: ...
+
+    def serve(self, conn: Conn, stop: threading.Event) -> None:
+        next_t = time.monotonic() + self.period
+        while not stop.is_set() and not conn.closed:
+            now = time.monotonic()
+            if now < next_t:
+                time.sleep(min(next_t - now, 0.05))
+                continue
+            next_t = max(next_t + self.period, now - 1)
+            if not self.faults.paused:
+                self.tick(conn)
