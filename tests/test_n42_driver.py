@@ -40,6 +40,7 @@ XXE = b"""<?xml version="1.0"?>
 NOT_N42 = b"<RadInstrumentData><x/></RadInstrumentData>"  # no namespace: not an N42.42 document
 BROKEN = b"<RadInstrumentData xmlns='http://physics.nist.gov/N42/2011/N42'><a></RadInstrumentData>"
 NAN_COUNTS = GAMMA.replace(b"<CountData>480</CountData>", b"<CountData>NaN</CountData>")
+HUGE = GAMMA.replace(b"<RadInstrumentDataCreatorName>", b"<RadInstrumentDataCreatorName>" + b"x" * 20000)
 
 
 def test_the_gamma_alarm_fixture_reads_as_worked_out_by_hand() -> None:
@@ -123,9 +124,8 @@ def test_tcp_stream_joins_a_document_split_across_reads_and_skips_hostile_ones(
         assert set(halves) == {None} and drv.read() is None  # half a document is not a document
         conn.sendall(NEUTRON[half:])
         assert read_until(drv, "the joined document").occupancy_id == "7d1c9b0e-5a2f-4c3e-9d8b-6e5f4a3b2c1d"
-        huge = GAMMA.replace(b"<RadInstrumentDataCreatorName>", b"<RadInstrumentDataCreatorName>" + b"x" * 20000)
         cut = NEUTRON[: len(NEUTRON) - 40]  # lost its end on the line: the next document follows it
-        for doc in (BILLION_LAUGHS, XXE, NOT_N42, huge, cut):
+        for doc in (BILLION_LAUGHS, XXE, NOT_N42, HUGE, cut):
             conn.sendall(doc + b"\r\n")
         conn.sendall(GAMMA)
         occ = read_until(drv, "the document after the hostile ones")
@@ -150,10 +150,11 @@ def test_directory_drop_reads_each_file_once_across_restarts(tmp_path: Path) -> 
     drop(d, "a_background.n42", BACKGROUND)
     drop(d, "b_gamma.n42", GAMMA)
     drop(d, "c_bomb.n42", BILLION_LAUGHS)
+    drop(d, "c_huge.xml", HUGE)
     drop(d, "d_neutron.n42", NEUTRON)
     drop(d, "notes.txt", b"not a pattern match")
     drop(d, "e_fresh.n42", GAMMA, age_s=0)  # still being written, as far as we know
-    cfg = N42Config(port=f"dir://{d}", read_timeout_s=0.01, settle_s=5.0)
+    cfg = N42Config(port=f"dir://{d}", read_timeout_s=0.01, settle_s=5.0, max_document_bytes=16384)
 
     def run() -> tuple[list[str], N42Portal]:
         drv = N42Portal("portal", cfg)
@@ -168,8 +169,8 @@ def test_directory_drop_reads_each_file_once_across_restarts(tmp_path: Path) -> 
 
     got, drv = run()
     assert got == ["0f8e2a6c-3b4d-4e5f-8a9b-1c2d3e4f5a6b/Occupancy-42", "7d1c9b0e-5a2f-4c3e-9d8b-6e5f4a3b2c1d"]
-    assert drv.stats.corrupt == 1 and drv.stats.extra["no_occupancy"] == 1
-    got, drv = run()  # a restart: nothing read again, the bomb not counted again
+    assert drv.stats.corrupt == 2 and drv.stats.extra["no_occupancy"] == 1  # the bomb and the huge one
+    got, drv = run()  # a restart: nothing read again, the refused files not counted again
     assert got == [] and drv.stats.corrupt == 0
     drop(d, "e_fresh.n42", GAMMA)  # now settled
     drop(d, "d_neutron.n42", NEUTRON + b"\n")  # rewritten: another size, another mtime
@@ -270,3 +271,14 @@ def test_simulator_pushes_documents_over_tcp_and_a_triggered_source_alarms() -> 
             assert drv.stats.corrupt == 0
         finally:
             drv.close()
+
+
+def test_the_station_serves_the_n42_portal_on_request() -> None:
+    from customs_edge.simulators.ore_station import OreStation, build_parser, station_from_args
+
+    assert "radiation_portal" not in OreStation().sims()  # the Modbus portal alone, as configs/ore-station.yaml
+    st = station_from_args(build_parser().parse_args(["--n42-portal", "--neutron-every", "600"]))
+    assert st.n42_portal is not None and st.sims()["radiation_portal"] == (st.n42_portal, False)
+    assert st.world.cfg.neutron_every_s == 600
+    st.kill("radiation_portal")
+    assert st.n42_portal.faults.paused
