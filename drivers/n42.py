@@ -97,7 +97,10 @@ def utc_s(text: str) -> float:
         raise N42Error(f"date-time {text!r}: {exc}") from exc
     if t.tzinfo is None:
         raise N42Error(f"date-time {text!r} has no time zone; N42.42 portals report Z or an offset")
-    return t.astimezone(UTC).timestamp()
+    try:
+        return t.astimezone(UTC).timestamp()
+    except OverflowError as exc:  # year 1 with a positive offset
+        raise N42Error(f"date-time {text!r}: {exc}") from exc
 
 
 def _number(text: str | None, what: str) -> float:
@@ -156,7 +159,7 @@ class N42Reader:
             raise N42Error(f"root element {root.tag!r} is not RadInstrumentData in {NS}")
         try:
             return self._occupancies(root)
-        except rd.ReadingError as exc:
+        except (rd.ReadingError, OverflowError) as exc:  # e.g. counts that sum to inf
             raise N42Error(str(exc)) from exc
 
     def _occupancies(self, root: ET.Element) -> list[rd.PortalOccupancy]:

@@ -40,6 +40,8 @@ XXE = b"""<?xml version="1.0"?>
 NOT_N42 = b"<RadInstrumentData><x/></RadInstrumentData>"  # no namespace: not an N42.42 document
 BROKEN = b"<RadInstrumentData xmlns='http://physics.nist.gov/N42/2011/N42'><a></RadInstrumentData>"
 NAN_COUNTS = GAMMA.replace(b"<CountData>480</CountData>", b"<CountData>NaN</CountData>")
+OVERFLOW = GAMMA.replace(b"<CountData>480</CountData>", b"<CountData>1e308 1e308</CountData>")
+YEAR_ONE = NEUTRON.replace(b"2012-03-15T12:00:00.5+02:00", b"0001-01-01T00:00:00+02:00")
 HUGE = GAMMA.replace(b"<RadInstrumentDataCreatorName>", b"<RadInstrumentDataCreatorName>" + b"x" * 20000)
 
 
@@ -85,9 +87,10 @@ def test_a_background_report_yields_nothing_and_serves_the_next_occupancy() -> N
     assert occ.neutron_background_cps == pytest.approx(60 / 30 + 48 / 30)
 
 
-@pytest.mark.parametrize("doc", [BILLION_LAUGHS, XXE, NOT_N42, BROKEN, NAN_COUNTS, b"", b"\xff\xfe<"],
+@pytest.mark.parametrize("doc", [BILLION_LAUGHS, XXE, NOT_N42, BROKEN, NAN_COUNTS, OVERFLOW, YEAR_ONE, b"",
+                                 b"\xff\xfe<"],
                          ids=["billion-laughs", "external-entity", "not-n42", "not-well-formed", "nan-count",
-                              "empty", "garbage"])
+                              "counts-sum-to-inf", "year-one", "empty", "garbage"])
 def test_hostile_or_broken_documents_are_refused_with_a_reason(doc: bytes) -> None:
     with pytest.raises(N42Error):
         N42Reader("portal").parse(doc)
