@@ -24,6 +24,7 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "modbus-rtu": "customs_edge.drivers.modbus:ModbusRtu",
     "modbus-tcp": "customs_edge.drivers.modbus:ModbusTcp",
     "elemental-analyser": "customs_edge.drivers.analyser:ElementalAnalyser",
+    "n42-portal": "customs_edge.drivers.n42:N42Portal",
     "mlx90640-serial": "customs_edge.drivers.mlx90640:Mlx90640Serial",
     "passage": "customs_edge.drivers.passage:PassageSensor",
     "camera-opencv": "customs_edge.drivers.camera:OpenCvCamera",

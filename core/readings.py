@@ -480,3 +480,65 @@ def fits(produced: tuple[type[Reading], ...], wanted: tuple[type[Reading], ...])
 def type_names(types: tuple[type[Reading], ...], sep: str = ", ") -> str:
     """'Weight, Registers' for messages; 'nothing declared' for an empty tuple."""
     return sep.join(t.__name__ for t in types) or "nothing declared"
+
+
+# --- radiation portal monitor ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortalOccupancy(Reading):
+    """One occupancy of a radiation portal monitor (ANSI N42.35: a truck, a wagon or a belt segment in
+    the portal), as an ANSI N42.42 document reports it. Counts are summed over the channel's detectors
+    during the occupancy (`start`..`end`, UTC unix seconds); `*_cps` is the sum of the detectors' count
+    rates, `*_background_cps` the same over the background measurement. A channel the portal does not
+    have (or did not report) is None. `*_threshold_cps`: the alarm threshold when the document gives
+    one. `detectors`: the names of the detectors whose counts are included; `alarms`: the portal's
+    own alarm descriptions (RadAlarmDescription), in document order."""
+
+    KIND: ClassVar[str] = "portal_occupancy"
+    occupancy_id: str
+    start: float
+    end: float
+    gamma_counts: float | None = None
+    gamma_cps: float | None = None
+    neutron_counts: float | None = None
+    neutron_cps: float | None = None
+    gamma_background_cps: float | None = None
+    neutron_background_cps: float | None = None
+    gamma_alarm: bool = False
+    neutron_alarm: bool = False
+    gamma_threshold_cps: float | None = None
+    neutron_threshold_cps: float | None = None
+    detectors: tuple[str, ...] = ()
+    alarms: tuple[str, ...] = ()
+    instrument: str = ""
+
+    def _check(self) -> None:
+        if not isinstance(self.occupancy_id, str) or not self.occupancy_id:
+            raise _bad(self, "occupancy_id", "must be a non-empty string", self.occupancy_id)
+        _number(self, "start", self.start)
+        _number(self, "end", self.end)
+        if self.end < self.start:
+            raise _bad(self, "end", "must not be before start", (self.start, self.end))
+        for name in ("gamma_counts", "gamma_cps", "neutron_counts", "neutron_cps", "gamma_background_cps",
+                     "neutron_background_cps", "gamma_threshold_cps", "neutron_threshold_cps"):
+            x = getattr(self, name)
+            _number(self, name, x, optional=True)
+            if x is not None and x < 0:
+                raise _bad(self, name, "must be >= 0", x)
+        for name in ("gamma_alarm", "neutron_alarm"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(self, name, "must be a bool", getattr(self, name))
+        for name in ("detectors", "alarms"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or not all(isinstance(s, str) for s in v):
+                raise _bad(self, name, "must be a tuple of strings", v)
+        if not isinstance(self.instrument, str):
+            raise _bad(self, "instrument", "must be a string", self.instrument)
+
+    @property
+    def alarm(self) -> bool:
+        return self.gamma_alarm or self.neutron_alarm
+
+    def evidence(self) -> dict[str, Any]:
+        """What an alarm record carries: the occupancy, its counts, background and thresholds."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if f.name not in ("ts", "mono")}

@@ -1,5 +1,6 @@
 """Wire-level simulations of the ore station's instruments: a Modbus RTU line with several slaves,
-an MT-SICS bench balance and a cross-belt analyser's TCP result server. Each speaks the real protocol
+an MT-SICS bench balance, a cross-belt analyser's TCP result server and a radiation portal monitor
+pushing ANSI N42.42 documents over TCP. Each speaks the real protocol
 on a pty or a loopback socket (simulators.base.Endpoints) and has fault switches for tests and flags.
 """
 
@@ -10,15 +11,19 @@ import random
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from customs_edge.simulators.base import Conn, DeviceSim, Faults
-from customs_edge.simulators.ore_world import OreWorld
+from customs_edge.simulators.ore_world import OreWorld, PortalOut
 from customs_edge.simulators.wire import analyser as analyser_wire
 from customs_edge.simulators.wire import modbus as rtu
 from customs_edge.simulators.wire import mtsics as sics
+from customs_edge.simulators.wire import n42
 
 Tables = dict[str, dict[int, int]]  # table name -> address -> register word (or 0/1 for bits)
 
@@ -354,3 +359,69 @@ class AnalyserSim(DeviceSim):
             if now >= next_stat:
                 next_stat = now + self.stat_every_s
                 conn.write(analyser_wire.status_line(time.time(), "RUN", 31.5 + random.uniform(-0.3, 0.3)))
+
+
+# --- radiation portal monitor, ANSI N42.42 over TCP -------------------------------------------------
+
+PORTAL_DETECTORS = [n42.Detector("GA", "Gamma A", "Gamma", "PVT"), n42.Detector("GB", "Gamma B", "Gamma", "PVT"),
+                    n42.Detector("NA", "Neutron A", "Neutron", "He3"),
+                    n42.Detector("NB", "Neutron B", "Neutron", "He3")]
+
+
+class PortalN42Sim(DeviceSim):
+    """A two-sided belt portal (2 gamma PVT panels, 2 He-3 neutron tubes) that pushes one N42.42
+    document per occupancy (a belt segment of the world) to every connected client. Counts are Poisson
+    draws of the world's mean rates, split over the panels; the background measurement is drawn from
+    the background rate over `background_s`. The portal's own alarm rule, per channel: a slice whose
+    count rate exceeds background + `sigmas` x its standard deviation (sqrt(background cps / slice s)).
+    Faults.mangle damages documents; pause() silences it."""
+
+    def __init__(self, world: OreWorld, faults: Faults | None = None, seed: int | None = None,
+                 background_s: float = 60.0, sigmas: float = 8.0, instrument: str = "RPM-BELT-1") -> None:
+        super().__init__(faults)
+        self.world = world
+        self.rng = np.random.default_rng(seed)
+        self.background_s = background_s
+        self.sigmas = sigmas
+        self.instrument = instrument
+        self.sent = 0
+        self.alarms = 0  # documents with an alarm
+
+    def document(self, occ: PortalOut) -> bytes:
+        rng = self.rng
+        bg = {"Gamma": occ.gamma_background_cps, "Neutron": occ.neutron_background_cps}
+
+        def counts(gamma_cps: float, neutron_cps: float, seconds: float) -> dict[str, int]:
+            rate = {"Gamma": gamma_cps, "Neutron": neutron_cps}
+            return {d.id: int(rng.poisson(rate[d.category] * seconds / 2)) for d in PORTAL_DETECTORS}
+
+        background = n42.Slice(occ.start_ts - self.background_s, self.background_s,
+                               counts(bg["Gamma"], bg["Neutron"], self.background_s))
+        slices = [n42.Slice(occ.start_ts + off, dt, counts(g, nn, dt)) for off, dt, g, nn in occ.steps]
+        alarms, thresholds = [], {}
+        for category, b in bg.items():
+            dets = [d.id for d in PORTAL_DETECTORS if d.category == category]
+            dt = min(s.seconds for s in slices)
+            thresholds[category] = b + self.sigmas * math.sqrt(b / dt)
+            for s in slices:
+                cps = sum(s.counts[d] for d in dets) / s.seconds
+                if cps > thresholds[category]:
+                    alarms.append(n42.Alarm(category, s.start, f"{category} alarm: {cps:.0f} cps > "
+                                            f"{thresholds[category]:.0f} cps", dets))
+                    break
+        self.alarms += bool(alarms)
+        return n42.document(uuid=str(uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | occ.no, version=4)),
+                            instrument=self.instrument, detectors=PORTAL_DETECTORS, background=background,
+                            occupancy=f"Occupancy-{occ.no}", foreground=slices, alarms=alarms,
+                            thresholds_cps=thresholds)
+
+    def serve(self, conn: Conn, stop: threading.Event) -> None:
+        last = self.world.last_occupancy()
+        while not stop.is_set() and not conn.closed:
+            conn.read(0.1)  # nothing is expected from the client; this also notices a closed socket
+            if self.faults.paused:
+                continue
+            for occ in self.world.occupancies_after(last):
+                last = occ.no
+                conn.write(self.faults.mangle(self.document(occ)))
+                self.sent += 1

@@ -3,10 +3,13 @@
 A ship's lot (a few holds) passes the belt. Each hold has its own true Fe / SiO2 / Al2O3 / moisture,
 which drift slowly within the hold. The belt runs at a nominal rate with noise, stops now and then,
 trips on tramp metal (the metal detector latches until restart), and the radiation portal raises a
-gamma alarm occasionally. A cross-belt PGNAA analyser integrates the material of each minute into a
-1,024-channel gamma spectrum computed from the true composition (capture lines of H, Si, Fe, Al, Ca,
-O with escape peaks, a Compton continuum, the source background, Poisson noise and detector gain drift)
-and reports its own assays. Time is simulated time: `speed` simulated seconds pass per wall second.
+gamma alarm occasionally (and, when configured, a neutron alarm). The portal sees the belt as a run
+of occupancies, one per `portal_segment_s` of running belt (PortalOut: the mean gamma and neutron
+count rates per step, from which an N42.42 portal draws its counts). A cross-belt PGNAA analyser
+integrates the material of each minute into a 1,024-channel gamma spectrum computed from the true
+composition (capture lines of H, Si, Fe, Al, Ca, O with escape peaks, a Compton continuum, the source
+background, Poisson noise and detector gain drift) and reports its own assays. Time is simulated
+time: `speed` simulated seconds pass per wall second.
 
 `spectrum()` is also what models/ore_grade.py trains on: the model never sees the world's truth
 except through spectra generated the same way.
@@ -140,9 +143,26 @@ class BeltState:
     gamma_background_cps: float = 110.0
     gamma_alarm: bool = False
     gamma_alarms: int = 0
+    neutron_cps: float = 0.0  # mean neutron count rate at the portal now
+    neutron_background_cps: float = 3.0
+    neutron_events: int = 0
     metal_detected: bool = False
     metal_events: int = 0
     stops: int = 0
+
+
+@dataclass
+class PortalOut:
+    """One portal occupancy: a belt segment. `steps`: (seconds since `start_ts`, seconds, mean gamma
+    cps, mean neutron cps) per integration step; backgrounds are the mean rates without a source."""
+
+    no: int
+    start_ts: float  # wall clock (UTC unix) of the segment's start
+    steps: list[tuple[float, float, float, float]]
+    gamma_background_cps: float
+    neutron_background_cps: float
+    lot_no: int
+    hold_no: int
 
 
 @dataclass
@@ -162,6 +182,9 @@ class WorldConfig:
     # seconds, the first at that time (a metal trip waits for the belt to run). 0: the rates alone.
     gamma_every_s: float = 0.0
     metal_every_s: float = 0.0
+    neutron_per_h: float = 0.0  # a neutron source passing the portal
+    neutron_every_s: float = 0.0
+    portal_segment_s: float = 60.0  # belt seconds per portal occupancy
     analyser_drift_pct_per_h: float = 0.0  # bias of the analyser's own Fe assay, growing
     detector_drift_per_h: float = 0.0  # relative gain drift of the detector (stabiliser off)
     moisture_noise_pct: float = 0.15
@@ -197,7 +220,11 @@ class OreWorld:
         self._walk = np.zeros(4)
         self.gain = 1.0
         self.lot_truth: dict[int, np.ndarray] = {}  # lot_no -> [tonnes, sum t*Fe, t*SiO2, t*Al2O3, t*H2O]
-        self._force_gamma = self._force_metal = False
+        self._force_gamma = self._force_metal = self._force_neutron = False
+        self._neutron_until = 0.0
+        self.portal: deque[PortalOut] = deque(maxlen=16)
+        self._segment: PortalOut | None = None
+        self._portal_no = 0
         self._new_lot()
         self.state.running = True
 
@@ -276,12 +303,13 @@ class OreWorld:
             s.metal_detected = False  # operator cleared the trip and restarted
         s.running = running
         # gamma: background plus a source passing when an episode is on
-        source = 900.0 * math.exp(-((t - (self._gamma_until - 30)) / 15.0) ** 2) if t < self._gamma_until else 0.0
+        source = self._gamma_source(t)
         s.gamma_cps = max(0.0, s.gamma_background_cps + source + r.normal(0, math.sqrt(s.gamma_background_cps)))
         alarm = t < self._gamma_episode_until
         if alarm and not s.gamma_alarm:
             s.gamma_alarms += 1
         s.gamma_alarm = alarm
+        self._portal_step(t, dt)
         # belt
         if s.running:
             s.rate_tph = max(0.0, c.rate_tph * (1 + 0.08 * math.sin(t / 97.0) + r.normal(0, 0.02)))
@@ -316,6 +344,37 @@ class OreWorld:
             self._analysis(t + dt)
             self._next_analysis += c.analysis_interval_s
 
+    def _gamma_source(self, t: float) -> float:
+        """The extra gamma count rate of a source passing the portal (0 outside an episode)."""
+        return 900.0 * math.exp(-((t - (self._gamma_until - 30)) / 15.0) ** 2) if t < self._gamma_until else 0.0
+
+    def _portal_step(self, t: float, dt: float) -> None:
+        """A neutron source passes (rate or schedule); the portal records the step of a running belt."""
+        c, s = self.cfg, self.state
+        self._force_neutron |= self._scheduled(c.neutron_every_s, dt)
+        if t >= self._neutron_until and (self._force_neutron or self._p(c.neutron_per_h, dt)):
+            self._force_neutron = False
+            self._neutron_until = t + 30.0
+            s.neutron_events += 1
+        s.neutron_cps = s.neutron_background_cps + (40.0 if t < self._neutron_until else 0.0)
+        source = self._gamma_source(t)
+        seg = self._segment
+        if not s.running:
+            if seg is not None:
+                self.portal.append(seg)
+                self._segment = None
+            return
+        if seg is None:
+            self._portal_no += 1
+            wall = self.wall_clock() - (self.now_sim() - t) / c.speed
+            seg = self._segment = PortalOut(self._portal_no, wall, [], s.gamma_background_cps,
+                                            s.neutron_background_cps, s.lot_no, s.hold_no)
+        offset = sum(step[1] for step in seg.steps)
+        seg.steps.append((offset, dt, s.gamma_background_cps + source, s.neutron_cps))
+        if offset + dt >= c.portal_segment_s:
+            self.portal.append(seg)
+            self._segment = None
+
     def _analysis(self, t: float) -> None:
         c, r = self.cfg, self.rng
         self._seq += 1
@@ -347,6 +406,22 @@ class OreWorld:
         """A source passes the portal at the next step (tests, drills)."""
         with self._lock:
             self._force_gamma = True
+
+    def trigger_neutron(self) -> None:
+        """A neutron source passes the portal at the next step (tests, drills)."""
+        with self._lock:
+            self._force_neutron = True
+
+    def occupancies_after(self, no: int) -> list[PortalOut]:
+        """The portal occupancies completed after occupancy `no`."""
+        with self._lock:
+            self.advance()
+            return [o for o in self.portal if o.no > no]
+
+    def last_occupancy(self) -> int:
+        with self._lock:
+            self.advance()
+            return self.portal[-1].no if self.portal else 0
 
     def trigger_metal(self) -> None:
         with self._lock:

@@ -5,6 +5,8 @@ Inputs (typed readings; point names are configurable under `points:`):
   belt_weigher  Registers: total_t (totaliser), rate_tph, speed_mps    -> tonnage, increments
   belt_portal   Registers: running, lot_no, hold_no, metal_detected     -> lot / sub-lot, foreign matter
                 Registers: gamma_cps, gamma_alarm                       -> radiation alerts
+  radiation_portal  PortalOccupancy (optional role; driver n42-portal: ANSI N42.42 documents, one per
+                occupancy, gamma and neutron channels)                   -> radiation alerts with evidence
   moisture      Registers: moisture_pct (optional role)                 -> moisture (microwave, wet basis)
   analyser      Analysis (spectrum + the analyser's own assay)          -> ore-grade model: Fe, SiO2, H2O
   scale         Weight, MT-SICS or Toledo (optional role)               -> settled bench weighings
@@ -17,7 +19,9 @@ Records:
   increment            EVENT   every `increment_t` tonnes of the lot (ISO 3082 mass-basis primary increment)
   ore_analysis         EVENT   each analyser result: the local model's assay and the analyser's own
   bench_weighing       EVENT   a settled weighing in the sample room
-  radiation_alarm      ALERT   gamma alarm rising edge: the lot is put on hold at once
+  radiation_alarm      ALERT   gamma alarm rising edge, or a portal occupancy with a gamma or neutron
+                               alarm (payload `occupancy`: its id, counts, background, thresholds):
+                               the lot is put on hold at once
   foreign_matter       ALERT   metal detector trip
   analyser_disagreement EVENT  local model and analyser differ in Fe for `check_count` results in a row
   instrument_fault / instrument_recovered  REPORT  a Modbus slave stopped / resumed answering
@@ -26,7 +30,8 @@ Records:
   lot_hold             ALERT   when a closed lot's decision is hold
   lot_interim          REPORT  at agent shutdown, the open lot's figures so far (decision "open")
 
-Assessment (lot and each sub-lot): hold if a gamma alarm occurred, or if moisture exceeds
+Assessment (lot and each sub-lot): hold if a gamma or neutron alarm occurred (the report lists the
+alarmed occupancies' evidence under `radiation_evidence`), or if moisture exceeds
 `moisture_hold_fraction` x `tml_pct` (IMSBC transportable moisture limit); otherwise resample if fewer
 primary increments than the configured minimum or no grade estimate; otherwise pass. Flags (do not
 change the decision): Fe below `fe_min_pct`, moisture within U95 of the limit, foreign matter,
@@ -47,7 +52,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from customs_edge.agent.apps.base import App, AppConfig, Role
 from customs_edge.agent.apps.settle import Settle
-from customs_edge.core.readings import AnalyserStatus, Analysis, Reading, Registers, SlaveError, Weight
+from customs_edge.core.readings import (
+    AnalyserStatus,
+    Analysis,
+    PortalOccupancy,
+    Reading,
+    Registers,
+    SlaveError,
+    Weight,
+)
 from customs_edge.core.records import Priority, RecordIn
 
 
@@ -135,6 +148,8 @@ class Part:
     fe_analyser: Series = field(default_factory=Series)
     gamma_alarms: int = 0
     gamma_max_cps: float = 0.0
+    neutron_alarms: int = 0
+    radiation_evidence: list[dict[str, Any]] = field(default_factory=list)  # alarmed occupancies, the first few
     foreign_matter: int = 0
     disagreements: int = 0
     analyses: int = 0
@@ -173,7 +188,9 @@ class OreStationApp(App):
     Config = OreAppConfig
     CONSUMES = {"belt_weigher": Role(Registers, SlaveError), "belt_portal": Role(Registers, SlaveError),
                 "analyser": Role(Analysis, AnalyserStatus),
-                "moisture": Role(Registers, SlaveError, optional=True), "scale": Role(Weight, optional=True)}
+                "moisture": Role(Registers, SlaveError, optional=True), "scale": Role(Weight, optional=True),
+                "radiation_portal": Role(PortalOccupancy, optional=True)}
+    EVIDENCE_KEPT = 8  # alarmed occupancies listed per lot report (all of them are ALERT records)
     config: OreAppConfig
 
     def __init__(self, device_id: str, config: OreAppConfig) -> None:
@@ -210,6 +227,8 @@ class OreStationApp(App):
                 return self._analysis(reading)
             case Weight():
                 return self._bench(reading)
+            case PortalOccupancy():
+                return self._occupancy(reading)
         return []
 
     def _registers(self, r: Registers) -> list[RecordIn]:
@@ -275,6 +294,28 @@ class OreStationApp(App):
         return RecordIn(type="radiation_alarm", priority=Priority.ALERT, ts=ts, payload={
             **self._where(), "gamma_cps": cps, "decision": "hold",
             "reason": "radiation portal gamma alarm: lot on hold pending inspection"})
+
+    def _occupancy(self, r: PortalOccupancy) -> list[RecordIn]:
+        """An N42.42 portal occupancy: its gamma rate joins the interval; an alarm holds the lot at once."""
+        assert self._interval is not None
+        if r.gamma_cps is not None:
+            self._interval.gamma.append(r.gamma_cps)
+            for part in self._parts():
+                part.gamma_max_cps = max(part.gamma_max_cps, r.gamma_cps)
+        if not r.alarm:
+            return []
+        evidence = r.evidence()
+        channels = [c for c, on in (("gamma", r.gamma_alarm), ("neutron", r.neutron_alarm)) if on]
+        for part in self._parts():
+            part.gamma_alarms += r.gamma_alarm
+            part.neutron_alarms += r.neutron_alarm
+            if len(part.radiation_evidence) < self.EVIDENCE_KEPT:
+                part.radiation_evidence.append(evidence)
+        return [RecordIn(type="radiation_alarm", priority=Priority.ALERT, ts=r.ts, payload={
+            **self._where(), "gamma_cps": r.gamma_cps, "neutron_cps": r.neutron_cps, "channels": channels,
+            "occupancy": evidence, "decision": "hold",
+            "reason": f"radiation portal {' and '.join(channels)} alarm in occupancy {r.occupancy_id}: "
+                      "lot on hold pending inspection"})]
 
     def _lot_number(self, lot_no: int, hold_no: int, ts: float) -> list[RecordIn]:
         out: list[RecordIn] = []
@@ -391,9 +432,11 @@ class OreStationApp(App):
         reasons: list[str] = []
         flags: list[str] = []
         decision = "pass"
-        if part.gamma_alarms:
+        if part.gamma_alarms or part.neutron_alarms:
             decision = "hold"
-            reasons.append(f"radiation: {part.gamma_alarms} gamma alarm(s), peak {part.gamma_max_cps:.0f} cps")
+            reasons.append(f"radiation: {part.gamma_alarms} gamma alarm(s), peak {part.gamma_max_cps:.0f} cps"
+                           + (f", {part.neutron_alarms} neutron alarm(s)" if part.neutron_alarms else "")
+                           + "".join(f", occupancy {e['occupancy_id']}" for e in part.radiation_evidence))
         if moisture and moisture["value"] > limit:
             decision = "hold"
             reasons.append(f"moisture {moisture['value']:.2f} % > {c.moisture_hold_fraction:g} x TML "
@@ -424,6 +467,7 @@ class OreStationApp(App):
                 "h2o_model": h2o_model, "fe_analyser": part.fe_analyser.estimate(),
                 "moisture_limit_pct": limit, "analyses": part.analyses,
                 "gamma_alarms": part.gamma_alarms, "gamma_max_cps": round(part.gamma_max_cps, 1),
+                "neutron_alarms": part.neutron_alarms, "radiation_evidence": part.radiation_evidence,
                 "foreign_matter": part.foreign_matter, "bench_weighings": part.bench_weighings}
 
     def _close_lot(self, final: bool) -> list[RecordIn]:
