@@ -85,7 +85,7 @@ class FinishedTrack:
     direction: int  # +1 left to right, -1 right to left
     hot_object: bool  # a hot object was masked near this traveller
     thumbnail: np.ndarray | None
-    faces: int = 1  # fewest faces in view in the frames measured (> 1: never alone in view)
+    faces: int = 1  # most faces in view in any of the frames measured (> 1: not alone in view)
     unusable: str = ""  # too few usable frames: measured on flagged ones anyway, this is their commonest flag
 
 
@@ -263,7 +263,7 @@ class Tracker:
             id=tr.id, features=features, frames=tr.seen, good_frames=len(tr.good), first_mono=tr.first_mono,
             last_mono=self._last_mono, best_ts=tr.best_ts, best_mono=top[6], best_cx=self._cx_at(tr, top[7]),
             direction=1 if tr.last_cx >= tr.start_cx else -1, hot_object=tr.objects > 0,
-            thumbnail=tr.best_frame, faces=min(g[8] for g in best), unusable=unusable)
+            thumbnail=tr.best_frame, faces=max(g[8] for g in best), unusable=unusable)
 
     @staticmethod
     def _cx_at(tr: Track, frame_idx: int) -> float:
