@@ -155,7 +155,7 @@ def test_no_blackbody_where_configured_or_a_region_outside_the_frame_is_missing(
     err = run.of_type("lane_summary", 1)[-1].payload["reference"]["error"]
     assert "outside the 24x32 frame" in err and "app.reference" in err
     with pytest.raises(ValidationError, match=r"reference\.rows"):
-        ReferenceConfig(rows=(5, 5), cols=(0, 3))
+        ReferenceConfig(rows=(5, 5), cols=(0, 3), setpoint_c=35.0)
 
 
 def test_a_drifting_blackbody_is_detected() -> None:

@@ -113,7 +113,7 @@ class _AppRunner:
         from customs_edge.agent.apps.gate_reference import ReferenceConfig
 
         r0, r1, c0, c1 = BLACKBODY
-        ref = ReferenceConfig(rows=(r0, r1), cols=(c0, c1)) if self.reference else None
+        ref = ReferenceConfig(rows=(r0, r1), cols=(c0, c1), setpoint_c=35.0) if self.reference else None
         # warmup_s=0: the figures are those of a warmed-up station (every shard starts its lane cold)
         app = GateApp("eval", GateAppConfig(threshold_c=self.threshold_c, reference=ref, warmup_s=0.0,
                                             model=Path(self.manifest) if self.manifest else None))
@@ -278,6 +278,7 @@ def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
             for tag in s.tags:
                 tags[tag] = tags.get(tag, 0) + 1
     invalid = sum(1 for r in results for _, _, s in r.matched if s.tags)
+    measured = sum(len(r.matched) for r in results)
     tp = fp = tn = fn = 0
     by_conf: dict[str, dict[str, int]] = {}
     errors = []
@@ -312,5 +313,5 @@ def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
         "duplicate_tracks": duplicates, "spurious_tracks": sum(len(r.spurious) for r in results),
         "estimate_mae_c": round(float(np.abs(err).mean()), 4), "estimate_bias_c": round(float(err.mean()), 4),
         "by_confounder": by_conf, "frames": sum(r.frames for r in results),
-        "invalid_rate": round(invalid / screened, 5) if screened else None, "tags": dict(sorted(tags.items())),
+        "invalid_rate": round(invalid / measured, 5) if measured else None, "tags": dict(sorted(tags.items())),
     }

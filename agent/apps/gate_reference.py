@@ -34,7 +34,7 @@ class ReferenceConfig(BaseModel):
 
     rows: tuple[int, int] = Field(description="first and last+1 row of the blackbody's region in the frame")
     cols: tuple[int, int] = Field(description="first and last+1 column of the region")
-    setpoint_c: float = Field(35.0, ge=20.0, le=45.0, description="the blackbody's set-point, °C")
+    setpoint_c: float = Field(ge=20.0, le=45.0, description="the blackbody's set-point, °C (no default: state it)")
     max_offset_c: float = Field(3.0, gt=0, le=10.0,
                                 description="|set-point - reading| beyond this: the reference is missing")
     max_sd_c: float = Field(0.3, gt=0, description="region spread (SD of its pixels) beyond this: occluded")
