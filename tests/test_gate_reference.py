@@ -229,3 +229,15 @@ def test_simulator_cli_takes_the_reference_and_its_faults() -> None:
     assert a.blackbody == (20, 23, 28, 31) and a.blackbody_off == (10.0, 20.0) and a.blackbody_behind
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--blackbody", "20,23"])
+
+
+def test_counting_at_2000_per_hour_with_the_reference() -> None:
+    """The blackbody's region is blanked before tracking and flagged frames are still tracked: one screening per
+    traveller, as without a reference (tests/test_gate_model.py), none lost to the reference."""
+    world = GateWorld(31, replace(DRIFTING, rate_per_h=2000, hot_drink_share=0.01, child_share=0.03, sun_share=0.005,
+                                  blackbody_behind=True))
+    run = Run(world, 1800.0, app(reference=ref()))
+    simulated = sum(1 for tr in world.truth if tr.t_in_view < 1800.0)
+    screened = len(run.of_type("screening"))
+    assert 900 <= simulated and abs(screened - simulated) <= 0.005 * simulated, (screened, simulated)
+    assert run.of_type("lane_summary")[-1].payload["reference"]["occluded"] > 0  # travellers did pass in front
