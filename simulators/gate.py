@@ -12,7 +12,11 @@ when a traveller crosses the entry/exit beam, and a heartbeat every second.
 --speed k runs the world k times faster AND sends k times as many frames per second, so each traveller
 still spans the same number of frames: 2,000 travellers an hour become 2,000 in 60/k minutes.
 Faults: --corrupt-rate (bit flips, frames cut short: bytes lost), --stall-every/--stall-for (the module
-repeats its last frame: a frozen sensor), --dead-pixels, --noise. Every traveller's truth (core
+repeats its last frame: a frozen sensor), --dead-pixels, --noise. The camera's own error:
+--camera-offset and --camera-drift (slow, over --camera-drift-period). A blackbody in view
+(--blackbody r0,r1,c0,c1 at --blackbody-c) is the reference that cancels it; its faults: --blackbody-drift
+(K/h), --blackbody-behind (travellers walk in front of it), --blackbody-off FROM,TO (missing, world s).
+Every traveller's truth (core
 temperature, febrile, confounder, beam times) is in `world.truth` and, with --truth, a JSON-lines file.
 """
 
@@ -197,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ambient-drift", type=float, default=d.ambient_drift_k, help="slow drift amplitude, K")
     p.add_argument("--noise", type=float, default=d.noise_k, help="pixel noise, K RMS")
     p.add_argument("--dead-pixels", type=int, default=d.dead_pixels)
+    p.add_argument("--camera-offset", type=float, default=d.camera_offset_c, help="the camera's error, K")
+    p.add_argument("--camera-drift", type=float, default=d.camera_drift_k, help="its slow drift amplitude, K")
+    p.add_argument("--camera-drift-period", type=float, default=d.camera_drift_period_s, help="seconds")
+    p.add_argument("--blackbody", type=_ints, help="r0,r1,c0,c1: the blackbody's box in the frame (rows, columns)")
+    p.add_argument("--blackbody-c", type=float, default=d.blackbody_c, help="its temperature, °C")
+    p.add_argument("--blackbody-drift", type=float, default=d.blackbody_drift_k_per_h, help="fault: its drift, K/h")
+    p.add_argument("--blackbody-behind", action="store_true", help="fault: travellers walk in front of it")
+    p.add_argument("--blackbody-off", type=_floats, help="FROM,TO: fault: missing in these world seconds")
     p.add_argument("--speed", type=float, default=1.0, help="world time and frame rate multiplier")
     p.add_argument("--rate-hz", type=float, default=8.0, help="refresh rate until the driver sets one")
     p.add_argument("--baud", type=int, default=460800, help="the module's line speed; caps the frame rate")
@@ -208,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ints(text: str) -> tuple[int, int, int, int]:
+    v = [int(x) for x in text.split(",")]
+    if len(v) != 4:
+        raise argparse.ArgumentTypeError("give four integers: first row, last row + 1, first column, last column + 1")
+    return v[0], v[1], v[2], v[3]
+
+
+def _floats(text: str) -> tuple[float, float]:
+    v = [float(x) for x in text.split(",")]
+    if len(v) != 2:
+        raise argparse.ArgumentTypeError("give two numbers: FROM,TO (world seconds)")
+    return v[0], v[1]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not 0 < args.rate_per_h <= 4000:
@@ -215,7 +241,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = WorldParams(rate_per_h=args.rate_per_h, febrile_share=args.febrile_share, febrile_every=args.febrile_every,
                          hot_drink_share=args.hot_drink_share, sun_share=args.sun_share, child_share=args.child_share,
                          ambient_c=args.ambient, ambient_drift_k=args.ambient_drift, noise_k=args.noise,
-                         dead_pixels=args.dead_pixels)
+                         dead_pixels=args.dead_pixels, camera_offset_c=args.camera_offset,
+                         camera_drift_k=args.camera_drift, camera_drift_period_s=args.camera_drift_period,
+                         blackbody=args.blackbody, blackbody_c=args.blackbody_c,
+                         blackbody_drift_k_per_h=args.blackbody_drift, blackbody_behind=args.blackbody_behind,
+                         blackbody_off=args.blackbody_off)
     truth = open(args.truth, "w") if args.truth else None  # noqa: SIM115 - lives as long as the process
     sim = GateSim(args.seed or 0, params, speed=args.speed, rate_hz=args.rate_hz, baudrate=args.baud,
                   autostart=args.autostart, corrupt_rate=args.corrupt_rate, truth_file=truth)

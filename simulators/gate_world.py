@@ -16,6 +16,12 @@ cooler than the canthus. Afebrile cores ~ N(36.75, 0.2) truncated to 36.0-37.2; 
 +1.5-3.5 K, canthus half of that), a child close to the sensor (small head seen large). Ambient drifts
 slowly; pixels carry ~0.1 K noise; a few pixels are dead.
 
+The camera itself reads every pixel off by an offset that drifts slowly (`camera_offset_c` +
+`camera_drift_k`, zero by default). An optional blackbody (`blackbody`: a rows x cols box of the frame
+at `blackbody_c`) is the external temperature reference that cancels that offset; its faults: it drifts
+itself (`blackbody_drift_k_per_h`), it is mounted across the lane so travellers walk in front of it
+(`blackbody_behind`), it is missing (switched off or removed) during `blackbody_off`.
+
 Everything is deterministic for a seed. `truth` holds one TravellerTruth per generated traveller.
 """
 
@@ -55,6 +61,14 @@ class WorldParams:
     noise_k: float = 0.1  # pixel noise, K RMS
     dead_pixels: int = 2
     min_headway_s: float = 0.9  # the gate lets one traveller through at a time
+    camera_offset_c: float = 0.0  # the camera's own error, added to every pixel it reads
+    camera_drift_k: float = 0.0  # ... drifting slowly by this amplitude
+    camera_drift_period_s: float = 3600.0
+    blackbody: tuple[int, int, int, int] | None = None  # first row, last+1, first column, last+1
+    blackbody_c: float = 35.0  # its set-point
+    blackbody_drift_k_per_h: float = 0.0  # fault: the blackbody's own temperature drifts
+    blackbody_behind: bool = False  # fault: across the lane, travellers walk in front of it
+    blackbody_off: tuple[float, float] | None = None  # fault: missing (off, removed) in [from, to) s
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,20 @@ class GateWorld:
         w = 2 * math.pi / self.p.drift_period_s
         return self.p.ambient_c + self.p.ambient_drift_k * (
             0.8 * np.sin(w * t + self._phase) + 0.2 * np.sin(3.1 * w * t + 2 * self._phase))
+
+    def camera_offset(self, t: np.ndarray | float) -> np.ndarray:
+        """What the camera adds to every true temperature at world time t (its own slow drift)."""
+        p = self.p
+        return p.camera_offset_c + p.camera_drift_k * np.sin(2 * math.pi * np.asarray(t) / p.camera_drift_period_s)
+
+    def blackbody_temp(self, t: np.ndarray | float) -> np.ndarray:
+        """The blackbody's true temperature (NaN while it is missing)."""
+        t = np.asarray(t, dtype=np.float64)
+        p = self.p
+        temp = p.blackbody_c + p.blackbody_drift_k_per_h * t / 3600.0
+        if p.blackbody_off is not None:
+            temp = np.where((t >= p.blackbody_off[0]) & (t < p.blackbody_off[1]), np.nan, temp)
+        return temp
 
     def sensor_ambient(self, t: float) -> float:
         """The module's own (die) temperature: a few kelvin above the air."""
@@ -236,17 +264,30 @@ class GateWorld:
         img[:] = amb[:, None, None] + self.wall[None]
         if n == 0:
             return img
+        if self.p.blackbody_behind:
+            self._draw_blackbody(img, times)  # behind the lane: travellers walk in front of it
         people = self.in_view(float(times[0]), float(times[-1]))
         for person in sorted(people, key=lambda q: -q.d):  # far first: near travellers occlude them
             lo = int(np.searchsorted(times, person.truth.t_in_view))
             hi = int(np.searchsorted(times, person.truth.t_out_view, side="right"))
             if hi > lo:
                 self._draw(img[lo:hi], person, times[lo:hi], amb[lo:hi])
+        if not self.p.blackbody_behind:
+            self._draw_blackbody(img, times)
         if noise and self.p.noise_k > 0:
             img += self._noise_rng.standard_normal(img.shape, dtype=np.float32) * np.float32(self.p.noise_k)
+        img += self.camera_offset(times).astype(np.float32)[:, None, None]
         if dead and len(self.dead):
             img.reshape(n, -1)[:, self.dead] = DEAD_C
         return img
+
+    def _draw_blackbody(self, img: np.ndarray, times: np.ndarray) -> None:
+        if self.p.blackbody is None:
+            return
+        r0, r1, c0, c1 = self.p.blackbody
+        temp = self.blackbody_temp(times).astype(np.float32)
+        on = ~np.isnan(temp)  # while missing, the wall behind it shows
+        img[on, r0:r1, c0:c1] = temp[on, None, None]
 
     def _draw(self, img: np.ndarray, q: _Person, t: np.ndarray, amb: np.ndarray) -> None:
         pw, ph = q.d * KX, q.d * KZ  # pixel footprint, metres

@@ -33,6 +33,7 @@ VERSION = "1.0.0"
 RATE_HZ = 8.0
 CHUNK = 512  # frames rendered at once
 THRESHOLDS = (37.3, 37.5, 38.0)
+BLACKBODY = (20, 23, 28, 31)  # rows, columns of the blackbody in evaluate(camera="drifting"|"referenced")
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,17 @@ def _tracker_runner() -> tuple[Runner, Callable[[], list[tuple[FinishedTrack, An
 class _AppRunner:
     """The gate app itself (tracker + model + threshold) as a shard runner; picklable for the pool."""
 
-    def __init__(self, manifest: str | None, threshold_c: float) -> None:
-        self.manifest, self.threshold_c = manifest, threshold_c
+    def __init__(self, manifest: str | None, threshold_c: float, reference: bool = False) -> None:
+        self.manifest, self.threshold_c, self.reference = manifest, threshold_c, reference
 
     def __call__(self) -> tuple[Runner, Callable[[], list[tuple[FinishedTrack, Any]]]]:
         from customs_edge.agent.apps.gate import GateApp, GateAppConfig
+        from customs_edge.agent.apps.gate_reference import ReferenceConfig
 
-        app = GateApp("eval", GateAppConfig(threshold_c=self.threshold_c,
+        r0, r1, c0, c1 = BLACKBODY
+        ref = ReferenceConfig(rows=(r0, r1), cols=(c0, c1), setpoint_c=35.0) if self.reference else None
+        # warmup_s=0: the figures are those of a warmed-up station (every shard starts its lane cold)
+        app = GateApp("eval", GateAppConfig(threshold_c=self.threshold_c, reference=ref, warmup_s=0.0,
                                             model=Path(self.manifest) if self.manifest else None))
 
         def process(frame: np.ndarray, t: float) -> list[tuple[FinishedTrack, Any]]:
@@ -238,12 +243,19 @@ def train(out_dir: Path, seed: int = 0, n_travellers: int = 16000) -> Path:
 
 # --- evaluation --------------------------------------------------------------------------------
 def evaluate(seed: int = 1, travellers: int = 20000, threshold_c: float = 37.3, manifest: str | Path | None = None,
-             workers: int | None = None, rate_per_h: float = 2000.0) -> dict[str, Any]:
+             workers: int | None = None, rate_per_h: float = 2000.0, camera: str = "ideal") -> dict[str, Any]:
     """Screen `travellers` simulated travellers (default febrile share, confounders, ambient 16-30 °C,
     a lane at `rate_per_h`) with the gate app, and score its decisions against the truth.
-    Positive = a febrile traveller (core 37.6-39.5 °C); every afebrile core is <= 37.2 °C."""
+    Positive = a febrile traveller (core 37.6-39.5 °C); every afebrile core is <= 37.2 °C.
+    `camera`: "ideal" (no offset), "drifting" (the camera reads 1.5 K +- 1 K high, drifting over 2 h; a
+    blackbody in view, not used) or "referenced" (the same, corrected by the blackbody)."""
+    if camera not in ("ideal", "drifting", "referenced"):
+        raise ValueError(f"camera must be ideal, drifting or referenced, not {camera!r}")
     base = WorldParams(rate_per_h=rate_per_h)
-    runner = _AppRunner(str(manifest) if manifest else None, threshold_c)
+    if camera != "ideal":
+        base = replace(base, camera_offset_c=1.5, camera_drift_k=1.0, camera_drift_period_s=7200.0,
+                       blackbody=BLACKBODY)
+    runner = _AppRunner(str(manifest) if manifest else None, threshold_c, camera == "referenced")
     results = run_shards(_shards(seed, travellers, 2000, base), runner, workers)
     return score(results, threshold_c)
 
@@ -260,6 +272,13 @@ def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
             else:
                 decided[(k, tr.id)] = s.fever
     spurious_alarms = sum(1 for r in results for _, s in r.spurious if s.fever)
+    tags: dict[str, int] = {}
+    for r in results:
+        for _, _, s in r.matched:
+            for tag in s.tags:
+                tags[tag] = tags.get(tag, 0) + 1
+    invalid = sum(1 for r in results for _, _, s in r.matched if s.tags)
+    measured = sum(len(r.matched) for r in results)
     tp = fp = tn = fn = 0
     by_conf: dict[str, dict[str, int]] = {}
     errors = []
@@ -294,4 +313,5 @@ def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
         "duplicate_tracks": duplicates, "spurious_tracks": sum(len(r.spurious) for r in results),
         "estimate_mae_c": round(float(np.abs(err).mean()), 4), "estimate_bias_c": round(float(err.mean()), 4),
         "by_confounder": by_conf, "frames": sum(r.frames for r in results),
+        "invalid_rate": round(invalid / measured, 5) if measured else None, "tags": dict(sorted(tags.items())),
     }

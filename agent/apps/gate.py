@@ -8,9 +8,14 @@ apparent head size) into a core-temperature estimate, compensated for ambient an
 Records (raw frames never leave the device):
   screening    EVENT      estimate_c, confidence, decision ('fever' | 'normal'), threshold_c, frames ...
   fever_alert  ALERT      estimate_c, confidence, threshold_c (+ an optional small thumbnail, off by default)
-  lane_summary TELEMETRY  per interval: screened, alerts, entries, exits, fragments, dead pixels ...
+  lane_summary TELEMETRY  per interval: screened, alerts, entries, exits, fragments, dead pixels, reference ...
 `confidence` is the probability, under the model's held-out residual spread, that the traveller's core
 temperature lies on the side of the threshold the decision says.
+
+With `reference` configured, every frame is corrected by a blackbody's offset (gate_reference.py).
+Every screening carries `tags`, the reasons its measurement is not valid (reference missing, occluded or
+drifting; warm-up; too near or too far; more than one face in view; ambient out of range) and `valid`;
+a fever alert from an invalid screening still alerts, with `rescreen: true`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 from pydantic import Field
 
 from customs_edge.agent.apps.base import App, AppConfig, Role
+from customs_edge.agent.apps.gate_reference import Reference, ReferenceConfig
 from customs_edge.agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker, TrackerParams
 from customs_edge.core.errors import DriverFault, ModelError
 from customs_edge.core.readings import Passage, PassageHeartbeat, Reading, ThermalFrame
@@ -41,6 +47,17 @@ class GateAppConfig(AppConfig):
     max_gap_frames: int = Field(3, ge=1, le=30, description="frames a traveller may go unseen before the track ends")
     min_frames: int = Field(2, ge=1, le=30, description="whole-head frames needed to screen a traveller")
     stale_after_s: float = Field(1.0, gt=0, description="no frame for this long: open tracks are closed")
+    reference: ReferenceConfig | None = Field(None, description="blackbody in view: region, set-point, limits")
+    warmup_s: float = Field(1800.0, ge=0, description="screenings this soon after the first frame: 'warm_up'")
+    hfov_deg: float = Field(55.0, gt=0, lt=180, description="the camera's horizontal field of view")
+    head_size_m: float = Field(0.154, gt=0, le=0.3,
+                               description="distance estimate: sqrt of a head's warm skin area, metres")
+    head_blur_px: float = Field(0.63, ge=0, le=3, description="distance estimate: optics' blur, pixels")
+    min_distance_m: float = Field(0.8, gt=0, description="a head nearer than this: 'too_near'")
+    max_distance_m: float = Field(1.8, gt=0, description="a head farther than this: 'too_far'")
+    ambient_min_c: float = Field(18.0, description="air below this: 'ambient_low' (ISO/TR 13154: 18-24 °C)")
+    ambient_max_c: float = Field(24.0, description="air above this: 'ambient_high'")
+    sensor_ambient_offset_k: float = Field(3.5, description="the sensor's ambient (die) reading minus the air")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +66,13 @@ class Screening:
     estimate_c: float
     confidence: float
     fever: bool
+    tags: tuple[str, ...] = ()  # why the measurement is not valid; empty: valid
+    distance_m: float | None = None
+    ambient_c: float | None = None  # air, from the sensor's ambient reading
+
+    @property
+    def valid(self) -> bool:
+        return not self.tags
 
 
 def normal_cdf(z: float) -> float:
@@ -80,14 +104,18 @@ class GateApp(App):
         self.tracker = Tracker(TrackerParams(fg_delta_k=config.fg_delta_k, max_gap=config.max_gap_frames,
                                              min_frames=config.min_frames),
                                keep_frames=config.thumbnail_on_alert)
+        self.reference = Reference(config.reference) if config.reference else None
+        self._started: float | None = None  # first frame: the warm-up's start
+        self._ambient_c: float | None = None  # the latest sensor ambient reading
+        self._width = 0  # frame width, pixels
         self._last_frame_mono: float | None = None
         self._window_start: float | None = None
-        self.totals = {"screened": 0, "alerts": 0, "entries": 0, "exits": 0}
+        self.totals = {"screened": 0, "alerts": 0, "entries": 0, "exits": 0, "invalid": 0}
         self._reset_window()
 
     def _reset_window(self) -> None:
         self._w = {"frames": 0, "screened": 0, "alerts": 0, "entries": 0, "exits": 0, "passage_lost": 0,
-                   "bad_frames": 0}
+                   "bad_frames": 0, "invalid": 0}
         self._w_estimates: list[float] = []
         self._w_dead = 0
         self._w_ambient: float | None = None
@@ -95,7 +123,37 @@ class GateApp(App):
 
     # --- the screening pipeline (also run directly by models/fever.py on simulated frames) ------------
     def process_frame(self, frame: np.ndarray, mono: float, ts: float) -> list[Screening]:
-        return self.screen(self.tracker.process(frame, mono, ts))
+        if self._started is None:
+            self._started = mono
+        self._width = frame.shape[1]
+        flag = ""
+        if self.reference is not None:
+            frame, ref = self.reference.correct(frame, mono)
+            flag = ref.reason and "reference_" + ref.reason
+        return self.screen(self.tracker.process(frame, mono, ts, flag))
+
+    def tags(self, t: FinishedTrack) -> tuple[tuple[str, ...], float | None, float | None]:
+        """(reasons the measurement is not valid, estimated distance, air temperature) for a track."""
+        c = self.config
+        tags = [t.unusable] if t.unusable else []
+        if self._started is not None and t.best_mono - self._started < c.warmup_s:
+            tags.append("warm_up")
+        dist = None
+        size_px = math.sqrt(t.features[4]) - c.head_blur_px  # the head's apparent size, pixels
+        if self._width and size_px > 0:
+            dist = c.head_size_m / (size_px * 2 * math.tan(math.radians(c.hfov_deg / 2)) / self._width)
+            if dist < c.min_distance_m:
+                tags.append("too_near")
+            elif dist > c.max_distance_m:
+                tags.append("too_far")
+        if t.faces > 1:
+            tags.append("multiple_faces")
+        air = None if self._ambient_c is None else self._ambient_c - c.sensor_ambient_offset_k
+        if air is not None and air < c.ambient_min_c:
+            tags.append("ambient_low")
+        elif air is not None and air > c.ambient_max_c:
+            tags.append("ambient_high")
+        return tuple(tags), dist, air
 
     def screen(self, tracks: list[FinishedTrack]) -> list[Screening]:
         if not tracks:
@@ -108,7 +166,7 @@ class GateApp(App):
         for t, e in zip(tracks, est.tolist(), strict=True):
             sigma = self.sigma_c * math.sqrt(k / min(k, t.good_frames))  # fewer frames, less sure
             fever = e >= thr
-            out.append(Screening(t, e, normal_cdf(abs(e - thr) / sigma), fever))
+            out.append(Screening(t, e, normal_cdf(abs(e - thr) / sigma), fever, *self.tags(t)))
         return out
 
     # --- the App interface ------------------------------------------------------------------
@@ -123,6 +181,7 @@ class GateApp(App):
             self._last_frame_mono = reading.mono
             self._w["frames"] += 1
             self._w_dead = max(self._w_dead, reading.dead_pixels)
+            self._ambient_c = reading.ambient_c
             if reading.ambient_c is not None:
                 self._w_ambient = reading.ambient_c
             return self._records(self.process_frame(frame, reading.mono, reading.ts), reading.source)
@@ -143,9 +202,16 @@ class GateApp(App):
             self._w["screened"] += 1
             self.totals["screened"] += 1
             self._w_estimates.append(s.estimate_c)
+            if not s.valid:
+                self._w["invalid"] += 1
+                self.totals["invalid"] += 1
+            validity = {"valid": s.valid, "tags": list(s.tags)}
+            ref = "none" if self.reference is None else t.unusable.removeprefix("reference_") or "ok"
             out.append(RecordIn(type="screening", priority=Priority.EVENT, ts=t.best_ts, payload={
                 "traveller": t.id, "estimate_c": est, "confidence": conf,
-                "decision": "fever" if s.fever else "normal", "threshold_c": thr,
+                "decision": "fever" if s.fever else "normal", "threshold_c": thr, **validity,
+                "reference": ref, "distance_m": None if s.distance_m is None else round(s.distance_m, 2),
+                "ambient_c": None if s.ambient_c is None else round(s.ambient_c, 1),
                 "frames": t.frames, "measured_frames": t.good_frames,
                 "head_max_c": round(t.features[0], 2), "background_c": round(t.features[3], 2),
                 "head_px": round(t.features[4]), "direction": "ltr" if t.direction > 0 else "rtl",
@@ -154,7 +220,8 @@ class GateApp(App):
                 self._w["alerts"] += 1
                 self.totals["alerts"] += 1
                 payload: dict[str, object] = {"traveller": t.id, "estimate_c": est, "confidence": conf,
-                                              "threshold_c": thr, "source": source}
+                                              "threshold_c": thr, **validity, "rescreen": not s.valid,
+                                              "source": source}
                 if self.config.thumbnail_on_alert and t.thumbnail is not None:
                     payload["thumbnail"] = thumbnail(t.thumbnail, self.config.thumbnail_width_px)
                 out.append(RecordIn(type="fever_alert", priority=Priority.ALERT, ts=t.best_ts, payload=payload))
@@ -178,6 +245,7 @@ class GateApp(App):
             "mean_estimate_c": round(float(np.mean(est)), 2) if est else None,
             "max_estimate_c": round(float(np.max(est)), 2) if est else None,
             "dead_pixels": self._w_dead, "sensor_ambient_c": self._w_ambient,
+            "reference": self.reference.summary() if self.reference else "none",
             "threshold_c": self.config.threshold_c, "totals": dict(self.totals)})
         self._reset_window()
         return rec

@@ -63,8 +63,9 @@ class Track:
     vx: float = 0.0  # columns per frame
     seen: int = 0
     start_cx: float = 0.0
-    good: list[tuple[float, float, float, int, int, float, float, int]] = field(default_factory=list)
-    # (head_hot, head_max, head_skin, area, width, background, mono/ts key, frame index) per whole-head frame
+    good: list[tuple[float, float, float, int, int, float, float, int, int, str]] = field(default_factory=list)
+    # (head_hot, head_max, head_skin, area, width, background, mono/ts key, frame index, faces in the frame,
+    #  why the frame should not be measured or "") per whole-head frame
     best_ts: float = 0.0
     best_frame: np.ndarray | None = None  # kept only when thumbnails are wanted
     objects: int = 0
@@ -84,6 +85,8 @@ class FinishedTrack:
     direction: int  # +1 left to right, -1 right to left
     hot_object: bool  # a hot object was masked near this traveller
     thumbnail: np.ndarray | None
+    faces: int = 1  # most faces in view in any of the frames measured (> 1: not alone in view)
+    unusable: str = ""  # too few usable frames: measured on flagged ones anyway, this is their commonest flag
 
 
 class Tracker:
@@ -157,14 +160,16 @@ class Tracker:
                                  partial, objects))
         return bg, out
 
-    def process(self, frame: np.ndarray, mono: float, ts: float) -> list[FinishedTrack]:
-        """Feed one frame; returns the tracks that ended with it."""
+    def process(self, frame: np.ndarray, mono: float, ts: float, flag: str = "") -> list[FinishedTrack]:
+        """Feed one frame; returns the tracks that ended with it. A frame with a `flag` (why it should not
+        be measured, e.g. its temperature reference was occluded) is tracked, but measured only for
+        travellers who have too few unflagged frames."""
         self.frames += 1
         self.frame_idx += 1
         self._last_mono = mono
         done = self._expire(self.frame_idx)  # tracks unseen for too long end before they can match
         bg, dets = self.detect(frame)
-        self._associate(dets, bg, frame, mono, ts)
+        self._associate(dets, bg, frame, mono, ts, flag)
         return done
 
     def flush(self) -> list[FinishedTrack]:
@@ -172,7 +177,8 @@ class Tracker:
         return self._expire(None)
 
     # --- tracking ----------------------------------------------------------------------------
-    def _associate(self, dets: list[Detection], bg: float, frame: np.ndarray, mono: float, ts: float) -> None:
+    def _associate(self, dets: list[Detection], bg: float, frame: np.ndarray, mono: float, ts: float,
+                   flag: str) -> None:
         idx = self.frame_idx
         w_img = frame.shape[1]
         pairs = []
@@ -194,17 +200,17 @@ class Tracker:
                 continue
             used_t.add(ti)
             used_d.add(di)
-            self._update(self.tracks[ti], dets[di], bg, frame, mono, ts)
+            self._update(self.tracks[ti], dets[di], bg, frame, mono, ts, len(dets), flag)
         for di, d in enumerate(dets):
             if di not in used_d:
                 tr = Track(id=self._next_id, first_idx=idx, first_mono=mono, first_ts=ts, last_idx=idx,
                            last_cx=d.cx, last_top=d.top, start_cx=d.cx)
                 self._next_id += 1
                 self.tracks.append(tr)
-                self._update(tr, d, bg, frame, mono, ts, new=True)
+                self._update(tr, d, bg, frame, mono, ts, len(dets), flag, new=True)
 
     def _update(self, tr: Track, d: Detection, bg: float, frame: np.ndarray, mono: float, ts: float,
-                new: bool = False) -> None:
+                faces: int, flag: str, new: bool = False) -> None:
         idx = self.frame_idx
         if not new:
             gap = max(1, idx - tr.last_idx)
@@ -214,7 +220,7 @@ class Tracker:
         tr.seen += 1
         tr.objects += d.objects
         if not d.partial:
-            tr.good.append((d.head_hot, d.head_max, d.head_skin, d.area, d.width, bg, mono, idx))
+            tr.good.append((d.head_hot, d.head_max, d.head_skin, d.area, d.width, bg, mono, idx, faces, flag))
             if self.keep_frames and (tr.best_frame is None or d.head_hot >= max(g[0] for g in tr.good)):
                 tr.best_frame = frame.copy()
             if d.head_hot >= max(g[0] for g in tr.good):
@@ -242,16 +248,22 @@ class Tracker:
             if tr.seen >= 3:  # a glimpse at the frame's edge is not worth counting
                 self.fragments += 1
             return None
-        best = sorted(tr.good, key=lambda g: -g[0])[: self.p.top_k]
-        m = np.mean(np.array(best, dtype=np.float64), axis=0)
-        bg_all = float(np.mean([g[5] for g in tr.good]))
+        usable = [g for g in tr.good if not g[9]]
+        unusable = ""
+        if len(usable) < self.p.min_frames:  # measured anyway (the traveller is counted), but flagged
+            flags = [g[9] for g in tr.good if g[9]]
+            unusable = max(sorted(set(flags)), key=flags.count)
+            usable = tr.good
+        best = sorted(usable, key=lambda g: -g[0])[: self.p.top_k]
+        m = np.mean(np.array([g[:6] for g in best], dtype=np.float64), axis=0)
+        bg_all = float(np.mean([g[5] for g in usable]))
         features = (float(m[1]), float(m[0]), float(m[2]), bg_all, float(m[3]), float(m[4]))
         top = best[0]
         return FinishedTrack(
             id=tr.id, features=features, frames=tr.seen, good_frames=len(tr.good), first_mono=tr.first_mono,
             last_mono=self._last_mono, best_ts=tr.best_ts, best_mono=top[6], best_cx=self._cx_at(tr, top[7]),
             direction=1 if tr.last_cx >= tr.start_cx else -1, hot_object=tr.objects > 0,
-            thumbnail=tr.best_frame)
+            thumbnail=tr.best_frame, faces=max(g[8] for g in best), unusable=unusable)
 
     @staticmethod
     def _cx_at(tr: Track, frame_idx: int) -> float:
