@@ -7,6 +7,7 @@
   customs-edge status --config FILE        the unit's outbox on disk: pending, produced, dropped
   customs-edge simulate TYPE [...]         serve a simulated device on a pty / loopback socket
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats [--db F] [--json]
+  customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
   customs-edge models evaluate NAME        held-out figures of a shipped model
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
 """
@@ -235,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true")
     h.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     h.set_defaults(fn=cmd_hub)
+
+    from customs_edge.cli import certs  # `customs-edge certs init|issue`
+
+    certs.register(sub)
 
     m = sub.add_parser("models", help="model figures")
     msub = m.add_subparsers(dest="action", required=True)
