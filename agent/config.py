@@ -184,7 +184,7 @@ def echo(value: Any) -> str:
         text = repr(value[: ECHO_CHARS + 1]) if isinstance(value, str) else _REPR.repr(_masked(value))
     except ValueError:  # an int too long for str()
         text = f"<{type(value).__name__}>"
-    return _clip(redact(text), ECHO_CHARS)
+    return _clip(text, ECHO_CHARS)
 
 
 def _secret(key: Any) -> bool:
@@ -201,6 +201,8 @@ def _masked(value: Any, depth: int = 0) -> Any:
 
 
 def _clip(text: str, limit: int = LINE_CHARS) -> str:
+    """`text` cut to `limit`, with any URL's user:password@ redacted (every problem line passes here)."""
+    text = redact(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
