@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from pydantic import ValidationError
+
 from customs_edge.agent import registry
 from customs_edge.core import logs
 from customs_edge.core.errors import ConfigError, CustomsEdgeError
@@ -163,11 +165,19 @@ def cmd_hub(args: argparse.Namespace) -> int:
         return 0
     logs.setup(args.log_level or "INFO")
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "db": args.db,
-                                   "share_group": args.share_group, "client_id": args.client_id}.items()
+                                   "share_group": args.share_group, "client_id": args.client_id,
+                                   "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                                   "tls_server_name": args.tls_server_name}.items()
                  if v is not None}
     if args.no_share:
         overrides["share_group"] = None
-    cfg = HubConfig(**overrides)
+    try:
+        cfg = HubConfig.model_validate(overrides)
+    except ValidationError as exc:
+        from customs_edge.agent.config import format_errors
+
+        raise ConfigError("customs-edge hub", [p.replace("(top level)", "options", 1)
+                                               for p in format_errors(exc, HubConfig)]) from exc
     hub = Hub(cfg)
     stop = _stop_on_signals()
     hub.run(stop)
@@ -233,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--share-group")
     h.add_argument("--no-share", action="store_true", help="plain subscription (brokers without $share)")
     h.add_argument("--client-id")
+    h.add_argument("--tls-ca", help="CA certificate the broker's is checked against (turns TLS on)")
+    h.add_argument("--tls-cert", help="the hub's certificate (CN hub-NAME, listed in the broker's ACL)")
+    h.add_argument("--tls-key", help="the hub's private key (0600), with --tls-cert")
+    h.add_argument("--tls-server-name", help="name on the broker's certificate (default: --host)")
     h.add_argument("--json", action="store_true")
     h.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     h.set_defaults(fn=cmd_hub)

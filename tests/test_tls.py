@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,9 +147,10 @@ def test_an_agent_and_a_hub_with_certificates_deliver_records_over_tls(tmp_path:
         hub.stop()
 
 
-@pytest.mark.parametrize("who", ["no certificate", "another CA's certificate", "plaintext"])
+@pytest.mark.parametrize("who", ["no certificate", "another CA's certificate", "plaintext", "wrong server name"])
 def test_clients_without_a_fleet_certificate_are_refused(pki: Path, broker: Broker, who: str) -> None:
     t = {"no certificate": tls(pki, None), "plaintext": None,
+         "wrong server name": Tls(pki / "ca.crt", pki / "dev-a.crt", pki / "dev-a.key", "other-broker"),
          "another CA's certificate": Tls(pki / "ca.crt", pki / "rogue/dev-a.crt", pki / "rogue/dev-a.key",
                                          "broker")}[who]
     link = MqttLink(f"x-{who[:2]}", "127.0.0.1", broker.port, tls=t, connect_timeout_s=3, backoff_min_s=0.05,
@@ -284,3 +287,26 @@ def test_a_certificate_close_to_expiry_is_warned_about_at_start(tmp_path: Path, 
     fine.close()
     soon.close()
 
+
+
+def test_the_hub_command_connects_with_its_certificate(tmp_path: Path, pki: Path, broker: Broker) -> None:
+    keys = tls_keys(pki, "hub-1")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in keys.items()]
+    log = (tmp_path / "hub.log").open("wb")
+    hub = subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--port", str(broker.port),
+                            "--db", str(tmp_path / "hub.db"), *flags], stderr=log)
+    a = Client(broker.port, tls(pki, "dev-a"))
+    try:
+        a.sub(f"{PREFIX}/dev-a/ack")
+        wait_for(lambda: "hub subscribed" in (tmp_path / "hub.log").read_text(), 60, "the hub's subscription")
+        a.pub(f"{PREFIX}/dev-a/records", records_msg("dev-a", "b1", [rec(1), rec(2)]))
+        wait_for(lambda: a.topics(), 60, "the hub's ack")
+        assert hub_seqs(tmp_path / "hub.db", "dev-a")[0] == [1, 2]
+    finally:
+        a.close()
+        hub.terminate()
+        hub.wait(30)
+        log.close()
+    r = subprocess.run([sys.executable, "-m", "customs_edge", "hub", "--db", str(tmp_path / "h2.db"),
+                        f"--tls-cert={keys['tls_cert']}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "tls_cert and tls_key go together" in r.stderr and "Traceback" not in r.stderr
