@@ -23,6 +23,8 @@ from pydantic.json_schema import models_json_schema
 
 from customs_edge.agent import registry
 from customs_edge.core.errors import ConfigError
+from customs_edge.core.logs import redact
+from customs_edge.core.mqtt import BrokerSettings
 from customs_edge.core.readings import Reading
 from customs_edge.drivers.base import DriverConfig, SerialPortConfig
 
@@ -40,12 +42,10 @@ class OutboxConfig(BaseModel):
     commit_max_records: int = Field(1000, ge=1)
 
 
-class SyncConfig(BaseModel):
+class SyncConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cert, tls_key, tls_server_name
     model_config = Strict
     host: str = "127.0.0.1"
-    port: int = Field(1883, gt=0, lt=65536)
-    username: str | None = None
-    password: str | None = None
+    port: int = Field(1883, gt=0, lt=65536, description="1883 plaintext (loopback only), 8883 TLS")
     topic_prefix: str = Field("customs-edge/v1", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
                               description="topic levels of letters, digits, _ . - (no wildcards)")
     ack_mode: Literal["hub", "broker"] = Field(
@@ -262,13 +262,28 @@ def echo(value: Any) -> str:
     """A value as a message may quote it: its repr, cut to ECHO_CHARS (a 1 MiB value, or a deep one, costs
     no more to quote than a short one)."""
     try:
-        text = repr(value[: ECHO_CHARS + 1]) if isinstance(value, str) else _REPR.repr(value)
+        text = repr(value[: ECHO_CHARS + 1]) if isinstance(value, str) else _REPR.repr(_masked(value))
     except ValueError:  # an int too long for str()
         text = f"<{type(value).__name__}>"
     return _clip(text, ECHO_CHARS)
 
 
+def _secret(key: Any) -> bool:
+    return any(word in str(key).lower() for word in ("password", "secret", "token"))
+
+
+def _masked(value: Any, depth: int = 0) -> Any:
+    """`value` with the value of every secret-named key (password, ...) replaced, as deep as echo shows."""
+    if isinstance(value, dict) and depth < _REPR.maxlevel:
+        return {k: "***" if _secret(k) else _masked(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list) and depth < _REPR.maxlevel:
+        return [_masked(v, depth + 1) for v in value]
+    return value
+
+
 def _clip(text: str, limit: int = LINE_CHARS) -> str:
+    """`text` cut to `limit`, with any URL's user:password@ redacted (every problem line passes here)."""
+    text = redact(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -423,6 +438,8 @@ def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[An
                 msg += f"; expected one of: {', '.join(known)}"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif any(_secret(p) for p in loc):  # never echo a password, even a mistyped one
+            msg = f"{err['msg']} (value not shown: secret)"
         elif err["type"] == "string_type" and (quoted := _yaml11(path, err.get("input"), positions)):
             msg = quoted
         elif err["type"] == "string_pattern_mismatch" and (words := PATTERN_WORDS.get(err["ctx"]["pattern"])):

@@ -133,7 +133,7 @@ class Sync:
             install_client_id(f"ce-{device_id}", Path(outbox_path)), cfg.host, cfg.port,
             keepalive=cfg.keepalive_s, clean_session=True,
             will=Will(self.t_status, dumps({"state": "offline", "device_id": device_id, "ts": None}).encode()),
-            username=cfg.username, password=cfg.password, connect_timeout_s=cfg.connect_timeout_s,
+            **cfg.credentials(), connect_timeout_s=cfg.connect_timeout_s,
             backoff_min_s=cfg.backoff_min_s, backoff_max_s=cfg.backoff_max_s)
         self.wake = self.link.waker  # set by the writer when it committed records
         self._inflight: dict[str, _InFlight] = {}

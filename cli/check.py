@@ -229,7 +229,7 @@ def outbox_holder(path: Path) -> str | None:
 def check_broker(cfg: UnitConfig) -> Result:
     s = cfg.sync
     where = f"{s.host}:{s.port}"
-    link = MqttLink(f"customs-edge-check-{os.getpid()}", s.host, s.port, username=s.username, password=s.password,
+    link = MqttLink(f"customs-edge-check-{os.getpid()}", s.host, s.port, **s.credentials(),
                     connect_timeout_s=s.connect_timeout_s)
     deadline = time.monotonic() + s.connect_timeout_s + 1.0
     try:

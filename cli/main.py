@@ -7,6 +7,7 @@
   customs-edge status --config FILE        the unit's outbox on disk: pending, produced, dropped
   customs-edge simulate TYPE [...]         serve a simulated device on a pty / loopback socket
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
+  customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
   customs-edge models evaluate NAME        held-out figures of a shipped model
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
   customs-edge check --config FILE         commissioning: config, models, ports, outbox, broker, clock
@@ -26,6 +27,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
+
+from pydantic import ValidationError
 
 from customs_edge.agent import registry
 from customs_edge.core import logs
@@ -183,11 +186,19 @@ def cmd_hub(args: argparse.Namespace) -> int:
         return 0
     logs.setup(args.log_level or "INFO")
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "db": args.db,
-                                   "share_group": args.share_group, "client_id": args.client_id}.items()
+                                   "share_group": args.share_group, "client_id": args.client_id,
+                                   "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                                   "tls_server_name": args.tls_server_name}.items()
                  if v is not None}
     if args.no_share:
         overrides["share_group"] = None
-    cfg = HubConfig(**overrides)
+    try:
+        cfg = HubConfig.model_validate(overrides)
+    except ValidationError as exc:
+        from customs_edge.agent.config import format_errors
+
+        raise ConfigError("customs-edge hub", [p.replace("(top level)", "options", 1)
+                                               for p in format_errors(exc, HubConfig)]) from exc
     hub = Hub(cfg)
     stop = _stop_on_signals()
     hub.run(stop)
@@ -282,9 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--share-group", help="MQTT shared-subscription group (several hubs share the load)")
     h.add_argument("--no-share", action="store_true", help="plain subscription (brokers without $share)")
     h.add_argument("--client-id", help="MQTT client id (default: derived from this machine and the database)")
+    h.add_argument("--tls-ca", help="CA certificate the broker's is checked against (turns TLS on)")
+    h.add_argument("--tls-cert", help="the hub's certificate (CN hub-NAME, listed in the broker's ACL)")
+    h.add_argument("--tls-key", help="the hub's private key (0600), with --tls-cert")
+    h.add_argument("--tls-server-name", help="name on the broker's certificate (default: --host)")
     h.add_argument("--json", action="store_true", help="stats or fleet as JSON")
     h.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
     h.set_defaults(fn=cmd_hub)
+
+    from customs_edge.cli import certs  # `customs-edge certs init|issue`
+
+    certs.register(sub)
 
     m = sub.add_parser("models", help="model figures")
     msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -6,6 +6,7 @@ Log events, not per-record chatter: connects, faults, drops, reloads. Pass field
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -30,8 +31,17 @@ def escape(text: str) -> str:
     return "".join(_ESCAPES.get(c) or (c if c.isprintable() else _hex(c)) for c in text)
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the `user:password@` of every URL in it replaced by `***@` (a camera's rtsp:// URL, a
+    broker URL): what goes into a log line, an error message or a record sent to the hub."""
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
+
+
 def _fmt(value: Any) -> str:
-    text = str(value)
+    text = redact(str(value))
     if text and text.isprintable() and not any(c in text for c in ' ="\\'):
         return text
     return '"' + escape(text) + '"'

@@ -29,6 +29,7 @@ import os
 import random
 import select
 import socket
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,103 @@ class Waker:
         self._w.close()
 
 
+EXPIRY_WARN_DAYS = 30
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the broker: verify it against `ca` (None: the system's trust store) and the name
+    `server_name` (None: the host connected to); present `cert`/`key` as this client's identity."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client context, TLS 1.2 at least, hostname checked. Built for each connection attempt, so a
+        renewed certificate is used at the next connect. Raises OSError/ssl.SSLError (never with a key's bytes)."""
+        ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.server_name = self.server_name
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ca:
+            ctx.load_verify_locations(cafile=str(self.ca))
+        else:
+            ctx.load_default_certs()
+        if self.cert:
+            ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+        return ctx
+
+    def days_left(self) -> float | None:
+        """Days until the client certificate expires (negative: expired); None without one."""
+        return cert_days_left(self.cert) if self.cert else None
+
+
+class _NamedContext(ssl.SSLContext):
+    """Checks the broker's certificate against `server_name` whatever address paho connects to."""
+
+    server_name: str | None = None
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
+                    suppress_ragged_eofs: bool = True, server_hostname: str | bytes | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        return super().wrap_socket(sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+                                   self.server_name or server_hostname, session)
+
+
+def cert_days_left(path: Path, now: float | None = None) -> float:
+    """Days from `now` until the PEM certificate in `path` expires (negative once it has)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    return (cert.not_valid_after_utc.timestamp() - (time.time() if now is None else now)) / 86400
+
+
+def warn_expiry(tls: Tls | None) -> float | None:
+    """Log a warning when the client certificate expires within EXPIRY_WARN_DAYS; return its days left."""
+    try:
+        days = tls.days_left() if tls else None
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the client certificate", extra={"path": str(tls and tls.cert),
+                                                                   "error": str(exc)})
+        return None
+    if days is not None and days < EXPIRY_WARN_DAYS:
+        log.warning("client certificate expires soon: issue a new one" if days > 0
+                    else "client certificate has expired: issue a new one",
+                    extra={"path": str(tls and tls.cert), "days_left": round(days, 1)})
+    return days
+
+
+class BrokerSettings(BaseModel):
+    """The broker credentials a unit's `sync` section and the hub's config share. The password is a
+    SecretStr: `config` output, reprs and error messages show it as '**********'."""
+
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = Field(None, description="CA certificate (PEM) the broker's certificate is checked "
+                                "against; setting it (or tls_cert) turns TLS on")
+    tls_cert: Path | None = Field(None, description="this client's certificate (PEM); with tls_key")
+    tls_key: Path | None = Field(None, description="this client's private key (PEM, mode 0600); with tls_cert")
+    tls_server_name: str | None = Field(None, description="name the broker's certificate must carry "
+                                        "(default: host)")
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> BrokerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both (client certificate) or neither")
+        return self
+
+    def tls(self) -> Tls | None:
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        return Tls(self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)
+
+    def credentials(self) -> dict[str, Any]:
+        """MqttLink's username, password and tls arguments."""
+        return {"username": self.username, "tls": self.tls(),
+                "password": self.password.get_secret_value() if self.password else None}
+
+
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
 
@@ -205,13 +304,15 @@ class MqttLink:
 
     def __init__(self, client_id: str, host: str, port: int, *, keepalive: int = 10,
                  clean_session: bool = True, will: Will | None = None, username: str | None = None,
-                 password: str | None = None, connect_timeout_s: float = 5.0, backoff_min_s: float = 0.5,
-                 backoff_max_s: float = 30.0, rng: random.Random | None = None) -> None:
+                 password: str | None = None, tls: Tls | None = None, connect_timeout_s: float = 5.0,
+                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0, rng: random.Random | None = None) -> None:
         self.client_id, self.host, self.port = client_id, host, port
         self.keepalive = keepalive
         self.clean_session = clean_session
         self.will = will
         self.username, self.password = username, password
+        self.tls = tls
+        self.cert_days_left = warn_expiry(tls)
         self.connect_timeout_s = connect_timeout_s
         self.backoff = Backoff(backoff_min_s, backoff_max_s, rng)
         self._waker = Waker()
@@ -263,6 +364,13 @@ class MqttLink:
             c.username_pw_set(self.username, self.password)
         if self.will:
             c.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
+        if self.tls:
+            try:
+                c.tls_set_context(self.tls.context())
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; messages never hold key bytes
+                self._client = c
+                self._drop(f"tls: {exc}")
+                return
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message

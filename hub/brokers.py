@@ -4,6 +4,7 @@ broker when mosquitto is not installed (demo only). Loopback only."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -34,10 +35,13 @@ def mosquitto_path() -> str | None:
 
 class Mosquitto:
     """A mosquitto process on 127.0.0.1:port with its own config and (optional) persistence file.
-    kill9() + start() is the broker-crash drill; stop() + start() the clean restart."""
+    kill9() + start() is the broker-crash drill; stop() + start() the clean restart.
+    `listeners`: config lines that define the listeners and their authentication (configs/broker's TLS
+    config, adapted to test paths and ports; `port` is then the one start() waits for); default: one
+    anonymous plaintext listener on 127.0.0.1:port."""
 
     def __init__(self, workdir: Path, port: int | None = None, *, persistence: bool = True,
-                 autosave_interval: int = 1800) -> None:
+                 autosave_interval: int = 1800, listeners: str | None = None) -> None:
         exe = mosquitto_path()
         if exe is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
@@ -47,12 +51,15 @@ class Mosquitto:
         self.port = port or free_port()
         self.conf = self.workdir / "mosquitto.conf"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence {'true' if persistence else 'false'}\npersistence_location {self.workdir}/\n"
             f"autosave_interval {autosave_interval}\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
             # without it, small acks wait on Nagle + delayed ACK (~40 ms on Linux)
             "set_tcp_nodelay true\n"
-            f"log_dest file {self.workdir}/mosquitto.log\n")
+            f"log_dest file {self.workdir}/mosquitto.log\n"
+            # started as root (a container), mosquitto would switch to the user mosquitto, who cannot read
+            # the test's files (ACLs, keys, this log) in a 0700 temporary directory
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + (listeners or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Mosquitto:

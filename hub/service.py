@@ -17,9 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
-from customs_edge.core.mqtt import Connected, Lost, Message, MqttLink, NotConnected, install_client_id
+from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, MqttLink, NotConnected, install_client_id
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
 from customs_edge.hub import intake
 from customs_edge.hub.store import HubStore, Stored
@@ -30,12 +30,10 @@ log = logging.getLogger(__name__)
 DEFAULT_DB = Path("/var/lib/customs-edge-hub/hub.db")  # systemd/customs-edge-hub.service's StateDirectory
 
 
-class HubConfig(BaseModel):
+class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cert, tls_key, tls_server_name
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
     port: int = Field(1883, gt=0, lt=65536)
-    username: str | None = None
-    password: str | None = None
     topic_prefix: str = "customs-edge/v1"
     share_group: str | None = Field("hubs", description="MQTT shared-subscription group; null: plain")
     client_id: str | None = Field(None, description="default ce-hub-{host}-{hash of machine id and db path}:"
@@ -59,7 +57,7 @@ class Hub:
         self.store = HubStore(cfg.db, cfg.synchronous)
         client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
         self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
-                             username=cfg.username, password=cfg.password, backoff_min_s=0.5, backoff_max_s=10.0)
+                             **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
         self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
         self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
         self.batches = 0

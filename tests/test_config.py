@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from customs_edge.agent.config import load_unit_config, parse_unit_config
+from customs_edge.agent.config import LINE_CHARS, load_unit_config, parse_unit_config
 from customs_edge.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,7 +287,7 @@ def test_echoed_values_and_keys_are_capped(tmp_path: Path) -> None:
     raw["sync"]["k" * 5000] = 1
     raw["drivers"]["scale"]["driver"] = "d" * 100_000
     problems = refusal(tmp_path, yaml.safe_dump(raw, width=1 << 20))
-    assert len(problems) == 3 and all(len(p) < 320 for p in problems), [len(p) for p in problems]
+    assert len(problems) == 3 and all(len(p) <= LINE_CHARS for p in problems), [len(p) for p in problems]
     port = next(p for p in problems if p.startswith("sync.port"))
     assert "(got '" + "9" * 78 + "…) (line " in port
     assert any(p.startswith("sync." + "k" * 79 + "…: unknown key") for p in problems)

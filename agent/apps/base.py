@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from customs_edge.agent.registry import drivers_producing
 from customs_edge.core.errors import DriverFault
+from customs_edge.core.logs import redact
 from customs_edge.core.readings import Reading, fits, type_names
 from customs_edge.core.records import Priority, RecordIn
 from customs_edge.drivers.base import DriverConfig
@@ -88,7 +89,7 @@ class App:
 
     def on_fault(self, role: str, fault: DriverFault) -> list[RecordIn]:
         return [RecordIn(type="driver_fault", priority=Priority.REPORT,
-                         payload={"driver": role, "error": str(fault), "kind": type(fault).__name__})]
+                         payload={"driver": role, "error": redact(str(fault)), "kind": type(fault).__name__})]
 
     def on_recovered(self, role: str, down_s: float) -> list[RecordIn]:
         return [RecordIn(type="driver_recovered", priority=Priority.REPORT,
