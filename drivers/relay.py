@@ -107,7 +107,7 @@ class ModbusRelay(ModbusRtu):
                               issued_mono=command.issued_mono, superseded=skipped)
         if time.monotonic() >= self._next_check:
             if not self._confirmed:  # just opened: the module's state is unknown until written
-                self._unwritten = SetOutputs(values=self._set, ref="reopen")
+                self._unwritten = SetOutputs(values=self._set, ref="open")
                 return None
             self._verify()
         return None

@@ -171,3 +171,23 @@ def test_scattered_coils_are_written_one_by_one_and_the_config_is_checked(relay:
         RelayConfig.model_validate({"port": port, "coils": COILS, "slaves": []})
     with pytest.raises(ValueError, match="two outputs on one coil"):
         RelayConfig(port=port, coils={"red": 1, "buzzer": 1})
+
+
+def test_a_module_that_lost_its_coils_while_idle_is_found_and_restored(relay: tuple[RelaySim, str]) -> None:
+    sim, port = relay
+    drv = ModbusRelay("signal", RelayConfig(port=port, coils=COILS, check_interval_s=0.2))
+    drv.open()
+    try:
+        wait_for(drv.read, 5, "the first write")
+        drv.submit(SetOutputs(values={"amber": True}, ref="t1"))
+        assert drv.read() is not None and sim.coils_now()[:4] == (0, 1, 0, 0)
+        with sim.changed:
+            sim.coils[:] = [0] * 8  # a power cut: the relays fall off
+        with pytest.raises(DriverFault, match=r"read back .*amber=off.*set .*amber=on"):
+            wait_for(lambda: drv.read() and False, 5, "the idle read-back")
+        drv.close()
+        drv.open()  # what the runtime does after a fault
+        restored = wait_for(drv.read, 5, "the light restored")
+        assert restored.ref == "restore" and sim.coils_now()[:4] == (0, 1, 0, 0)
+    finally:
+        drv.close()
