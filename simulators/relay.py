@@ -74,8 +74,8 @@ class RelaySim(ModbusLineSim):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="customs-edge simulate relay", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slave-id", type=int, default=1)
-    p.add_argument("--coils", type=int, default=8)
+    p.add_argument("--slave-id", type=int, default=1, help="the module's address on the line (1-247)")
+    p.add_argument("--coils", type=int, default=8, help="relays on the module (coils 0..N-1)")
     add_endpoint_args(p)
     return p
 
