@@ -30,6 +30,7 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "camera-opencv": "customs_edge.drivers.camera:OpenCvCamera",
     "nmea-gps": "customs_edge.drivers.gps:NmeaGps",
     "barcode-serial": "customs_edge.drivers.scanner:BarcodeSerial",
+    "modbus-relay": "customs_edge.drivers.relay:ModbusRelay",
 }
 
 BUILTIN_APPS: dict[str, str] = {

@@ -36,8 +36,10 @@ from customs_edge.agent.sync import Sync
 from customs_edge.core.errors import DriverFault
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.mqtt import Backoff
+from customs_edge.core.outputs import Output
 from customs_edge.core.readings import Reading
 from customs_edge.core.records import Priority, RecordIn
+from customs_edge.core.wire import Command
 from customs_edge.drivers.base import Driver
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,29 @@ class _Recovered:
 def port_of(driver: Driver) -> str:
     """What a driver holds exclusively: its port (a serial line, a socket) or, without one, its role."""
     return str(getattr(driver.config, "port", None) or f"role:{driver.role}")
+
+
+class _AppCommand:
+    """An operator's command for the app, run by the core thread; the sync thread waits for `done`."""
+
+    __slots__ = ("args", "done", "error", "name", "result")
+
+    def __init__(self, name: str, args: dict[str, Any]) -> None:
+        self.name, self.args, self.done = name, args, threading.Event()
+        self.result: dict[str, Any] = {}
+        self.error: Exception | None = None
+
+    def run(self, app: App) -> list[RecordIn]:
+        try:
+            self.result, records = app.command(self.name, self.args)
+        except Exception as exc:  # the reply says so; the core goes on
+            self.error = exc
+            return []
+        return records
+
+    def finish(self, stored: bool) -> None:
+        self.result = {**self.result, "stored": stored}
+        self.done.set()
 
 
 class DriverThread(threading.Thread):
@@ -160,7 +185,8 @@ class Unit:
         self.stop_event = threading.Event()
         self.health_sampler = HealthSampler(cfg, self.outbox, self.driver_states, lambda: model_versions(self.app))
         self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, outbox_path=cfg.outbox.path, status=self.status_extra,
-                         health=self.health_sampler.sample, health_interval_s=cfg.health_interval_s)
+                         health=self.health_sampler.sample, health_interval_s=cfg.health_interval_s,
+                         commands=self.app_command)
         self.committed = 0
         self.counters = dict.fromkeys(("app_errors", "state_restored", "state_refused", "commit_failures",
                                        "records_unsent", "records_lost"), 0)
@@ -244,6 +270,7 @@ class Unit:
         first_at = 0.0
         next_tick = time.monotonic() + TICK_S
         app = self.app
+        answering: list[_AppCommand] = []  # answered once their records are committed
         while True:
             stopping = self.stop_event.is_set()
             now = time.monotonic()
@@ -263,6 +290,9 @@ class Unit:
                 out = self._call(app.on_fault, item.role, item.error)
             elif isinstance(item, _Recovered):
                 out = self._call(app.on_recovered, item.role, item.down_s)
+            elif isinstance(item, _AppCommand):
+                out = item.run(app)
+                answering.append(item)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK_S
@@ -274,6 +304,7 @@ class Unit:
             final = stopping and item is None
             if final and not self._keep_app:
                 out = out + self._call(app.close)
+            self._send_outputs()
             if self._errors:
                 out = out + self._errors
                 self._errors = []
@@ -283,9 +314,11 @@ class Unit:
                 pending.extend(out)
             if final:
                 self._final_commit(pending)
+                for c in answering:
+                    c.finish(stored=True)
                 return
             due = bool(pending) and (self.queue.empty() or len(pending) >= oc.commit_max_records
-                                     or now - first_at >= window)
+                                     or now - first_at >= window or bool(answering))
             if due and self._held and now < self._retry_at:  # the outbox is failing: join the held ones
                 self._held += pending
                 pending = []
@@ -293,6 +326,37 @@ class Unit:
                     or (not pending and now >= self._state_due and self.queue.empty()):  # state, never ahead
                 self._commit(pending)
                 pending = []
+            for c in answering:
+                c.finish(stored=not pending and not self._held)
+            answering = []
+
+    def app_command(self, cmd: Command) -> dict[str, Any]:
+        """Run an operator's command in the app (on the core thread); the sync thread's reply. Its records
+        are committed before the reply (`stored`), so an acknowledged confirmation is never lost."""
+        item = _AppCommand(cmd.cmd, cmd.args)
+        self.queue.put(item, timeout=5.0)
+        if not item.done.wait(10.0):
+            raise TimeoutError("the unit's app did not take the command within 10 s")
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _send_outputs(self) -> None:
+        """Hand the app's output commands to their roles' drivers, which write them from their own threads."""
+        try:
+            commands = self.app.take_outputs()
+        except Exception as exc:
+            self._app_error("take_outputs", exc)
+            return
+        for role, command in commands:
+            driver = self.drivers.get(role)
+            try:
+                if not isinstance(driver, Output):
+                    raise ValueError(f"drivers.{role}: no output driver in that role (it has "
+                                     f"{type(driver).__name__ if driver else 'no driver'})")
+                driver.submit(command)
+            except Exception as exc:
+                self._app_error(f"output:{role}", exc)
 
     def _watch_outbox(self) -> list[RecordIn]:
         """ALERT records for what the outbox says went wrong: its file deleted or replaced under the unit

@@ -88,7 +88,7 @@ class Status(BaseModel):
 class Command(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    cmd: Literal["ping", "status", "resend"]
+    cmd: Literal["ping", "status", "resend", "confirm"]  # others go to the unit's app (App.command)
     args: dict[str, Any] = Field(default_factory=dict)
 
 

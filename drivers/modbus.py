@@ -484,8 +484,13 @@ class ModbusRtu(ModbusMaster, SerialDriver):
             raise
 
     def _exchange(self, slave_id: int, block: Block) -> ModbusPDU:
+        frame = self.roundtrip(slave_id, build_request(slave_id, block), expected_length(block))
+        return self._check_pdu(slave_id, block, frame[1:-2])
+
+    def roundtrip(self, slave_id: int, request: bytes, reply_length: int) -> bytes:
+        """Send one RTU frame; the reply frame (`reply_length` bytes when normal, 5 for an exception),
+        its CRC and slave id checked; ModbusError (counted) otherwise. The caller checks the PDU."""
         port = self._require_port()
-        request = build_request(slave_id, block)
         need = 3
         if self._waiting(port):  # bytes nobody asked for: a reply later than even the drain
             self._drain(0.0)
@@ -495,7 +500,7 @@ class ModbusRtu(ModbusMaster, SerialDriver):
             if len(frame) == 3:
                 # the length comes from what we asked, not from the reply: a damaged byte count
                 # then shows up as a CRC error instead of a wait for bytes that never come
-                need = 5 if frame[1] & 0x80 else expected_length(block)
+                need = 5 if frame[1] & 0x80 else reply_length
                 frame += port.read(need - 3)
         except (serial.SerialException, OSError) as exc:
             raise self._io_fault(exc) from exc
@@ -512,7 +517,7 @@ class ModbusRtu(ModbusMaster, SerialDriver):
             self.stats.corrupt += 1
             self.stats.extra["wrong_slave"] += 1
             raise ModbusError("wrong_slave", f"asked slave {slave_id}, got slave {frame[0]} fc {frame[1]}")
-        return self._check_pdu(slave_id, block, frame[1:-2])
+        return frame
 
     def _waiting(self, port: serial.SerialBase) -> int:
         try:

@@ -9,4 +9,5 @@ SIMULATORS: dict[str, str] = {
     "camera": "customs_edge.simulators.camera:main",
     "gps": "customs_edge.simulators.gps:main",
     "scanner": "customs_edge.simulators.scanner:main",
+    "relay": "customs_edge.simulators.relay:main",
 }

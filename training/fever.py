@@ -260,6 +260,15 @@ def evaluate(seed: int = 1, travellers: int = 20000, threshold_c: float = 37.3, 
     return score(results, threshold_c)
 
 
+PREVALENCES = (0.001, 0.01, 0.05)  # febrile share among travellers: the PPV a deployment can expect
+
+
+def ppv(sensitivity: float, false_alarm_rate: float, prevalence: float) -> float | None:
+    """Positive predictive value at `prevalence` (Bayes): the share of alarms that are febrile travellers."""
+    alarms = sensitivity * prevalence + false_alarm_rate * (1 - prevalence)
+    return sensitivity * prevalence / alarms if alarms else None
+
+
 def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
     truth = [tr for r in results for tr in r.truth]
     decided: dict[tuple[int, int], Any] = {}
@@ -302,12 +311,15 @@ def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
     n = len(truth)
     screened = len(decided)
     err = np.array(errors) if errors else np.zeros(1)
+    rates = (tp / (tp + fn), fp / (fp + tn)) if tp + fn and fp + tn else None
+    ppvs = {str(p): None if rates is None or (v := ppv(*rates, p)) is None else round(v, 4) for p in PREVALENCES}
     return {
         "travellers": n, "threshold_c": threshold_c,
         "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
         "sensitivity": round(tp / (tp + fn), 4) if tp + fn else None,
         "false_alarm_rate": round(fp / (fp + tn), 5) if fp + tn else None,
         "alarm_rate": round((tp + fp) / n, 5) if n else None,
+        "ppv_at_prevalence": ppvs,
         "screened": screened, "unscreened": n - screened,
         "count_error": round((screened - n) / n, 5) if n else None,
         "duplicate_tracks": duplicates, "spurious_tracks": sum(len(r.spurious) for r in results),

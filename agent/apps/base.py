@@ -4,7 +4,10 @@ The runtime calls, from one thread only:
   feed(reading)      for every Reading any driver yields;
   tick(now)          about every 100 ms (now = time.monotonic()), for interval aggregates and timeouts;
   on_fault(role, e)  when a driver raises DriverFault (the default emits one 'driver_fault' record);
-  close()            once at shutdown, to flush partial aggregates.
+  close()            once at shutdown, to flush partial aggregates;
+  command(name, args) for an operator's command on the unit's cmd topic (e.g. the gate's `confirm`).
+After each, the runtime takes `take_outputs()`: commands for output roles (a stack light), which it
+hands to those roles' drivers.
 Each returns the records to commit. `CONSUMES` declares, per driver role, the reading types the app
 takes; `check_drivers` refuses a config whose drivers do not produce them (by type, not by driver name),
 with a message naming the role, the driver, what it produces and what the app needs.
@@ -27,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from customs_edge.agent.registry import drivers_producing
 from customs_edge.core.errors import DriverFault
 from customs_edge.core.logs import redact
+from customs_edge.core.outputs import SetOutputs
 from customs_edge.core.readings import Reading, fits, type_names
 from customs_edge.core.records import Priority, RecordIn
 from customs_edge.drivers.base import DriverConfig
@@ -97,6 +101,16 @@ class App:
 
     def close(self) -> list[RecordIn]:
         return []
+
+    def take_outputs(self) -> list[tuple[str, SetOutputs]]:
+        """(role, command) for output drivers, produced since the last call: the runtime hands each to
+        that role's driver (core/outputs.py), whose result comes back through feed() or on_fault()."""
+        return []
+
+    def command(self, name: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[RecordIn]]:
+        """An operator's command from the unit's cmd topic: (the reply's result, records to commit).
+        ValueError (the reply's error) for a command or arguments this app does not take."""
+        raise ValueError(f"unsupported command {name!r} for a {type(self).__name__}")
 
     # --- state that survives restarts -----------------------------------------------------------
     def snapshot(self) -> bytes | None:

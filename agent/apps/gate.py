@@ -16,25 +16,59 @@ With `reference` configured, every frame is corrected by a blackbody's offset (g
 Every screening carries `tags`, the reasons its measurement is not valid (reference missing, occluded or
 drifting; warm-up; too near or too far; more than one face in view; ambient out of range) and `valid`;
 a fever alert from an invalid screening still alerts, with `rescreen: true`.
+
+Lane signals (`signal` configured, and an output driver in the `signal` role, e.g. modbus-relay): per
+screening the stack light shows red (fever; the buzzer sounds for `buzzer_s`), amber (re-screen: the
+measurement is not valid, or the decision is less sure than `rescreen_below_confidence`) or green. The
+driver's read-back (OutputsSet) confirms it; a signal the driver could not set is reported in a
+`signal_missed` record (ALERT for a red one) beside the driver's `driver_fault`.
+
+Confirmation: a fever alert asks for a clinical thermometer. The officer's reading arrives as the command
+`confirm` (args: screening, measured_c, by; optional at) and becomes a `fever_confirmation` record paired
+with the screening by its `screening` id.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from customs_edge.agent.apps.base import App, AppConfig, Role
 from customs_edge.agent.apps.gate_reference import Reference, ReferenceConfig
 from customs_edge.agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker, TrackerParams
 from customs_edge.core.errors import DriverFault, ModelError
+from customs_edge.core.outputs import OutputsSet, SetOutputs
 from customs_edge.core.readings import Passage, PassageHeartbeat, Reading, ThermalFrame
 from customs_edge.core.records import Priority, RecordIn
 from customs_edge.models.runtime import OnnxModel
+
+
+class SignalConfig(BaseModel):
+    """The lane's stack light and buzzer, set per screening through the output driver in role `signal`."""
+
+    model_config = ConfigDict(extra="forbid")
+    rescreen_below_confidence: float = Field(0.8, ge=0.5, le=1.0, description=(
+        "a valid screening whose decision is less sure than this shows amber (re-screen)"))
+    buzzer_s: float = Field(2.0, ge=0, le=60, description="the buzzer sounds this long for a red signal")
+    late_after_s: float = Field(0.3, gt=0, description="a signal confirmed later than this after the decision "
+                                                       "is counted in `signal_late`")
+
+
+class Confirm(BaseModel):
+    """The `confirm` command's args: the officer's clinical-thermometer reading for a fever alert."""
+
+    model_config = ConfigDict(extra="forbid")
+    screening: str = Field(min_length=1, description="the `screening` id of the fever alert")
+    measured_c: float = Field(ge=30.0, le=45.0, description="the clinical thermometer's reading, °C")
+    by: str = Field(min_length=1, max_length=64, description="the officer")
+    at: float | None = Field(None, description="when it was measured (unix seconds); default: now")
 
 
 class GateAppConfig(AppConfig):
@@ -58,6 +92,10 @@ class GateAppConfig(AppConfig):
     ambient_min_c: float = Field(18.0, description="air below this: 'ambient_low' (ISO/TR 13154: 18-24 °C)")
     ambient_max_c: float = Field(24.0, description="air above this: 'ambient_high'")
     sensor_ambient_offset_k: float = Field(3.5, description="the sensor's ambient (die) reading minus the air")
+    signal: SignalConfig | None = Field(None, description=(
+        "stack light and buzzer on an output driver in role `signal` (modbus-relay: coils green, amber, red, buzzer)"))
+    confirm_fever_c: float = Field(38.0, ge=37.0, le=40.0, description=(
+        "a clinical reading at or above this confirms the fever (38.0 °C: the usual clinical definition)"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +129,9 @@ def load_fever_model(path: Path | None) -> OnnxModel:
 
 class GateApp(App):
     Config = GateAppConfig
-    CONSUMES = {"thermal": Role(ThermalFrame), "passage": Role(Passage, PassageHeartbeat, optional=True)}
+    CONSUMES = {"thermal": Role(ThermalFrame), "passage": Role(Passage, PassageHeartbeat, optional=True),
+                "signal": Role(OutputsSet, optional=True)}
+    ALERTS_KEPT = 256  # fever alerts a confirmation may still refer to
     config: GateAppConfig
 
     def __init__(self, device_id: str, config: GateAppConfig, model: OnnxModel | None = None) -> None:
@@ -110,12 +150,19 @@ class GateApp(App):
         self._width = 0  # frame width, pixels
         self._last_frame_mono: float | None = None
         self._window_start: float | None = None
-        self.totals = {"screened": 0, "alerts": 0, "entries": 0, "exits": 0, "invalid": 0}
+        self.totals = {"screened": 0, "alerts": 0, "entries": 0, "exits": 0, "invalid": 0, "confirmed": 0,
+                       "not_confirmed": 0}
+        self._outputs: list[tuple[str, SetOutputs]] = []
+        self._unconfirmed: dict[str, tuple[str, float]] = {}  # signal ref -> (colour, issued) until read back
+        self._buzzer_off_at: float | None = None
+        self._signal_fault: str | None = None  # the signal driver's fault, until it recovers
+        self._alerts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # screening id -> alert, for confirm
         self._reset_window()
 
     def _reset_window(self) -> None:
         self._w = {"frames": 0, "screened": 0, "alerts": 0, "entries": 0, "exits": 0, "passage_lost": 0,
-                   "bad_frames": 0, "invalid": 0}
+                   "bad_frames": 0, "invalid": 0, "signals": 0, "signal_late": 0, "signal_missed": 0,
+                   "signal_max_ms": 0}
         self._w_estimates: list[float] = []
         self._w_dead = 0
         self._w_ambient: float | None = None
@@ -185,6 +232,9 @@ class GateApp(App):
             if reading.ambient_c is not None:
                 self._w_ambient = reading.ambient_c
             return self._records(self.process_frame(frame, reading.mono, reading.ts), reading.source)
+        if isinstance(reading, OutputsSet):
+            self._signal_set(reading)
+            return []
         if isinstance(reading, Passage):
             n = 1 + reading.lost
             key = "entries" if reading.event == "entry" else "exits"
@@ -206,9 +256,11 @@ class GateApp(App):
                 self._w["invalid"] += 1
                 self.totals["invalid"] += 1
             validity = {"valid": s.valid, "tags": list(s.tags)}
+            sid = f"{self.device_id}:{round(t.best_ts * 1000)}:{t.id}"
+            signal = self._signal(sid, s)
             ref = "none" if self.reference is None else t.unusable.removeprefix("reference_") or "ok"
             out.append(RecordIn(type="screening", priority=Priority.EVENT, ts=t.best_ts, payload={
-                "traveller": t.id, "estimate_c": est, "confidence": conf,
+                "screening": sid, "traveller": t.id, "estimate_c": est, "confidence": conf,
                 "decision": "fever" if s.fever else "normal", "threshold_c": thr, **validity,
                 "reference": ref, "distance_m": None if s.distance_m is None else round(s.distance_m, 2),
                 "ambient_c": None if s.ambient_c is None else round(s.ambient_c, 1),
@@ -219,16 +271,87 @@ class GateApp(App):
             if s.fever:
                 self._w["alerts"] += 1
                 self.totals["alerts"] += 1
-                payload: dict[str, object] = {"traveller": t.id, "estimate_c": est, "confidence": conf,
-                                              "threshold_c": thr, **validity, "rescreen": not s.valid,
-                                              "source": source}
+                payload: dict[str, Any] = {"screening": sid, "traveller": t.id, "estimate_c": est,
+                                           "confidence": conf, "threshold_c": thr, **validity,
+                                           "rescreen": not s.valid, "source": source,
+                                           "confirm": "secondary measurement with a clinical thermometer"}
+                self._alerts[sid] = {"estimate_c": est, "ts": t.best_ts, "threshold_c": thr, "valid": s.valid}
+                while len(self._alerts) > self.ALERTS_KEPT:
+                    self._alerts.popitem(last=False)
                 if self.config.thumbnail_on_alert and t.thumbnail is not None:
                     payload["thumbnail"] = thumbnail(t.thumbnail, self.config.thumbnail_width_px)
                 out.append(RecordIn(type="fever_alert", priority=Priority.ALERT, ts=t.best_ts, payload=payload))
+            out += signal
         return out
+
+    # --- lane signals ------------------------------------------------------------------------
+    def _signal(self, sid: str, s: Screening) -> list[RecordIn]:
+        """Ask for the traveller's light; a `signal_missed` record at once if the driver is down (the
+        command still goes: the driver sets the newest once it is back)."""
+        c = self.config.signal
+        if c is None:
+            return []
+        colour = "red" if s.fever else "amber" if not s.valid or s.confidence < c.rescreen_below_confidence \
+            else "green"
+        buzzer = colour == "red" and c.buzzer_s > 0
+        cmd = SetOutputs(values={"green": colour == "green", "amber": colour == "amber", "red": colour == "red",
+                                 "buzzer": buzzer}, ref=sid)
+        self._buzzer_off_at = cmd.issued_mono + c.buzzer_s if buzzer else None
+        self._outputs.append(("signal", cmd))
+        if self._signal_fault is not None:
+            return [self._missed(sid, colour, self._signal_fault)]
+        self._unconfirmed[sid] = (colour, cmd.issued_mono)
+        return []
+
+    def _missed(self, sid: str, colour: str, error: str) -> RecordIn:
+        self._w["signal_missed"] += 1
+        return RecordIn(type="signal_missed", priority=Priority.ALERT if colour == "red" else Priority.REPORT,
+                        payload={"screening": sid, "signal": colour, "error": error})
+
+    def _signal_set(self, r: OutputsSet) -> None:
+        """The driver read the light back as set: every signal issued up to this one is settled."""
+        c = self.config.signal
+        ours = r.ref in self._unconfirmed  # not a buzzer-off, nor the driver restoring after a reopen
+        for ref, (_, issued) in list(self._unconfirmed.items()):
+            if issued <= r.issued_mono:
+                del self._unconfirmed[ref]
+        if ours and c is not None:
+            ms = round(r.latency_s * 1000)
+            self._w["signals"] += 1
+            self._w["signal_late"] += r.latency_s > c.late_after_s
+            self._w["signal_max_ms"] = max(self._w["signal_max_ms"], ms)
+
+    def take_outputs(self) -> list[tuple[str, SetOutputs]]:
+        out, self._outputs = self._outputs, []
+        return out
+
+    def command(self, name: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[RecordIn]]:
+        if name != "confirm":
+            return super().command(name, args)
+        try:
+            a = Confirm.model_validate(args)
+        except ValidationError as exc:
+            raise ValueError("confirm: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}"
+                                                     for e in exc.errors())) from None
+        alert = self._alerts.get(a.screening)
+        if alert is None:
+            raise ValueError(f"confirm: no fever alert {a.screening!r} on this unit (it keeps the last "
+                             f"{self.ALERTS_KEPT} alerts; give the `screening` id of the fever_alert record)")
+        confirmed = a.measured_c >= self.config.confirm_fever_c
+        self.totals["confirmed" if confirmed else "not_confirmed"] += 1
+        at = time.time() if a.at is None else a.at
+        payload = {"screening": a.screening, "measured_c": round(a.measured_c, 2), "confirmed": confirmed,
+                   "confirm_fever_c": self.config.confirm_fever_c, "by": a.by, "at": at,
+                   "screening_ts": alert["ts"], "estimate_c": alert["estimate_c"],
+                   "threshold_c": alert["threshold_c"], "screening_valid": alert["valid"]}
+        rec = RecordIn(type="fever_confirmation", priority=Priority.ALERT, ts=at, payload=payload)
+        return {"screening": a.screening, "confirmed": confirmed}, [rec]
 
     def tick(self, now: float) -> list[RecordIn]:
         out: list[RecordIn] = []
+        if self._buzzer_off_at is not None and now >= self._buzzer_off_at:
+            self._buzzer_off_at = None
+            self._outputs.append(("signal", SetOutputs(values={"buzzer": False}, ref="buzzer-off")))
         if self._last_frame_mono is not None and now - self._last_frame_mono > self.config.stale_after_s \
                 and self.tracker.tracks:
             out += self._records(self.screen(self.tracker.flush()), "thermal")
@@ -252,9 +375,18 @@ class GateApp(App):
 
     def on_fault(self, role: str, fault: DriverFault) -> list[RecordIn]:
         out = super().on_fault(role, fault)
+        if role == "signal":  # these lights were never confirmed set: say so, per traveller
+            self._signal_fault = str(out[0].payload["error"])
+            out += [self._missed(ref, colour, self._signal_fault) for ref, (colour, _) in self._unconfirmed.items()]
+            self._unconfirmed.clear()
         if role == "thermal" and self.tracker.tracks:
             out += self._records(self.screen(self.tracker.flush()), role)
         return out
+
+    def on_recovered(self, role: str, down_s: float) -> list[RecordIn]:
+        if role == "signal":
+            self._signal_fault = None
+        return super().on_recovered(role, down_s)
 
     def close(self) -> list[RecordIn]:
         out = self._records(self.screen(self.tracker.flush()), "thermal")
