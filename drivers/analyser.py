@@ -4,16 +4,19 @@ The analyser is a TCP server; it pushes one result block per analysis interval (
 status line every few seconds. The format (ASCII, lines end CR LF) is documented in
 docs/ore-station.md; in short:
 
-  $RESULT,<seq>,<utc ISO 8601>,<interval_s>,<tonnes>,<status OK|NOLOAD|FAULT>
-  $ASSAY,Fe=62.31,SiO2=4.12,Al2O3=2.05,P=0.071,S=0.012,H2O=7.90
+  $RESULT,<seq>,<ISO 8601 time with Z or an offset>,<interval_s>,<tonnes>,<status OK|NOLOAD|FAULT>
+  $ASSAY,Fe=62.31,SiO2=4.12,Al2O3=2.05,P=0.071,S=0.012,H2O=7.90[,<other element or oxide>=<%>...]
   $SPEC,<channels>,<live_time_s>,<kev_per_channel>,<offset_kev>
   $CH,<first channel>,<count>,...            (64 counts per line, channels/64 lines)
-  $END,<CRC-32 of every byte from '$RESULT' to the LF before '$END', 8 hex digits>
-  $STAT,<utc ISO 8601>,<state>,<detector temperature °C>
+  $END,<CRC-32 of every byte from '$RESULT' to the LF before '$END', 8 hex digits, either case>
+  $STAT,<ISO 8601 time>,<state>,<detector temperature °C>
 
-Everything between $RESULT and $END is one block: any line out of place, a count that is not an
-integer, a missing channel or a CRC mismatch drops the whole block (stats.corrupt += 1) and the parser
-waits for the next $RESULT. The driver opens the analyser with serial_for_url('socket://host:port').
+Lenient where the format allows: an element beyond the six is kept (Assay.extra, by its name), a time
+may carry an offset (+08:00) and fractional seconds (converted to UTC), the CRC may be lower-case hex.
+Strict where it matters: everything between $RESULT and $END is one block, and any line out of place,
+a missing field, a time without a zone, an element twice, a count that is not an integer, a missing
+channel or a CRC mismatch drops the whole block (stats.corrupt += 1) and the parser waits for the next
+$RESULT. The driver opens the analyser with serial_for_url('socket://host:port').
 
 Readings: Analysis (seq, status, analysed_at, interval_s, tonnes, the analyser's own Assay as
 fe/sio2/al2o3/p/s/h2o, and the Spectrum: float32 counts per channel, live_time_s, kev_per_channel,
@@ -43,10 +46,13 @@ STATES = ("OK", "NOLOAD", "FAULT")
 # 5,000-digit number must be refused as corrupt, not raise inside int() or float().
 _NUM = r"-?\d{1,9}(?:\.\d{1,9})?"
 _COUNT = re.compile(r"^\d{1,9}$")
-_RESULT = re.compile(rf"^\$RESULT,(\d{{1,12}}),(\S+Z),({_NUM}),({_NUM}),(OK|NOLOAD|FAULT)$")
+# ISO 8601 as the stream writes it: date T time, optional fraction, Z or an offset (a zone is required)
+_ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)"
+_RESULT = re.compile(rf"^\$RESULT,(\d{{1,12}}),({_ISO}),({_NUM}),({_NUM}),(OK|NOLOAD|FAULT)$")
 _SPEC = re.compile(rf"^\$SPEC,(\d{{1,6}}),({_NUM}),({_NUM}),({_NUM})$")
-_END = re.compile(r"^\$END,([0-9A-F]{8})$")
-_STAT = re.compile(rf"^\$STAT,(\S+Z),([A-Z]+),({_NUM})$")
+_END = re.compile(r"^\$END,([0-9A-Fa-f]{8})$")
+_STAT = re.compile(rf"^\$STAT,({_ISO}),([A-Z]+),({_NUM})$")
+_ELEMENT = re.compile(r"^[A-Z][A-Za-z0-9]{0,15}$")  # an element or oxide: Mn, CaO, Fe2O3
 
 
 @dataclass
@@ -56,7 +62,7 @@ class AnalyserResult:
     interval_s: float
     tonnes: float
     status: str
-    assays: dict[str, float]
+    assays: dict[str, float]  # by the analyser's names: Fe, SiO2, ... and any other element it sent
     live_time_s: float
     kev_per_channel: float
     offset_kev: float
@@ -67,14 +73,20 @@ class AnalyserResult:
                                 "tonnes": self.tonnes, "live_time_s": self.live_time_s,
                                 "kev_per_channel": self.kev_per_channel, "offset_kev": self.offset_kev,
                                 "analyser_ts": self.ts}
-        v.update({ASSAY_KEYS[k]: x for k, x in self.assays.items()})
+        v.update({ASSAY_KEYS.get(k, k): x for k, x in self.assays.items()})
         return v
 
     def reading(self, source: str) -> rd.Analysis:
         return rd.Analysis(
             source=source, seq=self.seq, status=self.status, analysed_at=self.ts, interval_s=self.interval_s,
-            tonnes=self.tonnes, assay=rd.Assay(**{ASSAY_KEYS[k]: x for k, x in self.assays.items()}),
+            tonnes=self.tonnes, assay=assay_of(self.assays),
             spectrum=rd.Spectrum(self.counts, self.live_time_s, self.kev_per_channel, self.offset_kev))
+
+
+def assay_of(assays: dict[str, float]) -> rd.Assay:
+    """The six named fields by the analyser's names (Fe, SiO2, ...), every other element in `extra`."""
+    return rd.Assay(**{ASSAY_KEYS[k]: x for k, x in assays.items() if k in ASSAY_KEYS},
+                    extra={k: x for k, x in assays.items() if k not in ASSAY_KEYS})
 
 
 @dataclass
@@ -85,9 +97,12 @@ class AnalyserStatus:
 
 
 def _utc(text: str) -> float | None:
+    """An ISO 8601 time with Z or an offset (fractional seconds allowed) in UTC unix seconds; None
+    when it is not one or has no zone."""
     try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-    except ValueError:
+        t = datetime.fromisoformat(text)
+        return t.astimezone(UTC).timestamp() if t.tzinfo is not None else None
+    except (ValueError, OverflowError):
         return None
 
 
@@ -95,13 +110,18 @@ def encode_result(r: AnalyserResult) -> bytes:
     """The block as the analyser sends it (the driver's round-trip tests; the simulator has its own)."""
     when = datetime.fromtimestamp(r.ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = [f"$RESULT,{r.seq},{when},{r.interval_s:.1f},{r.tonnes:.2f},{r.status}",
-             "$ASSAY," + ",".join(f"{k}={r.assays[k]:.3f}" for k in ASSAY_KEYS if k in r.assays),
+             "$ASSAY," + ",".join(f"{k}={r.assays[k]:.3f}" for k in sorted(r.assays, key=_order)),
              f"$SPEC,{len(r.counts)},{r.live_time_s:.2f},{r.kev_per_channel:.5f},{r.offset_kev:.3f}"]
     counts = np.asarray(r.counts).astype(np.int64)
     for start in range(0, len(counts), PER_LINE):
         lines.append(f"$CH,{start}," + ",".join(map(str, counts[start:start + PER_LINE].tolist())))
     body = "".join(line + "\r\n" for line in lines).encode("ascii")
     return body + f"$END,{zlib.crc32(body):08X}".encode() + EOL
+
+
+def _order(name: str) -> tuple[int, str]:
+    """The six in the documented order, then other elements by name."""
+    return (list(ASSAY_KEYS).index(name), "") if name in ASSAY_KEYS else (len(ASSAY_KEYS), name)
 
 
 def encode_status(ts: float, state: str, detector_c: float) -> bytes:
@@ -197,7 +217,7 @@ class AnalyserParser:
         listed = text[1][7:]
         for item in listed.split(",") if listed else []:  # NOLOAD results carry no assays
             key, _, val = item.partition("=")
-            if key not in ASSAY_KEYS or key in assays:
+            if not _ELEMENT.match(key) or key in assays:
                 return None
             if not re.fullmatch(_NUM, val):  # no nan, inf or exponent: an assay is a plain percentage
                 return None
