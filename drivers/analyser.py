@@ -342,26 +342,21 @@ class ResultFileReader:
         return self.columns.get(normalise(name))
 
     def _csv(self, text: str) -> Iterator[list[tuple[str, str]]]:
-        lines = text.splitlines()
-        delim = self.delimiter
         header: list[str] | None = None
-        at = 0
-        for row in csv.reader(lines, delimiter=delim) if delim else self._sniffed(lines):
+        delim, at = self.delimiter, 0
+        for line in text.splitlines():
+            d = delim or max((",", ";", "\t"), key=line.count)  # before the header: each line's own
+            row = next(csv.reader([line], delimiter=d), [])
             if header is None:
                 at = next((i for i, c in enumerate(row) if self._target(c) == "timestamp"), -1)
-                header = row if at >= 0 else None  # lines before it: the export's title, site, period
+                if at >= 0:  # lines before it: the export's title, site, period
+                    header, delim = row, d  # the header's delimiter is the file's (, ; or tab)
                 continue
             if len(row) > at and row[at].strip():  # no time: a units, blank or totals line, not a result
                 yield list(zip(header, row, strict=False))
         if header is None:
             raise ResultFileError(f"no header row with a time column (map the vendor's time column to "
                                   f"'timestamp' in `columns`; known: {', '.join(sorted(self.columns))})")
-
-    @staticmethod
-    def _sniffed(lines: list[str]) -> Iterator[list[str]]:
-        for line in lines:  # per line: the delimiter of the header, ";" or tab in European exports
-            counts = {d: line.count(d) for d in (",", ";", "\t")}
-            yield next(csv.reader([line], delimiter=max(counts, key=lambda d: counts[d])))
 
     def _xml(self, data: bytes) -> list[list[tuple[str, str]]]:
         try:

@@ -208,3 +208,9 @@ def test_the_simulator_writes_result_files_the_driver_reads(tmp_path: Path) -> N
         assert a.analysed_at == pytest.approx(r.ts, abs=1.0)
         assert a.assay.fe == (pytest.approx(r.own["Fe"], abs=5e-4) if "Fe" in r.own else None)
     drv.close()
+
+
+def test_the_header_delimiter_holds_for_rows_with_many_decimal_commas() -> None:
+    r = ResultFileReader("analyser", {}, decimal_comma=True)
+    (a,) = r.parse("x.csv", b"Time;Tonnes;Fe;SiO2\n2024-03-01T06:01:00Z;1,5;62,31;4,12\n")
+    assert (a.tonnes, a.assay.fe, a.assay.sio2) == (1.5, 62.31, 4.12) and r.refused == 0

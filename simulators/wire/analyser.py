@@ -9,8 +9,8 @@ drivers/analyser.py). ASCII lines ending CR LF:
     $END,<CRC-32 (zlib) of every byte from '$' of $RESULT to the LF before $END, 8 upper-case hex>
     $STAT,<UTC>,<state>,<detector °C>                    a heartbeat between blocks
 
-and the result file the vendor's software writes into a directory (docs/ore-station.md, "Result
-files"): CSV, a header row, one result per row, times ISO 8601 with an offset:
+and the result file the vendor's software writes into a directory (docs/ore-station.md, "Analyser
+result files"): CSV, a header row, one result per row, times ISO 8601 with an offset:
 
     Sample ID,Time,Tonnes,Fe,SiO2,Al2O3,P,S,H2O[,other elements...],Status
 """
