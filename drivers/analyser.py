@@ -418,12 +418,13 @@ class ResultFileReader:
         status = (got.get("status") or "OK").upper()
         if status not in rd.Analysis.STATUSES:
             raise ResultFileError(f"status {status!r} is not one of {', '.join(rd.Analysis.STATUSES)}")
+        analysed_at = self._time(when)
         self.count += 1
         sample = got.get("sample_id") or None
         seq_text = got.get("seq") or (sample if sample and sample.isdigit() and len(sample) < 13 else "")
         seq = int(seq_text) if seq_text.isdigit() and len(seq_text) < 13 else self.count
         fixed = {k: x for k, x in assays.items() if k in ASSAY_KEYS.values()}
-        return rd.Analysis(source=self.source, seq=seq, status=status, analysed_at=self._time(when),
+        return rd.Analysis(source=self.source, seq=seq, status=status, analysed_at=analysed_at,
                            interval_s=interval, tonnes=tonnes * tonnes_scale, sample_id=sample,
                            assay=rd.Assay(**fixed, extra={k: x for k, x in assays.items() if k not in fixed}))
 
