@@ -282,7 +282,8 @@ class Spectrum:
 
 @dataclass(frozen=True, slots=True)
 class Assay:
-    """An analyser's own assay, % by mass; None for an element it did not report."""
+    """An analyser's own assay, % by mass; None for an element it did not report. `extra`: any other
+    element or oxide the analyser reported, by the name it gave (Mn, CaO), finite, read-only."""
 
     fe: float | None = None
     sio2: float | None = None
@@ -290,19 +291,28 @@ class Assay:
     p: float | None = None
     s: float | None = None
     h2o: float | None = None
+    extra: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            _number(self, f.name, getattr(self, f.name), optional=True)
+        named = [f.name for f in fields(self) if f.name != "extra"]
+        for name in named:
+            _number(self, name, getattr(self, name), optional=True)
+        for k, x in self.extra.items():
+            if not isinstance(k, str) or not k or k in named:
+                raise _bad(self, "extra", f"keys must be element names other than {', '.join(named)}", k)
+            _number(self, f"extra[{k}]", x)
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
 
     def as_dict(self) -> dict[str, float | None]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out: dict[str, float | None] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return out | dict(self.extra)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Analysis(Reading):
-    """One analysis interval of a cross-belt analyser: its assay and the spectrum behind it.
-    `status`: OK, NOLOAD (empty belt: no assay) or FAULT; `analysed_at`: the analyser's own UTC time."""
+    """One analysis interval of a cross-belt analyser: its assay and the spectrum behind it (None when
+    the result came without one: a vendor's result file). `status`: OK, NOLOAD (empty belt: no assay)
+    or FAULT; `analysed_at`: the analyser's own UTC time; `sample_id`: the vendor's id of the result."""
 
     KIND: ClassVar[str] = "analysis"
     STATUSES: ClassVar[tuple[str, ...]] = ("OK", "NOLOAD", "FAULT")
@@ -312,7 +322,8 @@ class Analysis(Reading):
     interval_s: float
     tonnes: float
     assay: Assay
-    spectrum: Spectrum
+    spectrum: Spectrum | None = None
+    sample_id: str | None = None
 
     def _check(self) -> None:
         _count(self, "seq", self.seq)

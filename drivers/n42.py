@@ -29,7 +29,7 @@ Transport (N42.42 defines the document, not how it travels), by the URL in `port
                       `patterns`, unchanged for `settle_s`) are read once; each is remembered by name,
                       size and mtime in `seen_file` (default <dir>/.customs-edge-n42-seen), so a
                       restart never reads one again. A file is remembered once the reading made of it
-                      was handed over (at the next read() or close()).
+                      was handed over (at the next read() or close()). drivers/dropdir.py does this.
 
 Parsing uses defusedxml on top of the stdlib ElementTree: a DTD, an entity declaration or an external
 reference is refused, so billion-laughs and XXE documents never expand. Anything refused (hostile, not
@@ -39,8 +39,6 @@ number >= 0) is counted in stats.corrupt and skipped; read() never raises for a 
 
 from __future__ import annotations
 
-import fnmatch
-import os
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -50,15 +48,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
 import defusedxml
 import defusedxml.ElementTree as SafeET
 from pydantic import Field, field_validator
 
 from customs_edge.core import readings as rd
-from customs_edge.core.errors import DriverFault
 from customs_edge.drivers.base import SerialPortConfig, StreamSerialDriver
+from customs_edge.drivers.dropdir import DropDir, drop_path
 
 NS = "http://physics.nist.gov/N42/2011/N42"
 _END_TAG = re.compile(rb"</(?:[A-Za-z_][\w.-]*:)?RadInstrumentData\s*>")
@@ -354,34 +351,33 @@ class N42Portal(StreamSerialDriver):
         self.reader = N42Reader(role)
         self.parser = DocumentSplitter(config.max_document_bytes)
         self.pending: deque[rd.PortalOccupancy] = deque()
-        self._dir = Path(urlparse(config.port).path) if config.port.startswith("dir://") else None
-        self._seen: set[str] = set()
-        self._handed: str | None = None  # a file whose reading is out, remembered at the next read()
+        path = drop_path(config.port)
+        self.drop = None if path is None else DropDir(
+            role, path, self.stats, patterns=config.patterns, settle_s=config.settle_s,
+            max_bytes=config.max_document_bytes, seen_file=config.seen_file, seen_name=".customs-edge-n42-seen")
         for k in ("no_occupancy", "dropped"):
             self.stats.extra[k] = 0
 
     def open(self) -> None:
         self.pending.clear()
-        if self._dir is None:
+        if self.drop is None:
             self.parser.reset()
             super().open()
             return
-        if not self._dir.is_dir():
-            self.stats.faults += 1
-            raise DriverFault(f"{self.role}: {self._dir} is not a directory (port {self.config.port})")
-        self._seen = self._load_seen()
+        self.drop.open()
         self.stats.opened += 1
 
     def close(self) -> None:
-        self._remember_handed()
+        if self.drop is not None and not self.pending:
+            self.drop.release()
         super().close()
 
     def read(self) -> rd.PortalOccupancy | None:
-        if self._dir is None:
+        if self.drop is None:
             return super().read()  # type: ignore[return-value]
-        self._remember_handed()
         if not self.pending:
-            self._read_dir()
+            self.drop.release()
+            self._read_dir(self.drop)
         return self.pending.popleft() if self.pending else None
 
     def _take(self, data: bytes) -> None:
@@ -411,66 +407,11 @@ class N42Portal(StreamSerialDriver):
         return self.pending.popleft()
 
     # --- directory drop --------------------------------------------------------------------------
-    def _seen_path(self) -> Path:
-        assert self._dir is not None
-        return self.config.seen_file or self._dir / ".customs-edge-n42-seen"
-
-    def _load_seen(self) -> set[str]:
-        try:
-            return set(self._seen_path().read_text().splitlines())
-        except FileNotFoundError:
-            return set()
-        except OSError as exc:
-            self.stats.faults += 1
-            raise DriverFault(f"{self.role}: cannot read {self._seen_path()}: {exc}") from exc
-
-    def _remember(self, key: str) -> None:
-        self._seen.add(key)
-        try:
-            with self._seen_path().open("a") as f:
-                f.write(key + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            self.stats.faults += 1
-            raise DriverFault(f"{self.role}: cannot record a read file in {self._seen_path()}: {exc}") from exc
-
-    def _remember_handed(self) -> None:
-        if self._handed is not None and not self.pending:
-            key, self._handed = self._handed, None
-            self._remember(key)
-
-    def _read_dir(self) -> None:
-        assert self._dir is not None
-        seen_name = self._seen_path().name
-        now = time.time()
-        try:
-            entries = sorted(os.scandir(self._dir), key=lambda e: e.name)
-        except OSError as exc:
-            self.stats.faults += 1
-            raise DriverFault(f"{self.role}: cannot list {self._dir}: {exc}") from exc
-        for e in entries:
-            if e.name == seen_name or not any(fnmatch.fnmatch(e.name, p) for p in self.config.patterns):
-                continue
-            try:
-                st = e.stat()
-            except OSError:
-                continue  # removed meanwhile
-            key = f"{e.name}\t{st.st_size}\t{st.st_mtime_ns}"
-            if key in self._seen or not e.is_file() or now - st.st_mtime < self.config.settle_s:
-                continue
-            if st.st_size > self.config.max_document_bytes:
-                self.stats.corrupt += 1
-                self._remember(key)
-                continue
-            try:
-                data = Path(e.path).read_bytes()
-            except OSError:
-                continue  # removed or unreadable meanwhile: tried again at the next poll
-            self.stats.bytes_in += len(data)
+    def _read_dir(self, drop: DropDir) -> None:
+        for key, data in drop.new_files():
             self._take(data)
             if self.pending:
-                self._handed = key
+                drop.hand(key)
                 return
-            self._remember(key)  # refused or nothing in it: never read again
+            drop.done(key)  # refused or nothing in it: never read again
         time.sleep(self.config.read_timeout_s)  # nothing new: wait like a read timeout

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -359,6 +360,43 @@ class AnalyserSim(DeviceSim):
             if now >= next_stat:
                 next_stat = now + self.stat_every_s
                 conn.write(analyser_wire.status_line(time.time(), "RUN", 31.5 + random.uniform(-0.3, 0.3)))
+
+
+class AnalyserFileSim:
+    """The analyser's vendor software writing result files into a directory: one CSV file per new
+    result of the world (`result-<seq>.csv`), written under a temporary name and renamed, as export
+    tools do. `write_new()` writes what is new now; start() does it every `every_s` seconds."""
+
+    def __init__(self, world: OreWorld, directory: Path, every_s: float = 1.0) -> None:
+        self.world, self.directory, self.every_s = world, directory, every_s
+        self.written = 0
+        self._last = world.last_seq()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def write_new(self) -> int:
+        new = self.world.results_after(self._last)
+        for r in new:
+            self._last = r.seq
+            data = analyser_wire.result_csv([(f"{r.seq:08d}", r.ts, r.tonnes, r.status, r.own)])
+            tmp = self.directory / f".result-{r.seq:08d}.tmp"
+            tmp.write_bytes(data)
+            tmp.rename(self.directory / f"result-{r.seq:08d}.csv")
+            self.written += 1
+        return len(new)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.write_new()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="analyser-files", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 # --- radiation portal monitor, ANSI N42.42 over TCP -------------------------------------------------

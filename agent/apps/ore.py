@@ -370,6 +370,13 @@ class OreStationApp(App):
     def _analysis(self, r: Analysis) -> list[RecordIn]:
         if r.status != "OK":
             return []
+        if r.spectrum is None:  # a result without a spectrum (a vendor's result file): its own assay only
+            for part in self._parts():
+                if r.assay.fe is not None:
+                    part.fe_analyser.add(r.assay.fe, r.tonnes)
+            return [RecordIn(type="ore_analysis", priority=Priority.EVENT, ts=r.ts, payload={
+                **self._where(), "seq": r.seq, "tonnes": r.tonnes, "model": None, "analyser": r.assay.as_dict(),
+                "sample_id": r.sample_id})]
         counts = r.spectrum.counts
         if counts.size != self._channels:  # the analyser's channel count does not fit the model
             assert self._interval is not None

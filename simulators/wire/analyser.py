@@ -8,6 +8,11 @@ drivers/analyser.py). ASCII lines ending CR LF:
     $CH,<first channel>,<64 counts>                      one line per 64 channels
     $END,<CRC-32 (zlib) of every byte from '$' of $RESULT to the LF before $END, 8 upper-case hex>
     $STAT,<UTC>,<state>,<detector °C>                    a heartbeat between blocks
+
+and the result file the vendor's software writes into a directory (docs/ore-station.md, "Analyser
+result files"): CSV, a header row, one result per row, times ISO 8601 with an offset:
+
+    Sample ID,Time,Tonnes,Fe,SiO2,Al2O3,P,S,H2O[,other elements...],Status
 """
 
 from __future__ import annotations
@@ -39,3 +44,13 @@ def result(seq: int, ts: float, interval_s: float, tonnes: float, status: str, a
 
 def status_line(ts: float, state: str, detector_c: float) -> bytes:
     return f"$STAT,{_utc(ts)},{state},{detector_c:.1f}\r\n".encode("ascii")
+
+
+def result_csv(rows: Sequence[tuple[str, float, float, str, dict[str, float]]]) -> bytes:
+    """A result file: one row per (sample id, UTC time, tonnes, status, assays by element name)."""
+    others = sorted({name for *_, assays in rows for name in assays} - set(ASSAYS))
+    lines = [",".join(["Sample ID", "Time", "Tonnes", *ASSAYS, *others, "Status"])]
+    for sample, ts, tonnes, status, assays in rows:
+        cells = [f"{assays[name]:.3f}" if name in assays else "" for name in (*ASSAYS, *others)]
+        lines.append(",".join([sample, _utc(ts).replace("Z", "+00:00"), f"{tonnes:.2f}", *cells, status]))
+    return "".join(f"{line}\r\n" for line in lines).encode("ascii")
