@@ -292,6 +292,9 @@ class OreStationApp(App):
                                 payload={"driver": r.source, "slave": key[1]}))
         iv = self._interval
         assert iv is not None
+        cycles = r.number(p.cutter_cycle) if p.cutter_cycle else None
+        if cycles is not None:  # before a lot change: a cut counted in this poll belongs to the lot closing
+            out += self._cutter(cycles, r.mono)
         lot_no = r.number(p.lot_no)
         if lot_no is not None:
             out += self._lot_number(int(lot_no), int(r.number(p.hold_no) or 1), r.ts)
@@ -306,9 +309,6 @@ class OreStationApp(App):
         total = r.number(p.total_t)
         if total is not None:
             out += self._tonnage(total, r.mono)
-        cycles = r.number(p.cutter_cycle) if p.cutter_cycle else None
-        if cycles is not None:
-            out += self._cutter(cycles, r.mono)
         m = r.number(p.moisture_pct)
         if m is not None and m > 0 and self._rate > 0:  # 0: no material under the sensor
             iv.moisture.append(m)
@@ -696,7 +696,7 @@ class OreStationApp(App):
             "lot": asdict(self.lot) if self.lot else None, "lots_closed": self.lots_closed,
             "last_total": self._last_total, "rate": self._rate, "gamma_alarm": self._gamma_alarm,
             "metal": self._metal, "disagree_run": self._disagree_run, "down": sorted(self._down),
-            "bench": self.bench.state(), "seed": self._seed, "cutter_last": self._cutter_last,
+            "bench": self.bench.state(), "seed": self._seed, "cutter_last": self._cutter_last, "run_ts": self._run_ts,
             "spare_cuts": self._spare_cuts})
 
     def restore(self, blob: bytes) -> None:
@@ -719,7 +719,7 @@ class OreStationApp(App):
                   bool(s["gamma_alarm"]), bool(s["metal"]),
                   int(s["disagree_run"]), {(str(a), str(b)) for a, b in s["down"]})
         self.bench.load(s["bench"])
-        self._seed, self._cutter_last = int(s["seed"]), opt("cutter_last")
+        self._seed, self._cutter_last, self._run_ts = int(s["seed"]), opt("cutter_last"), opt("run_ts")
         self._spare_cuts = [float(m) for m in s["spare_cuts"]]
         (self.lot, self.lots_closed, self._last_total, self._rate, self._gamma_alarm, self._metal,
          self._disagree_run, self._down) = values
