@@ -192,13 +192,8 @@ def test_a_cut_seen_just_before_its_increment_falls_due_counts_and_a_lot_closing
 
 def test_a_cutter_bit_counts_rising_edges() -> None:
     b = Belt(increment_t=25, **CUTTER)
-    bit = 0
     for s in range(1, 106):  # increment k falls due at s = 25 k + 1
-        if s > 1 and (s - 1) % 25 in (2, 3):  # a pulse of 2 s, 2 s after each increment
-            bit = 1
-        else:
-            bit = 0
-        b.second(3600.0, cutter_cycle=bit)
+        b.second(3600.0, cutter_cycle=int(s > 1 and (s - 1) % 25 in (2, 3)))  # a 2 s pulse 2 s after each
     assert [i["stratum"] for i in b.of("increment")] == [1, 2, 3, 4]
     assert not b.of("missed_increment")
 
