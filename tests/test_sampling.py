@@ -198,6 +198,14 @@ def test_a_cutter_bit_counts_rising_edges() -> None:
     assert not b.of("missed_increment")
 
 
+@pytest.mark.parametrize("before,after,confirmed", [(65535, 0, True), (7, 0, False), (7, 7, False)])
+def test_a_wrapping_counter_is_a_cut_and_a_counter_reset_is_not(before: int, after: int, confirmed: bool) -> None:
+    b = Belt(increment_t=25, **CUTTER)
+    for s in range(1, 28):  # increment 1 falls due at s = 26
+        b.second(3600.0, cutter_cycle=before if s < 27 else after)
+    assert [i["stratum"] for i in b.of("increment")] == ([1] if confirmed else [])
+
+
 def test_the_state_of_sampling_survives_a_snapshot() -> None:
     b = Belt(basis="time", increment_s=30, precision_fe=0.5, **CUTTER)
     for _ in range(40):

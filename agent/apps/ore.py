@@ -237,6 +237,7 @@ class OreStationApp(App):
                 "moisture": Role(Registers, SlaveError, optional=True), "scale": Role(Weight, optional=True),
                 "radiation_portal": Role(PortalOccupancy, optional=True)}
     EVIDENCE_KEPT = 8  # alarmed occupancies listed per lot report (all of them are ALERT records)
+    CUTTER_WRAP = 65536  # a cutter-cycle counter is a 16-bit register
     MAX_RUN_GAP_S = 10.0  # running-belt time between two readings further apart than this is not counted
     STATE_VERSION = 2  # 2: sampling basis, running time, cutter confirmation, quality variation
     config: OreAppConfig
@@ -462,11 +463,13 @@ class OreStationApp(App):
     def _cutter(self, value: float, mono: float) -> list[RecordIn]:
         """The cutter-cycle point: a counter (16-bit, wraps) or a bit; each advance (rising edge) is a
         cut, confirming the oldest increment awaiting one; a cut before its increment fell due waits
-        `cutter_window_s` for it."""
+        `cutter_window_s` for it. A counter that goes back (PLC restart) is a new baseline, no cut."""
         last, self._cutter_last = self._cutter_last, value
-        if last is None or value == last or (value < last and last <= 1):  # first reading, no cut, bit falling
+        if last is not None and value < last and last > self.CUTTER_WRAP - 1024 and value < 1024:
+            last -= self.CUTTER_WRAP  # the 16-bit counter wrapped
+        if last is None or value <= last:  # first reading, no cut, a bit falling, a counter reset
             return []
-        cuts = int(value - last if value > last else value + 65536 - last)
+        cuts = int(value - last)
         out = []
         for _ in range(min(cuts, 64)):
             if self.lot is not None and self.lot.pending:
