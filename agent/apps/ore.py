@@ -1,4 +1,5 @@
-"""Iron-ore sampling and supervision station: lots, mass-basis increments, local grade inference,
+"""Iron-ore sampling and supervision station: lots, ISO 3082 increments (mass, time or stratified random
+basis, confirmed by the sampler's cutter), local grade inference,
 assessment, alerts. Uploads summaries and events, never every poll.
 
 Inputs (typed readings; point names are configurable under `points:`):
@@ -16,7 +17,10 @@ glitch must not poison a lot's estimates.
 A lot opens and closes with the lot number the belt PLC publishes; a sub-lot is a ship's hold.
 
 Records:
-  increment            EVENT   every `increment_t` tonnes of the lot (ISO 3082 mass-basis primary increment)
+  increment            EVENT   a primary increment taken (ISO 3082): every `increment_t` tonnes, every
+                               `increment_s` s of running belt, or at a random point in each stratum
+                               (`basis`); with `points.cutter_cycle`, once the cutter cycled
+  missed_increment     EVENT   an increment due without a cutter cycle within `cutter_window_s`: not counted
   ore_analysis         EVENT   each analyser result: the local model's assay and the analyser's own
   bench_weighing       EVENT   a settled weighing in the sample room
   radiation_alarm      ALERT   gamma alarm rising edge, or a portal occupancy with a gamma or neutron
@@ -33,7 +37,8 @@ Records:
 Assessment (lot and each sub-lot): hold if a gamma or neutron alarm occurred (the report lists the
 alarmed occupancies' evidence under `radiation_evidence`), or if moisture exceeds
 `moisture_hold_fraction` x `tml_pct` (IMSBC transportable moisture limit); otherwise resample if fewer
-primary increments than the configured minimum or no grade estimate; otherwise pass. Flags (do not
+primary increments than required (the configured minimum, or n = (2 sigma_W / precision_fe)^2 from the
+lot's measured Fe variation), the Fe precision not shown, or no grade estimate; otherwise pass. Flags (do not
 change the decision): Fe below `fe_min_pct`, moisture within U95 of the limit, foreign matter,
 analyser disagreement. Estimates are tonnage-weighted means; U95 = 2 sqrt(s^2 / n_eff + bias^2) with s
 the weighted spread of the per-minute values and bias the model's held-out bias from its manifest.
