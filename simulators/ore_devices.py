@@ -198,12 +198,13 @@ def moisture_tables(world: OreWorld) -> Callable[[], Tables]:
 
 def belt_tables(world: OreWorld) -> Callable[[], Tables]:
     """Belt PLC: discrete 0 running, 1 metal detected (latched); holding 0 lot number, 1 hold number,
-    2 metal detector trips (counter)."""
+    2 metal detector trips (counter), 3 sampler cutter cycles (counter, wraps at 65536)."""
 
     def tables() -> Tables:
         s = world.belt()
         return {"discrete": {0: int(s.running), 1: int(s.metal_detected)},
-                "holding": {0: s.lot_no % 65536, 1: s.hold_no, 2: s.metal_events % 65536}}
+                "holding": {0: s.lot_no % 65536, 1: s.hold_no, 2: s.metal_events % 65536,
+                            3: s.cutter_cycles % 65536}}
 
     return tables
 

@@ -149,6 +149,8 @@ class BeltState:
     metal_detected: bool = False
     metal_events: int = 0
     stops: int = 0
+    cutter_cycles: int = 0  # the primary sampler's cutter-cycle counter (the belt PLC counts the cuts)
+    cuts_missed: int = 0  # increments due that the cutter did not take (fault)
 
 
 @dataclass
@@ -188,6 +190,8 @@ class WorldConfig:
     analyser_drift_pct_per_h: float = 0.0  # bias of the analyser's own Fe assay, growing
     detector_drift_per_h: float = 0.0  # relative gain drift of the detector (stabiliser off)
     moisture_noise_pct: float = 0.15
+    sampler_increment_t: float = 25.0  # the primary sampler cuts every this many tonnes of the lot (mass basis)
+    miss_cut_every: int = 0  # fault: the cutter misses every n-th increment of a lot (0: never)
     fe_mean: float = 62.0
     moisture_mean: float = 8.0
 
@@ -221,6 +225,7 @@ class OreWorld:
         self.gain = 1.0
         self.lot_truth: dict[int, np.ndarray] = {}  # lot_no -> [tonnes, sum t*Fe, t*SiO2, t*Al2O3, t*H2O]
         self._force_gamma = self._force_metal = self._force_neutron = False
+        self._miss_cuts = 0
         self._neutron_until = 0.0
         self.portal: deque[PortalOut] = deque(maxlen=16)
         self._segment: PortalOut | None = None
@@ -318,6 +323,9 @@ class OreWorld:
             s.rate_tph, s.speed_mps = 0.0, 0.0
         tonnes = s.rate_tph * dt / 3600.0
         s.total_t += tonnes
+        step = c.sampler_increment_t
+        for k in range(int(s.lot_t // step) + 1, int((s.lot_t + tonnes) // step) + 1):
+            self._cut(k)
         s.lot_t += tonnes
         self._walk = 0.995 * self._walk + r.normal(0, [0.05, 0.04, 0.015, 0.04]) * math.sqrt(dt / 5.0)
         truth = self.truth()
@@ -343,6 +351,15 @@ class OreWorld:
         if t + dt >= self._next_analysis:
             self._analysis(t + dt)
             self._next_analysis += c.analysis_interval_s
+
+    def _cut(self, k: int) -> None:
+        """The sampler's k-th increment of the lot falls due: the cutter cycles, unless it misses."""
+        s = self.state
+        if self._miss_cuts > 0 or (self.cfg.miss_cut_every and k % self.cfg.miss_cut_every == 0):
+            self._miss_cuts = max(0, self._miss_cuts - 1)
+            s.cuts_missed += 1
+        else:
+            s.cutter_cycles += 1
 
     def _gamma_source(self, t: float) -> float:
         """The extra gamma count rate of a source passing the portal (0 outside an episode)."""
@@ -422,6 +439,11 @@ class OreWorld:
         with self._lock:
             self.advance()
             return self.portal[-1].no if self.portal else 0
+
+    def miss_cuts(self, n: int = 1) -> None:
+        """The cutter misses the next `n` increments (tests, drills: a jammed cutter)."""
+        with self._lock:
+            self._miss_cuts += n
 
     def trigger_metal(self) -> None:
         with self._lock:

@@ -1,4 +1,5 @@
-"""Iron-ore sampling and supervision station: lots, mass-basis increments, local grade inference,
+"""Iron-ore sampling and supervision station: lots, ISO 3082 increments (mass, time or stratified random
+basis, confirmed by the sampler's cutter), local grade inference,
 assessment, alerts. Uploads summaries and events, never every poll.
 
 Inputs (typed readings; point names are configurable under `points:`):
@@ -16,7 +17,10 @@ glitch must not poison a lot's estimates.
 A lot opens and closes with the lot number the belt PLC publishes; a sub-lot is a ship's hold.
 
 Records:
-  increment            EVENT   every `increment_t` tonnes of the lot (ISO 3082 mass-basis primary increment)
+  increment            EVENT   a primary increment taken (ISO 3082): every `increment_t` tonnes, every
+                               `increment_s` s of running belt, or at a random point in each stratum
+                               (`basis`); with `points.cutter_cycle`, once the cutter cycled
+  missed_increment     EVENT   an increment due without a cutter cycle within `cutter_window_s`: not counted
   ore_analysis         EVENT   each analyser result: the local model's assay and the analyser's own
   bench_weighing       EVENT   a settled weighing in the sample room
   radiation_alarm      ALERT   gamma alarm rising edge, or a portal occupancy with a gamma or neutron
@@ -33,7 +37,8 @@ Records:
 Assessment (lot and each sub-lot): hold if a gamma or neutron alarm occurred (the report lists the
 alarmed occupancies' evidence under `radiation_evidence`), or if moisture exceeds
 `moisture_hold_fraction` x `tml_pct` (IMSBC transportable moisture limit); otherwise resample if fewer
-primary increments than the configured minimum or no grade estimate; otherwise pass. Flags (do not
+primary increments than required (the configured minimum, or n = (2 sigma_W / precision_fe)^2 from the
+lot's measured Fe variation), the Fe precision not shown, or no grade estimate; otherwise pass. Flags (do not
 change the decision): Fe below `fe_min_pct`, moisture within U95 of the limit, foreign matter,
 analyser disagreement. Estimates are tonnage-weighted means; U95 = 2 sqrt(s^2 / n_eff + bias^2) with s
 the weighted spread of the per-minute values and bias the model's held-out bias from its manifest.
@@ -42,11 +47,13 @@ the weighted spread of the per-minute values and bias the model's held-out bias 
 from __future__ import annotations
 
 import math
+import random
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,7 +79,8 @@ class OrePoints(BaseModel):
     ROLES: ClassVar[dict[str, str]] = {
         "total_t": "belt_weigher", "rate_tph": "belt_weigher", "speed_mps": "belt_weigher",
         "moisture_pct": "moisture", "running": "belt_portal", "lot_no": "belt_portal",
-        "hold_no": "belt_portal", "metal": "belt_portal", "gamma_cps": "belt_portal", "gamma_alarm": "belt_portal"}
+        "hold_no": "belt_portal", "metal": "belt_portal", "gamma_cps": "belt_portal", "gamma_alarm": "belt_portal",
+        "cutter_cycle": "belt_portal"}
     total_t: str = "total_t"
     rate_tph: str = "rate_tph"
     speed_mps: str = "speed_mps"
@@ -83,11 +91,25 @@ class OrePoints(BaseModel):
     metal: str = "metal_detected"
     gamma_cps: str = "gamma_cps"
     gamma_alarm: str = "gamma_alarm"
+    cutter_cycle: str | None = Field(None, description="the sampler's cutter-cycle counter (or bit) from the "
+                                     "belt PLC; unset: increments are counted unverified")
 
 
 class OreAppConfig(AppConfig):
     model_manifest: Path | None = Field(None, description="ore-grade manifest; default: the shipped model")
+    basis: Literal["mass", "time", "stratified"] = Field("mass", description="ISO 3082 sampling: mass "
+                                                         "(systematic, per increment_t), time (per increment_s "
+                                                         "of running belt) or stratified random")
+    stratify_by: Literal["mass", "time"] = Field("mass", description="stratified: strata of increment_t "
+                                                 "tonnes or increment_s seconds")
+    seed: int | None = Field(None, description="stratified: seed of the random points (tests); unset: random")
     increment_t: float = Field(25.0, gt=0, description="tonnes between primary increments (mass basis)")
+    increment_s: float = Field(22.5, gt=0, description="seconds of running belt between increments (time basis)")
+    precision_fe: float | None = Field(None, gt=0, description="sampling precision beta_S asked for Fe, % "
+                                       "absolute (95 %): sizes the lot's increments from the measured "
+                                       "quality variation; unset: the configured minimum alone")
+    cutter_window_s: float = Field(10.0, gt=0, description="a cutter cycle within this many seconds of an "
+                                   "increment falling due confirms it; none: missed_increment")
     min_increments_lot: int = Field(40, ge=1, description="primary increments a lot needs (ISO 3082 table)")
     min_increments_sublot: int = Field(12, ge=1)
     tml_pct: float = Field(10.0, gt=0, le=40, description="transportable moisture limit of the cargo, % wet")
@@ -136,11 +158,36 @@ class Series:
 
 
 @dataclass
+class Variation:
+    """The within-strata standard deviation of a quality characteristic, estimated as a running sum
+    from successive results (the variogram at lag one, ISO 3084): slow trends between strata (holds,
+    drifts) do not inflate it, as the lot's overall spread would."""
+
+    last: float | None = None
+    d2: float = 0.0
+    n: int = 0  # differences summed
+
+    def add(self, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        if self.last is not None:
+            self.d2 += (value - self.last) ** 2
+            self.n += 1
+        self.last = value
+
+    def sigma(self) -> float | None:
+        return math.sqrt(self.d2 / (2 * self.n)) if self.n else None
+
+
+@dataclass
 class Part:
     """A lot or a sub-lot: what its assessment needs."""
 
     tonnes: float = 0.0
-    increments: int = 0
+    run_s: float = 0.0  # seconds of running belt (time-basis sampling)
+    increments: int = 0  # primary increments taken (confirmed by the cutter when its point is configured)
+    missed: int = 0  # increments due whose cut the cutter never confirmed
+    fe_var: Variation = field(default_factory=Variation)
     fe: Series = field(default_factory=Series)
     sio2: Series = field(default_factory=Series)
     h2o_model: Series = field(default_factory=Series)
@@ -164,6 +211,10 @@ class Lot:
     whole: Part = field(default_factory=Part)
     sublots: dict[int, Part] = field(default_factory=dict)
     hold_no: int = 1
+    strata: int = 0  # strata (sampling intervals) whose increment has fallen due
+    due: float = -1.0  # tonnes or running seconds of the lot at which the next increment is due (-1: not drawn)
+    last_cut_t: float = 0.0  # lot tonnes at the last increment (the mass the next one represents)
+    pending: list[dict[str, Any]] = field(default_factory=list)  # due increments awaiting the cutter
 
     @property
     def sub(self) -> Part:
@@ -191,6 +242,9 @@ class OreStationApp(App):
                 "moisture": Role(Registers, SlaveError, optional=True), "scale": Role(Weight, optional=True),
                 "radiation_portal": Role(PortalOccupancy, optional=True)}
     EVIDENCE_KEPT = 8  # alarmed occupancies listed per lot report (all of them are ALERT records)
+    CUTTER_WRAP = 65536  # a cutter-cycle counter is a 16-bit register
+    MAX_RUN_GAP_S = 10.0  # running-belt time between two readings further apart than this is not counted
+    STATE_VERSION = 2  # 2: sampling basis, running time, cutter confirmation, quality variation
     config: OreAppConfig
 
     def __init__(self, device_id: str, config: OreAppConfig) -> None:
@@ -213,6 +267,10 @@ class OreStationApp(App):
         self._down: set[tuple[str, str]] = set()
         self.bench = Settle(config.bench_settle_readings, config.bench_min_g, config.bench_deadband_g)
         self._interval: Interval | None = None
+        self._seed = config.seed if config.seed is not None else secrets.randbits(63)
+        self._run_ts: float | None = None  # the last reading of a running belt
+        self._cutter_last: float | None = None
+        self._spare_cuts: list[float] = []  # cutter cycles seen before their increment fell due (mono)
 
     # --- inputs --------------------------------------------------------------------------------
     def feed(self, reading: Reading) -> list[RecordIn]:
@@ -240,19 +298,23 @@ class OreStationApp(App):
                                 payload={"driver": r.source, "slave": key[1]}))
         iv = self._interval
         assert iv is not None
+        cycles = r.number(p.cutter_cycle) if p.cutter_cycle else None
+        if cycles is not None:  # before a lot change: a cut counted in this poll belongs to the lot closing
+            out += self._cutter(cycles, r.mono)
         lot_no = r.number(p.lot_no)
         if lot_no is not None:
             out += self._lot_number(int(lot_no), int(r.number(p.hold_no) or 1), r.ts)
         running = r.flag(p.running)
         if running is not None:
             iv.running.append(running)
+            out += self._running(running, r.ts, r.mono)
         rate = r.number(p.rate_tph)
         if rate is not None:
             self._rate = max(0.0, rate)
             iv.rates.append(self._rate)
         total = r.number(p.total_t)
         if total is not None:
-            out += self._tonnage(total)
+            out += self._tonnage(total, r.mono)
         m = r.number(p.moisture_pct)
         if m is not None and m > 0 and self._rate > 0:  # 0: no material under the sensor
             iv.moisture.append(m)
@@ -278,7 +340,7 @@ class OreStationApp(App):
                     **self._where(), "detector": f"{r.source}/{r.slave}",
                     "reason": "tramp metal detected on the belt; belt tripped"}))
             self._metal = metal
-        return out
+        return out + self._expire(r.mono)
 
     def _parts(self) -> list[Part]:
         return [self.lot.whole, self.lot.sub] if self.lot else []
@@ -330,7 +392,7 @@ class OreStationApp(App):
             self._interval.errors += 1  # a flapping or garbled hold register: stay on the current sub-lot
         return out
 
-    def _tonnage(self, total: float) -> list[RecordIn]:
+    def _tonnage(self, total: float, mono: float) -> list[RecordIn]:
         last, self._last_total = self._last_total, total
         if last is None or total < last:  # first reading, or the totaliser was reset
             return []
@@ -342,19 +404,100 @@ class OreStationApp(App):
         self._interval.tonnes += delta
         if self.lot is None or delta <= 0:
             return []
-        lot = self.lot
-        before = lot.whole.tonnes
-        lot.whole.tonnes += delta
-        lot.sub.tonnes += delta
+        self.lot.whole.tonnes += delta
+        self.lot.sub.tonnes += delta
+        return self._sample(mono) if self._plan()[0] == "mass" else []
+
+    # --- sampling (ISO 3082) ----------------------------------------------------------------------
+    def _plan(self) -> tuple[str, float, bool]:
+        """(what the strata are measured in: mass or time, the stratum size, a random point in each)."""
+        c = self.config
+        by = c.stratify_by if c.basis == "stratified" else c.basis
+        return by, c.increment_t if by == "mass" else c.increment_s, c.basis == "stratified"
+
+    def _running(self, running: bool, ts: float, mono: float) -> list[RecordIn]:
+        """Seconds of running belt between the readings' timestamps (polls further apart than
+        MAX_RUN_GAP_S, e.g. across a restart, or out of order, add nothing)."""
+        last, self._run_ts = self._run_ts, (ts if running else None)
+        if self.lot is None or last is None or not running or not 0 < ts - last <= self.MAX_RUN_GAP_S:
+            return []
+        self.lot.whole.run_s += ts - last
+        self.lot.sub.run_s += ts - last
+        return self._sample(mono) if self._plan()[0] == "time" else []
+
+    def _sample(self, mono: float) -> list[RecordIn]:
+        """The increments that fell due: systematic at the end of each stratum, or stratified random at a
+        point drawn per stratum from (seed, lot, stratum), so a restart draws the same points."""
+        lot, out = self.lot, list[RecordIn]()
+        assert lot is not None
+        by, step, stratified = self._plan()
+        while True:
+            k = lot.strata + 1
+            if lot.due < 0:
+                u = random.Random(f"{self._seed}:{lot.lot_id}:{k}").random() if stratified else 1.0
+                lot.due = (k - 1 + u) * step
+            if (lot.whole.tonnes if by == "mass" else lot.whole.run_s) < lot.due:
+                return out
+            inc: dict[str, Any] = {
+                "lot_id": lot.lot_id, "sublot": lot.hold_no, "basis": self.config.basis, "stratum": k,
+                "at_t" if by == "mass" else "at_s": round(lot.due, 1),
+                "lot_t": round(lot.whole.tonnes, 1), "run_s": round(lot.whole.run_s, 1),
+                "rate_tph": round(self._rate, 1), "represents_t": round(lot.whole.tonnes - lot.last_cut_t, 2)}
+            if stratified:
+                inc["stratum_span"] = [round((k - 1) * step, 1), round(k * step, 1)]
+            lot.strata, lot.due, lot.last_cut_t = k, -1.0, lot.whole.tonnes
+            if not self.p.cutter_cycle:
+                out.append(self._taken(inc, "unverified"))
+            elif self._spare_cuts and mono - self._spare_cuts[0] <= self.config.cutter_window_s:
+                out.append(self._taken(inc, "confirmed", self._spare_cuts.pop(0) - mono))
+            else:
+                lot.pending.append({**inc, "due_mono": mono})
+
+    def _taken(self, inc: dict[str, Any], cutter: str, delay_s: float | None = None) -> RecordIn:
+        assert self.lot is not None and self._interval is not None
+        sub = self.lot.sublots.setdefault(int(inc["sublot"]), Part())
+        self.lot.whole.increments += 1
+        sub.increments += 1
+        self._interval.increments += 1
+        inc.pop("due_mono", None)
+        extra = {} if delay_s is None else {"cutter_delay_s": round(delay_s, 2)}
+        return RecordIn(type="increment", priority=Priority.EVENT, payload={
+            **inc, "number": self.lot.whole.increments, "sublot_number": sub.increments, "cutter": cutter,
+            **extra})
+
+    def _cutter(self, value: float, mono: float) -> list[RecordIn]:
+        """The cutter-cycle point: a counter (16-bit, wraps) or a bit; each advance (rising edge) is a
+        cut, confirming the oldest increment awaiting one; a cut before its increment fell due waits
+        `cutter_window_s` for it. A counter that goes back (PLC restart) is a new baseline, no cut."""
+        last, self._cutter_last = self._cutter_last, value
+        if last is not None and value < last and last > self.CUTTER_WRAP - 1024 and value < 1024:
+            last -= self.CUTTER_WRAP  # the 16-bit counter wrapped
+        if last is None or value <= last:  # first reading, no cut, a bit falling, a counter reset
+            return []
+        cuts = int(value - last)
         out = []
-        step = self.config.increment_t
-        for k in range(int(before // step) + 1, int(lot.whole.tonnes // step) + 1):
-            lot.whole.increments += 1
-            lot.sub.increments += 1
-            self._interval.increments += 1
-            out.append(RecordIn(type="increment", priority=Priority.EVENT, payload={
-                "lot_id": lot.lot_id, "sublot": lot.hold_no, "number": lot.whole.increments,
-                "sublot_number": lot.sub.increments, "at_t": round(k * step, 1)}))
+        for _ in range(min(cuts, 64)):
+            if self.lot is not None and self.lot.pending:
+                inc = self.lot.pending.pop(0)
+                out.append(self._taken(inc, "confirmed", mono - float(inc["due_mono"])))
+            else:
+                self._spare_cuts = [*self._spare_cuts[-7:], mono]
+        return out
+
+    def _expire(self, now: float, everything: bool = False) -> list[RecordIn]:
+        """Increments whose cut was not confirmed within the window (or at all, when the lot closes)."""
+        window = self.config.cutter_window_s
+        self._spare_cuts = [m for m in self._spare_cuts if now - m <= window]
+        lot, out = self.lot, []
+        while lot is not None and lot.pending and (everything or now - lot.pending[0]["due_mono"] > window):
+            inc = lot.pending.pop(0)
+            inc.pop("due_mono")
+            lot.whole.missed += 1
+            lot.sublots.setdefault(int(inc["sublot"]), Part()).missed += 1
+            out.append(RecordIn(type="missed_increment", priority=Priority.EVENT, payload={
+                **inc, "window_s": window,
+                "reason": f"no sampler cutter cycle within {window:g} s of increment {inc['stratum']} falling "
+                          "due: the increment is not counted (check the sampler)"}))
         return out
 
     def _slave_error(self, r: SlaveError) -> list[RecordIn]:
@@ -392,6 +535,7 @@ class OreStationApp(App):
         for part in self._parts():
             part.analyses += 1
             part.fe.add(fe, tonnes)
+            part.fe_var.add(fe)
             part.sio2.add(sio2, tonnes)
             part.h2o_model.add(h2o, tonnes)
             if own_fe is not None:
@@ -427,8 +571,26 @@ class OreStationApp(App):
             "source": settled.source})]
 
     # --- assessment ----------------------------------------------------------------------------
-    def assess(self, part: Part, min_increments: int) -> dict[str, Any]:
+    def required(self, part: Part, min_increments: int, precision: float | None) -> dict[str, Any]:
+        """ISO 3082: with stratified or systematic sampling the sampling variance is sigma_W^2 / n, so the
+        sampling precision (95 %) beta_S = 2 sigma_W / sqrt(n) and the primary increments needed are
+        n = (2 sigma_W / beta_S)^2, never fewer than the configured minimum."""
+        sigma = part.fe_var.sigma()
+        out: dict[str, Any] = {"required_increments": min_increments, "min_increments": min_increments,
+                               "sigma_w_fe": None if sigma is None else round(sigma, 4),
+                               "precision_fe": precision, "precision_fe_achieved": None, "precision_met": None}
+        if precision is None:
+            return out
+        if sigma is not None:
+            out["required_increments"] = max(min_increments, math.ceil((2 * sigma / precision) ** 2 - 1e-9))
+            if part.increments:
+                out["precision_fe_achieved"] = round(2 * sigma / math.sqrt(part.increments), 4)
+        out["precision_met"] = sigma is not None and part.increments >= out["required_increments"]
+        return out
+
+    def assess(self, part: Part, min_increments: int, precision: float | None = None) -> dict[str, Any]:
         c = self.config
+        sampling = self.required(part, min_increments, precision)
         fe = part.fe.estimate(self._bias["Fe"])
         sio2 = part.sio2.estimate(self._bias["SiO2"])
         h2o_model = part.h2o_model.estimate(self._bias["H2O"])
@@ -451,9 +613,16 @@ class OreStationApp(App):
         elif moisture and moisture["value"] + moisture["u95"] > limit:
             flags.append("moisture_near_limit")
         if decision != "hold":
-            if part.increments < min_increments:
+            needed = sampling["required_increments"]
+            if part.increments < needed:
                 decision = "resample"
-                reasons.append(f"{part.increments} primary increments < minimum {min_increments}")
+                reasons.append(f"{part.increments} primary increments < " + (
+                    f"{needed} required for Fe precision {precision:g} (sigma_W {sampling['sigma_w_fe']:g})"
+                    if needed > min_increments else f"minimum {min_increments}"))
+            elif sampling["precision_met"] is False:
+                decision = "resample"
+                reasons.append("Fe quality variation not measured (fewer than 2 analyser results): "
+                               f"precision {precision:g} not shown")
             if fe is None or moisture is None:
                 decision = "resample"
                 reasons.append("no " + " or ".join(n for n, e in (("grade", fe), ("moisture", moisture)) if e is None)
@@ -466,11 +635,14 @@ class OreStationApp(App):
             reasons.append(f"foreign matter: {part.foreign_matter} metal detector trip(s)")
         if part.disagreements:
             flags.append("analyser_disagreement")
+        if part.missed:
+            flags.append("missed_increments")
+            reasons.append(f"{part.missed} increment(s) missed by the sampler cutter (not counted)")
         if decision == "pass" and not reasons:
             reasons.append("within limits")
         return {"decision": decision, "reasons": reasons, "flags": flags,
                 "tonnes": round(part.tonnes, 1), "increments": part.increments,
-                "min_increments": min_increments, "fe": fe, "sio2": sio2, "moisture": moisture,
+                "missed_increments": part.missed, **sampling, "fe": fe, "sio2": sio2, "moisture": moisture,
                 "h2o_model": h2o_model, "fe_analyser": part.fe_analyser.estimate(),
                 "moisture_limit_pct": limit, "analyses": part.analyses,
                 "gamma_alarms": part.gamma_alarms, "gamma_max_cps": round(part.gamma_max_cps, 1),
@@ -481,18 +653,23 @@ class OreStationApp(App):
         lot = self.lot
         if lot is None:
             return []
+        missed = self._expire(0.0, everything=True) if final else []
+        c = self.config
         report = {"lot_id": lot.lot_id, "lot_no": lot.lot_no, "opened": lot.opened, "closed": time.time(),
-                  **self.assess(lot.whole, self.config.min_increments_lot),
+                  **self.assess(lot.whole, c.min_increments_lot, c.precision_fe),
                   "sublots": [{"sublot": h, **self.assess(part, self.config.min_increments_sublot)}
                               for h, part in sorted(lot.sublots.items())],
                   "model": {"name": self.model.manifest.name, "version": self.model.manifest.version},
-                  "criteria": {"tml_pct": self.config.tml_pct, "fe_min_pct": self.config.fe_min_pct,
-                               "increment_t": self.config.increment_t}}
+                  "criteria": {"tml_pct": c.tml_pct, "fe_min_pct": c.fe_min_pct, "increment_t": c.increment_t},
+                  "sampling": {"basis": c.basis, "stratify_by": c.stratify_by if c.basis == "stratified" else None,
+                               "increment_t": c.increment_t, "increment_s": c.increment_s,
+                               "strata": lot.strata, "cutter": "verified" if self.p.cutter_cycle else "unverified",
+                               "running_s": round(lot.whole.run_s, 1)}}
         if not final:
             report["decision"] = "open"
             return [RecordIn(type="lot_interim", priority=Priority.REPORT, payload=report)]
         self.lots_closed += 1
-        out = [RecordIn(type="lot_report", priority=Priority.REPORT, payload=report)]
+        out = [*missed, RecordIn(type="lot_report", priority=Priority.REPORT, payload=report)]
         if report["decision"] == "hold":
             out.append(RecordIn(type="lot_hold", priority=Priority.ALERT, payload={
                 "lot_id": lot.lot_id, "decision": "hold", "reasons": report["reasons"]}))
@@ -500,11 +677,12 @@ class OreStationApp(App):
 
     # --- time ----------------------------------------------------------------------------------
     def tick(self, now: float) -> list[RecordIn]:
+        missed = self._expire(now) if self.p.cutter_cycle else []
         iv = self._interval
         if iv is None or now - iv.start < self.config.summary_interval_s:
-            return []
+            return missed
         self._interval = Interval(now)
-        return [self._summary(iv, now)]
+        return [*missed, self._summary(iv, now)]
 
     def _summary(self, iv: Interval, now: float) -> RecordIn:
         def stats(xs: list[float]) -> dict[str, float] | None:
@@ -533,13 +711,15 @@ class OreStationApp(App):
             "lot": asdict(self.lot) if self.lot else None, "lots_closed": self.lots_closed,
             "last_total": self._last_total, "rate": self._rate, "gamma_alarm": self._gamma_alarm,
             "metal": self._metal, "disagree_run": self._disagree_run, "down": sorted(self._down),
-            "bench": self.bench.state()})
+            "bench": self.bench.state(), "seed": self._seed, "cutter_last": self._cutter_last, "run_ts": self._run_ts,
+            "spare_cuts": self._spare_cuts})
 
     def restore(self, blob: bytes) -> None:
         s = self.unpack_state(blob)
 
         def part(d: dict[str, Any]) -> Part:
-            kw: dict[str, Any] = {k: Series(**v) if isinstance(v, dict) else v for k, v in d.items()}
+            kw: dict[str, Any] = {k: (Variation if k == "fe_var" else Series)(**v) if isinstance(v, dict) else v
+                                  for k, v in d.items()}
             return Part(**kw)
 
         def opt(key: str) -> float | None:
@@ -548,10 +728,13 @@ class OreStationApp(App):
         d = s["lot"]
         lot = None if d is None else Lot(
             int(d["lot_no"]), str(d["lot_id"]), float(d["opened"]), part(d["whole"]),
-            {int(h): part(p) for h, p in d["sublots"].items()}, int(d["hold_no"]))
+            {int(h): part(p) for h, p in d["sublots"].items()}, int(d["hold_no"]), int(d["strata"]),
+            float(d["due"]), float(d["last_cut_t"]), [dict(i) for i in d["pending"]])
         values = (lot, int(s["lots_closed"]), opt("last_total"), float(s["rate"]),
                   bool(s["gamma_alarm"]), bool(s["metal"]),
                   int(s["disagree_run"]), {(str(a), str(b)) for a, b in s["down"]})
         self.bench.load(s["bench"])
+        self._seed, self._cutter_last, self._run_ts = int(s["seed"]), opt("cutter_last"), opt("run_ts")
+        self._spare_cuts = [float(m) for m in s["spare_cuts"]]
         (self.lot, self.lots_closed, self._last_total, self._rate, self._gamma_alarm, self._metal,
          self._disagree_run, self._down) = values
