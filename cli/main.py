@@ -23,10 +23,8 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -89,53 +87,6 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
         bad += 1
     return 1 if bad else 0
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    """Open one instrument as configured and print what it sends: the first thing to run on site."""
-    from customs_edge.agent.config import load_unit_config
-    from customs_edge.core.errors import DriverFault
-
-    cfg = load_unit_config(args.config)
-    if args.role not in cfg.drivers:
-        raise ConfigError(args.config, [f"drivers: no driver named {args.role!r}; have {', '.join(cfg.drivers)}"])
-    dc = cfg.drivers[args.role]
-    driver = registry.lookup("driver", dc.driver)(args.role, dc)
-    n, deadline = 0, time.monotonic() + args.seconds
-    try:
-        driver.open()
-        port = getattr(driver, "_port", None)
-        if args.hexdump and port is not None:
-            _hexdump(port)
-        while n < args.count and time.monotonic() < deadline:
-            r = driver.read()
-            if r is not None:
-                n += 1
-                print(f"{r.KIND} {json.dumps(r.summary())}")
-    except DriverFault as exc:
-        print(f"FAULT: {exc}", file=sys.stderr)
-    finally:
-        driver.close()
-    print(json.dumps({"role": args.role, "readings": n, **driver.stats.as_dict()}), file=sys.stderr)
-    return 0 if n else 1
-
-
-def _hexdump(port: Any) -> None:
-    """Print every byte read (<) and written (>) on stderr: what a technician needs when an instrument
-    "sends garbage". Works for any pyserial URL, sockets included (pyserial's spy:// wraps devices only)."""
-    real_read, real_write = port.read, port.write
-
-    def read(size: int = 1) -> bytes:
-        data = real_read(size)
-        if data:
-            print("< " + bytes(data).hex(" "), file=sys.stderr)
-        return bytes(data)
-
-    def write(data: bytes) -> Any:
-        print("> " + bytes(data).hex(" "), file=sys.stderr)
-        return real_write(data)
-
-    port.read, port.write = read, write
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -264,13 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub.add_parser("schema", help="JSON Schema of a unit file, for editors")
     c.set_defaults(fn=cmd_config)
 
-    pr = sub.add_parser("probe", help="read a few frames from one configured instrument")
-    pr.add_argument("--config", required=True, help=CONFIG_HELP)
-    pr.add_argument("role", help="the driver's role name in the config (a key under drivers:)")
-    pr.add_argument("--count", type=int, default=10, help="stop after this many readings (default 10)")
-    pr.add_argument("--seconds", type=float, default=10.0, help="give up after this long (default 10)")
-    pr.add_argument("--hexdump", action="store_true", help="hex-dump the traffic to stderr (< read, > written)")
-    pr.set_defaults(fn=cmd_probe)
+    from customs_edge.cli import probe  # `customs-edge probe`
+
+    probe.register(sub, CONFIG_HELP)
 
     st = sub.add_parser("status", help="the unit's outbox on disk")
     st.add_argument("--config", required=True, help=CONFIG_HELP)
