@@ -89,6 +89,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from customs_edge.cli import probe
+
+    return probe.main(args)
+
+
+def _map_size(text: str) -> tuple[int, int]:
+    try:
+        cols, rows = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write COLSxROWS, e.g. 8x6") from None
+    if not (1 <= cols <= 32 and 1 <= rows <= 24):
+        raise argparse.ArgumentTypeError(f"{text!r}: at most 32x24 (the MLX90640's pixels)")
+    return cols, rows
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Read-only: a live agent's file is neither capped nor locked, and a mistyped path creates nothing."""
     from customs_edge.agent.config import load_unit_config
@@ -102,12 +118,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     # each simulator parses its own options: `simulate TYPE --help` is its help
     registry.load_object(SIMULATORS[args.type])(args.rest)
     return 0
-
 
 def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.service import Hub, HubConfig
@@ -155,7 +169,6 @@ def cmd_hub(args: argparse.Namespace) -> int:
     hub.run(stop)
     return 0
 
-
 def cmd_models(args: argparse.Namespace) -> int:
     result = registry.load_object(MODELS[args.name])(seed=args.seed)
     if args.json:
@@ -165,12 +178,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{k:>24}: {v}")
     return 0
 
-
 def cmd_check(args: argparse.Namespace) -> int:
     from customs_edge.cli import check
 
     return check.main(args.config, as_json=args.json, frame_timeout_s=args.frame_timeout)
-
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from customs_edge.cli.demo import run_demo
@@ -183,10 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, as_json=args.json, workdir=args.workdir,
                     types=args.types.split(",") if args.types else None, broker_kind=args.broker)
 
-
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 CONFIG_HELP = "the unit's YAML file (e.g. /etc/customs-edge/ore-01.yaml)"
-
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -195,7 +204,6 @@ def _version() -> str:
         return version("customs-edge")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="customs-edge", description=__doc__,
@@ -215,9 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     csub.add_parser("schema", help="JSON Schema of a unit file, for editors")
     c.set_defaults(fn=cmd_config)
 
-    from customs_edge.cli import probe  # `customs-edge probe`
-
-    probe.register(sub, CONFIG_HELP)
+    pr = sub.add_parser("probe", help="read a few frames from one configured instrument",
+                        description="Open one instrument as configured and show what it sends. --hexdump: the "
+                                    "wire on stderr, one block per frame, both directions, control calls, Modbus "
+                                    "and thermal frames decoded. --scan: which baud rate and parity give frames.")
+    pr.add_argument("--config", required=True, help=CONFIG_HELP)
+    pr.add_argument("role", help="the driver's role name in the config (a key under drivers:)")
+    pr.add_argument("--count", type=int, default=10, help="stop after this many readings (default 10)")
+    pr.add_argument("--seconds", type=float, default=10.0, help="give up after this long (default 10)")
+    pr.add_argument("--hexdump", action="store_true",
+                    help="the wire on stderr, one block per frame (< read, > written, ! control, # decoded)")
+    pr.add_argument("--map", type=_map_size, default=(8, 6), metavar="COLSxROWS",
+                    help="size of a thermal frame's text heat map (default 8x6)")
+    pr.add_argument("--scan", action="store_true",
+                    help="try every common baud rate x parity on a serial role and report which give valid frames")
+    pr.add_argument("--scan-seconds", type=float, default=1.5,
+                    help="how long --scan listens at each setting (default 1.5)")
+    pr.set_defaults(fn=cmd_probe)
 
     st = sub.add_parser("status", help="the unit's outbox on disk")
     st.add_argument("--config", required=True, help=CONFIG_HELP)
@@ -278,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a local mosquitto if installed, else the embedded broker")
     d.set_defaults(fn=cmd_demo)
     return p
-
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)

@@ -4,34 +4,33 @@
                 text heat map to aim the array by
   --hexdump     the wire on stderr, both directions, one block per frame: what the driver writes (`>`:
                 commands, Modbus requests), what it reads (`<`), its control calls (`!`: reset_input_buffer,
-                flush, ...) and each Modbus RTU frame decoded (`#`), with seconds since the start
+                flush, ...) and each frame decoded (`#`: Modbus RTU and TCP, the GY-MCU90640's commands
+                and frames; cli/probe_decode.py), with seconds since the start
   --scan        a serial role only: try the common baud rates x parities, report which give valid frames
 
 The dump is pyserial's spy:// hex dump (its FormatHexdump: 16 bytes a row, offset, ASCII column) led by the
 direction. spy:// itself is not used: it wraps device paths only (not socket://) and prints each read()
 call (one byte at a time on a quiet line) where a technician needs whole frames; the Spy below wraps any
-pyserial port as the driver opens it and cuts what was read at the driver's frame boundaries.
+pyserial port (and Modbus TCP's socket) as the driver opens it, through the driver's `spy` hook, and cuts
+what was read at the driver's frame boundaries.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO, cast
 
 import numpy as np
-import serial
 from serial.urlhandler.protocol_spy import FormatHexdump
 
 from customs_edge.agent import registry
 from customs_edge.core.errors import ConfigError, DriverFault
 from customs_edge.core.readings import Reading, ThermalFrame
-from customs_edge.drivers.base import Driver, SerialDriver, SerialPortConfig
-from customs_edge.drivers.modbus import EXCEPTIONS, FUNCTION, ModbusRtu, crc16
+from customs_edge.drivers.base import Driver, SerialPortConfig
 
 BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800)
 PARITIES = ("N", "E", "O")
@@ -66,7 +65,8 @@ class Spy:
     __slots__ = ("decode", "fmt", "port", "rx")
     CONTROLS = ("reset_input_buffer", "reset_output_buffer", "flush", "send_break")
 
-    def __init__(self, port: serial.SerialBase, fmt: Hexdump, decode: Decoder | None = None) -> None:
+    def __init__(self, port: Any, fmt: Hexdump, decode: Decoder | None = None) -> None:
+        """`port`: a pyserial port, or a socket (its recv and sendall are seen as read and write)."""
         self.port, self.fmt, self.decode, self.rx = port, fmt, decode, bytearray()
 
     def __getattr__(self, name: str) -> Any:
@@ -96,7 +96,17 @@ class Spy:
     def write(self, data: bytes) -> int | None:
         self.frame()
         self._show("TX", bytes(data))
-        return self.port.write(data)
+        return cast(int | None, self.port.write(data))
+
+    def recv(self, size: int) -> bytes:
+        data = bytes(self.port.recv(size))
+        self.rx += data
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        self.frame()
+        self._show("TX", bytes(data))
+        self.port.sendall(data)
 
     def close(self) -> None:
         self.frame()
@@ -116,40 +126,17 @@ class Spy:
             self.fmt.note(note)
 
 
-class ModbusRtuDecoder:
-    """Modbus RTU frames in words: a read request's slave, function, address and count; a reply's values
-    (registers as unsigned 16-bit words, coils and inputs as bits) or its exception; and the CRC."""
+# frames decoded in the dump, by driver name: the decoders import their protocol's code only when used
+DECODERS = {"modbus-rtu": "ModbusRtuDecoder", "modbus-tcp": "ModbusTcpDecoder", "mlx90640-serial": "Mlx90640Decoder"}
 
-    TABLE = {fc: table for table, fc in FUNCTION.items()}
 
-    def __init__(self) -> None:
-        self.asked: tuple[int, int, int, int] | None = None  # slave, function, address, count
+def decoder(driver: Driver) -> Decoder | None:
+    name = DECODERS.get(getattr(driver.config, "driver", ""))
+    if name is None:
+        return None
+    from customs_edge.cli import probe_decode
 
-    def __call__(self, direction: str, frame: bytes) -> str:
-        if len(frame) < 5:
-            return f"modbus: {len(frame)} bytes, too short for an RTU frame (a timeout, or a cut reply)"
-        slave, fc = frame[0], frame[1]
-        crc = "crc ok" if crc16(frame[:-2]) == frame[-2:] else "CRC MISMATCH (baud rate, parity, noise?)"
-        table = self.TABLE.get(fc & 0x7F, "?")
-        if direction == "TX":
-            if len(frame) != 8:
-                return f"modbus request: slave {slave} function {fc}, {len(frame)} bytes, {crc}"
-            address, count = struct.unpack(">HH", frame[2:6])
-            self.asked = (slave, fc, address, count)
-            return f"modbus request: slave {slave} read {table} (function {fc}) address {address} count {count}, {crc}"
-        if fc & 0x80:
-            code = frame[2]
-            return (f"modbus reply: slave {slave} function {fc & 0x7F} EXCEPTION {code} "
-                    f"({EXCEPTIONS.get(code, 'unknown code')}), {crc}")
-        data = frame[3:-2]
-        asked = self.asked if self.asked and self.asked[:2] == (slave, fc) else None
-        if fc in (1, 2):
-            values = [(b >> i) & 1 for b in data for i in range(8)][:asked[3] if asked else None]
-        else:
-            values = list(struct.unpack(f">{len(data) // 2}H", data[:len(data) // 2 * 2]))
-        at = f" address {asked[2]}" if asked else ""
-        return (f"modbus reply: slave {slave} {table} (function {fc}){at} count {len(values)} "
-                f"values {values}, {crc}")
+    return cast(Decoder, getattr(probe_decode, name)())
 
 
 def heat_map(pixels: np.ndarray, cols: int = 8, rows: int = 6) -> list[str]:
@@ -183,14 +170,13 @@ def probe(driver: Driver, *, count: int, seconds: float, hexdump: bool, map_size
           out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Read up to `count` readings within `seconds`; returns how many came."""
     spies: list[Spy] = []
-    if hexdump and isinstance(driver, SerialDriver):
-        fmt = Hexdump(err, False)
-        decode = ModbusRtuDecoder() if isinstance(driver, ModbusRtu) else None
+    fmt = Hexdump(err, False)
 
-        def wrap(port: serial.SerialBase) -> serial.SerialBase:
-            spies.append(Spy(port, fmt, decode))
-            return cast(serial.SerialBase, spies[-1])
+    def wrap(port: Any) -> Any:
+        spies.append(Spy(port, fmt, decoder(driver)))
+        return spies[-1]
 
+    if hexdump and hasattr(driver, "spy"):  # SerialDriver, ModbusTcp
         driver.spy = wrap
     elif hexdump:
         print(f"--hexdump: {type(driver).__name__} does not talk through a pyserial port; readings only",
@@ -261,17 +247,7 @@ def _try(driver: Driver, seconds: float) -> tuple[int, str]:
     return valid, "<- valid frames" if valid else ""
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        cols, rows = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: write COLSxROWS, e.g. 8x6") from None
-    if not (1 <= cols <= 32 and 1 <= rows <= 24):
-        raise argparse.ArgumentTypeError(f"{text!r}: at most 32x24 (the MLX90640's pixels)")
-    return cols, rows
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Open one instrument as configured and print what it sends: the first thing to run on site."""
     from customs_edge.agent.config import load_unit_config
 
@@ -288,21 +264,3 @@ def cmd_probe(args: argparse.Namespace) -> int:
     n = probe(driver, count=args.count, seconds=args.seconds, hexdump=args.hexdump, map_size=args.map)
     print(json.dumps({"role": args.role, "readings": n, **driver.stats.as_dict()}), file=sys.stderr)
     return 0 if n else 1
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], config_help: str) -> None:
-    pr = sub.add_parser("probe", help="read a few frames from one configured instrument",
-                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pr.add_argument("--config", required=True, help=config_help)
-    pr.add_argument("role", help="the driver's role name in the config (a key under drivers:)")
-    pr.add_argument("--count", type=int, default=10, help="stop after this many readings (default 10)")
-    pr.add_argument("--seconds", type=float, default=10.0, help="give up after this long (default 10)")
-    pr.add_argument("--hexdump", action="store_true",
-                    help="the wire on stderr, one block per frame (< read, > written, ! control, # decoded)")
-    pr.add_argument("--map", type=_size, default=(8, 6), metavar="COLSxROWS",
-                    help="size of a thermal frame's text heat map (default 8x6)")
-    pr.add_argument("--scan", action="store_true",
-                    help="try every common baud rate x parity on a serial role and report which give valid frames")
-    pr.add_argument("--scan-seconds", type=float, default=1.5,
-                    help="how long --scan listens at each setting (default 1.5)")
-    pr.set_defaults(fn=cmd_probe)

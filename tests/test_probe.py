@@ -9,6 +9,7 @@ import os
 import pty
 import random
 import re
+import struct
 import subprocess
 import sys
 import termios
@@ -21,11 +22,13 @@ import numpy as np
 import pytest
 import yaml
 
-from customs_edge.cli.probe import RAMP, ModbusRtuDecoder, heat_map
+from customs_edge.cli.probe import RAMP, heat_map
+from customs_edge.cli.probe_decode import Mlx90640Decoder, ModbusRtuDecoder
 from customs_edge.simulators.base import Endpoints
 from customs_edge.simulators.gate import GateSim
 from customs_edge.simulators.ore_station import OreStation
 from customs_edge.simulators.scale import ScaleSim, ScaleWorld
+from customs_edge.simulators.wire import gymcu90640 as gy
 from customs_edge.simulators.wire import modbus as rtu
 from customs_edge.simulators.wire import toledo
 from tests.conftest import unit_dict
@@ -120,6 +123,25 @@ def test_the_decoder_names_exceptions_bad_crcs_and_bits() -> None:
     assert "too short" in d("RX", b"\x03\x04")
 
 
+@pytest.mark.parametrize("line", [ln for ln in (REPO / "tests" / "fixtures" / "gate" / "commands.txt")
+                                  .read_text().splitlines() if ln and not ln.startswith("#")])
+def test_every_module_command_of_the_manual_is_named(line: str) -> None:
+    raw, setting, value = line.split("\t")
+    words = {"rate_hz": f"refresh rate {value} Hz", "output": "output mode " + {
+        "query": "query one frame", "automatic": "automatic output"}.get(value, "?"), "baudrate": f"baud rate {value}"}
+    assert Mlx90640Decoder()("TX", bytes.fromhex(raw)) == f"mlx90640 command: {words[setting]}, sum ok"
+
+
+def test_thermal_blocks_are_told_apart_frame_by_frame() -> None:
+    px = np.full((24, 32), 25.0)
+    good, bad = gy.frame(px, 24.0), gy.frame(px, 24.0, good_checksum=False)
+    d = Mlx90640Decoder()
+    assert d("RX", good) == "mlx90640: a 24x32 frame, checksum ok"
+    assert d("RX", b"\x01\x02\x03" + bad + good[:100]) == (
+        "mlx90640: 3 bytes that are no frame (a frame cut by the start, or noise); a 24x32 frame, checksum "
+        "MISMATCH; 100 bytes of a frame not yet whole")
+
+
 def test_a_heat_map_puts_the_hot_spot_where_it_is() -> None:
     px = np.full((24, 32), 20.0, dtype=np.float32)
     px[20, 29] = 36.5  # bottom right: row block 5 of 6, column block 7 of 8
@@ -138,11 +160,13 @@ def test_a_thermal_probe_shows_the_start_up_commands_min_max_and_a_heat_map(tmp_
                   "--map", "16x12")
     assert res.returncode == 0, res.stderr
     dump = blocks(res.stderr)
-    sent = [b for sign, b in dump if sign == ">"]
-    assert sent and all(isinstance(b, bytes) and b[0] == 0xA5 for b in sent)  # the module's command header
+    sent = [(b, dump[i + 1][1]) for i, (sign, b) in enumerate(dump) if sign == ">"]
+    assert sent == [(bytes.fromhex("a5 25 04 ce"), "FRM mlx90640 command: refresh rate 8 Hz, sum ok"),  # rate_hz 8
+                    (bytes.fromhex("a5 35 02 dc"), "FRM mlx90640 command: output mode automatic output, sum ok")]
     assert ("!", "Q-TX flush") in dump
-    frame = next(b for sign, b in dump if sign == "<" and isinstance(b, bytes) and b.startswith(b"ZZ"))
-    assert len(frame) == 1544  # one whole GY-MCU90640 frame in one block
+    i, frame = next((i, b) for i, (sign, b) in enumerate(dump) if sign == "<" and isinstance(b, bytes))
+    assert len(frame) == 1544 and frame.startswith(b"ZZ")  # one whole GY-MCU90640 frame in one block
+    assert dump[i + 1] == ("#", "FRM mlx90640: a 24x32 frame, checksum ok")
     out = res.stdout.splitlines()
     m = re.match(r"  min (-?[\d.]+) °C  max (-?[\d.]+) °C at row (\d+) col (\d+)", out[1])
     assert m and float(m[1]) < float(m[2])
@@ -202,3 +226,27 @@ def test_the_scan_is_refused_on_a_network_port(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump(unit_dict(tmp_path, "socket://127.0.0.1:1", 1883)))
     res = cli("probe", "--config", str(cfg), "scale", "--scan")
     assert res.returncode == 1 and "needs a serial port" in res.stderr
+
+
+def test_modbus_tcp_frames_are_shown_and_decoded_with_their_transaction(tmp_path: Path) -> None:
+    from tests.test_modbus_pymodbus_server import free_port
+    from tests.test_modbus_tcp import tcp_server
+
+    port = free_port()
+    raw = yaml.safe_load((REPO / "configs" / "ore-station.yaml").read_text())
+    slaves = raw["drivers"]["belt_weigher"]["slaves"]
+    raw["drivers"]["belt_weigher"] = {"driver": "modbus-tcp", "host": "127.0.0.1", "port": port, "slaves": slaves}
+    with tcp_server(port):  # pymodbus's own server: input registers 0-5 of unit 1 hold 4012.5 (float32), ...
+        res = cli("probe", "--config", str(write_unit(tmp_path, raw)), "belt_weigher", "--count", "1", "--hexdump")
+    assert res.returncode == 0, res.stderr
+    dump = blocks(res.stderr)
+    request = next(i for i, (sign, _) in enumerate(dump) if sign == ">")
+    (_, sent), (_, said), (_, got), (_, told) = dump[request:request + 4]
+    assert isinstance(sent, bytes) and sent[2:] == bytes([0, 0, 0, 6, 1, 4, 0, 0, 0, 6])  # MBAP, then the PDU
+    tid = int.from_bytes(sent[:2], "big")
+    assert said == f"FRM modbus tcp transaction {tid} request: slave 1 read input (function 4) address 0 count 6"
+    assert isinstance(got, bytes) and got[:2] == sent[:2]
+    words = [int.from_bytes(got[9 + 2 * i:11 + 2 * i], "big") for i in range(6)]
+    assert struct.unpack(">f", struct.pack(">HH", *words[:2]))[0] == 4012.5
+    assert told == (f"FRM modbus tcp transaction {tid} reply: slave 1 input (function 4) address 0 count 6 "
+                    f"values {words}")
