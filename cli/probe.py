@@ -234,7 +234,7 @@ def _try(driver: Driver, seconds: float) -> tuple[int, str]:
     try:
         driver.open()
     except DriverFault as exc:
-        return 0, f"cannot open: {exc}"
+        return 0, str(exc)  # "cannot open PORT: why"
     try:
         while valid < 2 and time.monotonic() < deadline:
             try:

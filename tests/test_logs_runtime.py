@@ -5,12 +5,17 @@ retry time (each at first, then at most one an interval)."""
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from customs_edge.agent import runtime
 from customs_edge.agent.apps.base import App
@@ -20,6 +25,8 @@ from customs_edge.core.mqtt import Backoff
 from customs_edge.core.readings import Reading
 from customs_edge.core.records import Priority, RecordIn
 from tests.conftest import script_driver, unit_dict, wait_for
+from tests.test_logs import parse
+from tests.test_modbus_pymodbus_server import free_port
 
 LOGGER = "customs_edge.agent.runtime"
 
@@ -135,3 +142,34 @@ def test_a_driver_that_stays_down_logs_its_reopen_attempts_with_the_next_retry_r
         assert 0 < r["retry_in_s"] <= 0.05 + 0.05
         retry = time.strptime(r["next_retry"], "%Y-%m-%dT%H:%M:%SZ")
         assert abs(time.mktime(retry) - time.mktime(time.gmtime())) < 3600
+
+
+def test_a_running_agent_logs_the_dead_ports_reopen_attempts_on_stderr(tmp_path: Path) -> None:
+    """The same through `customs-edge run`: logfmt lines a technician reads in the journal."""
+    cfg = tmp_path / "unit.yaml"
+    cfg.write_text(yaml.safe_dump(unit_dict(tmp_path, "socket://127.0.0.1:1", free_port())))
+    agent = subprocess.Popen([sys.executable, "-m", "customs_edge", "run", "--config", str(cfg)],
+                             stderr=subprocess.PIPE, text=True)
+    lines: list[dict[str, str]] = []
+
+    def collect() -> None:
+        assert agent.stderr is not None
+        for ln in agent.stderr:
+            lines.append(parse(ln.rstrip("\n")))
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: [x for x in lines if x["event"] == "driver still down; reopen failed"
+                          and x["attempt"] == "2"], 60, "the second failed reopen on stderr")
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        reader.join(10)
+    fault = next(x for x in lines if x["event"] == "driver fault")
+    reopens = [x for x in lines if x["event"] == "driver still down; reopen failed"]
+    assert fault["level"] == "warning" and fault["driver"] == "scale"
+    for x in [fault, *reopens]:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", x["next_retry"]) and float(x["retry_in_s"]) > 0
+    assert [x["attempt"] for x in reopens[:2]] == ["1", "2"]
+    assert all("cannot open socket://127.0.0.1:1" in x["error"] for x in reopens)
