@@ -47,6 +47,20 @@ log = logging.getLogger(__name__)
 TICK_S = 0.1
 WATCH_S = 5.0  # how often the core looks for outbox problems the hub must hear of
 STATE_KEY = "app"  # the outbox's app_state row holding App.snapshot()
+SUMMARY_S = 60.0  # one summary log line per unit this often: records by type, backlog, link, drivers
+REOPEN_LOG_FIRST = 5  # reopen attempts of a driver that stays down: each of the first ones logged,
+REOPEN_LOG_S = 60.0  # then one line this often at most
+PAYLOAD_LOG_CHARS = 200  # a record's payload in a log line is cut to this
+
+
+def _short(payload: Any) -> str:
+    text = dumps(payload)
+    return text if len(text) <= PAYLOAD_LOG_CHARS else text[:PAYLOAD_LOG_CHARS] + "..."
+
+
+def _utc(delay_s: float) -> str:
+    """Wall-clock time `delay_s` from now, for a log line: 2026-01-31T12:00:05Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + delay_s))
 
 
 class _Fault:
@@ -102,6 +116,8 @@ class DriverThread(threading.Thread):
         self.backoff = Backoff(0.5, 30.0)
         self.down_since: float | None = None
         self.readings = 0
+        self.reopen_attempts = 0  # failed reopens since the driver went down
+        self._reopen_logged = 0.0
 
     def run(self) -> None:
         d = self.driver
@@ -123,18 +139,35 @@ class DriverThread(threading.Thread):
                             self.on_change()
                         self.out.put(reading)
             except DriverFault as exc:
+                delay = self.backoff.next()
                 if self.down_since is None:
                     self.down_since = time.monotonic()
+                    self.reopen_attempts = 0
                     self.out.put(_Fault(d.role, exc))
-                    log.warning("driver fault", extra={"driver": d.role, "error": str(exc)})
+                    log.warning("driver fault", extra={"driver": d.role, "error": str(exc),
+                                                       "retry_in_s": round(delay, 2), "next_retry": _utc(delay)})
                     self.on_change()
+                else:
+                    self._log_reopen(exc, delay)
                 self._close()
-                self.stop_event.wait(self.backoff.next())
+                self.stop_event.wait(delay)
             except Exception:
                 log.exception("driver crashed; restarting it", extra={"driver": d.role})
                 self._close()
                 self.stop_event.wait(self.backoff.next())
         self._close()
+
+    def _log_reopen(self, exc: DriverFault, delay: float) -> None:
+        """A reopen failed again: the first REOPEN_LOG_FIRST are logged each, then one a REOPEN_LOG_S."""
+        self.reopen_attempts += 1
+        now = time.monotonic()
+        if self.reopen_attempts > REOPEN_LOG_FIRST and now - self._reopen_logged < REOPEN_LOG_S:
+            return
+        self._reopen_logged = now
+        log.warning("driver still down; reopen failed", extra={
+            "driver": self.driver.role, "attempt": self.reopen_attempts,
+            "down_s": round(now - (self.down_since or now), 1), "error": str(exc),
+            "retry_in_s": round(delay, 2), "next_retry": _utc(delay)})
 
     def _await_port(self) -> None:
         """Never two masters on one line: open the port only once the old unit's thread let go of it."""
@@ -210,6 +243,8 @@ class Unit:
         self._dead_seen: dict[str, int] | None = None  # dead letters counted so far, per reason
         self._errors_unreported = 0
         self._next_error_report = 0.0
+        self._by_type: dict[str, int] = {}  # records made since the last summary line, per type
+        self._summary_due = time.monotonic() + SUMMARY_S
 
     def start(self, *, restore: bool = True, state: bytes | None = None,
               after: Sequence[DriverThread] = ()) -> None:
@@ -308,7 +343,11 @@ class Unit:
             if self._errors:
                 out = out + self._errors
                 self._errors = []
+            if now >= self._summary_due:
+                self._summary_due = now + SUMMARY_S
+                self._log_summary()
             if out:
+                self._log_records(out)
                 if not pending:
                     first_at = now
                 pending.extend(out)
@@ -380,6 +419,31 @@ class Unit:
             log.warning("records set aside as dead letters", extra={"new": new})
             out.append(RecordIn(type="dead_letters", priority=Priority.ALERT, payload={"new": new, "total": dead}))
         return out
+
+    def _log_records(self, records: list[RecordIn]) -> None:
+        """Alerts at WARNING, every other record at DEBUG; all counted for the summary line."""
+        debug = log.isEnabledFor(logging.DEBUG)
+        for r in records:
+            self._by_type[r.type] = self._by_type.get(r.type, 0) + 1
+            if r.priority >= Priority.ALERT:
+                log.warning("alert", extra={"type": r.type, "payload": _short(r.payload)})
+            elif debug:
+                log.debug("record", extra={"type": r.type, "priority": int(r.priority), "payload": _short(r.payload)})
+
+    def _log_summary(self) -> None:
+        """One INFO line: records by type since the last one, backlog, link state, drivers up and down."""
+        try:
+            backlog: int | str = self.outbox.stats().pending
+        except Exception as exc:
+            backlog = f"unknown ({type(exc).__name__})"
+        states = self.driver_states()
+        by_type, self._by_type = self._by_type, {}
+        log.info("summary", extra={
+            "device_id": self.cfg.device_id, "records": sum(by_type.values()),
+            "by_type": ",".join(f"{k}:{n}" for k, n in sorted(by_type.items())) or "-",
+            "backlog": backlog, "held": len(self._held), "link": "up" if self.sync.link.connected else "down",
+            "drivers_up": ",".join(r for r, s in states.items() if s["up"]) or "-",
+            "drivers_down": ",".join(r for r, s in states.items() if not s["up"]) or "-"})
 
     def _call(self, fn: Callable[..., list[RecordIn]], *args: Any) -> list[RecordIn]:
         """Run one app method; an exception (an invalid record included) is counted and reported, and

@@ -23,10 +23,8 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -92,50 +90,19 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    """Open one instrument as configured and print what it sends: the first thing to run on site."""
-    from customs_edge.agent.config import load_unit_config
-    from customs_edge.core.errors import DriverFault
+    from customs_edge.cli import probe
 
-    cfg = load_unit_config(args.config)
-    if args.role not in cfg.drivers:
-        raise ConfigError(args.config, [f"drivers: no driver named {args.role!r}; have {', '.join(cfg.drivers)}"])
-    dc = cfg.drivers[args.role]
-    driver = registry.lookup("driver", dc.driver)(args.role, dc)
-    n, deadline = 0, time.monotonic() + args.seconds
+    return probe.main(args)
+
+
+def _map_size(text: str) -> tuple[int, int]:
     try:
-        driver.open()
-        port = getattr(driver, "_port", None)
-        if args.hexdump and port is not None:
-            _hexdump(port)
-        while n < args.count and time.monotonic() < deadline:
-            r = driver.read()
-            if r is not None:
-                n += 1
-                print(f"{r.KIND} {json.dumps(r.summary())}")
-    except DriverFault as exc:
-        print(f"FAULT: {exc}", file=sys.stderr)
-    finally:
-        driver.close()
-    print(json.dumps({"role": args.role, "readings": n, **driver.stats.as_dict()}), file=sys.stderr)
-    return 0 if n else 1
-
-
-def _hexdump(port: Any) -> None:
-    """Print every byte read (<) and written (>) on stderr: what a technician needs when an instrument
-    "sends garbage". Works for any pyserial URL, sockets included (pyserial's spy:// wraps devices only)."""
-    real_read, real_write = port.read, port.write
-
-    def read(size: int = 1) -> bytes:
-        data = real_read(size)
-        if data:
-            print("< " + bytes(data).hex(" "), file=sys.stderr)
-        return bytes(data)
-
-    def write(data: bytes) -> Any:
-        print("> " + bytes(data).hex(" "), file=sys.stderr)
-        return real_write(data)
-
-    port.read, port.write = read, write
+        cols, rows = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write COLSxROWS, e.g. 8x6") from None
+    if not (1 <= cols <= 32 and 1 <= rows <= 24):
+        raise argparse.ArgumentTypeError(f"{text!r}: at most 32x24 (the MLX90640's pixels)")
+    return cols, rows
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -151,12 +118,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     # each simulator parses its own options: `simulate TYPE --help` is its help
     registry.load_object(SIMULATORS[args.type])(args.rest)
     return 0
-
 
 def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.service import Hub, HubConfig
@@ -204,7 +169,6 @@ def cmd_hub(args: argparse.Namespace) -> int:
     hub.run(stop)
     return 0
 
-
 def cmd_models(args: argparse.Namespace) -> int:
     result = registry.load_object(MODELS[args.name])(seed=args.seed)
     if args.json:
@@ -214,12 +178,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{k:>24}: {v}")
     return 0
 
-
 def cmd_check(args: argparse.Namespace) -> int:
     from customs_edge.cli import check
 
     return check.main(args.config, as_json=args.json, frame_timeout_s=args.frame_timeout)
-
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from customs_edge.cli.demo import run_demo
@@ -232,10 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, as_json=args.json, workdir=args.workdir,
                     types=args.types.split(",") if args.types else None, broker_kind=args.broker)
 
-
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 CONFIG_HELP = "the unit's YAML file (e.g. /etc/customs-edge/ore-01.yaml)"
-
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -244,7 +204,6 @@ def _version() -> str:
         return version("customs-edge")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="customs-edge", description=__doc__,
@@ -264,12 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     csub.add_parser("schema", help="JSON Schema of a unit file, for editors")
     c.set_defaults(fn=cmd_config)
 
-    pr = sub.add_parser("probe", help="read a few frames from one configured instrument")
+    pr = sub.add_parser("probe", help="read a few frames from one configured instrument",
+                        description="Open one instrument as configured and show what it sends. --hexdump: the "
+                                    "wire on stderr, one block per frame, both directions, control calls, Modbus "
+                                    "and thermal frames decoded. --scan: which baud rate and parity give frames.")
     pr.add_argument("--config", required=True, help=CONFIG_HELP)
     pr.add_argument("role", help="the driver's role name in the config (a key under drivers:)")
     pr.add_argument("--count", type=int, default=10, help="stop after this many readings (default 10)")
     pr.add_argument("--seconds", type=float, default=10.0, help="give up after this long (default 10)")
-    pr.add_argument("--hexdump", action="store_true", help="hex-dump the traffic to stderr (< read, > written)")
+    pr.add_argument("--hexdump", action="store_true",
+                    help="the wire on stderr, one block per frame (< read, > written, ! control, # decoded)")
+    pr.add_argument("--map", type=_map_size, default=(8, 6), metavar="COLSxROWS",
+                    help="size of a thermal frame's text heat map (default 8x6)")
+    pr.add_argument("--scan", action="store_true",
+                    help="try every common baud rate x parity on a serial role and report which give valid frames")
+    pr.add_argument("--scan-seconds", type=float, default=1.5,
+                    help="how long --scan listens at each setting (default 1.5)")
     pr.set_defaults(fn=cmd_probe)
 
     st = sub.add_parser("status", help="the unit's outbox on disk")
@@ -331,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a local mosquitto if installed, else the embedded broker")
     d.set_defaults(fn=cmd_demo)
     return p
-
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)

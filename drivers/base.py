@@ -12,6 +12,7 @@ from __future__ import annotations
 import termios
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -150,6 +151,9 @@ class SerialDriver(Driver):
     line settings and drops stale input, closes it, counts faults, and watches for silence."""
 
     config: SerialPortConfig
+    # `customs-edge probe` sees the wire through this: it wraps the port as it opens, so the reset of the
+    # input buffer and the start-up commands are shown too (cli/probe.py's Spy)
+    spy: Callable[[serial.SerialBase], serial.SerialBase] | None = None
 
     def __init__(self, role: str, config: DriverConfig) -> None:
         super().__init__(role, config)
@@ -163,6 +167,8 @@ class SerialDriver(Driver):
     def open(self) -> None:
         try:
             self._port = open_serial(self.config)
+            if self.spy is not None:
+                self._port = self.spy(self._port)
             self._port.reset_input_buffer()  # stale bytes queued while nobody listened
         except DriverFault:
             self.stats.faults += 1

@@ -35,6 +35,7 @@ import socket
 import struct
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -565,6 +566,7 @@ class ModbusTcp(ModbusMaster):
 
     Config = ModbusTcpConfig
     config: ModbusTcpConfig
+    spy: Callable[[socket.socket], socket.socket] | None = None  # as SerialDriver.spy: the probe's view
 
     def __init__(self, role: str, config: ModbusTcpConfig) -> None:
         super().__init__(role, config)
@@ -577,6 +579,8 @@ class ModbusTcp(ModbusMaster):
         try:
             self._sock = socket.create_connection(self.config.address, timeout=self.config.read_timeout_s)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.spy is not None:
+                self._sock = self.spy(self._sock)
         except OSError as exc:
             self.stats.faults += 1
             raise DriverFault(f"{self.role}: cannot connect to {self.config.port}: {exc} "
