@@ -76,6 +76,7 @@ class DeviceKey:
     @classmethod
     def load_or_create(cls, path: Path) -> DeviceKey:
         """The key in `path`, made there (0600, never overwritten) if there is none."""
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
