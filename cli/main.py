@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(fn=cmd_hub)
 
     k = sub.add_parser("key", help="print the unit's public key for the hub's key registry (made on first use)")
-    k.add_argument("config")
+    k.add_argument("config", help="the unit's config file: the key lives beside its outbox (outbox.path + .key)")
     k.set_defaults(fn=evidence.cmd_key)
 
     from customs_edge.cli import certs  # `customs-edge certs init|issue`
