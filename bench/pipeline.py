@@ -11,6 +11,7 @@ reading at a steady 200 readings/s. Measures in one run:
   records_per_s           records hub-acknowledged (stored with synchronous=FULL, ack received) per s,
                           batches signed (the default) and checked by the hub against the registered key
   unsigned_records_per_s  the same, unsigned (an unregistered device); signed_vs_unsigned: the ratio
+                          (each the best of two runs, alternated; hub_stored counts both signed runs)
   baseline_records_per_s  raw SQLite executemany of the same records, 1,000 per transaction, FULL
   ratio                   records_per_s / baseline_records_per_s
   latency_p50/p99_ms_at_200  reading created -> record durable in the outbox (FULL commit returned),
@@ -144,9 +145,11 @@ def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[s
         drv = BenchDriver("bench", BenchDriverConfig(driver="bench", rate_hz=rate, burst=burst), limit)
         return Unit(cfg, outbox=outbox, app=PassApp(cfg.device_id, AppConfig()), drivers={"bench": drv}), latencies
 
-    # throughput, batches signed (the default; the hub checks each against the registered key) and not
-    result: dict[str, Any] = {"records": records}
-    for name in ("tput-unsigned", "tput"):
+    # throughput, batches signed (the default; the hub checks each against the registered key) and not,
+    # alternated twice (the best of each kept), so neither gains from running second on a warm machine
+    result: dict[str, Any] = {"records": records, "records_per_s": 0.0, "unsigned_records_per_s": 0.0,
+                              "ack_timeouts": 0}
+    for name in ("tput-unsigned", "tput", "tput-unsigned", "tput"):
         unit, _ = unit_for(name, records, 0.0, 100)
         if name == "tput-unsigned":
             unit.sync.key = None  # an unregistered device: the hub takes its batches unsigned
@@ -156,9 +159,10 @@ def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[s
             time.sleep(0.01)
             if time.monotonic() - t0 > 600:
                 raise TimeoutError("throughput run did not finish in 600 s")
-        elapsed = time.monotonic() - t0
-        result["records_per_s" if name == "tput" else "unsigned_records_per_s"] = records / elapsed
-        result["ack_timeouts"] = result.get("ack_timeouts", 0) + unit.sync.stats.ack_timeouts
+        rate = records / (time.monotonic() - t0)
+        figure = "records_per_s" if name == "tput" else "unsigned_records_per_s"
+        result[figure] = max(result[figure], rate)
+        result["ack_timeouts"] += unit.sync.stats.ack_timeouts
         unit.stop()
     # latency at a steady 200 records/s
     n = int(200 * latency_s)

@@ -82,7 +82,8 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
     key = (keys or {}).get(device_id)
     if env.sig is None and (key is not None or require):
         raise Refused("unsigned", f"an unsigned batch of {'registered' if key else 'unregistered'} device"
-                                  f" {device_id!r}: this hub requires signatures (register its key: customs-edge key)")
+                                  f" {device_id!r}: the hub takes only batches signed by the key it holds for the"
+                                  " device (`customs-edge key CONFIG` prints it)")
     if key is None and require:
         raise Refused("unsigned", f"device {device_id!r} has no registered key: add `customs-edge key` output of"
                                   " its unit to the hub's key registry")
@@ -100,7 +101,8 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
             rejected.append(Rejected(_seq_of(obj), _reason(exc, "record"), _trace(obj)))
             continue
         text = pydantic_core.to_json(r.payload, inf_nan_mode="constants")
-        links[r.seq] = (r.prev, record_hash(r.prev or "", r.seq, r.ts, r.type, r.prio, text.decode()))
+        decoded = text.decode()  # the agent's payload text again: the same serializer, on the values it wrote
+        links[r.seq] = (r.prev, record_hash(r.prev or "", r.seq, r.ts, r.type, r.prio, decoded))
         hashes.append(links[r.seq][1])
         if len(text) > MAX_PAYLOAD_BYTES:
             rejected.append(Rejected(r.seq, f"payload: {len(text)} bytes of JSON, over the {MAX_PAYLOAD_BYTES}"
@@ -109,7 +111,7 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
             rejected.append(Rejected(r.seq, "payload: a non-finite number (NaN or infinity); every number on"
                                             " the wire must be finite", _trace(r.model_dump())))
         else:
-            rows.append((r.seq, r.ts, r.boot, r.mono, r.type, r.prio, text.decode()))
+            rows.append((r.seq, r.ts, r.boot, r.mono, r.type, r.prio, decoded))
     if key is not None and not verify(key, env.sig or "", batch_message(device_id, batch_id, hashes)):
         raise Refused("forged", f"batch {batch_id!r} of {device_id!r}: its signature does not match its records and"
                                 f" id under the device's registered key (key id {env.key!r})")

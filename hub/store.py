@@ -356,7 +356,9 @@ class HubStore:
                     return v.bad(expect, f"the tombstone of seqs {expect}-{hi} does not link to seq {expect - 1}")
                 v.dropped += hi - expect + 1
                 head, expect = last, hi + 1
-            if prev is None:  # an unchained record (an older agent): nothing to prove, the chain restarts after it
+            if prev is None:  # an unchained record of an older agent: only before the chain began
+                if v.records or v.rejected or v.dropped:
+                    return v.bad(seq, "its chain link was removed (an unchained record after the chain began)")
                 v.unchained += 1
                 head, expect = None, seq + 1
                 continue

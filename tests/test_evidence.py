@@ -174,6 +174,7 @@ def test_verify_is_ok_on_an_intact_store(filled: Path) -> None:
     ("DELETE FROM records WHERE seq = 7", 7),
     ("DELETE FROM records WHERE seq >= 28", 28),  # the newest ones
     ("UPDATE records SET ts = ts + 1 WHERE seq = 5", 5),
+    ("UPDATE records SET payload = '{}', prev = NULL, h = NULL WHERE seq = 9", 9),  # passed off as unchained
 ])
 def test_verify_names_the_first_bad_seq(filled: Path, sql: str, bad: int) -> None:
     with sqlite3.connect(filled) as db:
