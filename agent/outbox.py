@@ -48,6 +48,11 @@ backlog (bench/outbox.py):
      warning is logged.
 Every drop is counted per priority in `counters` (dropped.<priority>), which survives restarts.
 
+Hash chain (core/signing.py): put() gives each record `prev`, the chain hash of the record before it,
+in the transaction that gives it its seq (the head lives in `meta.chain_head`). Records the cap drops
+are replaced, in the same transaction, by a `tombstone` record (ALERT: never dropped) naming each dropped
+run of seqs with the hash before it and the hash of its last record, so the hub's chain stays verifiable.
+
 Dead letters: a record that cannot be stored (a NaN or infinite stamp, a payload that cannot be
 encoded, a priority outside Priority) or that the hub refused (`reject()`) goes to `dead_letters` (the
 newest DEAD_LETTERS_KEPT are kept, payload truncated) and is counted per reason; it never blocks its

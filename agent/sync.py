@@ -27,6 +27,9 @@ What the hub acked is deleted from the outbox; when that delete fails (a full di
 kept here and retried every SETTLE_RETRY_S, the link stays up, and those records are never sent again.
 The highest seq the hub acked is kept in `{outbox}.sync.json`: an outbox that would hand out seqs at
 or below it (a replaced or restored file) has its seq floor raised past it.
+
+Every batch is signed with the device key beside the outbox (`{outbox}.key`, core/signing.py), over its
+batch id and its records' chain hashes; a resend is signed again, under the same batch id.
 """
 
 from __future__ import annotations
