@@ -48,6 +48,11 @@ backlog (bench/outbox.py):
      warning is logged.
 Every drop is counted per priority in `counters` (dropped.<priority>), which survives restarts.
 
+Hash chain (core/signing.py): put() gives each record `prev`, the chain hash of the record before it,
+in the transaction that gives it its seq (the head lives in `meta.chain_head`). Records the cap drops
+are replaced, in the same transaction, by a `tombstone` record (ALERT: never dropped) naming each dropped
+run of seqs with the hash before it and the hash of its last record, so the hub's chain stays verifiable.
+
 Dead letters: a record that cannot be stored (a NaN or infinite stamp, a payload that cannot be
 encoded, a priority outside Priority) or that the hub refused (`reject()`) goes to `dead_letters` (the
 newest DEAD_LETTERS_KEPT are kept, payload truncated) and is counted per reason; it never blocks its
@@ -76,6 +81,7 @@ from typing import ClassVar, Protocol, TypeVar
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.records import Pending, Priority, RecordIn
+from customs_edge.core.signing import GENESIS, TOMBSTONE_RUNS, TOMBSTONE_TYPE, record_hash
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +129,11 @@ MIGRATIONS: list[str] = [
     INSERT INTO counters (name, value)
         SELECT 'pending.' || CASE priority """ + " ".join(f"WHEN {p} THEN '{n}'" for p, n in _PRIO_NAME.items())
     + """ END, count(*) FROM records GROUP BY priority;
+    """,
+    # 2 -> 3: the hash chain (core/signing.py): each record's `prev`, the chain's head in meta
+    f"""
+    ALTER TABLE records ADD COLUMN prev TEXT;
+    INSERT INTO meta (key, value) VALUES ('chain_head', '{GENESIS}');
     """,
 ]
 
@@ -208,6 +219,30 @@ def encode_records(records: Sequence[RecordIn], boot: str, mono: float) -> tuple
         except Exception as exc:  # this record's fault only
             dead.append(_dead_letter(None, str(r.type), None, reason, f"{type(exc).__name__}: {exc}", r.payload))
     return rows, dead
+
+
+def chain(head: str, first_seq: int, rows: Sequence[Row]) -> tuple[list[str], str]:
+    """The `prev` of each row given seqs from first_seq on, after the chain head `head`; and the new head."""
+    prevs = []
+    for seq, (ts, _, _, type_, prio, payload) in enumerate(rows, first_seq):
+        prevs.append(head)
+        head = record_hash(head, seq, ts, type_, prio, payload)
+    return prevs, head
+
+
+def tombstones(dropped: Sequence[tuple[int, str | None, float, str, int, str]], boot: str, mono: float) -> list[Row]:
+    """Tombstone rows for records about to be dropped (seq, prev, ts, type, priority, payload; in seq order):
+    each run of consecutive seqs with the hash before it and the hash of its last record."""
+    runs: list[tuple[int, int, str | None, str]] = []
+    for seq, prev, ts, type_, prio, payload in dropped:
+        h = record_hash(prev or "", seq, ts, type_, prio, payload)
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1] = (runs[-1][0], seq, runs[-1][2], h)
+        else:
+            runs.append((seq, seq, prev, h))
+    return [(time.time(), boot, mono, TOMBSTONE_TYPE, _ALERT,
+             dumps({"runs": part, "count": sum(hi - lo + 1 for lo, hi, _, _ in part)}))
+            for part in (runs[i:i + TOMBSTONE_RUNS] for i in range(0, len(runs), TOMBSTONE_RUNS))]
 
 
 def _dead_letter(seq: int | None, type_: str, prio: int | None, reason: str, detail: str,
@@ -455,6 +490,34 @@ class SqliteOutbox:
         log.warning("records moved to dead letters", extra={
             "records": len(dead), "reasons": ",".join(sorted({d.reason for d in dead})), "first": dead[0].detail})
 
+    def _insert(self, rows: Sequence[Row]) -> int:
+        """Insert rows with the next seqs and their chain links (the caller's transaction); the last seq."""
+        db = self._db
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
+        first = (row[0] if row else 0) + 1
+        (head,) = db.execute("SELECT value FROM meta WHERE key='chain_head'").fetchone()
+        prevs, head = chain(head, first, rows)
+        db.executemany("INSERT INTO records (seq, ts, boot_id, mono, type, priority, payload, prev)"
+                       " VALUES (?,?,?,?,?,?,?,?)",
+                       [(s, *r, p) for s, (r, p) in enumerate(zip(rows, prevs, strict=True), first)])
+        db.execute("UPDATE meta SET value=? WHERE key='chain_head'", (head,))
+        self._bump({f"pending.{_PRIO_NAME[p]}": n for p, n in Counter(r[4] for r in rows).items()})
+        return first + len(rows) - 1
+
+    def _drop(self, seqs: Sequence[int]) -> Counter[int]:
+        """Delete these records (the caller's transaction), a tombstone in their place; dropped per priority."""
+        db = self._db
+        gone = [r for i in range(0, len(seqs), 500) for r in db.execute(
+            "SELECT seq, prev, ts, type, priority, payload FROM records WHERE seq IN"
+            f" ({','.join('?' * len(seqs[i:i + 500]))}) ORDER BY seq", seqs[i:i + 500])]
+        db.executemany("DELETE FROM records WHERE seq = ?", [(r[0],) for r in gone])
+        counts = Counter(r[4] for r in gone)
+        for p, n in counts.items():
+            self._bump({f"pending.{_PRIO_NAME[p]}": -n, f"dropped.{_PRIO_NAME[p]}": n})
+        if gone:
+            self._insert(tombstones(gone, self.boot_id, time.monotonic()))
+        return counts
+
     # -- Outbox -----------------------------------------------------------------------------------
     def put(self, records: Sequence[RecordIn], state: tuple[str, bytes] | None = None) -> range:
         """Commit records (and the app's state blob, if given) in one transaction; returns the seqs of
@@ -463,14 +526,10 @@ class SqliteOutbox:
         rows, dead = encode_records(records, self.boot_id, time.monotonic())
         if not rows and not dead and state is None:
             return range(0)
-        counts = Counter(r[4] for r in rows)
 
         def insert() -> int:
             db = self._db
-            db.executemany("INSERT INTO records (ts, boot_id, mono, type, priority, payload)"
-                           " VALUES (?,?,?,?,?,?)", rows)
-            last: int = db.execute("SELECT last_insert_rowid()").fetchone()[0]
-            self._bump({f"pending.{_PRIO_NAME[p]}": n for p, n in counts.items()})
+            last = self._insert(rows)
             if dead:
                 self._bury(dead)
             if state is not None:
@@ -507,7 +566,7 @@ class SqliteOutbox:
             for prio in sorted(self._cursor, reverse=True):
                 while (want := max_records - len(out)) > 0:
                     rows = self._db.execute(
-                        "SELECT seq, ts, boot_id, mono, type, priority, payload FROM records"
+                        "SELECT seq, ts, boot_id, mono, type, priority, payload, prev FROM records"
                         " WHERE priority=? AND seq>? ORDER BY seq LIMIT ?", (prio, self._cursor[prio], want),
                     ).fetchall()
                     if not rows:
@@ -718,10 +777,9 @@ class SqliteOutbox:
         return dict(dropped)
 
     def _drop_lowest(self, prio: int) -> int:
-        n = self._db.execute("DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE priority=?"
-                             " ORDER BY seq LIMIT ?)", (prio, self.CHUNK)).rowcount
-        self._bump({f"pending.{_PRIO_NAME[prio]}": -n, f"dropped.{_PRIO_NAME[prio]}": n})
-        return int(n)
+        seqs = [s for (s,) in self._db.execute("SELECT seq FROM records WHERE priority=? ORDER BY seq LIMIT ?",
+                                               (prio, self.CHUNK))]
+        return self._drop(seqs)[prio]
 
     def _drop_old(self, dropped: Counter[int]) -> None:
         """Age = monotonic time for records of this boot (a wall clock that jumps forward must not empty
@@ -735,25 +793,19 @@ class SqliteOutbox:
             with self._lock:
                 rows = self._db.execute("SELECT seq, boot_id, mono, ts, priority FROM records WHERE seq > ?"
                                         " ORDER BY seq LIMIT ?", (after, self.CHUNK)).fetchall()
-                old: list[tuple[int, int]] = []
+                old: list[int] = []
                 for seq, boot, mono, ts, prio in rows:
                     if prio == _ALERT or (boot != self.boot_id and ts < CLOCKLESS_BEFORE):
                         continue
                     if (mono >= mono_cut) if boot == self.boot_id else (ts >= ts_cut):
                         young = True
                         break
-                    old.append((seq, prio))
+                    old.append(seq)
                 if old:
-                    self._write(partial(self._drop_seqs, old))
-                    dropped.update(p for _, p in old)
+                    dropped.update(self._write(partial(self._drop, old)))
                 if len(rows) < self.CHUNK:
                     return
                 after = rows[-1][0]
-
-    def _drop_seqs(self, old: list[tuple[int, int]]) -> None:
-        self._db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in old])
-        for name, n in Counter(_PRIO_NAME[p] for _, p in old).items():
-            self._bump({f"pending.{name}": -n, f"dropped.{name}": n})
 
 
 class _Tx:
@@ -789,14 +841,16 @@ class MemoryOutbox:
         self._dead: list[DeadLetter] = []
         self._counters: Counter[str] = Counter()
         self._epoch = uuid.uuid4().hex
+        self._head = GENESIS
 
     def put(self, records: Sequence[RecordIn], state: tuple[str, bytes] | None = None) -> range:
         rows, dead = encode_records(records, self.boot_id, time.monotonic())
         with self._lock:
             first = self._last_seq + 1
-            for row in rows:
+            prevs, self._head = chain(self._head, first, rows)
+            for row, prev in zip(rows, prevs, strict=True):
                 self._last_seq += 1
-                self._records[row[4]][self._last_seq] = Pending(self._last_seq, *row)
+                self._records[row[4]][self._last_seq] = Pending(self._last_seq, *row, prev)
             self._bury(dead)
             if state is not None:
                 self._state[state[0]] = bytes(state[1])

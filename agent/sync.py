@@ -27,6 +27,9 @@ What the hub acked is deleted from the outbox; when that delete fails (a full di
 kept here and retried every SETTLE_RETRY_S, the link stays up, and those records are never sent again.
 The highest seq the hub acked is kept in `{outbox}.sync.json`: an outbox that would hand out seqs at
 or below it (a replaced or restored file) has its seq floor raised past it.
+
+Every batch is signed with the device key beside the outbox (`{outbox}.key`, core/signing.py), over its
+batch id and its records' chain hashes; a resend is signed again, under the same batch id.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from customs_edge.core.mqtt import (
     install_client_id,
 )
 from customs_edge.core.records import Pending
+from customs_edge.core.signing import DeviceKey
 from customs_edge.core.wire import Ack, Command, CommandReply, Health, encode_batch, intersect, ranges_of, topic
 
 log = logging.getLogger(__name__)
@@ -113,8 +117,10 @@ class Sync:
                  status: Callable[[], dict[str, Any]] | None = None, status_interval_s: float = 30.0,
                  commands: Callable[[Command], dict[str, Any]] | None = None, link: Link | None = None,
                  health: Callable[[tuple[float, float] | None], Health] | None = None,
-                 health_interval_s: float = 60.0) -> None:
+                 health_interval_s: float = 60.0, signing: bool = True) -> None:
         self.device_id = device_id
+        # every batch signed with the device key beside the outbox (made on first start; core/signing.py)
+        self.key = DeviceKey.beside(outbox_path) if signing else None
         self.outbox = outbox
         self.cfg = cfg
         self.status_fn = status or (lambda: {})
@@ -238,7 +244,7 @@ class Sync:
     def _send(self, records: list[Pending], attempt: int = 0) -> bool:
         batch_id = f"{self._boot}-{next(self._ids)}"
         try:
-            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, records), qos=1)
+            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, records, self.key), qos=1)
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return False
@@ -265,7 +271,8 @@ class Sync:
     def _resend(self, batch_id: str, f: _InFlight) -> None:
         """The broker has the batch, the hub has not confirmed it: publish it again (the hub dedupes)."""
         try:
-            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, f.records), qos=1)
+            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, f.records, self.key),
+                                     qos=1)
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return

@@ -29,6 +29,7 @@ from dataclasses import asdict
 from pydantic import ValidationError
 
 from customs_edge.agent import registry
+from customs_edge.cli import evidence
 from customs_edge.core import logs
 from customs_edge.core.errors import ConfigError, CustomsEdgeError
 from customs_edge.simulators import SIMULATORS
@@ -127,6 +128,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.service import Hub, HubConfig
     from customs_edge.hub.store import HubStore
 
+    if args.action == "verify":
+        return evidence.cmd_verify(args.db, args.device, args.json)
     if args.action == "fleet":
         from customs_edge.cli.fleet import cmd_fleet
 
@@ -153,10 +156,12 @@ def cmd_hub(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "db": args.db,
                                    "share_group": args.share_group, "client_id": args.client_id,
                                    "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                                   "tls_server_name": args.tls_server_name}.items()
+                                   "tls_server_name": args.tls_server_name, "keys": args.keys}.items()
                  if v is not None}
     if args.no_share:
         overrides["share_group"] = None
+    if args.require_signatures:
+        overrides["require_signatures"] = True
     try:
         cfg = HubConfig.model_validate(overrides)
     except ValidationError as exc:
@@ -253,9 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_simulate)
 
     h = sub.add_parser("hub", help="run the hub, or `hub stats`, or `hub fleet` (every unit's health)")
-    h.add_argument("action", nargs="?", choices=["run", "stats", "fleet"], default="run",
+    h.add_argument("action", nargs="?", choices=["run", "stats", "fleet", "verify"], default="run",
                    help="run (default): store what units send; stats: per-device counts from the database; "
-                        "fleet: every unit's latest health")
+                        "fleet: every unit's latest health; verify [DEVICE]: prove each device's stored history "
+                        "complete and unaltered, or name the first bad seq (exit 1)")
+    h.add_argument("device", nargs="?", help="verify: this device only")
+    h.add_argument("--keys", help="key registry: `DEVICE_ID ed25519:BASE64` lines (`customs-edge key CONFIG`);"
+                                  " a registered device's batches must be signed by its key")
+    h.add_argument("--require-signatures", action="store_true", help="refuse batches of unregistered devices too")
     h.add_argument("--db", default=None, help="the hub's SQLite database")
     h.add_argument("--host", help="broker host")
     h.add_argument("--port", type=int, help="broker port")
@@ -269,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true", help="stats or fleet as JSON")
     h.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
     h.set_defaults(fn=cmd_hub)
+
+    k = sub.add_parser("key", help="print the unit's public key for the hub's key registry (made on first use)")
+    k.add_argument("config", help="the unit's config file: the key lives beside its outbox (outbox.path + .key)")
+    k.set_defaults(fn=evidence.cmd_key)
 
     from customs_edge.cli import certs  # `customs-edge certs init|issue`
 
@@ -303,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "hub" and args.action in ("stats", "fleet") and args.db is None:
+    if args.command == "hub" and args.action in ("stats", "fleet", "verify") and args.db is None:
         from customs_edge.hub.service import DEFAULT_DB
 
         args.db = str(DEFAULT_DB)

@@ -98,3 +98,4 @@ class Pending(NamedTuple):
     type: str
     priority: int
     payload: str  # JSON text, stored as-is and sent as-is
+    prev: str | None = None  # the chain hash of the device's previous record (core/signing.py); None: unchained

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.records import Pending
+from customs_edge.core.signing import DeviceKey, batch_message, record_hash
 
 WIRE_VERSION = 1
 
@@ -43,6 +44,7 @@ class WireRecord(BaseModel):
     type: str
     prio: int = Field(ge=0, le=3)
     payload: dict[str, Any]
+    prev: str | None = None  # the chain hash of the device's previous record (core/signing.py); older agents: none
 
 
 class Batch(BaseModel):
@@ -50,6 +52,10 @@ class Batch(BaseModel):
     device_id: str
     batch: str
     records: list[WireRecord]
+    # Ed25519 over signing.batch_message(device_id, batch, each record's chain hash), and the signing key's id;
+    # both absent from an unsigned batch (older agents)
+    key: str | None = None
+    sig: str | None = None
 
 
 class Ack(BaseModel):
@@ -105,15 +111,20 @@ def _number(x: float) -> str:
     return repr(x) if math.isfinite(x) else "null"
 
 
-def encode_batch(device_id: str, batch_id: str, records: list[Pending]) -> bytes:
-    """Batch JSON built by string joining: the stored payload JSON is sent as-is, never re-parsed."""
+def encode_batch(device_id: str, batch_id: str, records: list[Pending], key: DeviceKey | None = None) -> bytes:
+    """Batch JSON built by string joining: the stored payload JSON is sent as-is, never re-parsed. With a
+    device key, each record carries its chain link and the batch is signed."""
     parts = [
         f'{{"seq":{r.seq},"ts":{_number(r.ts)},"boot":"{r.boot_id}","mono":{_number(r.mono)},'
-        f'"type":{dumps(r.type)},"prio":{r.priority},"payload":{r.payload}}}'
+        f'"type":{dumps(r.type)},"prio":{r.priority},"payload":{r.payload}'
+        + ("}" if r.prev is None else f',"prev":"{r.prev}"}}')
         for r in records
     ]
-    head = f'{{"v":{WIRE_VERSION},"device_id":{dumps(device_id)},"batch":{dumps(batch_id)},"records":['
-    return (head + ",".join(parts) + "]}").encode()
+    head = f'{{"v":{WIRE_VERSION},"device_id":{dumps(device_id)},"batch":{dumps(batch_id)},'
+    if key is not None:
+        hashes = [record_hash(r.prev or "", r.seq, r.ts, r.type, r.priority, r.payload) for r in records]
+        head += f'"key":"{key.key_id}","sig":"{key.sign(batch_message(device_id, batch_id, hashes))}",'
+    return (head + '"records":[' + ",".join(parts) + "]}").encode()
 
 
 def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:

@@ -5,17 +5,25 @@ payload over MAX_PAYLOAD_BYTES) never costs its neighbours: it is rejected (name
 `rejected` ranges, counted per device, traced in the store's `rejected` table) and the others are stored.
 Only a message whose envelope is unusable (not JSON, no device_id or batch, records not a list) or whose
 device_id is not the one its topic names is refused whole: counted, logged, never acked.
+
+Signatures (core/signing.py): with a key registry, a batch of a registered device must carry a valid
+signature by that device's key over its batch id and every record's chain hash, recomputed here from what
+arrived; a batch that fails (another key, a changed record, another batch id) or comes unsigned is refused
+whole as `forged` or `unsigned`. Stripping the signature is no way round it: a registered device's batches
+are always checked. With `require`, batches of unregistered devices are refused too (`unsigned`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pydantic_core
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import TypeAdapter, ValidationError
 
+from customs_edge.core.signing import batch_message, record_hash, verify
 from customs_edge.core.wire import MAX_PAYLOAD_BYTES, SEQ_MAX, Batch, WireRecord
 
 TRACE_CHARS = 500  # of a rejected record's text kept in the trace
@@ -37,12 +45,16 @@ class Incoming:
     batch: str
     rows: list[Row]
     rejected: list[Rejected]
+    links: dict[int, tuple[str | None, str]] = field(default_factory=dict)  # seq -> (prev, chain hash)
+
+
+Keys = dict[str, Ed25519PublicKey]  # device_id -> its registered public key
 
 
 class Refused(Exception):
     """A whole message the hub cannot use. `kind` is the counter it goes to."""
 
-    def __init__(self, kind: Literal["malformed", "device_mismatch"], reason: str) -> None:
+    def __init__(self, kind: Literal["malformed", "device_mismatch", "forged", "unsigned"], reason: str) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
@@ -55,28 +67,43 @@ class _Envelope(Batch):
 _RECORD = TypeAdapter(WireRecord)
 
 
-def parse(topic: str, payload: bytes | str) -> Incoming:
+def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: bool = False) -> Incoming:
     """A records message -> the rows to store and the records rejected. Raises Refused."""
     try:  # fast path, one call: every record is well-formed (payloads are still checked one by one)
-        whole = Batch.model_validate_json(payload, strict=True)
-        device_id, batch_id, records = whole.device_id, whole.batch, list(whole.records)
+        env: Batch = Batch.model_validate_json(payload, strict=True)
     except ValidationError:
         try:
             env = _Envelope.model_validate_json(payload, strict=True)
         except ValidationError as exc:
             raise Refused("malformed", _reason(exc, "message")) from None
-        device_id, batch_id, records = env.device_id, env.batch, env.records
+    device_id, batch_id, records = env.device_id, env.batch, list(env.records)
     if topic.split("/")[-2] != device_id:
         raise Refused("device_mismatch", f"device_id {device_id!r} is not the topic's device")
+    key = (keys or {}).get(device_id)
+    if env.sig is None and (key is not None or require):
+        raise Refused("unsigned", f"an unsigned batch of {'registered' if key else 'unregistered'} device"
+                                  f" {device_id!r}: the hub takes only batches signed by the key it holds for the"
+                                  " device (`customs-edge key CONFIG` prints it)")
+    if key is None and require:
+        raise Refused("unsigned", f"device {device_id!r} has no registered key: add `customs-edge key` output of"
+                                  " its unit to the hub's key registry")
     rows: list[Row] = []
     rejected: list[Rejected] = []
+    links: dict[int, tuple[str | None, str]] = {}
+    hashes: list[str] = []
     for obj in records:
         try:
             r = obj if isinstance(obj, WireRecord) else _RECORD.validate_python(obj, strict=True)
         except ValidationError as exc:
+            if key is not None:  # no hash to check: not from the signing agent, whose records always parse
+                raise Refused("forged", f"a signed batch holds a record that does not parse ({_reason(exc, 'record')})"
+                              ) from None
             rejected.append(Rejected(_seq_of(obj), _reason(exc, "record"), _trace(obj)))
             continue
         text = pydantic_core.to_json(r.payload, inf_nan_mode="constants")
+        decoded = text.decode()  # the agent's payload text again: the same serializer, on the values it wrote
+        links[r.seq] = (r.prev, record_hash(r.prev or "", r.seq, r.ts, r.type, r.prio, decoded))
+        hashes.append(links[r.seq][1])
         if len(text) > MAX_PAYLOAD_BYTES:
             rejected.append(Rejected(r.seq, f"payload: {len(text)} bytes of JSON, over the {MAX_PAYLOAD_BYTES}"
                                             " limit", _trace(r.model_dump())))
@@ -84,8 +111,11 @@ def parse(topic: str, payload: bytes | str) -> Incoming:
             rejected.append(Rejected(r.seq, "payload: a non-finite number (NaN or infinity); every number on"
                                             " the wire must be finite", _trace(r.model_dump())))
         else:
-            rows.append((r.seq, r.ts, r.boot, r.mono, r.type, r.prio, text.decode()))
-    return Incoming(device_id, batch_id, rows, rejected)
+            rows.append((r.seq, r.ts, r.boot, r.mono, r.type, r.prio, decoded))
+    if key is not None and not verify(key, env.sig or "", batch_message(device_id, batch_id, hashes)):
+        raise Refused("forged", f"batch {batch_id!r} of {device_id!r}: its signature does not match its records and"
+                                f" id under the device's registered key (key id {env.key!r})")
+    return Incoming(device_id, batch_id, rows, rejected, links)
 
 
 def _reason(exc: ValidationError, whole: str) -> str:

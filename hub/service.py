@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 from pydantic import ConfigDict, Field, ValidationError
 
 from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, MqttLink, NotConnected, install_client_id
+from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
 from customs_edge.hub import intake
 from customs_edge.hub.store import HubStore, Stored
@@ -41,6 +42,9 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
     db: Path = DEFAULT_DB
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     keepalive_s: int = 10
+    keys: Path | None = Field(None, description="key registry, `DEVICE_ID ed25519:BASE64` lines: a registered"
+                              " device's batches must carry its valid signature (restart the hub after an edit)")
+    require_signatures: bool = Field(False, description="refuse batches of devices the registry does not list")
 
 
 class Out(NamedTuple):
@@ -54,6 +58,7 @@ class Out(NamedTuple):
 class Hub:
     def __init__(self, cfg: HubConfig) -> None:
         self.cfg = cfg
+        self.keys = load_registry(cfg.keys) if cfg.keys else {}
         self.store = HubStore(cfg.db, cfg.synchronous)
         client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
         self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
@@ -118,7 +123,7 @@ class Hub:
                 health.append((t, payload))
                 continue
             try:
-                b = intake.parse(t, payload)
+                b = intake.parse(t, payload, self.keys, self.cfg.require_signatures)
             except intake.Refused as exc:
                 refused[exc.kind] += 1
                 log.warning("refused a records message; not acked",

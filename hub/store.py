@@ -15,6 +15,7 @@ synchronous=FULL: an acked record survives a power cut of the hub.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from customs_edge.core.errors import CustomsEdgeError
+from customs_edge.core.signing import GENESIS, TOMBSTONE_TYPE, record_hash
 from customs_edge.core.wire import ranges_of
 from customs_edge.hub.intake import Incoming, Row
 
@@ -88,6 +90,14 @@ SCHEMA: list[str] = [
     CREATE INDEX health_by_device ON health (device_id, ts);
     ALTER TABLE devices ADD COLUMN health_refused INTEGER NOT NULL DEFAULT 0;
     """,
+    # v4: the hash chain (core/signing.py): each record's link to its predecessor and its own chain hash,
+    # computed on arrival from what the signature covered; NULL for unchained records (older agents)
+    """
+    ALTER TABLE records ADD COLUMN prev TEXT;
+    ALTER TABLE records ADD COLUMN h TEXT;
+    ALTER TABLE rejected ADD COLUMN prev TEXT;
+    ALTER TABLE rejected ADD COLUMN h TEXT;
+    """,
 ]
 
 HEALTH_KEPT = 1440  # health messages kept per device: a day at the default interval
@@ -132,6 +142,23 @@ class DeviceStats:
     gaps: int  # seqs up to max_seq the hub never received (neither stored nor rejected)
     last_seen: float | None
     status: str | None
+
+
+@dataclass
+class Verdict:
+    """`hub verify` for one device: ok, or the first seq where its stored history is incomplete or altered."""
+
+    device_id: str
+    records: int = 0  # chained records proven
+    dropped: int = 0  # seqs the device's outbox cap dropped, named by its tombstones
+    rejected: int = 0  # seqs the hub refused on validation (their links kept)
+    unchained: int = 0  # records of older agents, without a chain link
+    bad_seq: int | None = None
+    reason: str = ""
+
+    def bad(self, seq: int, reason: str) -> Verdict:
+        self.bad_seq, self.reason = seq, reason
+        return self
 
 
 class HubStore:
@@ -206,13 +233,16 @@ class HubStore:
                     fresh.append(row)
         # Plain INSERTs: the comparison above decided. A constraint failing here (a NaN where NOT NULL) raises,
         # and nothing of the batch is acked; it is never taken for a duplicate.
-        self.db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?)", [(b.device_id, *r, now) for r in new])
+        self.db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            [(b.device_id, *r, now, *b.links.get(r[0], (None, None))) for r in new])
         self.db.executemany("INSERT INTO conflicts VALUES (?,?,?,?,?,?,?,?,?)",
                             [(b.device_id, *r, now) for r in fresh])
         self.db.executemany(
-            "INSERT INTO rejected VALUES (?,?,?,?,?,?) ON CONFLICT(device_id, seq) DO UPDATE SET"
-            " batch = excluded.batch, reason = excluded.reason, raw = excluded.raw, received_at = excluded.received_at",
-            [(b.device_id, r.seq, b.batch, r.reason, r.raw, now) for r in b.rejected])
+            "INSERT INTO rejected VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(device_id, seq) DO UPDATE SET"
+            " batch = excluded.batch, reason = excluded.reason, raw = excluded.raw, received_at = excluded.received_at,"
+            " prev = excluded.prev, h = excluded.h",
+            [(b.device_id, r.seq, b.batch, r.reason, r.raw, now, *b.links.get(r.seq or 0, (None, None)))
+             for r in b.rejected])
         named = [r.seq for r in b.rejected if r.seq is not None]
         (conflicts,) = self.db.execute(
             "INSERT INTO devices (device_id, received, duplicates, conflicts, rejected, stored, max_seq, first_seen,"
@@ -302,6 +332,53 @@ class HubStore:
             " (SELECT seq FROM records WHERE device_id = ?1 UNION SELECT seq FROM rejected WHERE device_id = ?1"
             " AND seq IS NOT NULL)) WHERE seq > prev + 1 LIMIT ?2", (device_id, limit)).fetchall()
         return [(a, b) for a, b in rows]
+
+    def verify(self, device_id: str) -> Verdict:
+        """Walk the device's chain from seq 1: every record's content must hash to the link its successor
+        carries, and every seq up to the highest received must be stored, rejected (with its link) or in a
+        dropped run a tombstone names with matching end hashes. The first seq where that fails is named."""
+        v = Verdict(device_id)
+        runs: dict[int, tuple[int, str | None, str]] = {}
+        for (payload,) in self.db.execute("SELECT payload FROM records WHERE device_id=? AND type=?",
+                                          (device_id, TOMBSTONE_TYPE)):
+            for lo, hi, prev, last in json.loads(payload).get("runs", []):
+                runs[lo] = (hi, prev, last)
+        head: str | None = GENESIS
+        expect = 1
+        rows = self.db.execute(
+            "SELECT seq, ts, type, priority, payload, prev, h, 1 FROM records WHERE device_id=?1 UNION ALL"
+            " SELECT seq, 0, '', 0, '', prev, h, 0 FROM rejected r WHERE device_id=?1 AND seq IS NOT NULL AND NOT"
+            " EXISTS (SELECT 1 FROM records x WHERE x.device_id=?1 AND x.seq=r.seq) ORDER BY seq", (device_id,))
+        for seq, ts, type_, prio, payload, prev, h, stored in rows:
+            while expect < seq and expect in runs:  # a dropped run, named by a tombstone
+                hi, tprev, last = runs[expect]
+                if head is not None and tprev != head:
+                    return v.bad(expect, f"the tombstone of seqs {expect}-{hi} does not link to seq {expect - 1}")
+                v.dropped += hi - expect + 1
+                head, expect = last, hi + 1
+            if prev is None:  # an unchained record of an older agent: only before the chain began
+                if v.records or v.rejected or v.dropped:
+                    return v.bad(seq, "its chain link was removed (an unchained record after the chain began)")
+                v.unchained += 1
+                head, expect = None, seq + 1
+                continue
+            if expect < seq and not (head is None and prev == GENESIS):
+                return v.bad(expect, f"seqs {expect}-{seq - 1} are missing and no tombstone names them")
+            if head is not None and prev != head:
+                return v.bad(seq, f"its link does not match seq {seq - 1}: one of them was altered")
+            if stored:
+                computed = record_hash(prev, seq, ts, type_, prio, payload)
+                if computed != h:
+                    return v.bad(seq, "its content does not match its chain hash: altered in this database")
+                v.records += 1
+            else:
+                v.rejected += 1
+            head, expect = h if not stored else computed, seq + 1
+        (max_seq,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id=?",
+                                     (device_id,)).fetchone()
+        if max_seq >= expect:
+            return v.bad(expect, f"seqs {expect}-{max_seq} were received and are no longer stored")
+        return v
 
     def close(self) -> None:
         self.db.close()
