@@ -70,6 +70,7 @@ class Lost:
 class Message:
     topic: str
     payload: bytes
+    retain: bool = False  # the broker's stored copy, sent at subscribe (not a live publish)
 
 
 @dataclass(frozen=True)
@@ -451,7 +452,7 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if client is self._client:
-            self._events.append(Message(msg.topic, bytes(msg.payload)))
+            self._events.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     def _on_publish(self, client: paho.Client, _u: Any, mid: int, _rc: Any, _p: Any = None) -> None:
         if client is self._client:
