@@ -531,6 +531,7 @@ def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | Non
             if errors is not None:
                 errors.append(f"{type(exc).__name__}: {exc}")
             new, keep_app, cfg = Unit(old.cfg, app=old.app, commands=old.commands), True, old.cfg
+    new.sync.adopt(old.sync)
     new.start(restore=not keep_app, state=state, after=stuck)
     log.info("config reloaded", extra={"device_id": cfg.device_id, "app_kept": keep_app})
     return new

@@ -103,6 +103,9 @@ class SyncStats:
     last_ack_mono: float = 0.0
 
 
+COMMAND_COUNTERS = ("commands", "commands_refused", "commands_replayed", "commands_expired", "commands_retained")
+
+
 @dataclass
 class _InFlight:
     ranges: Ranges
@@ -395,6 +398,14 @@ class Sync:
             return
         if result is not None:  # None: the runtime answers later, through reply()
             self.reply(CommandReply(id=cmd.id, ok=True, result=result))
+
+    def adopt(self, old: Sync) -> None:
+        """Carry over what a reload must not reset: the seen command ids, the command counters, the answers
+        not yet published."""
+        self.seen_commands = old.seen_commands
+        for name in COMMAND_COUNTERS:
+            setattr(self.stats, name, getattr(old.stats, name))
+        self._replies[:0] = old._replies
 
     def reply(self, reply: CommandReply) -> None:
         """Publish an answer on the reply topic at the next step (any thread); kept until connected."""
