@@ -55,6 +55,7 @@ class RemoteConfig:
         self.path = path
         self.text = self._read() if path else ""  # the running config's text
         self.pushes: queue.Queue[Command] = queue.Queue()
+        self.probation_s = PROBATION_S  # of the push being applied
 
     def _sibling(self, suffix: str) -> Path:
         assert self.path is not None
@@ -109,10 +110,15 @@ class RemoteConfig:
         result, error = None, None
         try:
             cfg, text = self._check(unit.cfg, cmd)
+            self._stage(cmd)
         except ConfigError as exc:
             error = str(exc)
+        except OSError as exc:  # a full disk, a read-only file system: nothing was changed
+            error = f"{self.path}: cannot write the pushed config ({exc}); the running config stays, its file intact"
+            for suffix in (".incoming", ".pending"):
+                self._sibling(suffix).unlink(missing_ok=True)
         else:
-            unit, outcome, error = self._switch(unit, cfg, text, cmd, stop)
+            unit, outcome, error = self._switch(unit, cfg, text, stop)
             result = {"sha256": sha256_text(self.text), "config_hash": config_hash(unit.cfg)}
         log.log(logging.INFO if outcome == "applied" else logging.ERROR, "pushed config %s", outcome,
                 extra={"id": cmd.id, **({"error": error} if error else {})})
@@ -129,6 +135,9 @@ class RemoteConfig:
         if not isinstance(text, str) or not isinstance(digest, str):
             raise ConfigError(source, ["config_push needs args.text (the YAML) and args.sha256 (of its UTF-8 "
                                        "bytes): push with `customs-edge fleet config push`"])
+        probation = cmd.args.get("probation_s", PROBATION_S)
+        if not isinstance(probation, int | float) or not 0 < probation <= 3600:
+            raise ConfigError(source, [f"args.probation_s: {probation!r} is not a number of seconds in (0, 3600]"])
         if sha256_text(text) != digest.lower():
             raise ConfigError(source, [f"sha256 mismatch (got {sha256_text(text)}, expected {digest}): the text "
                                        "was damaged or cut in transit; push it again"])
@@ -150,20 +159,26 @@ class RemoteConfig:
             raise ConfigError(source, problems)
         return cfg, text
 
-    def _switch(self, unit: Unit, cfg: UnitConfig, text: str, cmd: Command,
+    def _stage(self, cmd: Command) -> None:
+        """Steps 2 to 4: the running text kept as last-known-good, the probation marked, the new file in place."""
+        assert self.path is not None
+        write_synced(self._sibling(".last-good"), self.text)
+        write_synced(self._sibling(".pending"), cmd.id)
+        self._sibling(".incoming").replace(self.path)
+        fsync_dir(self.path.parent)
+        self.probation_s = float(cmd.args.get("probation_s", PROBATION_S))
+
+    def _switch(self, unit: Unit, cfg: UnitConfig, text: str,
                 stop: threading.Event) -> tuple[Unit, Outcome, str | None]:
+        """Steps 5 and 6: start the new config and prove it, or go back to the old one."""
         assert self.path is not None
         old_cfg, old_text = unit.cfg, self.text
         pending = self._sibling(".pending")
-        write_synced(self._sibling(".last-good"), old_text)
-        write_synced(pending, cmd.id)
-        self._sibling(".incoming").replace(self.path)
-        fsync_dir(self.path.parent)
         errors: list[str] = []
         new = replace_unit(unit, cfg, errors=errors)
         if new.cfg is cfg:
             self.text = text
-            reason = _probation(new, float(cmd.args.get("probation_s", PROBATION_S)), stop)
+            reason = _probation(new, self.probation_s, stop)
             if reason is None:
                 pending.unlink()
                 fsync_dir(self.path.parent)

@@ -104,3 +104,22 @@ def test_a_retained_command_is_ignored(tmp_path: Path) -> None:
     finally:
         op.close()
         gen.close()
+
+
+def test_the_seen_ids_are_bounded_and_outlive_expired_commands(tmp_path: Path) -> None:
+    from customs_edge.agent.commands import SeenCommands
+    from customs_edge.core.wire import Command
+
+    path = tmp_path / "outbox.db.commands.json"
+    seen = SeenCommands(path)
+    now = 1_000_000.0
+    for i in range(SeenCommands.MAX_IDS + 5):
+        assert seen.check(Command(id=f"c{i}", cmd="ping", ts=now), now=now) is None
+    again = SeenCommands(path)  # as after a restart
+    assert len(again.ids) == SeenCommands.MAX_IDS and "c0" not in again.ids and "c5" in again.ids
+    assert (again.check(Command(id="c5", cmd="ping", ts=now), now=now) or "").startswith("replayed")
+    # an id is forgotten only once its command would be refused as expired anyway
+    later = now + SeenCommands.KEEP_S + 1
+    assert (again.check(Command(id="c5", cmd="ping", ts=now), now=later) or "").startswith("expired")
+    assert again.check(Command(id="new", cmd="ping", ts=later), now=later) is None
+    assert "c5" not in again.ids

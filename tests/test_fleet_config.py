@@ -6,12 +6,14 @@ offline unit applying the push when it returns (unless expired), and a power cut
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from customs_edge.agent.config import load_unit_config
 from customs_edge.agent.health import config_hash
@@ -100,6 +102,28 @@ def test_an_invalid_config_is_refused_with_the_validate_text(rig: UnitRig, capsy
     rig.wait_more()
 
 
+def test_damaged_or_foreign_pushes_are_refused(rig: UnitRig) -> None:
+    old_text = rig.agent.path.read_text()
+    good = rig.text(app={"summary_interval_s": 0.1})
+    other = rig.text(device_id="scale-t2")
+    moved = rig.text(outbox={"path": str(rig.tmp / "elsewhere.db")})
+    op = Operator(rig.broker.port, "scale-t1")
+    try:
+        for args, why in (({"text": good, "sha256": sha(good[:-1])}, "sha256 mismatch"),
+                          ({"text": good}, "config_push needs args.text"),
+                          ({"text": good, "sha256": sha(good), "probation_s": "long"}, "args.probation_s"),
+                          ({"text": other, "sha256": sha(other)}, "device_id: a pushed config must keep"),
+                          ({"text": moved, "sha256": sha(moved)}, "outbox.path: a pushed config must keep")):
+            cmd = command("config_push", args=args)
+            op.send(cmd)
+            reply = op.reply(cmd["id"], 60)
+            assert (reply["ok"], reply["outcome"]) == (False, "refused") and why in reply["error"], reply
+    finally:
+        op.close()
+    assert rig.agent.path.read_text() == old_text
+    rig.wait_more()
+
+
 def test_a_config_that_fails_to_start_is_rolled_back(rig: UnitRig, capsys: pytest.CaptureFixture[str]) -> None:
     old_text = rig.agent.path.read_text()
     text = rig.text(drivers={"scale": {"driver": "toledo-continuous", "port": closed_port(), "silent_after_s": 3}})
@@ -111,6 +135,24 @@ def test_a_config_that_fails_to_start_is_rolled_back(rig: UnitRig, capsys: pytes
     rig.wait_more()  # the old config reads the first simulator again
     code, got, err = cli(capsys, "fleet", "config", "get", "scale-t1", rig.broker_flag())
     assert got == old_text and err.split()[1] == sha(old_text)
+
+
+def test_a_config_whose_model_does_not_load_is_rolled_back(rig: UnitRig, capsys: pytest.CaptureFixture[str]) -> None:
+    import customs_edge.models
+
+    shipped = Path(customs_edge.models.__file__).parent / "fever"
+    broken = rig.tmp / "fever-truncated"
+    shutil.copytree(shipped, broken)
+    onnx = broken / "fever.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])  # a transfer cut in half
+    old_text = rig.agent.path.read_text()
+    text = yaml.safe_dump({**rig.agent.cfg, "type": "gate", "app": {"model": str(broken / "manifest.json")},
+                           "drivers": {"thermal": {"driver": "mlx90640-serial", "port": closed_port()},
+                                       "passage": {"driver": "passage", "port": closed_port()}}})
+    code, out = push(rig, capsys, text)
+    assert code == 1 and out.startswith("rolled_back: scale-t1") and "ModelError" in out
+    assert rig.agent.path.read_text() == old_text
+    rig.wait_more()  # the scale config runs again
 
 
 def test_an_offline_unit_applies_a_push_when_it_returns_unless_expired(rig: UnitRig,
