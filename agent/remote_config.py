@@ -97,7 +97,8 @@ class RemoteConfig:
         good = self._sibling(".last-good")
         log.error("a pushed config had not passed its probation when the unit stopped: starting the "
                   "last-known-good config", extra={"file": str(self.path), "last_good": str(good)})
-        write_synced(self.path, good.read_text(encoding="utf-8"))
+        if good.exists():  # written before FILE.pending: missing only if removed by hand
+            write_synced(self.path, good.read_text(encoding="utf-8"))
         self._sibling(".pending").unlink()
         fsync_dir(self.path.parent)
         self.text = self._read()

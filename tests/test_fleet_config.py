@@ -6,6 +6,7 @@ offline unit applying the push when it returns (unless expired), and a power cut
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import socket
 import time
@@ -214,3 +215,56 @@ def test_two_pushes_back_to_back_are_applied_in_order(rig: UnitRig) -> None:
     finally:
         op.close()
     assert rig.agent.path.read_text() == b
+
+
+def test_a_fleet_of_five_one_offline_one_rolled_back_as_hub_fleet_shows(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from customs_edge.hub.brokers import Mosquitto
+    from customs_edge.simulators.base import Endpoints
+    from customs_edge.simulators.scale import ScaleSim, ScaleWorld
+    from tests.conftest import need_mosquitto, unit_dict
+    from tests.fleet import AgentProc
+
+    need_mosquitto()
+    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
+    sims = [Endpoints(ScaleSim(ScaleWorld(seed=i, cycle_s=1.0), rate_hz=10)) for i in range(5)]
+    agents = [AgentProc(unit_dict(tmp_path, sim.start()["socket"], broker.port, device_id=f"unit-{i}",
+                                  app={"summary_interval_s": 0.5}, outbox={"path": str(tmp_path / f"u{i}.db")}),
+                        tmp_path).start() for i, sim in enumerate(sims)]
+    hub = HubThread(broker.port, tmp_path / "hub.db").start()
+    flag = f"--broker=127.0.0.1:{broker.port}"
+    try:
+        def fleet() -> dict[str, dict[str, object]]:
+            code, out, _ = cli(capsys, "hub", "fleet", "--db", str(tmp_path / "hub.db"), "--json")
+            assert code == 0
+            return dict(json.loads(out)["devices"])
+
+        wait_for(lambda: len([d for d in fleet().values() if d["health"]]) == 5, 60, "health from 5 units")
+        agents[4].terminate()  # offline during the push
+        wanted = {}
+        for i, agent in enumerate(agents):
+            port = closed_port() if i == 2 else agent.cfg["drivers"]["scale"]["port"]
+            new = {**agent.cfg, "app": {"summary_interval_s": 0.25},
+                   "drivers": {"scale": {**agent.cfg["drivers"]["scale"], "port": port}}}
+            f = tmp_path / f"push-{i}.yaml"
+            f.write_text(yaml.safe_dump(new))
+            code, out, _ = cli(capsys, "fleet", "config", "push", f"unit-{i}", str(f), flag, "--probation", "5",
+                               "--timeout", "5" if i == 4 else "60")
+            expect = (0, "applied") if i not in (2, 4) else (1, "rolled_back") if i == 2 else (1, "")
+            assert code == expect[0] and out.startswith(expect[1]), out
+            wanted[f"unit-{i}"] = config_hash(load_unit_config(agent.path if i == 2 else f))
+        agents[4].start()
+        wait_for(lambda: all((d["health"] or {}).get("config_hash") == wanted[name] and d["status"] == "online"
+                             for name, d in fleet().items()), 90, "every unit's config hash at the hub")
+        code, out, _ = cli(capsys, "hub", "fleet", "--db", str(tmp_path / "hub.db"))
+        rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+        assert all(wanted[name][:8] in rows[name] and " online " in rows[name] for name in wanted), out
+    finally:
+        for agent in agents:
+            if agent.proc and agent.proc.poll() is None:
+                agent.proc.kill()
+                agent.proc.wait()
+        hub.stop()
+        for sim in sims:
+            sim.stop()
+        broker.stop()
