@@ -21,6 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from customs_edge.core import logs
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.mqtt import BrokerSettings, Message, MqttLink, NotConnected
@@ -115,7 +117,10 @@ def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | 
         while time.monotonic() < deadline:
             for ev in link.step(0.2):
                 if isinstance(ev, Message) and ev.topic == t_cmd + "/reply":
-                    reply = CommandReply.model_validate_json(ev.payload)
+                    try:
+                        reply = CommandReply.model_validate_json(ev.payload)
+                    except ValidationError:  # not an answer of ours: someone else's traffic
+                        continue
                     if reply.id == command.id:
                         return reply
             if link.connected and not sent:

@@ -3,7 +3,7 @@
 The owner calls `step(timeout)` in its loop and acts on the events it returns:
   Connected(session_present)   CONNACK accepted: subscribe, resend what was in flight
   Lost(reason, was_connected)  the connection ended, or an attempt failed (was_connected=False)
-  Message(topic, payload)      a PUBLISH arrived
+  Message(topic, payload, retain) a PUBLISH arrived
   PubAck(mid)                  the broker acknowledged our QoS 1 publish `mid`
 A step returns what it saw (and what abort() or publish() noticed since the last step) and keeps
 nothing: no list here waits for its owner to drain it.
