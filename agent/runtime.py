@@ -115,6 +115,7 @@ class DriverThread(threading.Thread):
         self.waiting_for_port = bool(after)
         self.backoff = Backoff(0.5, 30.0)
         self.down_since: float | None = None
+        self.last_error = ""  # the last fault, for a pushed config's rollback reason
         self.readings = 0
         self.reopen_attempts = 0  # failed reopens since the driver went down
         self._reopen_logged = 0.0
@@ -139,6 +140,7 @@ class DriverThread(threading.Thread):
                             self.on_change()
                         self.out.put(reading)
             except DriverFault as exc:
+                self.last_error = str(exc)
                 delay = self.backoff.next()
                 if self.down_since is None:
                     self.down_since = time.monotonic()
@@ -205,8 +207,10 @@ class Unit:
     FINAL_ATTEMPTS = 3
 
     def __init__(self, cfg: UnitConfig, *, outbox: Outbox | None = None, app: App | None = None,
-                 drivers: dict[str, Driver] | None = None) -> None:
+                 drivers: dict[str, Driver] | None = None,
+                 commands: Callable[[Command], dict[str, Any] | None] | None = None) -> None:
         self.cfg = cfg
+        self.commands = commands  # the runtime's command hook (config_get, config_push), kept across reloads
         self.outbox: Outbox = outbox or open_outbox(cfg)
         if app is None:
             app = registry.lookup("app", cfg.type)(cfg.device_id, cfg.app)
@@ -219,7 +223,7 @@ class Unit:
         self.health_sampler = HealthSampler(cfg, self.outbox, self.driver_states, lambda: model_versions(self.app))
         self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, outbox_path=cfg.outbox.path, status=self.status_extra,
                          health=self.health_sampler.sample, health_interval_s=cfg.health_interval_s,
-                         commands=self.app_command)
+                         commands=self._command)
         self.committed = 0
         self.counters = dict.fromkeys(("app_errors", "state_restored", "state_refused", "commit_failures",
                                        "records_unsent", "records_lost"), 0)
@@ -368,6 +372,15 @@ class Unit:
             for c in answering:
                 c.finish(stored=not pending and not self._held)
             answering = []
+
+    def _command(self, cmd: Command) -> dict[str, Any] | None:
+        """The sync's hook for commands it does not answer itself: the runtime's own (config_get,
+        config_push, through `commands`), else the app's."""
+        if cmd.cmd in ("config_get", "config_push"):
+            if self.commands is None:
+                raise ValueError(f"{cmd.cmd}: this unit was not started by `customs-edge run`")
+            return self.commands(cmd)
+        return self.app_command(cmd)
 
     def app_command(self, cmd: Command) -> dict[str, Any]:
         """Run an operator's command in the app (on the core thread); the sync thread's reply. Its records
@@ -600,6 +613,11 @@ class Unit:
         return {t.driver.role: {**t.driver.stats.as_dict(), "up": t.down_since is None and t.readings > 0,
                                 "waiting_for_port": t.waiting_for_port} for t in self._driver_threads}
 
+    def drivers_not_up(self) -> dict[str, str]:
+        """Roles that have not delivered a reading since their last fault (or at all), with that fault."""
+        return {t.driver.role: t.last_error for t in self._driver_threads
+                if t.readings == 0 or t.down_since is not None}
+
     def status_extra(self) -> dict[str, Any]:
         return {"type": self.cfg.type, "drivers": self.driver_states(), "committed_since_start": self.committed,
                 "records_held": len(self._held), "app": dict(self.counters)}
@@ -608,14 +626,16 @@ class Unit:
         return time.monotonic() - self.heartbeat < 10 and all(t.is_alive() for t in self._threads)
 
 
-def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | None = None) -> Unit:
+def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | None = None,
+                 errors: list[str] | None = None) -> Unit:
     """A reload: stop `old`, start a unit for `cfg`; returns the unit now running (`old`, restarted if it
     had to be stopped, when the new config cannot start).
 
     An unchanged app (type, device_id and `app:` section) is handed over live: not closed, no snapshot
     round trip. A changed one is closed and the new app resumes from its final snapshot if compatible.
     An unchanged outbox is handed over too; another file is opened before `old` stops. The new drivers
-    wait for old driver threads still holding their ports."""
+    wait for old driver threads still holding their ports. Why the new config could not start is appended
+    to `errors` when given."""
     keep_app = (cfg.type, cfg.device_id, cfg.app) == (old.cfg.type, old.cfg.device_id, old.cfg.app)
     keep_outbox = _same_outbox_file(cfg, old.cfg) and cfg.outbox.model_dump(
         include={"synchronous", "max_mb", "max_age_days"}) == old.cfg.outbox.model_dump(
@@ -625,10 +645,13 @@ def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | Non
         outbox: Outbox | None = old.outbox if keep_outbox else None
         if outbox is None and not _same_outbox_file(cfg, old.cfg):
             outbox = open_outbox(cfg)
-        new = Unit(cfg, outbox=outbox, app=app, drivers=drivers) if outbox is not None else None
+        new = Unit(cfg, outbox=outbox, app=app, drivers=drivers, commands=old.commands) \
+            if outbox is not None else None
     except Exception as exc:
         log.error("config reload refused: the new config cannot start; the running config stays",
                   extra={"error": repr(exc)})
+        if errors is not None:
+            errors.append(f"{type(exc).__name__}: {exc}")
         return old
     stuck = old.stop(keep_app=keep_app, close_outbox=not keep_outbox)
     while not old.join_core(5.0):  # the app may move to the new unit only once the old core let go of it
@@ -636,11 +659,14 @@ def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | Non
     state = None if keep_app else _final_snapshot(old.app)
     if new is None:  # the same file with other settings: it can only be reopened after the stop
         try:
-            new = Unit(cfg, app=app, drivers=drivers)
+            new = Unit(cfg, app=app, drivers=drivers, commands=old.commands)
         except Exception as exc:
             log.error("config reload refused: the new config cannot start; the running config is restarted",
                       extra={"error": repr(exc)})
-            new, keep_app, cfg = Unit(old.cfg, app=old.app), True, old.cfg
+            if errors is not None:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            new, keep_app, cfg = Unit(old.cfg, app=old.app, commands=old.commands), True, old.cfg
+    new.sync.adopt(old.sync)
     new.start(restore=not keep_app, state=state, after=stuck)
     log.info("config reloaded", extra={"device_id": cfg.device_id, "app_kept": keep_app})
     return new
@@ -658,17 +684,27 @@ def _final_snapshot(app: App) -> bytes | None:
 def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
                 reload: threading.Event | None = None) -> None:
     """Run a unit until `stop`; on `reload`, re-read config_path: a bad file is refused and the old
-    config keeps running; a good one replaces the running unit (replace_unit)."""
+    config keeps running; a good one replaces the running unit (replace_unit). Configs pushed over MQTT
+    (agent/remote_config.py) are applied here too, one at a time, between reloads."""
     from customs_edge.agent.config import load_unit_config
+    from customs_edge.agent.remote_config import RemoteConfig
     from customs_edge.core.errors import ConfigError
 
-    unit = Unit(cfg)
+    remote = RemoteConfig(Path(config_path) if config_path else None)
+    if remote.recover():  # a power cut during a push's probation: the last-known-good file is back
+        cfg = load_unit_config(config_path or "")
+    unit = Unit(cfg, commands=remote.command)
     unit.start()
     sdnotify.notify("READY=1")
     try:
-        while not stop.wait(1.0):
+        while not stop.is_set():
+            push = remote.next_push(1.0)
+            if stop.is_set():
+                break
             if unit.health():
                 sdnotify.notify("WATCHDOG=1")
+            if push is not None:
+                unit = remote.apply(unit, push, stop)
             if reload is not None and reload.is_set():
                 reload.clear()
                 try:
@@ -679,6 +715,8 @@ def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
                     continue
                 sdnotify.notify("RELOADING=1")
                 unit = replace_unit(unit, new)
+                if unit.cfg is new:
+                    remote.reloaded()
                 sdnotify.notify("READY=1")
     finally:
         sdnotify.notify("STOPPING=1")

@@ -30,6 +30,14 @@ or below it (a replaced or restored file) has its seq floor raised past it.
 
 Every batch is signed with the device key beside the outbox (`{outbox}.key`, core/signing.py), over its
 batch id and its records' chain hashes; a resend is signed again, under the same batch id.
+Commands (core/wire.py Command) come on the cmd topic and are answered on cmd/reply. A retained one is
+ignored (a stale order left on the broker is no order); a replayed or expired one is refused and counted
+(agent/commands.py). ping, status and resend are answered here; the rest go to the runtime's `commands`
+hook, which returns the result, or None when it answers later through `reply()` (config_push: the unit is
+replaced meanwhile, and the reply leaves through the new unit's sync).
+The session is persistent (clean_session false, a client id stable per install): QoS 1 commands and acks
+published while the unit is offline are queued by the broker and delivered when it returns; an expired
+command among them is refused then.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from customs_edge.agent.commands import SeenCommands
 from customs_edge.agent.config import SyncConfig
 from customs_edge.agent.outbox import Outbox, merge_ranges
 from customs_edge.core.jsonfast import dumps
@@ -86,10 +95,18 @@ class SyncStats:
     settle_failures: int = 0  # outbox deletes that failed (disk full): kept, retried, never resent
     bad_messages: int = 0
     health_sent: int = 0
+    commands: int = 0  # commands run (or handed to the runtime)
+    commands_refused: int = 0  # malformed or failing
+    commands_replayed: int = 0  # an id already received: refused
+    commands_expired: int = 0  # past their deadline: refused
+    commands_retained: int = 0  # retained on the broker: ignored, not answered
     stale_acks: int = 0  # acks for batches not in flight on this connection, or covering none of it
     hub_acked_seq: int = 0  # highest seq the hub acked for this install (persisted)
     seq_floor_raised: int = 0  # times the outbox was found behind hub_acked_seq and moved past it
     last_ack_mono: float = 0.0
+
+
+COMMAND_COUNTERS = ("commands", "commands_refused", "commands_replayed", "commands_expired", "commands_retained")
 
 
 @dataclass
@@ -115,7 +132,7 @@ class Sync:
 
     def __init__(self, device_id: str, outbox: Outbox, cfg: SyncConfig, *, outbox_path: str | Path,
                  status: Callable[[], dict[str, Any]] | None = None, status_interval_s: float = 30.0,
-                 commands: Callable[[Command], dict[str, Any]] | None = None, link: Link | None = None,
+                 commands: Callable[[Command], dict[str, Any] | None] | None = None, link: Link | None = None,
                  health: Callable[[tuple[float, float] | None], Health] | None = None,
                  health_interval_s: float = 60.0, signing: bool = True) -> None:
         self.device_id = device_id
@@ -137,7 +154,7 @@ class Sync:
         self.t_health = topic(p, device_id, "health")
         self.link: Link = link or MqttLink(
             install_client_id(f"ce-{device_id}", Path(outbox_path)), cfg.host, cfg.port,
-            keepalive=cfg.keepalive_s, clean_session=True,
+            keepalive=cfg.keepalive_s, clean_session=False,
             will=Will(self.t_status, dumps({"state": "offline", "device_id": device_id, "ts": None}).encode()),
             **cfg.credentials(), connect_timeout_s=cfg.connect_timeout_s,
             backoff_min_s=cfg.backoff_min_s, backoff_max_s=cfg.backoff_max_s)
@@ -155,6 +172,8 @@ class Sync:
         self._settle_rejected: Ranges = []  # rejected by the hub, not yet handed to outbox.reject()
         self._settle_at = 0.0
         self._state_file = Path(f"{outbox_path}.sync.json")
+        self.seen_commands = SeenCommands(Path(f"{outbox_path}.commands.json"))
+        self._replies: list[CommandReply] = []  # answers given later (reply()), published by the loop
         self.stats.hub_acked_seq = self._saved_seq = self._load_state()
         self._next_save = 0.0
         self._check_seq_floor()
@@ -180,7 +199,7 @@ class Sync:
                 if ev.topic == self.t_ack:
                     self._on_ack(ev.payload)
                 elif ev.topic == self.t_cmd:
-                    self._on_command(ev.payload)
+                    self._on_command(ev)
             elif isinstance(ev, PubAck):
                 self._on_puback(ev.mid)
             elif isinstance(ev, Connected):
@@ -189,6 +208,7 @@ class Sync:
                 self._on_lost(ev)
         self._settle()  # one delete transaction for every ack this step brought
         if link.connected:
+            self._send_replies()
             self._fill_window()
             self._check_deadline(time.monotonic())
             if time.monotonic() >= self._next_status:
@@ -353,24 +373,60 @@ class Sync:
                             extra={"error": repr(exc), "failures": self.stats.settle_failures,
                                    "ranges": len(self._settle_acked) + len(self._settle_rejected)})
 
-    def _on_command(self, payload: bytes) -> None:
-        reply_topic = self.t_cmd + "/reply"
+    def _on_command(self, msg: Message) -> None:
+        if msg.retain:
+            self.stats.commands_retained += 1
+            log.warning("retained command ignored: clear it on the broker (publish an empty retained message)",
+                        extra={"topic": msg.topic})
+            return
         try:
-            cmd = Command.model_validate_json(payload)
+            cmd = Command.model_validate_json(msg.payload)
         except ValidationError as exc:
             err = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors())
-            reply = CommandReply(id=None, ok=False, error=f"bad command: {err}")
-        else:
-            try:
-                reply = CommandReply(id=cmd.id, ok=True, result=self._run_command(cmd))
-            except Exception as exc:  # a command must never take the agent down
-                reply = CommandReply(id=cmd.id, ok=False, error=f"{type(exc).__name__}: {exc}")
+            self.stats.commands_refused += 1
+            self.reply(CommandReply(id=_command_id(msg.payload), ok=False, error=f"bad command: {err}"))
+            return
+        refused = self.seen_commands.check(cmd)
+        if refused is not None:
+            if refused.startswith("replayed"):
+                self.stats.commands_replayed += 1
+            else:
+                self.stats.commands_expired += 1
+            log.warning("command refused", extra={"command": cmd.cmd, "id": cmd.id, "reason": refused})
+            self.reply(CommandReply(id=cmd.id, ok=False, error=refused))
+            return
+        self.stats.commands += 1
         try:
-            self.link.publish(reply_topic, reply.model_dump_json(), qos=1)
-        except NotConnected:
-            pass
+            result = self._run_command(cmd)
+        except Exception as exc:  # a command must never take the agent down
+            self.stats.commands_refused += 1
+            self.reply(CommandReply(id=cmd.id, ok=False, error=f"{type(exc).__name__}: {exc}"))
+            return
+        if result is not None:  # None: the runtime answers later, through reply()
+            self.reply(CommandReply(id=cmd.id, ok=True, result=result))
 
-    def _run_command(self, cmd: Command) -> dict[str, Any]:
+    def adopt(self, old: Sync) -> None:
+        """Carry over what a reload must not reset: the seen command ids, the command counters, the answers
+        not yet published."""
+        self.seen_commands = old.seen_commands
+        for name in COMMAND_COUNTERS:
+            setattr(self.stats, name, getattr(old.stats, name))
+        self._replies[:0] = old._replies
+
+    def reply(self, reply: CommandReply) -> None:
+        """Publish an answer on the reply topic at the next step (any thread); kept until connected."""
+        self._replies.append(reply)
+        self.wake.set()
+
+    def _send_replies(self) -> None:
+        while self._replies:
+            try:
+                self.link.publish(self.t_cmd + "/reply", self._replies[0].model_dump_json(), qos=1)
+            except NotConnected:
+                return
+            self._replies.pop(0)
+
+    def _run_command(self, cmd: Command) -> dict[str, Any] | None:
         if cmd.cmd == "ping":
             return {"pong": time.time()}
         if cmd.cmd == "status":
@@ -472,3 +528,12 @@ class Sync:
         self._settle_at = 0.0
         self._settle()
         self._save_state(force=True)
+
+
+def _command_id(payload: bytes) -> str | None:
+    """The id of a command that failed validation, when it has a readable one: its error reply echoes it."""
+    try:
+        cid = json.loads(payload).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return cid if isinstance(cid, str) and 0 < len(cid) <= 64 else None

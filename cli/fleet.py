@@ -1,4 +1,6 @@
 """`customs-edge hub fleet [--db F] [--json]`: every unit the hub knows, from its database, read-only.
+`customs-edge fleet config push|get DEVICE` and `customs-edge cmd DEVICE NAME`: commands to one unit over
+the broker (core/wire.py Command), waiting for its answer (agent/remote_config.py for config_push).
 
 One line per device, at most WIDTH columns: online/offline (the status the unit publishes, offline also
 by its last will), when the hub last heard from it, its backlog and the age of its oldest unsent record,
@@ -8,13 +10,23 @@ health message). `--json` prints the same with the whole latest health message, 
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import os
+import sys
 import time
+import uuid
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from customs_edge.core import logs
-from customs_edge.core.wire import Health
+from customs_edge.core.errors import CustomsEdgeError
+from customs_edge.core.mqtt import BrokerSettings, Message, MqttLink, NotConnected
+from customs_edge.core.wire import COMMAND_TTL_S, Command, CommandReply, Health, topic
 from customs_edge.hub.store import FleetRow, HubStore
 
 WIDTH = 100
@@ -78,3 +90,111 @@ def cmd_fleet(db: str, want_json: bool) -> int:
     else:
         print("\n".join(table(rows, now)))
     return 0
+
+
+# -- commands to one unit ------------------------------------------------------------------------------
+PASSWORD_ENV = "CUSTOMS_EDGE_MQTT_PASSWORD"
+SIMPLE_COMMANDS = ["ping", "status", "resend", "config_get"]
+
+
+def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> CommandReply:
+    """Publish one command to args.device and wait up to args.timeout s for its answer."""
+    host, _, port = args.broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise CustomsEdgeError(f"--broker {args.broker!r}: write it host:port, e.g. 127.0.0.1:1883")
+    settings = BrokerSettings(username=args.username, password=os.environ.get(PASSWORD_ENV) or None,
+                              tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              tls_server_name=args.tls_server_name)
+    now = time.time()
+    command = Command(id=uuid.uuid4().hex, cmd=cmd, args=cmd_args or {}, ts=now,
+                      expires=now + args.ttl)
+    t_cmd = topic(args.prefix, args.device, "cmd")
+    link = MqttLink(f"ce-op-{command.id[:12]}", host, int(port), clean_session=True, **settings.credentials(),
+                    backoff_min_s=0.2, backoff_max_s=2.0)
+    deadline = time.monotonic() + args.timeout
+    sent = False
+    try:
+        while time.monotonic() < deadline:
+            for ev in link.step(0.2):
+                if isinstance(ev, Message) and ev.topic == t_cmd + "/reply":
+                    try:
+                        reply = CommandReply.model_validate_json(ev.payload)
+                    except ValidationError:  # not an answer of ours: someone else's traffic
+                        continue
+                    if reply.id == command.id:
+                        return reply
+            if link.connected and not sent:
+                try:  # the subscription is in force before the broker reads the command (one connection)
+                    link.subscribe(t_cmd + "/reply", 1)
+                    link.publish(t_cmd, command.model_dump_json(), qos=1)
+                    sent = True
+                except NotConnected:
+                    pass
+    finally:
+        link.close()
+    why = "the unit did not answer: is it online (`customs-edge hub fleet`)?" if sent else \
+        f"cannot reach the broker at {args.broker}: {link.last_error or 'no connection'}"
+    raise CustomsEdgeError(f"{cmd} {command.id} to {args.device}: no reply within {args.timeout:g} s; {why} "
+                           "(a unit that is offline gets it when it returns, until the command expires)")
+
+
+def _print_reply(reply: CommandReply) -> int:
+    print(reply.model_dump_json(indent=2))
+    return 0 if reply.ok else 1
+
+
+def cmd_cmd(args: argparse.Namespace) -> int:
+    return _print_reply(send_command(args, args.name))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "get":
+        reply = send_command(args, "config_get")
+        if not reply.ok or reply.result is None:
+            return _print_reply(reply)
+        sys.stdout.write(reply.result["text"])
+        print(f"sha256 {reply.result['sha256']}  {reply.result['file']} on {args.device}", file=sys.stderr)
+        return 0
+    text = Path(args.file).read_text(encoding="utf-8-sig")
+    push = {"text": text, "sha256": hashlib.sha256(text.encode()).hexdigest(), "probation_s": args.probation}
+    reply = send_command(args, "config_push", push)
+    print(f"{reply.outcome or 'error'}: {args.device} (command {reply.id})")
+    if reply.error:
+        print(reply.error)
+    elif reply.result:
+        print(f"running sha256 {reply.result['sha256']}")
+    return 0 if reply.outcome == "applied" else 1
+
+
+def _connection_flags(p: argparse.ArgumentParser, timeout: float) -> None:
+    p.add_argument("device", help="the unit's device_id")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="host:port of the broker (default 127.0.0.1:1883)")
+    p.add_argument("--prefix", default="customs-edge/v1", help="topic prefix (the units' sync.topic_prefix)")
+    p.add_argument("--username", help=f"broker user name; its password is read from ${PASSWORD_ENV}")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate the broker's is checked against (turns TLS on)")
+    p.add_argument("--tls-cert", type=Path, help="the operator's certificate (CN op-NAME)")
+    p.add_argument("--tls-key", type=Path, help="the operator's private key (0600), with --tls-cert")
+    p.add_argument("--tls-server-name", help="name on the broker's certificate (default: the broker host)")
+    p.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for the answer ({timeout:g})")
+    p.add_argument("--ttl", type=float, default=COMMAND_TTL_S,
+                   help=f"seconds the command stays valid, e.g. for an offline unit (default {COMMAND_TTL_S:g})")
+
+
+def register(sub: Any) -> None:
+    """`customs-edge fleet config push|get` and `customs-edge cmd`."""
+    f = sub.add_parser("fleet", help="change a unit over the broker: `fleet config push|get DEVICE`")
+    fsub = f.add_subparsers(dest="what", required=True, metavar="WHAT")
+    c = fsub.add_parser("config", help="push a config file to a unit, or get the one it runs")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    push = csub.add_parser("push", help="validate, apply and prove a config on the unit, or roll it back")
+    _connection_flags(push, 60.0)
+    push.add_argument("file", help="the unit YAML file to push")
+    push.add_argument("--probation", type=float, default=20.0,
+                      help="seconds every driver of the new config has to deliver a reading (default 20)")
+    get = csub.add_parser("get", help="print the config the unit runs (stdout) and its sha256 (stderr)")
+    _connection_flags(get, 20.0)
+    c.set_defaults(fn=cmd_config)
+    k = sub.add_parser("cmd", help="send a command to a unit and print its answer")
+    _connection_flags(k, 20.0)
+    k.add_argument("name", choices=SIMPLE_COMMANDS, help="the command")
+    k.set_defaults(fn=cmd_cmd)

@@ -8,6 +8,8 @@
   customs-edge simulate TYPE [...]         serve a simulated device on a pty / loopback socket
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
+  customs-edge fleet config push|get DEVICE [FILE]   change a unit's config over the broker
+  customs-edge cmd DEVICE ping|status|...  send a command to a unit, print its answer
   customs-edge models evaluate NAME        held-out figures of a shipped model
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
   customs-edge check --config FILE         commissioning: config, models, ports, outbox, broker, clock
@@ -287,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     from customs_edge.cli import certs  # `customs-edge certs init|issue`
 
     certs.register(sub)
+
+    from customs_edge.cli import fleet  # `customs-edge fleet config push|get`, `customs-edge cmd`
+
+    fleet.register(sub)
 
     m = sub.add_parser("models", help="model figures")
     msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -3,7 +3,7 @@
 The owner calls `step(timeout)` in its loop and acts on the events it returns:
   Connected(session_present)   CONNACK accepted: subscribe, resend what was in flight
   Lost(reason, was_connected)  the connection ended, or an attempt failed (was_connected=False)
-  Message(topic, payload)      a PUBLISH arrived
+  Message(topic, payload, retain) a PUBLISH arrived
   PubAck(mid)                  the broker acknowledged our QoS 1 publish `mid`
 A step returns what it saw (and what abort() or publish() noticed since the last step) and keeps
 nothing: no list here waits for its owner to drain it.
@@ -70,6 +70,7 @@ class Lost:
 class Message:
     topic: str
     payload: bytes
+    retain: bool = False  # the broker's stored copy, sent at subscribe (not a live publish)
 
 
 @dataclass(frozen=True)
@@ -451,7 +452,7 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if client is self._client:
-            self._events.append(Message(msg.topic, bytes(msg.payload)))
+            self._events.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     def _on_publish(self, client: paho.Client, _u: Any, mid: int, _rc: Any, _p: Any = None) -> None:
         if client is self._client:

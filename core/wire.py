@@ -91,11 +91,23 @@ class Status(BaseModel):
     ts: float | None  # None in the will, which is written at connect time
 
 
+COMMAND_TTL_S = 300.0  # a command's default life: one still queued for an offline unit after this is refused
+
+
 class Command(BaseModel):
+    """An operator's command. `id` is unique per command (a unit refuses an id it has seen: a replay); `ts`
+    is the sender's clock when it was sent and `expires` the time after which the unit refuses it (default
+    ts + COMMAND_TTL_S). A unit whose clock is behind the sender's accepts a command as not yet expired."""
+
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    cmd: Literal["ping", "status", "resend", "confirm"]  # others go to the unit's app (App.command)
+    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm"]  # confirm: the app (App.command)
+    ts: float = Field(allow_inf_nan=False)
+    expires: float | None = Field(None, allow_inf_nan=False)
     args: dict[str, Any] = Field(default_factory=dict)
+
+    def deadline(self) -> float:
+        return self.expires if self.expires is not None else self.ts + COMMAND_TTL_S
 
 
 class CommandReply(BaseModel):
@@ -103,6 +115,9 @@ class CommandReply(BaseModel):
     ok: bool
     result: dict[str, Any] | None = None
     error: str | None = None
+    # config_push: "applied", "refused" (did not validate; `error` is what `config validate` prints) or
+    # "rolled_back" (validated, failed to start: the previous config runs again); None for other commands
+    outcome: Literal["applied", "refused", "rolled_back"] | None = None
 
 
 def _number(x: float) -> str:

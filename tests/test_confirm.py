@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +37,7 @@ def record_ts(outbox: Path, screening: str) -> float:
 
 def confirm(unit: Unit, **args: Any) -> dict[str, Any]:
     """The command as it arrives on the unit's cmd topic (JSON), run by the unit's sync."""
-    cmd = Command.model_validate_json(json.dumps({"id": "c1", "cmd": "confirm", "args": args}))
+    cmd = Command.model_validate_json(json.dumps({"id": "c1", "cmd": "confirm", "ts": time.time(), "args": args}))
     return unit.sync._run_command(cmd)
 
 

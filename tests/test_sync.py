@@ -120,8 +120,10 @@ def test_commands_good_and_bad_are_answered_never_crash(tmp_path: Path, mosquitt
     try:
         wait_for(lambda: unit.sync.link.connected, 5, "agent connection")
         op.sub(t_cmd + "/reply")
+        ts = time.time()  # commands carry the sender's clock (refused when expired)
         for payload in (b"not json", b'{"id": "1", "cmd": "reboot"}', b'{"id": "2", "cmd": "ping", "x": 1}',
-                        b'{"id": "3", "cmd": "ping"}', b'{"id": "4", "cmd": "status"}'):
+                        f'{{"id": "3", "cmd": "ping", "ts": {ts}}}'.encode(),
+                        f'{{"id": "4", "cmd": "status", "ts": {ts}}}'.encode()):
             op.pub(t_cmd, payload)
         wait_for(lambda: len(op.got) >= 5, 10, "five replies")
         replies = [json.loads(p) for _, p, _ in op.got]
