@@ -116,11 +116,11 @@ def render(cfg: UnitConfig, live: Live, outbox: OutboxStats | None, outbox_error
         yield ("  state      offline: the broker published its will (the unit lost its connection, or was killed)"
                if st.get("ts") is None else f"  state      offline: it stopped cleanly {_age(st.get('ts'), now)}")
     # drivers and backlog from the newer of the two messages (status every 30 s, health more often)
-    ts = {k: m.get("ts") if isinstance(m.get("ts"), int | float) else 0.0 for k, m in (("st", st), ("he", he))}
+    ts = {k: float(m["ts"]) if isinstance(m.get("ts"), int | float) else 0.0 for k, m in (("st", st), ("he", he))}
     if he and (st.get("state") != "online" or ts["he"] >= ts["st"]):
         drivers, pending, source = he.get("drivers"), he.get("outbox_pending", "?"), f"health {_age(ts['he'], now)}"
     else:
-        ob = st.get("outbox") if isinstance(st.get("outbox"), dict) else {}
+        ob = st["outbox"] if isinstance(st.get("outbox"), dict) else {}
         drivers, pending, source = st.get("drivers"), ob.get("pending", "?"), f"status {_age(ts['st'], now)}"
     if st or he:
         yield f"  backlog    {pending} records not yet acked by the hub (from the {source})"
