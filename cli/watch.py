@@ -26,7 +26,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from customs_edge.core import logs
-from customs_edge.core.jsonfast import dumps
 from customs_edge.core.mqtt import Connected, Lost, Message, Tls
 from customs_edge.core.records import Priority
 from customs_edge.core.wire import Alert, Batch, WireRecord, topic
@@ -67,10 +66,12 @@ def record_line(rec: WireRecord) -> str:
     when = datetime.fromtimestamp(rec.ts).strftime("%H:%M:%S.%f")[:-3]
     prio = Priority(rec.prio).name
     mark = f"{ALERT_MARK} {prio}" if rec.prio == Priority.ALERT else prio
-    summary = dumps(rec.payload)
+    summary = json.dumps(rec.payload, ensure_ascii=False, separators=(",", ":"))
+    if not summary.isprintable():  # a U+2028 or the like in a string: JSON's \uXXXX form keeps it on one line
+        summary = json.dumps(rec.payload, separators=(",", ":"))
     if len(summary) > SUMMARY_CHARS:
         summary = summary[:SUMMARY_CHARS - 1] + "…"
-    return f"{when} #{rec.seq:<7} {mark:<11} {logs.escape(rec.type):<20} {logs.escape(summary)}"
+    return f"{when} #{rec.seq:<7} {mark:<11} {logs.escape(rec.type):<20} {summary}"
 
 
 class Watcher:
