@@ -88,6 +88,11 @@ def _age(ts: Any, now: float) -> str:
     return f"{max(0.0, now - ts):.0f} s ago" if isinstance(ts, int | float) else "at an unknown time"
 
 
+def _v(x: Any) -> str:
+    """A value from the network, on one line ('?' when missing)."""
+    return "?" if x is None else logs.escape(str(x))
+
+
 def _count(d: Any) -> str:
     return ", ".join(f"{logs.escape(str(k))} {v}" for k, v in d.items()) if isinstance(d, dict) and d else "none"
 
@@ -107,30 +112,35 @@ def render(cfg: UnitConfig, live: Live, outbox: OutboxStats | None, outbox_error
         yield f"  unreadable {logs.escape(problem)}"
     if st.get("state") == "online":
         sync = st.get("sync") or {}
-        yield (f"  state      online (status {_age(st.get('ts'), now)}; connects {sync.get('connects', '?')}, "
-               f"connect failures {sync.get('connect_failures', '?')}, ack timeouts {sync.get('ack_timeouts', '?')})")
+        yield (f"  state      online (status {_age(st.get('ts'), now)}; connects {_v(sync.get('connects'))}, "
+               f"connect failures {_v(sync.get('connect_failures'))}, ack timeouts {_v(sync.get('ack_timeouts'))})")
         ack_age = sync.get("last_ack_age_s")
-        yield (f"  hub ack    up to seq {sync.get('hub_acked_seq', '?')}"
-               + (f", {ack_age:.1f} s before the status" if isinstance(ack_age, int | float) else ", none yet"))
+        yield (f"  hub ack    up to seq {_v(sync.get('hub_acked_seq'))}"
+               + (f", {ack_age:.1f} s before the status" if isinstance(ack_age, int | float) else ", none yet")
+               + f" (status {_age(st.get('ts'), now)}; the outbox below is current)")
     elif st.get("state") == "offline":
         yield ("  state      offline: the broker published its will (the unit lost its connection, or was killed)"
                if st.get("ts") is None else f"  state      offline: it stopped cleanly {_age(st.get('ts'), now)}")
+    elif st:
+        yield f"  state      unknown: {_v(st.get('state'))}"
     # drivers and backlog from the newer of the two messages (status every 30 s, health more often)
     ts = {k: float(m["ts"]) if isinstance(m.get("ts"), int | float) else 0.0 for k, m in (("st", st), ("he", he))}
     if he and (st.get("state") != "online" or ts["he"] >= ts["st"]):
-        drivers, pending, source = he.get("drivers"), he.get("outbox_pending", "?"), f"health {_age(ts['he'], now)}"
+        drivers, pending, source = he.get("drivers"), he.get("outbox_pending"), f"from the health {_age(ts['he'], now)}"
     else:
         ob = st["outbox"] if isinstance(st.get("outbox"), dict) else {}
-        drivers, pending, source = st.get("drivers"), ob.get("pending", "?"), f"status {_age(ts['st'], now)}"
+        drivers, pending, source = st.get("drivers"), ob.get("pending"), f"from the status {_age(ts['st'], now)}"
+    if st.get("state") != "online":
+        source = f"last known, {source}"
     if st or he:
-        yield f"  backlog    {pending} records not yet acked by the hub (from the {source})"
+        yield f"  backlog    {_v(pending)} records not yet acked by the hub ({source})"
     if isinstance(drivers, dict) and drivers:
-        yield f"  {'driver':<16} {'state':<6} {'frames':>9} {'corrupt':>8} {'faults':>7}   (from the {source})"
+        yield f"  {'driver':<16} {'state':<6} {'frames':>9} {'corrupt':>8} {'faults':>7}   ({source})"
         for role, d in drivers.items():
             d = d if isinstance(d, dict) else {}
             state = "?" if "up" not in d else "up" if d["up"] else "down"
-            yield (f"  {logs.escape(str(role)):<16} {state:<6} {d.get('frames', '?'):>9} {d.get('corrupt', '?'):>8} "
-                   f"{d.get('faults', '?'):>7}")
+            yield (f"  {_v(role):<16} {state:<6} {_v(d.get('frames')):>9} {_v(d.get('corrupt')):>8} "
+                   f"{_v(d.get('faults')):>7}")
     yield f"outbox {cfg.outbox.path}"
     if outbox is None:
         yield f"  error: {outbox_error}"

@@ -116,3 +116,17 @@ def test_status_with_the_broker_down_says_so_and_shows_the_outbox(tmp_path: Path
     assert "pending 7, last seq 7" in res.stdout and "Traceback" not in res.stderr + res.stdout
     got = live_json(config)
     assert "Connection refused" in got["broker"]["error"] and got["outbox"]["pending"] == 7
+
+
+def test_status_lines_stay_lines_whatever_the_retained_messages_hold(tmp_path: Path) -> None:
+    """The retained messages come from the network: odd types and line breaks neither crash nor forge lines."""
+    from customs_edge.agent.config import parse_unit_config
+    from customs_edge.cli.status import Live, render
+
+    cfg = parse_unit_config(unit_dict(tmp_path, "/dev/ttyUSB0", 1883))
+    live = Live("127.0.0.1:1883", status={"state": "online", "ts": "soon", "sync": {"connects": {"a": 1}},
+                                          "outbox": [], "drivers": {"x\nscale up 9": {"up": 1, "frames": {}}}})
+    lines = list(render(cfg, live, None, "no outbox"))
+    assert all(line.isprintable() for line in lines)
+    assert [line.split()[0] for line in lines if "scale up 9" in line] == ["x\\nscale"]
+    assert "  error: no outbox" in lines
