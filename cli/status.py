@@ -22,7 +22,7 @@ from typing import Any
 from customs_edge.agent.config import UnitConfig, load_unit_config
 from customs_edge.agent.outbox import OutboxError, OutboxStats, read_stats
 from customs_edge.core import logs
-from customs_edge.core.mqtt import Connected, Lost, Message, MqttLink
+from customs_edge.core.mqtt import Connected, Lost, Message, MqttLink, Tls
 from customs_edge.core.wire import topic
 
 RETAINED_WAIT_S = 2.0  # after the subscription: how long to wait for the retained messages
@@ -36,6 +36,7 @@ class Live:
     status: dict[str, Any] | None = None
     health: dict[str, Any] | None = None
     error: str | None = None  # the broker could not be reached, or refused us: in core/mqtt.py's words
+    not_asked: bool = False  # the only identity at hand was the unit's own certificate: see own_identity()
     unreadable: list[str] = field(default_factory=list)
 
 
@@ -53,13 +54,47 @@ def quiet_link(client_id: str, host: str, port: int, *, credentials: dict[str, A
         link.close()
 
 
-def read_live(cfg: UnitConfig, wait_s: float = RETAINED_WAIT_S) -> Live:
+def add_identity_options(p: Any) -> None:
+    p.add_argument("--tls-ca", help="CA certificate the broker's is checked against (default: the config's; "
+                   "turns TLS on)")
+    p.add_argument("--tls-cert", help="connect as this certificate instead of the config's: with the shipped ACL "
+                   "a unit's own certificate cannot read its topics (status: an operator's, op-*; watch: see above)")
+    p.add_argument("--tls-key", help="its private key, with --tls-cert")
+
+
+def with_identity(credentials: dict[str, Any], args: Any) -> dict[str, Any]:
+    """MqttLink's credentials with --tls-ca / --tls-cert / --tls-key put in place of the config's."""
+    if not (args.tls_ca or args.tls_cert):
+        return credentials
+    old = credentials["tls"] or Tls()
+    tls = Tls(args.tls_ca or old.ca, args.tls_cert or old.cert, args.tls_key or old.key, old.server_name)
+    return {**credentials, "tls": tls}
+
+
+OWN_IDENTITY = ("not asked: connecting with the unit's own certificate would take the running unit's session "
+                "over (the broker uses the certificate's name as client id); give an operator's (op-*) with "
+                "--tls-cert/--tls-key")
+
+
+def own_identity(cfg: UnitConfig, credentials: dict[str, Any]) -> bool:
+    """True when `credentials` present the unit's own client certificate. The shipped broker config sets
+    use_username_as_clientid: a second client with it takes the agent's session over (and the agent then
+    takes it back), so a read-only command must never connect as the unit."""
+    tls, own = credentials.get("tls"), cfg.sync.tls_cert
+    return bool(tls and tls.cert and own and os.path.realpath(tls.cert) == os.path.realpath(own))
+
+
+def read_live(cfg: UnitConfig, wait_s: float = RETAINED_WAIT_S, credentials: dict[str, Any] | None = None) -> Live:
     """Subscribe to the unit's retained status and health topics for up to `wait_s` after connecting."""
     s = cfg.sync
     live = Live(f"{s.host}:{s.port}")
+    credentials = credentials or s.credentials()
+    if own_identity(cfg, credentials):
+        live.error, live.not_asked = OWN_IDENTITY, True
+        return live
     topics = {topic(s.topic_prefix, cfg.device_id, kind): kind for kind in ("status", "health")}
     deadline = time.monotonic() + s.connect_timeout_s + 0.5
-    with quiet_link(f"customs-edge-status-{os.getpid()}", s.host, s.port, credentials=s.credentials(),
+    with quiet_link(f"customs-edge-status-{os.getpid()}", s.host, s.port, credentials=credentials,
                     connect_timeout_s=s.connect_timeout_s) as link:
         while time.monotonic() < deadline and (live.status is None or live.health is None):
             for ev in link.step(0.2):
@@ -103,11 +138,14 @@ def render(cfg: UnitConfig, live: Live, outbox: OutboxStats | None, outbox_error
     now = time.time() if now is None else now
     st, he = live.status or {}, live.health or {}
     yield f"unit {cfg.device_id} ({cfg.type})   broker {live.broker}"
-    if live.error is not None:
+    if live.not_asked:
+        yield f"  broker     {live.error}"
+    elif live.error is not None:
         yield f"  broker     cannot be reached: {logs.escape(live.error)} (check sync.host, sync.port and the broker)"
     elif not st and not he:
         yield ("  live       nothing retained for this unit: it never connected to this broker, uses another "
-               "topic_prefix, or the broker's ACL does not let this identity read its status")
+               "topic_prefix, or the broker's ACL does not let this identity read its status (with TLS: "
+               "--tls-cert/--tls-key of an operator, op-*)")
     for problem in live.unreadable:
         yield f"  unreadable {logs.escape(problem)}"
     if st.get("state") == "online":
@@ -152,7 +190,7 @@ def render(cfg: UnitConfig, live: Live, outbox: OutboxStats | None, outbox_error
 
 
 def main(config: str, *, as_json: bool = False, wait_s: float = RETAINED_WAIT_S,
-         out: Callable[[str], None] = print) -> int:
+         identity: Any = None, out: Callable[[str], None] = print) -> int:
     """0: shown; 1: the outbox cannot be read (a mistyped path: named) or belongs to another unit."""
     cfg = load_unit_config(config)
     outbox: OutboxStats | None = None
@@ -163,7 +201,7 @@ def main(config: str, *, as_json: bool = False, wait_s: float = RETAINED_WAIT_S,
         outbox_error = f"{exc} (a mistyped path, or the agent never ran on this machine)"
     if outbox is not None and outbox.device_id not in (None, cfg.device_id):
         outbox_error = f"{cfg.outbox.path} belongs to device {outbox.device_id!r}, not {cfg.device_id!r}"
-    live = read_live(cfg, wait_s)
+    live = read_live(cfg, wait_s, with_identity(cfg.sync.credentials(), identity) if identity else None)
     if as_json:
         out(json.dumps({"device_id": cfg.device_id, "broker": {"address": live.broker, "error": live.error},
                         "status": live.status, "health": live.health,
@@ -190,7 +228,12 @@ def register(sub: Any, config_help: str) -> None:
     st.add_argument("--wait", type=float, default=RETAINED_WAIT_S,
                     help=f"seconds to wait for the retained messages once connected (default {RETAINED_WAIT_S:g})")
 
+    add_identity_options(st)
+
     def cmd(args: argparse.Namespace) -> int:
-        return main(args.config, as_json=args.json, wait_s=args.wait)
+        if (args.tls_cert is None) != (args.tls_key is None):
+            print("customs-edge status: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        return main(args.config, as_json=args.json, wait_s=args.wait, identity=args)
 
     st.set_defaults(fn=cmd)

@@ -5,9 +5,11 @@ It subscribes to the unit's records topic (and the hub's alert topic for it) and
 nothing and never acks (hub acks go on another topic; the agent deletes a record only on the hub's ack).
 The agent resends a batch until the hub acks it, so each seq is printed once per session.
 
-With the TLS broker's ACL (configs/broker/acl), a unit's own certificate may not read its records, and an
-operator's (op-*) reads status, health and alerts but not records: watch records with a hub-like read
-identity (a `user` block with `topic read customs-edge/v1/+/records`), given with --tls-cert/--tls-key.
+With the shipped TLS broker config (configs/broker), the unit's own certificate is never used: the broker
+takes a certificate's name as client id, so it would take the running unit's session over. An operator's
+(op-*) reads status, health and alerts but not records (`--alerts` then shows only the hub's alerts): watch
+records with a read identity the ACL lets read them (a hub's, or a `user` block with
+`topic read customs-edge/v1/+/records`), given with --tls-cert/--tls-key.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from customs_edge.cli.status import OWN_IDENTITY, add_identity_options, own_identity, quiet_link, with_identity
 from customs_edge.core import logs
-from customs_edge.core.mqtt import Connected, Lost, Message, Tls
+from customs_edge.core.mqtt import Connected, Lost, Message
 from customs_edge.core.records import Priority
 from customs_edge.core.wire import Alert, Batch, WireRecord, topic
 
@@ -110,8 +113,6 @@ class Watcher:
 def run(device_id: str, host: str, port: int, *, prefix: str, credentials: dict[str, Any],
         connect_timeout_s: float, as_json: bool, alerts_only: bool, stop: threading.Event,
         out: Callable[[str], None], err: Callable[[str], None]) -> int:
-    from customs_edge.cli.status import quiet_link
-
     t_records, t_alert = topic(prefix, device_id, "records"), topic(prefix, device_id, "alert")
     watcher = Watcher(t_records, t_alert, as_json=as_json, alerts_only=alerts_only)
     where = f"{host}:{port}"
@@ -164,10 +165,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     else:
         device_id, (host, port), prefix, timeout = args.device, args.broker or ("127.0.0.1", 1883), args.prefix, 5.0
         credentials = {"username": None, "password": None, "tls": None}
-    if args.tls_cert or args.tls_ca:
-        old = credentials["tls"] or Tls()
-        credentials["tls"] = Tls(args.tls_ca or old.ca, args.tls_cert or old.cert, args.tls_key or old.key,
-                                 old.server_name)
+    credentials = with_identity(credentials, args)
+    if args.config is not None and own_identity(cfg, credentials):
+        print(f"customs-edge watch: {OWN_IDENTITY.replace('not asked: ', '')}; with the shipped ACL that "
+              "identity must be allowed to read records (a hub's)", file=sys.stderr)
+        return 2
 
     def out(line: str) -> None:
         print(line, flush=True)
@@ -187,9 +189,7 @@ def register(sub: Any, config_help: str) -> None:
     w.add_argument("--device", help="a device id, without a config file")
     w.add_argument("--broker", type=_broker, help="HOST:PORT (default: the config's, or 127.0.0.1:1883)")
     w.add_argument("--prefix", default="customs-edge/v1", help="topic prefix with --device (default customs-edge/v1)")
-    w.add_argument("--tls-ca", help="CA certificate the broker's is checked against (turns TLS on)")
-    w.add_argument("--tls-cert", help="a read identity's certificate (replaces the config's): see above")
-    w.add_argument("--tls-key", help="its private key, with --tls-cert")
+    add_identity_options(w)
     w.add_argument("--json", action="store_true", help="one JSON object per line")
     w.add_argument("--alerts", action="store_true", help="only priority-3 records (and the hub's alerts)")
     w.set_defaults(fn=cmd_watch)
