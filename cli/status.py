@@ -140,6 +140,8 @@ def render(cfg: UnitConfig, live: Live, outbox: OutboxStats | None, outbox_error
     yield f"unit {cfg.device_id} ({cfg.type})   broker {live.broker}"
     if live.not_asked:
         yield f"  broker     {live.error}"
+    elif live.error is not None and live.error.startswith("CONNACK refused"):  # the refusal names the fix
+        yield f"  broker     {logs.escape(live.error)}"
     elif live.error is not None:
         yield f"  broker     cannot be reached: {logs.escape(live.error)} (check sync.host, sync.port and the broker)"
     elif not st and not he:

@@ -194,10 +194,9 @@ def mosquitto_with_password(tmp_path: Path) -> Iterator[Mosquitto]:
     mq = Mosquitto(tmp_path / "broker-pw", persistence=False)
     pw = mq.workdir / "passwords"
     subprocess.run([passwd, "-b", "-c", str(pw), "unit", "right"], check=True, capture_output=True)
-    # run as root, mosquitto drops to user mosquitto, which cannot read a file under pytest's 0700 tmp_path
-    keep_user = "user root\n" if os.geteuid() == 0 else ""
+    # (run as root, Mosquitto's config already keeps `user root`: mosquitto refuses a second `user` line)
     mq.conf.write_text(mq.conf.read_text().replace("allow_anonymous true",
-                                                   f"{keep_user}allow_anonymous false\npassword_file {pw}"))
+                                                   f"allow_anonymous false\npassword_file {pw}"))
     mq.start()
     try:
         yield mq

@@ -130,3 +130,14 @@ def test_status_lines_stay_lines_whatever_the_retained_messages_hold(tmp_path: P
     assert all(line.isprintable() for line in lines)
     assert [line.split()[0] for line in lines if "scale up 9" in line] == ["x\\nscale"]
     assert "  error: no outbox" in lines
+
+
+def test_status_names_the_brokers_refusal(tmp_path: Path, mosquitto_with_password: Mosquitto) -> None:
+    config = tmp_path / "unit.yaml"
+    config.write_text(yaml.safe_dump(unit_dict(tmp_path, "/dev/ttyUSB0", mosquitto_with_password.port,
+                                               sync={"username": "unit", "password": "s3cret-Pw"})))
+    res = status(config)
+    assert res.returncode == 1  # no outbox here: named too
+    broker = [line for line in res.stdout.splitlines() if line.strip().startswith("broker ")]
+    assert len(broker) == 1 and "CONNACK refused: not authorised" in broker[0] and "sync.password" in broker[0]
+    assert "s3cret-Pw" not in res.stdout + res.stderr and "Traceback" not in res.stderr

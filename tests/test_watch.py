@@ -138,3 +138,25 @@ def test_a_record_is_one_line_whatever_its_payload_and_type_hold() -> None:
                                                      payload={"note": "a\u2028b\nc", "t": "38 °C", "pad": "y" * 200})))
     assert len(line.splitlines()) == 1 and line.isprintable()
     assert "!! ALERT" in line and "x\\nlevel=error" in line and line.endswith("…")
+
+
+def test_watch_with_the_broker_down_says_so_and_exits_0_on_ctrl_c() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "watch", "--device", "scale-t1",
+                             "--broker", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert f"broker 127.0.0.1:{port}: connect: [Errno 111] Connection refused; retrying" in line, line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and out == "" and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
