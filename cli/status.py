@@ -57,8 +57,9 @@ def quiet_link(client_id: str, host: str, port: int, *, credentials: dict[str, A
 def add_identity_options(p: Any) -> None:
     p.add_argument("--tls-ca", help="CA certificate the broker's is checked against (default: the config's; "
                    "turns TLS on)")
-    p.add_argument("--tls-cert", help="connect as this certificate instead of the config's: with the shipped ACL "
-                   "a unit's own certificate cannot read its topics (status: an operator's, op-*; watch: see above)")
+    p.add_argument("--tls-cert", help="connect as this certificate, not the unit's own (never used: the broker "
+                   "takes its name as client id): status needs an operator's (op-*), watch one the ACL lets read "
+                   "records")
     p.add_argument("--tls-key", help="its private key, with --tls-cert")
 
 
