@@ -485,8 +485,10 @@ class Sync:
     # -- status ---------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         ob = self.outbox.stats()
+        last_ack = self.stats.last_ack_mono
+        sync = {**asdict(self.stats), "last_ack_age_s": time.monotonic() - last_ack if last_ack else None}
         return {"state": "online", "device_id": self.device_id, "ts": time.time(), "client_id": self.link.client_id,
-                "outbox": asdict(ob), "sync": asdict(self.stats), **self.status_fn()}
+                "outbox": asdict(ob), "sync": sync, **self.status_fn()}
 
     def _publish_status(self) -> None:
         self._next_status = time.monotonic() + self.status_interval_s

@@ -4,7 +4,8 @@
   customs-edge config validate FILE...     check config files (exit 1 with the bad keys)
   customs-edge config schema               JSON Schema of a unit file
   customs-edge probe --config FILE ROLE    read a few frames from one instrument and show them
-  customs-edge status --config FILE        the unit's outbox on disk: pending, produced, dropped
+  customs-edge status --config FILE        the running unit (drivers, link, hub ack, backlog) and its outbox
+  customs-edge watch --config FILE         records and alerts as they are produced, one line each
   customs-edge simulate TYPE [...]         serve a simulated device on a pty / loopback socket
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
@@ -107,19 +108,6 @@ def _map_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: at most 32x24 (the MLX90640's pixels)")
     return cols, rows
 
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """Read-only: a live agent's file is neither capped nor locked, and a mistyped path creates nothing."""
-    from customs_edge.agent.config import load_unit_config
-    from customs_edge.agent.outbox import read_stats
-
-    cfg = load_unit_config(args.config)
-    st = read_stats(cfg.outbox.path)  # an OutboxError names the file and the fix
-    print(json.dumps({"device_id": cfg.device_id, "outbox": asdict(st)}, indent=2))
-    if st.device_id not in (None, cfg.device_id):
-        print(f"{cfg.outbox.path} belongs to device {st.device_id!r}, not {cfg.device_id!r}", file=sys.stderr)
-        return 1
-    return 0
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     # each simulator parses its own options: `simulate TYPE --help` is its help
@@ -248,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how long --scan listens at each setting (default 1.5)")
     pr.set_defaults(fn=cmd_probe)
 
-    st = sub.add_parser("status", help="the unit's outbox on disk")
-    st.add_argument("--config", required=True, help=CONFIG_HELP)
-    st.set_defaults(fn=cmd_status)
+    from customs_edge.cli import status, watch  # `customs-edge status`, `customs-edge watch`
+
+    status.register(sub, CONFIG_HELP)
+    watch.register(sub, CONFIG_HELP)
 
     s = sub.add_parser("simulate", help="serve a simulated device (`simulate TYPE --help` for its options)",
                        description="Serve a simulated device on a pty and a loopback socket. "

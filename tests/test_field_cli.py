@@ -56,7 +56,7 @@ def test_status_reads_the_outbox_on_disk(tmp_path: Path) -> None:
     ob.close()
     cfg = tmp_path / "unit.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    res = cli("status", "--config", str(cfg))
+    res = cli("status", "--config", str(cfg), "--json")
     assert res.returncode == 0, res.stderr
     st = json.loads(res.stdout)
     assert st["outbox"]["pending"] == 5 and st["outbox"]["last_seq"] == 7

@@ -19,7 +19,7 @@ from tests.conftest import unit_dict
 def status(tmp_path: Path, **outbox: Any) -> subprocess.CompletedProcess[str]:
     cfg = tmp_path / "unit.yaml"
     cfg.write_text(yaml.safe_dump(unit_dict(tmp_path, "/dev/ttyUSB0", 1883, outbox=outbox)))
-    return subprocess.run([sys.executable, "-m", "customs_edge", "status", "--config", str(cfg)],
+    return subprocess.run([sys.executable, "-m", "customs_edge", "status", "--config", str(cfg), "--json"],
                           capture_output=True, text=True, timeout=60)
 
 
