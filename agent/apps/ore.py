@@ -10,6 +10,8 @@ Inputs (typed readings; point names are configurable under `points:`):
                 occupancy, gamma and neutron channels)                   -> radiation alerts with evidence
   moisture      Registers: moisture_pct (optional role)                 -> moisture (microwave, wet basis)
   analyser      Analysis (spectrum + the analyser's own assay)          -> ore-grade model: Fe, SiO2, H2O
+                or Registers (modbus-tcp result registers, names under `analyser_registers`): each new
+                result counter is a result without a spectrum           -> the analyser's own assay
   scale         Weight, MT-SICS or Toledo (optional role)               -> settled bench weighings
                 (agent/apps/settle.py, the scale app's rules)
 A point that is absent or flagged (a float register that decoded to NaN or inf) is skipped: one such
@@ -62,6 +64,7 @@ from customs_edge.agent.apps.settle import Settle
 from customs_edge.core.readings import (
     AnalyserStatus,
     Analysis,
+    Assay,
     PortalOccupancy,
     Reading,
     Registers,
@@ -95,6 +98,22 @@ class OrePoints(BaseModel):
                                      "belt PLC; unset: increments are counted unverified")
 
 
+class AnalyserRegisters(BaseModel):
+    """Names of the analyser's result points (modbus-tcp driver, role `analyser`). A poll repeats the
+    latest result: only a changed `result_counter` is a new result. An element whose point is absent or
+    flagged is not reported; without `tonnes` the result's Fe is recorded but not weighed into the lot."""
+
+    model_config = ConfigDict(extra="forbid")
+    result_counter: str = "result_no"
+    tonnes: str = "tonnes"
+    fe: str = "fe"
+    sio2: str = "sio2"
+    al2o3: str = "al2o3"
+    p: str = "p"
+    s: str = "s"
+    h2o: str = "h2o"
+
+
 class OreAppConfig(AppConfig):
     model_manifest: Path | None = Field(None, description="ore-grade manifest; default: the shipped model")
     basis: Literal["mass", "time", "stratified"] = Field("mass", description="ISO 3082 sampling: mass "
@@ -122,6 +141,7 @@ class OreAppConfig(AppConfig):
     bench_min_g: float = Field(50.0, ge=0)
     bench_deadband_g: float = Field(1.0, ge=0, description="as the scale app's deadband (agent/apps/settle.py)")
     points: OrePoints = OrePoints()
+    analyser_registers: AnalyserRegisters = AnalyserRegisters()
     max_step_t: float = Field(1000.0, gt=0, description="a totaliser step larger than this between two "
                               "readings is a misread: skipped and counted, not turned into increments")
     max_sublots: int = Field(32, ge=1, description="a lot's sub-lots (holds); more hold numbers are refused")
@@ -238,7 +258,7 @@ class Interval:
 class OreStationApp(App):
     Config = OreAppConfig
     CONSUMES = {"belt_weigher": Role(Registers, SlaveError), "belt_portal": Role(Registers, SlaveError),
-                "analyser": Role(Analysis, AnalyserStatus),
+                "analyser": Role(Analysis, AnalyserStatus, Registers, SlaveError),
                 "moisture": Role(Registers, SlaveError, optional=True), "scale": Role(Weight, optional=True),
                 "radiation_portal": Role(PortalOccupancy, optional=True)}
     EVIDENCE_KEPT = 8  # alarmed occupancies listed per lot report (all of them are ALERT records)
@@ -271,14 +291,17 @@ class OreStationApp(App):
         self._run_ts: float | None = None  # the last reading of a running belt
         self._cutter_last: float | None = None
         self._spare_cuts: list[float] = []  # cutter cycles seen before their increment fell due (mono)
+        self._result_no: int | None = None  # the analyser's result counter last taken (result registers)
 
     # --- inputs --------------------------------------------------------------------------------
     def feed(self, reading: Reading) -> list[RecordIn]:
         if self._interval is None:
             self._interval = Interval(reading.mono)
         match reading:
+            case Registers() if reading.source == "analyser":
+                return self._result_registers(reading)
             case Registers():
-                return self._registers(reading)
+                return self._recovered(reading) + self._registers(reading)
             case SlaveError():
                 return self._slave_error(reading)
             case Analysis():
@@ -289,13 +312,40 @@ class OreStationApp(App):
                 return self._occupancy(reading)
         return []
 
+    def _recovered(self, r: Registers) -> list[RecordIn]:
+        key = (r.source, r.slave)
+        if key not in self._down:
+            return []
+        self._down.discard(key)
+        return [RecordIn(type="instrument_recovered", priority=Priority.REPORT,
+                         payload={"driver": r.source, "slave": key[1]})]
+
+    def _result_registers(self, r: Registers) -> list[RecordIn]:
+        """The analyser's latest result in registers: a changed counter (up, or back after a reset) is a
+        new result, recorded as a result without a spectrum; a repeat of the counter is the same result.
+        Without a trustworthy counter a result cannot be told from a repeat: an instrument_fault (once)."""
+        names = self.config.analyser_registers
+        point = r.points.get(names.result_counter)
+        counter = r.number(names.result_counter)
+        if counter is None or counter < 0 or counter != int(counter):
+            why = (f"no point named {names.result_counter!r} (points: {', '.join(sorted(r.points))}): name the "
+                   "result counter's point in app.analyser_registers.result_counter" if point is None else
+                   f"result counter {names.result_counter!r} is {point.error or point.value}, not a count")
+            return self._slave_error(SlaveError(source=r.source, slave=r.slave, slave_id=r.slave_id, error=why,
+                                                ts=r.ts, mono=r.mono))
+        out = self._recovered(r)
+        if int(counter) == self._result_no:
+            return out
+        self._result_no = int(counter)
+        n = r.number
+        assay = Assay(fe=n(names.fe), sio2=n(names.sio2), al2o3=n(names.al2o3), p=n(names.p), s=n(names.s),
+                      h2o=n(names.h2o))
+        return out + self._analysis(Analysis(
+            source=r.source, ts=r.ts, mono=r.mono, seq=self._result_no, status="OK", analysed_at=r.ts,
+            interval_s=0.0, tonnes=r.number(names.tonnes) or 0.0, assay=assay))
+
     def _registers(self, r: Registers) -> list[RecordIn]:
         p, out = self.p, []
-        key = (r.source, r.slave)
-        if key in self._down:
-            self._down.discard(key)
-            out.append(RecordIn(type="instrument_recovered", priority=Priority.REPORT,
-                                payload={"driver": r.source, "slave": key[1]}))
         iv = self._interval
         assert iv is not None
         cycles = r.number(p.cutter_cycle) if p.cutter_cycle else None
@@ -712,7 +762,7 @@ class OreStationApp(App):
             "last_total": self._last_total, "rate": self._rate, "gamma_alarm": self._gamma_alarm,
             "metal": self._metal, "disagree_run": self._disagree_run, "down": sorted(self._down),
             "bench": self.bench.state(), "seed": self._seed, "cutter_last": self._cutter_last, "run_ts": self._run_ts,
-            "spare_cuts": self._spare_cuts})
+            "spare_cuts": self._spare_cuts, "result_no": self._result_no})
 
     def restore(self, blob: bytes) -> None:
         s = self.unpack_state(blob)
@@ -736,5 +786,6 @@ class OreStationApp(App):
         self.bench.load(s["bench"])
         self._seed, self._cutter_last, self._run_ts = int(s["seed"]), opt("cutter_last"), opt("run_ts")
         self._spare_cuts = [float(m) for m in s["spare_cuts"]]
+        self._result_no = None if s.get("result_no") is None else int(s["result_no"])  # absent: older blob
         (self.lot, self.lots_closed, self._last_total, self._rate, self._gamma_alarm, self._metal,
          self._disagree_run, self._down) = values
