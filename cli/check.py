@@ -170,6 +170,22 @@ def holders_of(path: str) -> list[str]:
     return out
 
 
+def port_locked(path: str) -> bool:
+    """Whether a process holds `path` with an exclusive flock, as a running unit holds its serial ports
+    (pyserial's exclusive=True); another process merely having it open (a simulator's pty) does not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we may have taken
+    return False
+
+
 def check_outbox(cfg: UnitConfig) -> Result:
     path = cfg.outbox.path
     d = path.parent
