@@ -339,6 +339,8 @@ def parse_unit_config(raw: Any, source: str = "<config>", *, warnings: list[str]
                 problems += app_cls.check_drivers(drivers, produces)
                 if isinstance(app_cfg, BaseModel):
                     problems += _check_points(app_cfg, drivers)
+            if isinstance(app_cfg, BaseModel):
+                problems += _check_manifests(app_cfg)
                 notes += [f"drivers.{role}: a {unit_type} unit reads no driver named {role!r} (it reads "
                           f"{', '.join(app_cls.CONSUMES)}): a misspelt role, or an instrument left over?"
                           for role in drivers if app_cls.CONSUMES and role not in app_cls.CONSUMES]
@@ -386,6 +388,24 @@ def _check_points(app_cfg: BaseModel, drivers: dict[str, DriverConfig]) -> list[
                         + (f" (did you mean {hint!r}?)" if hint else "")
                         + f": rename the point in {where} or set app.points.{field}; {where} define: "
                         + (", ".join(sorted(defined[role])) if role in drivers else ", ".join(everywhere) or "none"))
+    return problems
+
+
+def _check_manifests(app_cfg: BaseModel) -> list[str]:
+    """Every app key naming a model manifest (a path whose description says so) names a readable file:
+    otherwise the unit validates, then fails to start when the app loads its model."""
+    problems = []
+    for field, info in type(app_cfg).model_fields.items():
+        path = getattr(app_cfg, field)
+        if not isinstance(path, Path) or "manifest" not in (info.description or ""):
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"app.{field}: model manifest {echo(str(path))} cannot be read "
+                            f"({exc.strerror}): write the path of an installed manifest.json, or remove "
+                            "the key to use the shipped model")
     return problems
 
 

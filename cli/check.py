@@ -9,6 +9,8 @@ holds is reported as held, with the process that holds it).
   port <role>       exists (else the serial ports present, by /dev/serial/by-id name), is not held by
                     another process, opens, and yields a valid frame within its silence window
   outbox            its directory is writable, not on a RAM disk, with room for outbox.max_mb
+  outage headroom   room, in outbox.max_mb and on the disk, for --outage-hours of records at the unit's
+                    rate, learnt read-only from the records in its outbox file (a ! when it has none)
   broker            reachable, and the CONNACK accepted (a refusal in words)
   clock             not before this software was built (a Pi without RTC before NTP)
 
@@ -22,8 +24,10 @@ import fcntl
 import glob
 import json
 import logging
+import math
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from customs_edge.agent import registry
 from customs_edge.agent.config import UnitConfig, load_unit_config
+from customs_edge.agent.outbox import OutboxError, read_stats
 from customs_edge.core.errors import ConfigError, CustomsEdgeError, DriverFault
 from customs_edge.core.mqtt import Connected, Lost, MqttLink
 from customs_edge.drivers.base import DriverConfig, SerialPortConfig
@@ -52,7 +57,8 @@ class Result:
     fix: str = ""
 
 
-def run_checks(path: str | Path, *, frame_timeout_s: float | None = None, now: float | None = None) -> list[Result]:
+def run_checks(path: str | Path, *, frame_timeout_s: float | None = None, now: float | None = None,
+               outage_hours: float = 8.0) -> list[Result]:
     warnings: list[str] = []
     try:
         cfg = load_unit_config(path, warnings)
@@ -66,6 +72,7 @@ def run_checks(path: str | Path, *, frame_timeout_s: float | None = None, now: f
     out.append(check_models(cfg))
     out += [check_port(role, dc, frame_timeout_s) for role, dc in cfg.drivers.items()]
     out.append(check_outbox(cfg))
+    out.append(check_headroom(cfg, outage_hours))
     out.append(check_broker(cfg))
     out.append(check_clock(now))
     return out
@@ -84,10 +91,10 @@ def render(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(path: str, *, as_json: bool = False, frame_timeout_s: float | None = None) -> int:
+def main(path: str, *, as_json: bool = False, frame_timeout_s: float | None = None, outage_hours: float = 8.0) -> int:
     # the link's own warnings would repeat the broker line: the results are the report
     logging.getLogger("customs_edge").addHandler(logging.NullHandler())
-    results = run_checks(path, frame_timeout_s=frame_timeout_s)
+    results = run_checks(path, frame_timeout_s=frame_timeout_s, outage_hours=outage_hours)
     state = worst(results)
     if as_json:
         print(json.dumps({"result": state, "checks": [asdict(r) for r in results]}, indent=2, ensure_ascii=False))
@@ -170,6 +177,22 @@ def holders_of(path: str) -> list[str]:
     return out
 
 
+def port_locked(path: str) -> bool:
+    """Whether a process holds `path` with an exclusive flock, as a running unit holds its serial ports
+    (pyserial's exclusive=True); another process merely having it open (a simulator's pty) does not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we may have taken
+    return False
+
+
 def check_outbox(cfg: UnitConfig) -> Result:
     path = cfg.outbox.path
     d = path.parent
@@ -198,6 +221,50 @@ def check_outbox(cfg: UnitConfig) -> Result:
                       "expected on a running unit; its ports are then held too (stop it to check them)")
     made = "" if existing == d else f" (the agent creates {d})"
     return Result("outbox", OK, f"{existing} writable{made}, {free / MIB:.0f} MiB free (cap {cfg.outbox.max_mb:g} MiB)")
+
+
+def record_rate(path: Path) -> tuple[float, float] | str:
+    """(records per second, average bytes a record takes) from the records in the outbox file, read-only;
+    or why they cannot be known. Sizes as the outbox counts them against its cap: payload + 64 bytes."""
+    try:
+        read_stats(path)  # refuses a missing file, another schema or not an outbox, creating nothing
+    except OutboxError as exc:
+        return str(exc)
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        n, first, last, t0, t1, size = db.execute(
+            "SELECT count(*), min(seq), max(seq), min(ts), max(ts), avg(length(payload)) + 64 FROM records").fetchone()
+    except sqlite3.DatabaseError as exc:
+        return f"{path}: cannot read its records ({exc})"
+    finally:
+        db.close()
+    if n < 2 or t1 <= t0:
+        return f"{path} holds {n} record{'s' * (n != 1)}: no history to learn the rate from"
+    return (last - first) / (t1 - t0), float(size)
+
+
+def check_headroom(cfg: UnitConfig, hours: float) -> Result:
+    """Room for `hours` of outage at the unit's record rate: within outbox.max_mb (else the cap drops the
+    oldest low-priority records) and on the disk."""
+    name = f"outage headroom ({hours:g} h)"
+    got = record_rate(cfg.outbox.path)
+    if isinstance(got, str):
+        return Result(name, WARN, f"the record rate is unknown: {got}", "run the unit for an hour and check again "
+                      "(its outbox then shows the rate), or size outbox.max_mb by hand: records/s x "
+                      f"{hours * 3600:.0f} s x bytes a record (payload + 64)")
+    rate, size = got
+    need = rate * hours * 3600 * size
+    existing = next(p for p in (cfg.outbox.path, *cfg.outbox.path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    what = f"{rate:.3g} records/s of {size:.0f} B need {need / MIB:.1f} MiB for {hours:g} h"
+    if need > cfg.outbox.max_mb * MIB:
+        return Result(name, WARN, f"{what}, more than outbox.max_mb ({cfg.outbox.max_mb:g} MiB): the cap drops the "
+                      "oldest low-priority records first", f"raise outbox.max_mb to {math.ceil(need / MIB)} or more")
+    if need > free:
+        return Result(name, WARN, f"{what}, more than the {free / MIB:.0f} MiB free on {existing}",
+                      "free space, or put outbox.path on a larger disk")
+    return Result(name, OK, f"{what}, within outbox.max_mb ({cfg.outbox.max_mb:g} MiB) and the "
+                  f"{free / MIB:.0f} MiB free")
 
 
 def mount_type(path: Path) -> str:

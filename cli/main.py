@@ -176,7 +176,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from customs_edge.cli import check
 
-    return check.main(args.config, as_json=args.json, frame_timeout_s=args.frame_timeout)
+    return check.main(args.config, as_json=args.json, frame_timeout_s=args.frame_timeout,
+                      outage_hours=args.outage_hours)
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from customs_edge.cli.demo import run_demo
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--json", action="store_true", help="print the results as JSON")
     ck.add_argument("--frame-timeout", type=float, default=None,
                     help="seconds to wait for a valid frame per port (default: its silent_after_s)")
+    ck.add_argument("--outage-hours", type=float, default=8.0,
+                    help="hours of hub outage the outbox must hold at the unit's record rate (default 8)")
     ck.set_defaults(fn=cmd_check)
 
     d = sub.add_parser("demo", help="simulated fleet + broker + agents + hub on this machine")

@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO, cast
 
 import numpy as np
@@ -30,7 +31,7 @@ from serial.urlhandler.protocol_spy import FormatHexdump
 from customs_edge.agent import registry
 from customs_edge.core.errors import ConfigError, DriverFault
 from customs_edge.core.readings import Reading, ThermalFrame
-from customs_edge.drivers.base import Driver, SerialPortConfig
+from customs_edge.drivers.base import Driver, DriverConfig, SerialPortConfig
 
 BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800)
 PARITIES = ("N", "E", "O")
@@ -247,6 +248,20 @@ def _try(driver: Driver, seconds: float) -> tuple[int, str]:
     return valid, "<- valid frames" if valid else ""
 
 
+def running_unit(outbox: Path, dc: DriverConfig) -> list[str]:
+    """Signs that a unit is running on this config or port: the probe would then fight it for the bytes."""
+    from customs_edge.cli.check import holders_of, outbox_holder, port_locked
+
+    out = []
+    if pid := outbox_holder(outbox):
+        out.append(f"a running agent (pid {pid}) holds {outbox}: its drivers hold their ports; stop it first "
+                   "(systemctl stop customs-edge@NAME)")
+    if isinstance(dc, SerialPortConfig) and "://" not in dc.port and port_locked(dc.port):
+        out.append(f"{dc.port} is held by {', '.join(holders_of(dc.port)) or 'another process'}: a running "
+                   "unit? stop it first, the port opens for one process at a time")
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     """Open one instrument as configured and print what it sends: the first thing to run on site."""
     from customs_edge.agent.config import load_unit_config
@@ -255,6 +270,8 @@ def main(args: argparse.Namespace) -> int:
     if args.role not in cfg.drivers:
         raise ConfigError(args.config, [f"drivers: no driver named {args.role!r}; have {', '.join(cfg.drivers)}"])
     dc = cfg.drivers[args.role]
+    for line in running_unit(cfg.outbox.path, dc):
+        print(f"warning: {line}", file=sys.stderr)
     if args.scan:
         if not isinstance(dc, SerialPortConfig) or dc.port.startswith("socket://"):
             raise ConfigError(args.config, [f"drivers.{args.role}: --scan tries serial line settings: it needs a "

@@ -162,7 +162,8 @@ class Hub:
         if s.conflicts:
             seqs = ranges_of(s.conflicts)
             log.warning("seq conflict", extra={"device": s.device_id, "seq": _seqs(seqs), "count": len(s.conflicts),
-                                               "conflicts": s.device_conflicts})
+                                               "conflicts": s.device_conflicts, "stored_boot": ",".join(s.boots[0]),
+                                               "new_boot": ",".join(s.boots[1])})
             alert = Alert(device_id=s.device_id, seqs=seqs, conflicts=s.device_conflicts, hub=self.link.client_id,
                           ts=time.time())
             out.append(Out(topic(self.cfg.topic_prefix, s.device_id, "alert"), alert.model_dump_json().encode(),

@@ -119,6 +119,7 @@ class Stored:
     duplicates: int
     conflicts: list[int]  # seqs of this batch newly kept in `conflicts`
     device_conflicts: int  # the device's conflicts so far
+    boots: tuple[list[str], list[str]]  # of those conflicts: the stored versions' boots, the new ones'
 
 
 @dataclass
@@ -209,13 +210,15 @@ class HubStore:
         return out
 
     def _store(self, b: Incoming, now: float) -> Stored:
-        held = {seq: {content} for seq, content in self._held("records", b.device_id, b.rows)}
+        first = dict(self._held("records", b.device_id, b.rows))  # the version each seq was stored as
+        held = {seq: {content} for seq, content in first.items()}
         new: list[Row] = []
         clash: list[Row] = []
         dup = 0
         for row in b.rows:
             if row[0] not in held:
                 held[row[0]] = {row[1:]}
+                first[row[0]] = row[1:]
                 new.append(row)
             elif row[1:] in held[row[0]]:
                 dup += 1
@@ -254,7 +257,8 @@ class HubStore:
             (b.device_id, len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new),
              max([r[0] for r in b.rows] + named, default=0), now, now)).fetchone()
         return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named), len(new), dup,
-                      [r[0] for r in fresh], conflicts)
+                      [r[0] for r in fresh], conflicts,
+                      (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})))
 
     def _held(self, table: str, device_id: str, rows: list[Row]) -> list[tuple[int, Content]]:
         """(seq, content) of every row `table` holds for these rows' seqs."""

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,17 +49,33 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 # --- the whole command ------------------------------------------------------------------------------
 
+def history(path: Path, records: int = 361, span_s: float = 3600, payload_chars: int = 1000) -> None:
+    """An outbox that has run: `records` records evenly over `span_s` seconds, as the agent stores them."""
+    from customs_edge.agent.outbox import SqliteOutbox
+    from customs_edge.core.records import RecordIn
+
+    t0 = time.time() - span_s
+    o = SqliteOutbox(path)
+    try:
+        o.put([RecordIn(type="t", ts=t0 + i * span_s / max(1, records - 1), payload={"x": "a" * payload_chars})
+               for i in range(records)])
+    finally:
+        o.close()
+
+
 def test_a_healthy_unit_passes_every_check(tmp_path: Path, scale_socket: str, mosquitto: Mosquitto) -> None:
-    f = write(tmp_path, unit_dict(tmp_path, scale_socket, mosquitto.port))
+    raw = unit_dict(tmp_path, scale_socket, mosquitto.port)
+    f = write(tmp_path, raw)
+    history(Path(raw["outbox"]["path"]))
     res = cli("check", "--config", str(f))
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines] == ["✓ config", "✓ cross-references", "✓ models", "✓ port scale",
-                                                  "✓ outbox", "✓ broker", "✓ clock"]
+                                                  "✓ outbox", "✓ outage headroom (8 h)", "✓ broker", "✓ clock"]
     assert res.stderr == ""
     js = cli("check", "--config", str(f), "--json")
     doc = json.loads(js.stdout)
-    assert js.returncode == 0 and doc["result"] == "ok" and len(doc["checks"]) == 7
+    assert js.returncode == 0 and doc["result"] == "ok" and len(doc["checks"]) == 8
 
 
 def test_a_broken_unit_fails_with_a_fix_per_failure(tmp_path: Path) -> None:
@@ -70,10 +87,10 @@ def test_a_broken_unit_fails_with_a_fix_per_failure(tmp_path: Path) -> None:
     doc = json.loads(res.stdout)
     states = {c["check"]: c["state"] for c in doc["checks"]}
     assert states == {"config": "ok", "cross-references": "ok", "models": "ok", "port scale": "fail",
-                      "outbox": "ok", "broker": "fail", "clock": "ok"}
+                      "outbox": "ok", "outage headroom (8 h)": "warn", "broker": "fail", "clock": "ok"}
     assert all(c["fix"] for c in doc["checks"] if c["state"] != "ok")
     text = cli("check", "--config", str(f)).stdout
-    assert "✗ port scale:" in text and "✗ broker:" in text and text.count("    fix: ") == 2
+    assert "✗ port scale:" in text and "✗ broker:" in text and text.count("    fix: ") == 3
 
 
 def test_only_warnings_exit_3(tmp_path: Path, scale_socket: str, mosquitto: Mosquitto) -> None:
@@ -222,6 +239,39 @@ def test_outbox_held_by_a_running_agent_warns_with_its_pid(tmp_path: Path) -> No
         agent.terminate()
         agent.wait(10)
     assert check.check_outbox(cfg).state == check.OK
+
+
+def test_outage_headroom_without_history_says_the_rate_is_unknown(tmp_path: Path) -> None:
+    cfg = unit(tmp_path, "/dev/null", 1883)
+    r = check.check_headroom(cfg, 8)
+    assert r.state == check.WARN and r.detail.startswith("the record rate is unknown: ")
+    assert "no outbox file there" in r.detail and "run the unit for an hour and check again" in r.fix
+    assert not cfg.outbox.path.parent.exists()  # read-only: nothing created
+    history(cfg.outbox.path, records=1)
+    r = check.check_headroom(cfg, 8)
+    assert r.state == check.WARN and "holds 1 record: no history" in r.detail
+
+
+def test_outage_headroom_compares_rate_times_hours_with_the_cap(tmp_path: Path) -> None:
+    # 0.1 records/s of ~1,070 B (1,000 chars of payload and its JSON, + 64): ~2.9 MiB in 8 h, ~0.4 MiB in 1 h
+    small = unit(tmp_path, "/dev/null", 1883, outbox={"max_mb": 2})
+    history(small.outbox.path)
+    r = check.check_headroom(small, 8)
+    assert r.state == check.WARN and r.detail.startswith("0.1 records/s of 10")
+    assert "more than outbox.max_mb (2 MiB)" in r.detail and r.fix == "raise outbox.max_mb to 3 or more"
+    assert check.check_headroom(small, 1).state == check.OK
+    big = unit(tmp_path, "/dev/null", 1883, outbox={"max_mb": 4})
+    assert check.check_headroom(big, 8).state == check.OK
+
+
+def test_outage_hours_option_reaches_the_check(tmp_path: Path) -> None:
+    raw = unit_dict(tmp_path, str(tmp_path / "ttyUSB9"), free_port(), outbox={"max_mb": 2})
+    raw["sync"]["connect_timeout_s"] = 1
+    history(Path(raw["outbox"]["path"]))
+    f = write(tmp_path, raw)
+    states = {c["check"]: c["state"] for c in json.loads(cli("check", "--config", str(f), "--json",
+                                                             "--outage-hours", "1").stdout)["checks"]}
+    assert states["outage headroom (1 h)"] == "ok"
 
 
 # --- broker -------------------------------------------------------------------------------------------

@@ -232,3 +232,26 @@ def test_a_misconfiguration_names_its_key_its_line_and_the_fix(tmp_path: Path, b
     assert hits, problems
     assert all("(line " in p for p in problems if not p.startswith(("device_id: required",)))
 
+
+
+def test_a_model_manifest_that_is_missing_is_refused_on_its_line(tmp_path: Path, monkeypatch: Any) -> None:
+    """Before: validated ok, then the unit failed to start when the app loaded its model."""
+    monkeypatch.chdir(tmp_path)  # a relative path is read from the working directory, as the app does
+    key = "model_manifest"
+    missing = "models/ore.json"
+    text = edit(ORE, "app:\n", f"app:\n  {key}: {missing}\n")
+    (p,) = refused(tmp_path, text)
+    assert p.startswith(f"app.{key}: model manifest '{missing}' cannot be read (No such file or directory)")
+    assert "remove the key to use the shipped model" in p
+    assert p.endswith(f"(line {line_of(text, key)})")
+
+
+def test_a_gate_model_manifest_that_is_unreadable_is_refused(tmp_path: Path, monkeypatch: Any) -> None:
+    gate = (REPO / "configs" / "gate.yaml").read_text()
+    monkeypatch.chdir(tmp_path)
+    a_directory = "models"  # exists, but is no file to read
+    (tmp_path / a_directory).mkdir()
+    text = edit(gate, "app:\n", f"app:\n  model: {a_directory}\n")
+    (p,) = refused(tmp_path, text)
+    assert p.startswith(f"app.model: model manifest '{a_directory}' cannot be read (Is a directory)")
+    assert p.endswith(f"(line {line_of(text, 'model: ')})")

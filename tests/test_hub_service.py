@@ -169,8 +169,9 @@ def test_a_seq_conflict_is_logged_counted_and_alerted_retained(tmp_path: Path, h
     finally:
         late.close()
     lines = [LogfmtFormatter(with_time=False).format(r) for r in caplog.records if r.getMessage() == "seq conflict"]
+    # both boots named: the stored records' (b-1's, the default boot of `rec`) and the conflicting ones'
     assert lines == ['level=warning logger=customs_edge.hub.service event="seq conflict" device=dev-c seq=2-3'
-                     ' count=2 conflicts=2']
+                     f' count=2 conflicts=2 stored_boot={rec(2)["boot"]} new_boot=boot-b']
     assert [r.levelno for r in caplog.records if r.getMessage() == "seq conflict"] == [logging.WARNING]
     assert hub.hub.store.stats()[0].conflicts == 2
 

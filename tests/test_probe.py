@@ -250,3 +250,49 @@ def test_modbus_tcp_frames_are_shown_and_decoded_with_their_transaction(tmp_path
     assert struct.unpack(">f", struct.pack(">HH", *words[:2]))[0] == 4012.5
     assert told == (f"FRM modbus tcp transaction {tid} reply: slave 1 input (function 4) address 0 count 6 "
                     f"values {words}")
+
+
+def test_probe_warns_when_a_running_unit_holds_the_outbox_and_the_port(tmp_path: Path) -> None:
+    """Before: the probe opened the port beside the running unit and each read half the bytes."""
+    import serial
+
+    from customs_edge.agent.outbox import SqliteOutbox
+
+    master, slave = pty.openpty()
+    line = os.ttyname(slave)
+    cfg = tmp_path / "unit.yaml"
+    cfg.write_text(yaml.safe_dump(unit_dict(tmp_path, line, 1883)))
+    held = serial.Serial(line, exclusive=True)  # this process holds the port as a running unit does
+    outbox = SqliteOutbox(tmp_path / "agent" / "outbox.db")  # and its outbox, locked as the agent locks it
+    try:
+        res = cli("probe", "--config", str(cfg), "scale", "--count", "1", "--seconds", "0.5")
+    finally:
+        outbox.close()
+        held.close()
+        os.close(master)
+        os.close(slave)
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 2, res.stderr
+    assert warnings[0].startswith(f"warning: a running agent (pid {os.getpid()}) holds {tmp_path}/agent/outbox.db")
+    assert warnings[1].startswith(f"warning: {line} is held by pid {os.getpid()} (")
+    assert all("stop it first" in w for w in warnings)
+
+
+def test_probe_does_not_warn_about_a_port_another_process_has_open_without_the_lock(tmp_path: Path) -> None:
+    """A simulator's pty (or a terminal) is open elsewhere but not locked: no running unit there."""
+    master, slave = pty.openpty()
+    cfg = tmp_path / "unit.yaml"
+    cfg.write_text(yaml.safe_dump(unit_dict(tmp_path, os.ttyname(slave), 1883)))
+    try:
+        res = cli("probe", "--config", str(cfg), "scale", "--count", "1", "--seconds", "0.5")
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "warning" not in res.stderr, res.stderr
+
+
+def test_probe_does_not_warn_when_nothing_holds_the_outbox_or_the_port(tmp_path: Path) -> None:
+    cfg = tmp_path / "unit.yaml"
+    cfg.write_text(yaml.safe_dump(unit_dict(tmp_path, "socket://127.0.0.1:1", 1883)))
+    res = cli("probe", "--config", str(cfg), "scale", "--count", "1", "--seconds", "0.5")
+    assert "warning" not in res.stderr, res.stderr
