@@ -7,9 +7,12 @@ Inputs  'features' [N, 6] float32: head_max_c, head_hot_c, head_skin_c, backgrou
 Output  'core_c' [N, 1] float32: estimated core temperature, °C.
 The network is a small MLP (sklearn) written out to ONNX by hand (standardise, 2 x Dense+ReLU, Dense).
 
-    python -m customs_edge.training.train fever            # rebuild models/fever/
-    customs-edge models evaluate fever --json
-evaluate(seed) screens >= 20,000 simulated travellers with the gate app (tracker + shipped model +
+    python -m customs_edge.training.train fever            # rebuild models/fever/ (MLX90640)
+    python -m customs_edge.training.train fever --optics lepton35   # models/fever_lepton35/
+    customs-edge models evaluate fever --json [--optics lepton35]
+One model per optics (sensor resolution + field of view, simulators.gate_world.OPTICS): the manifest's
+`training.optics` states them, and the gate app refuses a model trained for other optics.
+evaluate(seed) screens simulated travellers (>= 500 febrile) with the gate app (tracker + shipped model +
 threshold) and compares every decision with the simulated truth.
 """
 
@@ -26,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from customs_edge.agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker
-from customs_edge.simulators.gate_world import GateWorld, TravellerTruth, WorldParams
+from customs_edge.simulators.gate_world import MLX90640, OPTICS, GateWorld, Optics, TravellerTruth, WorldParams
 
 NAME = "fever"
 VERSION = "1.0.0"
-RATE_HZ = 8.0
+RATE_HZ = 8.0  # the MLX90640's; other optics render at their own rate_hz
 CHUNK = 512  # frames rendered at once
 THRESHOLDS = (37.3, 37.5, 38.0)
 BLACKBODY = (20, 23, 28, 31)  # rows, columns of the blackbody in evaluate(camera="drifting"|"referenced")
@@ -57,7 +60,7 @@ def _match(world: GateWorld, track: FinishedTrack, candidates: list[TravellerTru
     for tr in candidates:
         if tr.t_in_view <= track.best_mono <= tr.t_out_view:
             dist = abs(world.column_of(tr, track.best_mono) - track.best_cx)
-            if dist < 5.0 and (best is None or dist < best[0]):
+            if dist < 5.0 * world.optics.scale and (best is None or dist < best[0]):
                 best = (dist, tr)
     return best[1] if best else None
 
@@ -78,7 +81,7 @@ def run_shard(shard: Shard, make_runner: Callable[[], tuple[Runner, Callable[[],
     process, flush = make_runner()
     dead = DeadPixels()
     found: list[tuple[FinishedTrack, Any]] = []
-    times = np.arange(0.0, t_end, 1.0 / RATE_HZ)
+    times = np.arange(0.0, t_end, 1.0 / world.optics.rate_hz)
     for i in range(0, len(times), CHUNK):
         frames = world.render(times[i:i + CHUNK])
         np.round(frames, 2, out=frames)  # the wire carries °C x 100
@@ -105,14 +108,16 @@ def _tracker_runner() -> tuple[Runner, Callable[[], list[tuple[FinishedTrack, An
 class _AppRunner:
     """The gate app itself (tracker + model + threshold) as a shard runner; picklable for the pool."""
 
-    def __init__(self, manifest: str | None, threshold_c: float, reference: bool = False) -> None:
+    def __init__(self, manifest: str | None, threshold_c: float, reference: bool = False,
+                 blackbody: tuple[int, int, int, int] = BLACKBODY) -> None:
         self.manifest, self.threshold_c, self.reference = manifest, threshold_c, reference
+        self.blackbody = blackbody
 
     def __call__(self) -> tuple[Runner, Callable[[], list[tuple[FinishedTrack, Any]]]]:
         from customs_edge.agent.apps.gate import GateApp, GateAppConfig
         from customs_edge.agent.apps.gate_reference import ReferenceConfig
 
-        r0, r1, c0, c1 = BLACKBODY
+        r0, r1, c0, c1 = self.blackbody
         ref = ReferenceConfig(rows=(r0, r1), cols=(c0, c1), setpoint_c=35.0) if self.reference else None
         # warmup_s=0: the figures are those of a warmed-up station (every shard starts its lane cold)
         app = GateApp("eval", GateAppConfig(threshold_c=self.threshold_c, reference=ref, warmup_s=0.0,
@@ -155,6 +160,18 @@ def _shards(seed: int, n: int, per_shard: int, base: WorldParams) -> list[Shard]
 # about their core, and a model that tries to learn them only learns to doubt every fever (docs/gate.md).
 TRAIN_WORLD = WorldParams(rate_per_h=2000.0, febrile_share=0.15, hot_drink_share=0.1, sun_share=0.0,
                           child_share=0.1)
+
+
+def model_dir_name(optics: Optics) -> str:
+    """models/<this>/: `fever` for the MLX90640 (the first), `fever_<optics>` for the others."""
+    return NAME if optics == MLX90640 else NAME + "_" + optics.name.split("-")[0]
+
+
+def optics_named(name: str) -> Optics:
+    for o in OPTICS.values():
+        if name in (o.name, o.name.split("-")[0]):
+            return o
+    raise ValueError(f"unknown optics {name!r}: one of {', '.join(o.name.split('-')[0] for o in OPTICS.values())}")
 
 
 def dataset(seed: int, n: int, base: WorldParams = TRAIN_WORLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,15 +228,18 @@ def predict_numpy(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     return (h @ p["w3"] + p["b3"]).reshape(-1)
 
 
-def train(out_dir: Path, seed: int = 0, n_travellers: int = 16000) -> Path:
-    """Simulate, fit, export; held-out figures (a separate seed) go into the manifest."""
+def train(out_dir: Path, seed: int = 0, n_travellers: int | None = None, optics: Optics = MLX90640) -> Path:
+    """Simulate, fit, export; held-out figures (a separate seed) go into the manifest. Higher-resolution
+    optics train on 8,000 travellers by default (rendering costs ~25x more per frame)."""
     from customs_edge.models.runtime import sha256_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    x, y, _ = dataset(seed * 7919 + 11, n_travellers)
+    n_travellers = n_travellers or (16000 if optics == MLX90640 else 8000)
+    world = replace(TRAIN_WORLD, optics=optics)
+    x, y, _ = dataset(seed * 7919 + 11, n_travellers, world)
     params = fit(x, y, seed)
-    xh, yh, fh = dataset(seed * 7919 + 12, max(2000, n_travellers // 4))
+    xh, yh, fh = dataset(seed * 7919 + 12, max(2000, n_travellers // 4), world)
     resid = predict_numpy(params, xh) - yh
     onnx_path = out_dir / "fever.onnx"
     onnx_path.write_bytes(to_onnx(params))
@@ -231,7 +251,9 @@ def train(out_dir: Path, seed: int = 0, n_travellers: int = 16000) -> Path:
         "training": {"source": "simulators.gate_world via agent.apps.gate_tracker", "seed": seed,
                      "travellers": n_travellers, "tracks": len(y),
                      "world": {k: v for k, v in TRAIN_WORLD.__dict__.items() if k.endswith("share")},
-                     "sensor": "MLX90640 BAB 55x35 deg, 32x24, 8 Hz", "model": "MLP 6-24-12-1 (sklearn), ReLU"},
+                     "sensor": f"{optics.name} {optics.hfov_deg:g}x{optics.vfov_deg:g} deg, "
+                               f"{optics.cols}x{optics.rows}, {optics.rate_hz:g} Hz",
+                     "optics": optics.as_dict(), "model": "MLP 6-24-12-1 (sklearn), ReLU"},
         "metrics": {"heldout_tracks": len(yh), "mae_c": round(float(np.abs(resid).mean()), 4),
                     "residual_sd_c": round(float(resid.std()), 4), "bias_c": round(float(resid.mean()), 4),
                     "heldout_febrile_mae_c": round(float(np.abs(resid[fh]).mean()), 4) if fh.any() else None},
@@ -242,22 +264,36 @@ def train(out_dir: Path, seed: int = 0, n_travellers: int = 16000) -> Path:
 
 
 # --- evaluation --------------------------------------------------------------------------------
-def evaluate(seed: int = 1, travellers: int = 20000, threshold_c: float = 37.3, manifest: str | Path | None = None,
-             workers: int | None = None, rate_per_h: float = 2000.0, camera: str = "ideal") -> dict[str, Any]:
-    """Screen `travellers` simulated travellers (default febrile share, confounders, ambient 16-30 °C,
-    a lane at `rate_per_h`) with the gate app, and score its decisions against the truth.
+def evaluate(seed: int = 1, travellers: int | None = None, threshold_c: float = 37.3,
+             manifest: str | Path | None = None, workers: int | None = None, rate_per_h: float = 2000.0,
+             camera: str = "ideal", optics: str = "mlx90640", febrile_share: float | None = None) -> dict[str, Any]:
+    """Screen simulated travellers (confounders at their default shares, ambient 16-30 °C, a lane at
+    `rate_per_h`) with the gate app, and score its decisions against the truth. The febrile share is
+    enriched (3 % of 20,000 for the MLX90640; 6 % of 10,000 for other optics, whose frames cost ~25x more)
+    so >= 500 febrile travellers give the sensitivity a usable 95 % interval; the false-alarm rate is
+    counted on the afebrile, and the PPV at realistic prevalences follows from both.
     Positive = a febrile traveller (core 37.6-39.5 °C); every afebrile core is <= 37.2 °C.
     `camera`: "ideal" (no offset), "drifting" (the camera reads 1.5 K +- 1 K high, drifting over 2 h; a
     blackbody in view, not used) or "referenced" (the same, corrected by the blackbody)."""
     if camera not in ("ideal", "drifting", "referenced"):
         raise ValueError(f"camera must be ideal, drifting or referenced, not {camera!r}")
-    base = WorldParams(rate_per_h=rate_per_h)
+    o = optics_named(optics)
+    hi_res = o != MLX90640
+    travellers = travellers or (10000 if hi_res else 20000)
+    febrile_share = (0.06 if hi_res else 0.03) if febrile_share is None else febrile_share
+    base = WorldParams(rate_per_h=rate_per_h, optics=o, febrile_share=febrile_share)
+    if manifest is None and hi_res:
+        from customs_edge.models import default_manifest
+
+        manifest = default_manifest(model_dir_name(o))
+    bb = BLACKBODY
+    if hi_res:  # the same place in the frame, in the camera's pixels
+        bb = (round(bb[0] * o.scale), round(bb[1] * o.scale), round(bb[2] * o.scale), round(bb[3] * o.scale))
     if camera != "ideal":
-        base = replace(base, camera_offset_c=1.5, camera_drift_k=1.0, camera_drift_period_s=7200.0,
-                       blackbody=BLACKBODY)
-    runner = _AppRunner(str(manifest) if manifest else None, threshold_c, camera == "referenced")
+        base = replace(base, camera_offset_c=1.5, camera_drift_k=1.0, camera_drift_period_s=7200.0, blackbody=bb)
+    runner = _AppRunner(str(manifest) if manifest else None, threshold_c, camera == "referenced", bb)
     results = run_shards(_shards(seed, travellers, 2000, base), runner, workers)
-    return score(results, threshold_c)
+    return {"optics": o.as_dict(), "febrile_share": febrile_share, **score(results, threshold_c)}
 
 
 PREVALENCES = (0.001, 0.01, 0.05)  # febrile share among travellers: the PPV a deployment can expect

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from customs_edge.agent.apps.base import App, AppConfig, Role
 from customs_edge.agent.apps.gate_reference import Reference, ReferenceConfig
 from customs_edge.agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker, TrackerParams
-from customs_edge.core.errors import DriverFault, ModelError
+from customs_edge.core.errors import ConfigError, DriverFault, ModelError
 from customs_edge.core.outputs import OutputsSet, SetOutputs
 from customs_edge.core.readings import Passage, PassageHeartbeat, Reading, ThermalFrame
 from customs_edge.core.records import Priority, RecordIn
@@ -83,7 +83,11 @@ class GateAppConfig(AppConfig):
     stale_after_s: float = Field(1.0, gt=0, description="no frame for this long: open tracks are closed")
     reference: ReferenceConfig | None = Field(None, description="blackbody in view: region, set-point, limits")
     warmup_s: float = Field(1800.0, ge=0, description="screenings this soon after the first frame: 'warm_up'")
-    hfov_deg: float = Field(55.0, gt=0, lt=180, description="the camera's horizontal field of view")
+    hfov_deg: float | None = Field(None, gt=0, lt=180, description=(
+        "the camera's horizontal field of view; default: the model's optics (a different one is refused)"))
+    frame_size: tuple[int, int] | None = Field(None, description=(
+        "width, height of the thermal driver's frames: checked against the model's optics at start "
+        "(frames of another size are refused whether or not it is set)"))
     head_size_m: float = Field(0.154, gt=0, le=0.3,
                                description="distance estimate: sqrt of a head's warm skin area, metres")
     head_blur_px: float = Field(0.63, ge=0, le=3, description="distance estimate: optics' blur, pixels")
@@ -127,6 +131,31 @@ def load_fever_model(path: Path | None) -> OnnxModel:
     return model
 
 
+OPTICS_MODELS = "models/fever (MLX90640), models/fever_lepton35 (FLIR Lepton 3.5), models/fever_ir384 (384x288)"
+
+
+def optics_mismatch(model: str, optics: dict[str, Any], camera: str) -> str:
+    return (f"app.model: {model} was trained for {optics['name']} ({optics['cols']}x{optics['rows']}, "
+            f"{optics['hfov_deg']:g}° wide); the camera is {camera}: set app.model to the manifest trained for "
+            f"this camera ({OPTICS_MODELS}) or train one: python -m customs_edge.training.train fever --optics NAME")
+
+
+def model_optics(model: OnnxModel, config: GateAppConfig) -> dict[str, Any]:
+    """The optics the model was trained for (manifest `training.optics`), checked against the config."""
+    o = model.manifest.training.get("optics")
+    keys = ("name", "cols", "rows", "hfov_deg")
+    if not isinstance(o, dict) or any(k not in o for k in keys):
+        raise ConfigError("app", [f"app.model: {model.manifest.name} states no optics (training.optics with "
+                                  f"{', '.join(keys)}): retrain it with python -m customs_edge.training.train fever "
+                                  f"--optics NAME"])
+    if config.frame_size is not None and tuple(config.frame_size) != (o["cols"], o["rows"]):
+        w, h = config.frame_size
+        raise ConfigError("app", [optics_mismatch(model.manifest.name, o, f"{w}x{h} (app.frame_size)")])
+    if config.hfov_deg is not None and abs(config.hfov_deg - float(o["hfov_deg"])) > 0.5:
+        raise ConfigError("app", [optics_mismatch(model.manifest.name, o, f"{config.hfov_deg:g}° wide (app.hfov_deg)")])
+    return o
+
+
 class GateApp(App):
     Config = GateAppConfig
     CONSUMES = {"thermal": Role(ThermalFrame), "passage": Role(Passage, PassageHeartbeat, optional=True),
@@ -145,6 +174,9 @@ class GateApp(App):
                                              min_frames=config.min_frames),
                                keep_frames=config.thumbnail_on_alert)
         self.reference = Reference(config.reference) if config.reference else None
+        self.optics = model_optics(self.model, config)
+        self.hfov_deg = float(self.optics["hfov_deg"])
+        self._optics_error: str | None = None  # frames of another size than the model's: why, once
         self._started: float | None = None  # first frame: the warm-up's start
         self._ambient_c: float | None = None  # the latest sensor ambient reading
         self._width = 0  # frame width, pixels
@@ -188,7 +220,7 @@ class GateApp(App):
         dist = None
         size_px = math.sqrt(t.features[4]) - c.head_blur_px  # the head's apparent size, pixels
         if self._width and size_px > 0:
-            dist = c.head_size_m / (size_px * 2 * math.tan(math.radians(c.hfov_deg / 2)) / self._width)
+            dist = c.head_size_m / (size_px * 2 * math.tan(math.radians(self.hfov_deg / 2)) / self._width)
             if dist < c.min_distance_m:
                 tags.append("too_near")
             elif dist > c.max_distance_m:
@@ -225,6 +257,8 @@ class GateApp(App):
             if min(frame.shape) < 4:  # too small to hold a traveller's head: not this app's camera
                 self._w["bad_frames"] += 1
                 return []
+            if frame.shape != (self.optics["rows"], self.optics["cols"]):
+                return self._wrong_optics(frame.shape, reading.source)
             self._last_frame_mono = reading.mono
             self._w["frames"] += 1
             self._w_dead = max(self._w_dead, reading.dead_pixels)
@@ -242,6 +276,16 @@ class GateApp(App):
             self.totals[key] += n
             self._w["passage_lost"] += reading.lost
         return []
+
+    def _wrong_optics(self, shape: tuple[int, ...], source: str) -> list[RecordIn]:
+        """A frame the model was not trained for: never screened; counted, and said once with the fix."""
+        self._w["bad_frames"] += 1
+        self._w["wrong_optics"] = self._w.get("wrong_optics", 0) + 1
+        if self._optics_error is not None:
+            return []
+        self._optics_error = optics_mismatch(self.model.manifest.name, self.optics, f"{shape[1]}x{shape[0]}")
+        return [RecordIn(type="app_error", priority=Priority.ALERT,
+                         payload={"error": self._optics_error, "source": source, "key": "app.model"})]
 
     def _records(self, screenings: list[Screening], source: str) -> list[RecordIn]:
         out: list[RecordIn] = []
