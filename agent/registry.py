@@ -32,6 +32,7 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "barcode-serial": "customs_edge.drivers.scanner:BarcodeSerial",
     "modbus-relay": "customs_edge.drivers.relay:ModbusRelay",
     "thermal-raw": "customs_edge.drivers.thermal_raw:ThermalRaw",
+    "modbus-th": "customs_edge.drivers.environment:EnvironmentSensor",
 }
 
 BUILTIN_APPS: dict[str, str] = {
