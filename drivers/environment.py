@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from customs_edge.core.readings import Ambient, Registers, SlaveError
-from customs_edge.drivers.modbus import ModbusRtu, ModbusRtuConfig
+from customs_edge.drivers.modbus import ModbusRtu, ModbusRtuConfig, SlaveConfig
 
 TEMPERATURE_RANGE = (-40.0, 125.0)  # the SHT20's
 HUMIDITY_RANGE = (0.0, 100.0)
@@ -37,6 +37,7 @@ class EnvironmentConfig(ModbusRtuConfig):
     temperature_register: int = Field(1, ge=0, le=65535, description="0-based address of temperature x 10")
     humidity_register: int | None = Field(2, ge=0, le=65535, description="RH x 10; null: no humidity channel")
     scale: float = Field(0.1, gt=0, description="value per count (XY-MD02: 0.1)")
+    slaves: list[SlaveConfig] = Field(default_factory=list, description="built from the keys above: do not set")
 
     @model_validator(mode="before")
     @classmethod

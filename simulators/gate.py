@@ -20,6 +20,9 @@ repeats its last frame: a frozen sensor), --dead-pixels, --noise. The camera's o
 industrial camera (47°, 25 Hz) and streams raw Y16 frames in the framing of simulators/wire/thermal_raw.py
 (docs/gate.md) from the moment a client connects; --ffc-every S closes the shutter (flat-field correction,
 frames flagged) for --ffc-for seconds every S seconds, as such cameras do.
+--environment adds the lane's temperature / humidity transmitter (role `environment`, Modbus RTU, XY-MD02
+map; the air is the world's hall, RH --humidity) and --relay the stack light's relay module (role `signal`,
+Modbus RTU coils), each on its own endpoints.
 Every traveller's truth (core
 temperature, febrile, confounder, beam times) is in `world.truth` and, with --truth, a JSON-lines file.
 """
@@ -280,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-every", type=float, default=0.0, help="seconds between sensor stalls (0: never)")
     p.add_argument("--stall-for", type=float, default=5.0, help="length of each stall, seconds")
     p.add_argument("--truth", help="write every traveller's ground truth to this JSON-lines file")
+    p.add_argument("--environment", action="store_true", help="also serve the lane's temperature / humidity "
+                                                               "transmitter (role environment)")
+    p.add_argument("--humidity", type=float, default=45.0, help="the hall's relative humidity, %%")
+    p.add_argument("--relay", action="store_true", help="also serve the stack light's relay module (role signal)")
     add_endpoint_args(p)
     return p
 
@@ -324,4 +331,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     thermal = endpoints_from_args(sim.thermal, args)
     passage = Endpoints(sim.passage, use_pty=not args.no_pty, tcp_port=None if args.tcp_port < 0 else 0,
                         link=f"{args.link}-passage" if args.link else None)
-    run_until_signalled({"thermal": thermal, "passage": passage})
+    sets = {"thermal": thermal, "passage": passage}
+    tcp = None if args.tcp_port < 0 else 0
+    if args.environment:
+        from customs_edge.simulators.environment import EnvironmentSim
+
+        world, clock, rh = sim.world, sim.clock, args.humidity
+        env = EnvironmentSim(air=lambda _t: (float(world.ambient(clock.now())), rh))
+        sets["environment"] = Endpoints(env, use_pty=not args.no_pty, tcp_port=tcp,
+                                        link=f"{args.link}-environment" if args.link else None)
+    if args.relay:
+        from customs_edge.simulators.relay import RelaySim
+
+        sets["signal"] = Endpoints(RelaySim(), use_pty=not args.no_pty, tcp_port=tcp,
+                                   link=f"{args.link}-signal" if args.link else None)
+    run_until_signalled(sets)

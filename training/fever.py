@@ -19,6 +19,7 @@ threshold) and compares every decision with the simulated truth.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 from collections.abc import Callable
@@ -305,6 +306,22 @@ def ppv(sensitivity: float, false_alarm_rate: float, prevalence: float) -> float
     return sensitivity * prevalence / alarms if alarms else None
 
 
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The Wilson score interval for a proportion (95 % by default): (low, high); None when n == 0.
+    Wilson EB, J Am Stat Assoc 22 (1927) 209-212; unlike p +- z·sqrt(p(1-p)/n) it stays inside [0, 1] and
+    keeps its coverage near p = 1, where a screening's sensitivity lives."""
+    if n <= 0:
+        return None
+    p = successes / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+GOALS = {"sensitivity": 0.95, "sensitivity_ci95_low": 0.90, "false_alarm_rate": 0.01}
+
+
 def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
     truth = [tr for r in results for tr in r.truth]
     decided: dict[tuple[int, int], Any] = {}
@@ -325,7 +342,11 @@ def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
     invalid = sum(1 for r in results for _, _, s in r.matched if s.tags)
     measured = sum(len(r.matched) for r in results)
     tp = fp = tn = fn = 0
-    by_conf: dict[str, dict[str, int]] = {}
+    by_conf: dict[str, dict[str, Any]] = {}
+    invalid_by_conf: dict[str, int] = {}
+    for r in results:
+        for _, tr, s in r.matched:
+            invalid_by_conf[tr.confounder] = invalid_by_conf.get(tr.confounder, 0) + bool(s.tags)
     errors = []
     for k, r in enumerate(results):
         for tr in r.truth:
@@ -344,16 +365,34 @@ def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
                 tn += not raised
         errors += [s.estimate_c - tr.core_c for _, tr, s in r.matched]
     fp += spurious_alarms
+    for name, c in by_conf.items():  # each confounder's own rates
+        afebrile = c["travellers"] - c["febrile"]
+        febrile_alarms = sum(1 for k, r in enumerate(results) for tr in r.truth
+                             if tr.confounder == name and tr.febrile and decided.get((k, tr.id)))
+        c["sensitivity"] = round(febrile_alarms / c["febrile"], 4) if c["febrile"] else None
+        c["false_alarm_rate"] = round((c["alarms"] - febrile_alarms) / afebrile, 5) if afebrile else None
+        c["invalid"] = invalid_by_conf.get(name, 0)
     n = len(truth)
     screened = len(decided)
     err = np.array(errors) if errors else np.zeros(1)
     rates = (tp / (tp + fn), fp / (fp + tn)) if tp + fn and fp + tn else None
     ppvs = {str(p): None if rates is None or (v := ppv(*rates, p)) is None else round(v, 4) for p in PREVALENCES}
+    ci = wilson(tp, tp + fn)
+    far_ci = wilson(fp, fp + tn)
+    sens = tp / (tp + fn) if tp + fn else None
+    far = fp / (fp + tn) if fp + tn else None
+    goals = {"sensitivity >= 0.95": sens is not None and sens >= GOALS["sensitivity"],
+             "sensitivity_ci95 low >= 0.90": ci is not None and ci[0] >= GOALS["sensitivity_ci95_low"],
+             "false_alarm_rate <= 0.01": far is not None and far <= GOALS["false_alarm_rate"],
+             "febrile >= 500": tp + fn >= 500}
     return {
         "travellers": n, "threshold_c": threshold_c,
         "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+        "febrile": tp + fn, "afebrile": fp + tn,
         "sensitivity": round(tp / (tp + fn), 4) if tp + fn else None,
+        "sensitivity_ci95": None if ci is None else [round(ci[0], 4), round(ci[1], 4)],
         "false_alarm_rate": round(fp / (fp + tn), 5) if fp + tn else None,
+        "false_alarm_rate_ci95": None if far_ci is None else [round(far_ci[0], 5), round(far_ci[1], 5)],
         "alarm_rate": round((tp + fp) / n, 5) if n else None,
         "ppv_at_prevalence": ppvs,
         "screened": screened, "unscreened": n - screened,
@@ -362,4 +401,5 @@ def score(results: list[ShardResult], threshold_c: float) -> dict[str, Any]:
         "estimate_mae_c": round(float(np.abs(err).mean()), 4), "estimate_bias_c": round(float(err.mean()), 4),
         "by_confounder": by_conf, "frames": sum(r.frames for r in results),
         "invalid_rate": round(invalid / measured, 5) if measured else None, "tags": dict(sorted(tags.items())),
+        "goals": goals,
     }
