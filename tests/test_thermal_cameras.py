@@ -157,7 +157,8 @@ def test_tracker_counts_travellers_at_each_resolution(optics: object) -> None:
             found += tracker.process(frame, float(t), float(t))
     found += tracker.flush()
     inside = [tr for tr in world.truth if tr.t_out_view < span]
-    assert len(found) == len(inside) >= 5
+    seen = [tr for tr in world.truth if tr.t_in_view < span - 0.5]  # a traveller still in view is flushed
+    assert len(inside) <= len(found) <= len(seen) and len(inside) >= 5
     assert world.render(np.array([0.0])).shape == (1, optics.rows, optics.cols)  # type: ignore[attr-defined]
 
 
