@@ -178,3 +178,38 @@ def test_world_keeps_the_mlx90640_unchanged() -> None:
     a = GateWorld(1, WorldParams(rate_per_h=2000)).render(np.arange(0, 30, 0.125))
     assert hashlib.sha256(a.tobytes()).hexdigest() == \
         "52acf39484598fa4d967e3f3de900f117d387a0be06dfd324c843baaac06623a"
+
+
+def test_simulate_gate_cli_serves_a_lepton_an_environment_sensor_and_a_relay() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from customs_edge.drivers.environment import EnvironmentConfig, EnvironmentSensor
+
+    proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "simulate", "gate", "--seed", "2", "--camera",
+                             "lepton35", "--environment", "--humidity", "55", "--relay", "--no-pty", "--tcp-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        urls = json.loads(proc.stdout.readline())["urls"]
+        assert set(urls) == {"thermal", "passage", "environment", "signal"}
+        cam = ThermalRaw("thermal", ThermalRawConfig(port=urls["thermal"]["socket"], width=160, height=120))
+        env = EnvironmentSensor("environment", EnvironmentConfig(port=urls["environment"]["socket"],
+                                                                 poll_interval_s=0.05))
+        cam.open()
+        env.open()
+        try:
+            deadline = time.monotonic() + 10.0
+            frame = air = None
+            while time.monotonic() < deadline and (frame is None or air is None):
+                frame = frame or cam.read()
+                air = air or env.read()
+        finally:
+            cam.close()
+            env.close()
+        assert isinstance(frame, ThermalFrame) and frame.pixels.shape == (120, 160)
+        assert air is not None and air.humidity_pct == 55.0 and 18.0 < air.temperature_c < 26.0  # the hall's air
+    finally:
+        proc.terminate()
+        proc.wait(10)
