@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fleet.register(sub)
 
+    from customs_edge.cli import console  # `customs-edge console serve|user|users`
+
+    console.register(sub)
+
     m = sub.add_parser("models", help="model figures")
     msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")
     ev = msub.add_parser("evaluate", help="train on the synthetic set and print held-out figures")
