@@ -103,7 +103,9 @@ SCHEMA: list[str] = [
     ALTER TABLE devices ADD COLUMN unit_type TEXT;
     ALTER TABLE devices ADD COLUMN site TEXT;
     CREATE INDEX records_alerts ON records (received_at) WHERE priority = 3 OR type = 'driver_fault';
-    CREATE INDEX records_console ON records (type, ts) WHERE type IN ('lot_report', 'lane_summary', 'ore_analysis');
+    CREATE INDEX records_lot_report ON records (ts) WHERE type = 'lot_report';
+    CREATE INDEX records_lane_summary ON records (ts) WHERE type = 'lane_summary';
+    CREATE INDEX records_ore_analysis ON records (ts) WHERE type = 'ore_analysis';
     """,
 ]
 

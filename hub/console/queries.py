@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 SILENT_AFTER_S = 300.0
-INDEXED = ("lot_report", "lane_summary", "ore_analysis")  # the partial index records_console's kinds  # a unit heard from longer ago than this stands out on the fleet page
+INDEXED = ("lot_report", "lane_summary", "ore_analysis")  # each with its partial index records_<kind>  # a unit heard from longer ago than this stands out on the fleet page
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class HubReader:
         if device:
             sql += " AND r.device_id = ?"
             args.append(device)
-        sql += " ORDER BY r.type, r.ts LIMIT ?"
+        sql += " ORDER BY r.ts LIMIT ?"
         args.append(limit)
         return [AlertRow(d, s, ts, t, _obj(p), rcv, ut, site) for d, s, ts, t, p, rcv, ut, site in
                 self.db.execute(sql, args)]
@@ -124,8 +124,8 @@ class HubReader:
         """The newest records of one of the console's indexed kinds, newest first."""
         return [AlertRow(d, s, ts, t, _obj(p), rcv, ut, site) for d, s, ts, t, p, rcv, ut, site in self.db.execute(
             "SELECT r.device_id, r.seq, r.ts, r.type, r.payload, r.received_at, d.unit_type, d.site FROM records r"
-            f" LEFT JOIN devices d ON d.device_id = r.device_id WHERE r.type = {_kind(kind)} ORDER BY r.type DESC,"
-            " r.ts DESC LIMIT ?", (limit,))]
+            f" LEFT JOIN devices d ON d.device_id = r.device_id WHERE r.type = {_kind(kind)} ORDER BY r.ts DESC"
+            " LIMIT ?", (limit,))]
 
     def confirmations(self, since: float) -> list[AlertRow]:
         return [a for a in self.alerts(Filters(kind="fever_confirmation"), limit=10000) if a.ts >= since]

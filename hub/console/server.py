@@ -137,8 +137,11 @@ class Handler(BaseHTTPRequestHandler):
         path, q = url.path, {k: v[0] for k, v in parse_qs(url.query).items()}
         if path.startswith("/static/"):
             return self._static(path.removeprefix("/static/"))
-        if path == "/login":
-            pre = secrets.token_urlsafe(16)
+        if path == "/favicon.ico":
+            return self._send(204, b"", "image/x-icon")
+        if path == "/login":  # one token per browser: a second tab or a stray request must not void the first form
+            held = self._cookies().get(PRE)
+            pre = held.value if held and len(held.value) >= 16 else secrets.token_urlsafe(16)
             return self._html(pages.login_page("", pre, q.get("next", "/alerts")),
                               headers={"Set-Cookie": f"{PRE}={pre}; HttpOnly; SameSite=Strict; Path=/login"})
         s = self._session()
