@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SILENT_AFTER_S = 300.0
-INDEXED = ("lot_report", "lane_summary", "ore_analysis")  # each with its partial index records_<kind>  # a unit heard from longer ago than this stands out on the fleet page
+SILENT_AFTER_S = 300.0  # a unit heard from longer ago than this stands out on the fleet page
+INDEXED = ("lot_report", "lane_summary", "ore_analysis")  # each with its partial index records_<kind>
 
 
 @dataclass(frozen=True)
