@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+CHOICES_TTL_S = 30.0
 SILENT_AFTER_S = 300.0  # a unit heard from longer ago than this stands out on the fleet page
 INDEXED = ("lot_report", "lane_summary", "ore_analysis")  # each with its partial index records_<kind>
 
@@ -47,6 +49,8 @@ class HubReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._choices: tuple[float, dict[str, list[str]] | None] = (0.0, None)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -85,7 +89,18 @@ class HubReader:
         return AlertRow(d, s, ts, t, _obj(p), rcv, ut, site)
 
     def choices(self) -> dict[str, list[str]]:
-        """The values the alert filters offer: sites, unit types, devices, kinds."""
+        """The values the alert filters offer: sites, unit types, devices, kinds; read again after CHOICES_TTL_S
+        (the kinds walk every alert: ~0.1 s at 10^4 alerts, too much for every page)."""
+        with self._lock:
+            at, cached = self._choices
+            if cached is not None and time.monotonic() - at < CHOICES_TTL_S:
+                return cached
+        fresh = self._read_choices()
+        with self._lock:
+            self._choices = (time.monotonic(), fresh)
+        return fresh
+
+    def _read_choices(self) -> dict[str, list[str]]:
         devs = self.db.execute("SELECT device_id, unit_type, site FROM devices ORDER BY device_id").fetchall()
         kinds = [k for (k,) in self.db.execute(f"SELECT DISTINCT r.type FROM records r WHERE {ALERT_WHERE}"
                                                 " AND r.received_at > 0 ORDER BY 1")]
