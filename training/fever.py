@@ -240,7 +240,8 @@ def train(out_dir: Path, seed: int = 0, n_travellers: int | None = None, optics:
     world = replace(TRAIN_WORLD, optics=optics)
     x, y, _ = dataset(seed * 7919 + 11, n_travellers, world)
     params = fit(x, y, seed)
-    xh, yh, fh = dataset(seed * 7919 + 12, max(2000, n_travellers // 4), world)
+    heldout = max(2000, n_travellers // 4) if optics == MLX90640 else max(400, n_travellers // 4)
+    xh, yh, fh = dataset(seed * 7919 + 12, heldout, world)
     resid = predict_numpy(params, xh) - yh
     onnx_path = out_dir / "fever.onnx"
     onnx_path.write_bytes(to_onnx(params))
