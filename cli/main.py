@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("name", choices=sorted(MODELS), help="the model")
     ev.add_argument("--seed", type=int, default=1, help="data seed (default 1)")
     ev.add_argument("--json", action="store_true", help="print JSON")
-    ev.add_argument("--optics", help="fever: the camera the model is for (mlx90640, lepton35, ir384)")
+    ev.add_argument("--optics", choices=["mlx90640", "lepton35", "ir384"],
+                    help="fever: the camera whose model is evaluated (default mlx90640)")
     m.set_defaults(fn=cmd_models)
 
     ck = sub.add_parser("check", help="commissioning: is this unit ready to run? (✓ / ! / ✗ and the fix)",

@@ -288,6 +288,11 @@ def evaluate(seed: int = 1, travellers: int | None = None, threshold_c: float = 
         from customs_edge.models import default_manifest
 
         manifest = default_manifest(model_dir_name(o))
+        if not manifest.is_file():
+            from customs_edge.core.errors import ModelError
+
+            raise ModelError(f"no model for {o.name} ({manifest} is missing): train one with "
+                             f"python -m customs_edge.training.train fever --optics {o.name.split('-')[0]}")
     bb = BLACKBODY
     if hi_res:  # the same place in the frame, in the camera's pixels
         bb = (round(bb[0] * o.scale), round(bb[1] * o.scale), round(bb[2] * o.scale), round(bb[3] * o.scale))
