@@ -177,7 +177,7 @@ def _table(units: list[DemoUnit], hub_db: Path, broker: str, elapsed: float) -> 
     return "\n".join(lines)
 
 
-def _start_console(hub_db: Path, work: Path, listen: str) -> Any:
+def _start_console(hub_db: Path, work: Path, listen: str, broker: str) -> Any:
     """The officers' console on the demo's hub, anonymous on loopback; None if the hub's file never appears
     or the address is taken (the demo runs on without it)."""
     from customs_edge.core.errors import CustomsEdgeError
@@ -186,7 +186,7 @@ def _start_console(hub_db: Path, work: Path, listen: str) -> Any:
     deadline = time.monotonic() + 15
     while True:
         try:
-            server = serve(hub_db, work / "console.db", listen, anonymous=True)
+            server = serve(hub_db, work / "console.db", listen, anonymous=True, broker=broker)
             break
         except CustomsEdgeError:  # the hub has not created its file yet
             if time.monotonic() > deadline:
@@ -217,7 +217,7 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
                            stderr=hub_log, start_new_session=True)
     units: list[DemoUnit] = []
     stop = threading.Event()
-    web = _start_console(hub_db, work, console) if console else None
+    web = _start_console(hub_db, work, console, f"127.0.0.1:{broker.port}") if console else None
     if web is not None:
         say(f"console: {web.url()}  (open it in a browser: alerts, fleet, ore lots, gate lanes)")
     try:
