@@ -1,0 +1,187 @@
+"""A handheld inspection unit's instruments together: macro camera (MJPEG over HTTP), serial barcode
+scanner and GNSS receiver (NMEA 0183), each on its own loopback endpoint, as the real unit wires them.
+
+Camera: scenes follow one another every `scene_s` seconds: sanded end grain (simulators/camera.py's wood
+cross-sections, one per scene seed) and, every `label_every`-th scene, the same end grain with a product
+label in the corner carrying a 2-D code: a QR code drawn by OpenCV's own encoder (ISO/IEC 18004) holding a
+traceability URL, or a Data Matrix (ISO/IEC 16022, drawn by zxing-cpp's writer) holding a plain code.
+`HandheldSim.scene_at(frame_no)` is the ground truth.
+
+Scanner: simulators/scanner.py's reads (GS1 element strings, Digital Link and plain URLs, damaged reads),
+and every `capture_every` reads the trigger line `CE-CAPTURE` (a command barcode on the officer's card:
+the handheld app captures a photo when it reads it), every other one `CE-CAPTURE-INSECT`.
+
+GPS: simulators/gps.py's officer walking a yard, with multipath jumps and fix gaps.
+
+Risk list: `risk_list_text()` is a list (JSON Lines, docs/handheld.md) covering part of the scanner's
+catalogue (GTIN + batch for the first products, one GTIN whole) and a pattern on the plain trace URLs,
+so that scans hit it; `--risk-list FILE` writes it for `customs-edge fleet risk-list publish FILE`.
+
+    customs-edge simulate handheld [--scene-s 5] [--scan-period 2] [--capture-every 3] [--gps-rate 1]
+        [--seed N] [--risk-list FILE]
+prints {"urls": {"camera": {"http": ...}, "scanner": {"pty", "socket"}, "gps": {"pty", "socket"}},
+"risk_list": FILE} and runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from customs_edge.simulators.base import Conn, Endpoints, Faults, add_endpoint_args, run_until_signalled
+from customs_edge.simulators.camera import CameraSim, HttpEndpoints, WoodSection
+from customs_edge.simulators.gps import GpsSim, GpsWorld
+from customs_edge.simulators.scanner import ScannerSim, ScanTruth, ScanWorld
+
+TRIGGERS = ("CE-CAPTURE", "CE-CAPTURE-INSECT")
+
+
+@dataclass(frozen=True, slots=True)
+class Scene:
+    index: int
+    kind: str  # "wood" or "label"
+    section: int  # which wood cross-section
+    code_kind: str | None = None  # "qr" | "datamatrix"
+    code_text: str | None = None
+
+
+def _qr(text: str) -> np.ndarray:
+    img = cv2.QRCodeEncoder.create().encode(text)  # 1 px per module, no quiet zone beyond the encoder's
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _datamatrix(text: str) -> np.ndarray:
+    import zxingcpp  # the writer only: no independent Data Matrix encoder is at hand
+
+    return np.asarray(zxingcpp.create_barcode(text, zxingcpp.BarcodeFormat.DataMatrix).to_image(scale=1),
+                      dtype=np.uint8)
+
+
+def paste_code(img: np.ndarray, code: np.ndarray, size: int) -> None:
+    """A white label with the code (scaled to `size` px, quiet zone of 4 modules) in the lower right."""
+    quiet = 4 * max(1, size // max(code.shape))
+    sym = cv2.resize(code, (size, size), interpolation=cv2.INTER_NEAREST)
+    h, w = img.shape[:2]
+    y0, x0 = h - size - 2 * quiet - 10, w - size - 2 * quiet - 10
+    img[y0: y0 + size + 2 * quiet, x0: x0 + size + 2 * quiet] = 255
+    img[y0 + quiet: y0 + quiet + size, x0 + quiet: x0 + quiet + size] = sym[..., None]
+
+
+class HandheldScenes(WoodSection):
+    """The camera's world: frame n shows scene n // frames_per_scene (cycled)."""
+
+    def __init__(self, seed: int | None, fps: float, scene_s: float, label_every: int = 2, sections: int = 4,
+                 width: int = 640, height: int = 480) -> None:
+        super().__init__(seed, width, height)
+        base_seed = 0 if seed is None else seed
+        self.sections = [self] + [WoodSection(base_seed * 100 + i, width, height) for i in range(1, sections)]
+        self.frames_per_scene = max(1, round(fps * scene_s))
+        self.scenes: list[Scene] = []
+        for i in range(12):
+            if label_every and i % label_every == label_every - 1:
+                kind = "qr" if (i // label_every) % 2 == 0 else "datamatrix"
+                text = f"https://trace.example.cn/q/HH{base_seed:03d}{i:02d}X" if kind == "qr" \
+                    else f"HN-DF-{base_seed:04d}-{i:06d}"
+                self.scenes.append(Scene(i, "label", i % sections, kind, text))
+            else:
+                self.scenes.append(Scene(i, "wood", i % sections))
+        self._codes = {s.index: (_qr(s.code_text) if s.code_kind == "qr" else _datamatrix(s.code_text))
+                       for s in self.scenes if s.code_text}
+
+    def scene_at(self, n: int) -> Scene:
+        return self.scenes[(n // self.frames_per_scene) % len(self.scenes)]
+
+    def frame(self, n: int) -> np.ndarray:
+        s = self.scene_at(n)
+        src = self.sections[s.section]
+        img = WoodSection.frame(src, n) if src is self else src.frame(n)
+        if s.code_text:
+            paste_code(img, self._codes[s.index], min(img.shape[:2]) // 3)
+        return img
+
+
+class HandheldScanner(ScannerSim):
+    """The scanner's reads, with a capture trigger line every `capture_every` reads (0: none)."""
+
+    def __init__(self, world: ScanWorld, period_s: float, capture_every: int, faults: Faults | None = None) -> None:
+        super().__init__(world, period_s, crlf=False, faults=faults)
+        self.capture_every = capture_every
+        self.reads = 0
+        self.triggers = 0
+        self._lock = threading.Lock()
+
+    def tick(self, conn: Conn) -> None:
+        with self._lock:
+            self.reads += 1
+            trigger = self.capture_every and self.reads % self.capture_every == 0
+            if trigger:
+                line = TRIGGERS[self.triggers % len(TRIGGERS)]
+                self.triggers += 1
+        if trigger:
+            self.truth.append(ScanTruth(line, "trigger", text=line))
+            conn.write(line.encode() + self.suffix)
+            return
+        super().tick(conn)
+
+
+def risk_list_text(world: ScanWorld, version: int = 1, name: str = "demo-risk") -> str:
+    """A risk list hitting part of the scanner's catalogue and the camera's QR URLs."""
+    lines = [{"risk_list": name, "version": version, "issued": "2026-03-14T08:00:00Z"}]
+    for p in world.catalogue[:4]:
+        lines.append({"gtin": p.gtin, "batch": p.batch, "tag": "recalled-batch", "action": "inspect"})
+    lines.append({"gtin": world.catalogue[4].gtin, "tag": "duty-free-resale", "action": "hold"})
+    lines.append({"pattern": r"^https://trace\.example\.cn/q/HH", "tag": "counterfeit-trace-site",
+                  "action": "hold"})
+    return "\n".join(json.dumps(x) for x in lines) + "\n"
+
+
+class HandheldSim:
+    def __init__(self, seed: int | None = None, *, fps: float = 5.0, scene_s: float = 5.0, scan_period: float = 2.0,
+                 capture_every: int = 3, gps_rate: float = 1.0, damaged_rate: float = 0.05,
+                 corrupt_rate: float = 0.0) -> None:
+        self.scenes = HandheldScenes(seed, fps, scene_s)
+        self.camera = CameraSim(self.scenes, fps, 85, Faults(0.0, seed))
+        self.scan_world = ScanWorld(seed, damaged_rate)
+        self.scanner = HandheldScanner(self.scan_world, scan_period, capture_every, Faults(corrupt_rate, seed))
+        self.gps_world = GpsWorld(seed)
+        self.gps = GpsSim(self.gps_world, gps_rate, Faults(corrupt_rate, seed))
+
+    def endpoints(self, use_pty: bool = True) -> dict[str, Endpoints]:
+        return {"camera": HttpEndpoints(self.camera), "scanner": Endpoints(self.scanner, use_pty=use_pty),
+                "gps": Endpoints(self.gps, use_pty=use_pty)}
+
+    def scene_at(self, frame_no: int) -> Scene:
+        return self.scenes.scene_at(frame_no)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="customs-edge simulate handheld", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fps", type=float, default=5.0, help="camera frames per second")
+    p.add_argument("--scene-s", type=float, default=5.0, help="seconds per camera scene")
+    p.add_argument("--scan-period", type=float, default=2.0, help="seconds between scanner reads")
+    p.add_argument("--capture-every", type=int, default=3, help="a capture trigger line every N reads (0: none)")
+    p.add_argument("--gps-rate", type=float, default=1.0, help="NMEA epochs per second")
+    p.add_argument("--damaged-rate", type=float, default=0.05, help="share of damaged scanner reads")
+    p.add_argument("--risk-list", type=Path, help="write the matching risk list (JSON Lines) to this file")
+    add_endpoint_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sim = HandheldSim(args.seed, fps=args.fps, scene_s=args.scene_s, scan_period=args.scan_period,
+                      capture_every=args.capture_every, gps_rate=args.gps_rate, damaged_rate=args.damaged_rate,
+                      corrupt_rate=args.corrupt_rate)
+    extra = {}
+    if args.risk_list:
+        args.risk_list.write_text(risk_list_text(sim.scan_world), encoding="utf-8")
+        extra["risk_list"] = str(args.risk_list)
+    run_until_signalled(sim.endpoints(not args.no_pty), extra=extra, args=args)
