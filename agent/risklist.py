@@ -185,21 +185,75 @@ def _build(keys: np.ndarray, values: np.ndarray, hashes: np.ndarray, vals: np.nd
     return int(probe.max()) if len(probe) else 0
 
 
-def _field(obj: dict[str, Any], name: str, line: int) -> str | None:
-    v = obj.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, str) or not v or len(v) > MAX_FIELD_CHARS:
-        raise RiskListError(f"line {line}: {name!r} must be a non-empty string of at most {MAX_FIELD_CHARS} "
-                            f"characters (got {v!r:.60})")
-    return v
+ENTRY_KEYS = frozenset(("gtin", "serial", "batch", "code", "pattern", "tag", "action"))
+PARSE_BATCH = 20_000  # lines decoded by one json.loads call
+
+
+def _decode_batch(batch: list[bytes], first: int) -> list[Any]:
+    """The JSON objects of a run of lines, decoded in one call; on failure the bad line is named."""
+    try:
+        return list(json.loads(b"[" + b",".join(batch) + b"]"))
+    except ValueError:
+        for i, raw in enumerate(batch):
+            try:
+                json.loads(raw)
+            except ValueError as exc:
+                raise RiskListError(f"line {first + i}: not JSON ({exc})") from None
+        raise RiskListError(f"lines {first}-{first + len(batch) - 1}: not JSON") from None
+
+
+def _entries(batch: list[bytes], first: int, n: int, max_entries: int, hashes: array[int], vals: array[int],
+             triples: dict[tuple[str, str, str], int], patterns: list[tuple[re.Pattern[str], int]]) -> int:
+    """Check and add a run of entry lines (blank lines already left out, so numbers may run ahead of them);
+    returns the entry count so far."""
+    if not batch:
+        return n
+    for i, obj in enumerate(_decode_batch(batch, first)):
+        line = first + i
+        if type(obj) is not dict:
+            raise RiskListError(f"line {line}: an entry is a JSON object")
+        n += 1
+        if n > max_entries:
+            raise RiskListError(f"more than {max_entries} entries: split the list")
+        for k, v in obj.items():
+            if type(v) is not str or not v or len(v) > MAX_FIELD_CHARS:
+                raise RiskListError(f"line {line}: {k!r} must be a non-empty string of at most {MAX_FIELD_CHARS} "
+                                    f"characters (got {v!r:.60})")
+        if not obj.keys() <= ENTRY_KEYS:
+            raise RiskListError(f"line {line}: unknown keys {sorted(obj.keys() - ENTRY_KEYS)}; an entry has "
+                                f"{', '.join(sorted(ENTRY_KEYS))}")
+        get = obj.get
+        gtin, serial, batch_, code, pattern, tag = (get("gtin"), get("serial"), get("batch"), get("code"),
+                                                    get("pattern"), get("tag"))
+        if tag is None:
+            raise RiskListError(f"line {line}: every entry needs a 'tag' naming the risk")
+        if ((gtin is not None) + (code is not None) + (pattern is not None)) != 1 or (serial and batch_) \
+                or ((serial or batch_) and not gtin):
+            raise RiskListError(f"line {line}: an entry has exactly one of gtin (+ serial or batch), code, pattern")
+        if gtin is not None and (len(gtin) != 14 or not gtin.isdigit()):
+            raise RiskListError(f"line {line}: gtin must be 14 digits (pad a GTIN-13 with a leading 0): {gtin!r}")
+        kind = "pattern" if pattern else "code" if code else "gtin_serial" if serial else \
+            "gtin_batch" if batch_ else "gtin"
+        v = triples.setdefault((tag, get("action", "inspect"), kind), len(triples))
+        if pattern is not None:
+            if len(patterns) >= MAX_PATTERNS or len(pattern) > MAX_PATTERN_CHARS:
+                raise RiskListError(f"line {line}: at most {MAX_PATTERNS} patterns of {MAX_PATTERN_CHARS} "
+                                    "characters each: list exact codes instead")
+            try:
+                patterns.append((re.compile(pattern), v))
+            except re.error as exc:
+                raise RiskListError(f"line {line}: pattern does not compile: {exc}") from None
+            continue
+        hashes.append(_hash(key_of(kind, gtin, serial or batch_, code)))
+        vals.append(v)
+    return n
 
 
 def _lines(payload: bytes, max_expanded: int) -> Iterable[bytes]:
     """The document's lines, gzip or plain, refusing more than max_expanded bytes once expanded."""
     seen = 0
     raw: io.BufferedIOBase = gzip.GzipFile(fileobj=io.BytesIO(payload)) if payload[:2] == b"\x1f\x8b" \
-        else io.BytesIO(payload)  # type: ignore[assignment]
+        else io.BytesIO(payload)
     try:
         for line in raw:
             seen += len(line)
@@ -232,42 +286,19 @@ def parse(payload: bytes, *, max_bytes: int = MAX_BYTES, max_expanded: int = MAX
     triples: dict[tuple[str, str, str], int] = {}
     patterns: list[tuple[re.Pattern[str], int]] = []
     n = 0
-    for lineno, raw in enumerate(lines, start=2):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except ValueError as exc:
-            raise RiskListError(f"line {lineno}: not JSON ({exc})") from None
-        if not isinstance(obj, dict):
-            raise RiskListError(f"line {lineno}: an entry is a JSON object")
-        n += 1
-        if n > max_entries:
-            raise RiskListError(f"more than {max_entries} entries: split the list")
-        gtin, serial, batch = _field(obj, "gtin", lineno), _field(obj, "serial", lineno), _field(obj, "batch", lineno)
-        code, pattern = _field(obj, "code", lineno), _field(obj, "pattern", lineno)
-        tag, action = _field(obj, "tag", lineno), _field(obj, "action", lineno) or "inspect"
-        if tag is None:
-            raise RiskListError(f"line {lineno}: every entry needs a 'tag' naming the risk")
-        kinds = [k for k, present in (("gtin", gtin), ("code", code), ("pattern", pattern)) if present]
-        if len(kinds) != 1 or (serial and batch) or ((serial or batch) and not gtin):
-            raise RiskListError(f"line {lineno}: an entry has exactly one of gtin (+ serial or batch), code, pattern")
-        if gtin is not None and (len(gtin) != 14 or not gtin.isdigit()):
-            raise RiskListError(f"line {lineno}: gtin must be 14 digits (pad a GTIN-13 with a leading 0): {gtin!r}")
-        kind = "pattern" if pattern else "code" if code else "gtin_serial" if serial else \
-            "gtin_batch" if batch else "gtin"
-        v = triples.setdefault((tag, action, kind), len(triples))
-        if pattern is not None:
-            if len(patterns) >= MAX_PATTERNS or len(pattern) > MAX_PATTERN_CHARS:
-                raise RiskListError(f"line {lineno}: at most {MAX_PATTERNS} patterns of {MAX_PATTERN_CHARS} "
-                                    "characters each: list exact codes instead")
-            try:
-                patterns.append((re.compile(pattern), v))
-            except re.error as exc:
-                raise RiskListError(f"line {lineno}: pattern does not compile: {exc}") from None
-            continue
-        hashes.append(_hash(key_of(kind, gtin, serial or batch, code)))
-        vals.append(v)
+    batch: list[bytes] = []
+    first = 2  # the line number of batch[0]
+    lineno = 1
+    for raw in lines:
+        lineno += 1
+        if raw.strip():
+            batch.append(raw)
+        elif not batch:
+            first = lineno + 1
+        if len(batch) >= PARSE_BATCH:
+            n = _entries(batch, first, n, max_entries, hashes, vals, triples, patterns)
+            batch, first = [], lineno + 1
+    n = _entries(batch, first, n, max_entries, hashes, vals, triples, patterns)
     return RiskMatcher(head["risk_list"], head["version"], issued if isinstance(issued, str) else None,
                        np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(vals, dtype=np.uint32),
                        list(triples), patterns, n, len(payload))

@@ -1,7 +1,7 @@
 """Handheld inspection unit: photograph and identify (wood, insects), scan codes against risk lists, place
 every event by GPS, work offline for a shift (docs/handheld.md).
 
-Inputs (CONSUMES): `camera` Image (the macro camera; frames are kept, not processed, until a capture),
+Inputs (CONSUMES, each optional): `camera` Image (the macro camera; frames kept, not processed, until a capture),
 `scanner` CodeScan (optional; serial barcode/2-D scanner), `gps` Position (optional; NMEA receiver).
 
 A capture is triggered, never continuous: by the operator command `{"cmd": "capture", "args": {"model":
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from customs_edge.agent.apps.base import App, AppConfig, Role, StateMismatch
 from customs_edge.agent.photos import PhotoSender, PhotoStore
@@ -88,6 +88,17 @@ class HandheldConfig(AppConfig):
     fix_stale_s: float = Field(30.0, gt=0, description="records say `stale: true` when the last fix is older")
 
 
+    @field_validator("code_formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        import zxingcpp
+
+        bad = [f for f in v if not isinstance(getattr(zxingcpp.BarcodeFormat, f, None), zxingcpp.BarcodeFormat)]
+        if bad:
+            raise ValueError(f"unknown zxing-cpp formats {bad}: use names like {', '.join(DEFAULT_FORMATS)}")
+        return v
+
+
 class Capture(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelName | None = None
@@ -96,8 +107,9 @@ class Capture(BaseModel):
 
 def load_classifier(name: str, manifest: Path | None) -> Classifier:
     """The image classifier of a manifest (default: the shipped one); ImportError/OSError/ModelError if none."""
-    from customs_edge.models import default_manifest
     from customs_edge.models.image_classifier import ImageClassifier  # type: ignore[import-not-found,unused-ignore]
+
+    from customs_edge.models import default_manifest
 
     clf: Classifier = ImageClassifier.load(manifest or default_manifest(name))
     return clf
@@ -105,7 +117,7 @@ def load_classifier(name: str, manifest: Path | None) -> Classifier:
 
 class HandheldApp(App):
     Config = HandheldConfig
-    CONSUMES = {"camera": Role(Image), "scanner": Role(CodeScan, optional=True),
+    CONSUMES = {"camera": Role(Image, optional=True), "scanner": Role(CodeScan, optional=True),
                 "gps": Role(Position, optional=True)}
     STATE_VERSION = 1
     config: HandheldConfig
@@ -282,10 +294,7 @@ class HandheldApp(App):
         from customs_edge.drivers.scanner import decode
 
         if self._formats is None:
-            fmts = zxingcpp.BarcodeFormat.NONE
-            for name in self.config.code_formats:
-                fmts |= getattr(zxingcpp.BarcodeFormat, name)
-            self._formats = fmts
+            self._formats = [getattr(zxingcpp.BarcodeFormat, name) for name in self.config.code_formats]
         grey = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         found = zxingcpp.read_barcodes(grey, formats=self._formats, text_mode=zxingcpp.TextMode.Plain)
         return [decode(f"{b.symbology_identifier}{b.text}", "camera") for b in found if b.valid]
