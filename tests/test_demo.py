@@ -20,6 +20,7 @@ EXPECTED_TYPES = {
     "scale": {"weighing"},
     "ore-station": {"lot_report", "radiation_alarm", "foreign_matter"},
     "gate": {"screening", "fever_alert"},
+    "handheld": {"identification", "scan", "risk_hit", "position_summary", "risk_list_applied"},
 }
 
 
@@ -70,6 +71,10 @@ def test_demo_fleet_delivers_everything_exactly_once(tmp_path: Path) -> None:
         assert d["delivered"] == d["produced"]
         missing = EXPECTED_TYPES.get(d["type"], set()) - set(d["records_by_type"])
         assert not missing, f"{device_id}: no {missing} reached the hub; got {d['records_by_type']}"
+        if d["type"] == "handheld":  # every identification's evidence photo is at the hub, under its hash
+            ids = d["records_by_type"]["identification"]
+            photos = list((tmp_path / "hub.db.photos").glob("??/*.jpg"))
+            assert len(photos) == ids, (len(photos), ids)
 
 
 @pytest.mark.slow
