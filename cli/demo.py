@@ -157,6 +157,11 @@ def _outbox_counts(path: Path) -> tuple[int, int, int]:
     return st.last_seq, st.pending, sum(st.dropped.values())
 
 
+def _photos_pending(outbox: Path) -> int:
+    """Evidence photos a handheld still holds (agent/photos.py: deleted only on the hub's ack)."""
+    return sum(1 for _ in Path(f"{outbox}.photos").glob("??/*.jpg"))
+
+
 def _hub_counts(hub_db: Path) -> dict[str, dict[str, Any]]:
     if not hub_db.exists():
         return {}
@@ -240,7 +245,8 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
         for u in units:
             u.sim.terminate()
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while time.monotonic() < deadline and any(_outbox_counts(u.outbox)[1] for u in units):
+        while time.monotonic() < deadline and any(_outbox_counts(u.outbox)[1] or _photos_pending(u.outbox)
+                                                  for u in units):
             time.sleep(0.3)
     finally:
         for u in units:
