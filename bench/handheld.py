@@ -181,7 +181,7 @@ def bench_photos(out: dict[str, Any], n: int, work: Path) -> None:
     raw.mkdir()
     total = 0
     for i in range(n):
-        ok, buf = cv2.imencode(".jpg", section.frame(i), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        _, buf = cv2.imencode(".jpg", section.frame(i), [cv2.IMWRITE_JPEG_QUALITY, 95])
         data = buf.tobytes() + np.random.default_rng(i).bytes(16)  # unique bytes per photo
         sha = store.put(data)
         assert sha is not None
