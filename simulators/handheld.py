@@ -1,15 +1,16 @@
 """A handheld inspection unit's instruments together: macro camera (MJPEG over HTTP), serial barcode
 scanner and GNSS receiver (NMEA 0183), each on its own loopback endpoint, as the real unit wires them.
 
-Camera: scenes follow one another every `scene_s` seconds: sanded end grain (simulators/camera.py's wood
-cross-sections, one per scene seed) and, every `label_every`-th scene, the same end grain with a product
-label in the corner carrying a 2-D code: a QR code drawn by OpenCV's own encoder (ISO/IEC 18004) holding a
-traceability URL, or a Data Matrix (ISO/IEC 16022, drawn by zxing-cpp's writer) holding a plain code.
-`HandheldSim.scene_at(frame_no)` is the ground truth.
+Camera: scenes follow one another every `scene_s` seconds: sanded end grain and insects as
+simulators/specimens.py photographs them (12 woods, CITES-listed ones among them; 7 insects, quarantine
+pests among them) and, every 4th scene, end grain with a product label in the corner carrying a 2-D code:
+a QR code drawn by OpenCV's own encoder (ISO/IEC 18004) holding a traceability URL, or a Data Matrix
+(ISO/IEC 16022, drawn by zxing-cpp's writer) holding a plain code. `HandheldSim.scene_at(frame_no)` and
+`HandheldScanner.triggers` are the ground truth.
 
 Scanner: simulators/scanner.py's reads (GS1 element strings, Digital Link and plain URLs, damaged reads),
-and every `capture_every` reads the trigger line `CE-CAPTURE` (a command barcode on the officer's card:
-the handheld app captures a photo when it reads it), every other one `CE-CAPTURE-INSECT`.
+and every `capture_every` reads a trigger line (a command barcode on the officer's card: the handheld app
+captures a photo when it reads it): `CE-CAPTURE-INSECT` while the camera shows an insect, else `CE-CAPTURE`.
 
 GPS: simulators/gps.py's officer walking a yard, with multipath jumps and fix gaps.
 
@@ -28,7 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +48,15 @@ TRIGGERS = ("CE-CAPTURE", "CE-CAPTURE-INSECT")
 @dataclass(frozen=True, slots=True)
 class Scene:
     index: int
-    kind: str  # "wood" or "label"
-    section: int  # which wood cross-section
+    kind: str  # "wood", "insect" or "label" (end grain with a product label beside it)
+    label: str  # the specimen shown (simulators/specimens.py labels): the ground truth
     code_kind: str | None = None  # "qr" | "datamatrix"
     code_text: str | None = None
+
+    @property
+    def model(self) -> str:
+        """The classifier an officer picks for this scene."""
+        return "insects" if self.kind == "insect" else "wood"
 
 
 def _qr(text: str) -> np.ndarray:
@@ -75,46 +82,72 @@ def paste_code(img: np.ndarray, code: np.ndarray, size: int) -> None:
 
 
 class HandheldScenes(WoodSection):
-    """The camera's world: frame n shows scene n // frames_per_scene (cycled)."""
+    """The camera's world: frame n shows scene n // frames_per_scene (cycled): two end-grain photographs,
+    an insect, then end grain with a coded product label, each specimen rendered once per scene by
+    simulators/specimens.py; every frame adds its own sensor noise."""
 
-    def __init__(self, seed: int | None, fps: float, scene_s: float, label_every: int = 2, sections: int = 4,
-                 width: int = 640, height: int = 480) -> None:
-        super().__init__(seed, width, height)
-        base_seed = 0 if seed is None else seed
-        self.sections = [self] + [WoodSection(base_seed * 100 + i, width, height) for i in range(1, sections)]
+    def __init__(self, seed: int | None, fps: float, scene_s: float, width: int = 640, height: int = 480,
+                 scenes: int = 12) -> None:
+        from customs_edge.simulators import specimens
+
+        self.width, self.height, self.seed = width, height, seed
+        base = 0 if seed is None else seed
+        rng = np.random.default_rng(base)
+        self._noise = [rng.normal(0, 2.0, (height, width, 3)).astype(np.int16) for _ in range(3)]
+        woods, insects = specimens.labels("wood"), specimens.labels("insects")
         self.frames_per_scene = max(1, round(fps * scene_s))
         self.scenes: list[Scene] = []
-        for i in range(12):
-            if label_every and i % label_every == label_every - 1:
-                kind = "qr" if (i // label_every) % 2 == 0 else "datamatrix"
-                text = f"https://trace.example.cn/q/HH{base_seed:03d}{i:02d}X" if kind == "qr" \
-                    else f"HN-DF-{base_seed:04d}-{i:06d}"
-                self.scenes.append(Scene(i, "label", i % sections, kind, text))
+        for i in range(scenes):
+            wood = woods[(base + i) % len(woods)]
+            if i % 4 == 2:
+                self.scenes.append(Scene(i, "insect", insects[(base + i) % len(insects)]))
+            elif i % 4 == 3:
+                kind = "qr" if (i // 4) % 2 == 0 else "datamatrix"
+                text = f"https://trace.example.cn/q/HH{base:03d}{i:02d}X" if kind == "qr" \
+                    else f"HN-DF-{base:04d}-{i:06d}"
+                self.scenes.append(Scene(i, "label", wood, kind, text))
             else:
-                self.scenes.append(Scene(i, "wood", i % sections))
-        self._codes = {s.index: (_qr(s.code_text) if s.code_kind == "qr" else _datamatrix(s.code_text))
-                       for s in self.scenes if s.code_text}
+                self.scenes.append(Scene(i, "wood", wood))
+        self._images: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def scene_at(self, n: int) -> Scene:
         return self.scenes[(n // self.frames_per_scene) % len(self.scenes)]
 
+    def image(self, scene: Scene) -> np.ndarray:
+        """The scene's photograph without noise (rendered once)."""
+        from customs_edge.simulators import specimens
+
+        with self._lock:
+            img = self._images.get(scene.index)
+            if img is None:
+                seed = (0 if self.seed is None else self.seed) * 1000 + scene.index
+                render = specimens.insect_image if scene.kind == "insect" else specimens.wood_image
+                img = render(scene.label, seed, self.width, self.height)
+                if scene.code_text:
+                    code = _qr(scene.code_text) if scene.code_kind == "qr" else _datamatrix(scene.code_text)
+                    img = img.copy()
+                    paste_code(img, code, min(img.shape[:2]) // 3)
+                self._images[scene.index] = img
+            return img
+
     def frame(self, n: int) -> np.ndarray:
-        s = self.scene_at(n)
-        src = self.sections[s.section]
-        img = WoodSection.frame(src, n) if src is self else src.frame(n)
-        if s.code_text:
-            paste_code(img, self._codes[s.index], min(img.shape[:2]) // 3)
-        return img
+        img = self.image(self.scene_at(n)).astype(np.int16) + self._noise[n % len(self._noise)]
+        return np.clip(img, 0, 255).astype(np.uint8)
 
 
 class HandheldScanner(ScannerSim):
-    """The scanner's reads, with a capture trigger line every `capture_every` reads (0: none)."""
+    """The scanner's reads, with a capture trigger line every `capture_every` reads (0: none): CE-CAPTURE
+    for end grain, CE-CAPTURE-INSECT when the camera shows an insect (`scene_now`). `triggers` lists
+    (monotonic time, the scene on camera) per trigger sent: the ground truth of each identification."""
 
-    def __init__(self, world: ScanWorld, period_s: float, capture_every: int, faults: Faults | None = None) -> None:
+    def __init__(self, world: ScanWorld, period_s: float, capture_every: int, faults: Faults | None = None,
+                 scene_now: Callable[[], Scene] | None = None) -> None:
         super().__init__(world, period_s, crlf=False, faults=faults)
         self.capture_every = capture_every
+        self.scene_now = scene_now
         self.reads = 0
-        self.triggers = 0
+        self.triggers: list[tuple[float, Scene | None]] = []
         self._lock = threading.Lock()
 
     def tick(self, conn: Conn) -> None:
@@ -122,8 +155,9 @@ class HandheldScanner(ScannerSim):
             self.reads += 1
             trigger = self.capture_every and self.reads % self.capture_every == 0
             if trigger:
-                line = TRIGGERS[self.triggers % len(TRIGGERS)]
-                self.triggers += 1
+                scene = self.scene_now() if self.scene_now is not None else None
+                line = TRIGGERS[1] if scene is not None and scene.kind == "insect" else TRIGGERS[0]
+                self.triggers.append((time.monotonic(), scene))
         if trigger:
             self.truth.append(ScanTruth(line, "trigger", text=line))
             conn.write(line.encode() + self.suffix)
@@ -149,7 +183,8 @@ class HandheldSim:
         self.scenes = HandheldScenes(seed, fps, scene_s)
         self.camera = CameraSim(self.scenes, fps, 85, Faults(0.0, seed))
         self.scan_world = ScanWorld(seed, damaged_rate)
-        self.scanner = HandheldScanner(self.scan_world, scan_period, capture_every, Faults(corrupt_rate, seed))
+        self.scanner = HandheldScanner(self.scan_world, scan_period, capture_every, Faults(corrupt_rate, seed),
+                                       scene_now=lambda: self.scenes.scene_at(self.camera.frame_no()))
         self.gps_world = GpsWorld(seed)
         self.gps = GpsSim(self.gps_world, gps_rate, Faults(corrupt_rate, seed))
 

@@ -89,11 +89,11 @@ def fix(lat: float = 22.2167, valid: bool = True) -> Position:
 # --- the app on its own ---------------------------------------------------------------------------
 def test_a_capture_keeps_the_photo_identifies_reads_codes_and_places_it(tmp_path: Path) -> None:
     app = make_app(tmp_path)
-    assert app.risk is not None
-    assert app.risk.offer(risk_doc(7, {"code": "HN-DF-0004-000003", "tag": "duty-free-trace", "action": "hold"})) \
-        == "applied"
     scenes = HandheldScenes(4, fps=1, scene_s=1)
     label = next(i for i, s in enumerate(scenes.scenes) if s.code_kind == "datamatrix")
+    code = scenes.scenes[label].code_text
+    assert app.risk is not None and code is not None
+    assert app.risk.offer(risk_doc(7, {"code": code, "tag": "duty-free-trace", "action": "hold"})) == "applied"
     assert app.feed(fix()) == []
     assert app.feed(Image(source="camera", pixels=scenes.frame(label))) == []  # kept, not processed
     records = []
@@ -107,13 +107,13 @@ def test_a_capture_keeps_the_photo_identifies_reads_codes_and_places_it(tmp_path
     assert (p["label"], p["cites"], p["alert"], p["note"]) == ("Dalbergia nigra", "I", True, "log 7")
     assert p["top3"][0] == {"label": "Dalbergia nigra", "p": 0.93}
     assert p["position"]["lat"] == 22.2167 and p["position"]["fix_age_s"] >= 0 and not p["position"]["stale"]
-    assert p["codes"] == [{"text": "HN-DF-0004-000003", "symbology": "]d1"}]
+    assert p["codes"] == [{"text": code, "symbology": "]d1"}]
     photo = app.photos.path(p["photo"]).read_bytes()  # type: ignore[union-attr]
     assert hashlib.sha256(photo).hexdigest() == p["photo"] and p["photo_bytes"] == len(photo)
     hits = [r for r in records if r.type == "risk_hit"]
     assert len(hits) == 3 and all(r.priority == Priority.ALERT for r in hits)
     assert hits[0].payload["risk_list"] == {"name": "test-risk", "version": 7}
-    assert hits[0].payload["hits"] == [{"kind": "code", "key": "HN-DF-0004-000003", "tag": "duty-free-trace",
+    assert hits[0].payload["hits"] == [{"kind": "code", "key": code, "tag": "duty-free-trace",
                                         "action": "hold"}]
     assert hits[0].payload["via"] == "camera" and hits[0].payload["capture"] == ids[0].payload["capture"]
 
@@ -239,10 +239,10 @@ def test_end_to_end_against_simulate_handheld(tmp_path: Path) -> None:
     cfg = unit_cfg(tmp_path, broker.port, {
         "camera": {"driver": "camera-opencv", "url": urls["camera"]["http"], "fps": 5},
         "scanner": {"driver": "barcode-serial", "port": urls["scanner"]["socket"]},
-        "gps": {"driver": "nmea-gps", "port": urls["gps"]["socket"], "read_timeout_s": 0.1}})
+        "gps": {"driver": "nmea-gps", "port": urls["gps"]["socket"], "read_timeout_s": 0.1}},
+        models=["wood", "insects"])  # the shipped classifiers
     unit = Unit(cfg)
-    assert isinstance(unit.app, HandheldApp)
-    unit.app.classifiers["wood"] = FakeClassifier()
+    assert isinstance(unit.app, HandheldApp) and set(unit.app.classifiers) == {"wood", "insects"}
     unit.start()
     try:
         def done() -> bool:
@@ -258,6 +258,13 @@ def test_end_to_end_against_simulate_handheld(tmp_path: Path) -> None:
     recs = hub_records(tmp_path / "hub.db", "hh-t")
     ids = [p for _, t, _, p in recs if t == "identification"]
     assert all(p["trigger"].startswith("scanner:CE-CAPTURE") for p in ids)
+    # each trigger line named the model of the scene on camera; the classifier's label is that scene's
+    # specimen, or it abstained (a capture at a scene change may show the previous one)
+    truth = [scene for _, scene in sim.scanner.triggers][:len(ids)]
+    named = [(p, sc) for p, sc in zip(ids, truth, strict=False) if p["label"] is not None and sc is not None]
+    assert [p["model"] for p in ids] == [sc.model if sc else "wood" for sc in truth]
+    agree = sum(p["label"] == sc.label for p, sc in named)
+    assert named and agree >= 0.6 * len(named), [(p["label"], sc.label) for p, sc in named]
     for p in ids:  # every photo the hub holds hashes to its name
         f = tmp_path / "hub.db.photos" / p["photo"][:2] / f"{p['photo']}.jpg"
         if f.exists():
@@ -308,7 +315,9 @@ def test_an_offline_shift_drains_on_reconnect_alerts_first_nothing_lost(tmp_path
             p = world.catalogue[i % len(world.catalogue)]
             unit.queue.put(decode(f"]d201{p.gtin}21S{i:05d}\x1d10{p.batch}", "scanner"))
             if i % 6 == 0 and len(shas) < 30:
-                unit.queue.put(Image(source="camera", pixels=scenes.frame(len(shas) * 2)))
+                px = scenes.frame(len(shas)).copy()
+                px[:8, :8] = len(shas) * 8  # a different photo each time
+                unit.queue.put(Image(source="camera", pixels=px))
                 res = unit.app_command(Command(id=uuid.uuid4().hex, cmd="capture", ts=time.time()))
                 assert res["ok"] and res["photo"], res
                 shas.add(res["photo"])
