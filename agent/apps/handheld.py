@@ -47,17 +47,24 @@ DEFAULT_FORMATS = ("QRCode", "DataMatrix", "EAN13", "EAN8", "UPCA", "UPCE", "Cod
 
 
 class Identification(Protocol):
-    """What models/image_classifier.py's classify() returns (the fields the app reads)."""
+    """What models/image_classifier.py's classify() returns (the fields the app reads; read-only)."""
 
-    top3: Any
-    label: str | None
-    abstain_reason: str | None
-    cites: str | None
-    quarantine_pest: bool
-    model: str
-    version: str
-    ms: float
-
+    @property
+    def top3(self) -> Any: ...
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def abstain_reason(self) -> str | None: ...
+    @property
+    def cites(self) -> str | None: ...
+    @property
+    def quarantine_pest(self) -> bool: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def ms(self) -> float: ...
     @property
     def alert(self) -> bool: ...
 
@@ -107,9 +114,8 @@ class Capture(BaseModel):
 
 def load_classifier(name: str, manifest: Path | None) -> Classifier:
     """The image classifier of a manifest (default: the shipped one); ImportError/OSError/ModelError if none."""
-    from customs_edge.models.image_classifier import ImageClassifier  # type: ignore[import-not-found,unused-ignore]
-
     from customs_edge.models import default_manifest
+    from customs_edge.models.image_classifier import ImageClassifier
 
     clf: Classifier = ImageClassifier.load(manifest or default_manifest(name))
     return clf
