@@ -10,6 +10,7 @@
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
   customs-edge fleet config push|get DEVICE [FILE]   change a unit's config over the broker
+  customs-edge fleet risk-list publish FILE   publish a risk list (retained, versioned) to the handhelds
   customs-edge cmd DEVICE ping|status|...  send a command to a unit, print its answer
   customs-edge models evaluate NAME        held-out figures of a shipped model
   customs-edge models train wood --images DIR   train an image classifier on DIR/<label>/*.jpg
