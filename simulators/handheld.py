@@ -93,7 +93,7 @@ class HandheldScenes(WoodSection):
         self.width, self.height, self.seed = width, height, seed
         base = 0 if seed is None else seed
         rng = np.random.default_rng(base)
-        self._noise = [rng.normal(0, 2.0, (height, width, 3)).astype(np.int16) for _ in range(3)]
+        self._noise = rng.normal(0, 2.0, (height + 16, width + 16, 3)).astype(np.int16)  # a window per frame
         woods, insects = specimens.labels("wood"), specimens.labels("insects")
         self.frames_per_scene = max(1, round(fps * scene_s))
         self.scenes: list[Scene] = []
@@ -132,7 +132,8 @@ class HandheldScenes(WoodSection):
             return img
 
     def frame(self, n: int) -> np.ndarray:
-        img = self.image(self.scene_at(n)).astype(np.int16) + self._noise[n % len(self._noise)]
+        dy, dx = n % 16, (n // 16) % 16  # 256 different noise windows: no two frames in a row are identical
+        img = self.image(self.scene_at(n)).astype(np.int16) + self._noise[dy: dy + self.height, dx: dx + self.width]
         return np.clip(img, 0, 255).astype(np.uint8)
 
 
