@@ -93,7 +93,7 @@ class HandheldScenes(WoodSection):
         self.width, self.height, self.seed = width, height, seed
         base = 0 if seed is None else seed
         rng = np.random.default_rng(base)
-        self._noise = rng.normal(0, 2.0, (height + 16, width + 16, 3)).astype(np.int16)  # a window per frame
+        self._window_noise = rng.normal(0, 2.0, (height + 16, width + 16, 3)).astype(np.int16)  # a window per frame
         woods, insects = specimens.labels("wood"), specimens.labels("insects")
         self.frames_per_scene = max(1, round(fps * scene_s))
         self.scenes: list[Scene] = []
@@ -133,7 +133,8 @@ class HandheldScenes(WoodSection):
 
     def frame(self, n: int) -> np.ndarray:
         dy, dx = n % 16, (n // 16) % 16  # 256 different noise windows: no two frames in a row are identical
-        img = self.image(self.scene_at(n)).astype(np.int16) + self._noise[dy: dy + self.height, dx: dx + self.width]
+        noise = self._window_noise[dy: dy + self.height, dx: dx + self.width]
+        img = self.image(self.scene_at(n)).astype(np.int16) + noise
         return np.clip(img, 0, 255).astype(np.uint8)
 
 

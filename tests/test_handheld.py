@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from customs_edge.agent.apps.handheld import HandheldApp, HandheldConfig
 from customs_edge.agent.config import parse_unit_config
 from customs_edge.agent.runtime import Unit
+from customs_edge.core.errors import DriverFault
 from customs_edge.core.readings import Image, Position
 from customs_edge.core.records import Priority
 from customs_edge.core.wire import Command
@@ -154,6 +155,8 @@ def test_scans_are_checked_against_the_list_in_force_and_fixes_are_reported(tmp_
     assert [r.type for r in bad] == ["scan"] and not bad[0].payload["valid"]  # a damaged read matches nothing
     out = [r.type for x in (fix(), fix(valid=False), fix(valid=False), fix(22.2168)) for r in app.feed(x)]
     assert out == ["fix_lost", "fix_regained"]
+    fault = app.on_fault("gps", DriverFault("gps: read failed"))[0]
+    assert fault.type == "driver_fault" and fault.payload["position"]["lat"] == 22.2168
     s = app.close()[0].payload
     assert (s["epochs"], s["valid"], s["fix_lost"], s["fix_regained"]) == (4, 2, 1, 1)
     assert 10 < s["distance_m"] < 12  # 0.0001 deg of latitude

@@ -142,6 +142,8 @@ class HandheldApp(App):
                 self.model_errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                 log.error("no %s model: captures are kept as photos but not identified", name,
                           extra={"error": self.model_errors[name]})
+        for kind, clf in self.classifiers.items():  # the unit's health message lists their versions
+            setattr(self, f"{kind}_onnx", getattr(clf, "model", None))
         self._formats: Any = None
         self.frame: Image | None = None
         self.fix: dict[str, Any] | None = None  # the last valid fix: lat, lon, hdop, satellites, ts (wall)
@@ -190,6 +192,12 @@ class HandheldApp(App):
             raise ValueError("capture: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}"
                                                      for e in exc.errors())) from None
         return self.capture(a.model or self.config.default_model, trigger="command", note=a.note)
+
+    def on_fault(self, role: str, fault: Any) -> list[RecordIn]:
+        return [_placed(r, self.position()) for r in super().on_fault(role, fault)]
+
+    def on_recovered(self, role: str, down_s: float) -> list[RecordIn]:
+        return [_placed(r, self.position()) for r in super().on_recovered(role, down_s)]
 
     # --- position -------------------------------------------------------------------------------
     def _reset_window(self, now: float | None) -> None:
@@ -364,6 +372,10 @@ class HandheldApp(App):
             raise StateMismatch("handheld state: totals")
         self.fix, self._fix_mono = fix, None  # its age now runs on the wall clock
         self.totals.update({k: int(v) for k, v in totals.items() if k in self.totals})
+
+
+def _placed(r: RecordIn, position: dict[str, Any]) -> RecordIn:
+    return RecordIn(type=r.type, priority=r.priority, ts=r.ts, payload={**r.payload, "position": position})
 
 
 def _list_ref(m: RiskMatcher | None) -> dict[str, Any] | None:
