@@ -367,3 +367,24 @@ def test_an_offline_shift_drains_on_reconnect_alerts_first_nothing_lost(tmp_path
     assert first_photo > last_record, "a photo went out before the shift's records were through"
     hub.stop()
     broker.stop()
+
+
+def test_simulate_handheld_serves_three_instruments_and_writes_its_risk_list(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from customs_edge.agent.risklist import parse
+
+    proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "simulate", "handheld", "--seed", "2", "--no-pty",
+                             "--risk-list", str(tmp_path / "rl.jsonl")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        doc = json.loads(proc.stdout.readline())
+        assert doc["urls"]["camera"]["http"].startswith("http://127.0.0.1:")
+        assert doc["urls"]["scanner"]["socket"].startswith("socket://127.0.0.1:")
+        assert doc["urls"]["gps"]["socket"].startswith("socket://127.0.0.1:")
+        m = parse((tmp_path / "rl.jsonl").read_bytes())
+        assert (m.name, m.version, len(m.patterns)) == ("demo-risk", 1, 1) and m.entries == 6
+    finally:
+        proc.terminate()
+        proc.wait(10)
