@@ -379,6 +379,10 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
     alert_missed = sum(1 for a, i in zip(alerts_true, idents, strict=True) if a and i.label and not i.alert)
     false_alerts = sum(1 for a, i in zip(alerts_true, idents, strict=True) if not a and i.alert)
     ms = np.array([i.ms for i in idents])
+    conf1 = np.array([i.top3[0][1] for i in idents])
+    hit = np.array([t == p for t, p in zip(truth, top1, strict=True)], float)
+    bins = np.minimum((conf1 * 10).astype(int), 9)  # expected calibration error, 10 bins of top-1 confidence
+    ece = sum(abs(hit[bins == b].mean() - conf1[bins == b].mean()) * (bins == b).mean() for b in np.unique(bins))
     return {
         "model": clf.name, "version": clf.version, "seed": seed, "images": len(images),
         "accuracy_top1": round(float(np.mean([t == p for t, p in zip(truth, top1, strict=True)])), 4),
@@ -387,7 +391,7 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
         "abstain_rate": round(1 - len(kept) / len(images), 4), "abstain_reasons": reasons,
         "accuracy_not_abstained": round(float(np.mean([t == p for t, p in kept])), 4) if kept else None,
         "regulated_identified_as_unregulated": alert_missed, "unregulated_identified_as_regulated": false_alerts,
-        "per_class": per_class_fig, "labels": labels, "confusion": conf.tolist(),
+        "expected_calibration_error": round(float(ece), 4), "per_class": per_class_fig, "labels": labels, "confusion": conf.tolist(),
         "ms_per_photo": {"median": round(float(np.median(ms)), 2), "p95": round(float(np.quantile(ms, 0.95)), 2)},
     }
 
