@@ -391,7 +391,8 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
         "abstain_rate": round(1 - len(kept) / len(images), 4), "abstain_reasons": reasons,
         "accuracy_not_abstained": round(float(np.mean([t == p for t, p in kept])), 4) if kept else None,
         "regulated_identified_as_unregulated": alert_missed, "unregulated_identified_as_regulated": false_alerts,
-        "expected_calibration_error": round(float(ece), 4), "per_class": per_class_fig, "labels": labels, "confusion": conf.tolist(),
+        "expected_calibration_error": round(float(ece), 4), "per_class": per_class_fig, "labels": labels,
+        "confusion": conf.tolist(),
         "ms_per_photo": {"median": round(float(np.median(ms)), 2), "p95": round(float(np.quantile(ms, 0.95)), 2)},
     }
 
