@@ -178,3 +178,12 @@ def test_train_refuses_a_folder_without_regulatory_status(tmp_path: Path) -> Non
     (data / "labels.json").unlink()
     with pytest.raises(SystemExit, match=r"labels\.json missing"):
         train("insects", data, tmp_path / "out")
+
+
+def test_specimen_photos_are_deterministic_per_seed() -> None:
+    for kind, draw in (("wood", specimens.wood_image), ("insects", specimens.insect_image)):
+        label = specimens.labels(kind)[0]
+        a, b, c = draw(label, 5, 96), draw(label, 5, 96), draw(label, 6, 96)
+        assert a.shape == (96, 96, 3) and a.dtype == np.uint8
+        assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(specimens.labels("wood")) >= 10 and len(specimens.labels("insects")) >= 6
