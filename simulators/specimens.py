@@ -17,8 +17,8 @@ Insects (a dorsal photograph on a card or on bark): longhorn beetles and look-al
 spot pattern, mottling, antenna length and banding, body shape; varying pose, size, background,
 light, blur.
 
-    python -m customs_edge.simulators.specimens wood DIR [--per-class 120] [--seed 0] [--size 320]
-    python -m customs_edge.simulators.specimens insects DIR ...
+    customs-edge simulate specimens wood DIR [--per-class 120] [--seed 0] [--size 320]
+    customs-edge simulate specimens insects DIR ...
 write DIR/<label>/<label>_<n>.jpg and DIR/labels.json ({label: {"name", "cites", "quarantine_pest"}}),
 the layout `customs-edge models train wood --images DIR` reads.
 """
@@ -366,14 +366,18 @@ def write_dataset(kind: str, out: str | Path, per_class: int = 120, seed: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="customs-edge simulate specimens", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=KINDS)
     p.add_argument("out", help="dataset folder to write (DIR/<label>/*.jpg)")
     p.add_argument("--per-class", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=320, help="image side, px")
+    p.add_argument("--workers", type=int, default=2, help="processes drawing the photos")
     a = p.parse_args(argv)
-    print(json.dumps(write_dataset(a.kind, a.out, a.per_class, a.seed, a.size)))
+    if a.per_class < 1 or a.size < 32:
+        p.error("--per-class must be >= 1 and --size >= 32")
+    print(json.dumps(write_dataset(a.kind, a.out, a.per_class, a.seed, a.size, workers=a.workers)))
 
 
 if __name__ == "__main__":

@@ -377,7 +377,12 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
                               "recall": round(tp / conf[k].sum(), 4) if conf[k].sum() else None}
     alerts_true = [clf.status(t).cites is not None or clf.status(t).quarantine_pest for t in truth]
     alert_missed = sum(1 for a, i in zip(alerts_true, idents, strict=True) if a and i.label and not i.alert)
+    false_alerts = sum(1 for a, i in zip(alerts_true, idents, strict=True) if not a and i.alert)
     ms = np.array([i.ms for i in idents])
+    conf1 = np.array([i.top3[0][1] for i in idents])
+    hit = np.array([t == p for t, p in zip(truth, top1, strict=True)], float)
+    bins = np.minimum((conf1 * 10).astype(int), 9)  # expected calibration error, 10 bins of top-1 confidence
+    ece = sum(abs(hit[bins == b].mean() - conf1[bins == b].mean()) * (bins == b).mean() for b in np.unique(bins))
     return {
         "model": clf.name, "version": clf.version, "seed": seed, "images": len(images),
         "accuracy_top1": round(float(np.mean([t == p for t, p in zip(truth, top1, strict=True)])), 4),
@@ -385,8 +390,9 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
                                               for t, i in zip(truth, idents, strict=True)])), 4),
         "abstain_rate": round(1 - len(kept) / len(images), 4), "abstain_reasons": reasons,
         "accuracy_not_abstained": round(float(np.mean([t == p for t, p in kept])), 4) if kept else None,
-        "regulated_identified_as_unregulated": alert_missed,
-        "per_class": per_class_fig, "labels": labels, "confusion": conf.tolist(),
+        "regulated_identified_as_unregulated": alert_missed, "unregulated_identified_as_regulated": false_alerts,
+        "expected_calibration_error": round(float(ece), 4), "per_class": per_class_fig, "labels": labels,
+        "confusion": conf.tolist(),
         "ms_per_photo": {"median": round(float(np.median(ms)), 2), "p95": round(float(np.quantile(ms, 0.95)), 2)},
     }
 
@@ -397,3 +403,39 @@ def evaluate_wood(seed: int = 1) -> dict[str, Any]:
 
 def evaluate_insects(seed: int = 1) -> dict[str, Any]:
     return evaluate("insects", seed)
+
+
+def compare_heads(kind: str, images_dir: str | Path, seed: int = 0, heldout_per_class: int = 20) -> dict[str, Any]:
+    """Accuracy (validation split and the seeded held-out set) and head time for each head on the same
+    features, and the time of the fixed feature graph: the figures docs/handheld-models.md quotes."""
+    images, y, labels, _ = read_folder(Path(images_dir))
+    fx = FeatureExtractor()
+    x = fx(images)
+    h_images, h_truth = heldout(kind, 1, heldout_per_class)
+    t0 = time.process_time()
+    xh = fx(h_images)
+    feat_ms = (time.process_time() - t0) * 1000 / len(h_images)
+    yh = np.array([labels.index(t) for t in h_truth])
+    tr, va = _split(y, 0.2, seed)
+    mean, scale = x[tr].mean(axis=0), x[tr].std(axis=0) + 1e-6
+    z, zh = (x - mean) / scale, (xh - mean) / scale
+    out: dict[str, Any] = {"kind": kind, "train_images": len(tr), "heldout_images": len(yh),
+                           "features": n_features(), "feature_graph_cpu_ms": round(feat_ms, 2)}
+    for head in ("logreg", "mlp"):
+        t0 = time.process_time()
+        layers = fit_head(z[tr], y[tr], head, seed)
+        fit_s = time.process_time() - t0
+        t0 = time.process_time()
+        for _ in range(20):
+            lh = head_logits(layers, zh)
+        head_us = (time.process_time() - t0) * 1e6 / 20 / len(zh)
+        out[head] = {"validation_accuracy": round(float((head_logits(layers, z[va]).argmax(1) == y[va]).mean()), 4),
+                     "heldout_accuracy": round(float((lh.argmax(1) == yh).mean()), 4),
+                     "fit_cpu_s": round(fit_s, 2), "head_us_per_photo": round(head_us, 2)}
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(compare_heads(sys.argv[1], sys.argv[2]), indent=2))
