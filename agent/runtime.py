@@ -224,7 +224,8 @@ class Unit:
         self.health_sampler = HealthSampler(cfg, self.outbox, self.driver_states, lambda: model_versions(self.app))
         self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, outbox_path=cfg.outbox.path, status=self.status_extra,
                          health=self.health_sampler.sample, health_interval_s=cfg.health_interval_s,
-                         commands=self._command)
+                         commands=self._command,
+                         sidelines=app.sidelines(str(cfg.outbox.path), cfg.sync.topic_prefix))
         self.inspector = Inspector(self._publish_snapshot)  # remote inspection: snapshots only when asked
         self.committed = 0
         self.counters = dict.fromkeys(("app_errors", "state_restored", "state_refused", "commit_failures",

@@ -10,8 +10,10 @@
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
   customs-edge fleet config push|get DEVICE [FILE]   change a unit's config over the broker
+  customs-edge fleet risk-list publish FILE   publish a risk list (retained, versioned) to the handhelds
   customs-edge cmd DEVICE ping|status|...  send a command to a unit, print its answer
   customs-edge models evaluate NAME        held-out figures of a shipped model
+  customs-edge models train wood --images DIR   train an image classifier on DIR/<label>/*.jpg
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
   customs-edge check --config FILE         commissioning: config, models, ports, outbox, broker, clock
 
@@ -296,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=1, help="data seed (default 1)")
     ev.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(fn=cmd_models)
+    from customs_edge.cli import models_train  # `customs-edge models train wood|insects --images DIR`
+
+    models_train.register(msub)
 
     ck = sub.add_parser("check", help="commissioning: is this unit ready to run? (✓ / ! / ✗ and the fix)",
                         description="One line per check, with the fix for each ! and ✗. "
