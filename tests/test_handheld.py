@@ -250,10 +250,13 @@ def test_end_to_end_against_simulate_handheld(tmp_path: Path) -> None:
     try:
         def done() -> bool:
             types = {t for _, t, _, _ in hub_records(tmp_path / "hub.db", "hh-t")}
+            named = sum(1 for _, t, _, p in hub_records(tmp_path / "hub.db", "hh-t")
+                        if t == "identification" and p["label"] is not None)
             return {"identification", "scan", "risk_hit", "position_summary", "risk_list_applied"} <= types \
+                and named >= 8 \
                 and any(p.get("via") == "camera" for _, t, _, p in hub_records(tmp_path / "hub.db", "hh-t")
                         if t == "scan") and len(list((tmp_path / "hub.db.photos").glob("??/*.jpg"))) >= 3
-        wait_for(done, 60, "identifications, scans, camera codes, risk hits, positions and photos at the hub")
+        wait_for(done, 90, "identifications, scans, camera codes, risk hits, positions and photos at the hub")
     finally:
         unit.stop()
         for e in eps.values():
@@ -267,7 +270,8 @@ def test_end_to_end_against_simulate_handheld(tmp_path: Path) -> None:
     named = [(p, sc) for p, sc in zip(ids, truth, strict=False) if p["label"] is not None and sc is not None]
     assert [p["model"] for p in ids] == [sc.model if sc else "wood" for sc in truth]
     agree = sum(p["label"] == sc.label for p, sc in named)
-    assert named and agree >= 0.6 * len(named), [(p["label"], sc.label) for p, sc in named]
+    # >= 8 named: a broken pipeline (colour order, preprocessing) agrees ~1 in 10; look-alikes confuse a few
+    assert len(named) >= 8 and agree >= 0.5 * len(named), [(p["label"], sc.label) for p, sc in named]
     for p in ids:  # every photo the hub holds hashes to its name
         f = tmp_path / "hub.db.photos" / p["photo"][:2] / f"{p['photo']}.jpg"
         if f.exists():
