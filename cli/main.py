@@ -10,8 +10,10 @@
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
   customs-edge fleet config push|get DEVICE [FILE]   change a unit's config over the broker
+  customs-edge fleet risk-list publish FILE   publish a risk list (retained, versioned) to the handhelds
   customs-edge cmd DEVICE ping|status|...  send a command to a unit, print its answer
   customs-edge models evaluate NAME        held-out figures of a shipped model
+  customs-edge models train wood --images DIR   train an image classifier on DIR/<label>/*.jpg
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
   customs-edge check --config FILE         commissioning: config, models, ports, outbox, broker, clock
 
@@ -183,7 +185,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_models(args: argparse.Namespace) -> int:
-    kw = {"optics": args.optics} if getattr(args, "optics", None) else {}
+    kw = {"optics": args.optics} if args.name == "fever" and getattr(args, "optics", None) else {}
     result = registry.load_object(MODELS[args.name])(seed=args.seed, **kw)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -319,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--optics", choices=["mlx90640", "lepton35", "ir384"],
                     help="fever: the camera whose model is evaluated (default mlx90640)")
     m.set_defaults(fn=cmd_models)
+    from customs_edge.cli import models_train  # `customs-edge models train wood|insects --images DIR`
+
+    models_train.register(msub)
 
     ck = sub.add_parser("check", help="commissioning: is this unit ready to run? (✓ / ! / ✗ and the fix)",
                         description="One line per check, with the fix for each ! and ✗. "
