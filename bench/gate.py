@@ -16,8 +16,8 @@ Two measurements, both pinned to one core, each with a raw baseline measured in 
               link_fps              frames the driver delivered per second (goal: >= 8, the sensor's rate)
   resolutions  per camera optics (MLX90640 32x24, Lepton 3.5 160x120, 384x288): N frames of the same lane
             rendered for that camera, encoded in its wire format (GY-MCU90640 frames / raw Y16 frames), decoded
-            by its driver's parser and run through the gate app with that optics' model (no 384x288 model is
-            shipped: the tracker alone there, `app: "tracker only"`).
+            by its driver's parser and run through the gate app with that optics' model (the tracker alone,
+            `app: "tracker only"`, for an optics without a shipped model).
               us_per_frame, fps_one_core, cpu_pct_at_rate (at the camera's own rate), cpu_pct_at_9hz
               raw_us                baseline: numpy's max() over the same frames
   lepton_link  `customs-edge simulate gate --camera lepton35` in its own process streams raw Y16 frames at

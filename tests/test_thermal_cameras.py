@@ -165,7 +165,7 @@ def test_tracker_counts_travellers_at_each_resolution(optics: object) -> None:
 def test_manifests_state_their_optics() -> None:
     import json
 
-    for name, cols in (("fever", 32), ("fever_lepton35", 160)):
+    for name, cols in (("fever", 32), ("fever_lepton35", 160), ("fever_ir384", 384)):
         o = json.loads(default_manifest(name).read_text())["training"]["optics"]
         assert o["cols"] == cols and o["hfov_deg"] > 0
 

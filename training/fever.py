@@ -273,7 +273,8 @@ def evaluate(seed: int = 1, travellers: int | None = None, threshold_c: float = 
              camera: str = "ideal", optics: str = "mlx90640", febrile_share: float | None = None) -> dict[str, Any]:
     """Screen simulated travellers (confounders at their default shares, ambient 16-30 °C, a lane at
     `rate_per_h`) with the gate app, and score its decisions against the truth. The febrile share is
-    enriched (3 % of 20,000 for the MLX90640; 6 % of 10,000 for other optics, whose frames cost ~25x more)
+    enriched (3 % of 20,000 for the MLX90640; 6 % of 10,000 at 160x120, whose frames cost ~25x more; 25 % of
+    2,000 at 384x288)
     so >= 500 febrile travellers give the sensitivity a usable 95 % interval; the false-alarm rate is
     counted on the afebrile, and the PPV at realistic prevalences follows from both.
     Positive = a febrile traveller (core 37.6-39.5 °C); every afebrile core is <= 37.2 °C.
@@ -283,8 +284,9 @@ def evaluate(seed: int = 1, travellers: int | None = None, threshold_c: float = 
         raise ValueError(f"camera must be ideal, drifting or referenced, not {camera!r}")
     o = optics_named(optics)
     hi_res = o != MLX90640
-    travellers = travellers or (10000 if hi_res else 20000)
-    febrile_share = (0.06 if hi_res else 0.03) if febrile_share is None else febrile_share
+    big = o.cols > 160  # 384x288: ~40x the MLX90640's cost per traveller
+    travellers = travellers or (2000 if big else 10000 if hi_res else 20000)
+    febrile_share = (0.25 if big else 0.06 if hi_res else 0.03) if febrile_share is None else febrile_share
     base = WorldParams(rate_per_h=rate_per_h, optics=o, febrile_share=febrile_share)
     if manifest is None and hi_res:
         from customs_edge.models import default_manifest
@@ -301,7 +303,7 @@ def evaluate(seed: int = 1, travellers: int | None = None, threshold_c: float = 
     if camera != "ideal":
         base = replace(base, camera_offset_c=1.5, camera_drift_k=1.0, camera_drift_period_s=7200.0, blackbody=bb)
     runner = _AppRunner(str(manifest) if manifest else None, threshold_c, camera == "referenced", bb)
-    results = run_shards(_shards(seed, travellers, 2000, base), runner, workers)
+    results = run_shards(_shards(seed, travellers, 400 if big else 2000, base), runner, workers)
     return {"optics": o.as_dict(), "febrile_share": febrile_share, **score(results, threshold_c)}
 
 
