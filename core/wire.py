@@ -35,6 +35,14 @@ Seq = Annotated[int, Field(ge=1, le=SEQ_MAX)]
 
 MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 64-px thumbnail) is ~12 kB
 
+# Whole messages, checked on the raw bytes before parsing (core/inbound.py). A sender keeps below them: the
+# agent splits a batch that would encode larger (agent/sync.py); the broker's message_size_limit is set above
+# MAX_BATCH_BYTES so that the hub, not the broker, names what it refused.
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # a records message (a batch of 500 records of 12 kB is ~6 MB)
+MAX_ACK_BYTES = 1024 * 1024  # an ack names ranges of one batch: at most one per record
+MAX_COMMAND_BYTES = 256 * 1024  # a command; config_push carries a whole unit config (a few kB)
+MAX_STATUS_BYTES = 64 * 1024  # a retained status (~2 kB)
+
 
 class WireRecord(BaseModel):
     seq: Seq
