@@ -5,8 +5,11 @@ broker, where anyone may publish anything: what the agent and the hub must survi
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,13 +18,19 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from customs_edge.agent.config import SyncConfig
 from customs_edge.agent.sync import Sync
+from customs_edge.cli import certs
+from customs_edge.core.mqtt import Lost, MqttLink
 from customs_edge.core.records import RecordIn
 from customs_edge.hub.brokers import Mosquitto
-from tests.conftest import wait_for
+from tests.conftest import need_mosquitto, wait_for
 from tests.fakes import MemOutbox
 from tests.fleet import HubThread, hub_seqs, rec, records_msg
 from tests.test_tls import Broker, Client, broker, pki, tls, tls_keys  # noqa: F401 (fixtures)
@@ -215,3 +224,54 @@ def test_300_records_squatted_as_another_device_are_dropped_by_the_broker(tmp_pa
     finally:
         a.close()
         b.close()
+
+
+def expired_certificate(ca_dir: Path, name: str) -> None:
+    """NAME.crt/.key signed by the CA in `ca_dir`, expired yesterday (`certs issue` refuses to make one)."""
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    (ca_dir / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (ca_dir / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+
+
+def test_an_expired_and_a_revoked_certificate_are_refused(tmp_path: Path) -> None:
+    need_mosquitto()
+    d = tmp_path / "pki"
+    certs.init_ca(d)
+    for name, role in (("broker", "broker"), ("dev-ok", "device"), ("dev-stolen", "device")):
+        certs.issue(d, name, role)  # type: ignore[arg-type]
+    expired_certificate(d, "dev-old")
+    r = subprocess.run([sys.executable, "-m", "customs_edge", "certs", "revoke", "dev-stolen", "--dir", str(d)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "ca.crl" in r.stdout, r.stderr
+    assert [e.serial_number for e in x509.load_pem_x509_crl((d / "ca.crl").read_bytes())] == \
+        [x509.load_pem_x509_certificate((d / "dev-stolen.crt").read_bytes()).serial_number]
+    b = Broker(tmp_path / "broker", d)
+    b.mq.start()
+    try:
+        for name in ("dev-old", "dev-stolen"):
+            link = MqttLink(f"x-{name}", "127.0.0.1", b.port, tls=tls(d, name), connect_timeout_s=3,
+                            backoff_min_s=0.05, backoff_max_s=0.2)
+            lost: list[Lost] = []
+            try:
+                wait_for(lambda link=link, lost=lost: lost.extend(e for e in link.step(0.1) if isinstance(e, Lost))
+                         or len(lost) >= 2, 30, f"two refused attempts of {name}")
+                assert link.connects == 0, name
+            finally:
+                link.close()
+        ok = MqttLink("ok", "127.0.0.1", b.port, tls=tls(d, "dev-ok"), connect_timeout_s=5)
+        try:  # the same CA, the same CRL: a valid certificate connects
+            wait_for(lambda: ok.step(0.1) is not None and ok.connected, 30, "dev-ok's CONNACK")
+        finally:
+            ok.close()
+    finally:
+        b.mq.stop()
