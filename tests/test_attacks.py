@@ -275,3 +275,20 @@ def test_an_expired_and_a_revoked_certificate_are_refused(tmp_path: Path) -> Non
             ok.close()
     finally:
         b.mq.stop()
+
+
+def test_commands_come_only_from_operator_and_hub_identities(tmp_path: Path, pki: Path,  # noqa: F811
+                                                             broker: Broker) -> None:  # noqa: F811
+    a, op = Client(broker.port, tls(pki, "dev-a")), Client(broker.port, tls(pki, "op-1"))
+    op.sub(f"{PREFIX}/dev-b/cmd/reply")
+    try:
+        with Agent(tmp_path, "dev-b", broker.port, 0, **tls_keys(pki, "dev-b")) as b:
+            for i, t in enumerate((f"{PREFIX}/dev-b/cmd", f"{PREFIX}/dev-a/cmd")):  # another's, its own
+                a.pub(t, command("resend", i))
+            op.pub(f"{PREFIX}/dev-b/cmd", command("ping", 9))  # after them: once answered, they were dropped
+            wait_for(lambda: op.got, 15, "the operator's pong")
+            assert [json.loads(p)["id"] for _, p in op.got] == ["c9"]
+            assert b.sync.stats.commands == 1 and b.sync.refusals.counts == {}
+    finally:
+        a.close()
+        op.close()

@@ -240,6 +240,23 @@ def test_300_squatted_records_do_not_push_the_real_units_into_conflicts(tmp_path
     hub.store.close()
 
 
+def test_a_replayed_batch_adds_nothing_and_on_another_topic_is_refused(tmp_path: Path) -> None:
+    key = DeviceKey.beside(tmp_path / "dev" / "o.db")
+    reg = tmp_path / "keys.txt"
+    reg.write_text(f"dev-real {key.public}\n")
+    hub = Hub(HubConfig(port=1, db=tmp_path / "hub.db", keys=reg))
+    (batch,) = signed_batches(key, "dev-real", 20, 100, tmp_path, "real")
+    (first,) = hub.handle([(f"{PREFIX}/dev-real/records", batch)])
+    replays = hub.handle([(f"{PREFIX}/dev-real/records", batch)] * 5)  # captured off the broker, sent again
+    assert Ack.model_validate_json(first.payload).stored == 20
+    assert [(a.stored, a.duplicates) for a in map(Ack.model_validate_json, (o.payload for o in replays))] == \
+        [(0, 20)] * 5  # acked (the unit may have lost the first ack), nothing stored twice
+    assert hub.handle([(f"{PREFIX}/dev-other/records", batch)]) == []  # replayed as another device
+    (st,) = hub.store.stats()
+    assert (st.device_id, st.stored, st.conflicts) == ("dev-real", 20, 0) and hub.refused == {"device_mismatch": 1}
+    hub.store.close()
+
+
 @pytest.mark.parametrize("before", [0, 3])
 def test_one_record_at_seq_2_63_minus_1_is_quarantined_not_9e18_gaps(tmp_path: Path, before: int) -> None:
     hub = Hub(HubConfig(port=1, db=tmp_path / "hub.db"))
