@@ -42,6 +42,7 @@ MAX_BATCH_BYTES = 16 * 1024 * 1024  # a records message (a batch of 500 records 
 MAX_ACK_BYTES = 1024 * 1024  # an ack names ranges of one batch: at most one per record
 MAX_COMMAND_BYTES = 256 * 1024  # a command; config_push carries a whole unit config (a few kB)
 MAX_STATUS_BYTES = 64 * 1024  # a retained status (~2 kB)
+MAX_REPLY_BYTES = 1024 * 1024  # a command's reply (config_get carries a unit config; status ~2 kB)
 
 
 class WireRecord(BaseModel):

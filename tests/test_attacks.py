@@ -292,3 +292,24 @@ def test_commands_come_only_from_operator_and_hub_identities(tmp_path: Path, pki
     finally:
         a.close()
         op.close()
+
+
+def test_status_survives_hostile_retained_status_and_health(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """`customs-edge status` reads the unit's retained messages, which anyone on the loopback listener may
+    set: a status nested past the parser's stack and an oversized health are named, never a traceback."""
+    from customs_edge.agent.config import parse_unit_config
+    from customs_edge.cli.status import read_live
+    from tests.conftest import unit_dict
+
+    cfg = parse_unit_config(unit_dict(tmp_path, "/dev/ttyUSB0", mosquitto.port))
+    op = Client(mosquitto.port, None)
+    try:
+        op.c.publish(f"{PREFIX}/{cfg.device_id}/status", b"[" * 10_000, qos=1, retain=True).wait_for_publish(5)
+        op.c.publish(f"{PREFIX}/{cfg.device_id}/health", b"{" * (2 * MB), qos=1, retain=True).wait_for_publish(5)
+        live = read_live(cfg, wait_s=2)
+        assert live.status is None and live.health is None and len(live.unreadable) == 2, live.unreadable
+        assert any("2097152 bytes, at most 16384" in u for u in live.unreadable)
+    finally:
+        for kind in ("status", "health"):
+            op.c.publish(f"{PREFIX}/{cfg.device_id}/{kind}", b"", qos=1, retain=True).wait_for_publish(5)
+        op.close()
