@@ -13,7 +13,8 @@ journal. The hub subscribes to no replies or commands: those topics are operator
 
 A burst is stored in a worker thread while this thread keeps servicing the MQTT link (keepalive pings,
 reading what arrives next): a long store (a slow disk, a big backlog) never costs the hub its connection.
-Messages that arrive meanwhile are handled in the next burst.
+Messages that arrive meanwhile are handled in the next burst; past PENDING_MAX_BYTES of them nothing more is
+read until the store is done (the broker holds the rest).
 """
 
 from __future__ import annotations
@@ -130,12 +131,18 @@ class Hub:
         elif isinstance(ev, Lost) and ev.was_connected:
             self.ready.clear()
 
+    PENDING_MAX_BYTES = 64 * 1024 * 1024  # read during a store; beyond it, the broker holds the rest
+
     def _serviced(self, work: Callable[[], list[Out]]) -> list[Out]:
-        """Run `work` in the worker thread; meanwhile keep the link alive and collect what arrives."""
+        """Run `work` in the worker thread; meanwhile keep the link alive and collect what arrives (up to
+        PENDING_MAX_BYTES: then nothing more is read until the store is done)."""
         job = self._worker.submit(work)
         job.add_done_callback(lambda _: self.link.waker.set())
+        held = 0
         while not job.done():
-            for ev in self.link.step(0.25):
+            for ev in self.link.step(0.25, read=held < self.PENDING_MAX_BYTES):
+                if isinstance(ev, Message):
+                    held += len(ev.payload)
                 self._on_event(ev, self._pending)
         return job.result()
 

@@ -122,6 +122,49 @@ def test_the_hub_keeps_its_link_alive_during_a_long_store(tmp_path: Path, mosqui
         hub.stop()
 
 
+def test_what_the_hub_reads_during_a_store_is_bounded(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Past PENDING_MAX_BYTES read during one store, the hub reads nothing more: the broker holds the rest
+    (back-pressure), and it all arrives once the store is done."""
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
+    hub.hub.PENDING_MAX_BYTES = 1  # type: ignore[misc]
+    steps = [0]
+    real_step, real_store = hub.hub.link.step, hub.hub.store.store
+
+    def counting_step(timeout: float, read: bool = True) -> Any:
+        steps[0] += 1
+        return real_step(timeout, read)
+
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(batches: Any, refused: Any = None) -> Any:
+        batches = list(batches)
+        if batches and not inside.is_set():
+            inside.set()
+            release.wait(30)
+        return real_store(batches, refused)
+
+    hub.hub.link.step = counting_step  # type: ignore[method-assign]
+    hub.hub.store.store = slow  # type: ignore[method-assign]
+    op = Client(mosquitto.port, None)
+    try:
+        op.sub(f"{PREFIX}/+/ack")
+        op.pub(f"{PREFIX}/dev-s/records", records_msg("dev-s", "b1", [rec(1)]))
+        wait_for(inside.is_set, 15, "the store to begin")
+        for s in (2, 3, 4):
+            op.pub(f"{PREFIX}/dev-s/records", records_msg("dev-s", f"b{s}", [rec(s)]))
+        wait_for(lambda: hub.hub._pending, 15, "the first message read during the store")
+        seen = steps[0]
+        wait_for(lambda: steps[0] >= seen + 8, 15, "8 more steps of the hub's link")  # each could have read
+        assert len(hub.hub._pending) == 1
+        release.set()
+        wait_for(lambda: len(op.got) == 4, 15, "all four batches acked")
+        assert hub_seqs(tmp_path / "hub.db", "dev-s")[0] == [1, 2, 3, 4] and hub.hub.link.connects == 1
+    finally:
+        release.set()
+        op.close()
+        hub.stop()
+
+
 def test_oversized_and_malformed_messages_on_every_topic_are_refused_without_harm(tmp_path: Path,
                                                                                   mosquitto: Mosquitto) -> None:
     deep = b"[" * 10_000  # nested past any parser's recursion limit, under every size limit
