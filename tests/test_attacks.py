@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import ssl
 import subprocess
 import sys
@@ -346,6 +347,8 @@ def test_status_survives_hostile_retained_status_and_health(tmp_path: Path, mosq
 
     cfg = parse_unit_config(unit_dict(tmp_path, "/dev/ttyUSB0", mosquitto.port))
     op = Client(mosquitto.port, None)
+    mqtt_log = logging.getLogger("customs_edge.core.mqtt")
+    level = mqtt_log.level  # read_live quiets it for the CLI's process: put it back for the tests after this
     try:
         op.c.publish(f"{PREFIX}/{cfg.device_id}/status", b"[" * 10_000, qos=1, retain=True).wait_for_publish(5)
         op.c.publish(f"{PREFIX}/{cfg.device_id}/health", b"{" * (2 * MB), qos=1, retain=True).wait_for_publish(5)
@@ -356,3 +359,4 @@ def test_status_survives_hostile_retained_status_and_health(tmp_path: Path, mosq
         for kind in ("status", "health"):
             op.c.publish(f"{PREFIX}/{cfg.device_id}/{kind}", b"", qos=1, retain=True).wait_for_publish(5)
         op.close()
+        mqtt_log.setLevel(level)
