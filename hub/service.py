@@ -7,7 +7,7 @@ device its topic names is counted (`health_refused`, and per device in the store
 
 Inbound bounds (core/inbound.py): each message's size is checked on its raw bytes before it is parsed
 (records MAX_BATCH_BYTES, status MAX_STATUS_BYTES, health MAX_HEALTH_BYTES); a message on any topic other
-than `{prefix}/{device}/records|status|health` is refused as `unexpected_topic`. Refusals are counted per
+than `{prefix}/{device}/records|status|health|photos` is refused as `unexpected_topic`. Refusals are counted per
 cause (`refused`, also in the store) and logged at most once a minute per cause: a flood never fills the
 journal. The hub subscribes to no replies or commands: those topics are operators'.
 
@@ -46,6 +46,7 @@ from customs_edge.core.mqtt import (
 from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, MAX_STATUS_BYTES, Ack, Alert, Health, Status, ranges_of, topic
 from customs_edge.hub import intake
+from customs_edge.hub.photos import HEADER_MAX, MAX_PHOTO_BYTES, PhotoArchive
 from customs_edge.hub.store import MAX_SEQ_JUMP, HubStore, Stored
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Hub:
         self.cfg = cfg
         self.keys = load_registry(cfg.keys) if cfg.keys else {}
         self.store = HubStore(cfg.db, cfg.synchronous, max_seq_jump=cfg.max_seq_jump)
+        self.photos = PhotoArchive(Path(f"{cfg.db}.photos"))  # evidence photos by sha256 (hub/photos.py)
         client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
         self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
                              **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
@@ -126,6 +128,7 @@ class Hub:
             self.link.subscribe(self.records_filter(), 1)
             self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
             self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+            self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
             self.ready.set()
             log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
         elif isinstance(ev, Lost) and ev.was_connected:
@@ -163,6 +166,7 @@ class Hub:
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
         prefix = self.cfg.topic_prefix + "/"
+        out: list[Out] = []  # photo acks
         for t, payload in messages:
             parts = t[len(prefix):].split("/") if t.startswith(prefix) else []
             kind = parts[1] if len(parts) == 2 and parts[0] else None
@@ -171,6 +175,14 @@ class Hub:
                 continue
             if kind == "health":
                 health.append((t, payload))
+                continue
+            if kind == "photos":
+                if why := too_large(payload, MAX_PHOTO_BYTES + HEADER_MAX):
+                    self.refusals.refuse("photo_too_large", "oversized photo message ignored unread", topic=t,
+                                         reason=why)
+                else:
+                    ack = self.photos.handle(t, payload)
+                    out += [Out(ack.topic, ack.payload)] if ack else []
                 continue
             if kind != "records":
                 refused["unexpected_topic"] += 1
@@ -192,7 +204,7 @@ class Hub:
         if health:
             self._health(health)
         if not incoming and not refused:
-            return []
+            return out
         try:
             results = self.store.store(incoming, refused)
         except Exception:  # one batch the store refuses must not hold back the others: store one by one
@@ -207,7 +219,7 @@ class Hub:
             with contextlib.suppress(Exception):  # the counts of refused messages, in the store too if it can
                 self.store.store([], refused)
         self.refused.update(refused)
-        return [out for s in results for out in self._answer(s)]
+        return out + [o for s in results for o in self._answer(s)]
 
     def _answer(self, s: Stored) -> list[Out]:
         self.batches += 1
@@ -260,14 +272,19 @@ class Hub:
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]
         state: str = "?"
+        unit_type = site = None
         if why := too_large(payload, MAX_STATUS_BYTES):
             self.refusals.refuse("status_too_large", "oversized status ignored unread", topic=t, reason=why)
         else:
             try:
-                state = Status.model_validate_json(payload).state
+                st = Status.model_validate_json(payload)
+                state = st.state
+                extra = st.model_extra or {}
+                unit_type, site = (v if isinstance(v, str) and len(v) <= 64 else None
+                                   for v in (extra.get("type"), extra.get("site")))
             except ValidationError:  # anything on a status topic, even a retained one, is only informational
                 self.refusals.refuse("status_malformed", "status that is not a Status shown as '?'", topic=t)
-        self.store.set_status(device_id, state)
+        self.store.set_status(device_id, state, unit_type, site)
 
 
 def _seqs(ranges: list[tuple[int, int]], most: int = 10) -> str:
