@@ -286,3 +286,32 @@ def test_a_plausible_jump_is_stored_as_before(tmp_path: Path) -> None:
     assert ack.ranges == [(1, 1), (1001, 1001), (2001, 2001)] and ack.rejected == [(3002, 3002)]
     assert hub.store.stats()[0].max_seq == 2001
     hub.store.close()
+
+
+def test_bad_photo_acks_are_counted_never_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A photo ack nested past the parser's stack raised RecursionError out of the sync's step (the unit then
+    dropped its link); now every bad one is counted, one log line per cause."""
+    from customs_edge.agent.photos import PhotoSender, PhotoStore
+
+    sender = PhotoSender(PhotoStore(tmp_path / "photos", 10), "dev", PREFIX)
+    t = f"{PREFIX}/dev/photos/ack"
+    with caplog.at_level("WARNING"):
+        for payload in (b"[" * 1020, b"[1]", b"x" * 5000) * 100:
+            assert sender.on_message(Message(t, payload))
+    assert sender.refusals.counts == {"photo_ack_malformed": 200, "photo_ack_too_large": 100}
+    assert len(lines(caplog, "customs_edge.agent.photos")) == 2
+
+
+def test_photo_messages_at_the_hub_are_bounded_and_logged_once_per_cause(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    hub = Hub(HubConfig(port=1, db=tmp_path / "hub.db"))
+    t = f"{PREFIX}/dev-p/photos"
+    with caplog.at_level("WARNING"):
+        for _ in range(1000):
+            assert hub.handle([(t, b"no header"), (t, b'{"device_id": "other"}\nxx')]) == []
+        big = b'{"v":1}\n' + b"x" * (17 * MB)
+        used = peak_bytes(lambda: hub.handle([(t, big)]))
+    assert used < MB and hub.refusals.counts == {"photo_too_large": 1}
+    assert hub.photos.counts["malformed"] == 2000
+    assert len(lines(caplog, "customs_edge.hub.photos")) == 1 and len(lines(caplog, "customs_edge.hub.service")) == 1
+    hub.store.close()
