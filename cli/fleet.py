@@ -27,7 +27,8 @@ from customs_edge.core import logs
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.mqtt import BrokerSettings, Message, MqttLink, NotConnected
 from customs_edge.core.wire import COMMAND_TTL_S, Command, CommandReply, Health, topic
-from customs_edge.hub.store import FleetRow, HubStore
+from customs_edge.hub.storage import open_store
+from customs_edge.hub.store import FleetRow
 
 WIDTH = 100
 COLUMNS = [("device", 18, "<"), ("state", 7, "<"), ("seen", 5, ">"), ("backlog", 8, ">"), ("oldest", 6, ">"),
@@ -80,7 +81,7 @@ def as_json(rows: list[FleetRow], now: float) -> dict[str, Any]:
 
 
 def cmd_fleet(db: str, want_json: bool) -> int:
-    store = HubStore(db, readonly=True)  # a mistyped --db is an error, never a new empty database
+    store = open_store(db, readonly=True)  # a mistyped --db is an error, never a new empty database
     try:
         rows, now = store.fleet(), time.time()
     finally:

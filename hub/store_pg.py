@@ -1,0 +1,333 @@
+"""The hub's store in PostgreSQL (psycopg 3): what hub/store.py keeps in SQLite, for several hub workers at once.
+
+Same tables, same meaning, same answers (tests/test_store_contract.py runs one suite over both stores).
+What changes is that several workers, each on its own connection, store batches at the same time:
+  - exactly once: `records` has PRIMARY KEY (device_id, seq). A batch is compared with what the database
+    holds (hub/store.py classify) under a transaction-scoped advisory lock per device, taken in device_id
+    order, so two workers handed the same batch (a resend after an ack timeout, while the first worker is
+    still storing it) compare and insert one after the other: the second finds the first's rows committed
+    and counts a redelivery. The inserts are plain: if anything slipped past the lock, the primary key
+    refuses the row, the transaction rolls back and nothing of it is acked (the agent resends; the resend is
+    a redelivery then). ON CONFLICT DO NOTHING would instead hide a conflicting record as a duplicate.
+  - deadlocks: advisory locks in device order, batches and health messages processed in device order, so
+    two transactions never wait on each other in a cycle (if PostgreSQL still breaks one, it fails whole and
+    the hub stores its batches one by one).
+  - acks follow the commit: `store()` returns after COMMIT, with synchronous_commit on (the server's
+    default), so an acked record is in PostgreSQL's WAL on disk (and on a synchronous standby if the
+    server is set up with one: docs/scale.md).
+  - health messages reach every worker (plain subscription): UNIQUE (device_id, ts) keeps one copy.
+  - numbers: PostgreSQL's double precision takes NaN and infinities, SQLite's REAL NOT NULL refuses NaN;
+    CHECK constraints refuse both here, so a record the store cannot keep is never acked on either.
+The schema is created on first use by whichever worker gets there first (under an advisory lock) and its
+version kept in `hub_schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from customs_edge.core.signing import TOMBSTONE_TYPE
+from customs_edge.hub import store as _sqlite
+from customs_edge.hub.intake import Incoming, Row
+from customs_edge.hub.store import (
+    HEALTH_KEPT,
+    Content,
+    DeviceStats,
+    FleetRow,
+    Stored,
+    StoreError,
+    Verdict,
+    classify,
+    stored_result,
+    walk_chain,
+)
+
+SCHEMA_LOCK = 0x637573746F6D73  # advisory lock key while the schema is created or upgraded ("customs")
+
+_FINITE = "CHECK ({0} > '-Infinity' AND {0} < 'Infinity')"  # NaN sorts above Infinity in PostgreSQL
+_RECORD_COLUMNS = f"""
+        device_id   TEXT             NOT NULL,
+        seq         BIGINT           NOT NULL,
+        ts          DOUBLE PRECISION NOT NULL {_FINITE.format('ts')},
+        boot_id     TEXT             NOT NULL,
+        mono        DOUBLE PRECISION NOT NULL {_FINITE.format('mono')},
+        type        TEXT             NOT NULL,
+        priority    INTEGER          NOT NULL,
+        payload     TEXT             NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL"""
+
+SCHEMA: list[str] = [
+    f"""
+    CREATE TABLE records ({_RECORD_COLUMNS},
+        prev TEXT,
+        h    TEXT,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE TABLE conflicts ({_RECORD_COLUMNS});
+    CREATE INDEX conflicts_by_seq ON conflicts (device_id, seq);
+    CREATE TABLE devices (
+        device_id      TEXT PRIMARY KEY,
+        received       BIGINT NOT NULL DEFAULT 0,
+        duplicates     BIGINT NOT NULL DEFAULT 0,
+        conflicts      BIGINT NOT NULL DEFAULT 0,
+        stored         BIGINT NOT NULL DEFAULT 0,
+        max_seq        BIGINT NOT NULL DEFAULT 0,
+        first_seen     DOUBLE PRECISION,
+        last_seen      DOUBLE PRECISION,
+        status         TEXT,
+        rejected       BIGINT NOT NULL DEFAULT 0,
+        health_refused BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE rejected (
+        device_id   TEXT             NOT NULL,
+        seq         BIGINT,
+        batch       TEXT             NOT NULL,
+        reason      TEXT             NOT NULL,
+        raw         TEXT             NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        prev        TEXT,
+        h           TEXT
+    );
+    CREATE UNIQUE INDEX rejected_by_seq ON rejected (device_id, seq);
+    CREATE TABLE refused (kind TEXT PRIMARY KEY, batches BIGINT NOT NULL);
+    CREATE TABLE health (
+        id          BIGSERIAL PRIMARY KEY,
+        device_id   TEXT             NOT NULL,
+        ts          DOUBLE PRECISION NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        payload     TEXT             NOT NULL,
+        UNIQUE (device_id, ts)
+    );
+    """,
+]
+
+
+def _connect(dsn: str) -> Any:
+    import psycopg  # an optional dependency: `pip install 'customs-edge[postgres]'`
+
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="customs-edge-hub")
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to the hub database ({str(exc).strip().splitlines()[0]}): check the"
+                         " PostgreSQL URL given with --db (postgresql://USER@HOST:PORT/DBNAME)") from None
+
+
+def redact(dsn: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:
+        return "(an unreadable conninfo)"
+    if "password" in parts:
+        parts["password"] = "***"
+    return make_conninfo("", **parts)
+
+
+class PgHubStore:
+    def __init__(self, dsn: str, *, readonly: bool = False) -> None:
+        self.dsn = dsn
+        self.db = _connect(dsn)
+        if readonly:
+            self.db.execute("SET default_transaction_read_only = on")
+            version = self._version()
+            if version != len(SCHEMA):
+                self.db.close()
+                raise StoreError(f"{redact(dsn)} is not a hub database" if version == 0 else
+                                 f"{redact(dsn)} has schema version {version}, this hub {len(SCHEMA)}: "
+                                 + ("start the hub once to upgrade it" if version < len(SCHEMA)
+                                    else "use a newer CLI"))
+            return
+        with self.db.transaction():
+            self.db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            self.db.execute("CREATE TABLE IF NOT EXISTS hub_schema (version INTEGER NOT NULL)")
+            version = self._version()
+            if version > len(SCHEMA):
+                raise StoreError(f"{redact(dsn)} has schema version {version}, this hub {len(SCHEMA)}:"
+                                 " upgrade this hub")
+            for v in range(version, len(SCHEMA)):
+                self.db.execute(SCHEMA[v])
+            self.db.execute("DELETE FROM hub_schema")
+            self.db.execute("INSERT INTO hub_schema VALUES (%s)", (len(SCHEMA),))
+
+    def _version(self) -> int:
+        if self.db.execute("SELECT to_regclass('hub_schema')").fetchone()[0] is None:
+            return 0
+        row = self.db.execute("SELECT max(version) FROM hub_schema").fetchone()
+        return int(row[0] or 0)
+
+    def _reconnect(self) -> None:
+        """After the server restarted or the connection broke: a new connection (the failed call raised)."""
+        if self.db.closed or self.db.broken:
+            self.db = _connect(self.dsn)
+
+    def store(self, batches: Iterable[Incoming], refused: Mapping[str, int] | None = None) -> list[Stored]:
+        """Store many batches in one transaction (group commit), with the counts of messages refused whole
+        since the last call. Returns what to ack for each batch, in the order given, once committed."""
+        self._reconnect()
+        todo = list(batches)
+        now = time.time()
+        out: list[Stored | None] = [None] * len(todo)
+        with self.db.transaction():
+            devices = sorted({b.device_id for b in todo})
+            if devices:
+                self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest(%s::text[]) d",
+                                (devices,))
+            for i in sorted(range(len(todo)), key=lambda k: todo[k].device_id):
+                out[i] = self._store(todo[i], now)
+            counts = sorted((k, n) for k, n in (refused or {}).items() if n)
+            if counts:
+                with self.db.cursor() as cur:
+                    cur.executemany("INSERT INTO refused VALUES (%s, %s) ON CONFLICT (kind) DO UPDATE SET"
+                                    " batches = refused.batches + excluded.batches", counts)
+        return [s for s in out if s is not None]
+
+    def _store(self, b: Incoming, now: float) -> Stored:
+        new, fresh, dup, first = classify(b, self._held)
+        db = self.db
+        if new:
+            links = [b.links.get(r[0], (None, None)) for r in new]
+            db.execute(
+                "INSERT INTO records (device_id, seq, ts, boot_id, mono, type, priority, payload, received_at, prev, h)"
+                " SELECT %s, u.seq, u.ts, u.boot, u.mono, u.type, u.prio, u.payload, %s, l.prev, l.h"
+                " FROM unnest(%s::bigint[], %s::float8[], %s::text[], %s::float8[], %s::text[], %s::int[], %s::text[])"
+                " WITH ORDINALITY u(seq, ts, boot, mono, type, prio, payload, n)"
+                " JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY l(prev, h, n) USING (n)",
+                (b.device_id, now, *_cols(new), [p for p, _ in links], [h for _, h in links]))
+        if fresh:
+            db.execute(
+                "INSERT INTO conflicts (device_id, seq, ts, boot_id, mono, type, priority, payload, received_at)"
+                " SELECT %s, *, %s FROM unnest(%s::bigint[], %s::float8[], %s::text[], %s::float8[], %s::text[],"
+                " %s::int[], %s::text[])", (b.device_id, now, *_cols(fresh)))
+        if b.rejected:
+            with db.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO rejected VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (device_id, seq)"
+                    " DO UPDATE SET batch = excluded.batch, reason = excluded.reason, raw = excluded.raw,"
+                    " received_at = excluded.received_at, prev = excluded.prev, h = excluded.h",
+                    [(b.device_id, r.seq, b.batch, r.reason, r.raw, now, *b.links.get(r.seq or 0, (None, None)))
+                     for r in b.rejected])
+        named = [r.seq for r in b.rejected if r.seq is not None]
+        (conflicts,) = db.execute(
+            "INSERT INTO devices AS d (device_id, received, duplicates, conflicts, rejected, stored, max_seq,"
+            " first_seen, last_seen) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
+            " received = d.received + excluded.received, duplicates = d.duplicates + excluded.duplicates,"
+            " conflicts = d.conflicts + excluded.conflicts, rejected = d.rejected + excluded.rejected,"
+            " stored = d.stored + excluded.stored, max_seq = greatest(d.max_seq, excluded.max_seq),"
+            " last_seen = excluded.last_seen RETURNING conflicts",
+            (b.device_id, len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new),
+             max([r[0] for r in b.rows] + named, default=0), now, now)).fetchone()
+        return stored_result(b, new, fresh, dup, first, int(conflicts))
+
+    def _held(self, table: str, device_id: str, rows: list[Row]) -> list[tuple[int, Content]]:
+        """(seq, content) of every row `table` holds for these rows' seqs."""
+        seqs = sorted({r[0] for r in rows})
+        cur = self.db.execute("SELECT seq, ts, boot_id, mono, type, priority, payload FROM " + table +
+                              " WHERE device_id = %s AND seq = ANY(%s::bigint[])", (device_id, seqs))
+        return [(seq, (ts, boot, mono, type_, prio, payload)) for seq, ts, boot, mono, type_, prio, payload in cur]
+
+    def set_status(self, device_id: str, status: str) -> None:
+        self._reconnect()
+        self.db.execute(
+            "INSERT INTO devices (device_id, status, first_seen, last_seen) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (device_id) DO UPDATE SET status = excluded.status",
+            (device_id, status, time.time(), time.time()))
+
+    def put_health(self, messages: Iterable[tuple[str, float, str]], refused: Mapping[str, int]) -> int:
+        """Keep health messages (device_id, the unit's ts, payload) and count refused ones per device, in one
+        transaction; every worker receives every health message, and one copy is kept. Returns how many were
+        new here."""
+        self._reconnect()
+        now = time.time()
+        new = 0
+        with self.db.transaction():
+            for device_id, ts, payload in sorted(messages, key=lambda m: m[0]):  # row locks in device order
+                if self.db.execute("INSERT INTO health (device_id, ts, received_at, payload) VALUES (%s, %s, %s, %s)"
+                                   " ON CONFLICT (device_id, ts) DO NOTHING RETURNING id",
+                                   (device_id, ts, now, payload)).fetchone() is None:
+                    continue
+                new += 1
+                self.db.execute("DELETE FROM health WHERE device_id = %s AND id <= (SELECT id FROM health WHERE"
+                                " device_id = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
+                                (device_id, device_id, _sqlite.HEALTH_KEPT))
+                self.db.execute("INSERT INTO devices (device_id, first_seen, last_seen) VALUES (%s, %s, %s)"
+                                " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
+                                (device_id, now, now))
+            counts = sorted((d, n) for d, n in refused.items() if n)
+            if counts:
+                with self.db.cursor() as cur:
+                    cur.executemany("INSERT INTO devices AS d (device_id, health_refused, first_seen) VALUES"
+                                    " (%s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
+                                    " health_refused = d.health_refused + excluded.health_refused",
+                                    [(d, n, now) for d, n in counts])
+        return new
+
+    def health_history(self, device_id: str, limit: int = HEALTH_KEPT + 1) -> list[tuple[float, str]]:
+        """(received_at, payload) of a device's health messages, newest first."""
+        return [(r[0], r[1]) for r in self.db.execute(
+            "SELECT received_at, payload FROM health WHERE device_id = %s ORDER BY id DESC LIMIT %s",
+            (device_id, limit))]
+
+    def fleet(self) -> list[FleetRow]:
+        rows = self.db.execute(
+            "SELECT d.device_id, d.status, d.last_seen, d.health_refused, (SELECT payload FROM health h WHERE"
+            " h.device_id = d.device_id ORDER BY id DESC LIMIT 1) FROM devices d ORDER BY d.device_id COLLATE \"C\""
+        ).fetchall()
+        return [FleetRow(d, status, seen, payload, int(refused)) for d, status, seen, refused, payload in rows]
+
+    def stats(self) -> list[DeviceStats]:
+        rows = self.db.execute(
+            "SELECT device_id, received, duplicates, conflicts, rejected, stored, max_seq, last_seen, status,"
+            " (SELECT count(*) FROM rejected r WHERE r.device_id = d.device_id AND r.seq IS NOT NULL AND NOT EXISTS"
+            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq))"
+            " FROM devices d ORDER BY device_id COLLATE \"C\"").fetchall()
+        return [DeviceStats(d, int(rcv), int(dup), int(cf), int(rj), int(st), int(mx),
+                            max(0, int(mx) - int(st) - int(rj_seqs)), seen, status)
+                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs in rows]
+
+    def refused(self) -> dict[str, int]:
+        """Records messages refused whole, by kind (malformed, device_mismatch, store_failed)."""
+        return {k: int(n) for k, n in self.db.execute(
+            "SELECT kind, batches FROM refused ORDER BY kind COLLATE \"C\"").fetchall()}
+
+    def gap_ranges(self, device_id: str, limit: int = 20) -> list[tuple[int, int]]:
+        """Seq ranges below the highest seq received that the hub never received (neither stored nor rejected)."""
+        rows = self.db.execute(
+            "SELECT prev + 1, seq - 1 FROM (SELECT seq, coalesce(lag(seq) OVER (ORDER BY seq), 0) AS prev FROM"
+            " (SELECT seq FROM records WHERE device_id = %(d)s UNION SELECT seq FROM rejected WHERE device_id = %(d)s"
+            " AND seq IS NOT NULL) s) w WHERE seq > prev + 1 ORDER BY seq LIMIT %(n)s",
+            {"d": device_id, "n": limit}).fetchall()
+        return [(int(a), int(b)) for a, b in rows]
+
+    def verify(self, device_id: str) -> Verdict:
+        """As hub/store.py HubStore.verify: walk the device's chain from seq 1 (one transaction, one snapshot)."""
+        v = Verdict(device_id)
+        runs: dict[int, tuple[int, str | None, str]] = {}
+        with self.db.transaction():
+            self.db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            for (payload,) in self.db.execute("SELECT payload FROM records WHERE device_id = %s AND type = %s",
+                                              (device_id, TOMBSTONE_TYPE)):
+                for lo, hi, prev, last in json.loads(payload).get("runs", []):
+                    runs[lo] = (hi, prev, last)
+            (max_seq,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id = %s",
+                                         (device_id,)).fetchone()
+            with self.db.cursor(name="verify") as cur:  # server-side: a long history is not loaded at once
+                cur.itersize = 5000
+                cur.execute(
+                    "SELECT seq, ts, type, priority, payload, prev, h, 1 FROM records WHERE device_id = %(d)s"
+                    " UNION ALL SELECT seq, 0, '', 0, '', prev, h, 0 FROM rejected r WHERE device_id = %(d)s AND seq"
+                    " IS NOT NULL AND NOT EXISTS (SELECT 1 FROM records x WHERE x.device_id = %(d)s AND"
+                    " x.seq = r.seq) ORDER BY seq", {"d": device_id})
+                return walk_chain(v, runs, cur, int(max_seq))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _cols(rows: list[Row]) -> tuple[list[Any], ...]:
+    """Rows as column arrays, for one INSERT ... SELECT FROM unnest(...) per table."""
+    return tuple(list(c) for c in zip(*rows, strict=True))
