@@ -183,7 +183,8 @@ def _connection_flags(p: argparse.ArgumentParser, timeout: float) -> None:
 
 def register(sub: Any) -> None:
     """`customs-edge fleet config push|get` and `customs-edge cmd`."""
-    f = sub.add_parser("fleet", help="change a unit over the broker: `fleet config push|get DEVICE`")
+    f = sub.add_parser("fleet", help="change a unit over the broker: `fleet config push|get DEVICE`;"
+                       " `fleet simulate --units N`")
     fsub = f.add_subparsers(dest="what", required=True, metavar="WHAT")
     c = fsub.add_parser("config", help="push a config file to a unit, or get the one it runs")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -195,6 +196,9 @@ def register(sub: Any) -> None:
     get = csub.add_parser("get", help="print the config the unit runs (stdout) and its sha256 (stderr)")
     _connection_flags(get, 20.0)
     c.set_defaults(fn=cmd_config)
+    from customs_edge.cli import simfleet  # `customs-edge fleet simulate --units N`
+
+    simfleet.register(fsub)
     k = sub.add_parser("cmd", help="send a command to a unit and print its answer")
     _connection_flags(k, 20.0)
     k.add_argument("name", choices=SIMPLE_COMMANDS, help="the command")
