@@ -175,7 +175,7 @@ class PgHubStore:
         with self.db.transaction():
             devices = sorted({b.device_id for b in todo})
             if devices:
-                self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest(%s::text[]) d",
+                self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest(%b::text[]) d",
                                 (devices,))
             for i in sorted(range(len(todo)), key=lambda k: todo[k].device_id):
                 out[i] = self._store(todo[i], now)
@@ -194,15 +194,15 @@ class PgHubStore:
             db.execute(
                 "INSERT INTO records (device_id, seq, ts, boot_id, mono, type, priority, payload, received_at, prev, h)"
                 " SELECT %s, u.seq, u.ts, u.boot, u.mono, u.type, u.prio, u.payload, %s, l.prev, l.h"
-                " FROM unnest(%s::bigint[], %s::float8[], %s::text[], %s::float8[], %s::text[], %s::int[], %s::text[])"
+                " FROM unnest(%b::bigint[], %b::float8[], %b::text[], %b::float8[], %b::text[], %b::int[], %b::text[])"
                 " WITH ORDINALITY u(seq, ts, boot, mono, type, prio, payload, n)"
-                " JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY l(prev, h, n) USING (n)",
+                " JOIN unnest(%b::text[], %b::text[]) WITH ORDINALITY l(prev, h, n) USING (n)",
                 (b.device_id, now, *_cols(new), [p for p, _ in links], [h for _, h in links]))
         if fresh:
             db.execute(
                 "INSERT INTO conflicts (device_id, seq, ts, boot_id, mono, type, priority, payload, received_at)"
-                " SELECT %s, *, %s FROM unnest(%s::bigint[], %s::float8[], %s::text[], %s::float8[], %s::text[],"
-                " %s::int[], %s::text[])", (b.device_id, now, *_cols(fresh)))
+                " SELECT %s, *, %s FROM unnest(%b::bigint[], %b::float8[], %b::text[], %b::float8[], %b::text[],"
+                " %b::int[], %b::text[])", (b.device_id, now, *_cols(fresh)))
         if b.rejected:
             with db.cursor() as cur:
                 cur.executemany(
@@ -227,7 +227,7 @@ class PgHubStore:
         """(seq, content) of every row `table` holds for these rows' seqs."""
         seqs = sorted({r[0] for r in rows})
         cur = self.db.execute("SELECT seq, ts, boot_id, mono, type, priority, payload FROM " + table +
-                              " WHERE device_id = %s AND seq = ANY(%s::bigint[])", (device_id, seqs))
+                              " WHERE device_id = %s AND seq = ANY(%b::bigint[])", (device_id, seqs))
         return [(seq, (ts, boot, mono, type_, prio, payload)) for seq, ts, boot, mono, type_, prio, payload in cur]
 
     def set_status(self, device_id: str, status: str) -> None:

@@ -1,0 +1,289 @@
+"""Hub scale-out figures: ingest through broker -> hub -> store -> ack for SQLite and PostgreSQL with 1, 2 and 3
+hub workers, beside raw executemany into the same store; then a simulated fleet at a steady rate: the hub's
+ack latency and RSS.
+
+    python bench/hub.py [--records 100000] [--batch 500] [--devices 50] [--units 500] [--rate 5]
+                        [--fleet-seconds 20] [--workers 1,2,3] [--json]
+
+Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on one shared subscription
+($share/hubs/...), each worker its own process; PostgreSQL is a throwaway cluster started here (tests/pg.py:
+initdb/pg_ctl, fsync and synchronous_commit on, as in production). This process publishes pre-encoded
+batches (`--batch` records of ~250-byte payloads, `--devices` devices in turn, seqs counting up; QoS 1, at
+most 8 batches per worker unacked) and counts the hub's acks: records_per_s = records / (first publish ->
+last ack). Every store row is checked afterwards (stored == records, no duplicates).
+Baselines, measured in the same run on the same machine:
+  raw_executemany  INSERT of the same rows into the store's `records` table, one transaction per batch
+                   (SQLite synchronous=FULL; PostgreSQL executemany, pipelined by psycopg): the database's
+                   own ceiling, no MQTT, no validation, no dedupe;
+  store_direct     the store's store() on already parsed batches, 4 per transaction as the hub groups them:
+                   dedupe and counters without MQTT or JSON validation.
+Fleet: `--units` simulated units (agent/simfleet.py: the agent's outbox and sync, one session each) at
+`--rate` records/s each against one hub worker on SQLite and on PostgreSQL; after a warm-up, for
+`--fleet-seconds`: ack latency (a record's commit into its unit's outbox -> the hub's ack deleting it)
+p50/p99, and the hub process's RSS. The simulator, mosquitto, the hub and PostgreSQL share this machine's
+cores: on 2 cores 500 units are the simulator's limit (say so with the figure; --units scales it down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.hub_rss import PAYLOAD, proc_rss_mb
+from customs_edge.core.records import Pending
+from customs_edge.core.wire import encode_batch
+from customs_edge.hub import intake
+from customs_edge.hub.brokers import Mosquitto
+
+PREFIX = "customs-edge/v1"
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+def batches(total: int, size: int, devices: int, tag: str) -> Iterator[tuple[str, bytes, list[Pending]]]:
+    next_seq = dict.fromkeys(range(devices), 1)
+    sent, k = 0, 0
+    while sent < total:
+        d = k % devices
+        n = min(size, total - sent)
+        seq0 = next_seq[d]
+        recs = [Pending(s, 1.7e9 + s, "boot-bench", float(s), "weighing", 1, PAYLOAD) for s in range(seq0, seq0 + n)]
+        next_seq[d] = seq0 + n
+        yield f"{PREFIX}/{tag}-{d}/records", encode_batch(f"{tag}-{d}", f"b{k}", recs), recs
+        sent += n
+        k += 1
+
+
+class Workers:
+    """`customs-edge hub` worker processes on one shared subscription."""
+
+    def __init__(self, n: int, db: str, port: int, work: Path) -> None:
+        self.logs = [work / f"hub-{i}.log" for i in range(n)]
+        self.procs = [subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--db", db, "--port", str(port),
+                                        "--client-id", f"bench-hub-{i}", "--log-level", "INFO"], env=ENV,
+                                       stderr=log.open("wb")) for i, log in enumerate(self.logs)]
+        deadline = time.monotonic() + 60
+        while not all("hub subscribed" in log.read_text() for log in self.logs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"hub workers did not subscribe; see {work}")
+            time.sleep(0.1)
+
+    def rss_mb(self) -> list[float]:
+        return [round(proc_rss_mb(p.pid), 1) for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(20)
+
+
+def publish_all(port: int, msgs: list[tuple[str, bytes, int]], window: int) -> float:
+    """Publish every batch (QoS 1, at most `window` unacked by the hub); seconds from first publish to last ack."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    total = sum(n for _, _, n in msgs)
+    acked = [0]
+    cond = threading.Condition()
+
+    def on_message(_c: Any, _u: Any, m: Any) -> None:
+        ack = json.loads(m.payload)
+        with cond:
+            acked[0] += sum(b - a + 1 for a, b in ack["ranges"])
+            cond.notify_all()
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}", protocol=paho.MQTTv311)
+    c.max_inflight_messages_set(window * 2)
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        c.subscribe(f"{PREFIX}/+/ack", 1)
+        time.sleep(0.3)  # SUBACK
+        size = max(n for _, _, n in msgs)
+        t0 = time.monotonic()
+        sent = 0
+        for t, payload, n in msgs:
+            with cond:
+                if not cond.wait_for(lambda floor=sent - window * size: acked[0] >= floor, 120):
+                    raise RuntimeError(f"hub acks stalled at {acked[0]} of {sent}")
+            c.publish(t, payload, qos=1)
+            sent += n
+        with cond:
+            if not cond.wait_for(lambda: acked[0] >= total, 300):
+                raise RuntimeError(f"hub acks stalled at {acked[0]} of {total}")
+        return time.monotonic() - t0
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def check_store(db: str, devices: int, per_device: int, tag: str) -> None:
+    from customs_edge.hub.storage import open_store
+
+    st = open_store(db, readonly=True)
+    try:
+        rows = [s for s in st.stats() if s.device_id.startswith(tag + "-")]
+        stored = sum(s.stored for s in rows)
+        if stored != devices * per_device or any(s.conflicts or s.gaps for s in rows):
+            raise RuntimeError(f"{db}: stored {stored} of {devices * per_device}, or conflicts/gaps")
+    finally:
+        st.close()
+
+
+def raw_executemany(db: str, msgs: list[tuple[str, bytes, list[Pending]]]) -> float:
+    """The same rows inserted straight into `records`, one transaction per batch. Records/s."""
+    from customs_edge.hub.storage import is_postgres, open_store
+
+    st: Any = open_store(db)
+    now = time.time()
+    rows = [[(t.split("/")[-2], *r[:7], now, None, None) for r in recs] for t, _, recs in msgs]
+    t0 = time.perf_counter()
+    if is_postgres(db):
+        with st.db.cursor() as cur:
+            for b in rows:
+                with st.db.transaction():
+                    cur.executemany("INSERT INTO records (device_id, seq, ts, boot_id, mono, type, priority, payload,"
+                                    " received_at, prev, h) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", b)
+    else:
+        for b in rows:
+            st.db.execute("BEGIN IMMEDIATE")
+            st.db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", b)
+            st.db.execute("COMMIT")
+    dt = time.perf_counter() - t0
+    st.close()
+    return sum(len(b) for b in rows) / dt
+
+
+def store_direct(db: str, msgs: list[tuple[str, bytes, list[Pending]]]) -> float:
+    from customs_edge.hub.storage import open_store
+
+    st = open_store(db)
+    parsed = [intake.parse(t, p) for t, p, _ in msgs]
+    t0 = time.perf_counter()
+    for i in range(0, len(parsed), 4):
+        st.store(parsed[i:i + 4])
+    dt = time.perf_counter() - t0
+    st.close()
+    return sum(len(r) for _, _, r in msgs) / dt
+
+
+def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    msgs = list(batches(args.records, args.batch, args.devices, "ing"))
+    wire = [(t, p, len(r)) for t, p, r in msgs]
+    per_device = args.records // args.devices
+    for backend in ("sqlite", "postgres"):
+        fig: dict[str, Any] = {}
+        def new_db(name: str, backend: str = backend) -> str:
+            return str(work / f"{backend}-{name}.db") if backend == "sqlite" else str(pg.new_database())
+
+        fig["raw_executemany_records_per_s"] = round(raw_executemany(new_db("raw"), msgs))
+        fig["store_direct_records_per_s"] = round(store_direct(new_db("direct"), msgs))
+        for n in (args.workers if backend == "postgres" else [1]):
+            db = new_db(f"w{n}")
+            broker = Mosquitto(work / f"broker-{backend}-{n}", persistence=False).start()
+            try:
+                ws = Workers(n, db, broker.port, work)
+                try:
+                    dt = publish_all(broker.port, wire, window=8 * n)
+                    rss = ws.rss_mb()
+                finally:
+                    ws.stop()
+            finally:
+                broker.stop()
+            check_store(db, args.devices, per_device, "ing")
+            fig[f"workers_{n}"] = {"records_per_s": round(args.records / dt), "seconds": round(dt, 2),
+                                   "worker_rss_mb": rss}
+            log(f"ingest {backend} workers={n}: {args.records / dt:,.0f} rec/s")
+        out[backend] = fig
+    return out
+
+
+def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
+    from customs_edge.agent.simfleet import SimFleet
+
+    out: dict[str, Any] = {}
+    for backend in ("sqlite", "postgres"):
+        db = str(work / "fleet.db") if backend == "sqlite" else pg.new_database()
+        broker = Mosquitto(work / f"broker-fleet-{backend}", persistence=False).start()
+        ws = Workers(1, db, broker.port, work)
+        t0 = time.monotonic()
+        sim = SimFleet(args.units, work / f"units-{backend}", port=broker.port, rate=args.rate,
+                       prefix=f"sim{backend[0]}").start()
+        try:
+            setup_s = time.monotonic() - t0
+            deadline = time.monotonic() + 120
+            while sim.connected() < args.units:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {sim.connected()} of {args.units} units connected")
+                time.sleep(0.2)
+            time.sleep(args.warmup)
+            sim.reset_latencies()
+            a0 = sim.figures().acked
+            t1 = time.monotonic()
+            rss_samples = []
+            while time.monotonic() - t1 < args.fleet_seconds:
+                time.sleep(1.0)
+                rss_samples.append(ws.rss_mb()[0])
+            f = sim.figures()
+            dt = time.monotonic() - t1
+            out[backend] = {"units": args.units, "rate_per_unit": args.rate, "offered_records_per_s": args.units *
+                            args.rate, "acked_records_per_s": round((f.acked - a0) / dt), "ack_latency_p50_ms":
+                            f.latency_p50_ms, "ack_latency_p99_ms": f.latency_p99_ms, "hub_rss_mb": max(rss_samples),
+                            "pending_at_end": f.pending, "hub_resends": f.hub_resends, "setup_s": round(setup_s, 1)}
+            log(f"fleet {backend}: {out[backend]}")
+        finally:
+            sim.stop()
+            ws.stop()
+            broker.stop()
+    return out
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--devices", type=int, default=50)
+    ap.add_argument("--workers", default="1,2,3", help="PostgreSQL worker counts (SQLite: one worker)")
+    ap.add_argument("--units", type=int, default=500)
+    ap.add_argument("--rate", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--fleet-seconds", type=float, default=20.0)
+    ap.add_argument("--skip", choices=["ingest", "fleet"], default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    args.workers = [int(x) for x in args.workers.split(",")]
+    from tests.pg import PgCluster
+
+    out: dict[str, Any] = {"cores": os.cpu_count(), "records": args.records, "batch": args.batch,
+                           "devices": args.devices}
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
+        pg = PgCluster(durable=True).start()
+        try:
+            if args.skip != "ingest":
+                out["ingest"] = ingest(args, Path(tmp), pg)
+            if args.skip != "fleet":
+                out["fleet"] = fleet(args, Path(tmp), pg)
+        finally:
+            pg.stop()
+    print(json.dumps(out, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()
