@@ -35,3 +35,29 @@ def test_simulated_units_each_deliver_their_records_once(tmp_path: Path, mosquit
         assert len({p.name for p in (tmp_path / "units").iterdir()}) == 4  # an outbox each
     finally:
         hub.stop()
+
+
+def test_links_wait_on_descriptors_above_select_limit() -> None:
+    """500 simulated units hold ~4000 descriptors; select() refuses any above 1024 (FD_SETSIZE): "filedescriptor out
+    of range in select()" killed every link of the fleet before."""
+    import os
+    import resource
+    import socket
+
+    from customs_edge.core.mqtt import wait_ready
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2100:
+        pytest.skip(f"the hard descriptor limit ({hard}) is below 2100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 2050))
+    try:
+        assert wait_ready([high], [], 0.01) == ([], [])
+        b.send(b"x")
+        assert wait_ready([high], [high], 1.0) == ([high], [high])
+    finally:
+        high.close()
+        a.close()
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
