@@ -81,7 +81,7 @@ class FleetFigures:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """Each unit holds a socket and its outbox's files: lift the soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -105,7 +105,7 @@ class SimFleet:
                  sync_options: dict[str, Any] | None = None) -> None:
         """rate: records/s per unit; limit: records per unit, then it only syncs; burst: records each unit
         puts into its outbox before it connects (a backlog, as after a link outage)."""
-        _raise_fd_limit()
+        raise_fd_limit()
         self.rate, self.limit = rate, limit
         self.stop_event = threading.Event()
         self.units: list[SimUnit] = []

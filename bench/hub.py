@@ -3,7 +3,7 @@ hub workers, beside raw executemany into the same store; then a simulated fleet 
 ack latency and RSS.
 
     python bench/hub.py [--records 100000] [--batch 500] [--devices 50] [--units 500] [--rate 5]
-                        [--fleet-seconds 20] [--workers 1,2,3] [--json]
+                        [--processes 4] [--fleet-seconds 20] [--workers 1,2,3] [--json]
 
 Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on one shared subscription
 ($share/hubs/...), each worker its own process; PostgreSQL is a throwaway cluster started here (tests/pg.py:
@@ -17,11 +17,12 @@ Baselines, measured in the same run on the same machine:
                    own ceiling, no MQTT, no validation, no dedupe;
   store_direct     the store's store() on already parsed batches, 4 per transaction as the hub groups them:
                    dedupe and counters without MQTT or JSON validation.
-Fleet: `--units` simulated units (agent/simfleet.py: the agent's outbox and sync, one session each) at
-`--rate` records/s each against one hub worker on SQLite and on PostgreSQL; after a warm-up, for
-`--fleet-seconds`: ack latency (a record's commit into its unit's outbox -> the hub's ack deleting it)
-p50/p99, and the hub process's RSS. The simulator, mosquitto, the hub and PostgreSQL share this machine's
-cores: on 2 cores 500 units are the simulator's limit (say so with the figure; --units scales it down).
+Fleet: `--units` simulated units (agent/simfleet.py: the agent's outbox and sync, one session each, spread over
+`--processes` `customs-edge fleet simulate` processes) at `--rate` records/s each against one hub worker on
+SQLite and on PostgreSQL; after `--warmup` s (the connect storm), for `--fleet-seconds`: ack latency (a record's
+commit into its unit's outbox -> the hub's ack deleting it) p50/p99, and the hub process's peak RSS. The
+simulators, mosquitto, the hub and PostgreSQL share this machine's cores: on 2 cores the simulators take most
+of them (--units scales the fleet down).
 """
 
 from __future__ import annotations
@@ -212,42 +213,48 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
 
 
 def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
-    from customs_edge.agent.simfleet import SimFleet
-
+    """`--units` units in `--processes` `customs-edge fleet simulate` processes (fewer threads per interpreter:
+    in one process 500 unit threads queue for one GIL, and its waits, not the hub's, fill the p99)."""
     out: dict[str, Any] = {}
+    per = [args.units // args.processes + (1 if p < args.units % args.processes else 0) for p in range(args.processes)]
     for backend in ("sqlite", "postgres"):
         db = str(work / "fleet.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-fleet-{backend}", persistence=False).start()
         ws = Workers(1, db, broker.port, work)
-        t0 = time.monotonic()
-        sim = SimFleet(args.units, work / f"units-{backend}", port=broker.port, rate=args.rate,
-                       prefix=f"sim{backend[0]}").start()
+        files = [work / f"lat-{backend}-{p}.json" for p in range(args.processes)]
+        sims = [subprocess.Popen(
+            [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(n), "--rate", str(args.rate),
+             "--prefix", f"sim{backend[0]}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
+             str(work / f"units-{backend}-{p}"), "--duration", str(args.warmup + args.fleet_seconds), "--warmup",
+             str(args.warmup), "--latencies", str(f), "--every", "1000000", "--json"], env=ENV,
+            stdout=subprocess.PIPE, stderr=(work / f"sim-{backend}-{p}.log").open("wb"))
+            for p, (n, f) in enumerate(zip(per, files, strict=True))]
         try:
-            setup_s = time.monotonic() - t0
-            deadline = time.monotonic() + 120
-            while sim.connected() < args.units:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {sim.connected()} of {args.units} units connected")
-                time.sleep(0.2)
             time.sleep(args.warmup)
-            sim.reset_latencies()
-            a0 = sim.figures().acked
+            rss = []
             t1 = time.monotonic()
-            rss_samples = []
-            while time.monotonic() - t1 < args.fleet_seconds:
+            while any(s.poll() is None for s in sims):
+                rss.append(ws.rss_mb()[0])
                 time.sleep(1.0)
-                rss_samples.append(ws.rss_mb()[0])
-            f = sim.figures()
-            dt = time.monotonic() - t1
-            out[backend] = {"units": args.units, "rate_per_unit": args.rate, "offered_records_per_s": args.units *
-                            args.rate, "acked_records_per_s": round((f.acked - a0) / dt), "ack_latency_p50_ms":
-                            f.latency_p50_ms, "ack_latency_p99_ms": f.latency_p99_ms, "hub_rss_mb": max(rss_samples),
-                            "pending_at_end": f.pending, "hub_resends": f.hub_resends, "setup_s": round(setup_s, 1)}
-            log(f"fleet {backend}: {out[backend]}")
+            finals = [json.loads((s.stdout.read() if s.stdout else b"").decode().splitlines()[-1]) for s in sims]
+            lat = sorted(x for f in files for x in json.loads(f.read_text()))
+            window = time.monotonic() - t1
         finally:
-            sim.stop()
+            for s in sims:
+                if s.poll() is None:
+                    s.terminate()
             ws.stop()
             broker.stop()
+        out[backend] = {"units": args.units, "processes": args.processes, "rate_per_unit": args.rate,
+                        "offered_records_per_s": args.units * args.rate,
+                        "acked_records_per_s": round(len(lat) / window),
+                        "ack_latency_p50_ms": lat[len(lat) // 2] if lat else None,
+                        "ack_latency_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+                        "hub_rss_mb": max(rss) if rss else None,
+                        "connected_at_end": sum(f["connected"] for f in finals),
+                        "pending_at_end": sum(f["pending"] for f in finals),
+                        "hub_resends": sum(f["hub_resends"] for f in finals)}
+        log(f"fleet {backend}: {out[backend]}")
     return out
 
 
@@ -263,13 +270,17 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,3", help="PostgreSQL worker counts (SQLite: one worker)")
     ap.add_argument("--units", type=int, default=500)
     ap.add_argument("--rate", type=float, default=5.0)
-    ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--processes", type=int, default=4, help="simulator processes the units are spread over")
+    ap.add_argument("--warmup", type=float, default=15.0, help="seconds for the units to connect before measuring")
     ap.add_argument("--fleet-seconds", type=float, default=20.0)
     ap.add_argument("--skip", choices=["ingest", "fleet"], default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.workers = [int(x) for x in args.workers.split(",")]
+    from customs_edge.agent.simfleet import raise_fd_limit
     from tests.pg import PgCluster
+
+    raise_fd_limit()  # before mosquitto starts: it inherits the limit, and holds a descriptor per unit
 
     out: dict[str, Any] = {"cores": os.cpu_count(), "records": args.records, "batch": args.batch,
                            "devices": args.devices}

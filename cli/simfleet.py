@@ -48,9 +48,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 "workdir": str(workdir), **({"final": True} if final else {})}
 
     next_report = t0 + args.every
+    warm = args.warmup > 0
     try:
         while not stop.wait(0.2):
             now = time.monotonic()
+            if warm and now - t0 >= args.warmup:
+                fleet.reset_latencies()  # the figures from here on: the connect storm and key files behind
+                warm = False
             if deadline is not None and now >= deadline:
                 break
             if args.records is not None and all(u.produced >= args.records for u in fleet.units) \
@@ -62,6 +66,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     finally:
         fleet.stop()
     _print(report(final=True), args.json)
+    if args.latencies:
+        Path(args.latencies).write_text(json.dumps([round(x * 1000, 2) for u in fleet.units
+                                                    for x in u.outbox.latencies]))
     return 0
 
 
@@ -89,4 +96,6 @@ def register(fsub: Any) -> None:
     s.add_argument("--workdir", default=None, help="outboxes here (default: a new temporary directory)")
     s.add_argument("--every", type=float, default=5.0, help="seconds between progress lines (default 5)")
     s.add_argument("--json", action="store_true", help="JSON lines")
+    s.add_argument("--warmup", type=float, default=0.0, help="seconds before the latency figures start")
+    s.add_argument("--latencies", default=None, help="write every ack latency (ms) measured to this JSON file")
     s.set_defaults(fn=cmd_simulate)
