@@ -71,6 +71,19 @@ def test_redelivery_is_a_duplicate_and_a_reused_seq_is_a_conflict_kept_apart(new
     assert count(st, "SELECT count(*) FROM conflicts") == 2 and count(st, "SELECT count(*) FROM records") == 4
 
 
+def test_one_group_commit_sees_its_own_earlier_batches(new_store: Factory) -> None:
+    """Batches of one device in one store() call (the hub's group commit): a later batch is compared with what
+    an earlier one stored, and each result carries the device's conflicts as they stood after it."""
+    st = new_store()
+    out = st.store([batch([1, 2], "boot-a", "x"), batch([2, 3], "boot-a", "y"), batch([3, 4], "boot-b", "z"),
+                    batch([3], "boot-b", "z2"), batch([7], "boot-a", "w", device="d2"), batch([5], "boot-b", "v")])
+    assert [(s.device_id, s.stored, s.duplicates, s.conflicts, s.device_conflicts) for s in out] == [
+        ("d1", 2, 0, [], 0), ("d1", 1, 1, [], 0), ("d1", 1, 0, [3], 1), ("d1", 0, 1, [], 1), ("d2", 1, 0, [], 0),
+        ("d1", 1, 0, [], 1)]
+    assert [(d.device_id, d.stored, d.duplicates, d.conflicts, d.received, d.max_seq, d.gaps) for d in st.stats()] \
+        == [("d1", 5, 2, 1, 8, 5, 0), ("d2", 1, 0, 0, 1, 7, 6)]
+
+
 def test_a_record_the_store_cannot_keep_is_never_acked(new_store: Factory) -> None:
     """SQLite's REAL NOT NULL refuses a NaN; PostgreSQL would take it without the CHECK constraint."""
     st = new_store()
