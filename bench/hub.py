@@ -282,8 +282,8 @@ def main() -> None:
 
     raise_fd_limit()  # before mosquitto starts: it inherits the limit, and holds a descriptor per unit
 
-    out: dict[str, Any] = {"cores": os.cpu_count(), "records": args.records, "batch": args.batch,
-                           "devices": args.devices}
+    out: dict[str, Any] = {"cores": os.cpu_count(), "loadavg_1m_before": os.getloadavg()[0],
+                           "records": args.records, "batch": args.batch, "devices": args.devices}
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         pg = PgCluster(durable=True).start()
         try:
@@ -293,6 +293,7 @@ def main() -> None:
                 out["fleet"] = fleet(args, Path(tmp), pg)
         finally:
             pg.stop()
+    out["loadavg_1m_after"] = os.getloadavg()[0]  # other work on this machine shares its cores: read figures with it
     print(json.dumps(out, indent=None if args.json else 2))
 
 
