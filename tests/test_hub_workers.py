@@ -93,6 +93,14 @@ def test_three_workers_a_kill_9_loses_nothing_and_stores_each_record_once(tmp_pa
         assert all(st.verify(u.device_id).bad_seq is None for u in fleet.units)  # chains complete
     finally:
         st.close()
+    # the operators' commands read the same database, read-only
+    stats = subprocess.run([sys.executable, "-m", "customs_edge", "hub", "stats", "--db", pg_url, "--json"],
+                           capture_output=True, text=True, timeout=60)
+    assert stats.returncode == 0, stats.stderr
+    assert {d: v["stored"] for d, v in json.loads(stats.stdout)["devices"].items()} == \
+        {u.device_id: RECORDS for u in fleet.units}
+    verify = subprocess.run([sys.executable, "-m", "customs_edge", "hub", "verify", "--db", pg_url],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stdout.count(": OK,") == UNITS, verify.stdout + verify.stderr
     logs = "".join(w.log.read_text() for w in workers)
     assert "Traceback" not in logs, logs[-3000:]
-    assert json.dumps(fleet.figures().__dict__)  # figures serialisable for the report

@@ -184,3 +184,18 @@ def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: F
     assert count(writers[0], "SELECT count(*) FROM conflicts") == 0
     assert [(d.device_id, d.stored, d.duplicates, d.received, d.gaps) for d in writers[1].stats()] == \
         [(d, 300, 300, 600, 0) for d in devices]
+
+
+@pytest.mark.postgres
+def test_a_wrong_postgres_url_is_a_clear_error_and_creates_nothing(pg_url: str) -> None:
+    from customs_edge.core.errors import CustomsEdgeError
+    from customs_edge.hub.store_pg import PgHubStore
+
+    with pytest.raises(CustomsEdgeError, match="is not a hub database"):
+        open_store(pg_url, readonly=True)  # an empty database: `hub stats` never makes it a hub database
+    st = PgHubStore(pg_url)
+    assert st.stats() == []
+    st.close()
+    closed = "postgresql://postgres@127.0.0.1:1/none"
+    with pytest.raises(CustomsEdgeError, match=r"cannot connect to the hub database .*check the PostgreSQL URL"):
+        open_store(closed, readonly=True)
