@@ -10,7 +10,9 @@ Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on o
 initdb/pg_ctl, fsync and synchronous_commit on, as in production). This process publishes pre-encoded
 batches (`--batch` records of ~250-byte payloads, `--devices` devices in turn, seqs counting up; QoS 1, at
 most 8 batches per worker unacked) and counts the hub's acks: records_per_s = records / (first publish ->
-last ack). Every store row is checked afterwards (stored == records, no duplicates).
+last ack); hub_cpu_us_per_record and db_cpu_us_per_record are the CPU time the hub workers and the
+PostgreSQL cluster spent per record (CPU time, unlike wall time, holds when other work shares the cores: the
+sizing arithmetic in docs/scale.md uses it). Every store row is checked afterwards (stored == records, no duplicates).
 Baselines, measured in the same run on the same machine:
   raw_executemany  INSERT of the same rows into the store's `records` table, one transaction per batch
                    (SQLite synchronous=FULL; PostgreSQL executemany, pipelined by psycopg): the database's
@@ -51,6 +53,31 @@ PREFIX = "customs-edge/v1"
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: robust to other work sharing the cores, unlike wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def pg_cpu_s(pg: Any) -> float:
+    """CPU seconds of the PostgreSQL cluster: the postmaster and every backend it started."""
+    master = int((pg.data / "postmaster.pid").read_text().split()[0]) if (pg.data / "postmaster.pid").exists() else 0
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if int(d.name) == master or ppid == master:
+                    total += cpu_s(int(d.name))
+            except (OSError, ValueError):
+                continue
+    return total
+
+
 def batches(total: int, size: int, devices: int, tag: str) -> Iterator[tuple[str, bytes, list[Pending]]]:
     next_seq = dict.fromkeys(range(devices), 1)
     sent, k = 0, 0
@@ -78,6 +105,9 @@ class Workers:
             if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
                 raise RuntimeError(f"hub workers did not subscribe; see {work}")
             time.sleep(0.1)
+
+    def cpu_s(self) -> float:
+        return sum(cpu_s(p.pid) for p in self.procs)
 
     def rss_mb(self) -> list[float]:
         return [round(proc_rss_mb(p.pid), 1) for p in self.procs]
@@ -198,7 +228,9 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             try:
                 ws = Workers(n, db, broker.port, work)
                 try:
+                    c0, p0 = ws.cpu_s(), pg_cpu_s(pg) if backend == "postgres" else 0.0
                     dt = publish_all(broker.port, wire, window=8 * n)
+                    hub_cpu, db_cpu = ws.cpu_s() - c0, (pg_cpu_s(pg) - p0) if backend == "postgres" else None
                     rss = ws.rss_mb()
                 finally:
                     ws.stop()
@@ -206,7 +238,9 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                 broker.stop()
             check_store(db, args.devices, per_device, "ing")
             fig[f"workers_{n}"] = {"records_per_s": round(args.records / dt), "seconds": round(dt, 2),
-                                   "worker_rss_mb": rss}
+                                   "hub_cpu_us_per_record": round(hub_cpu / args.records * 1e6, 1),
+                                   "db_cpu_us_per_record": None if db_cpu is None else
+                                   round(db_cpu / args.records * 1e6, 1), "worker_rss_mb": rss}
             log(f"ingest {backend} workers={n}: {args.records / dt:,.0f} rec/s")
         out[backend] = fig
     return out
@@ -221,6 +255,7 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
         db = str(work / "fleet.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-fleet-{backend}", persistence=False).start()
         ws = Workers(1, db, broker.port, work)
+        c0, p0 = ws.cpu_s(), pg_cpu_s(pg) if backend == "postgres" else 0.0  # per record acked over the whole run
         files = [work / f"lat-{backend}-{p}.json" for p in range(args.processes)]
         sims = [subprocess.Popen(
             [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(n), "--rate", str(args.rate),
@@ -232,13 +267,15 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
         try:
             time.sleep(args.warmup)
             rss = []
-            t1 = time.monotonic()
+
             while any(s.poll() is None for s in sims):
                 rss.append(ws.rss_mb()[0])
                 time.sleep(1.0)
             finals = [json.loads((s.stdout.read() if s.stdout else b"").decode().splitlines()[-1]) for s in sims]
             lat = sorted(x for f in files for x in json.loads(f.read_text()))
-            window = time.monotonic() - t1
+            window = sum(f["latency_window_s"] for f in finals) / len(finals)
+            acked = sum(f["acked"] for f in finals)
+            hub_cpu, db_cpu = ws.cpu_s() - c0, (pg_cpu_s(pg) - p0) if backend == "postgres" else None
         finally:
             for s in sims:
                 if s.poll() is None:
@@ -251,6 +288,8 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                         "ack_latency_p50_ms": lat[len(lat) // 2] if lat else None,
                         "ack_latency_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
                         "hub_rss_mb": max(rss) if rss else None,
+                        "hub_cpu_us_per_record": round(hub_cpu / max(1, acked) * 1e6, 1),
+                        "db_cpu_us_per_record": None if db_cpu is None else round(db_cpu / max(1, acked) * 1e6, 1),
                         "connected_at_end": sum(f["connected"] for f in finals),
                         "pending_at_end": sum(f["pending"] for f in finals),
                         "hub_resends": sum(f["hub_resends"] for f in finals)}

@@ -45,16 +45,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     def report(final: bool = False) -> dict[str, Any]:
         f = fleet.figures()
         return {"t": round(time.monotonic() - t0, 1), **asdict(f), "connected": fleet.connected(),
+                "latency_window_s": round(time.monotonic() - measured_from, 2),
                 "workdir": str(workdir), **({"final": True} if final else {})}
 
     next_report = t0 + args.every
     warm = args.warmup > 0
+    measured_from = t0
     try:
         while not stop.wait(0.2):
             now = time.monotonic()
             if warm and now - t0 >= args.warmup:
                 fleet.reset_latencies()  # the figures from here on: the connect storm and key files behind
-                warm = False
+                warm, measured_from = False, now
             if deadline is not None and now >= deadline:
                 break
             if args.records is not None and all(u.produced >= args.records for u in fleet.units) \
