@@ -619,8 +619,8 @@ class Unit:
                 if t.readings == 0 or t.down_since is not None}
 
     def status_extra(self) -> dict[str, Any]:
-        return {"type": self.cfg.type, "drivers": self.driver_states(), "committed_since_start": self.committed,
-                "records_held": len(self._held), "app": dict(self.counters)}
+        return {"type": self.cfg.type, "site": self.cfg.site, "drivers": self.driver_states(),
+                "committed_since_start": self.committed, "records_held": len(self._held), "app": dict(self.counters)}
 
     def health(self) -> bool:
         return time.monotonic() - self.heartbeat < 10 and all(t.is_alive() for t in self._threads)

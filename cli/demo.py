@@ -120,6 +120,7 @@ def _start_sim(unit_type: str, seed: int, work: Path) -> tuple[subprocess.Popen[
 def _unit_config(unit_type: str, device_id: str, urls: dict[str, Any], work: Path, port: int) -> dict[str, Any]:
     cfg = yaml.safe_load(config_path(unit_type).read_text())
     cfg["device_id"] = device_id
+    cfg.setdefault("site", "demo-port")
     cfg.setdefault("outbox", {})["path"] = str(work / device_id / "outbox.db")
     sync = cfg.setdefault("sync", {})
     sync.update(host="127.0.0.1", port=port)
@@ -176,8 +177,32 @@ def _table(units: list[DemoUnit], hub_db: Path, broker: str, elapsed: float) -> 
     return "\n".join(lines)
 
 
+def _start_console(hub_db: Path, work: Path, listen: str) -> Any:
+    """The officers' console on the demo's hub, anonymous on loopback; None if the hub's file never appears
+    or the address is taken (the demo runs on without it)."""
+    from customs_edge.core.errors import CustomsEdgeError
+    from customs_edge.hub.console.server import serve
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            server = serve(hub_db, work / "console.db", listen, anonymous=True)
+            break
+        except CustomsEdgeError:  # the hub has not created its file yet
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+        except OSError:
+            host = listen.rpartition(":")[0] or "127.0.0.1"
+            if listen.endswith(":0"):
+                return None
+            listen = f"{host}:0"  # the asked port is taken: any free one
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    return server
+
+
 def run_demo(duration: float | None = None, as_json: bool = False, workdir: str | None = None,
-             types: list[str] | None = None, broker_kind: str = "auto") -> int:
+             types: list[str] | None = None, broker_kind: str = "auto", console: str | None = "127.0.0.1:8080") -> int:
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="customs-edge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     types = types or available_types()
@@ -192,6 +217,9 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
                            stderr=hub_log, start_new_session=True)
     units: list[DemoUnit] = []
     stop = threading.Event()
+    web = _start_console(hub_db, work, console) if console else None
+    if web is not None:
+        say(f"console: {web.url()}  (open it in a browser: alerts, fleet, ore lots, gate lanes)")
     try:
         for i, t in enumerate(types):
             device_id = f"{t}-01"
@@ -211,7 +239,8 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
             while not stop.wait(2.0 if not as_json else 0.5):
                 elapsed = time.monotonic() - t0
                 if not as_json:
-                    print("\033[2J\033[H" + _table(units, hub_db, broker.kind, elapsed), file=sys.stderr, flush=True)
+                    print("\033[2J\033[H" + _table(units, hub_db, broker.kind, elapsed)
+                          + (f"\nconsole: {web.url()}" if web is not None else ""), file=sys.stderr, flush=True)
                 if duration is not None and elapsed >= duration:
                     break
                 for u in units:
@@ -242,9 +271,13 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
         with contextlib.suppress(subprocess.TimeoutExpired):
             hub.wait(10)
         broker.stop()
+        if web is not None:
+            web.shutdown()
+            web.server_close()
 
     hub_counts = _hub_counts(hub_db)
-    result: dict[str, Any] = {"devices": {}, "broker": broker.kind, "workdir": str(work)}
+    result: dict[str, Any] = {"devices": {}, "broker": broker.kind, "workdir": str(work),
+                              "console": web.url() if web is not None else None}
     for u in units:
         produced, _pending, dropped = _outbox_counts(u.outbox)
         h = hub_counts.get(u.device_id, {})

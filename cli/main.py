@@ -190,7 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                "or run with --broker embedded")
 
     return run_demo(duration=args.duration, as_json=args.json, workdir=args.workdir,
-                    types=args.types.split(",") if args.types else None, broker_kind=args.broker)
+                    types=args.types.split(",") if args.types else None, broker_kind=args.broker,
+                    console=None if args.console in ("", "off") else args.console)
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 CONFIG_HELP = "the unit's YAML file (e.g. /etc/customs-edge/ore-01.yaml)"
@@ -287,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fleet.register(sub)
 
+    from customs_edge.cli import console  # `customs-edge console serve|user|users`
+
+    console.register(sub)
+
     m = sub.add_parser("models", help="model figures")
     msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")
     ev = msub.add_parser("evaluate", help="train on the synthetic set and print held-out figures")
@@ -313,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--types", default=None, help="comma-separated unit types (default: every available one)")
     d.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
                    help="auto: a local mosquitto if installed, else the embedded broker")
+    d.add_argument("--console", default="127.0.0.1:8080",
+                   help="serve the officers' console here, anonymous on loopback (default 127.0.0.1:8080; a free"
+                        " port if taken; off: none)")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -216,11 +216,16 @@ class Hub:
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]
         state: str
+        unit_type = site = None
         try:
-            state = Status.model_validate_json(payload).state
+            st = Status.model_validate_json(payload)
+            state = st.state
+            extra = st.model_extra or {}
+            unit_type, site = (v if isinstance(v, str) and len(v) <= 64 else None
+                               for v in (extra.get("type"), extra.get("site")))
         except ValidationError:  # anything on a status topic, even a retained one, is only informational
             state = "?"
-        self.store.set_status(device_id, state)
+        self.store.set_status(device_id, state, unit_type, site)
 
 
 def _seqs(ranges: list[tuple[int, int]], most: int = 10) -> str:

@@ -74,7 +74,8 @@ def test_demo_fleet_delivers_everything_exactly_once(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_on_the_embedded_broker_without_mosquitto(tmp_path: Path) -> None:
-    out = run_demo(tmp_path, "--duration", "6", "--types", "scale", "--broker", "embedded")
+    out = run_demo(tmp_path, "--duration", "6", "--types", "scale", "--broker", "embedded", "--console", "127.0.0.1:0")
     assert out["broker"] == "embedded"
+    assert out["console"].startswith("http://127.0.0.1:") and not out["console"].endswith(":0/")  # served
     (d,) = out["devices"].values()
     assert d["produced"] > 0 and d["lost"] == 0 and d["delivered"] == d["produced"]

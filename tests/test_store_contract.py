@@ -122,6 +122,10 @@ def test_status_and_health_are_kept_once_and_trimmed(new_store: Factory, monkeyp
     assert (fleet["u1"].status, json.loads(fleet["u1"].health or "null"), fleet["u1"].last_seen is not None) == \
         ("offline", {"t": 5}, True)
     assert (fleet["u2"].status, fleet["u2"].health, fleet["u3"].health_refused) == ("online", None, 2)
+    st.set_status("u2", "online", "gate", "port-a")
+    st.set_status("u2", "offline")  # a last will names neither: the last known ones stay
+    assert st.db.execute("SELECT status, unit_type, site FROM devices WHERE device_id = 'u2'").fetchone() == \
+        ("offline", "gate", "port-a")
 
 
 def chained(tmp_path: Path, n: int) -> list[intake.Incoming]:
