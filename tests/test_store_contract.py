@@ -203,3 +203,21 @@ def test_a_wrong_postgres_url_is_a_clear_error_and_creates_nothing(pg_url: str) 
     closed = "postgresql://postgres@127.0.0.1:1/none"
     with pytest.raises(CustomsEdgeError, match=r"cannot connect to the hub database .*check the PostgreSQL URL"):
         open_store(closed, readonly=True)
+
+
+@pytest.mark.postgres
+def test_a_broken_postgres_connection_fails_one_store_and_the_next_reconnects(pg_url: str) -> None:
+    """A database restart or failover: the store that meets it raises (nothing acked), the next one reconnects."""
+    import psycopg
+
+    from customs_edge.hub.store_pg import PgHubStore
+
+    st = PgHubStore(pg_url)
+    st.store([batch([1], "boot-a")])
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (st.db.info.backend_pid,))
+    with pytest.raises(psycopg.OperationalError):
+        st.store([batch([2], "boot-a")])
+    (s,) = st.store([batch([2, 3], "boot-a")])
+    assert (s.stored, st.stats()[0].stored) == (2, 3)
+    st.close()
