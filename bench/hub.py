@@ -3,7 +3,8 @@ hub workers, beside raw executemany into the same store; then a simulated fleet 
 ack latency and RSS.
 
     python bench/hub.py [--records 100000] [--batch 500] [--devices 50] [--units 500] [--rate 5]
-                        [--processes 4] [--fleet-seconds 20] [--workers 1,2,3] [--json]
+                        [--processes 4] [--fleet-seconds 20] [--workers 1,2,3]
+                        [--burst-units 20] [--burst-records 2000] [--skip ingest|fleet|burst] [--json]
 
 Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on one shared subscription
 ($share/hubs/...), each worker its own process; PostgreSQL is a throwaway cluster started here (tests/pg.py:
@@ -25,6 +26,8 @@ SQLite and on PostgreSQL; after `--warmup` s (the connect storm), for `--fleet-s
 commit into its unit's outbox -> the hub's ack deleting it) p50/p99, and the hub process's peak RSS. The
 simulators, mosquitto, the hub and PostgreSQL share this machine's cores: on 2 cores the simulators take most
 of them (--units scales the fleet down).
+Burst: `--burst-units` units that each hold `--burst-records` records connect at once (a port's link back after
+an outage): seconds until every record is acked, SQLite with one worker, PostgreSQL with three.
 """
 
 from __future__ import annotations
@@ -297,6 +300,34 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     return out
 
 
+def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
+    """`--burst-units` units reconnect at once, each holding `--burst-records` records (a port's link back after
+    an outage): seconds until every record is acked, on SQLite (1 worker) and PostgreSQL (3 workers)."""
+    out: dict[str, Any] = {}
+    for backend, n in (("sqlite", 1), ("postgres", 3)):
+        db = str(work / "burst.db") if backend == "sqlite" else pg.new_database()
+        broker = Mosquitto(work / f"broker-burst-{backend}", persistence=False).start()
+        ws = Workers(n, db, broker.port, work)
+        try:
+            sim = subprocess.run(
+                [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(args.burst_units), "--rate",
+                 "0", "--backlog", str(args.burst_records), "--records", str(args.burst_records), "--prefix",
+                 f"burst{backend[0]}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
+                 str(work / f"burst-{backend}"), "--duration", "600", "--every", "1000000", "--json"], env=ENV,
+                capture_output=True, text=True, timeout=700)
+            final = json.loads(sim.stdout.splitlines()[-1])
+        finally:
+            ws.stop()
+            broker.stop()
+        total = args.burst_units * args.burst_records
+        check_store(db, args.burst_units, args.burst_records, f"burst{backend[0]}")
+        out[backend] = {"workers": n, "units": args.burst_units, "records_each": args.burst_records,
+                        "seconds_until_all_acked": final["t"], "records_per_s": round(total / final["t"]),
+                        "acked": final["acked"]}
+        log(f"burst {backend}: {out[backend]}")
+    return out
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -312,7 +343,9 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=4, help="simulator processes the units are spread over")
     ap.add_argument("--warmup", type=float, default=15.0, help="seconds for the units to connect before measuring")
     ap.add_argument("--fleet-seconds", type=float, default=20.0)
-    ap.add_argument("--skip", choices=["ingest", "fleet"], default=None)
+    ap.add_argument("--burst-units", type=int, default=20)
+    ap.add_argument("--burst-records", type=int, default=2000)
+    ap.add_argument("--skip", choices=["ingest", "fleet", "burst"], action="append", default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.workers = [int(x) for x in args.workers.split(",")]
@@ -326,10 +359,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         pg = PgCluster(durable=True).start()
         try:
-            if args.skip != "ingest":
+            if "ingest" not in args.skip:
                 out["ingest"] = ingest(args, Path(tmp), pg)
-            if args.skip != "fleet":
+            if "fleet" not in args.skip:
                 out["fleet"] = fleet(args, Path(tmp), pg)
+            if "burst" not in args.skip:
+                out["burst"] = burst(args, Path(tmp), pg)
         finally:
             pg.stop()
     out["loadavg_1m_after"] = os.getloadavg()[0]  # other work on this machine shares its cores: read figures with it
