@@ -101,7 +101,8 @@ class Workers:
     def __init__(self, n: int, db: str, port: int, work: Path) -> None:
         self.logs = [work / f"hub-{i}.log" for i in range(n)]
         self.procs = [subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--db", db, "--port", str(port),
-                                        "--client-id", f"bench-hub-{i}", "--log-level", "INFO"], env=ENV,
+                                        "--client-id", f"bench-hub-{i}", "--log-level", "INFO", "--photos-dir",
+                                        str(work / "photos")], env=ENV,
                                        stderr=log.open("wb")) for i, log in enumerate(self.logs)]
         deadline = time.monotonic() + 60
         while not all("hub subscribed" in log.read_text() for log in self.logs):

@@ -10,8 +10,10 @@
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
   customs-edge fleet config push|get DEVICE [FILE]   change a unit's config over the broker
+  customs-edge fleet risk-list publish FILE   publish a risk list (retained, versioned) to the handhelds
   customs-edge cmd DEVICE ping|status|...  send a command to a unit, print its answer
   customs-edge models evaluate NAME        held-out figures of a shipped model
+  customs-edge models train wood --images DIR   train an image classifier on DIR/<label>/*.jpg
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
   customs-edge check --config FILE         commissioning: config, models, ports, outbox, broker, clock
 
@@ -148,6 +150,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
                                    "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
                                    "tls_server_name": args.tls_server_name, "keys": args.keys}.items()
                  if v is not None}
+    if args.photos_dir is not None:
+        overrides["photos_dir"] = args.photos_dir
     if args.db is not None and is_postgres(args.db):  # several workers share one PostgreSQL (docs/scale.md)
         overrides["postgres"] = overrides.pop("db")
     if args.no_share:
@@ -263,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--require-signatures", action="store_true", help="refuse batches of unregistered devices too")
     h.add_argument("--db", default=None, help="the hub's SQLite database, or a postgresql://USER@HOST:PORT/DBNAME"
                                               " URL (several hub workers share one PostgreSQL: docs/scale.md)")
+    h.add_argument("--photos-dir", help="evidence photos (default: the --db file's path + .photos)")
     h.add_argument("--host", help="broker host")
     h.add_argument("--port", type=int, help="broker port")
     h.add_argument("--share-group", help="MQTT shared-subscription group (several hubs share the load)")
@@ -299,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=1, help="data seed (default 1)")
     ev.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(fn=cmd_models)
+    from customs_edge.cli import models_train  # `customs-edge models train wood|insects --images DIR`
+
+    models_train.register(msub)
 
     ck = sub.add_parser("check", help="commissioning: is this unit ready to run? (✓ / ! / ✗ and the fix)",
                         description="One line per check, with the fix for each ! and ✗. "

@@ -28,6 +28,7 @@ from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, Mqt
 from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
 from customs_edge.hub import intake
+from customs_edge.hub.photos import PhotoArchive
 from customs_edge.hub.storage import HubStorage, open_store
 from customs_edge.hub.store import HubStore, Stored
 
@@ -49,6 +50,8 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
     postgres: str | None = Field(None, description="PostgreSQL URL (postgresql://USER@HOST:PORT/DBNAME): store"
                                  " there instead of the SQLite file `db`; several hub workers may share it"
                                  " (hub/store_pg.py, docs/scale.md)")
+    photos_dir: Path | None = Field(None, description="evidence photos; default {db}.photos. Workers on one"
+                                    " PostgreSQL: a directory they all reach")
     clean_session: bool | None = Field(None, description="default: persistent with SQLite (one hub: the broker"
                                        " queues for it while it restarts), clean with PostgreSQL (workers in a"
                                        " share group: the broker then hands messages only to live workers)")
@@ -73,6 +76,8 @@ class Hub:
         self.keys = load_registry(cfg.keys) if cfg.keys else {}
         self.store: HubStorage = open_store(cfg.postgres, postgres=True) if cfg.postgres else \
             HubStore(cfg.db, cfg.synchronous)
+        # evidence photos by sha256 (hub/photos.py)
+        self.photos = PhotoArchive(cfg.photos_dir or Path(f"{cfg.db}.photos"))
         clean = bool(cfg.postgres) if cfg.clean_session is None else cfg.clean_session
         client_id = cfg.client_id or (f"ce-hub-{socket.gethostname()}-{os.getpid()}" if cfg.postgres else
                                       install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db))
@@ -108,6 +113,7 @@ class Hub:
                 self.link.subscribe(self.records_filter(), 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+                self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
                 self.ready.set()
                 log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
             elif isinstance(ev, Lost) and ev.was_connected:
@@ -130,12 +136,17 @@ class Hub:
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
+        out: list[Out] = []  # photo acks
         for t, payload in messages:
             if t.endswith("/status"):
                 self._status(t, payload)
                 continue
             if t.endswith("/health"):
                 health.append((t, payload))
+                continue
+            if t.endswith("/photos"):
+                ack = self.photos.handle(t, payload)
+                out += [Out(ack.topic, ack.payload)] if ack else []
                 continue
             try:
                 b = intake.parse(t, payload, self.keys, self.cfg.require_signatures)
@@ -152,7 +163,7 @@ class Hub:
         if health:
             self._health(health)
         if not incoming and not refused:
-            return []
+            return out
         try:
             results = self.store.store(incoming, refused)
         except Exception:  # one batch the store refuses must not hold back the others: store one by one
@@ -167,7 +178,7 @@ class Hub:
             with contextlib.suppress(Exception):  # the counts of refused messages, in the store too if it can
                 self.store.store([], refused)
         self.refused.update(refused)
-        return [out for s in results for out in self._answer(s)]
+        return out + [o for s in results for o in self._answer(s)]
 
     def _answer(self, s: Stored) -> list[Out]:
         self.batches += 1

@@ -107,6 +107,7 @@ SCHEMA: list[str] = [
     CREATE INDEX records_lot_report ON records (ts) WHERE type = 'lot_report';
     CREATE INDEX records_lane_summary ON records (ts) WHERE type = 'lane_summary';
     CREATE INDEX records_ore_analysis ON records (ts) WHERE type = 'ore_analysis';
+    CREATE INDEX records_identification ON records (ts) WHERE type = 'identification';
     """,
 ]
 

@@ -31,7 +31,8 @@ class Worker:
     def __init__(self, name: str, port: int, url: str, workdir: Path) -> None:
         self.log = workdir / f"{name}.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--db", url, "--port", str(port),
-                                      "--client-id", name], stderr=self.log.open("ab"))
+                                      "--client-id", name, "--photos-dir", str(workdir / "photos")],
+                                     stderr=self.log.open("ab"))
 
     def subscribed(self) -> bool:
         return "hub subscribed" in self.log.read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import ssl
 import threading
@@ -21,10 +22,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from customs_edge.core.errors import CustomsEdgeError
+from customs_edge.core.mqtt import BrokerSettings
 from customs_edge.hub.console import pages
+from customs_edge.hub.console.inspection import Inspection
 from customs_edge.hub.console.queries import Filters, HubReader
 from customs_edge.hub.console.state import ConsoleState, Session, same
 from customs_edge.hub.store import HubStore
@@ -52,18 +55,27 @@ class Console:
     """What the handlers share: the hub's database (read-only), the console's own file, the settings."""
 
     def __init__(self, hub_db: str | Path, state: str | Path, *, anonymous: bool = False,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", inspection: Inspection | None = None) -> None:
+        self.inspection = inspection  # remote inspection over the broker; None: not configured
         if anonymous and not is_loopback(host):
             raise CustomsEdgeError(f"anonymous access only on a loopback address, not {host}: add users with"
                                    " `customs-edge console user add NAME --role officer` and drop --anonymous")
         HubStore(hub_db, readonly=True).close()  # a mistyped path is an error here, not an empty console
         self.reader = HubReader(hub_db)
+        self.photos = Path(f"{hub_db}.photos")  # the hub's content-addressed photo store (hub/photos.py)
         self.state = ConsoleState(state)
         if not anonymous and not self.state.users():
             raise CustomsEdgeError(f"no console users in {state}: add one with `customs-edge console user add NAME"
                                    " --role admin --state " f"{state}` (or, on loopback for a demo, --anonymous)")
         self.anonymous = Session("demo", "officer", secrets.token_urlsafe(32)) if anonymous else None
         self.stopping = threading.Event()
+
+
+    def photo_path(self, sha: str) -> Path | None:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            return None
+        f = self.photos / sha[:2] / f"{sha}.jpg"
+        return f if f.is_file() else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -180,6 +192,32 @@ class Handler(BaseHTTPRequestHandler):
             hours = pages.lane_hours(self.c.reader.series("lane_summary", since, limit=100000),
                                      self.c.reader.confirmations(since))
             return self._html(pages.lanes_page(hours, s))
+        if path == "/review":
+            idents = self.c.reader.latest("identification", 100)
+            labels = self.c.state.labels([r.key for r in idents])
+            known = sorted({str(x) for r in idents for x in [r.payload.get("label"),
+                                                             *[t[0] for t in r.payload.get("top3") or []
+                                                               if isinstance(t, list | tuple) and t]]
+                            if isinstance(x, str) and x} | {a.detail for a in labels.values()})
+            return self._html(pages.review_page([(r, labels.get(r.key)) for r in idents], known, s))
+        if path.startswith("/photo/") and path.endswith(".jpg"):
+            sha = path[7:-4]
+            photo = self.c.photo_path(sha)
+            if photo is None:
+                return self._error(404, "no such photo", s)
+            return self._send(200, photo.read_bytes(), "image/jpeg")
+        if path == "/inspect":
+            insp = self.c.inspection
+            return self._html(pages.inspect_page(self.c.reader.fleet(), s, None if insp is None else insp.connected))
+        if path.startswith("/inspect/"):
+            return self._html(pages.view_page(unquote(path.removeprefix("/inspect/")), s))
+        if path.startswith("/snapshot/") and path.endswith(".jpg"):
+            snap = self.c.inspection.snapshot(unquote(path[10:-4])) if self.c.inspection else None
+            if snap is None:
+                return self._error(404, "no snapshot", s)
+            return self._send(200, snap.jpeg, "image/jpeg")
+        if path.startswith("/events/snapshot/"):
+            return self._snapshot_events(unquote(path.removeprefix("/events/snapshot/")))
         if path == "/audit":
             proven, bad = self.c.state.verify_audit()
             return self._html(pages.audit_page(self.c.state.audit(), proven, bad, s))
@@ -242,6 +280,36 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
             return
 
+    def _snapshot_events(self, device_id: str) -> None:
+        """Server-sent events: one per new snapshot of the unit (its number and arrival time)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        insp = self.c.inspection
+        seen = 0
+        quiet_since = time.monotonic()
+        try:
+            self.wfile.write(b"retry: 1000\n\n")
+            self.wfile.flush()
+            while insp is not None and not self.c.stopping.is_set():
+                snap = insp.snapshot(device_id)
+                if snap is not None and snap.n != seen:
+                    seen = snap.n
+                    at = time.strftime("%H:%M:%S", time.localtime(snap.at))
+                    self.wfile.write(f"event: snapshot\ndata: {json.dumps({'n': snap.n, 'at': at})}\n\n".encode())
+                    self.wfile.flush()
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > 15:
+                    self.wfile.write(b": still here\n\n")
+                    self.wfile.flush()
+                    quiet_since = time.monotonic()
+                self.c.stopping.wait(0.1)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
+            return
+
     # -- POST ----------------------------------------------------------------------------------------
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -272,6 +340,38 @@ class Handler(BaseHTTPRequestHandler):
             if m:
                 self.c.state.logout(m.value)
             return self._redirect("/login", {"Set-Cookie": f"{COOKIE}=; Max-Age=0; Path=/"})
+        if path.startswith("/review/"):
+            if not s.may("act"):
+                return self._error(403, f"a {s.role} may not label identifications: a specialist officer does", s)
+            parts = path.split("/")
+            try:
+                key = (unquote(parts[2]), int(parts[3]))
+            except (IndexError, ValueError):
+                return self._error(404, "no such identification", s)
+            rec = self.c.reader.record(*key, "identification")
+            label = (form.get("other") or "").strip() or form.get("label", "")
+            if rec is None:
+                return self._error(404, "no such identification", s)
+            if not re.match(pages.LABEL_RE, label):
+                return self._error(400, "a label is a name such as dalbergia_nigra: letters, digits, '_', '.', '-'",
+                                   s)
+            self.c.state.record(s.user, s.role, "label", key[0], key[1], label)
+            return self._redirect("/review")
+        if path.startswith("/inspect/"):
+            device_id = unquote(path.removeprefix("/inspect/"))
+            if not s.may("act"):
+                return self._error(403, f"a {s.role} may not start a remote inspection: an officer does", s)
+            if self.c.inspection is None:
+                return self._error(409, "remote inspection needs the console started with --broker", s)
+            try:
+                seconds = int(form.get("seconds", "30"))
+            except ValueError:
+                seconds = 0
+            if seconds not in pages.INSPECT_SECONDS or device_id not in {u["device_id"] for u in self.c.reader.fleet()}:
+                return self._error(400, "choose a known unit and one of the offered durations", s)
+            self.c.state.record(s.user, s.role, "inspect", device_id, None, f"{seconds} s of snapshots")
+            self.c.inspection.request(device_id, seconds)
+            return self._redirect(f"/inspect/{quote(device_id, safe='')}")
         if path.startswith("/alert/") and path.endswith(("/ack", "/dispose")):
             if not s.may("act"):
                 return self._error(403, f"a {s.role} may not act on alerts: an officer does", s)
@@ -313,14 +413,24 @@ class ConsoleServer(ThreadingHTTPServer):
     def shutdown(self) -> None:
         self.console.stopping.set()
         super().shutdown()
+        if self.console.inspection is not None:
+            self.console.inspection.close()
 
 
 def serve(hub_db: str | Path, state: str | Path, listen: str = "127.0.0.1:8080", *, anonymous: bool = False,
-          tls_cert: str | None = None, tls_key: str | None = None) -> ConsoleServer:
-    """A console server bound and ready (call serve_forever, or run it in a thread)."""
+          tls_cert: str | None = None, tls_key: str | None = None, broker: str | None = None,
+          broker_settings: BrokerSettings | None = None, prefix: str = "customs-edge/v1") -> ConsoleServer:
+    """A console server bound and ready (call serve_forever, or run it in a thread). `broker` (HOST:PORT):
+    remote inspection through it, with `broker_settings` (an operator's certificate where the broker asks)."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    console = Console(hub_db, state, anonymous=anonymous, host=host)
+    inspection = None
+    if broker:
+        bhost, _, bport = broker.rpartition(":")
+        if not bhost or not bport.isdigit():
+            raise CustomsEdgeError(f"--broker {broker!r}: write it HOST:PORT, e.g. 127.0.0.1:1883")
+        inspection = Inspection(bhost, int(bport), broker_settings, prefix)
+    console = Console(hub_db, state, anonymous=anonymous, host=host, inspection=inspection)
     tls = None
     if tls_cert:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -21,6 +21,18 @@
     } catch (err) { /* no audio on this device */ }
   }
   window.ceBeeps = 0;
+  window.ceSnaps = 0;
+  var snap = document.getElementById("snap");
+  if (snap && window.EventSource) {
+    var dev = snap.getAttribute("data-device");
+    var view = new EventSource(snap.getAttribute("data-events"));
+    view.addEventListener("snapshot", function (ev) {
+      var msg = JSON.parse(ev.data);
+      snap.src = "/snapshot/" + dev + ".jpg?n=" + msg.n;
+      window.ceSnaps += 1;
+      document.getElementById("view-state").textContent = "Snapshot " + msg.n + " at " + msg.at;
+    });
+  }
   var table = document.getElementById("alerts");
   if (!table || !window.EventSource) { return; }
   var body = table.querySelector("tbody");
