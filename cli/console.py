@@ -88,6 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--mqtt-tls-server-name", help="name on the broker's certificate (default: the broker host)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     s.set_defaults(fn=cmd_serve)
+    x = csub.add_parser("export-labels", help="reviewed identifications as a training set DIR/<label>/*.jpg")
+    x.add_argument("dir", help="where to write the training set")
+    x.add_argument("--db", required=True, help="the hub's database (its photos are in DB.photos/)")
+    x.add_argument("--state", help=f"the console's own file (default: {DEFAULT_STATE} beside --db)")
+    x.set_defaults(fn=cmd_export_labels)
     for action, text in (("user", "add or change a user (the password from --password-file, a prompt or stdin)"),
                          ("users", "list the users")):
         u = csub.add_parser(action, help=text)
@@ -98,3 +103,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         u.add_argument("--state", help=f"the console's own file (default {DEFAULT_STATE})")
         u.add_argument("--db", help="the hub's database: the console's file defaults to console.db beside it")
         u.set_defaults(fn=cmd_user, action="list" if action == "users" else "add")
+
+
+def cmd_export_labels(args: argparse.Namespace) -> int:
+    """Reviewed identifications as a training set: DIR/<label>/<sha256>.jpg (the layout `models train` reads)."""
+    import shutil
+
+    from customs_edge.hub.console.queries import HubReader
+    from customs_edge.hub.console.state import ConsoleState
+
+    state = ConsoleState(_state_path(args))
+    reader = HubReader(args.db)
+    photos = Path(f"{args.db}.photos")
+    out = Path(args.dir)
+    written = missing = 0
+    for (device_id, seq), act in sorted(state.labels().items()):
+        rec = reader.record(device_id, seq, "identification")
+        sha = rec.payload.get("photo") if rec else None
+        src = photos / str(sha)[:2] / f"{sha}.jpg" if isinstance(sha, str) else None
+        if src is None or not src.is_file():
+            missing += 1
+            continue
+        (out / act.detail).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out / act.detail / f"{sha}.jpg")
+        written += 1
+    print(f"{written} reviewed photos written to {out} (DIR/<label>/<sha256>.jpg); {missing} without their photo"
+          " at the hub")
+    return 0

@@ -184,3 +184,42 @@ def test_values_from_the_network_are_escaped_and_the_script_is_our_own(console: 
     code, js = c.get("/static/console.js")
     assert code == 200 and "EventSource" in js
     assert c.get("/static/../state.py")[0] == 404
+
+
+def test_a_specialist_reviews_identifications_and_exports_a_training_set(console: Running, hub: Path,
+                                                                         tmp_path: Path) -> None:
+    import hashlib
+    import subprocess
+    import sys
+
+    jpeg = b"\xff\xd8\xff\xe0 a specimen photo \xff\xd9"
+    sha = hashlib.sha256(jpeg).hexdigest()
+    (Path(f"{hub}.photos") / sha[:2]).mkdir(parents=True)
+    (Path(f"{hub}.photos") / sha[:2] / f"{sha}.jpg").write_bytes(jpeg)
+    put(hub, "hh-01", [{**fever(1), "type": "identification", "prio": 3, "payload": {
+        "model": "wood", "label": "dalbergia_latifolia",
+        "top3": [["dalbergia_latifolia", 0.71], ["dalbergia_nigra", 0.2], ["swietenia_mahagoni", 0.05]],
+        "cites": "II", "quarantine_pest": False, "alert": True, "photo": sha}}], "b9")
+    officer, tech = Client(console.url), Client(console.url)
+    officer.login("li", PW)
+    tech.login("tech", PW)
+    _, page = officer.get("/review")
+    assert f'src="/photo/{sha}.jpg"' in page and "dalbergia_nigra 0.20" in page and "not reviewed" in page
+    with officer.opener.open(f"{console.url}/photo/{sha}.jpg") as r:
+        assert r.read() == jpeg and r.headers["Content-Type"] == "image/jpeg"
+    assert officer.get("/photo/../../console.db.jpg")[0] == 404
+    token = hidden(page, "csrf")
+    _, tpage = tech.get("/review")
+    assert tech.post("/review/hh-01/1", {"csrf": hidden(tpage, "csrf"), "label": "dalbergia_nigra"})[0] == 403
+    assert officer.post("/review/hh-01/1", {"csrf": token, "other": "../etc"})[0] == 400
+    assert officer.post("/review/hh-01/99", {"csrf": token, "label": "dalbergia_nigra"})[0] == 404
+    officer.post("/review/hh-01/1", {"csrf": token, "label": "dalbergia_latifolia"})  # confirmed, then corrected
+    code, page = officer.post("/review/hh-01/1", {"csrf": token, "label": "dalbergia_latifolia",
+                                                  "other": "dalbergia_nigra"})
+    assert code == 200 and "reviewed: <b>dalbergia_nigra</b> by li" in page
+    out = tmp_path / "training"
+    res = subprocess.run([sys.executable, "-m", "customs_edge", "console", "export-labels", str(out), "--db", str(hub),
+                          "--state", str(tmp_path / "console.db")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.jpg")] == [f"dalbergia_nigra/{sha}.jpg"]
+    assert (out / "dalbergia_nigra" / f"{sha}.jpg").read_bytes() == jpeg

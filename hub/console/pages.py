@@ -17,7 +17,7 @@ DISPOSITIONS = ("referred after a clinical thermometer reading", "afebrile on re
                 "lot released after resample", "lot held", "seized", "sent to lab", "false alarm",
                 "technician called")
 NAV = (("/alerts", "Alerts"), ("/fleet", "Fleet"), ("/lots", "Ore lots"), ("/lanes", "Gate lanes"),
-       ("/inspect", "Remote inspection"), ("/audit", "Audit trail"))
+       ("/review", "Image review"), ("/inspect", "Remote inspection"), ("/audit", "Audit trail"))
 INSPECT_SECONDS = (30, 60, 120)
 
 
@@ -299,3 +299,38 @@ def view_page(device_id: str, s: Session) -> str:
     return page(f"Remote inspection: {device_id}",
                 f'<p id=view-state>Waiting for the first snapshot…</p><img id=snap alt="" data-device="{e(dev)}"'
                 ' data-events="/events/snapshot/' + e(dev) + '" width=640>', s, here="/inspect")
+
+
+LABEL_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a folder name in the exported training set
+
+
+def review_page(items: Sequence[tuple[AlertRow, Action | None]], known: Sequence[str], s: Session) -> str:
+    csrf = f'<input type="hidden" name="csrf" value="{e(s.csrf)}">'
+    cards = []
+    for r, done in items:
+        p = r.payload
+        top = ", ".join(f"{e(lbl)} {float(pr):.2f}" for lbl, pr in (p.get("top3") or [])[:3]
+                        if isinstance(lbl, str) and isinstance(pr, (int, float)))
+        said = e(p.get("label") or f"abstained: {p.get('abstain_reason')}")
+        flag = " ALERT" if p.get("alert") else ""
+        photo = p.get("photo")
+        img = (f'<img src="/photo/{e(photo)}.jpg" alt="specimen photo" width=320>' if isinstance(photo, str)
+               else "<p class=empty>no photo kept</p>")
+        status = (f"<p class=ok>reviewed: <b>{e(done.detail)}</b> by {e(done.user)}, {when(done.at)}</p>"
+                  if done else "<p>not reviewed</p>")
+        form = ""
+        if s.may("act"):
+            opts = "".join(f'<option value="{e(v)}"{" selected" if v == p.get("label") else ""}>{e(v)}</option>'
+                           for v in known)
+            form = (f'<form method=post action="/review/{quote(r.device_id, safe="")}/{r.seq}" class=act>{csrf}'
+                    f'<label>Label <select name=label>{opts}</select></label>'
+                    '<label>or another <input name=other maxlength=64 placeholder="genus_species"></label>'
+                    "<button>Save label</button></form>")
+        cards.append(f'<section class=review data-key="{e(r.device_id)}/{r.seq}"><h2>{e(p.get("model"))}: '
+                     f"{said}{flag}</h2><p>{e(r.device_id)} seq {r.seq}, {when(r.ts)}; top-3: {top or '-'}; "
+                     f"CITES {e(p.get('cites') or '-')}; quarantine pest {'yes' if p.get('quarantine_pest') else 'no'}"
+                     f"</p>{img}{status}{form}</section>")
+    body = ("<p>A specialist confirms or corrects each identification; `customs-edge console export-labels DIR` writes"
+            " the reviewed photos as DIR/&lt;label&gt;/*.jpg for retraining.</p>" + "".join(cards)
+            + ("" if cards else "<p class=empty>No identifications yet.</p>"))
+    return page("Image review", body, s, here="/review")

@@ -14,7 +14,7 @@ from typing import Any
 
 CHOICES_TTL_S = 30.0
 SILENT_AFTER_S = 300.0  # a unit heard from longer ago than this stands out on the fleet page
-INDEXED = ("lot_report", "lane_summary", "ore_analysis")  # each with its partial index records_<kind>
+INDEXED = ("lot_report", "lane_summary", "ore_analysis", "identification")  # each with its partial index records_<kind>
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,17 @@ class HubReader:
             "SELECT r.device_id, r.seq, r.ts, r.type, r.payload, r.received_at, d.unit_type, d.site FROM records r"
             f" LEFT JOIN devices d ON d.device_id = r.device_id WHERE r.device_id = ? AND r.seq = ? AND {ALERT_WHERE}",
             (device_id, seq)).fetchall()
+        if not rows:
+            return None
+        d, s, ts, t, p, rcv, ut, site = rows[0]
+        return AlertRow(d, s, ts, t, _obj(p), rcv, ut, site)
+
+    def record(self, device_id: str, seq: int, kind: str) -> AlertRow | None:
+        """One record of a kind, by its identity."""
+        rows = self.db.execute(
+            "SELECT r.device_id, r.seq, r.ts, r.type, r.payload, r.received_at, d.unit_type, d.site FROM records r"
+            " LEFT JOIN devices d ON d.device_id = r.device_id WHERE r.device_id = ? AND r.seq = ? AND r.type = ?",
+            (device_id, seq, kind)).fetchall()
         if not rows:
             return None
         d, s, ts, t, p, rcv, ut, site = rows[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import ssl
 import threading
@@ -61,12 +62,20 @@ class Console:
                                    " `customs-edge console user add NAME --role officer` and drop --anonymous")
         HubStore(hub_db, readonly=True).close()  # a mistyped path is an error here, not an empty console
         self.reader = HubReader(hub_db)
+        self.photos = Path(f"{hub_db}.photos")  # the hub's content-addressed photo store (hub/photos.py)
         self.state = ConsoleState(state)
         if not anonymous and not self.state.users():
             raise CustomsEdgeError(f"no console users in {state}: add one with `customs-edge console user add NAME"
                                    " --role admin --state " f"{state}` (or, on loopback for a demo, --anonymous)")
         self.anonymous = Session("demo", "officer", secrets.token_urlsafe(32)) if anonymous else None
         self.stopping = threading.Event()
+
+
+    def photo_path(self, sha: str) -> Path | None:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            return None
+        f = self.photos / sha[:2] / f"{sha}.jpg"
+        return f if f.is_file() else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -183,6 +192,20 @@ class Handler(BaseHTTPRequestHandler):
             hours = pages.lane_hours(self.c.reader.series("lane_summary", since, limit=100000),
                                      self.c.reader.confirmations(since))
             return self._html(pages.lanes_page(hours, s))
+        if path == "/review":
+            idents = self.c.reader.latest("identification", 100)
+            labels = self.c.state.labels([r.key for r in idents])
+            known = sorted({str(x) for r in idents for x in [r.payload.get("label"),
+                                                             *[t[0] for t in r.payload.get("top3") or []
+                                                               if isinstance(t, list | tuple) and t]]
+                            if isinstance(x, str) and x} | {a.detail for a in labels.values()})
+            return self._html(pages.review_page([(r, labels.get(r.key)) for r in idents], known, s))
+        if path.startswith("/photo/") and path.endswith(".jpg"):
+            sha = path[7:-4]
+            photo = self.c.photo_path(sha)
+            if photo is None:
+                return self._error(404, "no such photo", s)
+            return self._send(200, photo.read_bytes(), "image/jpeg")
         if path == "/inspect":
             insp = self.c.inspection
             return self._html(pages.inspect_page(self.c.reader.fleet(), s, None if insp is None else insp.connected))
@@ -317,6 +340,23 @@ class Handler(BaseHTTPRequestHandler):
             if m:
                 self.c.state.logout(m.value)
             return self._redirect("/login", {"Set-Cookie": f"{COOKIE}=; Max-Age=0; Path=/"})
+        if path.startswith("/review/"):
+            if not s.may("act"):
+                return self._error(403, f"a {s.role} may not label identifications: a specialist officer does", s)
+            parts = path.split("/")
+            try:
+                key = (unquote(parts[2]), int(parts[3]))
+            except (IndexError, ValueError):
+                return self._error(404, "no such identification", s)
+            rec = self.c.reader.record(*key, "identification")
+            label = (form.get("other") or "").strip() or form.get("label", "")
+            if rec is None:
+                return self._error(404, "no such identification", s)
+            if not re.match(pages.LABEL_RE, label):
+                return self._error(400, "a label is a name such as dalbergia_nigra: letters, digits, '_', '.', '-'",
+                                   s)
+            self.c.state.record(s.user, s.role, "label", key[0], key[1], label)
+            return self._redirect("/review")
         if path.startswith("/inspect/"):
             device_id = unquote(path.removeprefix("/inspect/"))
             if not s.may("act"):

@@ -215,6 +215,13 @@ class ConsoleState:
                     out[(d, s)] = "disposed" if act == "dispose" else "acknowledged"
         return {k: out.get(k, "new") for k in keys}
 
+    def labels(self, keys: list[tuple[str, int]] | None = None) -> dict[tuple[str, int], Action]:
+        """The latest specialist's label (a `label` action) per identification, of `keys` or of all."""
+        rows = self.db.execute("SELECT id, at, user, role, action, device_id, seq, detail FROM audit WHERE"
+                               " action = 'label' ORDER BY id").fetchall()
+        out = {(r[5], r[6]): Action(*r) for r in rows}
+        return out if keys is None else {k: out[k] for k in keys if k in out}
+
     def audit(self, limit: int = 200) -> list[Action]:
         return [Action(*r) for r in self.db.execute(
             "SELECT id, at, user, role, action, device_id, seq, detail FROM audit ORDER BY id DESC LIMIT ?",
