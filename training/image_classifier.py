@@ -200,10 +200,15 @@ def fit_head(x: np.ndarray, y: np.ndarray, head: str, seed: int) -> list[tuple[n
         lr = LogisticRegression(C=1.0, max_iter=3000)
         lr.fit(x, y)
         return [(lr.coef_.T.copy(), lr.intercept_.copy())]
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     mlp = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=800, early_stopping=False, random_state=seed)
-    mlp.fit(x, y)
+    with warnings.catch_warnings():  # 800 epochs is the budget; the validation split says whether it is enough
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp.fit(x, y)
     return list(zip(mlp.coefs_, mlp.intercepts_, strict=True))
 
 
