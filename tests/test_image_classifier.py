@@ -14,7 +14,14 @@ import pytest
 
 from customs_edge.core.errors import ModelError
 from customs_edge.models import default_manifest
-from customs_edge.models.image_classifier import BLURRED, LOW_CONFIDENCE, TOO_DARK, Identification, ImageClassifier
+from customs_edge.models.image_classifier import (
+    BLURRED,
+    LOW_CONFIDENCE,
+    TOO_DARK,
+    UNKNOWN,
+    Identification,
+    ImageClassifier,
+)
 from customs_edge.simulators import specimens
 from customs_edge.training.image_classifier import evaluate
 
@@ -93,6 +100,20 @@ def test_abstains_below_the_configured_confidence(wood: ImageClassifier) -> None
     strict = ImageClassifier(wood.model, wood.spec.model_copy(update={"min_confidence": 1.01}))
     ident = strict.classify(photo("wood", "dalbergia_nigra", 4))
     assert ident.label is None and ident.abstain_reason == LOW_CONFIDENCE and not ident.alert
+
+
+def test_a_wood_unlike_every_label_is_an_unknown_species(wood: ImageClassifier) -> None:
+    """Between "not end grain" (max_ood) and a label (max_known): the subject, but no species it knows."""
+    checks = wood.spec.checks.model_copy(update={"max_known": 0.0})
+    tight = ImageClassifier(wood.model, wood.spec.model_copy(update={"checks": checks}))
+    ident = tight.classify(photo("wood", "dalbergia_nigra", 5))
+    assert ident.label is None and ident.abstain_reason == UNKNOWN and not ident.alert
+    assert wood.spec.checks.max_known is not None and wood.spec.checks.max_ood is not None
+    assert wood.spec.checks.max_known < wood.spec.checks.max_ood
+    # woods the simulator draws but the model was never trained on: a good share is sent to the lab
+    unseen = [wood.classify(photo("wood", label, k)) for label in specimens.unseen_labels("wood") for k in range(4)]
+    assert sum(i.label is None for i in unseen) >= len(unseen) // 4
+    assert not set(specimens.unseen_labels("wood")) & set(wood.labels)
 
 
 def test_not_an_image_is_a_clear_error(wood: ImageClassifier) -> None:

@@ -37,7 +37,9 @@ SCALES = 3
 TAILS = (0.0, 0.4, 0.8)  # grey deviations (in normalised units) whose tails are measured
 KSIZE = 9
 SUBJECTS = {"wood": "end grain", "insects": "an insect"}
-VERSION = "1.0.0"
+VERSION = "1.1.0"
+# ood above this quantile of the validation split: "unknown species" (docs/handheld-models.md, leave-one-out)
+KNOWN_QUANTILE = 0.99
 
 
 def filter_bank() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -295,7 +297,9 @@ def train(kind: str, images_dir: str | Path, out_dir: str | Path, seed: int = 0,
     p_va = softmax(logits_va, temp)
     acc_va = float((p_va.argmax(axis=1) == y[va]).mean())
     w, centres = whitening(z[tr], y[tr])
-    max_ood = float(np.quantile(ood_distance(z[va], w, centres), 0.99) * 2.5)
+    d_va = ood_distance(z[va], w, centres)
+    max_ood = float(np.quantile(d_va, 0.99) * 2.5)
+    max_known = float(np.quantile(d_va, KNOWN_QUANTILE))
     bright, sharp = qual[:, 0], qual[:, 1]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +310,8 @@ def train(kind: str, images_dir: str | Path, out_dir: str | Path, seed: int = 0,
         "logits": "logits", "ood": "ood", "temperature": round(temp, 4), "min_confidence": min_confidence,
         "checks": {"size": 256, "min_brightness": round(float(np.quantile(bright, 0.005)) * 0.6, 2),
                    "max_brightness": round(min(250.0, float(np.quantile(bright, 0.995)) * 1.15 + 5), 2),
-                   "min_sharpness": round(float(np.quantile(sharp, 0.005)) * 0.5, 3), "max_ood": round(max_ood, 4)},
+                   "min_sharpness": round(float(np.quantile(sharp, 0.005)) * 0.5, 3), "max_ood": round(max_ood, 4),
+                   "max_known": round(max_known, 4)},
         "labels": [{"label": lab, "name": str(status[lab].get("name", lab)), "cites": status[lab].get("cites"),
                     "quarantine_pest": bool(status[lab].get("quarantine_pest", False))} for lab in labels],
     }
@@ -360,6 +365,18 @@ def heldout(kind: str, seed: int, per_class: int) -> tuple[list[np.ndarray], lis
     return images, truth
 
 
+def unseen_set(kind: str, seed: int, per_class: int) -> list[tuple[np.ndarray, str]]:
+    """Photos of species the model has no label for (simulators.specimens.unseen_labels)."""
+    from customs_edge.simulators import specimens
+
+    out = []
+    for label in specimens.unseen_labels(kind):
+        for n in range(per_class):
+            img = specimens.image(kind, label, seed * 1_000_003 + 700_000 + n)
+            out.append((np.asarray(cv2.imdecode(cv2.imencode(".jpg", img)[1], cv2.IMREAD_COLOR)), label))
+    return out
+
+
 def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path | None = None) -> dict[str, Any]:
     clf = ImageClassifier.load(manifest or default_manifest(kind))
     images, truth = heldout(kind, seed, per_class)
@@ -384,6 +401,12 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
     alert_missed = sum(1 for a, i in zip(alerts_true, idents, strict=True) if a and i.label and not i.alert)
     false_alerts = sum(1 for a, i in zip(alerts_true, idents, strict=True) if not a and i.alert)
     ms = np.array([i.ms for i in idents])
+    unseen = unseen_set(kind, seed, max(4, per_class // 4))
+    unseen_idents = [clf.classify(im) for im, _ in unseen]
+    unseen_reasons: dict[str, int] = {}
+    for (_, truth_label), i in zip(unseen, unseen_idents, strict=True):
+        key = f"abstained: {i.abstain_reason}" if i.label is None else f"{truth_label} -> {i.label}"
+        unseen_reasons[key] = unseen_reasons.get(key, 0) + 1
     conf1 = np.array([i.top3[0][1] for i in idents])
     hit = np.array([t == p for t, p in zip(truth, top1, strict=True)], float)
     bins = np.minimum((conf1 * 10).astype(int), 9)  # expected calibration error, 10 bins of top-1 confidence
@@ -396,6 +419,9 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
         "abstain_rate": round(1 - len(kept) / len(images), 4), "abstain_reasons": reasons,
         "accuracy_not_abstained": round(float(np.mean([t == p for t, p in kept])), 4) if kept else None,
         "regulated_identified_as_unregulated": alert_missed, "unregulated_identified_as_regulated": false_alerts,
+        "unseen_species": {"labels": sorted({t for _, t in unseen}), "images": len(unseen),
+                           "abstained": round(sum(1 for i in unseen_idents if i.label is None) / len(unseen), 4),
+                           "outcomes": dict(sorted(unseen_reasons.items()))},
         "expected_calibration_error": round(float(ece), 4), "per_class": per_class_fig, "labels": labels,
         "confusion": conf.tolist(),
         "ms_per_photo": {"median": round(float(np.median(ms)), 2), "p95": round(float(np.quantile(ms, 0.95)), 2)},
@@ -440,7 +466,30 @@ def compare_heads(kind: str, images_dir: str | Path, seed: int = 0, heldout_per_
     return out
 
 
+def leave_one_out(images_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """Open set: train without one label at a time (MLP, the shipped thresholds) and count how many of
+    its photos are abstained as "unknown species" or worse, beside the validation photos so abstained."""
+    images, y, labels, _ = read_folder(Path(images_dir))
+    x = FeatureExtractor()(images)
+    per: dict[str, Any] = {}
+    for k, lab in enumerate(labels):
+        keep = y != k
+        yk = np.searchsorted(np.unique(y[keep]), y[keep])
+        tr, va = _split(yk, 0.2, seed)
+        mean, scale = x[keep][tr].mean(axis=0), x[keep][tr].std(axis=0) + 1e-6
+        z = (x[keep] - mean) / scale
+        w, c = whitening(z[tr], yk[tr])
+        d_va = ood_distance(z[va], w, c)
+        d_out = ood_distance((x[~keep] - mean) / scale, w, c)
+        t = np.quantile(d_va, KNOWN_QUANTILE)
+        per[lab] = {"unseen_abstained": round(float((d_out > t).mean()), 3),
+                    "validation_abstained": round(float((d_va > t).mean()), 3)}
+    mean_unseen = float(np.mean([v["unseen_abstained"] for v in per.values()]))
+    return {"labels": per, "mean_unseen_abstained": round(mean_unseen, 3)}
+
+
 if __name__ == "__main__":
     import sys
 
-    print(json.dumps(compare_heads(sys.argv[1], sys.argv[2]), indent=2))
+    fn = leave_one_out(sys.argv[3]) if sys.argv[1] == "open-set" else compare_heads(sys.argv[1], sys.argv[2])
+    print(json.dumps(fn, indent=2))
