@@ -11,4 +11,5 @@ SIMULATORS: dict[str, str] = {
     "gps": "customs_edge.simulators.gps:main",
     "scanner": "customs_edge.simulators.scanner:main",
     "relay": "customs_edge.simulators.relay:main",
+    "handheld": "customs_edge.simulators.handheld:main",
 }
