@@ -186,18 +186,24 @@ def test_train_command_on_a_folder_tree(tmp_path: Path) -> None:
     assert m["classifier"]["temperature"] > 0 and m["classifier"]["checks"]["max_ood"] > 0
 
 
-def test_train_refuses_a_folder_without_regulatory_status(tmp_path: Path) -> None:
-    from customs_edge.training.image_classifier import train
+def test_train_refuses_a_label_without_regulatory_status(tmp_path: Path) -> None:
+    """labels.json first, then the shipped model's labels (a console export has no labels.json); a label
+    in neither is refused, never assumed unregulated."""
+    from customs_edge.training.image_classifier import read_status, train
 
     data = tmp_path / "photos"
     specimens.write_dataset("insects", data, per_class=5, seed=3, size=64, workers=1)
-    status = json.loads((data / "labels.json").read_text())
-    del status["anoplophora_glabripennis"]
-    (data / "labels.json").write_text(json.dumps(status))
-    with pytest.raises(SystemExit, match=r"no regulatory status for \['anoplophora_glabripennis'\]"):
-        train("insects", data, tmp_path / "out")
     (data / "labels.json").unlink()
-    with pytest.raises(SystemExit, match=r"labels\.json missing"):
+    status = read_status(data, specimens.labels("insects"), "insects")
+    assert status["anoplophora_glabripennis"]["quarantine_pest"] is True
+    shutil.copytree(data / "rhagium_inquisitor", data / "new_beetle")
+    with pytest.raises(SystemExit, match=r"no regulatory status for \['new_beetle'\]"):
+        train("insects", data, tmp_path / "out")
+    (data / "labels.json").write_text(json.dumps({"new_beetle": {"name": "x", "cites": "IV"}}))
+    with pytest.raises(SystemExit, match="cites must be"):
+        train("insects", data, tmp_path / "out")
+    (data / "labels.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="expected"):
         train("insects", data, tmp_path / "out")
 
 

@@ -150,23 +150,55 @@ class FeatureExtractor:
 
 
 # --- data --------------------------------------------------------------------------------------
-def read_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray, list[str], dict[str, dict[str, Any]]]:
-    """(images, label index per image, labels, status per label) from root/<label>/*.jpg|png and
-    root/labels.json ({label: {"name", "cites", "quarantine_pest"}}, every label listed)."""
+def _known_status(kind: str | None) -> dict[str, dict[str, Any]]:
+    """Regulatory status per label of the shipped model of `kind` (for folders without labels.json)."""
+    if kind is None:
+        return {}
+    try:
+        m = json.loads(default_manifest(kind).read_text())
+        return {x["label"]: x for x in m["classifier"]["labels"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def read_status(root: Path, labels: list[str], kind: str | None) -> dict[str, dict[str, Any]]:
+    """Each label's {"name", "cites", "quarantine_pest"}: root/labels.json first, then the shipped model of
+    `kind` (a console export-labels folder has no labels.json); a label in neither is refused."""
+    status_path = root / "labels.json"
+    given: dict[str, Any] = {}
+    if status_path.is_file():
+        try:
+            given = json.loads(status_path.read_text())
+            if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+                raise ValueError("expected {label: {name, cites, quarantine_pest}}")
+        except ValueError as exc:
+            raise SystemExit(f"{status_path}: {exc}") from exc
+    known = _known_status(kind)
+    status = {x: given.get(x) or known.get(x) for x in labels}
+    missing = [x for x, v in status.items() if v is None]
+    if missing:
+        raise SystemExit(f"{status_path}: no regulatory status for {missing} (nor in the shipped {kind} model): "
+                         'list them, e.g. {"dalbergia_nigra": {"name": "Dalbergia nigra", "cites": "I", '
+                         '"quarantine_pest": false}} (cites null if not listed)')
+    for x, v in status.items():
+        if v is not None and (v.get("cites") not in (None, "I", "II", "III")
+                              or not isinstance(v.get("quarantine_pest", False), bool)):
+            raise SystemExit(f"{status_path}: {x}: cites must be null, \"I\", \"II\" or \"III\" and "
+                             f"quarantine_pest true or false, not {v}")
+    return {x: v for x, v in status.items() if v is not None}
+
+
+def read_folder(root: Path, kind: str | None = None
+                ) -> tuple[list[np.ndarray], np.ndarray, list[str], dict[str, dict[str, Any]]]:
+    """(images, label index per image, labels, status per label) from root/<label>/*.jpg|png; status from
+    root/labels.json ({label: {"name", "cites", "quarantine_pest"}}) or the shipped model of `kind`."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"{root}: no such folder (expected DIR/<label>/*.jpg)")
     labels = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(labels) < 2:
         raise SystemExit(f"{root}: needs at least two label folders DIR/<label>/*.jpg, found {labels}")
-    status_path = root / "labels.json"
-    if not status_path.is_file():
-        raise SystemExit(f"{status_path} missing: list every label's regulatory status, e.g. "
-                         '{"dalbergia_nigra": {"name": "Dalbergia nigra", "cites": "I", "quarantine_pest": false}}')
-    status = json.loads(status_path.read_text())
-    missing = [x for x in labels if x not in status]
-    if missing:
-        raise SystemExit(f"{status_path}: no regulatory status for {missing}: add them (cites null if not listed)")
+    status = read_status(root, labels, kind)
     images, ys = [], []
     for k, lab in enumerate(labels):
         files = sorted(p for p in (root / lab).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -283,7 +315,7 @@ def train(kind: str, images_dir: str | Path, out_dir: str | Path, seed: int = 0,
     from customs_edge.models.runtime import sha256_file
 
     t0 = time.perf_counter()
-    images, y, labels, status = read_folder(Path(images_dir))
+    images, y, labels, status = read_folder(Path(images_dir), kind)
     log(f"{kind}: {len(images)} images, {len(labels)} labels from {images_dir}")
     fx = FeatureExtractor()
     x = fx(images)
