@@ -10,8 +10,9 @@ A model whose file hash, input/output names or shapes differ from its manifest i
 
 Everything a model loads stays inside the manifest's directory and is hashed: `file` and every
 `external_data` entry (ONNX tensors stored beside the graph) are plain relative names (no `..`, not absolute,
-not through a symlink out of the directory), each with its sha256, and every other regular file in the
-directory must be the manifest or its signature, so onnxruntime can find nothing there that is not hashed.
+not through a symlink out of the directory), each with its sha256. A model without external_data is hashed
+and loaded from the same bytes (onnxruntime then loads no other file at all); with external_data, every
+other file in the directory must be the manifest or its signature, so the model can reach nothing unhashed.
 
 Signature: `manifest.json.sig` beside the manifest holds `ed25519:BASE64` over `signed_message(manifest)`
 (a fixed prefix and the manifest's canonical JSON: keys sorted, no spaces, UTF-8), made by
@@ -198,17 +199,24 @@ class OnnxModel:
         directory = manifest_path.parent
         files = {name: inside(directory, name, "file" if name == self.manifest.file else "external_data file")
                  for name in self.manifest.files()}
-        allowed = {manifest_path.name, signature_path(manifest_path).name, *files}
-        stray = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                       if p.is_file() and "__pycache__" not in p.parts
-                       and str(p.relative_to(directory)) not in allowed) if directory.is_dir() else []
-        if stray:
-            raise ModelError(f"{directory}: {', '.join(stray[:5])} not named in the manifest: the model could load "
-                             "an unhashed file; list it under external_data with its sha256, or remove it")
+        if self.manifest.external_data:  # then nothing in the directory may be left unhashed
+            allowed = {manifest_path.name, signature_path(manifest_path).name, *(str(Path(n)) for n in files)}
+            stray = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                           if p.is_file() and "__pycache__" not in p.parts
+                           and str(p.relative_to(directory)) not in allowed)
+            if stray:
+                raise ModelError(f"{directory}: {', '.join(stray[:5])} not named in the manifest: the model could "
+                                 "load an unhashed file; list it under external_data with its sha256, or remove it")
+        blob = b""
         for name, path in files.items():
             if not path.is_file():
                 raise ModelError(f"{path}: model file missing")
-            digest, want = sha256_file(path), self.manifest.files()[name]
+            if name == self.manifest.file and not self.manifest.external_data:
+                blob = path.read_bytes()  # hashed and loaded from the same bytes
+                digest = hashlib.sha256(blob).hexdigest()
+            else:
+                digest = sha256_file(path)
+            want = self.manifest.files()[name]
             if digest != want:
                 raise ModelError(f"{path}: sha256 {digest[:12]}... does not match manifest {want[:12]}...")
         path = files[self.manifest.file]
@@ -218,7 +226,9 @@ class OnnxModel:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            # from bytes, onnxruntime loads no external file at all: only a manifest that lists (and so hashes)
+            # its external data files has the model loaded from its path
+            self.session = ort.InferenceSession(blob or str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelError(f"{path}: onnxruntime refused the model: {exc}") from exc
         self._check(self.session.get_inputs(), self.manifest.inputs, "input")
