@@ -97,20 +97,25 @@ PASSWORD_ENV = "CUSTOMS_EDGE_MQTT_PASSWORD"
 SIMPLE_COMMANDS = ["ping", "status", "resend", "config_get"]
 
 
-def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> CommandReply:
-    """Publish one command to args.device and wait up to args.timeout s for its answer."""
+def operator_link(args: argparse.Namespace, client_id: str) -> MqttLink:
+    """A clean-session link to the broker of the --broker, --username ($CUSTOMS_EDGE_MQTT_PASSWORD) and TLS flags."""
     host, _, port = args.broker.rpartition(":")
     if not host or not port.isdigit():
         raise CustomsEdgeError(f"--broker {args.broker!r}: write it host:port, e.g. 127.0.0.1:1883")
     settings = BrokerSettings(username=args.username, password=os.environ.get(PASSWORD_ENV) or None,
                               tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               tls_server_name=args.tls_server_name)
+    return MqttLink(client_id, host, int(port), clean_session=True, **settings.credentials(),
+                    backoff_min_s=0.2, backoff_max_s=2.0)
+
+
+def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> CommandReply:
+    """Publish one command to args.device and wait up to args.timeout s for its answer."""
     now = time.time()
     command = Command(id=uuid.uuid4().hex, cmd=cmd, args=cmd_args or {}, ts=now,
                       expires=now + args.ttl)
     t_cmd = topic(args.prefix, args.device, "cmd")
-    link = MqttLink(f"ce-op-{command.id[:12]}", host, int(port), clean_session=True, **settings.credentials(),
-                    backoff_min_s=0.2, backoff_max_s=2.0)
+    link = operator_link(args, f"ce-op-{command.id[:12]}")
     deadline = time.monotonic() + args.timeout
     sent = False
     try:
@@ -168,6 +173,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _connection_flags(p: argparse.ArgumentParser, timeout: float) -> None:
     p.add_argument("device", help="the unit's device_id")
+    broker_flags(p, timeout)
+
+
+def broker_flags(p: argparse.ArgumentParser, timeout: float) -> None:
     p.add_argument("--broker", default="127.0.0.1:1883", help="host:port of the broker (default 127.0.0.1:1883)")
     p.add_argument("--prefix", default="customs-edge/v1", help="topic prefix (the units' sync.topic_prefix)")
     p.add_argument("--username", help=f"broker user name; its password is read from ${PASSWORD_ENV}")
@@ -194,6 +203,9 @@ def register(sub: Any) -> None:
     get = csub.add_parser("get", help="print the config the unit runs (stdout) and its sha256 (stderr)")
     _connection_flags(get, 20.0)
     c.set_defaults(fn=cmd_config)
+    from customs_edge.cli.fleet_model import register_model
+
+    register_model(fsub)
     k = sub.add_parser("cmd", help="send a command to a unit and print its answer")
     _connection_flags(k, 20.0)
     k.add_argument("name", choices=SIMPLE_COMMANDS, help="the command")
