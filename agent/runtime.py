@@ -34,7 +34,7 @@ from customs_edge.agent.health import HealthSampler, model_versions
 from customs_edge.agent.model_store import effective_app
 from customs_edge.agent.outbox import Outbox, SqliteOutbox
 from customs_edge.agent.sync import Sync
-from customs_edge.core.errors import DriverFault
+from customs_edge.core.errors import DriverFault, ModelError
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.mqtt import Backoff
 from customs_edge.core.outputs import Output
@@ -186,6 +186,20 @@ class DriverThread(threading.Thread):
             log.exception("driver close failed", extra={"driver": self.driver.role})
 
 
+def make_app(cfg: UnitConfig) -> App:
+    """The unit's app, with the model versions pushed to the unit (agent/model_store.py). A pushed version that
+    no longer loads (its files damaged on disk) is logged and the model the config names runs instead."""
+    cls = registry.lookup("app", cfg.type)
+    app_cfg = effective_app(cfg)
+    if app_cfg is cfg.app:
+        return cls(cfg.device_id, cfg.app)
+    try:
+        return cls(cfg.device_id, app_cfg)
+    except ModelError as exc:
+        log.error("a pushed model does not load; the model the config names runs instead", extra={"error": str(exc)})
+        return cls(cfg.device_id, cfg.app)
+
+
 def open_outbox(cfg: UnitConfig) -> SqliteOutbox:
     oc = cfg.outbox
     return SqliteOutbox(oc.path, synchronous=oc.synchronous, max_mb=oc.max_mb, max_age_days=oc.max_age_days,
@@ -213,8 +227,8 @@ class Unit:
         self.cfg = cfg
         self.commands = commands  # the runtime's command hook (config_get, config_push), kept across reloads
         self.outbox: Outbox = outbox or open_outbox(cfg)
-        if app is None:  # with the models pushed to the unit (agent/model_store.py)
-            app = registry.lookup("app", cfg.type)(cfg.device_id, effective_app(cfg))
+        if app is None:
+            app = make_app(cfg)
         self.app: App = app
         if drivers is None:
             drivers = {role: registry.lookup("driver", dc.driver)(role, dc) for role, dc in cfg.drivers.items()}
@@ -642,7 +656,7 @@ def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | Non
         include={"synchronous", "max_mb", "max_age_days"}) == old.cfg.outbox.model_dump(
         include={"synchronous", "max_mb", "max_age_days"})
     try:  # everything that may fail while `old` still runs
-        app = old.app if keep_app else registry.lookup("app", cfg.type)(cfg.device_id, effective_app(cfg))
+        app = old.app if keep_app else make_app(cfg)
         outbox: Outbox | None = old.outbox if keep_outbox else None
         if outbox is None and not _same_outbox_file(cfg, old.cfg):
             outbox = open_outbox(cfg)

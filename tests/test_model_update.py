@@ -372,3 +372,14 @@ def test_a_push_to_a_fleet_shows_in_hub_fleet(tmp_path: Path, signer: Any,
             t.join(15)
         hub.stop()
         broker.stop()
+
+
+def test_a_pushed_version_damaged_on_disk_falls_back_to_the_configs_model(tmp_path: Path, rig: Rig,
+                                                                           signer: Any) -> None:
+    p = package(make_version(tmp_path, "1.1.0", signer[0]))
+    rig.send(p)
+    assert rig.install(p).outcome == "applied"
+    onnx_file = store_dir(rig.unit.cfg) / "fever" / "1.1.0" / "fever.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-1])  # a bad sector, a full disk during a copy
+    again = Unit(rig.unit.cfg, outbox=rig.unit.outbox)
+    assert model_versions(again.app) == {"fever": "1.0.0"}
