@@ -383,3 +383,61 @@ def test_a_pushed_version_damaged_on_disk_falls_back_to_the_configs_model(tmp_pa
     onnx_file.write_bytes(onnx_file.read_bytes()[:-1])  # a bad sector, a full disk during a copy
     again = Unit(rig.unit.cfg, outbox=rig.unit.outbox)
     assert model_versions(again.app) == {"fever": "1.0.0"}
+
+
+@pytest.mark.broker
+def test_an_operator_interrupted_mid_transfer_resumes_with_only_the_missing_chunks(
+        tmp_path: Path, signer: Any) -> None:
+    """The operator's push stops after three chunks (Ctrl-C); the unit keeps running its model; the next push
+    is told what is missing and sends only that, then the version is applied."""
+    from customs_edge.agent.runtime import run_forever
+    from customs_edge.cli.fleet_model import Pusher
+    from customs_edge.core.mqtt import MqttLink
+    from customs_edge.hub.brokers import Mosquitto
+    from tests.conftest import need_mosquitto
+
+    class Interrupted(Exception):
+        pass
+
+    class StopsAfterThree(Pusher):
+        def _on_reply(self, u: Any, r: CommandReply) -> None:
+            super()._on_reply(u, r)
+            if u.done_chunks >= 3:
+                raise Interrupted
+
+    need_mosquitto()
+    broker = Mosquitto(tmp_path / "broker").start()
+    stop = threading.Event()
+    cfg = parse_unit_config(gate_dict(tmp_path, "gate-0", broker.port, signer[1]))
+    unit = threading.Thread(target=run_forever, args=(cfg, None, stop), daemon=True)
+    unit.start()
+    from tests.cmdtools import Operator
+
+    op = Operator(broker.port, "gate-0")
+    op.wait_online()  # subscribed to its commands
+    op.close()
+    p = package(make_version(tmp_path, "1.1.0", signer[0]), chunk_bytes=256)  # 10 chunks
+
+    def link() -> MqttLink:
+        return MqttLink(f"op-{uuid.uuid4().hex[:8]}", "127.0.0.1", broker.port, clean_session=True)
+
+    try:
+        first = link()
+        with pytest.raises(Interrupted):
+            StopsAfterThree(first, "customs-edge/v1", ["gate-0"], p, timeout=30).run(deadline_s=60)
+        first.close()
+        store = store_dir(cfg)
+        assert read_pointer(store, "fever", "current") is None  # nothing activated
+        second = link()
+        try:
+            units = Pusher(second, "customs-edge/v1", ["gate-0"], p, timeout=30).run(deadline_s=60)
+        finally:
+            second.close()
+        u = units["gate-0"]
+        assert u.outcome == "applied", u.detail
+        assert 0 < u.sent_bytes <= p.size - 3 * 256  # only what the unit said it was missing
+        assert read_pointer(store, "fever", "current") == "1.1.0"
+    finally:
+        stop.set()
+        unit.join(15)
+        broker.stop()
