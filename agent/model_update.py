@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -127,8 +128,6 @@ class ModelUpdates:
     def offer(self, args: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg()
         name, version = str(args.get("name", "")), str(args.get("version", ""))
-        import re
-
         if not re.match(NAME_PATTERN, name) or not re.match(NAME_PATTERN, version):
             raise ValueError(f"model_offer: name {name[:64]!r} and version {version[:64]!r} must be letters, digits,"
                              " _ . - (at most 64)")
@@ -268,7 +267,8 @@ class ModelUpdates:
                 unit, outcome, result, error = self._rollback(unit, cmd)
         except _Refused as exc:
             error = str(exc)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a full disk, a bug: answered, never the end of the agent
+            log.exception("model update failed", extra={"id": cmd.id})
             error = f"{type(exc).__name__}: {exc}; the running model stays"
         log.log(logging.INFO if outcome == "applied" else logging.ERROR, "model %s %s", cmd.cmd, outcome,
                 extra={"id": cmd.id, **({"error": error} if error else {})})
@@ -340,6 +340,7 @@ class ModelUpdates:
         errors: list[str] = []
         new = replace_unit(unit, unit.cfg, new_app=True, errors=errors)
         if new is not unit and (version is None or model_versions(new.app).get(name) == version):
+            self._prune(store, name)
             return new, "applied", None
         write_pointer(store, name, "current", old or None)
         if new is not unit:  # started, but not with that version: back to the old one
@@ -349,6 +350,20 @@ class ModelUpdates:
                 + "; ".join(errors)
         return unit, "rolled_back", (f"the app did not start with {name} {version or '(config)'}; {name} "
                                      f"{before} runs again: " + "; ".join(errors))
+
+    def _prune(self, store: Path, name: str) -> None:
+        """Keep the current and previous versions of `name`; other versions and old transfers of it go."""
+        keep = {read_pointer(store, name, "current"), read_pointer(store, name, "previous")}
+        try:
+            for d in (store / name).iterdir():
+                if d.is_dir() and d.name not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
+            with self.lock:
+                for d in (store / STAGING).glob(f"{name}@*"):
+                    self.transfers.pop(d.name, None)
+                    shutil.rmtree(d, ignore_errors=True)
+        except OSError as exc:
+            log.warning("old model versions not removed", extra={"model": name, "error": str(exc)})
 
     def _rollback(self, unit: Unit, cmd: Command) -> tuple[Unit, str, dict[str, Any] | None, str | None]:
         name = cmd.args.get("name")
