@@ -176,7 +176,7 @@ def test_a_signed_version_is_installed_and_rolled_back(tmp_path: Path, rig: Rig,
     assert rig.command("model_rollback", name="fever").outcome == "applied" and rig.running() == "1.1.0"
     # a third version: the unit keeps the current and the previous one, nothing older
     p2 = package(make_version(tmp_path, "1.2.0", signer[0]))
-    rig.send(p2, only=lambda f, i: i < 2)  # and an abandoned transfer of it is cleaned up by the next install
+    rig.send(p2, only=lambda f, i: i < 2)  # a transfer in two goes
     rig.send(p2)
     assert rig.install(p2).outcome == "applied" and rig.running() == "1.2.0"
     assert sorted(d.name for d in (store / "fever").iterdir() if d.is_dir()) == ["1.1.0", "1.2.0"]
