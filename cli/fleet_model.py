@@ -335,7 +335,7 @@ def register_model(fsub: Any) -> None:
     _connection_flags(rb, 60.0)
     rb.add_argument("name", help="the model's name")
     sign = msub.add_parser("sign", help="sign DIR/manifest.json (writes manifest.json.sig)")
-    sign.add_argument("dir")
+    sign.add_argument("dir", help="directory holding manifest.json and the files it names")
     sign.add_argument("--key", required=True, help="the Ed25519 private key (PEM) from `fleet model keygen`")
     kg = msub.add_parser("keygen", help="make a model-signing key; prints the public key for units' models.signing_key")
     kg.add_argument("key", help="file for the private key (0600, never overwritten)")
