@@ -449,3 +449,24 @@ def test_an_operator_interrupted_mid_transfer_resumes_with_only_the_missing_chun
         stop.set()
         unit.join(15)
         broker.stop()
+
+
+def test_keygen_and_sign_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from customs_edge.core.signing import parse_public
+    from customs_edge.models.runtime import check_signature
+    from tests.cmdtools import cli
+
+    key = tmp_path / "signing.key"
+    code, out, _ = cli(capsys, "fleet", "model", "keygen", str(key))
+    assert code == 0 and out.startswith("ed25519:") and key.stat().st_mode & 0o077 == 0
+    public = parse_public(out.strip())
+    code, _, err = cli(capsys, "fleet", "model", "keygen", str(key))
+    assert code == 1 and "never overwritten" in err
+    d = make_version(tmp_path, "1.1.0", None)
+    code, out, _ = cli(capsys, "fleet", "model", "sign", str(d), "--key", str(key))
+    assert code == 0 and (d / "manifest.json.sig").exists()
+    assert OnnxModel(d / "manifest.json", public_key=public).manifest.version == "1.1.0"
+    doc = json.loads((d / "manifest.json").read_text())
+    doc["version"] = "1.1.1"
+    with pytest.raises(ModelError, match="does not verify"):
+        check_signature(d / "manifest.json", doc, public)
