@@ -1,6 +1,7 @@
 """`customs-edge hub fleet [--db F] [--json]`: every unit the hub knows, from its database, read-only.
 `customs-edge fleet config push|get DEVICE` and `customs-edge cmd DEVICE NAME`: commands to one unit over
 the broker (core/wire.py Command), waiting for its answer (agent/remote_config.py for config_push).
+`customs-edge fleet model push|rollback|sign|keygen`: cli/fleet_model.py (docs/model-updates.md).
 
 One line per device, at most WIDTH columns: online/offline (the status the unit publishes, offline also
 by its last will), when the hub last heard from it, its backlog and the age of its oldest unsent record,
