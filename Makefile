@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench models clean
+.PHONY: demo test lint typecheck bench models handheld-models clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ bench: $(STAMP)
 
 models: $(STAMP)
 	$(BIN)/python -m customs_edge.training.train all
+
+# the handheld's wood and insect classifiers only (images from simulators.specimens; < 2 min each)
+handheld-models: $(STAMP)
+	$(BIN)/python -m customs_edge.training.train wood
+	$(BIN)/python -m customs_edge.training.train insects
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -316,7 +316,7 @@ def _sign(directory: Path, key_path: Path) -> int:
 
 
 def register_model(fsub: Any) -> None:
-    from customs_edge.cli.fleet import _connection_flags, broker_flags
+    from customs_edge.cli.fleet import _connection_flags
 
     m = fsub.add_parser("model", help="push a signed model version to units, roll it back, sign one")
     msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -330,7 +330,7 @@ def register_model(fsub: Any) -> None:
     push.add_argument("--chunk-kb", type=int, default=MODEL_CHUNK_BYTES // 1024, choices=range(1, 257),
                       metavar="KB", help=f"chunk size in KiB (default and most {MODEL_CHUNK_BYTES // 1024})")
     push.add_argument("--progress", action="store_true", help="draw the progress bar even when stderr is no tty")
-    broker_flags(push, 60.0)
+    _connection_flags(push, 60.0, device=False)
     rb = msub.add_parser("rollback", help="return a unit to the version it ran before")
     _connection_flags(rb, 60.0)
     rb.add_argument("name", help="the model's name")

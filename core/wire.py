@@ -102,8 +102,10 @@ class Command(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm",  # confirm: the app (App.command)
-                 "model_offer", "model_chunk", "model_install", "model_rollback"]  # agent/model_update.py
+    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py); model_*:
+    # agent/model_update.py
+    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect",
+                 "model_offer", "model_chunk", "model_install", "model_rollback"]
     ts: float = Field(allow_inf_nan=False)
     expires: float | None = Field(None, allow_inf_nan=False)
     args: dict[str, Any] = Field(default_factory=dict)

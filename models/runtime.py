@@ -81,6 +81,8 @@ class Manifest(BaseModel):
     golden: Golden | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # image classifiers (models.image_classifier): preprocessing, labels and their regulatory status
+    classifier: dict[str, Any] | None = None
 
     def files(self) -> dict[str, str]:
         """Every file the model loads (relative name -> sha256)."""
