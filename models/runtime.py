@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -59,12 +59,17 @@ class DataFile(BaseModel):
 
 class Golden(BaseModel):
     """Rows of inputs with their expected outputs; `min_accuracy` of the rows must have every output within
-    its `tolerance` (absolute, per output name)."""
+    its `tolerance` (absolute, per output name), or, with `match: argmax`, the index of each row's largest
+    output equal to the expected class index. Large inputs (images) live in `file`, an .npz beside the manifest
+    (arrays `input/NAME` and `expected/NAME`, hashed by `sha256` like every other file the model loads)."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: dict[str, list[Any]]
-    expected: dict[str, list[Any]]
-    tolerance: dict[str, float]
+    inputs: dict[str, list[Any]] = Field(default_factory=dict)
+    expected: dict[str, list[Any]] = Field(default_factory=dict)
+    tolerance: dict[str, float] = Field(default_factory=dict)
+    match: Literal["tolerance", "argmax"] = "tolerance"
+    file: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     min_accuracy: float = Field(ge=0, le=1)
     source: str | None = None
 
@@ -86,7 +91,8 @@ class Manifest(BaseModel):
 
     def files(self) -> dict[str, str]:
         """Every file the model loads (relative name -> sha256)."""
-        return {self.file: self.sha256, **{d.file: d.sha256 for d in self.external_data}}
+        golden = {self.golden.file: self.golden.sha256 or ""} if self.golden and self.golden.file else {}
+        return {self.file: self.sha256, **{d.file: d.sha256 for d in self.external_data}, **golden}
 
 
 class Model(Protocol):
@@ -263,23 +269,38 @@ class OnnxModel:
             raise ModelError(f"{m.name} {m.version}: the manifest has no golden set: rebuild it with the training "
                              "script (`make models`), which writes one")
         try:
-            feed = {k: np.asarray(v, dtype=self._dtypes[k]) for k, v in g.inputs.items()}
+            inputs: dict[str, Any] = dict(g.inputs)
+            expected: dict[str, Any] = dict(g.expected)
+            if g.file:  # hashed with the model's files when it was loaded
+                with np.load(inside(self.path.parent, g.file, "golden file"), allow_pickle=False) as z:
+                    for key in z.files:
+                        kind, _, name = key.partition("/")
+                        (inputs if kind == "input" else expected)[name] = z[key]
+            feed = {k: np.asarray(v, dtype=self._dtypes[k]) for k, v in inputs.items()}
             if set(feed) != set(self._dtypes):
                 raise ValueError(f"golden inputs {sorted(feed)} != model inputs {sorted(self._dtypes)}")
             got = self.predict(feed)
             rows = None
             ok: np.ndarray | None = None
-            for name, want_list in g.expected.items():
+            for name, want_list in expected.items():
                 want = np.asarray(want_list, dtype=np.float64)
                 have = np.asarray(got[name], dtype=np.float64)
+                if g.match == "argmax":
+                    if have.ndim != 2 or len(have) != len(want):
+                        raise ValueError(f"output {name!r} has shape {list(have.shape)}, the golden set expects "
+                                         f"[{len(want)}, classes]")
+                    row_ok: np.ndarray = np.asarray(have.argmax(axis=1) == want)
+                    ok = row_ok if ok is None else ok & row_ok
+                    rows = len(want)
+                    continue
                 if have.shape != want.shape:
                     raise ValueError(f"output {name!r} has shape {list(have.shape)}, the golden set expects "
                                      f"{list(want.shape)}")
                 within = np.abs(have - want).reshape(len(want), -1) <= g.tolerance[name]
-                row_ok: np.ndarray = np.asarray(within.all(axis=1))
+                row_ok = np.asarray(within.all(axis=1))
                 ok = row_ok if ok is None else ok & row_ok
                 rows = len(want)
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, OSError) as exc:
             raise ModelError(f"{m.name} {m.version}: golden set cannot be run: {exc}") from exc
         if ok is None or not rows:
             raise ModelError(f"{m.name} {m.version}: the golden set is empty")
