@@ -28,7 +28,8 @@ from customs_edge.core import logs
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.mqtt import BrokerSettings, Message, MqttLink, NotConnected, PubAck
 from customs_edge.core.wire import COMMAND_TTL_S, Command, CommandReply, Health, topic
-from customs_edge.hub.store import FleetRow, HubStore
+from customs_edge.hub.storage import open_store
+from customs_edge.hub.store import FleetRow
 
 WIDTH = 100
 COLUMNS = [("device", 18, "<"), ("state", 7, "<"), ("seen", 5, ">"), ("backlog", 8, ">"), ("oldest", 6, ">"),
@@ -81,7 +82,7 @@ def as_json(rows: list[FleetRow], now: float) -> dict[str, Any]:
 
 
 def cmd_fleet(db: str, want_json: bool) -> int:
-    store = HubStore(db, readonly=True)  # a mistyped --db is an error, never a new empty database
+    store = open_store(db, readonly=True)  # a mistyped --db is an error, never a new empty database
     try:
         rows, now = store.fleet(), time.time()
     finally:
@@ -232,7 +233,8 @@ def _connection_flags(p: argparse.ArgumentParser, timeout: float, device: bool =
 
 def register(sub: Any) -> None:
     """`customs-edge fleet config push|get` and `customs-edge cmd`."""
-    f = sub.add_parser("fleet", help="change a unit over the broker: `fleet config push|get DEVICE`")
+    f = sub.add_parser("fleet", help="change a unit over the broker: `fleet config push|get DEVICE`;"
+                       " `fleet simulate --units N`")
     fsub = f.add_subparsers(dest="what", required=True, metavar="WHAT")
     c = fsub.add_parser("config", help="push a config file to a unit, or get the one it runs")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -244,6 +246,9 @@ def register(sub: Any) -> None:
     get = csub.add_parser("get", help="print the config the unit runs (stdout) and its sha256 (stderr)")
     _connection_flags(get, 20.0)
     c.set_defaults(fn=cmd_config)
+    from customs_edge.cli import simfleet  # `customs-edge fleet simulate --units N`
+
+    simfleet.register(fsub)
     r = fsub.add_parser("risk-list", help="publish a risk list (retained, versioned) to every handheld")
     rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
     rp = rsub.add_parser("publish", help="validate FILE (JSON Lines, gzip or plain) and publish it retained")

@@ -118,7 +118,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.service import Hub, HubConfig
-    from customs_edge.hub.store import HubStore
+    from customs_edge.hub.storage import is_postgres, open_store
 
     if args.action == "verify":
         return evidence.cmd_verify(args.db, args.device, args.json)
@@ -127,7 +127,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
         return cmd_fleet(args.db, args.json)
     if args.action == "stats":
-        store = HubStore(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
+        store = open_store(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
         rows, refused = store.stats(), store.refused()
         if args.json:
             print(json.dumps({"devices": {r.device_id: asdict(r) for r in rows}, "refused_batches": refused}, indent=2))
@@ -150,6 +150,10 @@ def cmd_hub(args: argparse.Namespace) -> int:
                                    "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
                                    "tls_server_name": args.tls_server_name, "keys": args.keys}.items()
                  if v is not None}
+    if args.photos_dir is not None:
+        overrides["photos_dir"] = args.photos_dir
+    if args.db is not None and is_postgres(args.db):  # several workers share one PostgreSQL (docs/scale.md)
+        overrides["postgres"] = overrides.pop("db")
     if args.no_share:
         overrides["share_group"] = None
     if args.require_signatures:
@@ -261,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--keys", help="key registry: `DEVICE_ID ed25519:BASE64` lines (`customs-edge key CONFIG`);"
                                   " a registered device's batches must be signed by its key")
     h.add_argument("--require-signatures", action="store_true", help="refuse batches of unregistered devices too")
-    h.add_argument("--db", default=None, help="the hub's SQLite database")
+    h.add_argument("--db", default=None, help="the hub's SQLite database, or a postgresql://USER@HOST:PORT/DBNAME"
+                                              " URL (several hub workers share one PostgreSQL: docs/scale.md)")
+    h.add_argument("--photos-dir", help="evidence photos (default: the --db file's path + .photos)")
     h.add_argument("--host", help="broker host")
     h.add_argument("--port", type=int, help="broker port")
     h.add_argument("--share-group", help="MQTT shared-subscription group (several hubs share the load)")
