@@ -520,6 +520,34 @@ def leave_one_out(images_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     return {"labels": per, "mean_unseen_abstained": round(mean_unseen, 3)}
 
 
+GOLDEN_FILE = "golden.npz"
+
+
+def write_golden(kind: str, manifest_path: Path, seed: int = 0, per_class: int = 1) -> dict[str, Any]:
+    """The golden set of an image classifier: `per_class` held-out photographs per label (their own seeds),
+    preprocessed into the network's input as float16, in golden.npz beside the manifest with the true class
+    indices; matched by argmax; min_accuracy is what the model scores on them less 0.1."""
+    from customs_edge.models.runtime import manifest_text, sha256_file
+
+    clf = ImageClassifier.load(manifest_path)
+    images, truth = heldout(kind, seed + 7, per_class)
+    x = np.concatenate([preprocess(im, clf.spec.input) for im in images]).astype(np.float16)
+    y = np.array([clf.labels.index(t) for t in truth], dtype=np.int64)
+    logits = clf.model.predict({clf.spec.input.name: x.astype(np.float32)})[clf.spec.logits]
+    accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
+    path = manifest_path.parent / GOLDEN_FILE
+    arrays: dict[str, np.ndarray] = {f"input/{clf.spec.input.name}": x, f"expected/{clf.spec.logits}": y}
+    np.savez_compressed(path, allow_pickle=False, **arrays)
+    golden = {"match": "argmax", "file": GOLDEN_FILE, "sha256": sha256_file(path),
+              "min_accuracy": round(max(0.0, accuracy - 0.1), 3),
+              "source": f"simulators.specimens held-out seed {seed + 7}, {per_class} photograph(s) per label, "
+                        f"preprocessed (float16); the model scored {accuracy:.3f} when built"}
+    doc = json.loads(manifest_path.read_text())
+    doc["golden"] = golden
+    manifest_path.write_text(manifest_text(doc))
+    return {**golden, "expected": {clf.spec.logits: y.tolist()}}
+
+
 if __name__ == "__main__":
     import sys
 
