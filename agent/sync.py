@@ -468,7 +468,7 @@ class Sync:
             self.refusals.refuse("command_rate_limited", "command refused", reason=why)
             self.reply(CommandReply(id=cmd.id, ok=False, error=why))
             return
-        refused = self.seen_commands.check(cmd)
+        refused = self.seen_commands.check(cmd, record=cmd.cmd != "model_chunk")  # chunks are idempotent
         if refused is not None:
             if refused.startswith("replayed"):
                 self.stats.commands_replayed += 1

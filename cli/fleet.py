@@ -1,6 +1,7 @@
 """`customs-edge hub fleet [--db F] [--json]`: every unit the hub knows, from its database, read-only.
 `customs-edge fleet config push|get DEVICE` and `customs-edge cmd DEVICE NAME`: commands to one unit over
 the broker (core/wire.py Command), waiting for its answer (agent/remote_config.py for config_push).
+`customs-edge fleet model push|rollback|sign|keygen`: cli/fleet_model.py (docs/model-updates.md).
 
 One line per device, at most WIDTH columns: online/offline (the status the unit publishes, offline also
 by its last will), when the hub last heard from it, its backlog and the age of its oldest unsent record,
@@ -98,20 +99,25 @@ PASSWORD_ENV = "CUSTOMS_EDGE_MQTT_PASSWORD"
 SIMPLE_COMMANDS = ["ping", "status", "resend", "config_get", "capture"]
 
 
-def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> CommandReply:
-    """Publish one command to args.device and wait up to args.timeout s for its answer."""
+def operator_link(args: argparse.Namespace, client_id: str) -> MqttLink:
+    """A clean-session link to the broker of the --broker, --username ($CUSTOMS_EDGE_MQTT_PASSWORD) and TLS flags."""
     host, _, port = args.broker.rpartition(":")
     if not host or not port.isdigit():
         raise CustomsEdgeError(f"--broker {args.broker!r}: write it host:port, e.g. 127.0.0.1:1883")
     settings = BrokerSettings(username=args.username, password=os.environ.get(PASSWORD_ENV) or None,
                               tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               tls_server_name=args.tls_server_name)
+    return MqttLink(client_id, host, int(port), clean_session=True, **settings.credentials(),
+                    backoff_min_s=0.2, backoff_max_s=2.0)
+
+
+def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> CommandReply:
+    """Publish one command to args.device and wait up to args.timeout s for its answer."""
     now = time.time()
     command = Command(id=uuid.uuid4().hex, cmd=cmd, args=cmd_args or {}, ts=now,
                       expires=now + args.ttl)
     t_cmd = topic(args.prefix, args.device, "cmd")
-    link = MqttLink(f"ce-op-{command.id[:12]}", host, int(port), clean_session=True, **settings.credentials(),
-                    backoff_min_s=0.2, backoff_max_s=2.0)
+    link = operator_link(args, f"ce-op-{command.id[:12]}")
     deadline = time.monotonic() + args.timeout
     sent = False
     try:
@@ -249,6 +255,9 @@ def register(sub: Any) -> None:
     rp.add_argument("file", help="the risk list: a header line, then one entry per line (docs/handheld.md)")
     _connection_flags(rp, 30.0, device=False)
     r.set_defaults(fn=cmd_risk_list)
+    from customs_edge.cli.fleet_model import register_model
+
+    register_model(fsub)
     k = sub.add_parser("cmd", help="send a command to a unit and print its answer")
     _connection_flags(k, 20.0)
     k.add_argument("name", choices=SIMPLE_COMMANDS, help="the command")
