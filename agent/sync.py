@@ -32,7 +32,8 @@ Every batch is signed with the device key beside the outbox (`{outbox}.key`, cor
 batch id and its records' chain hashes; a resend is signed again, under the same batch id.
 Commands (core/wire.py Command) come on the cmd topic and are answered on cmd/reply. A retained one is
 ignored (a stale order left on the broker is no order); one over MAX_COMMAND_BYTES is refused unparsed;
-beyond `commands_burst` commands at `commands_per_s` they are refused (rate_limited), and a `resend` within
+beyond `commands_burst` commands at `commands_per_s` they are refused (rate_limited; model_chunk excepted:
+hundreds make one model update, each checked against its offered hash), and a `resend` within
 ack_timeout_s of the last one is refused too (each releases the whole window: 20 a second would multiply
 the traffic); a replayed or expired one is refused and counted (agent/commands.py).
 Every inbound message is bounded before it is parsed (core/inbound.py): an ack over MAX_ACK_BYTES, anything
@@ -145,6 +146,7 @@ class SyncStats:
     last_ack_mono: float = 0.0
 
 
+UNPACED_COMMANDS = frozenset({"model_chunk"})  # not counted against commands_per_s (see _on_command)
 COMMAND_COUNTERS = ("commands", "commands_refused", "commands_replayed", "commands_expired", "commands_retained",
                     "commands_rate_limited")
 
@@ -446,13 +448,6 @@ class Sync:
             self.refusals.refuse("command_too_large", "oversized command refused unread", reason=why)
             self.reply(CommandReply(id=None, ok=False, error=f"command too large: {why}"))
             return
-        if not self.command_bucket.take():
-            self.stats.commands_rate_limited += 1
-            why = (f"rate limited: at most {self.cfg.commands_burst} commands at once and"
-                   f" {self.cfg.commands_per_s:g}/s; send it again in {self.command_bucket.wait_s():.1f} s")
-            self.refusals.refuse("command_rate_limited", "command refused", reason=why)
-            self.reply(CommandReply(id=_command_id(msg.payload), ok=False, error=why))
-            return
         try:
             cmd = Command.model_validate_json(msg.payload)
         except ValidationError as exc:
@@ -460,6 +455,14 @@ class Sync:
             self.stats.commands_refused += 1
             self.refusals.refuse("command_malformed", "bad command refused", error=err)
             self.reply(CommandReply(id=_command_id(msg.payload), ok=False, error=f"bad command: {err[:1000]}"))
+            return
+        # model chunks come by the hundred, each checked against its offered hash: paced by the sender's window
+        if cmd.cmd not in UNPACED_COMMANDS and not self.command_bucket.take():
+            self.stats.commands_rate_limited += 1
+            why = (f"rate limited: at most {self.cfg.commands_burst} commands at once and"
+                   f" {self.cfg.commands_per_s:g}/s; send it again in {self.command_bucket.wait_s():.1f} s")
+            self.refusals.refuse("command_rate_limited", "command refused", reason=why)
+            self.reply(CommandReply(id=cmd.id, ok=False, error=why))
             return
         if cmd.cmd == "resend" and (ago := time.monotonic() - self._last_resend) < self.cfg.ack_timeout_s:
             self.stats.commands_rate_limited += 1

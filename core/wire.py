@@ -40,7 +40,9 @@ MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 
 # MAX_BATCH_BYTES so that the hub, not the broker, names what it refused.
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # a records message (a batch of 500 records of 12 kB is ~6 MB)
 MAX_ACK_BYTES = 1024 * 1024  # an ack names ranges of one batch: at most one per record
-MAX_COMMAND_BYTES = 256 * 1024  # a command; config_push carries a whole unit config (a few kB)
+# a command: the largest is a model_offer (agent/model_update.py: a manifest of up to 1 MiB and up to 65,536
+# chunk hashes, ~5.4 MB); a model_chunk is ~350 kB, a config_push a few kB
+MAX_COMMAND_BYTES = 6 * 1024 * 1024
 MAX_STATUS_BYTES = 64 * 1024  # a retained status (~2 kB)
 MAX_REPLY_BYTES = 1024 * 1024  # a command's reply (config_get carries a unit config; status ~2 kB)
 

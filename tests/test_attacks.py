@@ -173,7 +173,7 @@ def test_oversized_and_malformed_messages_on_every_topic_are_refused_without_har
     op = Client(mosquitto.port, None)
     garbage = {
         f"{PREFIX}/dev-m/ack": [b"x" * (2 * MB), deep, b"\xff\xfe", b'{"batch": 1, "ranges": "all"}'],
-        f"{PREFIX}/dev-m/cmd": [b"x" * (300 * 1024), deep, b"\xff\xfe"],
+        f"{PREFIX}/dev-m/cmd": [b"x" * (7 * MB), deep, b"\xff\xfe"],
         f"{PREFIX}/dev-x/records": [b"x" * (17 * MB), deep, records_msg("dev-y", "b", [rec(1)])],
         f"{PREFIX}/dev-x/status": [b"x" * (100 * 1024), deep],
         f"{PREFIX}/dev-x/health": [b"x" * (20 * 1024), deep],

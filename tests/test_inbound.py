@@ -4,6 +4,7 @@ quarantined, seq squatting refused, `status` reading counters only, batch ids un
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -22,7 +23,7 @@ from customs_edge.core.inbound import Refusals, TokenBucket
 from customs_edge.core.mqtt import Message
 from customs_edge.core.records import RecordIn
 from customs_edge.core.signing import DeviceKey
-from customs_edge.core.wire import MAX_BATCH_BYTES, SEQ_MAX, Ack, encode_batch
+from customs_edge.core.wire import MAX_BATCH_BYTES, MAX_COMMAND_BYTES, SEQ_MAX, Ack, encode_batch
 from customs_edge.hub.service import Hub, HubConfig
 from tests.fakes import FakeLink, MemOutbox
 from tests.fleet import rec, records_msg
@@ -53,6 +54,28 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
         return tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
+
+
+def command(cmd: str, cid: str, **args: Any) -> bytes:
+    return json.dumps({"id": cid, "cmd": cmd, "ts": time.time(), "args": args}).encode()
+
+
+def test_model_chunks_are_not_paced_by_the_command_rate(tmp_path: Path) -> None:
+    """A model update is hundreds of model_chunk commands: each is checked against its offered hash, so they
+    are not counted against commands_per_s (the others are)."""
+    seen: list[str] = []
+    ob, link = MemOutbox(), FakeLink()
+    sync = Sync("dev", ob, SyncConfig(), outbox_path=tmp_path / "o.db", link=link,
+                commands=lambda c: seen.append(c.cmd) or {"ok": 1})
+    sync.command_bucket = TokenBucket(1.0, 2, clock=Clock())
+    link.connect()
+    sync.step()
+    for i in range(50):
+        link.deliver(f"{PREFIX}/dev/cmd", command("model_chunk", f"c{i}", transfer="m@1", file="f", index=i))
+    for i in range(3):
+        link.deliver(f"{PREFIX}/dev/cmd", command("model_install", f"i{i}", transfer="m@1"))
+    sync.step()
+    assert seen == ["model_chunk"] * 50 + ["model_install"] * 2 and sync.stats.commands_rate_limited == 1
 
 
 def agent(tmp_path: Path, **cfg: Any) -> tuple[Sync, FakeLink, MemOutbox]:
@@ -94,18 +117,21 @@ def test_a_flood_of_10000_bad_commands_is_refused_counted_and_logs_a_few_lines(
     sync, link, _ = agent(tmp_path)
     sync.command_bucket = TokenBucket(1.0, 10, clock=Clock())  # time stands still: 10 tokens in all
     with caplog.at_level("WARNING"):
-        for i in range(10_000):
+        for i in range(5_000):
             link.deliver(f"{PREFIX}/dev/cmd", b'{"id": "%d", "cmd": "reboot"' % i)  # truncated JSON
+            link.deliver(f"{PREFIX}/dev/cmd", command("ping", f"p{i}"))  # well-formed, one too many
         link.deliver(f"{PREFIX}/dev/ack", b"\xff" * 10)
         link.deliver(f"{PREFIX}/dev/elsewhere", b"{}")  # a topic the unit never subscribed to
         sync.step()
-    assert sync.refusals.counts == {"command_malformed": 10, "command_rate_limited": 9990, "ack_malformed": 1,
+    assert sync.refusals.counts == {"command_malformed": 5000, "command_rate_limited": 4990, "ack_malformed": 1,
                                     "unexpected_topic": 1}
-    assert (sync.stats.commands_refused, sync.stats.commands_rate_limited, sync.stats.bad_messages) == (10, 9990, 1)
+    assert (sync.stats.commands_refused, sync.stats.commands_rate_limited, sync.stats.bad_messages) == (5000, 4990, 1)
+    assert sync.stats.commands == 10
     assert len(lines(caplog, "customs_edge.agent.sync")) == 4  # one per cause
     answered = replies(link)
-    assert len(answered) == 10_000 and not any(a["ok"] for a in answered)  # one answer each, never more
+    assert len(answered) == 10_000 and sum(a["ok"] for a in answered) == 10  # one answer each, never more
     assert answered[-1]["error"].startswith("rate limited: at most 10 commands at once and 1/s; send it again in")
+    assert answered[-1]["id"] == "p4999"
     assert sync.status()["sync"]["refused"] == sync.refusals.counts
 
 
@@ -134,7 +160,7 @@ def test_a_100_mb_command_is_refused_unread(tmp_path: Path) -> None:
     sync.step()
     (reply,) = replies(link)
     assert reply == {"id": None, "ok": False, "result": None, "outcome": None,
-                     "error": f"command too large: {len(big)} bytes, at most 262144"}
+                     "error": f"command too large: {len(big)} bytes, at most {MAX_COMMAND_BYTES}"}
     assert sync.refusals.counts == {"command_too_large": 1} and sync.stats.commands == 0
 
 
