@@ -11,7 +11,10 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 bin=/opt/customs-edge/.venv/bin
 mkdir -p /opt/customs-edge /etc/customs-edge
 python3 -m venv /opt/customs-edge/.venv
-"$bin/pip" install -q "$src"
+# Supply chain: every dependency (and the build backend) pinned with its hashes; pip refuses anything else.
+# The project itself from this checkout, without resolving anything from the index.
+"$bin/pip" install -q --require-hashes -r "$src/requirements.lock"
+"$bin/pip" install -q --no-deps --no-build-isolation "$src"
 for name in "$@"; do
   id -u customs-edge >/dev/null 2>&1 || useradd --system --home /var/lib/customs-edge --shell /usr/sbin/nologin customs-edge
   [ -f "/etc/customs-edge/$name.yaml" ] || install -m 0640 -g customs-edge "$src/configs/$name.yaml" "/etc/customs-edge/$name.yaml"
