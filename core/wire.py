@@ -35,6 +35,18 @@ Seq = Annotated[int, Field(ge=1, le=SEQ_MAX)]
 
 MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 64-px thumbnail) is ~12 kB
 
+# Message sizes. The broker refuses (disconnects) any MQTT packet over MAX_MESSAGE_BYTES: mosquitto's
+# `max_packet_size` in configs/broker/customs-edge.conf, the embedded broker's `max_packet_bytes`. The largest
+# legitimate messages, with the headroom that leaves:
+# - a records batch: the agent splits any batch whose encoding exceeds MAX_BATCH_BYTES (a default batch of
+#   500 records of ~400 B is ~200 kB; 1 MiB also holds 15 records at the 64 KiB payload cap);
+# - a config push: the YAML of a unit file, at most 1 MiB (agent/config.py MAX_FILE_BYTES), JSON-escaped in
+#   the command (newlines and quotes: a few % more for a real file);
+# - a model or photo sent in chunks of 256 KiB: ~342 KiB once base64-encoded, plus its envelope;
+# - health (MAX_HEALTH_BYTES), status, acks, replies: a few kB.
+MAX_BATCH_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 2 << 20
+
 
 class WireRecord(BaseModel):
     seq: Seq

@@ -41,7 +41,7 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
                                   " one per hub file, so two hubs on one host never take each other's session")
     db: Path = DEFAULT_DB
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    keepalive_s: int = 10
+    keepalive_s: int = Field(10, ge=2, le=600, description="at most the broker's max_keepalive (600 s shipped)")
     keys: Path | None = Field(None, description="key registry, `DEVICE_ID ed25519:BASE64` lines: a registered"
                               " device's batches must carry its valid signature (restart the hub after an edit)")
     require_signatures: bool = Field(False, description="refuse batches of devices the registry does not list")
