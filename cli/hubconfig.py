@@ -41,7 +41,7 @@ def load_hub_config(path: str | Path | None, overrides: dict[str, Any] | None = 
         except ConfigError as exc:
             if exc.problems and exc.problems[0].startswith("empty"):
                 raise ConfigError(source, ["empty: write at least `host:` and `port:` of the broker "
-                                           "(configs/hub.yaml is an example)"]) from exc
+                                           "(configs/hub/hub.yaml is an example)"]) from exc
             raise
         if not isinstance(data, dict):
             raise ConfigError(source, [f"top level must be a mapping of keys to values (got {echo(data)})"])

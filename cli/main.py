@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--keys", help="key registry: `DEVICE_ID ed25519:BASE64` lines (`customs-edge key CONFIG`);"
                                   " a registered device's batches must be signed by its key")
     h.add_argument("--require-signatures", action="store_true", help="refuse batches of unregistered devices too")
-    h.add_argument("--config", help="the hub's config file (configs/hub.yaml; `config schema`-style keys of "
+    h.add_argument("--config", help="the hub's config file (configs/hub/hub.yaml; `config schema`-style keys of "
                                     "HubConfig); options given here override it")
     h.add_argument("--check-config", action="store_true",
                    help="validate the config (file and options) and the files it names, then exit (0: ok)")

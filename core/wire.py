@@ -122,6 +122,27 @@ class Command(BaseModel):
         return self.expires if self.expires is not None else self.ts + COMMAND_TTL_S
 
 
+# A round trip to the hub (`customs-edge check`): the unit's identity publishes a HubPing on its own
+# `{device_id}/hub/ping` topic; a hub answers on `{device_id}/hub/pong` with its clock. The clock offset is
+# pong.ts - (the sender's time at sending + round trip / 2), at most half the round trip off.
+HUB_PING, HUB_PONG = "hub/ping", "hub/pong"
+MAX_PING_BYTES = 512
+
+
+class HubPing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+    id: str = Field(min_length=1, max_length=64)
+    ts: float = Field(allow_inf_nan=False)  # the sender's clock
+
+
+class HubPong(BaseModel):
+    v: Literal[1] = 1
+    id: str
+    ping_ts: float = Field(allow_inf_nan=False)  # the ping's ts, echoed
+    ts: float = Field(allow_inf_nan=False)  # the hub's clock when it answered
+
+
 class CommandReply(BaseModel):
     id: str | None
     ok: bool

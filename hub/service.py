@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, MqttLink, NotConnected, install_client_id
 from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
-from customs_edge.hub import intake
+from customs_edge.hub import intake, pings
 from customs_edge.hub.store import HubStore, Stored
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Hub:
         self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
         self.batches = 0
         self.ready = threading.Event()  # set once subscribed
+        self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
 
     def records_filter(self) -> str:
         f = f"{self.cfg.topic_prefix}/+/records"
@@ -93,6 +94,7 @@ class Hub:
                 self.link.subscribe(self.records_filter(), 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+                self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
                 self.ready.set()
                 log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
             elif isinstance(ev, Lost) and ev.was_connected:
@@ -115,7 +117,11 @@ class Hub:
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
+        pongs: list[Out] = []
         for t, payload in messages:
+            if self.pings.matches(t):
+                pongs += [Out(*answer) for answer in self.pings.answer(t, payload)]
+                continue
             if t.endswith("/status"):
                 self._status(t, payload)
                 continue
@@ -137,7 +143,7 @@ class Hub:
         if health:
             self._health(health)
         if not incoming and not refused:
-            return []
+            return pongs
         try:
             results = self.store.store(incoming, refused)
         except Exception:  # one batch the store refuses must not hold back the others: store one by one
@@ -152,7 +158,7 @@ class Hub:
             with contextlib.suppress(Exception):  # the counts of refused messages, in the store too if it can
                 self.store.store([], refused)
         self.refused.update(refused)
-        return [out for s in results for out in self._answer(s)]
+        return pongs + [out for s in results for out in self._answer(s)]
 
     def _answer(self, s: Stored) -> list[Out]:
         self.batches += 1

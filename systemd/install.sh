@@ -24,7 +24,7 @@ done
 if [ "$hub" = yes ]; then
   # the hub runs as a dynamic user: its config is world-readable and holds no secret; secrets go in
   # hub-credentials/ (root only), which the unit's LoadCredential= hands to the hub alone
-  [ -f /etc/customs-edge/hub.yaml ] || install -m 0644 "$src/configs/hub.yaml" /etc/customs-edge/hub.yaml
+  [ -f /etc/customs-edge/hub.yaml ] || install -m 0644 "$src/configs/hub/hub.yaml" /etc/customs-edge/hub.yaml
   install -d -m 0700 /etc/customs-edge/hub-credentials
   # the unit's ExecStartPre (`hub --config ... --check-config`) checks hub.yaml with the credentials in place
   install -m 0644 "$src/systemd/customs-edge-hub.service" /etc/systemd/system/

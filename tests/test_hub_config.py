@@ -22,7 +22,7 @@ def problems(path: Path, overrides: dict | None = None) -> list[str]:
 
 
 def test_the_shipped_hub_config_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = cli(capsys, "hub", "--config", str(ROOT / "configs" / "hub.yaml"),
+    code, out, err = cli(capsys, "hub", "--config", str(ROOT / "configs" / "hub" / "hub.yaml"),
                          "--db", str(tmp_path / "hub.db"), "--check-config")
     assert code == 0, err
     assert "ok (broker 127.0.0.1:1883" in out
@@ -89,7 +89,7 @@ def test_secrets_come_from_credential_files_and_are_never_echoed(tmp_path: Path,
 def test_empty_and_broken_files_are_named(tmp_path: Path) -> None:
     f = tmp_path / "hub.yaml"
     f.write_text("")
-    assert "configs/hub.yaml is an example" in problems(f)[0]
+    assert "configs/hub/hub.yaml is an example" in problems(f)[0]
     f.write_text("port: [1883\n")
     assert problems(f)[0].startswith("not valid YAML")
     assert "cannot read" in problems(tmp_path / "missing.yaml")[0]
