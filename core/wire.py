@@ -36,16 +36,17 @@ Seq = Annotated[int, Field(ge=1, le=SEQ_MAX)]
 MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 64-px thumbnail) is ~12 kB
 
 # Message sizes. The broker refuses (disconnects) any MQTT packet over MAX_MESSAGE_BYTES: mosquitto's
-# `max_packet_size` in configs/broker/customs-edge.conf, the embedded broker's `max_packet_bytes`. The largest
-# legitimate messages, with the headroom that leaves:
+# `max_packet_size` in configs/broker/customs-edge.conf, the embedded broker's `max_packet_bytes`. It is set by
+# the largest legitimate message, an evidence photo sent whole (hub/photos.py MAX_PHOTO_BYTES, 16 MiB, plus its
+# header line of at most 1 KiB and the topic; a handheld's photos are 100 kB-2 MB). The others, well below:
 # - a records batch: the agent splits any batch whose encoding exceeds MAX_BATCH_BYTES (a default batch of
-#   500 records of ~400 B is ~200 kB; 1 MiB also holds 15 records at the 64 KiB payload cap);
-# - a config push: the YAML of a unit file, at most 1 MiB (agent/config.py MAX_FILE_BYTES), JSON-escaped in
-#   the command (newlines and quotes: a few % more for a real file);
-# - a model or photo sent in chunks of 256 KiB: ~342 KiB once base64-encoded, plus its envelope;
-# - health (MAX_HEALTH_BYTES), status, acks, replies: a few kB.
+#   500 records of ~400 B is ~200 kB; 1 MiB also holds 15 records at the 64 KiB payload cap), which also
+#   bounds what the hub holds per message;
+# - a config push: the YAML of a unit file, at most 1 MiB (agent/config.py MAX_FILE_BYTES), JSON-escaped;
+# - a risk list (gzip JSON Lines, retained): must fit too; a larger one is split (agent/risklist.py);
+# - health (MAX_HEALTH_BYTES), status, acks, replies, pings: a few kB.
 MAX_BATCH_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 2 << 20
+MAX_MESSAGE_BYTES = (16 << 20) + (64 << 10)
 
 
 class WireRecord(BaseModel):
@@ -113,7 +114,8 @@ class Command(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm"]  # confirm: the app (App.command)
+    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py)
+    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect"]
     ts: float = Field(allow_inf_nan=False)
     expires: float | None = Field(None, allow_inf_nan=False)
     args: dict[str, Any] = Field(default_factory=dict)

@@ -18,7 +18,7 @@
   other abnormal end: socket closed, protocol error, take-over by the same client id, dropped).
 - username/password are accepted and ignored. Listens on 127.0.0.1 unless told otherwise.
 - Limits, as mosquitto with configs/broker/customs-edge.conf (defaults in brackets, each a keyword argument):
-  a packet over `max_packet_bytes` [2 MiB, core/wire.py MAX_MESSAGE_BYTES; mosquitto `max_packet_size`]
+  a packet over `max_packet_bytes` [16 MiB + 64 KiB, core/wire.py MAX_MESSAGE_BYTES; mosquitto `max_packet_size`]
   disconnects its sender; a string that is not valid MQTT UTF-8 (invalid UTF-8, U+0000, control characters
   U+0001-U+001F and U+007F-U+009F, non-characters: mosquitto's `mosquitto_validate_utf8`) anywhere in a packet,
   and a PUBLISH topic with a wildcard or more than 200 levels, disconnect it too; a CONNECT asking for

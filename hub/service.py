@@ -23,6 +23,7 @@ from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, Mqt
 from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
 from customs_edge.hub import intake, pings
+from customs_edge.hub.photos import PhotoArchive
 from customs_edge.hub.store import HubStore, Stored
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Hub:
         self.cfg = cfg
         self.keys = load_registry(cfg.keys) if cfg.keys else {}
         self.store = HubStore(cfg.db, cfg.synchronous)
+        self.photos = PhotoArchive(Path(f"{cfg.db}.photos"))  # evidence photos by sha256 (hub/photos.py)
         client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
         self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
                              **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
@@ -95,6 +97,7 @@ class Hub:
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
                 self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
+                self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
                 self.ready.set()
                 log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
             elif isinstance(ev, Lost) and ev.was_connected:
@@ -117,16 +120,20 @@ class Hub:
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
-        pongs: list[Out] = []
+        out: list[Out] = []  # photo acks and ping answers
         for t, payload in messages:
             if self.pings.matches(t):
-                pongs += [Out(*answer) for answer in self.pings.answer(t, payload)]
+                out += [Out(*answer) for answer in self.pings.answer(t, payload)]
                 continue
             if t.endswith("/status"):
                 self._status(t, payload)
                 continue
             if t.endswith("/health"):
                 health.append((t, payload))
+                continue
+            if t.endswith("/photos"):
+                ack = self.photos.handle(t, payload)
+                out += [Out(ack.topic, ack.payload)] if ack else []
                 continue
             try:
                 b = intake.parse(t, payload, self.keys, self.cfg.require_signatures)
@@ -143,7 +150,7 @@ class Hub:
         if health:
             self._health(health)
         if not incoming and not refused:
-            return pongs
+            return out
         try:
             results = self.store.store(incoming, refused)
         except Exception:  # one batch the store refuses must not hold back the others: store one by one
@@ -158,7 +165,7 @@ class Hub:
             with contextlib.suppress(Exception):  # the counts of refused messages, in the store too if it can
                 self.store.store([], refused)
         self.refused.update(refused)
-        return pongs + [out for s in results for out in self._answer(s)]
+        return out + [o for s in results for o in self._answer(s)]
 
     def _answer(self, s: Stored) -> list[Out]:
         self.batches += 1
@@ -207,11 +214,16 @@ class Hub:
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]
         state: str
+        unit_type = site = None
         try:
-            state = Status.model_validate_json(payload).state
+            st = Status.model_validate_json(payload)
+            state = st.state
+            extra = st.model_extra or {}
+            unit_type, site = (v if isinstance(v, str) and len(v) <= 64 else None
+                               for v in (extra.get("type"), extra.get("site")))
         except ValidationError:  # anything on a status topic, even a retained one, is only informational
             state = "?"
-        self.store.set_status(device_id, state)
+        self.store.set_status(device_id, state, unit_type, site)
 
 
 def _seqs(ranges: list[tuple[int, int]], most: int = 10) -> str:

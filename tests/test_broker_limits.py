@@ -90,3 +90,10 @@ def test_the_agent_splits_a_batch_over_the_limit_and_every_part_is_acked(tmp_pat
         hub_ack(link, p, [(min(seqs(p)), max(seqs(p)))])
     sync.step()
     assert ob.records == {}
+
+
+def test_the_limit_holds_the_largest_legitimate_message_a_whole_photo() -> None:
+    from customs_edge.hub.photos import HEADER_MAX, MAX_PHOTO_BYTES
+
+    topic = len("customs-edge/v1/") + 64 + len("/photos")  # the longest device id
+    assert MAX_PHOTO_BYTES + HEADER_MAX + topic + 16 <= MAX_MESSAGE_BYTES  # 16: fixed header, lengths, packet id
