@@ -426,7 +426,7 @@ class Sync:
             self.stats.commands_refused += 1
             self.reply(CommandReply(id=_command_id(msg.payload), ok=False, error=f"bad command: {err}"))
             return
-        refused = self.seen_commands.check(cmd)
+        refused = self.seen_commands.check(cmd, record=cmd.cmd != "model_chunk")  # chunks are idempotent
         if refused is not None:
             if refused.startswith("replayed"):
                 self.stats.commands_replayed += 1

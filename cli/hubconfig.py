@@ -26,7 +26,7 @@ CREDENTIALS_VAR = "CREDENTIALS_DIRECTORY"
 _VAR = re.compile(r"\$\{?CREDENTIALS_DIRECTORY\}?")
 # keys whose value is a file the hub reads at start (must exist and be readable)
 READ_FILES = ("keys", "tls_ca", "tls_cert", "tls_key", "password_file")
-PATH_KEYS = (*READ_FILES, "db")
+PATH_KEYS = (*READ_FILES, "db", "photos_dir")
 
 
 def load_hub_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> HubConfig:
@@ -86,8 +86,11 @@ def load_hub_config(path: str | Path | None, overrides: dict[str, Any] | None = 
         elif not os.access(value, os.R_OK):
             problems.append(where(f"{key}: {shown}: not readable by this user: under systemd, load it with "
                                   "LoadCredential= (the hub runs as a dynamic user)"))
+    if cfg.photos_dir is not None and not (cfg.photos_dir.is_dir() or cfg.photos_dir.parent.is_dir()):
+        problems.append(_where("photos_dir", overrides, positions)(
+            f"photos_dir: {cfg.photos_dir}: neither it nor its parent directory exists: create it"))
     parent = cfg.db.parent
-    if not parent.is_dir():
+    if cfg.postgres is None and not parent.is_dir():
         problems.append(_where("db", overrides, positions)(
             f"db: {cfg.db}: the directory {parent} does not exist: create it, or point db into an existing one "
             "(the unit's is /var/lib/customs-edge-hub, made by StateDirectory=)"))

@@ -116,7 +116,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.service import Hub
-    from customs_edge.hub.store import HubStore
+    from customs_edge.hub.storage import is_postgres, open_store
 
     if args.action == "verify":
         return evidence.cmd_verify(args.db, args.device, args.json)
@@ -125,7 +125,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
         return cmd_fleet(args.db, args.json)
     if args.action == "stats":
-        store = HubStore(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
+        store = open_store(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
         rows, refused = store.stats(), store.refused()
         if args.json:
             print(json.dumps({"devices": {r.device_id: asdict(r) for r in rows}, "refused_batches": refused}, indent=2))
@@ -148,6 +148,10 @@ def cmd_hub(args: argparse.Namespace) -> int:
                                    "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
                                    "tls_server_name": args.tls_server_name, "keys": args.keys}.items()
                  if v is not None}
+    if args.photos_dir is not None:
+        overrides["photos_dir"] = args.photos_dir
+    if args.db is not None and is_postgres(args.db):  # several workers share one PostgreSQL (docs/scale.md)
+        overrides["postgres"] = overrides.pop("db")
     if args.no_share:
         overrides["share_group"] = None
     if args.require_signatures:
@@ -156,7 +160,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
     cfg = load_hub_config(args.config, overrides)  # the file, then the flags on top; every problem at once
     if args.check_config:
-        print(f"{args.config or 'options'}: ok (broker {cfg.host}:{cfg.port}, db {cfg.db}"
+        where = "PostgreSQL" if cfg.postgres else f"db {cfg.db}"  # a URL may hold a password: not shown
+        print(f"{args.config or 'options'}: ok (broker {cfg.host}:{cfg.port}, {where}"
               f"{', TLS' if cfg.tls() else ''}{', keys ' + str(cfg.keys) if cfg.keys else ''})")
         return 0
     hub = Hub(cfg)
@@ -173,7 +178,9 @@ def _hub_db_from(config: str | None) -> str | None:
     from customs_edge.agent.config import read_yaml
 
     raw = read_yaml(Path(config))
-    return str(raw["db"]) if isinstance(raw, dict) and raw.get("db") else None
+    if not isinstance(raw, dict):
+        return None
+    return str(raw.get("postgres") or raw.get("db") or "") or None
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -275,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "HubConfig); options given here override it")
     h.add_argument("--check-config", action="store_true",
                    help="validate the config (file and options) and the files it names, then exit (0: ok)")
-    h.add_argument("--db", default=None, help="the hub's SQLite database")
+    h.add_argument("--db", default=None, help="the hub's SQLite database, or a postgresql://USER@HOST:PORT/DBNAME"
+                                              " URL (several hub workers share one PostgreSQL: docs/scale.md)")
+    h.add_argument("--photos-dir", help="evidence photos (default: the --db file's path + .photos)")
     h.add_argument("--host", help="broker host")
     h.add_argument("--port", type=int, help="broker port")
     h.add_argument("--share-group", help="MQTT shared-subscription group (several hubs share the load)")

@@ -104,6 +104,7 @@ class Status(BaseModel):
     ts: float | None  # None in the will, which is written at connect time
 
 
+MODEL_CHUNK_BYTES = 256 * 1024  # a model_chunk command's data at most (base64 in the JSON: ~350 kB a message)
 COMMAND_TTL_S = 300.0  # a command's default life: one still queued for an offline unit after this is refused
 
 
@@ -114,8 +115,10 @@ class Command(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py)
-    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect"]
+    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py); model_*:
+    # agent/model_update.py
+    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect",
+                 "model_offer", "model_chunk", "model_install", "model_rollback"]
     ts: float = Field(allow_inf_nan=False)
     expires: float | None = Field(None, allow_inf_nan=False)
     args: dict[str, Any] = Field(default_factory=dict)
@@ -215,6 +218,7 @@ class Health(BaseModel):
 
     v: Literal[1] = 1
     device_id: str
+    device_type: str | None = None  # the unit's `type` (older agents: none); `fleet model push --type` uses it
     ts: float = Field(allow_inf_nan=False)  # the unit's clock
     agent_version: str
     uptime_s: float = Field(ge=0, allow_inf_nan=False)  # of the agent process

@@ -1,7 +1,11 @@
 """The hub service: subscribe (shared), store, then ack. One thread, an explicit loop.
 
 Several hubs may run against one broker: they join the same shared-subscription group, and the broker
-hands each records message to one of them. Each hub acks only what it stored itself. Status and health
+hands each records message to one of them. Each hub acks only what it stored itself. With `postgres` the
+workers store into one PostgreSQL (hub/store_pg.py) and, by default, hold clean sessions: mosquitto keeps
+handing a share of the group's messages to a persistent session whose worker died, where they wait unseen
+until it returns; with clean sessions a dead worker's share goes to the live ones, and whatever it had
+received but not acked is resent by its agents after their ack timeout. Status and health
 messages are subscribed plainly (every hub keeps them); a health message that is not a valid Health of the
 device its topic names is counted (`health_refused`, and per device in the store) and ignored.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -24,6 +29,7 @@ from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
 from customs_edge.hub import intake, pings
 from customs_edge.hub.photos import PhotoArchive
+from customs_edge.hub.storage import HubStorage, open_store
 from customs_edge.hub.store import HubStore, Stored
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,14 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
     client_id: str | None = Field(None, description="default ce-hub-{host}-{hash of machine id and db path}:"
                                   " one per hub file, so two hubs on one host never take each other's session")
     db: Path = DEFAULT_DB
+    postgres: str | None = Field(None, description="PostgreSQL URL (postgresql://USER@HOST:PORT/DBNAME): store"
+                                 " there instead of the SQLite file `db`; several hub workers may share it"
+                                 " (hub/store_pg.py, docs/scale.md)")
+    photos_dir: Path | None = Field(None, description="evidence photos; default {db}.photos. Workers on one"
+                                    " PostgreSQL: a directory they all reach")
+    clean_session: bool | None = Field(None, description="default: persistent with SQLite (one hub: the broker"
+                                       " queues for it while it restarts), clean with PostgreSQL (workers in a"
+                                       " share group: the broker then hands messages only to live workers)")
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     keepalive_s: int = Field(10, ge=2, le=600, description="at most the broker's max_keepalive (600 s shipped)")
     keys: Path | None = Field(None, description="key registry, `DEVICE_ID ed25519:BASE64` lines: a registered"
@@ -60,10 +74,14 @@ class Hub:
     def __init__(self, cfg: HubConfig) -> None:
         self.cfg = cfg
         self.keys = load_registry(cfg.keys) if cfg.keys else {}
-        self.store = HubStore(cfg.db, cfg.synchronous)
-        self.photos = PhotoArchive(Path(f"{cfg.db}.photos"))  # evidence photos by sha256 (hub/photos.py)
-        client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
-        self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
+        self.store: HubStorage = open_store(cfg.postgres, postgres=True) if cfg.postgres else \
+            HubStore(cfg.db, cfg.synchronous)
+        # evidence photos by sha256 (hub/photos.py)
+        self.photos = PhotoArchive(cfg.photos_dir or Path(f"{cfg.db}.photos"))
+        clean = bool(cfg.postgres) if cfg.clean_session is None else cfg.clean_session
+        client_id = cfg.client_id or (f"ce-hub-{socket.gethostname()}-{os.getpid()}" if cfg.postgres else
+                                      install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db))
+        self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=clean,
                              **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
         self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
         self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
