@@ -27,7 +27,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, MqttLink, NotConnected, install_client_id
 from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
-from customs_edge.hub import intake
+from customs_edge.hub import intake, pings
 from customs_edge.hub.photos import PhotoArchive
 from customs_edge.hub.storage import HubStorage, open_store
 from customs_edge.hub.store import HubStore, Stored
@@ -56,7 +56,7 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
                                        " queues for it while it restarts), clean with PostgreSQL (workers in a"
                                        " share group: the broker then hands messages only to live workers)")
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    keepalive_s: int = 10
+    keepalive_s: int = Field(10, ge=2, le=600, description="at most the broker's max_keepalive (600 s shipped)")
     keys: Path | None = Field(None, description="key registry, `DEVICE_ID ed25519:BASE64` lines: a registered"
                               " device's batches must carry its valid signature (restart the hub after an edit)")
     require_signatures: bool = Field(False, description="refuse batches of devices the registry does not list")
@@ -87,6 +87,7 @@ class Hub:
         self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
         self.batches = 0
         self.ready = threading.Event()  # set once subscribed
+        self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
 
     def records_filter(self) -> str:
         f = f"{self.cfg.topic_prefix}/+/records"
@@ -113,6 +114,7 @@ class Hub:
                 self.link.subscribe(self.records_filter(), 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+                self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
                 self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
                 self.ready.set()
                 log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
@@ -136,8 +138,11 @@ class Hub:
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
-        out: list[Out] = []  # photo acks
+        out: list[Out] = []  # photo acks and ping answers
         for t, payload in messages:
+            if self.pings.matches(t):
+                out += [Out(*answer) for answer in self.pings.answer(t, payload)]
+                continue
             if t.endswith("/status"):
                 self._status(t, payload)
                 continue
