@@ -320,7 +320,7 @@ class Sync:
     def _send(self, records: list[Pending], attempt: int = 0) -> bool:
         batch_id = f"{self._boot}-{next(self._ids)}"
         payload = encode_batch(self.device_id, batch_id, records, self.key)
-        if len(payload) > MAX_BATCH_BYTES and len(records) > 1:  # the hub would refuse it unread: halves
+        if len(payload) > MAX_BATCH_BYTES and len(records) > 1:  # the broker disconnects oversized packets
             half = len(records) // 2
             return self._send(records[:half], attempt) and self._send(records[half:], attempt)
         try:

@@ -249,6 +249,8 @@ class BrokerSettings(BaseModel):
 
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the broker password (first line), e.g. a "
+                                       "systemd credential: keeps it out of the config and argv; not with password")
     tls_ca: Path | None = Field(None, description="CA certificate (PEM) the broker's certificate is checked "
                                 "against; setting it (or tls_cert) turns TLS on")
     tls_cert: Path | None = Field(None, description="this client's certificate (PEM); with tls_key")
@@ -260,6 +262,8 @@ class BrokerSettings(BaseModel):
     def _cert_and_key(self) -> BrokerSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both (client certificate) or neither")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file: set one of them (password_file keeps it out of the file)")
         return self
 
     def tls(self) -> Tls | None:
@@ -269,8 +273,10 @@ class BrokerSettings(BaseModel):
 
     def credentials(self) -> dict[str, Any]:
         """MqttLink's username, password and tls arguments."""
-        return {"username": self.username, "tls": self.tls(),
-                "password": self.password.get_secret_value() if self.password else None}
+        password = self.password.get_secret_value() if self.password else None
+        if self.password_file is not None:  # read at connect time: a rotated credential is picked up on restart
+            password = self.password_file.read_text().splitlines()[0] if self.password_file.stat().st_size else ""
+        return {"username": self.username, "tls": self.tls(), "password": password}
 
 
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))

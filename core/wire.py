@@ -35,13 +35,23 @@ Seq = Annotated[int, Field(ge=1, le=SEQ_MAX)]
 
 MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 64-px thumbnail) is ~12 kB
 
-# Whole messages, checked on the raw bytes before parsing (core/inbound.py). A sender keeps below them: the
-# agent splits a batch that would encode larger (agent/sync.py); the broker's message_size_limit is set above
-# MAX_BATCH_BYTES so that the hub, not the broker, names what it refused.
-MAX_BATCH_BYTES = 16 * 1024 * 1024  # a records message (a batch of 500 records of 12 kB is ~6 MB)
+# Message sizes. The broker refuses (disconnects) any MQTT packet over MAX_MESSAGE_BYTES: mosquitto's
+# `max_packet_size` in configs/broker/customs-edge.conf, the embedded broker's `max_packet_bytes`. It is set by
+# the largest legitimate message, an evidence photo sent whole (hub/photos.py MAX_PHOTO_BYTES, 16 MiB, plus its
+# header line of at most 1 KiB and the topic; a handheld's photos are 100 kB-2 MB). The others, well below:
+# - a records batch: the agent splits any batch whose encoding exceeds MAX_BATCH_BYTES (a default batch of
+#   500 records of ~400 B is ~200 kB; 1 MiB also holds 15 records at the 64 KiB payload cap), which also
+#   bounds what the hub holds per message;
+# - a config push: the YAML of a unit file, at most 1 MiB (agent/config.py MAX_FILE_BYTES), JSON-escaped;
+# - a risk list (gzip JSON Lines, retained): must fit too; a larger one is split (agent/risklist.py);
+# - health (MAX_HEALTH_BYTES), status, acks, replies, pings: a few kB.
+MAX_BATCH_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = (16 << 20) + (64 << 10)
+# Checked on the raw bytes before parsing by whoever receives them (core/inbound.py); a records message is
+# refused by the hub only over MAX_MESSAGE_BYTES (older agents did not split at MAX_BATCH_BYTES).
 MAX_ACK_BYTES = 1024 * 1024  # an ack names ranges of one batch: at most one per record
 # a command: the largest is a model_offer (agent/model_update.py: a manifest of up to 1 MiB and up to 65,536
-# chunk hashes, ~5.4 MB); a model_chunk is ~350 kB, a config_push a few kB
+# chunk hashes, ~5.4 MB); a model_chunk is ~350 kB, a config_push at most ~1 MiB
 MAX_COMMAND_BYTES = 6 * 1024 * 1024
 MAX_STATUS_BYTES = 64 * 1024  # a retained status (~2 kB)
 MAX_REPLY_BYTES = 1024 * 1024  # a command's reply (config_get carries a unit config; status ~2 kB)
@@ -123,6 +133,27 @@ class Command(BaseModel):
 
     def deadline(self) -> float:
         return self.expires if self.expires is not None else self.ts + COMMAND_TTL_S
+
+
+# A round trip to the hub (`customs-edge check`): the unit's identity publishes a HubPing on its own
+# `{device_id}/hub/ping` topic; a hub answers on `{device_id}/hub/pong` with its clock. The clock offset is
+# pong.ts - (the sender's time at sending + round trip / 2), at most half the round trip off.
+HUB_PING, HUB_PONG = "hub/ping", "hub/pong"
+MAX_PING_BYTES = 512
+
+
+class HubPing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+    id: str = Field(min_length=1, max_length=64)
+    ts: float = Field(allow_inf_nan=False)  # the sender's clock
+
+
+class HubPong(BaseModel):
+    v: Literal[1] = 1
+    id: str
+    ping_ts: float = Field(allow_inf_nan=False)  # the ping's ts, echoed
+    ts: float = Field(allow_inf_nan=False)  # the hub's clock when it answered
 
 
 class CommandReply(BaseModel):

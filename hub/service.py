@@ -10,7 +10,7 @@ messages are subscribed plainly (every hub keeps them); a health message that is
 device its topic names is counted (`health_refused`, and per device in the store) and ignored.
 
 Inbound bounds (core/inbound.py): each message's size is checked on its raw bytes before it is parsed
-(records MAX_BATCH_BYTES, status MAX_STATUS_BYTES, health MAX_HEALTH_BYTES); a message on any topic other
+(records MAX_MESSAGE_BYTES, status MAX_STATUS_BYTES, health MAX_HEALTH_BYTES); a message on any topic other
 than `{prefix}/{device}/records|status|health|photos` is refused as `unexpected_topic`. Refusals are counted per
 cause (`refused`, also in the store) and logged at most once a minute per cause: a flood never fills the
 journal. The hub subscribes to no replies or commands: those topics are operators'.
@@ -50,7 +50,7 @@ from customs_edge.core.mqtt import (
 )
 from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, MAX_STATUS_BYTES, Ack, Alert, Health, Status, ranges_of, topic
-from customs_edge.hub import intake
+from customs_edge.hub import intake, pings
 from customs_edge.hub.photos import HEADER_MAX, MAX_PHOTO_BYTES, PhotoArchive
 from customs_edge.hub.storage import HubStorage, open_store
 from customs_edge.hub.store import MAX_SEQ_JUMP, HubStore, Stored
@@ -79,7 +79,7 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
                                        " queues for it while it restarts), clean with PostgreSQL (workers in a"
                                        " share group: the broker then hands messages only to live workers)")
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    keepalive_s: int = 10
+    keepalive_s: int = Field(10, ge=2, le=600, description="at most the broker's max_keepalive (600 s shipped)")
     keys: Path | None = Field(None, description="key registry, `DEVICE_ID ed25519:BASE64` lines: a registered"
                               " device's batches must carry its valid signature (restart the hub after an edit)")
     require_signatures: bool = Field(False, description="refuse batches of devices the registry does not list")
@@ -116,6 +116,7 @@ class Hub:
         self.refusals = Refusals(log)  # every inbound refusal by cause, logged at most once a minute per cause
         self._pending: list[tuple[str, bytes]] = []  # arrived while the worker stored the previous burst
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
+        self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
 
     def records_filter(self) -> str:
         f = f"{self.cfg.topic_prefix}/+/records"
@@ -147,6 +148,7 @@ class Hub:
             self.link.subscribe(self.records_filter(), 1)
             self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
             self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+            self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
             self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
             self.ready.set()
             log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
@@ -185,8 +187,11 @@ class Hub:
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
         prefix = self.cfg.topic_prefix + "/"
-        out: list[Out] = []  # photo acks
+        out: list[Out] = []  # photo acks and ping answers
         for t, payload in messages:
+            if self.pings.matches(t):  # bounded and paced by hub/pings.py itself
+                out += [Out(*answer) for answer in self.pings.answer(t, payload)]
+                continue
             parts = t[len(prefix):].split("/") if t.startswith(prefix) else []
             kind = parts[1] if len(parts) == 2 and parts[0] else None
             if kind == "status":

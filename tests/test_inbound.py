@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-import customs_edge.agent.sync as sync_module
 from customs_edge.agent.config import SyncConfig
 from customs_edge.agent.outbox import SqliteOutbox
 from customs_edge.agent.sync import Sync
@@ -23,7 +22,7 @@ from customs_edge.core.inbound import Refusals, TokenBucket
 from customs_edge.core.mqtt import Message
 from customs_edge.core.records import RecordIn
 from customs_edge.core.signing import DeviceKey
-from customs_edge.core.wire import MAX_BATCH_BYTES, MAX_COMMAND_BYTES, SEQ_MAX, Ack, encode_batch
+from customs_edge.core.wire import MAX_COMMAND_BYTES, SEQ_MAX, Ack, encode_batch
 from customs_edge.hub.service import Hub, HubConfig
 from tests.fakes import FakeLink, MemOutbox
 from tests.fleet import rec, records_msg
@@ -179,20 +178,6 @@ def test_a_100_mb_batch_is_refused_unread_at_the_hub(tmp_path: Path) -> None:
     assert used < MB, f"{used} bytes allocated handling a 100 MB batch"
     assert out == [] and hub.refused == {"too_large": 1} and hub.store.refused() == {"too_large": 1}
     hub.store.close()
-
-
-def test_a_batch_that_would_encode_over_the_hubs_limit_is_split(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sync_module, "MAX_BATCH_BYTES", 20_000)
-    ob, link = MemOutbox(), FakeLink()
-    ob.put([RecordIn(type="t", payload={"pad": "x" * 3000}) for _ in range(40)])
-    sync = Sync("dev", ob, SyncConfig(batch_max_records=40), outbox_path=tmp_path / "o.db", link=link)
-    link.connect()
-    sync.step()
-    sent = link.batches()
-    assert all(len(p.payload) <= 20_000 for p in sent) and len(sent) > 1
-    assert sorted(r["seq"] for p in sent for r in p.json()["records"]) == list(range(1, 41))
-    assert MAX_BATCH_BYTES >= 16 * MB  # a real batch of 500 thumbnails (12 kB) fits unsplit
 
 
 def test_batch_ids_are_unguessable(tmp_path: Path) -> None:
