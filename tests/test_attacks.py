@@ -88,9 +88,9 @@ def test_20_resends_a_second_do_not_amplify_traffic(tmp_path: Path, mosquitto: M
 
 
 def test_the_hub_keeps_its_link_alive_during_a_long_store(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    """keepalive 1 s: a store that blocks the hub's thread for 1.5 s used to cost it its connection (and all
+    """keepalive 2 s: a store that blocks the hub's thread for 3 s used to cost it its connection (and all
     the while nothing was read). The store now runs in a worker while the link pings and reads."""
-    hub = HubThread(mosquitto.port, tmp_path / "hub.db", keepalive_s=1).start()
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db", keepalive_s=2).start()
     pongs: list[str] = []
     client = hub.hub.link._client
     assert client is not None
@@ -151,9 +151,10 @@ def test_what_the_hub_reads_during_a_store_is_bounded(tmp_path: Path, mosquitto:
         op.sub(f"{PREFIX}/+/ack")
         op.pub(f"{PREFIX}/dev-s/records", records_msg("dev-s", "b1", [rec(1)]))
         wait_for(inside.is_set, 15, "the store to begin")
-        for s in (2, 3, 4):
+        op.pub(f"{PREFIX}/dev-s/records", records_msg("dev-s", "b2", [rec(2)]))
+        wait_for(lambda: hub.hub._pending, 15, "a message read during the store (past the bound: 1 byte)")
+        for s in (3, 4):  # the broker has them (PUBACKed) and hands them on: the hub must not read them now
             op.pub(f"{PREFIX}/dev-s/records", records_msg("dev-s", f"b{s}", [rec(s)]))
-        wait_for(lambda: hub.hub._pending, 15, "the first message read during the store")
         seen = steps[0]
         wait_for(lambda: steps[0] >= seen + 8, 15, "8 more steps of the hub's link")  # each could have read
         assert len(hub.hub._pending) == 1
