@@ -59,6 +59,9 @@ class SyncConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_ce
     connect_timeout_s: float = Field(5.0, gt=0)
     backoff_min_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
+    commands_per_s: float = Field(1.0, gt=0, description="commands a unit runs per second, on average; more are"
+                                  " refused (and answered so), counted")
+    commands_burst: int = Field(10, ge=1, description="commands a unit runs in a burst before commands_per_s applies")
 
 
 class ModelUpdatesConfig(BaseModel):

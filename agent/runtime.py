@@ -37,6 +37,7 @@ from customs_edge.agent.outbox import Outbox, SqliteOutbox
 from customs_edge.agent.sync import Sync
 from customs_edge.core.errors import DriverFault, ModelError
 from customs_edge.core.jsonfast import dumps
+from customs_edge.core.logs import redact
 from customs_edge.core.mqtt import Backoff
 from customs_edge.core.outputs import Output
 from customs_edge.core.readings import Image, Reading, ThermalFrame
@@ -142,7 +143,7 @@ class DriverThread(threading.Thread):
                             self.on_change()
                         self.out.put(reading)
             except DriverFault as exc:
-                self.last_error = str(exc)
+                self.last_error = redact(str(exc))  # goes into a config_push reply: no camera URL's user:pass@
                 delay = self.backoff.next()
                 if self.down_since is None:
                     self.down_since = time.monotonic()

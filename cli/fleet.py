@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from customs_edge.core import logs
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.mqtt import BrokerSettings, Message, MqttLink, NotConnected, PubAck
-from customs_edge.core.wire import COMMAND_TTL_S, Command, CommandReply, Health, topic
+from customs_edge.core.wire import COMMAND_TTL_S, MAX_REPLY_BYTES, Command, CommandReply, Health, topic
 from customs_edge.hub.storage import open_store
 from customs_edge.hub.store import FleetRow
 
@@ -123,7 +123,7 @@ def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | 
     try:
         while time.monotonic() < deadline:
             for ev in link.step(0.2):
-                if isinstance(ev, Message) and ev.topic == t_cmd + "/reply":
+                if isinstance(ev, Message) and ev.topic == t_cmd + "/reply" and len(ev.payload) <= MAX_REPLY_BYTES:
                     try:
                         reply = CommandReply.model_validate_json(ev.payload)
                     except ValidationError:  # not an answer of ours: someone else's traffic

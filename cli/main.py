@@ -137,6 +137,9 @@ def cmd_hub(args: argparse.Namespace) -> int:
                       f"{r.conflicts:>9} {r.rejected:>8} {r.gaps:>6} {logs.escape(r.status or '-'):>8}")
                 if r.gaps:
                     print(f"{'':<20} missing seq ranges: {store.gap_ranges(r.device_id)}")
+                if r.suspect:
+                    print(f"{'':<20} {r.suspect} records quarantined as suspect (an implausible seq jump):"
+                          " table `suspect`")
             if refused:
                 print("records messages refused whole (never acked): "
                       + ", ".join(f"{k} {n}" for k, n in refused.items()))

@@ -374,8 +374,10 @@ class MqttLink:
     def idle(self) -> bool:
         return self._client is None
 
-    def step(self, timeout: float) -> list[Event]:
-        """Wait up to `timeout` s (less when the waker is set) for something to happen; return what did."""
+    def step(self, timeout: float, read: bool = True) -> list[Event]:
+        """Wait up to `timeout` s (less when the waker is set) for something to happen; return what did.
+        read=False: write and keep alive, but read nothing (back-pressure: the broker holds what is unread; a
+        PINGRESP unread for a keepalive period ends the connection)."""
         c = self._client
         if c is None:
             wait = self._next_attempt - time.monotonic()
@@ -384,7 +386,7 @@ class MqttLink:
             else:
                 self._attempt()
         else:
-            self._io(c, timeout)
+            self._io(c, timeout, read)
         events, self._events = self._events, []
         return events
 
@@ -421,7 +423,7 @@ class MqttLink:
             # paho leaves Nagle on: a small ack then waits for the peer's delayed ACK (~40 ms)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _io(self, c: paho.Client, timeout: float) -> None:
+    def _io(self, c: paho.Client, timeout: float, read: bool = True) -> None:
         if not self._connected:
             left = self._since + self.connect_timeout_s - time.monotonic()
             if left <= 0:
@@ -433,7 +435,7 @@ class MqttLink:
             self._drop("socket closed")
             return
         try:
-            rlist: list[socket.socket | Waker] = [sock, self._waker]
+            rlist: list[socket.socket | Waker] = [sock, self._waker] if read or not self._connected else [self._waker]
             readable, writable = wait_ready(rlist, [sock] if c.want_write() else [], timeout)
         except (OSError, ValueError) as exc:
             self._drop(f"select: {exc}")

@@ -47,6 +47,14 @@ MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 
 # - health (MAX_HEALTH_BYTES), status, acks, replies, pings: a few kB.
 MAX_BATCH_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = (16 << 20) + (64 << 10)
+# Checked on the raw bytes before parsing by whoever receives them (core/inbound.py); a records message is
+# refused by the hub only over MAX_MESSAGE_BYTES (older agents did not split at MAX_BATCH_BYTES).
+MAX_ACK_BYTES = 1024 * 1024  # an ack names ranges of one batch: at most one per record
+# a command: the largest is a model_offer (agent/model_update.py: a manifest of up to 1 MiB and up to 65,536
+# chunk hashes, ~5.4 MB); a model_chunk is ~350 kB, a config_push at most ~1 MiB
+MAX_COMMAND_BYTES = 6 * 1024 * 1024
+MAX_STATUS_BYTES = 64 * 1024  # a retained status (~2 kB)
+MAX_REPLY_BYTES = 1024 * 1024  # a command's reply (config_get carries a unit config; status ~2 kB)
 
 
 class WireRecord(BaseModel):

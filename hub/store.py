@@ -9,6 +9,11 @@ Records that failed validation (hub/intake.py) are counted per device and traced
 Health messages (core/wire.py Health) are kept per device in `health`: the latest and the HEALTH_KEPT before
 it; health messages refused (malformed, another device's) are counted in devices.health_refused.
 
+A seq more than `max_seq_jump` past the highest the hub holds for its device (one record at 2**63-1 would
+report 9.2e18 gaps) is suspect, not truth: the record is quarantined whole in `suspect`, counted per device,
+named in the ack's rejected ranges (the unit dead-letters it, so it never blocks a batch), and left out of
+max_seq, gaps and `verify`.
+
 Acks are published only after the transaction that stored the records has committed with
 synchronous=FULL: an acked record survives a power cut of the hub.
 """
@@ -19,7 +24,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +114,18 @@ SCHEMA: list[str] = [
     CREATE INDEX records_ore_analysis ON records (ts) WHERE type = 'ore_analysis';
     CREATE INDEX records_identification ON records (ts) WHERE type = 'identification';
     """,
+    # v6: records quarantined as suspect (an implausible seq jump), kept whole, out of records, gaps and verify
+    f"""
+    CREATE TABLE suspect ({_RECORD_COLUMNS},
+        batch  TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX suspect_by_seq ON suspect (device_id, seq);
+    ALTER TABLE devices ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
+
+MAX_SEQ_JUMP = 10**9  # default: 1.6 years of a unit making 20 records/s with none of them reaching the hub
 
 HEALTH_KEPT = 1440  # health messages kept per device: a day at the default interval
 
@@ -131,6 +147,7 @@ class Stored:
     conflicts: list[int]  # seqs of this batch newly kept in `conflicts`
     device_conflicts: int  # the device's conflicts so far
     boots: tuple[list[str], list[str]]  # of those conflicts: the stored versions' boots, the new ones'
+    suspect: list[int] = field(default_factory=list)  # seqs quarantined (an implausible jump), also in `rejected`
 
 
 @dataclass
@@ -154,6 +171,7 @@ class DeviceStats:
     gaps: int  # seqs up to max_seq the hub never received (neither stored nor rejected)
     last_seen: float | None
     status: str | None
+    suspect: int = 0  # records quarantined for an implausible seq jump: in `suspect`, not in max_seq or gaps
 
 
 @dataclass
@@ -174,8 +192,10 @@ class Verdict:
 
 
 class HubStore:
-    def __init__(self, path: str | Path, synchronous: str = "FULL", *, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, synchronous: str = "FULL", *, readonly: bool = False,
+                 max_seq_jump: int = MAX_SEQ_JUMP) -> None:
         self.path = Path(path)
+        self.max_seq_jump = max_seq_jump
         if readonly:
             self.db = self._open_readonly()
             return
@@ -221,6 +241,7 @@ class HubStore:
         return out
 
     def _store(self, b: Incoming, now: float) -> Stored:
+        b, suspect = self._quarantine(b, now)
         new, fresh, dup, first = classify(b, self._held)
         # Plain INSERTs: the comparison above decided. A constraint failing here (a NaN where NOT NULL) raises,
         # and nothing of the batch is acked; it is never taken for a duplicate.
@@ -244,7 +265,34 @@ class HubStore:
             " last_seen = excluded.last_seen RETURNING conflicts",
             (b.device_id, len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new),
              max([r[0] for r in b.rows] + named, default=0), now, now)).fetchone()
-        return stored_result(b, new, fresh, dup, first, conflicts)
+        if suspect:
+            self.db.execute("UPDATE devices SET suspect = suspect + ? WHERE device_id = ?", (len(suspect), b.device_id))
+        return stored_result(b, new, fresh, dup, first, conflicts, suspect)
+
+    def _quarantine(self, b: Incoming, now: float) -> tuple[Incoming, list[int]]:
+        """Move records whose seq jumps more than max_seq_jump past the device's highest (held, or earlier in
+        this batch) into `suspect`; a rejected record's implausible seq is unnamed (traced, never counted as
+        received up to it). Returns the batch without them and the quarantined seqs."""
+        if not b.rows and not b.rejected:
+            return b, []
+        (known,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id = ?",
+                                   (b.device_id,)).fetchone()
+        highest = max([r[0] for r in b.rows] + [r.seq or 0 for r in b.rejected])
+        if highest - known <= self.max_seq_jump:
+            return b, []  # the usual case: one lookup
+        limit, keep, suspect = known + self.max_seq_jump, [], []
+        for row in sorted(b.rows):
+            if row[0] > limit:
+                suspect.append(row)
+            else:
+                keep.append(row)
+                limit = max(limit, row[0] + self.max_seq_jump)
+        why = f"seq more than {self.max_seq_jump} past the device's highest ({known}): quarantined as suspect"
+        self.db.executemany("INSERT INTO suspect VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            [(b.device_id, *r, now, b.batch, why) for r in suspect])
+        rejected = [r if (r.seq or 0) <= limit else replace(r, seq=None, reason=f"seq {r.seq}: {why}; {r.reason}")
+                    for r in b.rejected]
+        return replace(b, rows=keep, rejected=rejected), [r[0] for r in suspect]
 
     def _held(self, table: str, device_id: str, rows: list[Row]) -> list[tuple[int, Content]]:
         """(seq, content) of every row `table` holds for these rows' seqs."""
@@ -309,10 +357,10 @@ class HubStore:
         rows = self.db.execute(
             "SELECT device_id, received, duplicates, conflicts, rejected, stored, max_seq, last_seen, status,"
             " (SELECT count(*) FROM rejected r WHERE r.device_id = d.device_id AND r.seq IS NOT NULL AND NOT EXISTS"
-            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq))"
+            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq)), suspect"
             " FROM devices d ORDER BY device_id").fetchall()
-        return [DeviceStats(d, rcv, dup, cf, rj, st, mx, max(0, mx - st - rj_seqs), seen, status)
-                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs in rows]
+        return [DeviceStats(d, rcv, dup, cf, rj, st, mx, max(0, mx - st - rj_seqs), seen, status, sus)
+                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs, sus in rows]
 
     def refused(self) -> dict[str, int]:
         """Records messages refused whole, by kind (malformed, device_mismatch, store_failed)."""
@@ -380,11 +428,12 @@ def classify(b: Incoming, held_in: Callable[[str, str, list[Row]], list[tuple[in
 
 
 def stored_result(b: Incoming, new: list[Row], fresh: list[Row], dup: int, first: dict[int, Content],
-                  conflicts: int) -> Stored:
+                  conflicts: int, suspect: list[int] | None = None) -> Stored:
+    """`suspect`: seqs quarantined (SQLite store), named as rejected in the ack so the unit dead-letters them."""
     named = [r.seq for r in b.rejected if r.seq is not None]
-    return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named), len(new), dup,
-                  [r[0] for r in fresh], conflicts,
-                  (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})))
+    return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named + (suspect or [])),
+                  len(new), dup, [r[0] for r in fresh], conflicts,
+                  (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})), suspect or [])
 
 
 def walk_chain(v: Verdict, runs: dict[int, tuple[int, str | None, str]], rows: Iterable[tuple[Any, ...]],
