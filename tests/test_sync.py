@@ -60,8 +60,8 @@ def test_records_leave_the_outbox_only_once_the_hub_stored_them(tmp_path: Path, 
     unit.start()
     try:
         # no hub yet: the broker PUBACKs what was sent, but nothing may leave the outbox
-        wait_for(lambda: unit.sync.stats.records_sent >= 20 and outbox_state(cfg.outbox.path)[0] >= 20, 30,
-                 "20 records committed and published (PUBACKed by the broker, no hub)")
+        wait_for(lambda: unit.sync.stats.batches_sent >= 1 and outbox_state(cfg.outbox.path)[0] >= 20, 30,
+                 "20 records committed and a batch published (PUBACKed by the broker, no hub)")
         last, pending = outbox_state(cfg.outbox.path)
         assert last >= 20 and len(pending) == last and unit.sync.stats.records_acked == 0
         hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
