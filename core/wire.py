@@ -137,9 +137,22 @@ def encode_batch(device_id: str, batch_id: str, records: list[Pending], key: Dev
     ]
     head = f'{{"v":{WIRE_VERSION},"device_id":{dumps(device_id)},"batch":{dumps(batch_id)},'
     if key is not None:
-        hashes = [record_hash(r.prev or "", r.seq, r.ts, r.type, r.priority, r.payload) for r in records]
-        head += f'"key":"{key.key_id}","sig":"{key.sign(batch_message(device_id, batch_id, hashes))}",'
+        head += f'"key":"{key.key_id}","sig":"{key.sign(batch_message(device_id, batch_id, chain_hashes(records)))}",'
     return (head + '"records":[' + ",".join(parts) + "]}").encode()
+
+
+def chain_hashes(records: list[Pending]) -> list[str]:
+    """Each record's chain hash, as the batch signature covers them. The outbox committed a record's hash as
+    the `prev` of the record after it, so where that record follows in the batch (the next seq, both chained)
+    its `prev` is the hash: only the others (a batch's last record, one before a gap, unchained ones) are
+    hashed here. The hub recomputes every hash from what it received, so this changes nothing it checks."""
+    out: list[str] = []
+    for r, nxt in zip(records, [*records[1:], None], strict=True):
+        if nxt is not None and nxt.seq == r.seq + 1 and nxt.prev is not None and r.prev is not None:
+            out.append(nxt.prev)
+        else:
+            out.append(record_hash(r.prev or "", r.seq, r.ts, r.type, r.priority, r.payload))
+    return out
 
 
 def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
