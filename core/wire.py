@@ -129,12 +129,18 @@ def _number(x: float) -> str:
 def encode_batch(device_id: str, batch_id: str, records: list[Pending], key: DeviceKey | None = None) -> bytes:
     """Batch JSON built by string joining: the stored payload JSON is sent as-is, never re-parsed. With a
     device key, each record carries its chain link and the batch is signed."""
-    parts = [
-        f'{{"seq":{r.seq},"ts":{_number(r.ts)},"boot":"{r.boot_id}","mono":{_number(r.mono)},'
-        f'"type":{dumps(r.type)},"prio":{r.priority},"payload":{r.payload}'
-        + ("}" if r.prev is None else f',"prev":"{r.prev}"}}')
-        for r in records
-    ]
+    types: dict[str, str] = {}  # a batch holds a few types: each encoded once
+    parts = []
+    for seq, ts, boot, mono, type_, prio, payload, prev in records:
+        t = types.get(type_)
+        if t is None:
+            t = types[type_] = dumps(type_)
+        if ts - ts or mono - mono:  # NaN or an infinity (x - x is NaN; 0.0 for every finite float)
+            ts_, mono_ = _number(ts), _number(mono)
+        else:
+            ts_, mono_ = repr(ts), repr(mono)
+        parts.append(f'{{"seq":{seq},"ts":{ts_},"boot":"{boot}","mono":{mono_},"type":{t},"prio":{prio},'
+                     f'"payload":{payload}' + ("}" if prev is None else f',"prev":"{prev}"}}'))
     head = f'{{"v":{WIRE_VERSION},"device_id":{dumps(device_id)},"batch":{dumps(batch_id)},'
     if key is not None:
         head += f'"key":"{key.key_id}","sig":"{key.sign(batch_message(device_id, batch_id, chain_hashes(records)))}",'
