@@ -163,6 +163,10 @@ def chain_hashes(records: list[Pending]) -> list[str]:
 
 def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
     """Sorted seqs -> inclusive ranges: [1,2,3,7] -> [(1,3),(7,7)]."""
+    if seqs:  # the common case, one run (a batch of one priority), found without a pass in Python
+        lo, hi = min(seqs), max(seqs)
+        if hi - lo == len(seqs) - 1 and len(set(seqs)) == len(seqs):
+            return [(lo, hi)]
     out: list[tuple[int, int]] = []
     for s in sorted(seqs):
         if out and s == out[-1][1] + 1:
