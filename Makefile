@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench models clean
+.PHONY: demo test lint typecheck bench models handheld-models clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,13 +19,18 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q $(ARGS)
+	$(BIN)/pytest -q -n 2 $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py $(ARGS)
 
 models: $(STAMP)
 	$(BIN)/python -m customs_edge.training.train all
+
+# the handheld's wood and insect classifiers only (images from simulators.specimens; < 2 min each)
+handheld-models: $(STAMP)
+	$(BIN)/python -m customs_edge.training.train wood
+	$(BIN)/python -m customs_edge.training.train insects
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

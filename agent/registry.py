@@ -37,6 +37,7 @@ BUILTIN_APPS: dict[str, str] = {
     "scale": "customs_edge.agent.apps.scale:ScaleApp",
     "ore-station": "customs_edge.agent.apps.ore:OreStationApp",
     "gate": "customs_edge.agent.apps.gate:GateApp",
+    "handheld": "customs_edge.agent.apps.handheld:HandheldApp",
 }
 
 

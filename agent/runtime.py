@@ -31,15 +31,16 @@ from customs_edge.agent import registry, sdnotify
 from customs_edge.agent.apps.base import App
 from customs_edge.agent.config import UnitConfig
 from customs_edge.agent.health import HealthSampler, model_versions
+from customs_edge.agent.inspect import Inspector, is_image
 from customs_edge.agent.outbox import Outbox, SqliteOutbox
 from customs_edge.agent.sync import Sync
 from customs_edge.core.errors import DriverFault
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.mqtt import Backoff
 from customs_edge.core.outputs import Output
-from customs_edge.core.readings import Reading
+from customs_edge.core.readings import Image, Reading, ThermalFrame
 from customs_edge.core.records import Priority, RecordIn
-from customs_edge.core.wire import Command
+from customs_edge.core.wire import Command, topic
 from customs_edge.drivers.base import Driver
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,9 @@ class Unit:
         self.health_sampler = HealthSampler(cfg, self.outbox, self.driver_states, lambda: model_versions(self.app))
         self.sync = Sync(cfg.device_id, self.outbox, cfg.sync, outbox_path=cfg.outbox.path, status=self.status_extra,
                          health=self.health_sampler.sample, health_interval_s=cfg.health_interval_s,
-                         commands=self._command)
+                         commands=self._command,
+                         sidelines=app.sidelines(str(cfg.outbox.path), cfg.sync.topic_prefix))
+        self.inspector = Inspector(self._publish_snapshot)  # remote inspection: snapshots only when asked
         self.committed = 0
         self.counters = dict.fromkeys(("app_errors", "state_restored", "state_refused", "commit_failures",
                                        "records_unsent", "records_lost"), 0)
@@ -276,6 +279,7 @@ class Unit:
         deadline = start + timeout
         self._keep_app = keep_app
         self.stop_event.set()
+        self.inspector.stop()
         for t in self._driver_threads:  # at their next read timeout; half the time at most
             t.join(max(0.0, start + timeout / 2 - time.monotonic()))
         if self._core_thread is not None:  # it drains the queue, closes the app, commits
@@ -324,6 +328,8 @@ class Unit:
                 item = None
             out: list[RecordIn] = []
             if isinstance(item, Reading):
+                if self.inspector.active and is_image(item):
+                    self.inspector.offer(item.source, item)
                 out = self._call(app.feed, item)
             elif isinstance(item, _Fault):
                 out = self._call(app.on_fault, item.role, item.error)
@@ -376,11 +382,21 @@ class Unit:
     def _command(self, cmd: Command) -> dict[str, Any] | None:
         """The sync's hook for commands it does not answer itself: the runtime's own (config_get,
         config_push, through `commands`), else the app's."""
+        if cmd.cmd == "inspect":
+            return self.inspector.start(cmd.args, self.image_roles())
         if cmd.cmd in ("config_get", "config_push"):
             if self.commands is None:
                 raise ValueError(f"{cmd.cmd}: this unit was not started by `customs-edge run`")
             return self.commands(cmd)
         return self.app_command(cmd)
+
+    def image_roles(self) -> list[str]:
+        """Roles whose drivers produce images or thermal frames: what remote inspection can show."""
+        return [role for role, d in self.drivers.items()
+                if any(issubclass(t, (ThermalFrame, Image)) for t in getattr(d, "PRODUCES", ()))]
+
+    def _publish_snapshot(self, jpeg: bytes) -> None:
+        self.sync.link.publish(topic(self.cfg.sync.topic_prefix, self.cfg.device_id, "snapshot"), jpeg, qos=0)
 
     def app_command(self, cmd: Command) -> dict[str, Any]:
         """Run an operator's command in the app (on the core thread); the sync thread's reply. Its records
@@ -619,8 +635,8 @@ class Unit:
                 if t.readings == 0 or t.down_since is not None}
 
     def status_extra(self) -> dict[str, Any]:
-        return {"type": self.cfg.type, "drivers": self.driver_states(), "committed_since_start": self.committed,
-                "records_held": len(self._held), "app": dict(self.counters)}
+        return {"type": self.cfg.type, "site": self.cfg.site, "drivers": self.driver_states(),
+                "committed_since_start": self.committed, "records_held": len(self._held), "app": dict(self.counters)}
 
     def health(self) -> bool:
         return time.monotonic() - self.heartbeat < 10 and all(t.is_alive() for t in self._threads)

@@ -49,10 +49,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -76,6 +76,23 @@ from customs_edge.core.signing import DeviceKey
 from customs_edge.core.wire import Ack, Command, CommandReply, Health, encode_batch, intersect, ranges_of, topic
 
 log = logging.getLogger(__name__)
+
+
+class Sideline(Protocol):
+    """Traffic beside the records, run by the sync thread on the same link (an app's `sidelines()`): evidence
+    photos sent behind the records, a retained risk list received. `topics()` are subscribed at each connect;
+    a message on another topic than ack and cmd is offered to each sideline until one takes it (True);
+    `step(link, records_idle)` runs every sync step while connected, `records_idle` True when the outbox is
+    drained and no batch is in flight."""
+
+    def topics(self) -> list[str]: ...
+
+    def on_connected(self) -> None: ...
+
+    def on_message(self, msg: Message) -> bool: ...
+
+    def step(self, link: Link, records_idle: bool) -> None: ...
+
 
 Ranges = list[tuple[int, int]]
 
@@ -134,7 +151,7 @@ class Sync:
                  status: Callable[[], dict[str, Any]] | None = None, status_interval_s: float = 30.0,
                  commands: Callable[[Command], dict[str, Any] | None] | None = None, link: Link | None = None,
                  health: Callable[[tuple[float, float] | None], Health] | None = None,
-                 health_interval_s: float = 60.0, signing: bool = True) -> None:
+                 health_interval_s: float = 60.0, signing: bool = True, sidelines: Sequence[Sideline] = ()) -> None:
         self.device_id = device_id
         # every batch signed with the device key beside the outbox (made on first start; core/signing.py)
         self.key = DeviceKey.beside(outbox_path) if signing else None
@@ -145,6 +162,7 @@ class Sync:
         self.commands = commands
         self.health_fn = health
         self.health_interval_s = health_interval_s
+        self.sidelines = list(sidelines)
         self.stats = SyncStats()
         p = cfg.topic_prefix
         self.t_records = topic(p, device_id, "records")
@@ -200,6 +218,8 @@ class Sync:
                     self._on_ack(ev.payload)
                 elif ev.topic == self.t_cmd:
                     self._on_command(ev)
+                else:
+                    any(sl.on_message(ev) for sl in self.sidelines)
             elif isinstance(ev, PubAck):
                 self._on_puback(ev.mid)
             elif isinstance(ev, Connected):
@@ -211,6 +231,8 @@ class Sync:
             self._send_replies()
             self._fill_window()
             self._check_deadline(time.monotonic())
+            for sl in self.sidelines:
+                sl.step(link, not self._more and not self._inflight)
             if time.monotonic() >= self._next_status:
                 self._publish_status()
             if self.health_fn is not None and time.monotonic() >= self._next_health:
@@ -227,6 +249,10 @@ class Sync:
         try:
             self.link.subscribe(self.t_ack, 1)
             self.link.subscribe(self.t_cmd, 1)
+            for sl in self.sidelines:
+                for t in sl.topics():
+                    self.link.subscribe(t, 1)
+                sl.on_connected()
         except NotConnected:
             return  # lost again at once: the Lost event follows in this step
         self._publish_status()

@@ -46,7 +46,11 @@ SIM_ARGS: dict[str, list[str]] = {
     "ore-station": ["--speed", "60", "--gamma-per-h", "0", "--metal-per-h", "0",
                     "--gamma-every", "900", "--metal-every", "900"],
     "gate": ["--speed", "4", "--febrile-share", "0", "--febrile-every", "10"],
+    "handheld": ["--scene-s", "3", "--scan-period", "1", "--capture-every", "3"],
 }
+# A handheld's scanner sends a capture trigger every 3rd read (its button line), and its simulator writes a
+# risk list covering part of what it scans, which the demo publishes retained (as `fleet risk-list publish`).
+APP_OVERRIDES: dict[str, dict[str, Any]] = {"handheld": {"position_summary_s": 15}}
 DRAIN_TIMEOUT_S = 30.0
 
 
@@ -107,24 +111,36 @@ class Broker:
 
 
 def _start_sim(unit_type: str, seed: int, work: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    proc = subprocess.Popen(_cli("simulate", unit_type, "--seed", str(seed), *SIM_ARGS.get(unit_type, [])),
+    extra = ["--risk-list", str(work / "risk-list.jsonl")] if unit_type == "handheld" else []
+    proc = subprocess.Popen(_cli("simulate", unit_type, "--seed", str(seed), *SIM_ARGS.get(unit_type, []), *extra),
                             stdout=subprocess.PIPE, stderr=(work / f"sim-{unit_type}.log").open("wb"), text=True,
                             start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
         raise RuntimeError(f"simulator {unit_type} exited: see {work / f'sim-{unit_type}.log'}")
-    return proc, json.loads(line)["urls"]
+    doc = json.loads(line)
+    return proc, {**doc["urls"], **({"risk_list": doc["risk_list"]} if "risk_list" in doc else {})}
+
+
+def _publish_risk_list(path: Path, port: int) -> None:
+    from customs_edge.agent.risklist import encode, risk_list_topic
+    from customs_edge.cli.fleet import publish_retained
+    from customs_edge.core.mqtt import BrokerSettings
+
+    publish_retained(f"127.0.0.1:{port}", risk_list_topic("customs-edge/v1"), encode(path), BrokerSettings(), 10.0)
 
 
 def _unit_config(unit_type: str, device_id: str, urls: dict[str, Any], work: Path, port: int) -> dict[str, Any]:
     cfg = yaml.safe_load(config_path(unit_type).read_text())
     cfg["device_id"] = device_id
+    cfg.setdefault("site", "demo-port")
     cfg.setdefault("outbox", {})["path"] = str(work / device_id / "outbox.db")
     sync = cfg.setdefault("sync", {})
     sync.update(host="127.0.0.1", port=port)
+    cfg["app"] = {**cfg.get("app", {}), **APP_OVERRIDES.get(unit_type, {})}
     for role, endpoints in urls.items():
-        drv = cfg["drivers"].get(role)
+        drv = cfg["drivers"].get(role) if isinstance(endpoints, dict) else None
         if drv is None:
             continue
         url = endpoints.get("socket") or endpoints.get("http") or endpoints.get("pty")
@@ -140,6 +156,11 @@ def _outbox_counts(path: Path) -> tuple[int, int, int]:
     except (OutboxError, sqlite3.Error):  # not created yet
         return 0, 0, 0
     return st.last_seq, st.pending, sum(st.dropped.values())
+
+
+def _photos_pending(outbox: Path) -> int:
+    """Evidence photos a handheld still holds (agent/photos.py: deleted only on the hub's ack)."""
+    return sum(1 for _ in Path(f"{outbox}.photos").glob("??/*.jpg"))
 
 
 def _hub_counts(hub_db: Path) -> dict[str, dict[str, Any]]:
@@ -176,8 +197,32 @@ def _table(units: list[DemoUnit], hub_db: Path, broker: str, elapsed: float) -> 
     return "\n".join(lines)
 
 
+def _start_console(hub_db: Path, work: Path, listen: str, broker: str) -> Any:
+    """The officers' console on the demo's hub, anonymous on loopback; None if the hub's file never appears
+    or the address is taken (the demo runs on without it)."""
+    from customs_edge.core.errors import CustomsEdgeError
+    from customs_edge.hub.console.server import serve
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            server = serve(hub_db, work / "console.db", listen, anonymous=True, broker=broker)
+            break
+        except CustomsEdgeError:  # the hub has not created its file yet
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+        except OSError:
+            host = listen.rpartition(":")[0] or "127.0.0.1"
+            if listen.endswith(":0"):
+                return None
+            listen = f"{host}:0"  # the asked port is taken: any free one
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    return server
+
+
 def run_demo(duration: float | None = None, as_json: bool = False, workdir: str | None = None,
-             types: list[str] | None = None, broker_kind: str = "auto") -> int:
+             types: list[str] | None = None, broker_kind: str = "auto", console: str | None = "127.0.0.1:8080") -> int:
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="customs-edge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     types = types or available_types()
@@ -192,10 +237,15 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
                            stderr=hub_log, start_new_session=True)
     units: list[DemoUnit] = []
     stop = threading.Event()
+    web = _start_console(hub_db, work, console, f"127.0.0.1:{broker.port}") if console else None
+    if web is not None:
+        say(f"console: {web.url()}  (open it in a browser: alerts, fleet, ore lots, gate lanes)")
     try:
         for i, t in enumerate(types):
             device_id = f"{t}-01"
             sim, urls = _start_sim(t, seed=i + 1, work=work)
+            if "risk_list" in urls:
+                _publish_risk_list(Path(urls["risk_list"]), broker.port)
             cfg = _unit_config(t, device_id, urls, work, broker.port)
             path = work / f"{device_id}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -211,7 +261,8 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
             while not stop.wait(2.0 if not as_json else 0.5):
                 elapsed = time.monotonic() - t0
                 if not as_json:
-                    print("\033[2J\033[H" + _table(units, hub_db, broker.kind, elapsed), file=sys.stderr, flush=True)
+                    print("\033[2J\033[H" + _table(units, hub_db, broker.kind, elapsed)
+                          + (f"\nconsole: {web.url()}" if web is not None else ""), file=sys.stderr, flush=True)
                 if duration is not None and elapsed >= duration:
                     break
                 for u in units:
@@ -223,7 +274,8 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
         for u in units:
             u.sim.terminate()
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while time.monotonic() < deadline and any(_outbox_counts(u.outbox)[1] for u in units):
+        while time.monotonic() < deadline and any(_outbox_counts(u.outbox)[1] or _photos_pending(u.outbox)
+                                                  for u in units):
             time.sleep(0.3)
     finally:
         for u in units:
@@ -242,9 +294,13 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
         with contextlib.suppress(subprocess.TimeoutExpired):
             hub.wait(10)
         broker.stop()
+        if web is not None:
+            web.shutdown()
+            web.server_close()
 
     hub_counts = _hub_counts(hub_db)
-    result: dict[str, Any] = {"devices": {}, "broker": broker.kind, "workdir": str(work)}
+    result: dict[str, Any] = {"devices": {}, "broker": broker.kind, "workdir": str(work),
+                              "console": web.url() if web is not None else None}
     for u in units:
         produced, _pending, dropped = _outbox_counts(u.outbox)
         h = hub_counts.get(u.device_id, {})

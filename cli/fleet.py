@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from customs_edge.core import logs
 from customs_edge.core.errors import CustomsEdgeError
-from customs_edge.core.mqtt import BrokerSettings, Message, MqttLink, NotConnected
+from customs_edge.core.mqtt import BrokerSettings, Message, MqttLink, NotConnected, PubAck
 from customs_edge.core.wire import COMMAND_TTL_S, Command, CommandReply, Health, topic
 from customs_edge.hub.store import FleetRow, HubStore
 
@@ -94,7 +94,7 @@ def cmd_fleet(db: str, want_json: bool) -> int:
 
 # -- commands to one unit ------------------------------------------------------------------------------
 PASSWORD_ENV = "CUSTOMS_EDGE_MQTT_PASSWORD"
-SIMPLE_COMMANDS = ["ping", "status", "resend", "config_get"]
+SIMPLE_COMMANDS = ["ping", "status", "resend", "config_get", "capture"]
 
 
 def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> CommandReply:
@@ -166,8 +166,52 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0 if reply.outcome == "applied" else 1
 
 
-def _connection_flags(p: argparse.ArgumentParser, timeout: float) -> None:
-    p.add_argument("device", help="the unit's device_id")
+def publish_retained(broker: str, t: str, payload: bytes, settings: BrokerSettings, timeout: float) -> None:
+    """Publish one retained QoS 1 message and wait for the broker's PUBACK; CustomsEdgeError if it never came."""
+    host, _, port = broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise CustomsEdgeError(f"--broker {broker!r}: write it host:port, e.g. 127.0.0.1:1883")
+    link = MqttLink(f"ce-op-{uuid.uuid4().hex[:12]}", host, int(port), clean_session=True,
+                    **settings.credentials(), backoff_min_s=0.2, backoff_max_s=2.0)
+    deadline = time.monotonic() + timeout
+    mid = None
+    try:
+        while time.monotonic() < deadline:
+            for ev in link.step(0.2):
+                if isinstance(ev, PubAck) and ev.mid == mid:
+                    return
+            if link.connected and mid is None:
+                try:
+                    mid = link.publish(t, payload, qos=1, retain=True)
+                except NotConnected:
+                    pass
+    finally:
+        link.close()
+    raise CustomsEdgeError(f"no PUBACK from the broker at {broker} within {timeout:g} s: "
+                           f"{link.last_error or 'no connection'}")
+
+
+def cmd_risk_list(args: argparse.Namespace) -> int:
+    """`customs-edge fleet risk-list publish FILE`: validate the list, then publish it retained for every unit."""
+    from customs_edge.agent.risklist import RiskListError, encode, parse, risk_list_topic
+
+    try:
+        payload = encode(Path(args.file))
+        m = parse(payload)
+    except RiskListError as exc:
+        raise CustomsEdgeError(f"{args.file}: {exc}") from None
+    settings = BrokerSettings(username=args.username, password=os.environ.get(PASSWORD_ENV) or None,
+                              tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              tls_server_name=args.tls_server_name)
+    publish_retained(args.broker, risk_list_topic(args.prefix), payload, settings, args.timeout)
+    print(f"published risk list {m.name} version {m.version}: {m.entries} entries ({len(m.patterns)} patterns), "
+          f"{len(payload)} bytes, retained on {risk_list_topic(args.prefix)}")
+    return 0
+
+
+def _connection_flags(p: argparse.ArgumentParser, timeout: float, device: bool = True) -> None:
+    if device:
+        p.add_argument("device", help="the unit's device_id")
     p.add_argument("--broker", default="127.0.0.1:1883", help="host:port of the broker (default 127.0.0.1:1883)")
     p.add_argument("--prefix", default="customs-edge/v1", help="topic prefix (the units' sync.topic_prefix)")
     p.add_argument("--username", help=f"broker user name; its password is read from ${PASSWORD_ENV}")
@@ -194,6 +238,12 @@ def register(sub: Any) -> None:
     get = csub.add_parser("get", help="print the config the unit runs (stdout) and its sha256 (stderr)")
     _connection_flags(get, 20.0)
     c.set_defaults(fn=cmd_config)
+    r = fsub.add_parser("risk-list", help="publish a risk list (retained, versioned) to every handheld")
+    rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rp = rsub.add_parser("publish", help="validate FILE (JSON Lines, gzip or plain) and publish it retained")
+    rp.add_argument("file", help="the risk list: a header line, then one entry per line (docs/handheld.md)")
+    _connection_flags(rp, 30.0, device=False)
+    r.set_defaults(fn=cmd_risk_list)
     k = sub.add_parser("cmd", help="send a command to a unit and print its answer")
     _connection_flags(k, 20.0)
     k.add_argument("name", choices=SIMPLE_COMMANDS, help="the command")

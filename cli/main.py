@@ -10,8 +10,10 @@
   customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
   customs-edge fleet config push|get DEVICE [FILE]   change a unit's config over the broker
+  customs-edge fleet risk-list publish FILE   publish a risk list (retained, versioned) to the handhelds
   customs-edge cmd DEVICE ping|status|...  send a command to a unit, print its answer
   customs-edge models evaluate NAME        held-out figures of a shipped model
+  customs-edge models train wood --images DIR   train an image classifier on DIR/<label>/*.jpg
   customs-edge demo [--duration S --json]  a simulated fleet, broker, agents and hub on this machine
   customs-edge check --config FILE         commissioning: config, models, ports, outbox, broker, clock
 
@@ -188,7 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                "or run with --broker embedded")
 
     return run_demo(duration=args.duration, as_json=args.json, workdir=args.workdir,
-                    types=args.types.split(",") if args.types else None, broker_kind=args.broker)
+                    types=args.types.split(",") if args.types else None, broker_kind=args.broker,
+                    console=None if args.console in ("", "off") else args.console)
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 CONFIG_HELP = "the unit's YAML file (e.g. /etc/customs-edge/ore-01.yaml)"
@@ -284,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fleet.register(sub)
 
+    from customs_edge.cli import console  # `customs-edge console serve|user|users`
+
+    console.register(sub)
+
     m = sub.add_parser("models", help="model figures")
     msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")
     ev = msub.add_parser("evaluate", help="train on the synthetic set and print held-out figures")
@@ -291,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=1, help="data seed (default 1)")
     ev.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(fn=cmd_models)
+    from customs_edge.cli import models_train  # `customs-edge models train wood|insects --images DIR`
+
+    models_train.register(msub)
 
     ck = sub.add_parser("check", help="commissioning: is this unit ready to run? (✓ / ! / ✗ and the fix)",
                         description="One line per check, with the fix for each ! and ✗. "
@@ -310,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--types", default=None, help="comma-separated unit types (default: every available one)")
     d.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
                    help="auto: a local mosquitto if installed, else the embedded broker")
+    d.add_argument("--console", default="127.0.0.1:8080",
+                   help="serve the officers' console here, anonymous on loopback (default 127.0.0.1:8080; a free"
+                        " port if taken; off: none)")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -101,7 +101,8 @@ class Command(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm"]  # confirm: the app (App.command)
+    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py)
+    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect"]
     ts: float = Field(allow_inf_nan=False)
     expires: float | None = Field(None, allow_inf_nan=False)
     args: dict[str, Any] = Field(default_factory=dict)

@@ -23,6 +23,7 @@ from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, Mqt
 from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
 from customs_edge.hub import intake
+from customs_edge.hub.photos import PhotoArchive
 from customs_edge.hub.store import HubStore, Stored
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Hub:
         self.cfg = cfg
         self.keys = load_registry(cfg.keys) if cfg.keys else {}
         self.store = HubStore(cfg.db, cfg.synchronous)
+        self.photos = PhotoArchive(Path(f"{cfg.db}.photos"))  # evidence photos by sha256 (hub/photos.py)
         client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
         self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
                              **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
@@ -93,6 +95,7 @@ class Hub:
                 self.link.subscribe(self.records_filter(), 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+                self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
                 self.ready.set()
                 log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
             elif isinstance(ev, Lost) and ev.was_connected:
@@ -115,12 +118,17 @@ class Hub:
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
+        out: list[Out] = []  # photo acks
         for t, payload in messages:
             if t.endswith("/status"):
                 self._status(t, payload)
                 continue
             if t.endswith("/health"):
                 health.append((t, payload))
+                continue
+            if t.endswith("/photos"):
+                ack = self.photos.handle(t, payload)
+                out += [Out(ack.topic, ack.payload)] if ack else []
                 continue
             try:
                 b = intake.parse(t, payload, self.keys, self.cfg.require_signatures)
@@ -137,7 +145,7 @@ class Hub:
         if health:
             self._health(health)
         if not incoming and not refused:
-            return []
+            return out
         try:
             results = self.store.store(incoming, refused)
         except Exception:  # one batch the store refuses must not hold back the others: store one by one
@@ -152,7 +160,7 @@ class Hub:
             with contextlib.suppress(Exception):  # the counts of refused messages, in the store too if it can
                 self.store.store([], refused)
         self.refused.update(refused)
-        return [out for s in results for out in self._answer(s)]
+        return out + [o for s in results for o in self._answer(s)]
 
     def _answer(self, s: Stored) -> list[Out]:
         self.batches += 1
@@ -201,11 +209,16 @@ class Hub:
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]
         state: str
+        unit_type = site = None
         try:
-            state = Status.model_validate_json(payload).state
+            st = Status.model_validate_json(payload)
+            state = st.state
+            extra = st.model_extra or {}
+            unit_type, site = (v if isinstance(v, str) and len(v) <= 64 else None
+                               for v in (extra.get("type"), extra.get("site")))
         except ValidationError:  # anything on a status topic, even a retained one, is only informational
             state = "?"
-        self.store.set_status(device_id, state)
+        self.store.set_status(device_id, state, unit_type, site)
 
 
 def _seqs(ranges: list[tuple[int, int]], most: int = 10) -> str:

@@ -98,6 +98,16 @@ SCHEMA: list[str] = [
     ALTER TABLE rejected ADD COLUMN prev TEXT;
     ALTER TABLE rejected ADD COLUMN h TEXT;
     """,
+    # v5: what the console filters on: a unit's type and site (from its retained status), and alerts newest first
+    """
+    ALTER TABLE devices ADD COLUMN unit_type TEXT;
+    ALTER TABLE devices ADD COLUMN site TEXT;
+    CREATE INDEX records_alerts ON records (received_at) WHERE priority = 3 OR type = 'driver_fault';
+    CREATE INDEX records_lot_report ON records (ts) WHERE type = 'lot_report';
+    CREATE INDEX records_lane_summary ON records (ts) WHERE type = 'lane_summary';
+    CREATE INDEX records_ore_analysis ON records (ts) WHERE type = 'ore_analysis';
+    CREATE INDEX records_identification ON records (ts) WHERE type = 'identification';
+    """,
 ]
 
 HEALTH_KEPT = 1440  # health messages kept per device: a day at the default interval
@@ -278,11 +288,14 @@ class HubStore:
                                     (device_id, *chunk))]
         return out
 
-    def set_status(self, device_id: str, status: str) -> None:
+    def set_status(self, device_id: str, status: str, unit_type: str | None = None, site: str | None = None) -> None:
+        """A unit's state from its retained status; its type and site when the status names them (a will
+        does not: the last known ones stay)."""
         self.db.execute(
-            "INSERT INTO devices (device_id, status, first_seen, last_seen) VALUES (?,?,?,?)"
-            " ON CONFLICT(device_id) DO UPDATE SET status = excluded.status",
-            (device_id, status, time.time(), time.time()))
+            "INSERT INTO devices (device_id, status, first_seen, last_seen, unit_type, site) VALUES (?,?,?,?,?,?)"
+            " ON CONFLICT(device_id) DO UPDATE SET status = excluded.status,"
+            " unit_type = coalesce(excluded.unit_type, unit_type), site = coalesce(excluded.site, site)",
+            (device_id, status, time.time(), time.time(), unit_type, site))
 
     def put_health(self, messages: Iterable[tuple[str, float, str]], refused: Mapping[str, int]) -> int:
         """Keep health messages (device_id, the unit's ts, payload) and count refused ones per device, in one

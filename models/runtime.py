@@ -40,6 +40,8 @@ class Manifest(BaseModel):
     outputs: list[TensorSpec]
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # image classifiers (models.image_classifier): preprocessing, labels and their regulatory status
+    classifier: dict[str, Any] | None = None
 
 
 class Model(Protocol):

@@ -7,7 +7,9 @@ SIMULATORS: dict[str, str] = {
     "ore-station": "customs_edge.simulators.ore_station:main",
     "gate": "customs_edge.simulators.gate:main",
     "camera": "customs_edge.simulators.camera:main",
+    "specimens": "customs_edge.simulators.specimens:main",  # writes a photo dataset DIR/<label>/*.jpg
     "gps": "customs_edge.simulators.gps:main",
     "scanner": "customs_edge.simulators.scanner:main",
     "relay": "customs_edge.simulators.relay:main",
+    "handheld": "customs_edge.simulators.handheld:main",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ EXPECTED_TYPES = {
     "scale": {"weighing"},
     "ore-station": {"lot_report", "radiation_alarm", "foreign_matter"},
     "gate": {"screening", "fever_alert"},
+    "handheld": {"identification", "scan", "risk_hit", "position_summary", "risk_list_applied"},
 }
 
 
@@ -70,11 +72,19 @@ def test_demo_fleet_delivers_everything_exactly_once(tmp_path: Path) -> None:
         assert d["delivered"] == d["produced"]
         missing = EXPECTED_TYPES.get(d["type"], set()) - set(d["records_by_type"])
         assert not missing, f"{device_id}: no {missing} reached the hub; got {d['records_by_type']}"
+        if d["type"] == "handheld":  # every identification's evidence photo is at the hub, under its hash
+            db = sqlite3.connect(f"file:{tmp_path / 'hub.db'}?mode=ro", uri=True)
+            named = {json.loads(p)["photo"] for (p,) in db.execute(
+                "SELECT payload FROM records WHERE device_id=? AND type='identification'", (device_id,))}
+            db.close()
+            held = {f.stem for f in (tmp_path / "hub.db.photos").glob("??/*.jpg")}
+            assert named and None not in named and named <= held, (len(named - held), len(named))
 
 
 @pytest.mark.slow
 def test_demo_runs_on_the_embedded_broker_without_mosquitto(tmp_path: Path) -> None:
-    out = run_demo(tmp_path, "--duration", "6", "--types", "scale", "--broker", "embedded")
+    out = run_demo(tmp_path, "--duration", "6", "--types", "scale", "--broker", "embedded", "--console", "127.0.0.1:0")
     assert out["broker"] == "embedded"
+    assert out["console"].startswith("http://127.0.0.1:") and not out["console"].endswith(":0/")  # served
     (d,) = out["devices"].values()
     assert d["produced"] > 0 and d["lost"] == 0 and d["delivered"] == d["produced"]

@@ -5,4 +5,6 @@
 MODELS: dict[str, str] = {
     "ore-grade": "customs_edge.training.ore_grade:evaluate",
     "fever": "customs_edge.training.fever:evaluate",
+    "wood": "customs_edge.training.wood:evaluate",
+    "insects": "customs_edge.training.insects:evaluate",
 }

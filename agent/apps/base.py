@@ -112,6 +112,12 @@ class App:
         ValueError (the reply's error) for a command or arguments this app does not take."""
         raise ValueError(f"unsupported command {name!r} for a {type(self).__name__}")
 
+    def sidelines(self, outbox_path: str, topic_prefix: str) -> list[Any]:
+        """Traffic this app needs beside its records (agent/sync.py Sideline): the handheld's evidence photos
+        and risk lists. Called once per unit with the outbox's path (files of the app live beside it); an
+        app kept across a reload returns the same objects."""
+        return []
+
     # --- state that survives restarts -----------------------------------------------------------
     def snapshot(self) -> bytes | None:
         """The state to resume from after a restart, or None (nothing worth keeping)."""

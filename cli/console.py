@@ -1,0 +1,132 @@
+"""`customs-edge console serve|user`: the officers' web console and its users."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from pathlib import Path
+
+from customs_edge.core import logs
+from customs_edge.core.errors import CustomsEdgeError
+
+DEFAULT_STATE = "console.db"
+PASSWORD_ENV = "CUSTOMS_EDGE_MQTT_PASSWORD"
+
+
+def _state_path(args: argparse.Namespace) -> Path:
+    if args.state:
+        return Path(args.state)
+    return Path(args.db).with_name(DEFAULT_STATE) if getattr(args, "db", None) else Path(DEFAULT_STATE)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from customs_edge.hub.console.server import serve
+
+    logs.setup(args.log_level)
+    from customs_edge.core.mqtt import BrokerSettings
+
+    settings = BrokerSettings(username=args.mqtt_username, password=os.environ.get(PASSWORD_ENV) or None,
+                              tls_ca=args.mqtt_tls_ca, tls_cert=args.mqtt_tls_cert, tls_key=args.mqtt_tls_key,
+                              tls_server_name=args.mqtt_tls_server_name)
+    server = serve(args.db, _state_path(args), args.listen, anonymous=args.anonymous, tls_cert=args.tls_cert,
+                   tls_key=args.tls_key, broker=args.broker, broker_settings=settings, prefix=args.prefix)
+    print(f"console: {server.url()}  (hub database {args.db})", flush=True)
+    logging.getLogger(__name__).info("console serving", extra={"url": server.url()})
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.console.stopping.set()
+        server.server_close()
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from customs_edge.hub.console.state import ConsoleState
+
+    state = ConsoleState(_state_path(args))
+    if args.action == "list":
+        for name, role in state.users():
+            print(f"{name:<24} {role}")
+        return 0
+    if args.password_file:
+        password = Path(args.password_file).read_text().rstrip("\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise CustomsEdgeError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not args.name or not args.role:
+        raise CustomsEdgeError("user add NAME --role officer|technician|admin")
+    state.add_user(args.name, args.role, password)
+    print(f"user {args.name} ({args.role}) saved in {state.path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("console", help="the officers' web console: alerts, fleet, lots, lanes, audit trail")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = csub.add_parser("serve", help="serve the console over HTTP(S) from the hub's database")
+    s.add_argument("--db", required=True, help="the hub's SQLite database (read only)")
+    s.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
+    s.add_argument("--state", help=f"the console's own file: users, sessions, audit trail (default: {DEFAULT_STATE}"
+                                   " beside --db)")
+    s.add_argument("--anonymous", action="store_true", help="no login (a demo; refused unless HOST is loopback)")
+    s.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    s.add_argument("--tls-key", help="its private key (PEM)")
+    s.add_argument("--broker", help="HOST:PORT of the units' broker: remote inspection (snapshots on request)")
+    s.add_argument("--prefix", default="customs-edge/v1", help="topic prefix (the units' sync.topic_prefix)")
+    s.add_argument("--mqtt-username", help=f"broker user name; its password is read from ${PASSWORD_ENV}")
+    s.add_argument("--mqtt-tls-ca", type=Path, help="CA certificate the broker's is checked against (turns TLS on)")
+    s.add_argument("--mqtt-tls-cert", type=Path, help="the console's operator certificate (CN op-NAME)")
+    s.add_argument("--mqtt-tls-key", type=Path, help="its private key (0600)")
+    s.add_argument("--mqtt-tls-server-name", help="name on the broker's certificate (default: the broker host)")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    s.set_defaults(fn=cmd_serve)
+    x = csub.add_parser("export-labels", help="reviewed identifications as a training set DIR/<label>/*.jpg")
+    x.add_argument("dir", help="where to write the training set")
+    x.add_argument("--db", required=True, help="the hub's database (its photos are in DB.photos/)")
+    x.add_argument("--state", help=f"the console's own file (default: {DEFAULT_STATE} beside --db)")
+    x.set_defaults(fn=cmd_export_labels)
+    for action, text in (("user", "add or change a user (the password from --password-file, a prompt or stdin)"),
+                         ("users", "list the users")):
+        u = csub.add_parser(action, help=text)
+        if action == "user":
+            u.add_argument("name", help="the login name")
+            u.add_argument("--role", required=True, choices=["officer", "technician", "admin"], help="what they may do")
+            u.add_argument("--password-file", help="read the password from this file (first line)")
+        u.add_argument("--state", help=f"the console's own file (default {DEFAULT_STATE})")
+        u.add_argument("--db", help="the hub's database: the console's file defaults to console.db beside it")
+        u.set_defaults(fn=cmd_user, action="list" if action == "users" else "add")
+
+
+def cmd_export_labels(args: argparse.Namespace) -> int:
+    """Reviewed identifications as a training set: DIR/<label>/<sha256>.jpg (the layout `models train` reads)."""
+    import shutil
+
+    from customs_edge.hub.console.queries import HubReader
+    from customs_edge.hub.console.state import ConsoleState
+
+    state = ConsoleState(_state_path(args))
+    reader = HubReader(args.db)
+    photos = Path(f"{args.db}.photos")
+    out = Path(args.dir)
+    written = missing = 0
+    for (device_id, seq), act in sorted(state.labels().items()):
+        rec = reader.record(device_id, seq, "identification")
+        sha = rec.payload.get("photo") if rec else None
+        src = photos / str(sha)[:2] / f"{sha}.jpg" if isinstance(sha, str) else None
+        if src is None or not src.is_file():
+            missing += 1
+            continue
+        (out / act.detail).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out / act.detail / f"{sha}.jpg")
+        written += 1
+    print(f"{written} reviewed photos written to {out} (DIR/<label>/<sha256>.jpg); {missing} without their photo"
+          " at the hub")
+    return 0
