@@ -73,7 +73,17 @@ from customs_edge.core.mqtt import (
 )
 from customs_edge.core.records import Pending
 from customs_edge.core.signing import DeviceKey
-from customs_edge.core.wire import Ack, Command, CommandReply, Health, encode_batch, intersect, ranges_of, topic
+from customs_edge.core.wire import (
+    MAX_BATCH_BYTES,
+    Ack,
+    Command,
+    CommandReply,
+    Health,
+    encode_batch,
+    intersect,
+    ranges_of,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +299,12 @@ class Sync:
 
     def _send(self, records: list[Pending], attempt: int = 0) -> bool:
         batch_id = f"{self._boot}-{next(self._ids)}"
+        payload = encode_batch(self.device_id, batch_id, records, self.key)
+        if len(payload) > MAX_BATCH_BYTES and len(records) > 1:  # the broker disconnects oversized packets
+            half = len(records) // 2
+            return self._send(records[:half], attempt) and self._send(records[half:], attempt)
         try:
-            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, records, self.key), qos=1)
+            mid = self.link.publish(self.t_records, payload, qos=1)
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return False
@@ -412,7 +426,7 @@ class Sync:
             self.stats.commands_refused += 1
             self.reply(CommandReply(id=_command_id(msg.payload), ok=False, error=f"bad command: {err}"))
             return
-        refused = self.seen_commands.check(cmd)
+        refused = self.seen_commands.check(cmd, record=cmd.cmd != "model_chunk")  # chunks are idempotent
         if refused is not None:
             if refused.startswith("replayed"):
                 self.stats.commands_replayed += 1

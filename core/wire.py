@@ -35,6 +35,19 @@ Seq = Annotated[int, Field(ge=1, le=SEQ_MAX)]
 
 MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 64-px thumbnail) is ~12 kB
 
+# Message sizes. The broker refuses (disconnects) any MQTT packet over MAX_MESSAGE_BYTES: mosquitto's
+# `max_packet_size` in configs/broker/customs-edge.conf, the embedded broker's `max_packet_bytes`. It is set by
+# the largest legitimate message, an evidence photo sent whole (hub/photos.py MAX_PHOTO_BYTES, 16 MiB, plus its
+# header line of at most 1 KiB and the topic; a handheld's photos are 100 kB-2 MB). The others, well below:
+# - a records batch: the agent splits any batch whose encoding exceeds MAX_BATCH_BYTES (a default batch of
+#   500 records of ~400 B is ~200 kB; 1 MiB also holds 15 records at the 64 KiB payload cap), which also
+#   bounds what the hub holds per message;
+# - a config push: the YAML of a unit file, at most 1 MiB (agent/config.py MAX_FILE_BYTES), JSON-escaped;
+# - a risk list (gzip JSON Lines, retained): must fit too; a larger one is split (agent/risklist.py);
+# - health (MAX_HEALTH_BYTES), status, acks, replies, pings: a few kB.
+MAX_BATCH_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = (16 << 20) + (64 << 10)
+
 
 class WireRecord(BaseModel):
     seq: Seq
@@ -91,6 +104,7 @@ class Status(BaseModel):
     ts: float | None  # None in the will, which is written at connect time
 
 
+MODEL_CHUNK_BYTES = 256 * 1024  # a model_chunk command's data at most (base64 in the JSON: ~350 kB a message)
 COMMAND_TTL_S = 300.0  # a command's default life: one still queued for an offline unit after this is refused
 
 
@@ -101,14 +115,37 @@ class Command(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py)
-    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect"]
+    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py); model_*:
+    # agent/model_update.py
+    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect",
+                 "model_offer", "model_chunk", "model_install", "model_rollback"]
     ts: float = Field(allow_inf_nan=False)
     expires: float | None = Field(None, allow_inf_nan=False)
     args: dict[str, Any] = Field(default_factory=dict)
 
     def deadline(self) -> float:
         return self.expires if self.expires is not None else self.ts + COMMAND_TTL_S
+
+
+# A round trip to the hub (`customs-edge check`): the unit's identity publishes a HubPing on its own
+# `{device_id}/hub/ping` topic; a hub answers on `{device_id}/hub/pong` with its clock. The clock offset is
+# pong.ts - (the sender's time at sending + round trip / 2), at most half the round trip off.
+HUB_PING, HUB_PONG = "hub/ping", "hub/pong"
+MAX_PING_BYTES = 512
+
+
+class HubPing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+    id: str = Field(min_length=1, max_length=64)
+    ts: float = Field(allow_inf_nan=False)  # the sender's clock
+
+
+class HubPong(BaseModel):
+    v: Literal[1] = 1
+    id: str
+    ping_ts: float = Field(allow_inf_nan=False)  # the ping's ts, echoed
+    ts: float = Field(allow_inf_nan=False)  # the hub's clock when it answered
 
 
 class CommandReply(BaseModel):
@@ -204,6 +241,7 @@ class Health(BaseModel):
 
     v: Literal[1] = 1
     device_id: str
+    device_type: str | None = None  # the unit's `type` (older agents: none); `fleet model push --type` uses it
     ts: float = Field(allow_inf_nan=False)  # the unit's clock
     agent_version: str
     uptime_s: float = Field(ge=0, allow_inf_nan=False)  # of the agent process

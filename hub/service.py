@@ -1,7 +1,11 @@
 """The hub service: subscribe (shared), store, then ack. One thread, an explicit loop.
 
 Several hubs may run against one broker: they join the same shared-subscription group, and the broker
-hands each records message to one of them. Each hub acks only what it stored itself. Status and health
+hands each records message to one of them. Each hub acks only what it stored itself. With `postgres` the
+workers store into one PostgreSQL (hub/store_pg.py) and, by default, hold clean sessions: mosquitto keeps
+handing a share of the group's messages to a persistent session whose worker died, where they wait unseen
+until it returns; with clean sessions a dead worker's share goes to the live ones, and whatever it had
+received but not acked is resent by its agents after their ack timeout. Status and health
 messages are subscribed plainly (every hub keeps them); a health message that is not a valid Health of the
 device its topic names is counted (`health_refused`, and per device in the store) and ignored.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -22,8 +27,9 @@ from pydantic import ConfigDict, Field, ValidationError
 from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, MqttLink, NotConnected, install_client_id
 from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
-from customs_edge.hub import intake
+from customs_edge.hub import intake, pings
 from customs_edge.hub.photos import PhotoArchive
+from customs_edge.hub.storage import HubStorage, open_store
 from customs_edge.hub.store import HubStore, Stored
 
 log = logging.getLogger(__name__)
@@ -41,8 +47,16 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
     client_id: str | None = Field(None, description="default ce-hub-{host}-{hash of machine id and db path}:"
                                   " one per hub file, so two hubs on one host never take each other's session")
     db: Path = DEFAULT_DB
+    postgres: str | None = Field(None, description="PostgreSQL URL (postgresql://USER@HOST:PORT/DBNAME): store"
+                                 " there instead of the SQLite file `db`; several hub workers may share it"
+                                 " (hub/store_pg.py, docs/scale.md)")
+    photos_dir: Path | None = Field(None, description="evidence photos; default {db}.photos. Workers on one"
+                                    " PostgreSQL: a directory they all reach")
+    clean_session: bool | None = Field(None, description="default: persistent with SQLite (one hub: the broker"
+                                       " queues for it while it restarts), clean with PostgreSQL (workers in a"
+                                       " share group: the broker then hands messages only to live workers)")
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    keepalive_s: int = 10
+    keepalive_s: int = Field(10, ge=2, le=600, description="at most the broker's max_keepalive (600 s shipped)")
     keys: Path | None = Field(None, description="key registry, `DEVICE_ID ed25519:BASE64` lines: a registered"
                               " device's batches must carry its valid signature (restart the hub after an edit)")
     require_signatures: bool = Field(False, description="refuse batches of devices the registry does not list")
@@ -60,15 +74,20 @@ class Hub:
     def __init__(self, cfg: HubConfig) -> None:
         self.cfg = cfg
         self.keys = load_registry(cfg.keys) if cfg.keys else {}
-        self.store = HubStore(cfg.db, cfg.synchronous)
-        self.photos = PhotoArchive(Path(f"{cfg.db}.photos"))  # evidence photos by sha256 (hub/photos.py)
-        client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
-        self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
+        self.store: HubStorage = open_store(cfg.postgres, postgres=True) if cfg.postgres else \
+            HubStore(cfg.db, cfg.synchronous)
+        # evidence photos by sha256 (hub/photos.py)
+        self.photos = PhotoArchive(cfg.photos_dir or Path(f"{cfg.db}.photos"))
+        clean = bool(cfg.postgres) if cfg.clean_session is None else cfg.clean_session
+        client_id = cfg.client_id or (f"ce-hub-{socket.gethostname()}-{os.getpid()}" if cfg.postgres else
+                                      install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db))
+        self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=clean,
                              **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
         self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
         self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
         self.batches = 0
         self.ready = threading.Event()  # set once subscribed
+        self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
 
     def records_filter(self) -> str:
         f = f"{self.cfg.topic_prefix}/+/records"
@@ -95,6 +114,7 @@ class Hub:
                 self.link.subscribe(self.records_filter(), 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
                 self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+                self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
                 self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
                 self.ready.set()
                 log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
@@ -118,8 +138,11 @@ class Hub:
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
-        out: list[Out] = []  # photo acks
+        out: list[Out] = []  # photo acks and ping answers
         for t, payload in messages:
+            if self.pings.matches(t):
+                out += [Out(*answer) for answer in self.pings.answer(t, payload)]
+                continue
             if t.endswith("/status"):
                 self._status(t, payload)
                 continue

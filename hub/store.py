@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.signing import GENESIS, TOMBSTONE_TYPE, record_hash
@@ -220,30 +221,7 @@ class HubStore:
         return out
 
     def _store(self, b: Incoming, now: float) -> Stored:
-        first = dict(self._held("records", b.device_id, b.rows))  # the version each seq was stored as
-        held = {seq: {content} for seq, content in first.items()}
-        new: list[Row] = []
-        clash: list[Row] = []
-        dup = 0
-        for row in b.rows:
-            if row[0] not in held:
-                held[row[0]] = {row[1:]}
-                first[row[0]] = row[1:]
-                new.append(row)
-            elif row[1:] in held[row[0]]:
-                dup += 1
-            else:
-                clash.append(row)
-        fresh: list[Row] = []
-        if clash:  # kept apart once: a conflicting record resent is a redelivery of it
-            for seq, content in self._held("conflicts", b.device_id, clash):
-                held[seq].add(content)
-            for row in clash:
-                if row[1:] in held[row[0]]:
-                    dup += 1
-                else:
-                    held[row[0]].add(row[1:])
-                    fresh.append(row)
+        new, fresh, dup, first = classify(b, self._held)
         # Plain INSERTs: the comparison above decided. A constraint failing here (a NaN where NOT NULL) raises,
         # and nothing of the batch is acked; it is never taken for a duplicate.
         self.db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -266,9 +244,7 @@ class HubStore:
             " last_seen = excluded.last_seen RETURNING conflicts",
             (b.device_id, len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new),
              max([r[0] for r in b.rows] + named, default=0), now, now)).fetchone()
-        return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named), len(new), dup,
-                      [r[0] for r in fresh], conflicts,
-                      (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})))
+        return stored_result(b, new, fresh, dup, first, conflicts)
 
     def _held(self, table: str, device_id: str, rows: list[Row]) -> list[tuple[int, Content]]:
         """(seq, content) of every row `table` holds for these rows' seqs."""
@@ -366,42 +342,87 @@ class HubStore:
                                           (device_id, TOMBSTONE_TYPE)):
             for lo, hi, prev, last in json.loads(payload).get("runs", []):
                 runs[lo] = (hi, prev, last)
-        head: str | None = GENESIS
-        expect = 1
         rows = self.db.execute(
             "SELECT seq, ts, type, priority, payload, prev, h, 1 FROM records WHERE device_id=?1 UNION ALL"
             " SELECT seq, 0, '', 0, '', prev, h, 0 FROM rejected r WHERE device_id=?1 AND seq IS NOT NULL AND NOT"
             " EXISTS (SELECT 1 FROM records x WHERE x.device_id=?1 AND x.seq=r.seq) ORDER BY seq", (device_id,))
-        for seq, ts, type_, prio, payload, prev, h, stored in rows:
-            while expect < seq and expect in runs:  # a dropped run, named by a tombstone
-                hi, tprev, last = runs[expect]
-                if head is not None and tprev != head:
-                    return v.bad(expect, f"the tombstone of seqs {expect}-{hi} does not link to seq {expect - 1}")
-                v.dropped += hi - expect + 1
-                head, expect = last, hi + 1
-            if prev is None:  # an unchained record of an older agent: only before the chain began
-                if v.records or v.rejected or v.dropped:
-                    return v.bad(seq, "its chain link was removed (an unchained record after the chain began)")
-                v.unchained += 1
-                head, expect = None, seq + 1
-                continue
-            if expect < seq and not (head is None and prev == GENESIS):
-                return v.bad(expect, f"seqs {expect}-{seq - 1} are missing and no tombstone names them")
-            if head is not None and prev != head:
-                return v.bad(seq, f"its link does not match seq {seq - 1}: one of them was altered")
-            if stored:
-                computed = record_hash(prev, seq, ts, type_, prio, payload)
-                if computed != h:
-                    return v.bad(seq, "its content does not match its chain hash: altered in this database")
-                v.records += 1
-            else:
-                v.rejected += 1
-            head, expect = h if not stored else computed, seq + 1
         (max_seq,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id=?",
                                      (device_id,)).fetchone()
-        if max_seq >= expect:
-            return v.bad(expect, f"seqs {expect}-{max_seq} were received and are no longer stored")
-        return v
+        return walk_chain(v, runs, rows, max_seq)
 
     def close(self) -> None:
         self.db.close()
+
+
+def classify(b: Incoming, held_in: Callable[[str, str, list[Row]], list[tuple[int, Content]]]
+             ) -> tuple[list[Row], list[Row], int, dict[int, Content]]:
+    """A batch against what the store holds (`held_in(table, device_id, rows)`): the rows to store, the rows to
+    keep in `conflicts`, the count of redeliveries, and the version each seq was first stored as."""
+    first = dict(held_in("records", b.device_id, b.rows))  # the version each seq was stored as
+    held = {seq: {content} for seq, content in first.items()}
+    new: list[Row] = []
+    clash: list[Row] = []
+    dup = 0
+    for row in b.rows:
+        if row[0] not in held:
+            held[row[0]] = {row[1:]}
+            first[row[0]] = row[1:]
+            new.append(row)
+        elif row[1:] in held[row[0]]:
+            dup += 1
+        else:
+            clash.append(row)
+    fresh: list[Row] = []
+    if clash:  # kept apart once: a conflicting record resent is a redelivery of it
+        for seq, content in held_in("conflicts", b.device_id, clash):
+            held[seq].add(content)
+        for row in clash:
+            if row[1:] in held[row[0]]:
+                dup += 1
+            else:
+                held[row[0]].add(row[1:])
+                fresh.append(row)
+    return new, fresh, dup, first
+
+
+def stored_result(b: Incoming, new: list[Row], fresh: list[Row], dup: int, first: dict[int, Content],
+                  conflicts: int) -> Stored:
+    named = [r.seq for r in b.rejected if r.seq is not None]
+    return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named), len(new), dup,
+                  [r[0] for r in fresh], conflicts,
+                  (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})))
+
+
+def walk_chain(v: Verdict, runs: dict[int, tuple[int, str | None, str]], rows: Iterable[tuple[Any, ...]],
+               max_seq: int) -> Verdict:
+    """The chain walk of `verify`, over (seq, ts, type, priority, payload, prev, h, stored) in seq order."""
+    head: str | None = GENESIS
+    expect = 1
+    for seq, ts, type_, prio, payload, prev, h, stored in rows:
+        while expect < seq and expect in runs:  # a dropped run, named by a tombstone
+            hi, tprev, last = runs[expect]
+            if head is not None and tprev != head:
+                return v.bad(expect, f"the tombstone of seqs {expect}-{hi} does not link to seq {expect - 1}")
+            v.dropped += hi - expect + 1
+            head, expect = last, hi + 1
+        if prev is None:  # an unchained record of an older agent: only before the chain began
+            if v.records or v.rejected or v.dropped:
+                return v.bad(seq, "its chain link was removed (an unchained record after the chain began)")
+            v.unchained += 1
+            head, expect = None, seq + 1
+            continue
+        if expect < seq and not (head is None and prev == GENESIS):
+            return v.bad(expect, f"seqs {expect}-{seq - 1} are missing and no tombstone names them")
+        if head is not None and prev != head:
+            return v.bad(seq, f"its link does not match seq {seq - 1}: one of them was altered")
+        if stored:
+            computed = record_hash(prev, seq, ts, type_, prio, payload)
+            if computed != h:
+                return v.bad(seq, "its content does not match its chain hash: altered in this database")
+            v.records += 1
+        else:
+            v.rejected += 1
+        head, expect = h if not stored else computed, seq + 1
+    if max_seq >= expect:
+        return v.bad(expect, f"seqs {expect}-{max_seq} were received and are no longer stored")
+    return v
