@@ -67,7 +67,7 @@ from pydantic import ValidationError
 
 from customs_edge.agent.commands import SeenCommands
 from customs_edge.agent.config import SyncConfig
-from customs_edge.agent.outbox import Outbox, merge_ranges
+from customs_edge.agent.outbox import Outbox, merge_ranges, subtract_ranges
 from customs_edge.core.inbound import Refusals, TokenBucket, too_large
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.mqtt import (
@@ -408,8 +408,8 @@ class Sync:
             self.stats.hub_acked_seq = max(self.stats.hub_acked_seq, max(hi for _, hi in acked))
         if rejected:
             self._settle_rejected = merge_ranges(self._settle_rejected + rejected)
-        done = merge_ranges(acked + rejected)
-        rest = [r for r in flight.records if not _covers(done, r.seq)]
+        left = subtract_ranges(flight.ranges, merge_ranges(acked + rejected))  # usually none: no per-record pass
+        rest = [r for r in flight.records if _covers(left, r.seq)] if left else []
         if rest:
             self.stats.partial_acks += 1
             log.warning("the hub answered for part of a batch; sending the rest again",

@@ -175,21 +175,44 @@ def _number(x: float) -> str:
 def encode_batch(device_id: str, batch_id: str, records: list[Pending], key: DeviceKey | None = None) -> bytes:
     """Batch JSON built by string joining: the stored payload JSON is sent as-is, never re-parsed. With a
     device key, each record carries its chain link and the batch is signed."""
-    parts = [
-        f'{{"seq":{r.seq},"ts":{_number(r.ts)},"boot":"{r.boot_id}","mono":{_number(r.mono)},'
-        f'"type":{dumps(r.type)},"prio":{r.priority},"payload":{r.payload}'
-        + ("}" if r.prev is None else f',"prev":"{r.prev}"}}')
-        for r in records
-    ]
+    types: dict[str, str] = {}  # a batch holds a few types: each encoded once
+    parts = []
+    for seq, ts, boot, mono, type_, prio, payload, prev in records:
+        t = types.get(type_)
+        if t is None:
+            t = types[type_] = dumps(type_)
+        if ts - ts or mono - mono:  # NaN or an infinity (x - x is NaN; 0.0 for every finite float)
+            ts_, mono_ = _number(ts), _number(mono)
+        else:
+            ts_, mono_ = repr(ts), repr(mono)
+        parts.append(f'{{"seq":{seq},"ts":{ts_},"boot":"{boot}","mono":{mono_},"type":{t},"prio":{prio},'
+                     f'"payload":{payload}' + ("}" if prev is None else f',"prev":"{prev}"}}'))
     head = f'{{"v":{WIRE_VERSION},"device_id":{dumps(device_id)},"batch":{dumps(batch_id)},'
     if key is not None:
-        hashes = [record_hash(r.prev or "", r.seq, r.ts, r.type, r.priority, r.payload) for r in records]
-        head += f'"key":"{key.key_id}","sig":"{key.sign(batch_message(device_id, batch_id, hashes))}",'
+        head += f'"key":"{key.key_id}","sig":"{key.sign(batch_message(device_id, batch_id, chain_hashes(records)))}",'
     return (head + '"records":[' + ",".join(parts) + "]}").encode()
+
+
+def chain_hashes(records: list[Pending]) -> list[str]:
+    """Each record's chain hash, as the batch signature covers them. The outbox committed a record's hash as
+    the `prev` of the record after it, so where that record follows in the batch (the next seq, both chained)
+    its `prev` is the hash: only the others (a batch's last record, one before a gap, unchained ones) are
+    hashed here. The hub recomputes every hash from what it received, so this changes nothing it checks."""
+    out: list[str] = []
+    for r, nxt in zip(records, [*records[1:], None], strict=True):
+        if nxt is not None and nxt.seq == r.seq + 1 and nxt.prev is not None and r.prev is not None:
+            out.append(nxt.prev)
+        else:
+            out.append(record_hash(r.prev or "", r.seq, r.ts, r.type, r.priority, r.payload))
+    return out
 
 
 def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
     """Sorted seqs -> inclusive ranges: [1,2,3,7] -> [(1,3),(7,7)]."""
+    if seqs:  # the common case, one run (a batch of one priority), found without a pass in Python
+        lo, hi = min(seqs), max(seqs)
+        if hi - lo == len(seqs) - 1 and len(set(seqs)) == len(seqs):
+            return [(lo, hi)]
     out: list[tuple[int, int]] = []
     for s in sorted(seqs):
         if out and s == out[-1][1] + 1:

@@ -298,6 +298,12 @@ class HubStore:
         """(seq, content) of every row `table` holds for these rows' seqs."""
         seqs = sorted({r[0] for r in rows})
         out: list[tuple[int, Content]] = []
+        if seqs and seqs[-1] - seqs[0] < 2 * len(seqs):  # dense, as batches are: one range scan, not an IN list
+            wanted = set(seqs)
+            return [(seq, (ts, boot, mono, type_, prio, payload)) for seq, ts, boot, mono, type_, prio, payload in
+                    self.db.execute("SELECT seq, ts, boot_id, mono, type, priority, payload FROM " + table +
+                                    " WHERE device_id=? AND seq BETWEEN ? AND ?", (device_id, seqs[0], seqs[-1]))
+                    if seq in wanted]
         for i in range(0, len(seqs), 500):
             chunk = seqs[i:i + 500]
             out += [(seq, (ts, boot, mono, type_, prio, payload)) for seq, ts, boot, mono, type_, prio, payload in
