@@ -28,14 +28,19 @@ class SeenCommands:
         self.path = path
         self.ids: dict[str, float] = self._load()  # id -> keep until (unix time), oldest first
 
-    def check(self, cmd: Command, now: float | None = None) -> str | None:
-        """None and the id recorded when `cmd` may run; else why it is refused."""
+    def check(self, cmd: Command, now: float | None = None, *, record: bool = True) -> str | None:
+        """None and the id recorded when `cmd` may run; else why it is refused. `record` False: only the
+        expiry is checked and the id is not kept (a model_chunk: it is idempotent, checked against the offer's
+        sha256 and written at its offset, so a replay changes nothing; an fsync per chunk would cost more than
+        the chunk, and chunk ids would push the ids that matter out of the bound)."""
         now = time.time() if now is None else now
         if cmd.id in self.ids:
             return f"replayed: command id {cmd.id!r} was already received; send a new id"
         if now > cmd.deadline():
             return (f"expired: its deadline {cmd.deadline():.0f} is {now - cmd.deadline():.0f} s past on this "
                     "unit's clock; send it again (or check the unit's clock)")
+        if not record:
+            return None
         self.ids = {i: t for i, t in self.ids.items() if t >= now}
         self.ids[cmd.id] = max(cmd.deadline(), now + self.KEEP_S)
         while len(self.ids) > self.MAX_IDS:

@@ -59,6 +59,19 @@ class SyncConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_ce
     connect_timeout_s: float = Field(5.0, gt=0)
     backoff_min_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
+    commands_per_s: float = Field(1.0, gt=0, description="commands a unit runs per second, on average; more are"
+                                  " refused (and answered so), counted")
+    commands_burst: int = Field(10, ge=1, description="commands a unit runs in a burst before commands_per_s applies")
+
+
+class ModelUpdatesConfig(BaseModel):
+    model_config = Strict
+    dir: Path | None = Field(None, description="where pushed model versions are kept (agent/model_update.py); "
+                             "default: beside the outbox, {outbox.path}.models")
+    signing_key: Path | None = Field(None, description="the operators' model-signing public key (ed25519:BASE64, "
+                                     "as `customs-edge fleet model keygen` prints it): set, a pushed model must "
+                                     "carry a valid signature")
+    max_mb: float = Field(64, gt=0, le=4096, description="a pushed model's files at most (MB)")
 
 
 class UnitConfig(BaseModel):
@@ -70,6 +83,7 @@ class UnitConfig(BaseModel):
     app: BaseModel | dict[str, Any] = Field(default_factory=dict)
     outbox: OutboxConfig = OutboxConfig()
     sync: SyncConfig = SyncConfig()
+    models: ModelUpdatesConfig = ModelUpdatesConfig()
     health_interval_s: float = Field(60.0, gt=0, description="a health message to the hub this often, and when a"
                                      " driver goes up or down: CPU, memory, disk, backlog, drivers, versions")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

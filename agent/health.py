@@ -97,6 +97,7 @@ class HealthSampler:
     def __init__(self, cfg: UnitConfig, outbox: Outbox, drivers: Callable[[], dict[str, dict[str, Any]]],
                  models: Callable[[], dict[str, str]], thermal: Thermal | None = None) -> None:
         self.device_id = cfg.device_id
+        self.device_type = cfg.type
         self.outbox = outbox
         self.outbox_dir = Path(cfg.outbox.path).parent
         self.drivers = drivers
@@ -115,7 +116,7 @@ class HealthSampler:
         now = time.time()
         st = self.outbox.stats()
         return Health(
-            device_id=self.device_id, ts=now, agent_version=customs_edge.__version__,
+            device_id=self.device_id, device_type=self.device_type, ts=now, agent_version=customs_edge.__version__,
             uptime_s=round(time.monotonic() - _STARTED, 3), cpu_pct=self.cpu_pct(), rss_bytes=rss_bytes(),
             disk_free_bytes=disk_free_bytes(self.outbox_dir), soc_temp_c=self.thermal.read(),
             outbox_pending=st.pending,

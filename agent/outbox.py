@@ -76,7 +76,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar, cast
 
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.jsonfast import dumps
@@ -221,13 +221,20 @@ def encode_records(records: Sequence[RecordIn], boot: str, mono: float) -> tuple
     return rows, dead
 
 
-def chain(head: str, first_seq: int, rows: Sequence[Row]) -> tuple[list[str], str]:
-    """The `prev` of each row given seqs from first_seq on, after the chain head `head`; and the new head."""
-    prevs = []
-    for seq, (ts, _, _, type_, prio, payload) in enumerate(rows, first_seq):
-        prevs.append(head)
-        head = record_hash(head, seq, ts, type_, prio, payload)
-    return prevs, head
+Linked = tuple[int, float, str, float, str, int, str, str]  # seq, *Row, prev: a Pending's fields, in order
+
+
+def chain(head: str, first_seq: int, rows: Sequence[Row]) -> tuple[list[Linked], str]:
+    """Each row with its seq (from first_seq on) and its `prev`, the chain hash before it (after the chain
+    head `head`): a Pending's fields, as inserted; and the new head."""
+    linked: list[Linked] = []
+    append = linked.append
+    seq = first_seq
+    for row in rows:
+        append((seq, *row, head))
+        head = record_hash(head, seq, row[0], row[3], row[4], row[5])
+        seq += 1
+    return linked, head
 
 
 def tombstones(dropped: Sequence[tuple[int, str | None, float, str, int, str]], boot: str, mono: float) -> list[Row]:
@@ -289,6 +296,11 @@ def subtract_ranges(a: Ranges, b: Ranges) -> Ranges:
         if lo <= hi:
             out.append((lo, hi))
     return out
+
+
+# a row of begin()'s SELECT (its 8 columns, in Pending's order) as a Pending: what Pending._make does, without
+# a Python call per row
+_pending = cast(Callable[[tuple[object, ...]], Pending], partial(tuple.__new__, Pending))
 
 
 def _covered(ranges: Ranges, seq: int) -> bool:
@@ -496,10 +508,9 @@ class SqliteOutbox:
         row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
         first = (row[0] if row else 0) + 1
         (head,) = db.execute("SELECT value FROM meta WHERE key='chain_head'").fetchone()
-        prevs, head = chain(head, first, rows)
+        linked, head = chain(head, first, rows)
         db.executemany("INSERT INTO records (seq, ts, boot_id, mono, type, priority, payload, prev)"
-                       " VALUES (?,?,?,?,?,?,?,?)",
-                       [(s, *r, p) for s, (r, p) in enumerate(zip(rows, prevs, strict=True), first)])
+                       " VALUES (?,?,?,?,?,?,?,?)", linked)
         db.execute("UPDATE meta SET value=? WHERE key='chain_head'", (head,))
         self._bump({f"pending.{_PRIO_NAME[p]}": n for p, n in Counter(r[4] for r in rows).items()})
         return first + len(rows) - 1
@@ -573,7 +584,7 @@ class SqliteOutbox:
                         break
                     self._cursor[prio] = rows[-1][0]
                     wait = self._waiting_ranges
-                    out.extend(map(Pending._make, [r for r in rows if not _covered(wait, r[0])] if wait else rows))
+                    out.extend(map(_pending, [r for r in rows if not _covered(wait, r[0])] if wait else rows))
                     if len(rows) < want:
                         break
         return out
@@ -847,10 +858,10 @@ class MemoryOutbox:
         rows, dead = encode_records(records, self.boot_id, time.monotonic())
         with self._lock:
             first = self._last_seq + 1
-            prevs, self._head = chain(self._head, first, rows)
-            for row, prev in zip(rows, prevs, strict=True):
-                self._last_seq += 1
-                self._records[row[4]][self._last_seq] = Pending(self._last_seq, *row, prev)
+            linked, self._head = chain(self._head, first, rows)
+            for fields in linked:
+                self._records[fields[5]][fields[0]] = Pending._make(fields)
+            self._last_seq += len(linked)
             self._bury(dead)
             if state is not None:
                 self._state[state[0]] = bytes(state[1])

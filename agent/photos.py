@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from customs_edge.core.inbound import Refusals, too_large
 from customs_edge.core.mqtt import Link, Message, NotConnected
 from customs_edge.core.wire import topic
 
@@ -160,6 +161,7 @@ class PhotoSender:
         self._inflight: dict[str, tuple[float, int]] = {}  # sha -> (sent_at, attempt)
         self._attempts: dict[str, int] = {}
         self._acked: list[str] = []
+        self.refusals = Refusals(log)  # photo acks refused: counted, one log line a minute per cause
 
     def topics(self) -> list[str]:
         return [self.t_ack]
@@ -170,11 +172,14 @@ class PhotoSender:
     def on_message(self, msg: Message) -> bool:
         if msg.topic != self.t_ack:
             return False
+        if why := too_large(msg.payload, HEADER_MAX):  # an ack is ~150 bytes: never parsed when larger
+            self.refusals.refuse("photo_ack_too_large", "oversized photo ack ignored unread", reason=why)
+            return True
         try:
             ack = json.loads(msg.payload)
             sha, stored = str(ack["sha256"]), ack.get("stored") is True
-        except (ValueError, KeyError, TypeError):
-            log.warning("bad photo ack ignored", extra={"bytes": len(msg.payload)})
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            self.refusals.refuse("photo_ack_malformed", "bad photo ack ignored", bytes=len(msg.payload))
             return True
         was_sent = self._inflight.pop(sha, None) is not None
         if stored:  # the hub holds bytes with this hash: true whichever send (or session) it answers

@@ -53,7 +53,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MAX_BYTES = 64 << 20  # compressed payload
+MAX_BYTES = 16 << 20  # compressed: one MQTT message within the shipped broker's max_packet_size (16 MiB + 64 KiB)
 MAX_EXPANDED = 512 << 20  # the JSON Lines text
 MAX_ENTRIES = 4_000_000
 MAX_PATTERNS = 256

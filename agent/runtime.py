@@ -32,10 +32,12 @@ from customs_edge.agent.apps.base import App
 from customs_edge.agent.config import UnitConfig
 from customs_edge.agent.health import HealthSampler, model_versions
 from customs_edge.agent.inspect import Inspector, is_image
+from customs_edge.agent.model_store import effective_app
 from customs_edge.agent.outbox import Outbox, SqliteOutbox
 from customs_edge.agent.sync import Sync
-from customs_edge.core.errors import DriverFault
+from customs_edge.core.errors import DriverFault, ModelError
 from customs_edge.core.jsonfast import dumps
+from customs_edge.core.logs import redact
 from customs_edge.core.mqtt import Backoff
 from customs_edge.core.outputs import Output
 from customs_edge.core.readings import Image, Reading, ThermalFrame
@@ -141,7 +143,7 @@ class DriverThread(threading.Thread):
                             self.on_change()
                         self.out.put(reading)
             except DriverFault as exc:
-                self.last_error = str(exc)
+                self.last_error = redact(str(exc))  # goes into a config_push reply: no camera URL's user:pass@
                 delay = self.backoff.next()
                 if self.down_since is None:
                     self.down_since = time.monotonic()
@@ -186,6 +188,20 @@ class DriverThread(threading.Thread):
             log.exception("driver close failed", extra={"driver": self.driver.role})
 
 
+def make_app(cfg: UnitConfig) -> App:
+    """The unit's app, with the model versions pushed to the unit (agent/model_store.py). A pushed version that
+    no longer loads (its files damaged on disk) is logged and the model the config names runs instead."""
+    cls = registry.lookup("app", cfg.type)
+    app_cfg = effective_app(cfg)
+    if app_cfg is cfg.app:
+        return cls(cfg.device_id, cfg.app)
+    try:
+        return cls(cfg.device_id, app_cfg)
+    except ModelError as exc:
+        log.error("a pushed model does not load; the model the config names runs instead", extra={"error": str(exc)})
+        return cls(cfg.device_id, cfg.app)
+
+
 def open_outbox(cfg: UnitConfig) -> SqliteOutbox:
     oc = cfg.outbox
     return SqliteOutbox(oc.path, synchronous=oc.synchronous, max_mb=oc.max_mb, max_age_days=oc.max_age_days,
@@ -214,7 +230,7 @@ class Unit:
         self.commands = commands  # the runtime's command hook (config_get, config_push), kept across reloads
         self.outbox: Outbox = outbox or open_outbox(cfg)
         if app is None:
-            app = registry.lookup("app", cfg.type)(cfg.device_id, cfg.app)
+            app = make_app(cfg)
         self.app: App = app
         if drivers is None:
             drivers = {role: registry.lookup("driver", dc.driver)(role, dc) for role, dc in cfg.drivers.items()}
@@ -384,7 +400,7 @@ class Unit:
         config_push, through `commands`), else the app's."""
         if cmd.cmd == "inspect":
             return self.inspector.start(cmd.args, self.image_roles())
-        if cmd.cmd in ("config_get", "config_push"):
+        if cmd.cmd in ("config_get", "config_push") or cmd.cmd.startswith("model_"):
             if self.commands is None:
                 raise ValueError(f"{cmd.cmd}: this unit was not started by `customs-edge run`")
             return self.commands(cmd)
@@ -643,7 +659,7 @@ class Unit:
 
 
 def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | None = None,
-                 errors: list[str] | None = None) -> Unit:
+                 errors: list[str] | None = None, new_app: bool = False) -> Unit:
     """A reload: stop `old`, start a unit for `cfg`; returns the unit now running (`old`, restarted if it
     had to be stopped, when the new config cannot start).
 
@@ -651,13 +667,13 @@ def replace_unit(old: Unit, cfg: UnitConfig, *, drivers: dict[str, Driver] | Non
     round trip. A changed one is closed and the new app resumes from its final snapshot if compatible.
     An unchanged outbox is handed over too; another file is opened before `old` stops. The new drivers
     wait for old driver threads still holding their ports. Why the new config could not start is appended
-    to `errors` when given."""
-    keep_app = (cfg.type, cfg.device_id, cfg.app) == (old.cfg.type, old.cfg.device_id, old.cfg.app)
+    to `errors` when given. `new_app`: the app is rebuilt even if its section is unchanged (a model update)."""
+    keep_app = not new_app and (cfg.type, cfg.device_id, cfg.app) == (old.cfg.type, old.cfg.device_id, old.cfg.app)
     keep_outbox = _same_outbox_file(cfg, old.cfg) and cfg.outbox.model_dump(
         include={"synchronous", "max_mb", "max_age_days"}) == old.cfg.outbox.model_dump(
         include={"synchronous", "max_mb", "max_age_days"})
     try:  # everything that may fail while `old` still runs
-        app = old.app if keep_app else registry.lookup("app", cfg.type)(cfg.device_id, cfg.app)
+        app = old.app if keep_app else make_app(cfg)
         outbox: Outbox | None = old.outbox if keep_outbox else None
         if outbox is None and not _same_outbox_file(cfg, old.cfg):
             outbox = open_outbox(cfg)
@@ -701,15 +717,18 @@ def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
                 reload: threading.Event | None = None) -> None:
     """Run a unit until `stop`; on `reload`, re-read config_path: a bad file is refused and the old
     config keeps running; a good one replaces the running unit (replace_unit). Configs pushed over MQTT
-    (agent/remote_config.py) are applied here too, one at a time, between reloads."""
+    (agent/remote_config.py) and model installs (agent/model_update.py) are applied here too, one at a time,
+    between reloads."""
     from customs_edge.agent.config import load_unit_config
+    from customs_edge.agent.model_update import ModelUpdates
     from customs_edge.agent.remote_config import RemoteConfig
     from customs_edge.core.errors import ConfigError
 
     remote = RemoteConfig(Path(config_path) if config_path else None)
     if remote.recover():  # a power cut during a push's probation: the last-known-good file is back
         cfg = load_unit_config(config_path or "")
-    unit = Unit(cfg, commands=remote.command)
+    models = ModelUpdates(lambda: unit.cfg, remote.pushes)  # installs queued with the config pushes
+    unit = Unit(cfg, commands=lambda c: (models.command if c.cmd.startswith("model_") else remote.command)(c))
     unit.start()
     sdnotify.notify("READY=1")
     try:
@@ -720,7 +739,7 @@ def run_forever(cfg: UnitConfig, config_path: str | None, stop: threading.Event,
             if unit.health():
                 sdnotify.notify("WATCHDOG=1")
             if push is not None:
-                unit = remote.apply(unit, push, stop)
+                unit = (models.apply if push.cmd.startswith("model_") else remote.apply)(unit, push, stop)
             if reload is not None and reload.is_set():
                 reload.clear()
                 try:

@@ -31,10 +31,18 @@ or below it (a replaced or restored file) has its seq floor raised past it.
 Every batch is signed with the device key beside the outbox (`{outbox}.key`, core/signing.py), over its
 batch id and its records' chain hashes; a resend is signed again, under the same batch id.
 Commands (core/wire.py Command) come on the cmd topic and are answered on cmd/reply. A retained one is
-ignored (a stale order left on the broker is no order); a replayed or expired one is refused and counted
-(agent/commands.py). ping, status and resend are answered here; the rest go to the runtime's `commands`
-hook, which returns the result, or None when it answers later through `reply()` (config_push: the unit is
-replaced meanwhile, and the reply leaves through the new unit's sync).
+ignored (a stale order left on the broker is no order); one over MAX_COMMAND_BYTES is refused unparsed;
+beyond `commands_burst` commands at `commands_per_s` they are refused (rate_limited; model_chunk excepted:
+hundreds make one model update, each checked against its offered hash), and a `resend` within
+ack_timeout_s of the last one is refused too (each releases the whole window: 20 a second would multiply
+the traffic); a replayed or expired one is refused and counted (agent/commands.py).
+Every inbound message is bounded before it is parsed (core/inbound.py): an ack over MAX_ACK_BYTES, anything
+on a topic the sync did not subscribe to, and malformed acks and commands are refused, counted per cause
+(status: sync.refused) and logged at most once a minute per cause. Batch ids are 64 random bits (per start)
+and a counter: nobody can guess the id of a batch in flight.
+ping, status and resend are answered here; the rest go to the runtime's `commands` hook, which returns the
+result, or None when it answers later through `reply()` (config_push: the unit is replaced meanwhile, and the
+reply leaves through the new unit's sync).
 The session is persistent (clean_session false, a client id stable per install): QoS 1 commands and acks
 published while the unit is offline are queued by the broker and delivered when it returns; an expired
 command among them is refused then.
@@ -47,6 +55,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,7 +67,8 @@ from pydantic import ValidationError
 
 from customs_edge.agent.commands import SeenCommands
 from customs_edge.agent.config import SyncConfig
-from customs_edge.agent.outbox import Outbox, merge_ranges
+from customs_edge.agent.outbox import Outbox, merge_ranges, subtract_ranges
+from customs_edge.core.inbound import Refusals, TokenBucket, too_large
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.mqtt import (
     Connected,
@@ -73,7 +83,19 @@ from customs_edge.core.mqtt import (
 )
 from customs_edge.core.records import Pending
 from customs_edge.core.signing import DeviceKey
-from customs_edge.core.wire import Ack, Command, CommandReply, Health, encode_batch, intersect, ranges_of, topic
+from customs_edge.core.wire import (
+    MAX_ACK_BYTES,
+    MAX_BATCH_BYTES,
+    MAX_COMMAND_BYTES,
+    Ack,
+    Command,
+    CommandReply,
+    Health,
+    encode_batch,
+    intersect,
+    ranges_of,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +139,16 @@ class SyncStats:
     commands_replayed: int = 0  # an id already received: refused
     commands_expired: int = 0  # past their deadline: refused
     commands_retained: int = 0  # retained on the broker: ignored, not answered
+    commands_rate_limited: int = 0  # beyond commands_burst at commands_per_s, or a resend too soon: refused
     stale_acks: int = 0  # acks for batches not in flight on this connection, or covering none of it
     hub_acked_seq: int = 0  # highest seq the hub acked for this install (persisted)
     seq_floor_raised: int = 0  # times the outbox was found behind hub_acked_seq and moved past it
     last_ack_mono: float = 0.0
 
 
-COMMAND_COUNTERS = ("commands", "commands_refused", "commands_replayed", "commands_expired", "commands_retained")
+UNPACED_COMMANDS = frozenset({"model_chunk"})  # not counted against commands_per_s (see _on_command)
+COMMAND_COUNTERS = ("commands", "commands_refused", "commands_replayed", "commands_expired", "commands_retained",
+                    "commands_rate_limited")
 
 
 @dataclass
@@ -180,7 +205,10 @@ class Sync:
         self._inflight: dict[str, _InFlight] = {}
         self._by_mid: dict[int, str] = {}  # mids awaiting their PUBACK
         self._ids = itertools.count(1)
-        self._boot = f"{int(time.time()):x}"
+        self._boot = secrets.token_hex(8)  # batch ids: unguessable (an ack naming one is no use without it)
+        self.refusals = Refusals(log)  # inbound messages refused, per cause
+        self.command_bucket = TokenBucket(cfg.commands_per_s, cfg.commands_burst)
+        self._last_resend = float("-inf")
         self._next_status = 0.0
         self._next_health = 0.0
         self.clock: tuple[float, float] | None = None  # (hub clock - ours, round trip), last reported
@@ -219,7 +247,9 @@ class Sync:
                 elif ev.topic == self.t_cmd:
                     self._on_command(ev)
                 else:
-                    any(sl.on_message(ev) for sl in self.sidelines)
+                    if not any(sl.on_message(ev) for sl in self.sidelines):  # a sideline's (a risk list), or none's
+                        self.refusals.refuse("unexpected_topic", "message on a topic the unit did not subscribe to",
+                                             topic=ev.topic, bytes=len(ev.payload))
             elif isinstance(ev, PubAck):
                 self._on_puback(ev.mid)
             elif isinstance(ev, Connected):
@@ -289,8 +319,12 @@ class Sync:
 
     def _send(self, records: list[Pending], attempt: int = 0) -> bool:
         batch_id = f"{self._boot}-{next(self._ids)}"
+        payload = encode_batch(self.device_id, batch_id, records, self.key)
+        if len(payload) > MAX_BATCH_BYTES and len(records) > 1:  # the broker disconnects oversized packets
+            half = len(records) // 2
+            return self._send(records[:half], attempt) and self._send(records[half:], attempt)
         try:
-            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, records, self.key), qos=1)
+            mid = self.link.publish(self.t_records, payload, qos=1)
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return False
@@ -344,11 +378,15 @@ class Sync:
     def _on_ack(self, payload: bytes) -> None:
         if self.cfg.ack_mode != "hub":
             return
+        if why := too_large(payload, MAX_ACK_BYTES):
+            self.stats.bad_messages += 1
+            self.refusals.refuse("ack_too_large", "oversized ack ignored unread", topic=self.t_ack, reason=why)
+            return
         try:
             ack = Ack.model_validate_json(payload)
         except ValidationError as exc:
             self.stats.bad_messages += 1
-            log.warning("bad ack ignored", extra={"error": str(exc).splitlines()[0]})
+            self.refusals.refuse("ack_malformed", "bad ack ignored", error=str(exc).splitlines()[0])
             return
         flight = self._inflight.get(ack.batch)
         # only what we sent in that batch: a stale, retained or stray ack deletes nothing; anything it
@@ -370,8 +408,8 @@ class Sync:
             self.stats.hub_acked_seq = max(self.stats.hub_acked_seq, max(hi for _, hi in acked))
         if rejected:
             self._settle_rejected = merge_ranges(self._settle_rejected + rejected)
-        done = merge_ranges(acked + rejected)
-        rest = [r for r in flight.records if not _covers(done, r.seq)]
+        left = subtract_ranges(flight.ranges, merge_ranges(acked + rejected))  # usually none: no per-record pass
+        rest = [r for r in flight.records if _covers(left, r.seq)] if left else []
         if rest:
             self.stats.partial_acks += 1
             log.warning("the hub answered for part of a batch; sending the rest again",
@@ -405,14 +443,35 @@ class Sync:
             log.warning("retained command ignored: clear it on the broker (publish an empty retained message)",
                         extra={"topic": msg.topic})
             return
+        if why := too_large(msg.payload, MAX_COMMAND_BYTES):  # never parsed: not even for its id
+            self.stats.commands_refused += 1
+            self.refusals.refuse("command_too_large", "oversized command refused unread", reason=why)
+            self.reply(CommandReply(id=None, ok=False, error=f"command too large: {why}"))
+            return
         try:
             cmd = Command.model_validate_json(msg.payload)
         except ValidationError as exc:
-            err = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors())
+            err = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors()[:5])
             self.stats.commands_refused += 1
-            self.reply(CommandReply(id=_command_id(msg.payload), ok=False, error=f"bad command: {err}"))
+            self.refusals.refuse("command_malformed", "bad command refused", error=err)
+            self.reply(CommandReply(id=_command_id(msg.payload), ok=False, error=f"bad command: {err[:1000]}"))
             return
-        refused = self.seen_commands.check(cmd)
+        # model chunks come by the hundred, each checked against its offered hash: paced by the sender's window
+        if cmd.cmd not in UNPACED_COMMANDS and not self.command_bucket.take():
+            self.stats.commands_rate_limited += 1
+            why = (f"rate limited: at most {self.cfg.commands_burst} commands at once and"
+                   f" {self.cfg.commands_per_s:g}/s; send it again in {self.command_bucket.wait_s():.1f} s")
+            self.refusals.refuse("command_rate_limited", "command refused", reason=why)
+            self.reply(CommandReply(id=cmd.id, ok=False, error=why))
+            return
+        if cmd.cmd == "resend" and (ago := time.monotonic() - self._last_resend) < self.cfg.ack_timeout_s:
+            self.stats.commands_rate_limited += 1
+            why = (f"rate limited: the last resend was {ago:.1f} s ago; at most one per ack_timeout_s"
+                   f" ({self.cfg.ack_timeout_s:g} s), within which unacked batches are sent again anyway")
+            self.refusals.refuse("command_rate_limited", "command refused", reason=why)
+            self.reply(CommandReply(id=cmd.id, ok=False, error=why))
+            return
+        refused = self.seen_commands.check(cmd, record=cmd.cmd != "model_chunk")  # chunks are idempotent
         if refused is not None:
             if refused.startswith("replayed"):
                 self.stats.commands_replayed += 1
@@ -435,6 +494,7 @@ class Sync:
         """Carry over what a reload must not reset: the seen command ids, the command counters, the answers
         not yet published."""
         self.seen_commands = old.seen_commands
+        self.command_bucket, self._last_resend, self.refusals = old.command_bucket, old._last_resend, old.refusals
         for name in COMMAND_COUNTERS:
             setattr(self.stats, name, getattr(old.stats, name))
         self._replies[:0] = old._replies
@@ -458,6 +518,7 @@ class Sync:
         if cmd.cmd == "status":
             return self.status()
         if cmd.cmd == "resend":
+            self._last_resend = time.monotonic()
             self._inflight.clear()
             self._by_mid.clear()
             self.outbox.release()
@@ -512,7 +573,8 @@ class Sync:
     def status(self) -> dict[str, Any]:
         ob = self.outbox.stats()
         last_ack = self.stats.last_ack_mono
-        sync = {**asdict(self.stats), "last_ack_age_s": time.monotonic() - last_ack if last_ack else None}
+        sync = {**asdict(self.stats), "last_ack_age_s": time.monotonic() - last_ack if last_ack else None,
+                "refused": self.refusals.as_dict()}
         return {"state": "online", "device_id": self.device_id, "ts": time.time(), "client_id": self.link.client_id,
                 "outbox": asdict(ob), "sync": sync, **self.status_fn()}
 
@@ -562,6 +624,6 @@ def _command_id(payload: bytes) -> str | None:
     """The id of a command that failed validation, when it has a readable one: its error reply echoes it."""
     try:
         cid = json.loads(payload).get("id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
         return None
     return cid if isinstance(cid, str) and 0 < len(cid) <= 64 else None

@@ -1,8 +1,13 @@
 """`customs-edge certs`: a development certificate authority for the broker's mutual TLS.
 
-  customs-edge certs init DIR                       DIR/ca.key (0600) + DIR/ca.crt, valid 10 years
+  customs-edge certs init DIR                       DIR/ca.key (0600) + DIR/ca.crt, valid 10 years, and an
+                                                    empty revocation list DIR/ca.crl
   customs-edge certs issue NAME --role ROLE --dir DIR [--days 365] [--san HOST ...]
                                                     DIR/NAME.key (0600) + DIR/NAME.crt, signed by DIR's CA
+  customs-edge certs revoke NAME --dir DIR          add NAME.crt to DIR/ca.crl (copy it to the broker's
+                                                    crlfile and reload mosquitto: that certificate is refused)
+  customs-edge certs crl --dir DIR                  sign DIR/ca.crl again, valid CRL_DAYS more (a CRL past
+                                                    its next update makes the broker refuse every client)
 
 The certificate's common name is the identity the broker knows (configs/broker: use_identity_as_username),
 so the name carries the role: a device certificate's CN is its device_id; hubs are named hub-*, operators
@@ -37,6 +42,7 @@ PREFIX = {"hub": "hub-", "operator": "op-"}  # the name a role's certificate mus
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a device_id; the broker's name may hold dots too
 DEFAULT_DAYS = 365
 CA_DAYS = 3650
+CRL_DAYS = 365  # a CRL's validity: run `certs crl` (or revoke) again within it
 
 
 class CertError(CustomsEdgeError):
@@ -61,7 +67,57 @@ def init_ca(directory: Path, days: int = CA_DAYS, name: str = "customs-edge deve
             .sign(key, hashes.SHA256()))
     _write_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_crl(directory)
     return cert_path
+
+
+def _ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    try:
+        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise CertError(f"no usable CA in {directory} ({type(exc).__name__}): run `customs-edge certs init "
+                        f"{directory}` first") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise CertError(f"{directory / 'ca.key'}: not an EC key made by `certs init`")
+    return ca_key, ca_cert
+
+
+def write_crl(directory: Path, revoke: x509.Certificate | None = None) -> Path:
+    """DIR/ca.crl signed again (valid CRL_DAYS), with the serials it listed and `revoke`'s added."""
+    directory = Path(directory)
+    ca_key, ca_cert = _ca(directory)
+    path = directory / "ca.crl"
+    listed: list[x509.RevokedCertificate] = []
+    if path.exists():
+        try:
+            listed = list(x509.load_pem_x509_crl(path.read_bytes()))
+        except ValueError as exc:
+            raise CertError(f"{path}: not a readable CRL ({exc}); restore it from backup") from None
+    now = dt.datetime.now(dt.UTC)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+         .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CRL_DAYS)))
+    for r in listed:
+        b = b.add_revoked_certificate(r)
+    if revoke is not None and revoke.serial_number not in {r.serial_number for r in listed}:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(revoke.serial_number)
+                                      .revocation_date(now).build())
+    crl = b.sign(ca_key, hashes.SHA256())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, path)
+    return path
+
+
+def revoke(directory: Path, name: str) -> Path:
+    """Add NAME.crt (issued by DIR's CA) to DIR/ca.crl; returns the CRL's path."""
+    directory = Path(directory)
+    try:
+        cert = x509.load_pem_x509_certificate((directory / f"{name}.crt").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CertError(f"cannot read {directory / f'{name}.crt'} ({type(exc).__name__}): revoke a certificate"
+                        " this CA directory issued") from None
+    return write_crl(directory, cert)
 
 
 def issue(directory: Path, name: str, role: Role, days: int = DEFAULT_DAYS, sans: list[str] | None = None,
@@ -71,14 +127,7 @@ def issue(directory: Path, name: str, role: Role, days: int = DEFAULT_DAYS, sans
     check_name(name, role)
     if days < 1:
         raise CertError(f"--days {days}: a certificate must be valid for at least 1 day")
-    try:
-        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-        ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
-        raise CertError(f"no usable CA in {directory} ({type(exc).__name__}): run `customs-edge certs init "
-                        f"{directory}` first") from exc
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise CertError(f"{directory / 'ca.key'}: not an EC key made by `certs init`")
+    ca_key, ca_cert = _ca(directory)
     key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
     if key_path.exists() and not replace:
         raise CertError(f"{key_path} exists: pass --replace to issue a new key and certificate for {name}")
@@ -140,6 +189,10 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 def cmd_certs(args: argparse.Namespace) -> int:
     if args.action == "init":
         print(f"CA certificate: {init_ca(Path(args.dir), args.days or CA_DAYS)} (key beside it, mode 0600)")
+    elif args.action == "revoke":
+        print(f"revocation list: {revoke(Path(args.dir), args.name)} (copy it to the broker's crlfile, reload)")
+    elif args.action == "crl":
+        print(f"revocation list: {write_crl(Path(args.dir))} (valid {CRL_DAYS} days; copy it to the broker)")
     else:
         cert, key = issue(Path(args.dir), args.name, args.role, args.days or DEFAULT_DAYS, args.san,
                           replace=args.replace)
@@ -161,4 +214,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--days", type=int, help=f"validity (default {DEFAULT_DAYS})")
     s.add_argument("--san", action="append", default=[], help="another broker host name or IP (repeatable)")
     s.add_argument("--replace", action="store_true", help="replace NAME's key and certificate (renewal)")
+    r = csub.add_parser("revoke", help="add NAME's certificate to the CA's revocation list (DIR/ca.crl)")
+    r.add_argument("name", help="the certificate's name (NAME.crt in --dir)")
+    r.add_argument("--dir", default=".", help="the CA's directory (default: .)")
+    cr = csub.add_parser("crl", help=f"sign the CA's revocation list again, valid {CRL_DAYS} days")
+    cr.add_argument("--dir", default=".", help="the CA's directory (default: .)")
     c.set_defaults(fn=cmd_certs)

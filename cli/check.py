@@ -12,7 +12,11 @@ holds is reported as held, with the process that holds it).
   outage headroom   room, in outbox.max_mb and on the disk, for --outage-hours of records at the unit's
                     rate, learnt read-only from the records in its outbox file (a ! when it has none)
   broker            reachable, and the CONNACK accepted (a refusal in words)
-  clock             not before this software was built (a Pi without RTC before NTP)
+  hub               a round trip: a ping on the unit's hub/ping topic answered by a hub (hub/pings.py), with
+                    the unit's own credentials (so the broker's ACL is checked too); skipped in ack_mode broker
+  clock             not before this software was built (a Pi without RTC before NTP), and its offset to
+                    the hub's clock from that round trip (as the agent's health does from acks): ! over
+                    1 s, ✗ over 60 s
 
 Exit code by the worst result: 0 all ✓, 3 a warning (!), 1 a failure (✗).
 """
@@ -30,6 +34,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +43,8 @@ from customs_edge.agent import registry
 from customs_edge.agent.config import UnitConfig, load_unit_config
 from customs_edge.agent.outbox import OutboxError, read_stats
 from customs_edge.core.errors import ConfigError, CustomsEdgeError, DriverFault
-from customs_edge.core.mqtt import Connected, Lost, MqttLink
+from customs_edge.core.mqtt import Connected, Lost, Message, MqttLink
+from customs_edge.core.wire import HUB_PING, HUB_PONG, HubPing, HubPong, topic
 from customs_edge.drivers.base import DriverConfig, SerialPortConfig
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -74,7 +80,12 @@ def run_checks(path: str | Path, *, frame_timeout_s: float | None = None, now: f
     out.append(check_outbox(cfg))
     out.append(check_headroom(cfg, outage_hours))
     out.append(check_broker(cfg))
-    out.append(check_clock(now))
+    if out[-1].state == FAIL:
+        out.append(Result("hub", FAIL, "not reached: the broker check failed", "fix the broker first (above)"))
+        out.append(check_clock(now))
+    else:
+        hub, offset = check_hub(cfg)
+        out += [hub, check_clock(now, offset)]
     return out
 
 
@@ -318,21 +329,79 @@ def check_broker(cfg: UnitConfig) -> Result:
                   "check sync.host and sync.port, and any firewall between")
 
 
+PING_TIMEOUT_S = 5.0
+OFFSET_WARN_S, OFFSET_FAIL_S = 1.0, 60.0
+
+
+def check_hub(cfg: UnitConfig, timeout_s: float = PING_TIMEOUT_S) -> tuple[Result, tuple[float, float] | None]:
+    """A ping answered by the hub, with the unit's credentials; also (clock offset to the hub, its error bound)
+    from that round trip: offset = hub's clock - (ours at sending + round trip / 2)."""
+    s = cfg.sync
+    if s.ack_mode == "broker":
+        return Result("hub", OK, "not checked: ack_mode broker (a consumer of the site's own acks the records)"), None
+    prefix = s.topic_prefix
+    ping_t, pong_t = topic(prefix, cfg.device_id, HUB_PING), topic(prefix, cfg.device_id, HUB_PONG)
+    link = MqttLink(f"customs-edge-check-{os.getpid()}-hub", s.host, s.port, **s.credentials(),
+                    connect_timeout_s=s.connect_timeout_s)
+    ping = HubPing(id=uuid.uuid4().hex, ts=time.time())
+    sent_mono: float | None = None
+    deadline = time.monotonic() + s.connect_timeout_s + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for ev in link.step(0.05):
+                if isinstance(ev, Connected):
+                    link.subscribe(pong_t, 1)  # before the ping: the broker handles one client's packets in order
+                    ping.ts, sent_mono = time.time(), time.monotonic()
+                    link.publish(ping_t, ping.model_dump_json().encode(), qos=1)
+                    deadline = sent_mono + timeout_s
+                elif isinstance(ev, Message) and ev.topic == pong_t and sent_mono is not None:
+                    rtt = time.monotonic() - sent_mono
+                    try:
+                        pong = HubPong.model_validate_json(ev.payload)
+                    except ValueError:
+                        continue
+                    if pong.id != ping.id:
+                        continue  # an answer to an earlier check
+                    offset = pong.ts - (ping.ts + rtt / 2)
+                    link.disconnect()
+                    return Result("hub", OK, f"answered a ping in {rtt * 1000:.0f} ms"), (offset, rtt / 2)
+                elif isinstance(ev, Lost):
+                    return Result("hub", FAIL, f"the broker closed the connection: {ev.reason}",
+                                  "run `customs-edge check` again; see the broker line"), None
+    finally:
+        link.close()
+    return Result("hub", FAIL, f"no hub answered a ping on {ping_t} within {timeout_s:g} s",
+                  "is the hub running (`systemctl status customs-edge-hub`, `journalctl -u customs-edge-hub`) "
+                  f"and connected to {s.host}:{s.port} with topic_prefix {prefix!r}? With TLS, the broker's ACL "
+                  "must let this unit write .../hub/ping and the hub answer (configs/broker/acl)"), None
+
+
 def build_time() -> float:
     """When this software was built: the modification time of its own files, as installed."""
     return Path(__file__).resolve().stat().st_mtime
 
 
-def check_clock(now: float | None = None) -> Result:
+def check_clock(now: float | None = None, offset: tuple[float, float] | None = None) -> Result:
+    """Not before the build date; and, given (offset to the hub's clock, its error bound), close to the hub's."""
     now = time.time() if now is None else now
     built = build_time()
+    ntp = "enable NTP (`timedatectl set-ntp true`; `timedatectl` shows the state), or fit an RTC"
 
     def day(t: float) -> str:
         return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     if now < built:
         return Result("clock", FAIL, f"reads {day(now)}, before this software was built ({day(built)}): "
-                      "records would carry wrong times", "set the time and enable NTP (`timedatectl set-ntp true`),"
-                      " or fit an RTC; `timedatectl` shows the state")
-    return Result("clock", OK, f"{day(now)} (after the build, {day(built)})")
+                      "records would carry wrong times", f"set the time and {ntp}")
+    detail = f"{day(now)} (after the build, {day(built)})"
+    if offset is None:
+        return Result("clock", OK, detail)
+    off, err = offset
+    ahead = f"{abs(off):.3f} s {'behind' if off > 0 else 'ahead of'} the hub's (±{err:.3f} s)"
+    if abs(off) - err > OFFSET_FAIL_S:
+        return Result("clock", FAIL, f"{detail}, {ahead}: records carry times that far off",
+                      f"{ntp}; check the hub's clock too")
+    if abs(off) - err > OFFSET_WARN_S:
+        return Result("clock", WARN, f"{detail}, {ahead}", f"{ntp}; check the hub's clock too")
+    return Result("clock", OK, f"{detail}, {ahead}")
 

@@ -19,7 +19,10 @@ PASSWORD_ENV = "CUSTOMS_EDGE_MQTT_PASSWORD"
 def _state_path(args: argparse.Namespace) -> Path:
     if args.state:
         return Path(args.state)
-    return Path(args.db).with_name(DEFAULT_STATE) if getattr(args, "db", None) else Path(DEFAULT_STATE)
+    from customs_edge.hub.storage import is_postgres
+
+    db = getattr(args, "db", None)
+    return Path(db).with_name(DEFAULT_STATE) if db and not is_postgres(db) else Path(DEFAULT_STATE)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -32,8 +35,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               tls_ca=args.mqtt_tls_ca, tls_cert=args.mqtt_tls_cert, tls_key=args.mqtt_tls_key,
                               tls_server_name=args.mqtt_tls_server_name)
     server = serve(args.db, _state_path(args), args.listen, anonymous=args.anonymous, tls_cert=args.tls_cert,
-                   tls_key=args.tls_key, broker=args.broker, broker_settings=settings, prefix=args.prefix)
-    print(f"console: {server.url()}  (hub database {args.db})", flush=True)
+                   tls_key=args.tls_key, broker=args.broker, broker_settings=settings, prefix=args.prefix,
+                   photos=args.photos_dir)
+    from customs_edge.hub.storage import is_postgres
+    from customs_edge.hub.store_pg import redact
+
+    print(f"console: {server.url()}  (hub store {redact(args.db) if is_postgres(args.db) else args.db})", flush=True)
     logging.getLogger(__name__).info("console serving", extra={"url": server.url()})
     try:
         server.serve_forever(poll_interval=0.2)
@@ -72,7 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("console", help="the officers' web console: alerts, fleet, lots, lanes, audit trail")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     s = csub.add_parser("serve", help="serve the console over HTTP(S) from the hub's database")
-    s.add_argument("--db", required=True, help="the hub's SQLite database (read only)")
+    s.add_argument("--db", required=True, help="the hub's store, read only: a SQLite file or a postgresql:// URL")
+    s.add_argument("--photos-dir", help="the hub's photo store (default: DB.photos beside a SQLite file; with"
+                                        " PostgreSQL, the workers' --photos-dir)")
     s.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
     s.add_argument("--state", help=f"the console's own file: users, sessions, audit trail (default: {DEFAULT_STATE}"
                                    " beside --db)")
@@ -90,7 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_serve)
     x = csub.add_parser("export-labels", help="reviewed identifications as a training set DIR/<label>/*.jpg")
     x.add_argument("dir", help="where to write the training set")
-    x.add_argument("--db", required=True, help="the hub's database (its photos are in DB.photos/)")
+    x.add_argument("--db", required=True, help="the hub's store: a SQLite file or a postgresql:// URL")
+    x.add_argument("--photos-dir", help="the hub's photo store (default: DB.photos beside a SQLite file)")
     x.add_argument("--state", help=f"the console's own file (default: {DEFAULT_STATE} beside --db)")
     x.set_defaults(fn=cmd_export_labels)
     for action, text in (("user", "add or change a user (the password from --password-file, a prompt or stdin)"),
@@ -114,7 +124,7 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
 
     state = ConsoleState(_state_path(args))
     reader = HubReader(args.db)
-    photos = Path(f"{args.db}.photos")
+    photos = Path(args.photos_dir or f"{args.db}.photos")
     out = Path(args.dir)
     written = missing = 0
     for (device_id, seq), act in sorted(state.labels().items()):

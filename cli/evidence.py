@@ -11,9 +11,9 @@ from customs_edge.core import logs
 
 def cmd_verify(db: str, device: str | None, as_json: bool) -> int:
     """Exit 0 when every device's stored history is complete and unaltered, else 1 (the first bad seq named)."""
-    from customs_edge.hub.store import HubStore
+    from customs_edge.hub.storage import open_store
 
-    store = HubStore(db, readonly=True)
+    store = open_store(db, readonly=True)
     try:
         devices = [device] if device else [r.device_id for r in store.stats()]
         verdicts = [store.verify(d) for d in devices]

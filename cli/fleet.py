@@ -1,6 +1,7 @@
 """`customs-edge hub fleet [--db F] [--json]`: every unit the hub knows, from its database, read-only.
 `customs-edge fleet config push|get DEVICE` and `customs-edge cmd DEVICE NAME`: commands to one unit over
 the broker (core/wire.py Command), waiting for its answer (agent/remote_config.py for config_push).
+`customs-edge fleet model push|rollback|sign|keygen`: cli/fleet_model.py (docs/model-updates.md).
 
 One line per device, at most WIDTH columns: online/offline (the status the unit publishes, offline also
 by its last will), when the hub last heard from it, its backlog and the age of its oldest unsent record,
@@ -26,8 +27,9 @@ from pydantic import ValidationError
 from customs_edge.core import logs
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.mqtt import BrokerSettings, Message, MqttLink, NotConnected, PubAck
-from customs_edge.core.wire import COMMAND_TTL_S, Command, CommandReply, Health, topic
-from customs_edge.hub.store import FleetRow, HubStore
+from customs_edge.core.wire import COMMAND_TTL_S, MAX_REPLY_BYTES, Command, CommandReply, Health, topic
+from customs_edge.hub.storage import open_store
+from customs_edge.hub.store import FleetRow
 
 WIDTH = 100
 COLUMNS = [("device", 18, "<"), ("state", 7, "<"), ("seen", 5, ">"), ("backlog", 8, ">"), ("oldest", 6, ">"),
@@ -80,7 +82,7 @@ def as_json(rows: list[FleetRow], now: float) -> dict[str, Any]:
 
 
 def cmd_fleet(db: str, want_json: bool) -> int:
-    store = HubStore(db, readonly=True)  # a mistyped --db is an error, never a new empty database
+    store = open_store(db, readonly=True)  # a mistyped --db is an error, never a new empty database
     try:
         rows, now = store.fleet(), time.time()
     finally:
@@ -97,26 +99,31 @@ PASSWORD_ENV = "CUSTOMS_EDGE_MQTT_PASSWORD"
 SIMPLE_COMMANDS = ["ping", "status", "resend", "config_get", "capture"]
 
 
-def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> CommandReply:
-    """Publish one command to args.device and wait up to args.timeout s for its answer."""
+def operator_link(args: argparse.Namespace, client_id: str) -> MqttLink:
+    """A clean-session link to the broker of the --broker, --username ($CUSTOMS_EDGE_MQTT_PASSWORD) and TLS flags."""
     host, _, port = args.broker.rpartition(":")
     if not host or not port.isdigit():
         raise CustomsEdgeError(f"--broker {args.broker!r}: write it host:port, e.g. 127.0.0.1:1883")
     settings = BrokerSettings(username=args.username, password=os.environ.get(PASSWORD_ENV) or None,
                               tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               tls_server_name=args.tls_server_name)
+    return MqttLink(client_id, host, int(port), clean_session=True, **settings.credentials(),
+                    backoff_min_s=0.2, backoff_max_s=2.0)
+
+
+def send_command(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> CommandReply:
+    """Publish one command to args.device and wait up to args.timeout s for its answer."""
     now = time.time()
     command = Command(id=uuid.uuid4().hex, cmd=cmd, args=cmd_args or {}, ts=now,
                       expires=now + args.ttl)
     t_cmd = topic(args.prefix, args.device, "cmd")
-    link = MqttLink(f"ce-op-{command.id[:12]}", host, int(port), clean_session=True, **settings.credentials(),
-                    backoff_min_s=0.2, backoff_max_s=2.0)
+    link = operator_link(args, f"ce-op-{command.id[:12]}")
     deadline = time.monotonic() + args.timeout
     sent = False
     try:
         while time.monotonic() < deadline:
             for ev in link.step(0.2):
-                if isinstance(ev, Message) and ev.topic == t_cmd + "/reply":
+                if isinstance(ev, Message) and ev.topic == t_cmd + "/reply" and len(ev.payload) <= MAX_REPLY_BYTES:
                     try:
                         reply = CommandReply.model_validate_json(ev.payload)
                     except ValidationError:  # not an answer of ours: someone else's traffic
@@ -226,7 +233,8 @@ def _connection_flags(p: argparse.ArgumentParser, timeout: float, device: bool =
 
 def register(sub: Any) -> None:
     """`customs-edge fleet config push|get` and `customs-edge cmd`."""
-    f = sub.add_parser("fleet", help="change a unit over the broker: `fleet config push|get DEVICE`")
+    f = sub.add_parser("fleet", help="change a unit over the broker: `fleet config push|get DEVICE`;"
+                       " `fleet simulate --units N`")
     fsub = f.add_subparsers(dest="what", required=True, metavar="WHAT")
     c = fsub.add_parser("config", help="push a config file to a unit, or get the one it runs")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -238,12 +246,18 @@ def register(sub: Any) -> None:
     get = csub.add_parser("get", help="print the config the unit runs (stdout) and its sha256 (stderr)")
     _connection_flags(get, 20.0)
     c.set_defaults(fn=cmd_config)
+    from customs_edge.cli import simfleet  # `customs-edge fleet simulate --units N`
+
+    simfleet.register(fsub)
     r = fsub.add_parser("risk-list", help="publish a risk list (retained, versioned) to every handheld")
     rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
     rp = rsub.add_parser("publish", help="validate FILE (JSON Lines, gzip or plain) and publish it retained")
     rp.add_argument("file", help="the risk list: a header line, then one entry per line (docs/handheld.md)")
     _connection_flags(rp, 30.0, device=False)
     r.set_defaults(fn=cmd_risk_list)
+    from customs_edge.cli.fleet_model import register_model
+
+    register_model(fsub)
     k = sub.add_parser("cmd", help="send a command to a unit and print its answer")
     _connection_flags(k, 20.0)
     k.add_argument("name", choices=SIMPLE_COMMANDS, help="the command")

@@ -7,7 +7,7 @@
   customs-edge status --config FILE        the running unit (drivers, link, hub ack, backlog) and its outbox
   customs-edge watch --config FILE         records and alerts as they are produced, one line each
   customs-edge simulate TYPE [...]         serve a simulated device on a pty / loopback socket
-  customs-edge hub [--db F] [...]          run a hub;  customs-edge hub stats|fleet [--db F] [--json]
+  customs-edge hub [--config F] [...]      run a hub;  customs-edge hub stats|fleet [--db F] [--json]
   customs-edge certs init DIR | issue NAME --role R   a development CA, device/hub/operator certificates
   customs-edge fleet config push|get DEVICE [FILE]   change a unit's config over the broker
   customs-edge fleet risk-list publish FILE   publish a risk list (retained, versioned) to the handhelds
@@ -30,8 +30,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict
-
-from pydantic import ValidationError
 
 from customs_edge.agent import registry
 from customs_edge.cli import evidence
@@ -117,8 +115,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from customs_edge.hub.service import Hub, HubConfig
-    from customs_edge.hub.store import HubStore
+    from customs_edge.hub.service import Hub
+    from customs_edge.hub.storage import is_postgres, open_store
 
     if args.action == "verify":
         return evidence.cmd_verify(args.db, args.device, args.json)
@@ -128,10 +126,14 @@ def cmd_hub(args: argparse.Namespace) -> int:
         return cmd_fleet(args.db, args.json)
     if args.action == "stats" and args.lanes:
         from customs_edge.hub.lanes import gate_records, lane_stats
+        from customs_edge.hub.store import HubStore
 
-        store = HubStore(args.db, readonly=True)
-        lanes = lane_stats(gate_records(store.db))
-        store.close()
+        if is_postgres(args.db):
+            raise CustomsEdgeError("hub stats --lanes reads a SQLite hub database; for PostgreSQL it is not "
+                                   "implemented yet (hub/lanes.py lane_stats takes the records from any source)")
+        sqlite_store = HubStore(args.db, readonly=True)
+        lanes = lane_stats(gate_records(sqlite_store.db))
+        sqlite_store.close()
         if args.json:
             print(json.dumps({"lanes": {x.device_id: x.as_dict() for x in lanes}}, indent=2))
         else:
@@ -145,7 +147,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
                       f"{x.confirmed:>9} {rate:>14} {ppv:>24}")
         return 0
     if args.action == "stats":
-        store = HubStore(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
+        store = open_store(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
         rows, refused = store.stats(), store.refused()
         if args.json:
             print(json.dumps({"devices": {r.device_id: asdict(r) for r in rows}, "refused_batches": refused}, indent=2))
@@ -157,6 +159,9 @@ def cmd_hub(args: argparse.Namespace) -> int:
                       f"{r.conflicts:>9} {r.rejected:>8} {r.gaps:>6} {logs.escape(r.status or '-'):>8}")
                 if r.gaps:
                     print(f"{'':<20} missing seq ranges: {store.gap_ranges(r.device_id)}")
+                if r.suspect:
+                    print(f"{'':<20} {r.suspect} records quarantined as suspect (an implausible seq jump):"
+                          " table `suspect`")
             if refused:
                 print("records messages refused whole (never acked): "
                       + ", ".join(f"{k} {n}" for k, n in refused.items()))
@@ -168,21 +173,40 @@ def cmd_hub(args: argparse.Namespace) -> int:
                                    "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
                                    "tls_server_name": args.tls_server_name, "keys": args.keys}.items()
                  if v is not None}
+    if args.photos_dir is not None:
+        overrides["photos_dir"] = args.photos_dir
+    if args.db is not None and is_postgres(args.db):  # several workers share one PostgreSQL (docs/scale.md)
+        overrides["postgres"] = overrides.pop("db")
     if args.no_share:
         overrides["share_group"] = None
     if args.require_signatures:
         overrides["require_signatures"] = True
-    try:
-        cfg = HubConfig.model_validate(overrides)
-    except ValidationError as exc:
-        from customs_edge.agent.config import format_errors
+    from customs_edge.cli.hubconfig import load_hub_config
 
-        raise ConfigError("customs-edge hub", [p.replace("(top level)", "options", 1)
-                                               for p in format_errors(exc, HubConfig)]) from exc
+    cfg = load_hub_config(args.config, overrides)  # the file, then the flags on top; every problem at once
+    if args.check_config:
+        where = "PostgreSQL" if cfg.postgres else f"db {cfg.db}"  # a URL may hold a password: not shown
+        print(f"{args.config or 'options'}: ok (broker {cfg.host}:{cfg.port}, {where}"
+              f"{', TLS' if cfg.tls() else ''}{', keys ' + str(cfg.keys) if cfg.keys else ''})")
+        return 0
     hub = Hub(cfg)
     stop = _stop_on_signals()
     hub.run(stop)
     return 0
+
+def _hub_db_from(config: str | None) -> str | None:
+    """`hub stats|fleet|verify --config F`: the database the hub's config names."""
+    if config is None:
+        return None
+    from pathlib import Path
+
+    from customs_edge.agent.config import read_yaml
+
+    raw = read_yaml(Path(config))
+    if not isinstance(raw, dict):
+        return None
+    return str(raw.get("postgres") or raw.get("db") or "") or None
+
 
 def cmd_models(args: argparse.Namespace) -> int:
     kw = {"optics": args.optics} if args.name == "fever" and getattr(args, "optics", None) else {}
@@ -280,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--keys", help="key registry: `DEVICE_ID ed25519:BASE64` lines (`customs-edge key CONFIG`);"
                                   " a registered device's batches must be signed by its key")
     h.add_argument("--require-signatures", action="store_true", help="refuse batches of unregistered devices too")
-    h.add_argument("--db", default=None, help="the hub's SQLite database")
+    h.add_argument("--config", help="the hub's config file (configs/hub/hub.yaml; `config schema`-style keys of "
+                                    "HubConfig); options given here override it")
+    h.add_argument("--check-config", action="store_true",
+                   help="validate the config (file and options) and the files it names, then exit (0: ok)")
+    h.add_argument("--db", default=None, help="the hub's SQLite database, or a postgresql://USER@HOST:PORT/DBNAME"
+                                              " URL (several hub workers share one PostgreSQL: docs/scale.md)")
+    h.add_argument("--photos-dir", help="evidence photos (default: the --db file's path + .photos)")
     h.add_argument("--host", help="broker host")
     h.add_argument("--port", type=int, help="broker port")
     h.add_argument("--share-group", help="MQTT shared-subscription group (several hubs share the load)")
@@ -354,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "hub" and args.action in ("stats", "fleet", "verify") and args.db is None:
         from customs_edge.hub.service import DEFAULT_DB
 
-        args.db = str(DEFAULT_DB)
+        args.db = str(_hub_db_from(args.config) or DEFAULT_DB)
     # an expected failure is one line that names the fix, never a traceback
     try:
         sys.exit(args.fn(args))

@@ -23,7 +23,7 @@ from customs_edge.agent.config import UnitConfig, load_unit_config
 from customs_edge.agent.outbox import OutboxError, OutboxStats, read_stats
 from customs_edge.core import logs
 from customs_edge.core.mqtt import Connected, Lost, Message, MqttLink, Tls
-from customs_edge.core.wire import topic
+from customs_edge.core.wire import MAX_HEALTH_BYTES, MAX_STATUS_BYTES, topic
 
 RETAINED_WAIT_S = 2.0  # after the subscription: how long to wait for the retained messages
 
@@ -107,11 +107,15 @@ def read_live(cfg: UnitConfig, wait_s: float = RETAINED_WAIT_S, credentials: dic
                     live.error = ev.reason
                     return live
                 elif isinstance(ev, Message) and ev.topic in topics:
+                    limit = MAX_STATUS_BYTES if topics[ev.topic] == "status" else MAX_HEALTH_BYTES
+                    if len(ev.payload) > limit:  # never parsed: anyone on the loopback listener may retain one
+                        live.unreadable.append(f"{ev.topic}: {len(ev.payload)} bytes, at most {limit}")
+                        continue
                     try:
                         msg = json.loads(ev.payload)
                         if not isinstance(msg, dict):
                             raise ValueError("not a JSON object")
-                    except ValueError as exc:
+                    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." past the stack
                         live.unreadable.append(f"{ev.topic}: {exc}")
                         continue
                     setattr(live, topics[ev.topic], msg)

@@ -32,9 +32,10 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -119,6 +120,33 @@ class Link(Protocol):
     def close(self) -> None: ...
 
 
+class _Fileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Fileno)
+
+
+def wait_ready(read: Sequence[T], write: Sequence[T], timeout: float) -> tuple[list[T], list[T]]:
+    """select() for objects with fileno(), without its FD_SETSIZE limit: a process holding many links (a simulated
+    fleet: a socket, a waker and an outbox's files per unit) has descriptors above 1024, which select() refuses.
+    An error or hang-up counts as readable (the read then reports it), as with select()."""
+    poller = select.poll()
+    masks: dict[int, int] = {}
+    for objs, mask in ((read, select.POLLIN), (write, select.POLLOUT)):
+        for o in objs:
+            fd = o.fileno()
+            if fd < 0:
+                raise ValueError("file descriptor cannot be a negative integer")
+            masks[fd] = masks.get(fd, 0) | mask
+    for fd, mask in masks.items():
+        poller.register(fd, mask)
+    events = dict(poller.poll(max(0.0, timeout) * 1000))
+    gone = select.POLLERR | select.POLLHUP | select.POLLNVAL
+    return ([o for o in read if events.get(o.fileno(), 0) & (select.POLLIN | gone)],
+            [o for o in write if events.get(o.fileno(), 0) & (select.POLLOUT | gone)])
+
+
 class Waker:
     """Ends a step()'s wait early. set() may be called from any thread, any number of times."""
 
@@ -140,7 +168,7 @@ class Waker:
                 pass
 
     def wait(self, timeout: float) -> None:
-        select.select([self._r], [], [], max(0.0, timeout))
+        wait_ready([self._r], [], timeout)
         self.clear()
 
     def close(self) -> None:
@@ -221,6 +249,8 @@ class BrokerSettings(BaseModel):
 
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the broker password (first line), e.g. a "
+                                       "systemd credential: keeps it out of the config and argv; not with password")
     tls_ca: Path | None = Field(None, description="CA certificate (PEM) the broker's certificate is checked "
                                 "against; setting it (or tls_cert) turns TLS on")
     tls_cert: Path | None = Field(None, description="this client's certificate (PEM); with tls_key")
@@ -232,6 +262,8 @@ class BrokerSettings(BaseModel):
     def _cert_and_key(self) -> BrokerSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both (client certificate) or neither")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file: set one of them (password_file keeps it out of the file)")
         return self
 
     def tls(self) -> Tls | None:
@@ -241,8 +273,10 @@ class BrokerSettings(BaseModel):
 
     def credentials(self) -> dict[str, Any]:
         """MqttLink's username, password and tls arguments."""
-        return {"username": self.username, "tls": self.tls(),
-                "password": self.password.get_secret_value() if self.password else None}
+        password = self.password.get_secret_value() if self.password else None
+        if self.password_file is not None:  # read at connect time: a rotated credential is picked up on restart
+            password = self.password_file.read_text().splitlines()[0] if self.password_file.stat().st_size else ""
+        return {"username": self.username, "tls": self.tls(), "password": password}
 
 
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
@@ -340,8 +374,10 @@ class MqttLink:
     def idle(self) -> bool:
         return self._client is None
 
-    def step(self, timeout: float) -> list[Event]:
-        """Wait up to `timeout` s (less when the waker is set) for something to happen; return what did."""
+    def step(self, timeout: float, read: bool = True) -> list[Event]:
+        """Wait up to `timeout` s (less when the waker is set) for something to happen; return what did.
+        read=False: write and keep alive, but read nothing (back-pressure: the broker holds what is unread; a
+        PINGRESP unread for a keepalive period ends the connection)."""
         c = self._client
         if c is None:
             wait = self._next_attempt - time.monotonic()
@@ -350,7 +386,7 @@ class MqttLink:
             else:
                 self._attempt()
         else:
-            self._io(c, timeout)
+            self._io(c, timeout, read)
         events, self._events = self._events, []
         return events
 
@@ -387,7 +423,7 @@ class MqttLink:
             # paho leaves Nagle on: a small ack then waits for the peer's delayed ACK (~40 ms)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _io(self, c: paho.Client, timeout: float) -> None:
+    def _io(self, c: paho.Client, timeout: float, read: bool = True) -> None:
         if not self._connected:
             left = self._since + self.connect_timeout_s - time.monotonic()
             if left <= 0:
@@ -399,8 +435,8 @@ class MqttLink:
             self._drop("socket closed")
             return
         try:
-            rlist: list[socket.socket | Waker] = [sock, self._waker]
-            readable, writable, _ = select.select(rlist, [sock] if c.want_write() else [], [], max(0.0, timeout))
+            rlist: list[socket.socket | Waker] = [sock, self._waker] if read or not self._connected else [self._waker]
+            readable, writable = wait_ready(rlist, [sock] if c.want_write() else [], timeout)
         except (OSError, ValueError) as exc:
             self._drop(f"select: {exc}")
             return
@@ -482,7 +518,7 @@ class MqttLink:
                 sock = c.socket()
                 if not isinstance(sock, socket.socket):
                     break
-                select.select([], [sock], [], 0.05)
+                wait_ready([], [sock], 0.05)
                 c.loop_write()
             if c is self._client:
                 c.on_disconnect = None  # this end is ours: no "connection lost" for it

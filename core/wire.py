@@ -35,6 +35,27 @@ Seq = Annotated[int, Field(ge=1, le=SEQ_MAX)]
 
 MAX_PAYLOAD_BYTES = 65536  # a record's payload as JSON; the largest we make (a 64-px thumbnail) is ~12 kB
 
+# Message sizes. The broker refuses (disconnects) any MQTT packet over MAX_MESSAGE_BYTES: mosquitto's
+# `max_packet_size` in configs/broker/customs-edge.conf, the embedded broker's `max_packet_bytes`. It is set by
+# the largest legitimate message, an evidence photo sent whole (hub/photos.py MAX_PHOTO_BYTES, 16 MiB, plus its
+# header line of at most 1 KiB and the topic; a handheld's photos are 100 kB-2 MB). The others, well below:
+# - a records batch: the agent splits any batch whose encoding exceeds MAX_BATCH_BYTES (a default batch of
+#   500 records of ~400 B is ~200 kB; 1 MiB also holds 15 records at the 64 KiB payload cap), which also
+#   bounds what the hub holds per message;
+# - a config push: the YAML of a unit file, at most 1 MiB (agent/config.py MAX_FILE_BYTES), JSON-escaped;
+# - a risk list (gzip JSON Lines, retained): must fit too; a larger one is split (agent/risklist.py);
+# - health (MAX_HEALTH_BYTES), status, acks, replies, pings: a few kB.
+MAX_BATCH_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = (16 << 20) + (64 << 10)
+# Checked on the raw bytes before parsing by whoever receives them (core/inbound.py); a records message is
+# refused by the hub only over MAX_MESSAGE_BYTES (older agents did not split at MAX_BATCH_BYTES).
+MAX_ACK_BYTES = 1024 * 1024  # an ack names ranges of one batch: at most one per record
+# a command: the largest is a model_offer (agent/model_update.py: a manifest of up to 1 MiB and up to 65,536
+# chunk hashes, ~5.4 MB); a model_chunk is ~350 kB, a config_push at most ~1 MiB
+MAX_COMMAND_BYTES = 6 * 1024 * 1024
+MAX_STATUS_BYTES = 64 * 1024  # a retained status (~2 kB)
+MAX_REPLY_BYTES = 1024 * 1024  # a command's reply (config_get carries a unit config; status ~2 kB)
+
 
 class WireRecord(BaseModel):
     seq: Seq
@@ -91,6 +112,7 @@ class Status(BaseModel):
     ts: float | None  # None in the will, which is written at connect time
 
 
+MODEL_CHUNK_BYTES = 256 * 1024  # a model_chunk command's data at most (base64 in the JSON: ~350 kB a message)
 COMMAND_TTL_S = 300.0  # a command's default life: one still queued for an offline unit after this is refused
 
 
@@ -101,14 +123,37 @@ class Command(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py)
-    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect"]
+    # confirm, capture: the app's (App.command); inspect: snapshots for a while (agent/inspect.py); model_*:
+    # agent/model_update.py
+    cmd: Literal["ping", "status", "resend", "config_get", "config_push", "confirm", "capture", "inspect",
+                 "model_offer", "model_chunk", "model_install", "model_rollback"]
     ts: float = Field(allow_inf_nan=False)
     expires: float | None = Field(None, allow_inf_nan=False)
     args: dict[str, Any] = Field(default_factory=dict)
 
     def deadline(self) -> float:
         return self.expires if self.expires is not None else self.ts + COMMAND_TTL_S
+
+
+# A round trip to the hub (`customs-edge check`): the unit's identity publishes a HubPing on its own
+# `{device_id}/hub/ping` topic; a hub answers on `{device_id}/hub/pong` with its clock. The clock offset is
+# pong.ts - (the sender's time at sending + round trip / 2), at most half the round trip off.
+HUB_PING, HUB_PONG = "hub/ping", "hub/pong"
+MAX_PING_BYTES = 512
+
+
+class HubPing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+    id: str = Field(min_length=1, max_length=64)
+    ts: float = Field(allow_inf_nan=False)  # the sender's clock
+
+
+class HubPong(BaseModel):
+    v: Literal[1] = 1
+    id: str
+    ping_ts: float = Field(allow_inf_nan=False)  # the ping's ts, echoed
+    ts: float = Field(allow_inf_nan=False)  # the hub's clock when it answered
 
 
 class CommandReply(BaseModel):
@@ -130,21 +175,44 @@ def _number(x: float) -> str:
 def encode_batch(device_id: str, batch_id: str, records: list[Pending], key: DeviceKey | None = None) -> bytes:
     """Batch JSON built by string joining: the stored payload JSON is sent as-is, never re-parsed. With a
     device key, each record carries its chain link and the batch is signed."""
-    parts = [
-        f'{{"seq":{r.seq},"ts":{_number(r.ts)},"boot":"{r.boot_id}","mono":{_number(r.mono)},'
-        f'"type":{dumps(r.type)},"prio":{r.priority},"payload":{r.payload}'
-        + ("}" if r.prev is None else f',"prev":"{r.prev}"}}')
-        for r in records
-    ]
+    types: dict[str, str] = {}  # a batch holds a few types: each encoded once
+    parts = []
+    for seq, ts, boot, mono, type_, prio, payload, prev in records:
+        t = types.get(type_)
+        if t is None:
+            t = types[type_] = dumps(type_)
+        if ts - ts or mono - mono:  # NaN or an infinity (x - x is NaN; 0.0 for every finite float)
+            ts_, mono_ = _number(ts), _number(mono)
+        else:
+            ts_, mono_ = repr(ts), repr(mono)
+        parts.append(f'{{"seq":{seq},"ts":{ts_},"boot":"{boot}","mono":{mono_},"type":{t},"prio":{prio},'
+                     f'"payload":{payload}' + ("}" if prev is None else f',"prev":"{prev}"}}'))
     head = f'{{"v":{WIRE_VERSION},"device_id":{dumps(device_id)},"batch":{dumps(batch_id)},'
     if key is not None:
-        hashes = [record_hash(r.prev or "", r.seq, r.ts, r.type, r.priority, r.payload) for r in records]
-        head += f'"key":"{key.key_id}","sig":"{key.sign(batch_message(device_id, batch_id, hashes))}",'
+        head += f'"key":"{key.key_id}","sig":"{key.sign(batch_message(device_id, batch_id, chain_hashes(records)))}",'
     return (head + '"records":[' + ",".join(parts) + "]}").encode()
+
+
+def chain_hashes(records: list[Pending]) -> list[str]:
+    """Each record's chain hash, as the batch signature covers them. The outbox committed a record's hash as
+    the `prev` of the record after it, so where that record follows in the batch (the next seq, both chained)
+    its `prev` is the hash: only the others (a batch's last record, one before a gap, unchained ones) are
+    hashed here. The hub recomputes every hash from what it received, so this changes nothing it checks."""
+    out: list[str] = []
+    for r, nxt in zip(records, [*records[1:], None], strict=True):
+        if nxt is not None and nxt.seq == r.seq + 1 and nxt.prev is not None and r.prev is not None:
+            out.append(nxt.prev)
+        else:
+            out.append(record_hash(r.prev or "", r.seq, r.ts, r.type, r.priority, r.payload))
+    return out
 
 
 def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
     """Sorted seqs -> inclusive ranges: [1,2,3,7] -> [(1,3),(7,7)]."""
+    if seqs:  # the common case, one run (a batch of one priority), found without a pass in Python
+        lo, hi = min(seqs), max(seqs)
+        if hi - lo == len(seqs) - 1 and len(set(seqs)) == len(seqs):
+            return [(lo, hi)]
     out: list[tuple[int, int]] = []
     for s in sorted(seqs):
         if out and s == out[-1][1] + 1:
@@ -181,6 +249,7 @@ class Health(BaseModel):
 
     v: Literal[1] = 1
     device_id: str
+    device_type: str | None = None  # the unit's `type` (older agents: none); `fleet model push --type` uses it
     ts: float = Field(allow_inf_nan=False)  # the unit's clock
     agent_version: str
     uptime_s: float = Field(ge=0, allow_inf_nan=False)  # of the agent process

@@ -17,6 +17,15 @@
 - Keepalive: a client silent for 1.5 x its keepalive is disconnected; its will is published (also on any
   other abnormal end: socket closed, protocol error, take-over by the same client id, dropped).
 - username/password are accepted and ignored. Listens on 127.0.0.1 unless told otherwise.
+- Limits, as mosquitto with configs/broker/customs-edge.conf (defaults in brackets, each a keyword argument):
+  a packet over `max_packet_bytes` [16 MiB + 64 KiB, core/wire.py MAX_MESSAGE_BYTES; mosquitto `max_packet_size`]
+  disconnects its sender; a string that is not valid MQTT UTF-8 (invalid UTF-8, U+0000, control characters
+  U+0001-U+001F and U+007F-U+009F, non-characters: mosquitto's `mosquitto_validate_utf8`) anywhere in a packet,
+  and a PUBLISH topic with a wildcard or more than 200 levels, disconnect it too; a CONNECT asking for
+  keepalive 0 or more than `max_keepalive` [600 s; 0 allows any, mosquitto's own default] is refused with
+  CONNACK 2 "identifier rejected" (mosquitto >= 2.0.12); a connection over `max_connections` [1000; mosquitto
+  `max_connections`] is closed before its CONNECT is read; a client's subscriptions past
+  `max_subscriptions` [100 per client; mosquitto has no such cap] get the SUBACK failure code 0x80.
 
 `python -m customs_edge.hub.embedded_broker --port N` runs it in the foreground until SIGTERM/SIGINT and prints one JSON
 line {"host": ..., "port": ...} when listening. In-process: `EmbeddedBroker().start()` ... `.stop()`.
@@ -38,11 +47,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from customs_edge.core.wire import MAX_MESSAGE_BYTES
+
 log = logging.getLogger(__name__)
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
-MAX_PACKET_BYTES = 16 * 1024 * 1024
+MAX_PACKET_BYTES = MAX_MESSAGE_BYTES  # the default of max_packet_bytes
+MAX_KEEPALIVE_S = 600  # configs/broker/customs-edge.conf max_keepalive
+MAX_CONNECTIONS = 1000
+MAX_SUBSCRIPTIONS = 100  # per client
+TOPIC_HIERARCHY_LIMIT = 200  # mosquitto: a topic with more '/' than this is invalid
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -51,8 +66,21 @@ class ProtocolError(Exception):
 
 
 def valid_topic(topic: str) -> bool:
-    """A topic name to publish to: not empty, no wildcards, no NUL."""
-    return bool(topic) and not any(c in topic for c in "+#\0")
+    """A topic name to publish to (mosquitto_pub_topic_check): not empty, no wildcards, no NUL, at most
+    TOPIC_HIERARCHY_LIMIT '/'."""
+    return bool(topic) and not any(c in topic for c in "+#\0") and topic.count("/") <= TOPIC_HIERARCHY_LIMIT
+
+
+def mqtt_text_problem(text: str) -> str | None:
+    """Why `text` (already decoded as UTF-8) is not an MQTT UTF-8 string as mosquitto checks it
+    (lib/utf8_mosq.c mosquitto_validate_utf8), or None. Surrogates and overlong forms fail decoding."""
+    for i, ch in enumerate(text):
+        cp = ord(ch)
+        if cp <= 0x1F or 0x7F <= cp <= 0x9F:
+            return f"control character U+{cp:04X} at {i}"
+        if 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFF) in (0xFFFE, 0xFFFF):
+            return f"non-character U+{cp:04X} at {i}"
+    return None
 
 
 def parse_filter(filt: str) -> tuple[str | None, str]:
@@ -139,9 +167,12 @@ class _Reader:
 
     def text(self) -> str:
         try:
-            return self.binary().decode("utf-8")
+            text = self.binary().decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"string is not UTF-8: {exc}") from None
+        if (problem := mqtt_text_problem(text)) is not None:
+            raise ProtocolError(f"string is not MQTT UTF-8: {problem}")
+        return text
 
     def rest(self) -> bytes:
         return self.take(len(self.data) - self.pos)
@@ -150,7 +181,7 @@ class _Reader:
         return self.pos >= len(self.data)
 
 
-async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+async def _read_packet(reader: asyncio.StreamReader, max_bytes: int = MAX_PACKET_BYTES) -> tuple[int, int, bytes]:
     head = (await reader.readexactly(1))[0]
     length, shift = 0, 0
     while True:
@@ -161,8 +192,9 @@ async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
         shift += 7
         if shift > 21:
             raise ProtocolError("remaining length longer than 4 bytes")
-    if length > MAX_PACKET_BYTES:
-        raise ProtocolError(f"packet of {length} bytes exceeds {MAX_PACKET_BYTES}")
+    total = 1 + shift // 7 + 1 + length  # the whole packet, as mosquitto's max_packet_size counts it
+    if max_bytes and total > max_bytes:
+        raise ProtocolError(f"packet of {total} bytes exceeds max_packet_bytes {max_bytes}")
     return head >> 4, head & 0x0F, (await reader.readexactly(length) if length else b"")
 
 
@@ -218,10 +250,15 @@ class EmbeddedBroker:
     """MQTT 3.1.1 broker; `start()` runs it on its own thread and event loop, `serve()` in the caller's loop."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_queued_bytes: int = 8 * 1024 * 1024,
-                 max_inflight: int = 100, max_queued_messages: int = 100_000) -> None:
+                 max_inflight: int = 100, max_queued_messages: int = 100_000,
+                 max_packet_bytes: int = MAX_PACKET_BYTES, max_keepalive: int = MAX_KEEPALIVE_S,
+                 max_connections: int = MAX_CONNECTIONS, max_subscriptions: int = MAX_SUBSCRIPTIONS) -> None:
         self.host, self.port = host, port
         self.max_queued_bytes, self.max_inflight = max_queued_bytes, max_inflight
         self.max_queued_messages = max_queued_messages
+        self.max_packet_bytes, self.max_keepalive = max_packet_bytes, max_keepalive
+        self.max_connections, self.max_subscriptions = max_connections, max_subscriptions
+        self.refused: dict[str, int] = {}  # connections, keepalive, subscriptions refused, by limit
         self.sessions: dict[str, _Session] = {}
         self.retained: dict[str, Message] = {}
         self.dropped_clients = 0
@@ -284,17 +321,22 @@ class EmbeddedBroker:
     # -- one connection ------------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(self, writer)
+        if self.max_connections and len(self._conns) >= self.max_connections:
+            self._refuse("connections", f"connection from {conn.peer} refused: max_connections "
+                                        f"{self.max_connections} reached")
+            conn.close(abort=True)
+            return
         self._conns[conn] = asyncio.current_task()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                ptype, _, body = await _read_packet(reader)
+                ptype, _, body = await _read_packet(reader, self.max_packet_bytes)
             if ptype != CONNECT:
                 raise ProtocolError(f"first packet is type {ptype}, not CONNECT")
             keepalive = self._connect(conn, body)
             while not conn.closed:
                 try:
                     async with asyncio.timeout(1.5 * keepalive if keepalive else None):
-                        ptype, flags, body = await _read_packet(reader)
+                        ptype, flags, body = await _read_packet(reader, self.max_packet_bytes)
                 except TimeoutError:
                     log.info("%s: silent for 1.5 x keepalive %d s, disconnecting", conn.peer, keepalive)
                     break
@@ -322,6 +364,13 @@ class EmbeddedBroker:
         if flags & 0x01:
             raise ProtocolError("reserved CONNECT flag is set")
         clean, client_id = bool(flags & 0x02), r.text()
+        if self.max_keepalive and (keepalive == 0 or keepalive > self.max_keepalive):
+            # mosquitto >= 2.0.12 with max_keepalive set: a 3.1.1 client cannot be told another keepalive
+            self._refuse("keepalive", f"{client_id!r} from {conn.peer} refused: keepalive {keepalive} s "
+                                      f"(0 or over max_keepalive {self.max_keepalive})")
+            conn.send(_packet(CONNACK, 0, b"\x00\x02"))  # identifier rejected
+            conn.close()
+            return 0
         will = None
         if flags & 0x04:
             topic, payload = r.text(), r.binary()
@@ -397,6 +446,12 @@ class EmbeddedBroker:
                     log.info("%s: refusing subscription: %s", session.client_id, exc)
                     granted.append(0x80)
                     continue
+                if filt not in session.subs and self.max_subscriptions and \
+                        len(session.subs) >= self.max_subscriptions:
+                    self._refuse("subscriptions", f"{session.client_id}: subscription refused: max_subscriptions "
+                                                  f"{self.max_subscriptions} per client reached")
+                    granted.append(0x80)
+                    continue
                 sub = session.subs[filt] = _Sub(group, plain, min(wanted & 3, 1))
                 granted.append(sub.qos)
                 if group is None:
@@ -417,6 +472,12 @@ class EmbeddedBroker:
             conn.send(_packet(PINGRESP, 0))
         else:
             raise ProtocolError(f"unexpected packet type {ptype} (flags {flags:#x})")
+
+    def _refuse(self, limit: str, why: str) -> None:
+        """Count a refusal by limit; log the 1st, 2nd, 4th, 8th, ... of each (a flood must not flood the log)."""
+        n = self.refused[limit] = self.refused.get(limit, 0) + 1
+        if n & (n - 1) == 0:
+            log.warning("%s (%d refused by this limit so far)", why, n)
 
     # -- routing -----------------------------------------------------------------------------------------
     def _publish(self, msg: Message) -> None:
@@ -474,10 +535,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883, help="0 picks a free port (printed)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--max-packet-bytes", type=int, default=MAX_PACKET_BYTES, help="0: no limit")
+    parser.add_argument("--max-keepalive", type=int, default=MAX_KEEPALIVE_S, help="0: keepalive 0 allowed")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="0: no limit")
+    parser.add_argument("--max-subscriptions", type=int, default=MAX_SUBSCRIPTIONS, help="per client; 0: no limit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    broker = EmbeddedBroker(args.host, args.port)
+    broker = EmbeddedBroker(args.host, args.port, max_packet_bytes=args.max_packet_bytes,
+                            max_keepalive=args.max_keepalive, max_connections=args.max_connections,
+                            max_subscriptions=args.max_subscriptions)
 
     def listening() -> None:
         loop = asyncio.get_running_loop()

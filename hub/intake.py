@@ -3,8 +3,9 @@
 A record that fails validation (a non-finite number anywhere, a wrong type, a priority out of range, a
 payload over MAX_PAYLOAD_BYTES) never costs its neighbours: it is rejected (named in the ack's
 `rejected` ranges, counted per device, traced in the store's `rejected` table) and the others are stored.
-Only a message whose envelope is unusable (not JSON, no device_id or batch, records not a list) or whose
-device_id is not the one its topic names is refused whole: counted, logged, never acked.
+Only a message over MAX_MESSAGE_BYTES (the broker's packet limit; refused before parsing), whose envelope is
+unusable (not JSON, no device_id or batch, records not a list) or whose device_id is not the one its topic
+names is refused whole: counted, logged, never acked.
 
 Signatures (core/signing.py): with a key registry, a batch of a registered device must carry a valid
 signature by that device's key over its batch id and every record's chain hash, recomputed here from what
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import TypeAdapter, ValidationError
 
 from customs_edge.core.signing import batch_message, record_hash, verify
-from customs_edge.core.wire import MAX_PAYLOAD_BYTES, SEQ_MAX, Batch, WireRecord
+from customs_edge.core.wire import MAX_MESSAGE_BYTES, MAX_PAYLOAD_BYTES, SEQ_MAX, Batch, WireRecord
 
 TRACE_CHARS = 500  # of a rejected record's text kept in the trace
 
@@ -54,7 +55,8 @@ Keys = dict[str, Ed25519PublicKey]  # device_id -> its registered public key
 class Refused(Exception):
     """A whole message the hub cannot use. `kind` is the counter it goes to."""
 
-    def __init__(self, kind: Literal["malformed", "device_mismatch", "forged", "unsigned"], reason: str) -> None:
+    def __init__(self, kind: Literal["too_large", "malformed", "device_mismatch", "forged", "unsigned"],
+                 reason: str) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
@@ -69,6 +71,8 @@ _RECORD = TypeAdapter(WireRecord)
 
 def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: bool = False) -> Incoming:
     """A records message -> the rows to store and the records rejected. Raises Refused."""
+    if len(payload) > MAX_MESSAGE_BYTES:  # before any parsing: never a 100 MB string, let alone its objects
+        raise Refused("too_large", f"{len(payload)} bytes, at most {MAX_MESSAGE_BYTES}")
     try:  # fast path, one call: every record is well-formed (payloads are still checked one by one)
         env: Batch = Batch.model_validate_json(payload, strict=True)
     except ValidationError:

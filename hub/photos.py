@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+from customs_edge.core.inbound import Refusals
+
 log = logging.getLogger(__name__)
 
 MAX_PHOTO_BYTES = 16 << 20
@@ -38,6 +40,7 @@ class PhotoArchive:
     def __init__(self, root: Path, max_bytes: int = MAX_PHOTO_BYTES) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.refusals = Refusals(log)  # a flood of bad photo messages: one log line a minute per cause
         self.counts: Counter[str] = Counter()  # stored, duplicates, bad_hash, malformed, ...
         self.bytes_stored = 0
         root.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,7 @@ class PhotoArchive:
                 raise ValueError("sha256 must be 64 lower-case hex digits")
         except (ValueError, KeyError, TypeError) as exc:
             self.counts["malformed"] += 1
-            log.warning("photo message refused; not acked", extra={"topic": t, "reason": str(exc)[:200]})
+            self.refusals.refuse("photo_malformed", "photo message refused; not acked", topic=t, reason=str(exc))
             return None
         ack_topic = t + "/ack"
         data = payload[nl + 1:]
@@ -76,7 +79,7 @@ class PhotoArchive:
             error = "the bytes do not hash to their sha256"
         if error is not None:
             self.counts["bad_hash" if error.startswith("the bytes") else "refused"] += 1
-            log.warning("photo not stored", extra={"device": device_id, "sha256": sha, "reason": error})
+            self.refusals.refuse("photo_not_stored", "photo not stored", device=device_id, sha256=sha, reason=error)
             return PhotoOut(ack_topic, _ack(sha, False, size, error))
         final = self.path(sha)
         if final.is_file():

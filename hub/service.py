@@ -1,30 +1,59 @@
 """The hub service: subscribe (shared), store, then ack. One thread, an explicit loop.
 
 Several hubs may run against one broker: they join the same shared-subscription group, and the broker
-hands each records message to one of them. Each hub acks only what it stored itself. Status and health
+hands each records message to one of them. Each hub acks only what it stored itself. With `postgres` the
+workers store into one PostgreSQL (hub/store_pg.py) and, by default, hold clean sessions: mosquitto keeps
+handing a share of the group's messages to a persistent session whose worker died, where they wait unseen
+until it returns; with clean sessions a dead worker's share goes to the live ones, and whatever it had
+received but not acked is resent by its agents after their ack timeout. Status and health
 messages are subscribed plainly (every hub keeps them); a health message that is not a valid Health of the
 device its topic names is counted (`health_refused`, and per device in the store) and ignored.
+
+Inbound bounds (core/inbound.py): each message's size is checked on its raw bytes before it is parsed
+(records MAX_MESSAGE_BYTES, status MAX_STATUS_BYTES, health MAX_HEALTH_BYTES); a message on any topic other
+than `{prefix}/{device}/records|status|health|photos` is refused as `unexpected_topic`. Refusals are counted per
+cause (`refused`, also in the store) and logged at most once a minute per cause: a flood never fills the
+journal. The hub subscribes to no replies or commands: those topics are operators'.
+
+A burst is stored in a worker thread while this thread keeps servicing the MQTT link (keepalive pings,
+reading what arrives next): a long store (a slow disk, a big backlog) never costs the hub its connection.
+Messages that arrive meanwhile are handled in the next burst; past PENDING_MAX_BYTES of them nothing more is
+read until the store is done (the broker holds the rest).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from customs_edge.core.mqtt import BrokerSettings, Connected, Lost, Message, MqttLink, NotConnected, install_client_id
+from customs_edge.core.inbound import Refusals, too_large
+from customs_edge.core.mqtt import (
+    BrokerSettings,
+    Connected,
+    Event,
+    Lost,
+    Message,
+    MqttLink,
+    NotConnected,
+    install_client_id,
+)
 from customs_edge.core.signing import load_registry
-from customs_edge.core.wire import MAX_HEALTH_BYTES, Ack, Alert, Health, Status, ranges_of, topic
-from customs_edge.hub import intake
-from customs_edge.hub.photos import PhotoArchive
-from customs_edge.hub.store import HubStore, Stored
+from customs_edge.core.wire import MAX_HEALTH_BYTES, MAX_STATUS_BYTES, Ack, Alert, Health, Status, ranges_of, topic
+from customs_edge.hub import intake, pings
+from customs_edge.hub.photos import HEADER_MAX, MAX_PHOTO_BYTES, PhotoArchive
+from customs_edge.hub.storage import HubStorage, open_store
+from customs_edge.hub.store import MAX_SEQ_JUMP, HubStore, Stored
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +70,22 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
     client_id: str | None = Field(None, description="default ce-hub-{host}-{hash of machine id and db path}:"
                                   " one per hub file, so two hubs on one host never take each other's session")
     db: Path = DEFAULT_DB
+    postgres: str | None = Field(None, description="PostgreSQL URL (postgresql://USER@HOST:PORT/DBNAME): store"
+                                 " there instead of the SQLite file `db`; several hub workers may share it"
+                                 " (hub/store_pg.py, docs/scale.md)")
+    photos_dir: Path | None = Field(None, description="evidence photos; default {db}.photos. Workers on one"
+                                    " PostgreSQL: a directory they all reach")
+    clean_session: bool | None = Field(None, description="default: persistent with SQLite (one hub: the broker"
+                                       " queues for it while it restarts), clean with PostgreSQL (workers in a"
+                                       " share group: the broker then hands messages only to live workers)")
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    keepalive_s: int = 10
+    keepalive_s: int = Field(10, ge=2, le=600, description="at most the broker's max_keepalive (600 s shipped)")
     keys: Path | None = Field(None, description="key registry, `DEVICE_ID ed25519:BASE64` lines: a registered"
                               " device's batches must carry its valid signature (restart the hub after an edit)")
     require_signatures: bool = Field(False, description="refuse batches of devices the registry does not list")
+    max_seq_jump: int = Field(MAX_SEQ_JUMP, ge=1, description="a record whose seq is more than this past its"
+                              " device's highest is quarantined as suspect (table `suspect`), not stored"
+                              " (the SQLite store; not yet with `postgres`)")
 
 
 class Out(NamedTuple):
@@ -60,15 +100,23 @@ class Hub:
     def __init__(self, cfg: HubConfig) -> None:
         self.cfg = cfg
         self.keys = load_registry(cfg.keys) if cfg.keys else {}
-        self.store = HubStore(cfg.db, cfg.synchronous)
-        self.photos = PhotoArchive(Path(f"{cfg.db}.photos"))  # evidence photos by sha256 (hub/photos.py)
-        client_id = cfg.client_id or install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db)
-        self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=False,
+        self.store: HubStorage = open_store(cfg.postgres, postgres=True) if cfg.postgres else \
+            HubStore(cfg.db, cfg.synchronous, max_seq_jump=cfg.max_seq_jump)
+        # evidence photos by sha256 (hub/photos.py)
+        self.photos = PhotoArchive(cfg.photos_dir or Path(f"{cfg.db}.photos"))
+        clean = bool(cfg.postgres) if cfg.clean_session is None else cfg.clean_session
+        client_id = cfg.client_id or (f"ce-hub-{socket.gethostname()}-{os.getpid()}" if cfg.postgres else
+                                      install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db))
+        self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=clean,
                              **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
         self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
         self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
         self.batches = 0
         self.ready = threading.Event()  # set once subscribed
+        self.refusals = Refusals(log)  # every inbound refusal by cause, logged at most once a minute per cause
+        self._pending: list[tuple[str, bytes]] = []  # arrived while the worker stored the previous burst
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
+        self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
 
     def records_filter(self) -> str:
         f = f"{self.cfg.topic_prefix}/+/records"
@@ -83,31 +131,51 @@ class Hub:
                 stop.wait(0.5)
         self.link.disconnect()
         self.link.close()
+        self._worker.shutdown()
         self.store.close()
 
     def _step(self, stop: threading.Event) -> None:
-        messages: list[tuple[str, bytes]] = []
-        for ev in self.link.step(0.25):  # the link connects and backs off by itself
-            if isinstance(ev, Message):
-                messages.append((ev.topic, ev.payload))
-            elif isinstance(ev, Connected):
-                # Always subscribe: a broker restarted without persistence forgot our session.
-                self.link.subscribe(self.records_filter(), 1)
-                self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
-                self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
-                self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
-                self.ready.set()
-                log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
-            elif isinstance(ev, Lost) and ev.was_connected:
-                self.ready.clear()
+        messages, self._pending = self._pending, []
+        for ev in self.link.step(0.0 if messages else 0.25):  # the link connects and backs off by itself
+            self._on_event(ev, messages)
         self._handle(messages)
+
+    def _on_event(self, ev: Event, messages: list[tuple[str, bytes]]) -> None:
+        if isinstance(ev, Message):
+            messages.append((ev.topic, ev.payload))
+        elif isinstance(ev, Connected):
+            # Always subscribe: a broker restarted without persistence forgot our session.
+            self.link.subscribe(self.records_filter(), 1)
+            self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
+            self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+            self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
+            self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
+            self.ready.set()
+            log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
+        elif isinstance(ev, Lost) and ev.was_connected:
+            self.ready.clear()
+
+    PENDING_MAX_BYTES = 64 * 1024 * 1024  # read during a store; beyond it, the broker holds the rest
+
+    def _serviced(self, work: Callable[[], list[Out]]) -> list[Out]:
+        """Run `work` in the worker thread; meanwhile keep the link alive and collect what arrives (up to
+        PENDING_MAX_BYTES: then nothing more is read until the store is done)."""
+        job = self._worker.submit(work)
+        job.add_done_callback(lambda _: self.link.waker.set())
+        held = 0
+        while not job.done():
+            for ev in self.link.step(0.25, read=held < self.PENDING_MAX_BYTES):
+                if isinstance(ev, Message):
+                    held += len(ev.payload)
+                self._on_event(ev, self._pending)
+        return job.result()
 
     def _handle(self, messages: list[tuple[str, bytes]]) -> None:
         if not messages:
             return
         msgs = messages[:]
         messages.clear()
-        for out in self.handle(msgs):
+        for out in self._serviced(lambda: self.handle(msgs)):
             try:
                 self.link.publish(out.topic, out.payload, qos=1, retain=out.retain)
             except NotConnected:
@@ -118,24 +186,39 @@ class Hub:
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
-        out: list[Out] = []  # photo acks
+        prefix = self.cfg.topic_prefix + "/"
+        out: list[Out] = []  # photo acks and ping answers
         for t, payload in messages:
-            if t.endswith("/status"):
+            if self.pings.matches(t):  # bounded and paced by hub/pings.py itself
+                out += [Out(*answer) for answer in self.pings.answer(t, payload)]
+                continue
+            parts = t[len(prefix):].split("/") if t.startswith(prefix) else []
+            kind = parts[1] if len(parts) == 2 and parts[0] else None
+            if kind == "status":
                 self._status(t, payload)
                 continue
-            if t.endswith("/health"):
+            if kind == "health":
                 health.append((t, payload))
                 continue
-            if t.endswith("/photos"):
-                ack = self.photos.handle(t, payload)
-                out += [Out(ack.topic, ack.payload)] if ack else []
+            if kind == "photos":
+                if why := too_large(payload, MAX_PHOTO_BYTES + HEADER_MAX):
+                    self.refusals.refuse("photo_too_large", "oversized photo message ignored unread", topic=t,
+                                         reason=why)
+                else:
+                    ack = self.photos.handle(t, payload)
+                    out += [Out(ack.topic, ack.payload)] if ack else []
+                continue
+            if kind != "records":
+                refused["unexpected_topic"] += 1
+                self.refusals.refuse("unexpected_topic", "message on a topic the hub does not expect; ignored",
+                                     topic=t, bytes=len(payload))
                 continue
             try:
                 b = intake.parse(t, payload, self.keys, self.cfg.require_signatures)
             except intake.Refused as exc:
                 refused[exc.kind] += 1
-                log.warning("refused a records message; not acked",
-                            extra={"topic": t, "kind": exc.kind, "reason": exc.reason, "bytes": len(payload)})
+                self.refusals.refuse(exc.kind, "refused a records message; not acked", topic=t, reason=exc.reason,
+                                     bytes=len(payload))
                 continue
             if b.rejected:
                 log.warning("rejected records that failed validation", extra={
@@ -155,8 +238,8 @@ class Hub:
                     results += self.store.store([b])
                 except Exception as exc:
                     refused["store_failed"] += 1
-                    log.warning("store refused a batch; not acked",
-                                extra={"device": b.device_id, "batch": b.batch, "error": repr(exc)})
+                    self.refusals.refuse("store_failed", "store refused a batch; not acked", device=b.device_id,
+                                         batch=b.batch, error=repr(exc))
             with contextlib.suppress(Exception):  # the counts of refused messages, in the store too if it can
                 self.store.store([], refused)
         self.refused.update(refused)
@@ -164,6 +247,10 @@ class Hub:
 
     def _answer(self, s: Stored) -> list[Out]:
         self.batches += 1
+        if s.suspect:
+            self.refused["suspect_seq"] += len(s.suspect)
+            self.refusals.refuse("suspect_seq", "records quarantined as suspect: an implausible seq jump",
+                                 device=s.device_id, batch=s.batch, seq=s.suspect[0], count=len(s.suspect))
         ack = Ack(batch=s.batch, ranges=s.ranges, stored=s.stored, duplicates=s.duplicates, rejected=s.rejected,
                   ts=time.time())
         out = [Out(topic(self.cfg.topic_prefix, s.device_id, "ack"), ack.model_dump_json().encode())]
@@ -199,7 +286,7 @@ class Hub:
                 continue
             refused[device_id] += 1
             self.health_refused[kind] += 1
-            log.warning("health message ignored", extra={"topic": t, "kind": kind, "reason": why[:300]})
+            self.refusals.refuse(f"health_{kind}", "health message ignored", topic=t, reason=why)
         try:
             self.store.put_health(keep, refused)
         except Exception as exc:  # telemetry: the next message replaces it; the records of this burst go on
@@ -208,16 +295,19 @@ class Hub:
 
     def _status(self, t: str, payload: bytes) -> None:
         device_id = t.split("/")[-2]
-        state: str
+        state: str = "?"
         unit_type = site = None
-        try:
-            st = Status.model_validate_json(payload)
-            state = st.state
-            extra = st.model_extra or {}
-            unit_type, site = (v if isinstance(v, str) and len(v) <= 64 else None
-                               for v in (extra.get("type"), extra.get("site")))
-        except ValidationError:  # anything on a status topic, even a retained one, is only informational
-            state = "?"
+        if why := too_large(payload, MAX_STATUS_BYTES):
+            self.refusals.refuse("status_too_large", "oversized status ignored unread", topic=t, reason=why)
+        else:
+            try:
+                st = Status.model_validate_json(payload)
+                state = st.state
+                extra = st.model_extra or {}
+                unit_type, site = (v if isinstance(v, str) and len(v) <= 64 else None
+                                   for v in (extra.get("type"), extra.get("site")))
+            except ValidationError:  # anything on a status topic, even a retained one, is only informational
+                self.refusals.refuse("status_malformed", "status that is not a Status shown as '?'", topic=t)
         self.store.set_status(device_id, state, unit_type, site)
 
 

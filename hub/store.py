@@ -9,6 +9,11 @@ Records that failed validation (hub/intake.py) are counted per device and traced
 Health messages (core/wire.py Health) are kept per device in `health`: the latest and the HEALTH_KEPT before
 it; health messages refused (malformed, another device's) are counted in devices.health_refused.
 
+A seq more than `max_seq_jump` past the highest the hub holds for its device (one record at 2**63-1 would
+report 9.2e18 gaps) is suspect, not truth: the record is quarantined whole in `suspect`, counted per device,
+named in the ack's rejected ranges (the unit dead-letters it, so it never blocks a batch), and left out of
+max_seq, gaps and `verify`.
+
 Acks are published only after the transaction that stored the records has committed with
 synchronous=FULL: an acked record survives a power cut of the hub.
 """
@@ -18,9 +23,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.signing import GENESIS, TOMBSTONE_TYPE, record_hash
@@ -108,7 +114,18 @@ SCHEMA: list[str] = [
     CREATE INDEX records_ore_analysis ON records (ts) WHERE type = 'ore_analysis';
     CREATE INDEX records_identification ON records (ts) WHERE type = 'identification';
     """,
+    # v6: records quarantined as suspect (an implausible seq jump), kept whole, out of records, gaps and verify
+    f"""
+    CREATE TABLE suspect ({_RECORD_COLUMNS},
+        batch  TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX suspect_by_seq ON suspect (device_id, seq);
+    ALTER TABLE devices ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
+
+MAX_SEQ_JUMP = 10**9  # default: 1.6 years of a unit making 20 records/s with none of them reaching the hub
 
 HEALTH_KEPT = 1440  # health messages kept per device: a day at the default interval
 
@@ -130,6 +147,7 @@ class Stored:
     conflicts: list[int]  # seqs of this batch newly kept in `conflicts`
     device_conflicts: int  # the device's conflicts so far
     boots: tuple[list[str], list[str]]  # of those conflicts: the stored versions' boots, the new ones'
+    suspect: list[int] = field(default_factory=list)  # seqs quarantined (an implausible jump), also in `rejected`
 
 
 @dataclass
@@ -153,6 +171,7 @@ class DeviceStats:
     gaps: int  # seqs up to max_seq the hub never received (neither stored nor rejected)
     last_seen: float | None
     status: str | None
+    suspect: int = 0  # records quarantined for an implausible seq jump: in `suspect`, not in max_seq or gaps
 
 
 @dataclass
@@ -173,8 +192,10 @@ class Verdict:
 
 
 class HubStore:
-    def __init__(self, path: str | Path, synchronous: str = "FULL", *, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, synchronous: str = "FULL", *, readonly: bool = False,
+                 max_seq_jump: int = MAX_SEQ_JUMP) -> None:
         self.path = Path(path)
+        self.max_seq_jump = max_seq_jump
         if readonly:
             self.db = self._open_readonly()
             return
@@ -220,30 +241,8 @@ class HubStore:
         return out
 
     def _store(self, b: Incoming, now: float) -> Stored:
-        first = dict(self._held("records", b.device_id, b.rows))  # the version each seq was stored as
-        held = {seq: {content} for seq, content in first.items()}
-        new: list[Row] = []
-        clash: list[Row] = []
-        dup = 0
-        for row in b.rows:
-            if row[0] not in held:
-                held[row[0]] = {row[1:]}
-                first[row[0]] = row[1:]
-                new.append(row)
-            elif row[1:] in held[row[0]]:
-                dup += 1
-            else:
-                clash.append(row)
-        fresh: list[Row] = []
-        if clash:  # kept apart once: a conflicting record resent is a redelivery of it
-            for seq, content in self._held("conflicts", b.device_id, clash):
-                held[seq].add(content)
-            for row in clash:
-                if row[1:] in held[row[0]]:
-                    dup += 1
-                else:
-                    held[row[0]].add(row[1:])
-                    fresh.append(row)
+        b, suspect = self._quarantine(b, now)
+        new, fresh, dup, first = classify(b, self._held)
         # Plain INSERTs: the comparison above decided. A constraint failing here (a NaN where NOT NULL) raises,
         # and nothing of the batch is acked; it is never taken for a duplicate.
         self.db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -266,14 +265,45 @@ class HubStore:
             " last_seen = excluded.last_seen RETURNING conflicts",
             (b.device_id, len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new),
              max([r[0] for r in b.rows] + named, default=0), now, now)).fetchone()
-        return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named), len(new), dup,
-                      [r[0] for r in fresh], conflicts,
-                      (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})))
+        if suspect:
+            self.db.execute("UPDATE devices SET suspect = suspect + ? WHERE device_id = ?", (len(suspect), b.device_id))
+        return stored_result(b, new, fresh, dup, first, conflicts, suspect)
+
+    def _quarantine(self, b: Incoming, now: float) -> tuple[Incoming, list[int]]:
+        """Move records whose seq jumps more than max_seq_jump past the device's highest (held, or earlier in
+        this batch) into `suspect`; a rejected record's implausible seq is unnamed (traced, never counted as
+        received up to it). Returns the batch without them and the quarantined seqs."""
+        if not b.rows and not b.rejected:
+            return b, []
+        (known,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id = ?",
+                                   (b.device_id,)).fetchone()
+        highest = max([r[0] for r in b.rows] + [r.seq or 0 for r in b.rejected])
+        if highest - known <= self.max_seq_jump:
+            return b, []  # the usual case: one lookup
+        limit, keep, suspect = known + self.max_seq_jump, [], []
+        for row in sorted(b.rows):
+            if row[0] > limit:
+                suspect.append(row)
+            else:
+                keep.append(row)
+                limit = max(limit, row[0] + self.max_seq_jump)
+        why = f"seq more than {self.max_seq_jump} past the device's highest ({known}): quarantined as suspect"
+        self.db.executemany("INSERT INTO suspect VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            [(b.device_id, *r, now, b.batch, why) for r in suspect])
+        rejected = [r if (r.seq or 0) <= limit else replace(r, seq=None, reason=f"seq {r.seq}: {why}; {r.reason}")
+                    for r in b.rejected]
+        return replace(b, rows=keep, rejected=rejected), [r[0] for r in suspect]
 
     def _held(self, table: str, device_id: str, rows: list[Row]) -> list[tuple[int, Content]]:
         """(seq, content) of every row `table` holds for these rows' seqs."""
         seqs = sorted({r[0] for r in rows})
         out: list[tuple[int, Content]] = []
+        if seqs and seqs[-1] - seqs[0] < 2 * len(seqs):  # dense, as batches are: one range scan, not an IN list
+            wanted = set(seqs)
+            return [(seq, (ts, boot, mono, type_, prio, payload)) for seq, ts, boot, mono, type_, prio, payload in
+                    self.db.execute("SELECT seq, ts, boot_id, mono, type, priority, payload FROM " + table +
+                                    " WHERE device_id=? AND seq BETWEEN ? AND ?", (device_id, seqs[0], seqs[-1]))
+                    if seq in wanted]
         for i in range(0, len(seqs), 500):
             chunk = seqs[i:i + 500]
             out += [(seq, (ts, boot, mono, type_, prio, payload)) for seq, ts, boot, mono, type_, prio, payload in
@@ -333,10 +363,10 @@ class HubStore:
         rows = self.db.execute(
             "SELECT device_id, received, duplicates, conflicts, rejected, stored, max_seq, last_seen, status,"
             " (SELECT count(*) FROM rejected r WHERE r.device_id = d.device_id AND r.seq IS NOT NULL AND NOT EXISTS"
-            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq))"
+            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq)), suspect"
             " FROM devices d ORDER BY device_id").fetchall()
-        return [DeviceStats(d, rcv, dup, cf, rj, st, mx, max(0, mx - st - rj_seqs), seen, status)
-                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs in rows]
+        return [DeviceStats(d, rcv, dup, cf, rj, st, mx, max(0, mx - st - rj_seqs), seen, status, sus)
+                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs, sus in rows]
 
     def refused(self) -> dict[str, int]:
         """Records messages refused whole, by kind (malformed, device_mismatch, store_failed)."""
@@ -360,42 +390,88 @@ class HubStore:
                                           (device_id, TOMBSTONE_TYPE)):
             for lo, hi, prev, last in json.loads(payload).get("runs", []):
                 runs[lo] = (hi, prev, last)
-        head: str | None = GENESIS
-        expect = 1
         rows = self.db.execute(
             "SELECT seq, ts, type, priority, payload, prev, h, 1 FROM records WHERE device_id=?1 UNION ALL"
             " SELECT seq, 0, '', 0, '', prev, h, 0 FROM rejected r WHERE device_id=?1 AND seq IS NOT NULL AND NOT"
             " EXISTS (SELECT 1 FROM records x WHERE x.device_id=?1 AND x.seq=r.seq) ORDER BY seq", (device_id,))
-        for seq, ts, type_, prio, payload, prev, h, stored in rows:
-            while expect < seq and expect in runs:  # a dropped run, named by a tombstone
-                hi, tprev, last = runs[expect]
-                if head is not None and tprev != head:
-                    return v.bad(expect, f"the tombstone of seqs {expect}-{hi} does not link to seq {expect - 1}")
-                v.dropped += hi - expect + 1
-                head, expect = last, hi + 1
-            if prev is None:  # an unchained record of an older agent: only before the chain began
-                if v.records or v.rejected or v.dropped:
-                    return v.bad(seq, "its chain link was removed (an unchained record after the chain began)")
-                v.unchained += 1
-                head, expect = None, seq + 1
-                continue
-            if expect < seq and not (head is None and prev == GENESIS):
-                return v.bad(expect, f"seqs {expect}-{seq - 1} are missing and no tombstone names them")
-            if head is not None and prev != head:
-                return v.bad(seq, f"its link does not match seq {seq - 1}: one of them was altered")
-            if stored:
-                computed = record_hash(prev, seq, ts, type_, prio, payload)
-                if computed != h:
-                    return v.bad(seq, "its content does not match its chain hash: altered in this database")
-                v.records += 1
-            else:
-                v.rejected += 1
-            head, expect = h if not stored else computed, seq + 1
         (max_seq,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id=?",
                                      (device_id,)).fetchone()
-        if max_seq >= expect:
-            return v.bad(expect, f"seqs {expect}-{max_seq} were received and are no longer stored")
-        return v
+        return walk_chain(v, runs, rows, max_seq)
 
     def close(self) -> None:
         self.db.close()
+
+
+def classify(b: Incoming, held_in: Callable[[str, str, list[Row]], list[tuple[int, Content]]]
+             ) -> tuple[list[Row], list[Row], int, dict[int, Content]]:
+    """A batch against what the store holds (`held_in(table, device_id, rows)`): the rows to store, the rows to
+    keep in `conflicts`, the count of redeliveries, and the version each seq was first stored as."""
+    first = dict(held_in("records", b.device_id, b.rows))  # the version each seq was stored as
+    held = {seq: {content} for seq, content in first.items()}
+    new: list[Row] = []
+    clash: list[Row] = []
+    dup = 0
+    for row in b.rows:
+        if row[0] not in held:
+            held[row[0]] = {row[1:]}
+            first[row[0]] = row[1:]
+            new.append(row)
+        elif row[1:] in held[row[0]]:
+            dup += 1
+        else:
+            clash.append(row)
+    fresh: list[Row] = []
+    if clash:  # kept apart once: a conflicting record resent is a redelivery of it
+        for seq, content in held_in("conflicts", b.device_id, clash):
+            held[seq].add(content)
+        for row in clash:
+            if row[1:] in held[row[0]]:
+                dup += 1
+            else:
+                held[row[0]].add(row[1:])
+                fresh.append(row)
+    return new, fresh, dup, first
+
+
+def stored_result(b: Incoming, new: list[Row], fresh: list[Row], dup: int, first: dict[int, Content],
+                  conflicts: int, suspect: list[int] | None = None) -> Stored:
+    """`suspect`: seqs quarantined (SQLite store), named as rejected in the ack so the unit dead-letters them."""
+    named = [r.seq for r in b.rejected if r.seq is not None]
+    return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named + (suspect or [])),
+                  len(new), dup, [r[0] for r in fresh], conflicts,
+                  (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})), suspect or [])
+
+
+def walk_chain(v: Verdict, runs: dict[int, tuple[int, str | None, str]], rows: Iterable[tuple[Any, ...]],
+               max_seq: int) -> Verdict:
+    """The chain walk of `verify`, over (seq, ts, type, priority, payload, prev, h, stored) in seq order."""
+    head: str | None = GENESIS
+    expect = 1
+    for seq, ts, type_, prio, payload, prev, h, stored in rows:
+        while expect < seq and expect in runs:  # a dropped run, named by a tombstone
+            hi, tprev, last = runs[expect]
+            if head is not None and tprev != head:
+                return v.bad(expect, f"the tombstone of seqs {expect}-{hi} does not link to seq {expect - 1}")
+            v.dropped += hi - expect + 1
+            head, expect = last, hi + 1
+        if prev is None:  # an unchained record of an older agent: only before the chain began
+            if v.records or v.rejected or v.dropped:
+                return v.bad(seq, "its chain link was removed (an unchained record after the chain began)")
+            v.unchained += 1
+            head, expect = None, seq + 1
+            continue
+        if expect < seq and not (head is None and prev == GENESIS):
+            return v.bad(expect, f"seqs {expect}-{seq - 1} are missing and no tombstone names them")
+        if head is not None and prev != head:
+            return v.bad(seq, f"its link does not match seq {seq - 1}: one of them was altered")
+        if stored:
+            computed = record_hash(prev, seq, ts, type_, prio, payload)
+            if computed != h:
+                return v.bad(seq, "its content does not match its chain hash: altered in this database")
+            v.records += 1
+        else:
+            v.rejected += 1
+        head, expect = h if not stored else computed, seq + 1
+    if max_seq >= expect:
+        return v.bad(expect, f"seqs {expect}-{max_seq} were received and are no longer stored")
+    return v

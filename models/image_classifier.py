@@ -14,7 +14,7 @@ shapes are checked before use) with a `classifier` block:
       "temperature": 1.3,                             # calibration (fitted on a validation split)
       "min_confidence": 0.6,                          # abstain below this top-1 probability
       "checks": {"size": 256, "min_brightness": 40.0, "max_brightness": 235.0,
-                 "min_sharpness": 12.0, "max_ood": 3.5},
+                 "min_sharpness": 12.0, "max_ood": 3.5, "max_known": 1.4},
       "labels": [{"label": "dalbergia_nigra", "name": "Dalbergia nigra", "cites": "I",
                   "quarantine_pest": false}, ...]
     }
@@ -42,6 +42,7 @@ from customs_edge.core.errors import ModelError
 from customs_edge.models.runtime import OnnxModel
 
 TOO_DARK, TOO_BRIGHT, BLURRED, LOW_CONFIDENCE = "too dark", "too bright", "blurred", "low confidence"
+UNKNOWN = "unknown species"  # the subject, but unlike every label (a species the model was not trained on)
 
 
 class InputSpec(BaseModel):
@@ -67,7 +68,8 @@ class Checks(BaseModel):
     min_brightness: float = 0.0
     max_brightness: float = 255.0
     min_sharpness: float = 0.0
-    max_ood: float | None = None
+    max_ood: float | None = None  # above: not the subject at all ("not end grain")
+    max_known: float | None = None  # above (and <= max_ood): the subject, unlike every label ("unknown species")
 
 
 class LabelSpec(BaseModel):
@@ -102,7 +104,8 @@ class ClassifierSpec(BaseModel):
 class Identification:
     top3: tuple[tuple[str, float], ...]  # (label, calibrated probability), best first
     label: str | None  # None: abstained ("unknown - send to the lab")
-    abstain_reason: str | None  # "too dark", "too bright", "blurred", "not <subject>", "low confidence"
+    abstain_reason: str | None  # "too dark", "too bright", "blurred", "not <subject>", "unknown species",
+    #                             "low confidence"
     cites: str | None  # CITES appendix of `label` ("I", "II", "III") or None
     quarantine_pest: bool
     model: str
@@ -249,6 +252,8 @@ class ImageClassifier:
             reason = BLURRED
         elif ood is not None and ck.max_ood is not None and not ood <= ck.max_ood:
             reason = f"not {spec.subject}"
+        elif ood is not None and ck.max_known is not None and not ood <= ck.max_known:
+            reason = UNKNOWN
         elif top3[0][1] < spec.min_confidence:
             reason = LOW_CONFIDENCE
         label = None if reason else top3[0][0]

@@ -87,7 +87,17 @@ WOODS: tuple[Wood, ...] = (
 )
 # cites is None or an appendix; "none" above reads better in the table
 WOODS = tuple(Wood(**{**w.__dict__, "cites": None if w.cites == "none" else w.cites}) for w in WOODS)
-WOOD = {w.label: w for w in WOODS}
+# Not in the shipped model's labels (no photos of them are written by write_dataset): what an officer
+# may meet that the reference collection lacks. `models evaluate` counts how often they are abstained.
+UNSEEN_WOODS: tuple[Wood, ...] = (
+    Wood("tectona_grandis", "Tectona grandis (teak, unlisted)", None, (60, 120, 170), "semi-ring", 0.20, 4.0,
+         0.2, 3.5, 0.20, 6.0, 1.2, 0.06, "marginal", 0.0, 0.3),
+    Wood("dalbergia_retusa", "Dalbergia retusa (cocobolo)", "II", (40, 70, 150), "diffuse", 0.15, 5.0,
+         0.3, 2.5, 0.30, 10.0, 0.9, -0.08, "banded", 0.18),
+    Wood("entandrophragma_cylindricum", "Entandrophragma cylindricum (sapele, unlisted)", None, (65, 95, 160),
+         "diffuse", 0.13, 12.0, 0.5, 4.0, 0.15, 8.0, 1.0, 0.06, "none", 0.0, 0.1),
+)
+WOOD = {w.label: w for w in WOODS + UNSEEN_WOODS}
 
 
 def _coords(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -234,7 +244,13 @@ INSECTS: tuple[Insect, ...] = (
     Insect("aromia_moschata", "Aromia moschata (musk beetle, harmless)", False,
            (60, 110, 40), None, (0, 0), 0.0, 0.2, 28.0, 0.30, 1.0, False, 0.7),
 )
-INSECT = {i.label: i for i in INSECTS}
+UNSEEN_INSECTS: tuple[Insect, ...] = (
+    Insect("saperda_carcharias", "Saperda carcharias (large poplar borer, harmless)", False,
+           (80, 120, 150), (40, 70, 100), (20, 40), 0.8, 0.7, 28.0, 0.36, 1.1, True, 0.05),
+    Insect("monochamus_galloprovincialis", "Monochamus galloprovincialis (pine sawyer)", True,
+           (30, 40, 60), (180, 190, 200), (25, 40), 0.8, 0.5, 22.0, 0.33, 2.0, True, 0.1),
+)
+INSECT = {i.label: i for i in INSECTS + UNSEEN_INSECTS}
 BACKGROUNDS = ((215, 220, 225), (190, 200, 205), (70, 95, 120), (110, 140, 165), (200, 215, 210))
 
 
@@ -323,6 +339,12 @@ def labels(kind: str) -> list[str]:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     return [w.label for w in WOODS] if kind == "wood" else [i.label for i in INSECTS]
+
+
+def unseen_labels(kind: str) -> list[str]:
+    """Species drawn by this module but never written by write_dataset (open-set tests and figures)."""
+    labels(kind)
+    return [w.label for w in UNSEEN_WOODS] if kind == "wood" else [i.label for i in UNSEEN_INSECTS]
 
 
 def labels_json(kind: str) -> dict[str, dict[str, object]]:

@@ -204,3 +204,36 @@ def mosquitto_with_password(tmp_path: Path) -> Iterator[Mosquitto]:
         yield mq
     finally:
         mq.stop()
+
+
+def need_postgres() -> None:
+    from tests.pg import pg_bin
+
+    missing = "PostgreSQL is not installed" if pg_bin() is None else None
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing = "psycopg is not installed (pip install -e '.[dev]')"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} and CI is set: PostgreSQL tests must run (apt-get install postgresql)")
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """One throwaway PostgreSQL cluster for the session (tests/pg.py); each test takes a new database."""
+    need_postgres()
+    from tests.pg import PgCluster
+
+    cluster = PgCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> str:
+    """The URL of a new, empty database in the session's cluster."""
+    return str(pg_cluster.new_database())

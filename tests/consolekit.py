@@ -13,7 +13,7 @@ from typing import Any
 
 from customs_edge.hub import intake
 from customs_edge.hub.console.server import ConsoleServer, serve
-from customs_edge.hub.store import HubStore
+from customs_edge.hub.storage import open_store
 from tests.fleet import rec, records_msg
 
 T0 = 1_780_000_000.0  # a unit clock in 2026
@@ -52,17 +52,17 @@ def ore_records(start: int = 1) -> list[dict[str, Any]]:
     return out
 
 
-def put(db: Path, device_id: str, records: list[dict[str, Any]], batch: str = "b") -> None:
+def put(db: Path | str, device_id: str, records: list[dict[str, Any]], batch: str = "b") -> None:
     """Store records through the hub's own intake and store, as the hub does with a records message."""
-    store = HubStore(db)
+    store = open_store(db)
     try:
         store.store([intake.parse(f"customs-edge/v1/{device_id}/records", records_msg(device_id, batch, records))])
     finally:
         store.close()
 
 
-def status(db: Path, device_id: str, unit_type: str, site: str) -> None:
-    store = HubStore(db)
+def status(db: Path | str, device_id: str, unit_type: str, site: str) -> None:
+    store = open_store(db)
     try:
         store.set_status(device_id, "online", unit_type, site)
     finally:
@@ -70,7 +70,7 @@ def status(db: Path, device_id: str, unit_type: str, site: str) -> None:
 
 
 class Running:
-    def __init__(self, db: Path, state: Path, **kw: Any) -> None:
+    def __init__(self, db: Path | str, state: Path, **kw: Any) -> None:
         self.server: ConsoleServer = serve(db, state, "127.0.0.1:0", **kw)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self.thread.start()

@@ -64,18 +64,25 @@ def history(path: Path, records: int = 361, span_s: float = 3600, payload_chars:
 
 
 def test_a_healthy_unit_passes_every_check(tmp_path: Path, scale_socket: str, mosquitto: Mosquitto) -> None:
+    from tests.fleet import HubThread
+
     raw = unit_dict(tmp_path, scale_socket, mosquitto.port)
     f = write(tmp_path, raw)
     history(Path(raw["outbox"]["path"]))
-    res = cli("check", "--config", str(f))
-    assert res.returncode == 0, res.stdout + res.stderr
-    lines = res.stdout.splitlines()
-    assert [ln.split(":")[0] for ln in lines] == ["✓ config", "✓ cross-references", "✓ models", "✓ port scale",
-                                                  "✓ outbox", "✓ outage headroom (8 h)", "✓ broker", "✓ clock"]
-    assert res.stderr == ""
-    js = cli("check", "--config", str(f), "--json")
-    doc = json.loads(js.stdout)
-    assert js.returncode == 0 and doc["result"] == "ok" and len(doc["checks"]) == 8
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()  # answers the round trip
+    try:
+        res = cli("check", "--config", str(f))
+        assert res.returncode == 0, res.stdout + res.stderr
+        lines = res.stdout.splitlines()
+        assert [ln.split(":")[0] for ln in lines] == ["✓ config", "✓ cross-references", "✓ models", "✓ port scale",
+                                                      "✓ outbox", "✓ outage headroom (8 h)", "✓ broker", "✓ hub",
+                                                      "✓ clock"]
+        assert res.stderr == ""
+        js = cli("check", "--config", str(f), "--json")
+        doc = json.loads(js.stdout)
+        assert js.returncode == 0 and doc["result"] == "ok" and len(doc["checks"]) == 9
+    finally:
+        hub.stop()
 
 
 def test_a_broken_unit_fails_with_a_fix_per_failure(tmp_path: Path) -> None:
@@ -87,16 +94,23 @@ def test_a_broken_unit_fails_with_a_fix_per_failure(tmp_path: Path) -> None:
     doc = json.loads(res.stdout)
     states = {c["check"]: c["state"] for c in doc["checks"]}
     assert states == {"config": "ok", "cross-references": "ok", "models": "ok", "port scale": "fail",
-                      "outbox": "ok", "outage headroom (8 h)": "warn", "broker": "fail", "clock": "ok"}
+                      "outbox": "ok", "outage headroom (8 h)": "warn", "broker": "fail", "hub": "fail",
+                      "clock": "ok"}
     assert all(c["fix"] for c in doc["checks"] if c["state"] != "ok")
     text = cli("check", "--config", str(f)).stdout
-    assert "✗ port scale:" in text and "✗ broker:" in text and text.count("    fix: ") == 3
+    assert "✗ port scale:" in text and "✗ broker:" in text and text.count("    fix: ") == 4
 
 
 def test_only_warnings_exit_3(tmp_path: Path, scale_socket: str, mosquitto: Mosquitto) -> None:
     raw = unit_dict(tmp_path, scale_socket, mosquitto.port)
     raw["drivers"]["scale"]["baudrate"] = 9600  # ignored on a socket:// port
-    res = cli("check", "--config", str(write(tmp_path, raw)))
+    from tests.fleet import HubThread
+
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
+    try:
+        res = cli("check", "--config", str(write(tmp_path, raw)))
+    finally:
+        hub.stop()
     assert res.returncode == 3, res.stdout
     assert "! cross-references: drivers.scale.baudrate: has no effect on a socket:// port" in res.stdout
 

@@ -254,7 +254,7 @@ def test_aliases_within_the_bound_still_work(tmp_path: Path) -> None:
     problems = refusal(tmp_path, text)
     line = text.splitlines().index("x-copy: *s") + 1
     assert problems == ["x-copy: unknown key; expected one of: device_id, type, site, drivers, app, outbox, sync, "
-                        f"health_interval_s, log_level (line {line})"]
+                        f"models, health_interval_s, log_level (line {line})"]
 
 
 @pytest.mark.parametrize(("content", "expected"), [

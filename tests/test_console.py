@@ -223,3 +223,27 @@ def test_a_specialist_reviews_identifications_and_exports_a_training_set(console
     assert res.returncode == 0, res.stderr
     assert [p.relative_to(out).as_posix() for p in out.rglob("*.jpg")] == [f"dalbergia_nigra/{sha}.jpg"]
     assert (out / "dalbergia_nigra" / f"{sha}.jpg").read_bytes() == jpeg
+
+
+def test_the_console_reads_a_postgresql_store(pg_url: str, tmp_path: Path) -> None:
+    put(pg_url, "gate-01", gate_records(), "b1")
+    put(pg_url, "ore-01", ore_records(), "b2")
+    status(pg_url, "gate-01", "gate", "gongbei")
+    state = ConsoleState(tmp_path / "console.db")
+    state.add_user("li", "officer", PW)
+    state.close()
+    run = Running(pg_url, tmp_path / "console.db")
+    try:
+        c = Client(run.url)
+        code, page = c.login("li", PW)
+        assert code == 200 and "fever_alert" in page and "lot_hold" in page and "lane_summary" not in page
+        _, page = c.get("/alerts?site=gongbei")
+        assert "<td>fever_alert</td>" in page and "<td>lot_hold</td>" not in page
+        _, page = c.get("/alert/gate-01/2")
+        c.post("/alert/gate-01/2/ack", {"csrf": hidden(page, "csrf")})
+        assert run.server.console.state.states([("gate-01", 2)]) == {("gate-01", 2): "acknowledged"}
+        assert "61.70 ± 0.20" in c.get("/lots")[1]
+        assert "<td>160</td><td>3</td><td>1.88 %</td>" in c.get("/lanes")[1]
+        assert 'data-device="gate-01"' in c.get("/fleet")[1]
+    finally:
+        run.stop()

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from customs_edge.cli import certs
 from customs_edge.hub.brokers import Mosquitto
 from customs_edge.simulators.base import Endpoints
 from customs_edge.simulators.scale import ScaleSim, ScaleWorld
 from tests.conftest import Relay, need_mosquitto, unit_dict, wait_for
 from tests.fleet import AgentProc, HubThread, assert_exactly_once, hub_seqs, outbox_state
+from tests.test_tls import Broker, tls_keys
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -58,14 +60,26 @@ class Rig:
         return assert_exactly_once(self.outbox, self.hub_db, self.agent.cfg["device_id"])
 
 
-def make_rig(tmp_path: Path, via_relay: bool = False) -> Iterator[Rig]:
+def make_rig(tmp_path: Path, via_relay: bool = False, tls: bool = False) -> Iterator[Rig]:
+    """tls: the shipped configs/broker config (mutual TLS, the ACL), the hub and the agent with certificates."""
     need_mosquitto()
-    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
+    hub_kw: dict[str, str] = {}
+    unit_kw: dict[str, dict[str, str]] = {}
+    if tls:
+        pki = tmp_path / "pki"
+        certs.init_ca(pki)
+        for name, role in (("broker", "broker"), ("hub-1", "hub"), ("scale-t1", "device")):
+            certs.issue(pki, name, role)  # type: ignore[arg-type]
+        broker = Broker(tmp_path / "broker", pki).mq.start()
+        hub_kw, unit_kw = tls_keys(pki, "hub-1"), {"sync": tls_keys(pki, "scale-t1")}
+    else:
+        broker = Mosquitto(tmp_path / "broker", persistence=True).start()
     sim = Endpoints(ScaleSim(ScaleWorld(seed=5, cycle_s=1.0), rate_hz=50))
     urls = sim.start()
     relay = Relay(broker.port) if via_relay else None
-    hub = HubThread(broker.port, tmp_path / "hub.db").start()
-    agent = AgentProc(unit_dict(tmp_path, urls["socket"], relay.port if relay else broker.port), tmp_path).start()
+    hub = HubThread(broker.port, tmp_path / "hub.db", **hub_kw).start()
+    agent = AgentProc(unit_dict(tmp_path, urls["socket"], relay.port if relay else broker.port, **unit_kw),
+                      tmp_path).start()
     rig = Rig(tmp_path, broker, hub, sim, agent)
     rig.relay = relay  # type: ignore[attr-defined]
     try:
@@ -80,14 +94,19 @@ def make_rig(tmp_path: Path, via_relay: bool = False) -> Iterator[Rig]:
         broker.stop()
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    yield from make_rig(tmp_path)
+# every drill runs twice: on a plain loopback broker, and over mutual TLS with the shipped broker config
+# (certificates, the ACL, client ids bound to them)
+TRANSPORTS = ["plain", "mtls"]
 
 
-@pytest.fixture
-def relay_rig(tmp_path: Path) -> Iterator[Rig]:
-    yield from make_rig(tmp_path, via_relay=True)
+@pytest.fixture(params=TRANSPORTS)
+def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    yield from make_rig(tmp_path, tls=request.param == "mtls")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def relay_rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    yield from make_rig(tmp_path, via_relay=True, tls=request.param == "mtls")
 
 
 def test_broker_clean_restart(rig: Rig) -> None:

@@ -412,3 +412,153 @@ def test_command_line_runs_until_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- limits, as mosquitto (lib/utf8_mosq.c, lib/util_topic.c, src/handle_connect.c, src/net.c) ---------------
+
+def mqtt_packet(ptype: int, flags: int, body: bytes) -> bytes:
+    """An MQTT packet with the spec's variable-length remaining length (written here from MQTT 3.1.1 2.2.3)."""
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes([ptype << 4 | flags]) + bytes(length) + body
+
+
+def closed(sock: socket.socket) -> bool:
+    """The broker hung up (EOF or reset) and sent nothing first."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionError:
+        return True
+
+
+def connect_raw(port: int, client_id: str, keepalive: int = 60) -> tuple[socket.socket, bytes]:
+    """A raw CONNECT; returns the socket and the CONNACK's 4 bytes (b"" if the connection was closed)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+    s.sendall(mqtt_packet(1, 0, Raw.text("MQTT") + bytes([4, 2]) + struct.pack("!H", keepalive)
+                          + Raw.text(client_id)))
+    try:
+        return s, s.recv(4)
+    except ConnectionError:
+        return s, b""
+
+
+@pytest.mark.parametrize("topic", [b"dev/\x01/records", b"dev/\x7f", b"dev/\xc2\x85", b"dev/\xef\xbf\xbe",
+                                   b"dev/\xff\xfe", b"dev/\xed\xa0\x80", b"dev/\xc0\xaf", b"dev/+/x", b"dev/#",
+                                   b"\x00", b"/".join([b"l"] * 202)],
+                         ids=["C0 control", "DEL", "C1 control", "non-character", "invalid UTF-8", "surrogate",
+                              "overlong", "plus", "hash", "NUL", "201 levels"])
+def test_a_publish_topic_mosquitto_refuses_disconnects_and_reaches_nobody(broker: EmbeddedBroker,
+                                                                          topic: bytes) -> None:
+    watcher = Client(broker.port)
+    watcher.subscribe(("#", 1))
+    raw = Raw(broker.port, "bad-topic")
+    raw.sock.sendall(mqtt_packet(3, 2, struct.pack("!H", len(topic)) + topic + b"\x00\x01payload"))
+    assert closed(raw.sock)  # no PUBACK: disconnected
+    raw.sock.close()
+    watcher.publish("ok/after", b"x", qos=1)
+    assert watcher.until("ok/after") == []
+    watcher.close()
+
+
+def test_control_characters_elsewhere_in_a_packet_disconnect_too(broker: EmbeddedBroker) -> None:
+    s, connack = connect_raw(broker.port, "ctl\x07id")
+    assert connack == b"" or closed(s)  # a client id with BEL: no session
+    s.close()
+    raw = Raw(broker.port, "sub-ctl")
+    raw.sock.sendall(mqtt_packet(8, 2, struct.pack("!H", 1) + Raw.text("a/\x1bb") + b"\x01"))
+    assert closed(raw.sock)
+    raw.sock.close()
+
+
+def test_a_packet_over_max_packet_bytes_disconnects_its_sender() -> None:
+    b = EmbeddedBroker(max_packet_bytes=1024)
+    b.start()
+    try:
+        watcher = Client(b.port)
+        watcher.subscribe(("big/#", 1))
+        raw = Raw(b.port, "big")
+        topic = b"big/t"
+        head = struct.pack("!H", len(topic)) + topic + b"\x00\x01"
+        fits = mqtt_packet(3, 2, head + b"a" * (1024 - 3 - len(head)))  # 1 + 2 length bytes + body = 1024
+        assert len(fits) == 1024
+        raw.sock.sendall(fits)
+        assert raw.recv() == (4, 0, b"\x00\x01")  # PUBACK: at the limit is allowed
+        raw.sock.sendall(mqtt_packet(3, 2, head + b"b" * (1024 - 3 - len(head) + 1)))
+        assert closed(raw.sock)
+        raw.sock.close()
+        watcher.publish("big/end", b"", qos=1)
+        assert [len(p) for _, p in watcher.until("big/end")] == [1024 - 3 - len(head)]
+        watcher.close()
+    finally:
+        b.stop()
+
+
+def test_default_max_packet_is_the_wire_limit_the_shipped_broker_uses() -> None:
+    from customs_edge.core.wire import MAX_MESSAGE_BYTES
+    from customs_edge.hub.embedded_broker import MAX_PACKET_BYTES
+
+    assert MAX_PACKET_BYTES == MAX_MESSAGE_BYTES
+
+
+def test_keepalive_0_or_over_the_maximum_is_refused_like_mosquitto_with_max_keepalive(
+        broker: EmbeddedBroker) -> None:
+    assert broker.max_keepalive == 600  # configs/broker/customs-edge.conf max_keepalive
+    for keepalive in (0, 601):
+        s, connack = connect_raw(broker.port, f"ka-{keepalive}", keepalive)
+        assert connack == b"\x20\x02\x00\x02"  # CONNACK "identifier rejected"
+        assert closed(s)
+        s.close()
+    s, connack = connect_raw(broker.port, "ka-600", 600)
+    assert connack == b"\x20\x02\x00\x00"
+    s.close()
+    assert broker.refused["keepalive"] == 2
+    anything = EmbeddedBroker(max_keepalive=0)  # mosquitto's own default: keepalive 0 allowed
+    anything.start()
+    try:
+        s, connack = connect_raw(anything.port, "ka-0", 0)
+        assert connack == b"\x20\x02\x00\x00"
+        s.close()
+    finally:
+        anything.stop()
+
+
+def test_connections_over_the_cap_are_closed_before_connect() -> None:
+    b = EmbeddedBroker(max_connections=2)
+    b.start()
+    try:
+        first, second = Raw(b.port, "c1"), Raw(b.port, "c2")
+        s, connack = connect_raw(b.port, "c3")
+        assert connack == b""
+        s.close()
+        assert b.refused["connections"] == 1
+        first.sock.close()
+        wait_for(lambda: len(b._conns) < 2, what="the first connection to end")
+        third = Raw(b.port, "c3")  # room again
+        second.send(12, 0, b"")
+        assert second.recv() == (13, 0, b"")  # the others never noticed
+        third.sock.close()
+        second.sock.close()
+    finally:
+        b.stop()
+
+
+def test_subscriptions_over_the_per_client_cap_are_refused_one_by_one() -> None:
+    b = EmbeddedBroker(max_subscriptions=3)
+    b.start()
+    try:
+        raw = Raw(b.port, "subs")
+        body = struct.pack("!H", 9) + b"".join(Raw.text(f"t/{i}") + b"\x01" for i in range(5))
+        raw.send(8, 2, body)
+        assert raw.recv() == (9, 0, b"\x00\x09" + bytes([1, 1, 1, 0x80, 0x80]))
+        raw.send(8, 2, struct.pack("!H", 10) + Raw.text("t/0") + b"\x00")  # an existing filter: replaced, allowed
+        assert raw.recv() == (9, 0, b"\x00\x0a\x00")
+        raw.sock.close()
+        other = Raw(b.port, "other")  # the cap is per client
+        other.subscribe("t/9", 1)
+        other.sock.close()
+        assert b.refused["subscriptions"] == 2
+    finally:
+        b.stop()

@@ -19,7 +19,7 @@ from customs_edge.agent.outbox import SqliteOutbox
 from customs_edge.agent.sync import Sync
 from customs_edge.core.records import Priority, RecordIn
 from customs_edge.core.signing import DeviceKey, SigningError, record_hash
-from customs_edge.core.wire import Ack, encode_batch
+from customs_edge.core.wire import Ack, chain_hashes, encode_batch
 from customs_edge.hub.brokers import Mosquitto
 from customs_edge.hub.service import Hub, HubConfig
 from tests.conftest import wait_for
@@ -160,6 +160,22 @@ def test_unregistered_devices_are_refused_only_where_signatures_are_required(tmp
     strict = Hub(HubConfig(port=1, db=tmp_path / "strict.db", keys=tmp_path / "keys.txt", require_signatures=True))
     assert strict.handle([(TOPIC, encode_batch(DEV, "b", batch, key))]) == []
     assert strict.refused == {"unsigned": 1}
+
+
+def test_a_batch_signs_the_chain_hashes_its_records_hash_to(tmp_path: Path, key: DeviceKey) -> None:
+    """The signer takes a record's hash from its successor's `prev` where that follows in the batch; every
+    hash must still be the one its content hashes to: a run, a gap (priorities), the end, an unchained record."""
+    ob = SqliteOutbox(tmp_path / "agent" / "outbox.db", device_id=DEV)
+    ob.put(recs(4) + recs(3, Priority.ALERT) + recs(4))  # begin() hands out 5-7 first, then 1-4 and 8-11
+    batch = ob.begin(100)
+    assert [r.seq for r in batch] == [5, 6, 7, 1, 2, 3, 4, 8, 9, 10, 11]
+    unchained = batch[0]._replace(prev=None)
+    for records in (batch, [unchained, *batch[1:]], batch[3:6]):
+        assert chain_hashes(records) == [record_hash(r.prev or "", r.seq, r.ts, r.type, r.priority, r.payload)
+                                         for r in records]
+    hub = make_hub(tmp_path, key)
+    (ack,) = hub.handle([(TOPIC, encode_batch(DEV, "b", batch, key))])
+    assert Ack.model_validate_json(ack.payload).ranges == [(1, 11)]
 
 
 # -- hub verify -----------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def test_hub_reports_gaps(tmp_path: Path, hub: HubThread, op: Operator) -> None:
     out = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, check=True).stdout)
     assert out["devices"]["dev-g"] | {"last_seen": None} == {
         "device_id": "dev-g", "received": 4, "duplicates": 0, "conflicts": 0, "rejected": 0, "stored": 4,
-        "max_seq": 9, "gaps": 5, "last_seen": None, "status": None}
+        "max_seq": 9, "gaps": 5, "last_seen": None, "status": None, "suspect": 0}
     table = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
     assert "missing seq ranges: [(3, 4), (6, 8)]" in table
 

@@ -14,7 +14,14 @@ import pytest
 
 from customs_edge.core.errors import ModelError
 from customs_edge.models import default_manifest
-from customs_edge.models.image_classifier import BLURRED, LOW_CONFIDENCE, TOO_DARK, Identification, ImageClassifier
+from customs_edge.models.image_classifier import (
+    BLURRED,
+    LOW_CONFIDENCE,
+    TOO_DARK,
+    UNKNOWN,
+    Identification,
+    ImageClassifier,
+)
 from customs_edge.simulators import specimens
 from customs_edge.training.image_classifier import evaluate
 
@@ -95,6 +102,20 @@ def test_abstains_below_the_configured_confidence(wood: ImageClassifier) -> None
     assert ident.label is None and ident.abstain_reason == LOW_CONFIDENCE and not ident.alert
 
 
+def test_a_wood_unlike_every_label_is_an_unknown_species(wood: ImageClassifier) -> None:
+    """Between "not end grain" (max_ood) and a label (max_known): the subject, but no species it knows."""
+    checks = wood.spec.checks.model_copy(update={"max_known": 0.0})
+    tight = ImageClassifier(wood.model, wood.spec.model_copy(update={"checks": checks}))
+    ident = tight.classify(photo("wood", "dalbergia_nigra", 5))
+    assert ident.label is None and ident.abstain_reason == UNKNOWN and not ident.alert
+    assert wood.spec.checks.max_known is not None and wood.spec.checks.max_ood is not None
+    assert wood.spec.checks.max_known < wood.spec.checks.max_ood
+    # woods the simulator draws but the model was never trained on: a good share is sent to the lab
+    unseen = [wood.classify(photo("wood", label, k)) for label in specimens.unseen_labels("wood") for k in range(4)]
+    assert sum(i.label is None for i in unseen) >= len(unseen) // 4
+    assert not set(specimens.unseen_labels("wood")) & set(wood.labels)
+
+
 def test_not_an_image_is_a_clear_error(wood: ImageClassifier) -> None:
     with pytest.raises(ValueError, match="uint8"):
         wood.classify(np.zeros((100, 100, 3), np.float32))
@@ -165,18 +186,24 @@ def test_train_command_on_a_folder_tree(tmp_path: Path) -> None:
     assert m["classifier"]["temperature"] > 0 and m["classifier"]["checks"]["max_ood"] > 0
 
 
-def test_train_refuses_a_folder_without_regulatory_status(tmp_path: Path) -> None:
-    from customs_edge.training.image_classifier import train
+def test_train_refuses_a_label_without_regulatory_status(tmp_path: Path) -> None:
+    """labels.json first, then the shipped model's labels (a console export has no labels.json); a label
+    in neither is refused, never assumed unregulated."""
+    from customs_edge.training.image_classifier import read_status, train
 
     data = tmp_path / "photos"
     specimens.write_dataset("insects", data, per_class=5, seed=3, size=64, workers=1)
-    status = json.loads((data / "labels.json").read_text())
-    del status["anoplophora_glabripennis"]
-    (data / "labels.json").write_text(json.dumps(status))
-    with pytest.raises(SystemExit, match=r"no regulatory status for \['anoplophora_glabripennis'\]"):
-        train("insects", data, tmp_path / "out")
     (data / "labels.json").unlink()
-    with pytest.raises(SystemExit, match=r"labels\.json missing"):
+    status = read_status(data, specimens.labels("insects"), "insects")
+    assert status["anoplophora_glabripennis"]["quarantine_pest"] is True
+    shutil.copytree(data / "rhagium_inquisitor", data / "new_beetle")
+    with pytest.raises(SystemExit, match=r"no regulatory status for \['new_beetle'\]"):
+        train("insects", data, tmp_path / "out")
+    (data / "labels.json").write_text(json.dumps({"new_beetle": {"name": "x", "cites": "IV"}}))
+    with pytest.raises(SystemExit, match="cites must be"):
+        train("insects", data, tmp_path / "out")
+    (data / "labels.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="expected"):
         train("insects", data, tmp_path / "out")
 
 

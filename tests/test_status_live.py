@@ -74,8 +74,8 @@ def test_status_shows_the_running_unit_then_offline_from_its_will(tmp_path: Path
         assert any(line.strip().startswith("state      online") for line in lines), res.stdout
         assert any(line.strip().startswith("backlog") for line in lines), res.stdout
         assert f"outbox {outbox}" in res.stdout and "Traceback" not in res.stderr
-        last_before = outbox_state(outbox)[0]
         agent.kill9()  # no goodbye: the broker publishes the will after 1.5 keepalives
+        last_before = outbox_state(outbox)[0]  # once the agent is gone (before, it may commit one more)
         wait_for(lambda: live_json(agent.path)["status"]["state"] == "offline", 30, "the will: state offline")
         res = status(agent.path)
         assert "offline: the broker published its will" in res.stdout, res.stdout

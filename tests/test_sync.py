@@ -59,9 +59,11 @@ def test_records_leave_the_outbox_only_once_the_hub_stored_them(tmp_path: Path, 
     unit = Unit(cfg)
     unit.start()
     try:
-        time.sleep(2.0)  # no hub yet: the broker PUBACKs, but nothing may leave the outbox
+        # no hub yet: the broker PUBACKs what was sent, but nothing may leave the outbox
+        wait_for(lambda: unit.sync.stats.batches_sent >= 1 and outbox_state(cfg.outbox.path)[0] >= 20, 30,
+                 "20 records committed and a batch published (PUBACKed by the broker, no hub)")
         last, pending = outbox_state(cfg.outbox.path)
-        assert last >= 20 and len(pending) == last
+        assert last >= 20 and len(pending) == last and unit.sync.stats.records_acked == 0
         hub = HubThread(mosquitto.port, tmp_path / "hub.db").start()
         try:
             wait_for(lambda: len(outbox_state(cfg.outbox.path)[1]) < 5 and unit.sync.stats.records_acked > 20,

@@ -58,7 +58,7 @@ class Broker:
         etc.mkdir(parents=True)
         for f in ("acl", "acl-loopback"):
             shutil.copy(BROKER_CONF / f, etc / f)
-        for f in ("ca.crt", "broker.crt", "broker.key"):
+        for f in ("ca.crt", "ca.crl", "broker.crt", "broker.key"):
             shutil.copy(pki / f, etc / f)
         conf = (BROKER_CONF / "customs-edge.conf").read_text()
         adapted = (conf.replace("/etc/mosquitto/customs-edge/", f"{etc}/")

@@ -75,3 +75,22 @@ def test_a_ca_or_a_key_is_never_replaced_silently(tmp_path: Path) -> None:
 def test_issuing_without_a_ca_names_the_fix(tmp_path: Path) -> None:
     r = run("issue", "dev-a", "--role", "device", "--dir", str(tmp_path / "none"))
     assert r.returncode == 1 and "certs init" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_revoke_and_crl_keep_every_revoked_serial_and_name_the_fix(tmp_path: Path) -> None:
+    certs.init_ca(tmp_path)
+    empty = x509.load_pem_x509_crl((tmp_path / "ca.crl").read_bytes())  # made with the CA: the broker can load it
+    assert list(empty) == [] and empty.is_signature_valid(
+        x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes()).public_key())  # type: ignore[arg-type]
+    serials = []
+    for name in ("dev-a", "dev-b"):
+        certs.issue(tmp_path, name, "device")
+        serials.append(x509.load_pem_x509_certificate((tmp_path / f"{name}.crt").read_bytes()).serial_number)
+        certs.revoke(tmp_path, name)
+    certs.revoke(tmp_path, "dev-a")  # twice: listed once
+    assert run("crl", "--dir", str(tmp_path)).returncode == 0
+    crl = x509.load_pem_x509_crl((tmp_path / "ca.crl").read_bytes())
+    assert sorted(r.serial_number for r in crl) == sorted(serials)
+    assert crl.next_update_utc is not None and 364 < (crl.next_update_utc - crl.last_update_utc).days <= 365
+    r = run("revoke", "dev-zz", "--dir", str(tmp_path))
+    assert r.returncode == 1 and "revoke a certificate this CA directory issued" in r.stderr

@@ -94,3 +94,24 @@ def test_a_driver_fault_record_carries_the_camera_url_without_credentials() -> N
     (record,) = App("u1", None).on_fault("cam", exc.value)
     assert record.type == "driver_fault"
     assert SECRET not in str(record.payload) and "http://***@127.0.0.1" in str(record.payload["error"])
+
+
+def test_the_fault_a_config_push_reply_quotes_carries_no_credentials() -> None:
+    """A pushed config that fails to start is rolled back with the drivers' last faults in the reply (on the
+    broker, read by hubs and operators): the camera URL's user:pass@ is redacted there too."""
+    import queue
+    import threading
+
+    from customs_edge.agent.runtime import DriverThread
+    from tests.conftest import wait_for
+
+    url = f"http://admin:{SECRET}@127.0.0.1:{free_port()}/stream.mjpg"  # nothing listens there
+    stop = threading.Event()
+    t = DriverThread(OpenCvCamera("cam", CameraConfig(url=url)), queue.Queue(), stop)  # type: ignore[call-arg]
+    t.start()
+    try:
+        wait_for(lambda: t.last_error, 30, "the camera's fault")
+    finally:
+        stop.set()
+        t.join(10)
+    assert SECRET not in t.last_error and "http://***@127.0.0.1" in t.last_error

@@ -264,7 +264,35 @@ def train(out_dir: Path, seed: int = 0, n_travellers: int | None = None, optics:
     }
     path = out_dir / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_golden(path, seed, optics)
     return path
+
+
+GOLDEN_ROWS = 40
+GOLDEN_TOLERANCE_C = 0.3  # the screening thermograph's accuracy goal (docs/gate.md: <= +-0.3 degC)
+
+
+def write_golden(manifest_path: Path, seed: int = 0, optics: Optics = MLX90640) -> dict[str, Any]:
+    """The golden set: GOLDEN_ROWS tracks of travellers never seen in training or the held-out figures
+    (their own seed), with their true core temperature; min_accuracy is what the model scores on them less
+    0.1, so a model that regresses fails its self-test on a unit (models/runtime.py OnnxModel.self_test)."""
+    from customs_edge.models.runtime import OnnxModel, manifest_text
+
+    x, y, _ = dataset(seed * 7919 + 13, 300, replace(TRAIN_WORLD, optics=optics))
+    x, y = x[:GOLDEN_ROWS], y[:GOLDEN_ROWS]
+    model = OnnxModel(manifest_path)
+    pred = model.predict({"features": x})["core_c"].reshape(-1)
+    accuracy = float(np.mean(np.abs(pred - y) <= GOLDEN_TOLERANCE_C))
+    golden = {"inputs": {"features": [[round(float(v), 4) for v in row] for row in x]},
+              "expected": {"core_c": [[round(float(v), 4)] for v in y]},
+              "tolerance": {"core_c": GOLDEN_TOLERANCE_C},
+              "min_accuracy": round(max(0.0, accuracy - 0.1), 3),
+              "source": f"simulators.gate_world seed {seed * 7919 + 13}, first {len(y)} tracks: true core "
+                        f"temperature; the model scored {accuracy:.3f} when built"}
+    doc = json.loads(manifest_path.read_text())
+    doc["golden"] = golden
+    manifest_path.write_text(manifest_text(doc))
+    return golden
 
 
 # --- evaluation --------------------------------------------------------------------------------

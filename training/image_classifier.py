@@ -37,7 +37,9 @@ SCALES = 3
 TAILS = (0.0, 0.4, 0.8)  # grey deviations (in normalised units) whose tails are measured
 KSIZE = 9
 SUBJECTS = {"wood": "end grain", "insects": "an insect"}
-VERSION = "1.0.0"
+VERSION = "1.1.0"
+# ood above this quantile of the validation split: "unknown species" (docs/handheld-models.md, leave-one-out)
+KNOWN_QUANTILE = 0.99
 
 
 def filter_bank() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,23 +150,55 @@ class FeatureExtractor:
 
 
 # --- data --------------------------------------------------------------------------------------
-def read_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray, list[str], dict[str, dict[str, Any]]]:
-    """(images, label index per image, labels, status per label) from root/<label>/*.jpg|png and
-    root/labels.json ({label: {"name", "cites", "quarantine_pest"}}, every label listed)."""
+def _known_status(kind: str | None) -> dict[str, dict[str, Any]]:
+    """Regulatory status per label of the shipped model of `kind` (for folders without labels.json)."""
+    if kind is None:
+        return {}
+    try:
+        m = json.loads(default_manifest(kind).read_text())
+        return {x["label"]: x for x in m["classifier"]["labels"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def read_status(root: Path, labels: list[str], kind: str | None) -> dict[str, dict[str, Any]]:
+    """Each label's {"name", "cites", "quarantine_pest"}: root/labels.json first, then the shipped model of
+    `kind` (a console export-labels folder has no labels.json); a label in neither is refused."""
+    status_path = root / "labels.json"
+    given: dict[str, Any] = {}
+    if status_path.is_file():
+        try:
+            given = json.loads(status_path.read_text())
+            if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+                raise ValueError("expected {label: {name, cites, quarantine_pest}}")
+        except ValueError as exc:
+            raise SystemExit(f"{status_path}: {exc}") from exc
+    known = _known_status(kind)
+    status = {x: given.get(x) or known.get(x) for x in labels}
+    missing = [x for x, v in status.items() if v is None]
+    if missing:
+        raise SystemExit(f"{status_path}: no regulatory status for {missing} (nor in the shipped {kind} model): "
+                         'list them, e.g. {"dalbergia_nigra": {"name": "Dalbergia nigra", "cites": "I", '
+                         '"quarantine_pest": false}} (cites null if not listed)')
+    for x, v in status.items():
+        if v is not None and (v.get("cites") not in (None, "I", "II", "III")
+                              or not isinstance(v.get("quarantine_pest", False), bool)):
+            raise SystemExit(f"{status_path}: {x}: cites must be null, \"I\", \"II\" or \"III\" and "
+                             f"quarantine_pest true or false, not {v}")
+    return {x: v for x, v in status.items() if v is not None}
+
+
+def read_folder(root: Path, kind: str | None = None
+                ) -> tuple[list[np.ndarray], np.ndarray, list[str], dict[str, dict[str, Any]]]:
+    """(images, label index per image, labels, status per label) from root/<label>/*.jpg|png; status from
+    root/labels.json ({label: {"name", "cites", "quarantine_pest"}}) or the shipped model of `kind`."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"{root}: no such folder (expected DIR/<label>/*.jpg)")
     labels = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(labels) < 2:
         raise SystemExit(f"{root}: needs at least two label folders DIR/<label>/*.jpg, found {labels}")
-    status_path = root / "labels.json"
-    if not status_path.is_file():
-        raise SystemExit(f"{status_path} missing: list every label's regulatory status, e.g. "
-                         '{"dalbergia_nigra": {"name": "Dalbergia nigra", "cites": "I", "quarantine_pest": false}}')
-    status = json.loads(status_path.read_text())
-    missing = [x for x in labels if x not in status]
-    if missing:
-        raise SystemExit(f"{status_path}: no regulatory status for {missing}: add them (cites null if not listed)")
+    status = read_status(root, labels, kind)
     images, ys = [], []
     for k, lab in enumerate(labels):
         files = sorted(p for p in (root / lab).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -200,10 +234,15 @@ def fit_head(x: np.ndarray, y: np.ndarray, head: str, seed: int) -> list[tuple[n
         lr = LogisticRegression(C=1.0, max_iter=3000)
         lr.fit(x, y)
         return [(lr.coef_.T.copy(), lr.intercept_.copy())]
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     mlp = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=800, early_stopping=False, random_state=seed)
-    mlp.fit(x, y)
+    with warnings.catch_warnings():  # 800 epochs is the budget; the validation split says whether it is enough
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp.fit(x, y)
     return list(zip(mlp.coefs_, mlp.intercepts_, strict=True))
 
 
@@ -276,7 +315,7 @@ def train(kind: str, images_dir: str | Path, out_dir: str | Path, seed: int = 0,
     from customs_edge.models.runtime import sha256_file
 
     t0 = time.perf_counter()
-    images, y, labels, status = read_folder(Path(images_dir))
+    images, y, labels, status = read_folder(Path(images_dir), kind)
     log(f"{kind}: {len(images)} images, {len(labels)} labels from {images_dir}")
     fx = FeatureExtractor()
     x = fx(images)
@@ -290,7 +329,9 @@ def train(kind: str, images_dir: str | Path, out_dir: str | Path, seed: int = 0,
     p_va = softmax(logits_va, temp)
     acc_va = float((p_va.argmax(axis=1) == y[va]).mean())
     w, centres = whitening(z[tr], y[tr])
-    max_ood = float(np.quantile(ood_distance(z[va], w, centres), 0.99) * 2.5)
+    d_va = ood_distance(z[va], w, centres)
+    max_ood = float(np.quantile(d_va, 0.99) * 2.5)
+    max_known = float(np.quantile(d_va, KNOWN_QUANTILE))
     bright, sharp = qual[:, 0], qual[:, 1]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +342,8 @@ def train(kind: str, images_dir: str | Path, out_dir: str | Path, seed: int = 0,
         "logits": "logits", "ood": "ood", "temperature": round(temp, 4), "min_confidence": min_confidence,
         "checks": {"size": 256, "min_brightness": round(float(np.quantile(bright, 0.005)) * 0.6, 2),
                    "max_brightness": round(min(250.0, float(np.quantile(bright, 0.995)) * 1.15 + 5), 2),
-                   "min_sharpness": round(float(np.quantile(sharp, 0.005)) * 0.5, 3), "max_ood": round(max_ood, 4)},
+                   "min_sharpness": round(float(np.quantile(sharp, 0.005)) * 0.5, 3), "max_ood": round(max_ood, 4),
+                   "max_known": round(max_known, 4)},
         "labels": [{"label": lab, "name": str(status[lab].get("name", lab)), "cites": status[lab].get("cites"),
                     "quarantine_pest": bool(status[lab].get("quarantine_pest", False))} for lab in labels],
     }
@@ -355,6 +397,18 @@ def heldout(kind: str, seed: int, per_class: int) -> tuple[list[np.ndarray], lis
     return images, truth
 
 
+def unseen_set(kind: str, seed: int, per_class: int) -> list[tuple[np.ndarray, str]]:
+    """Photos of species the model has no label for (simulators.specimens.unseen_labels)."""
+    from customs_edge.simulators import specimens
+
+    out = []
+    for label in specimens.unseen_labels(kind):
+        for n in range(per_class):
+            img = specimens.image(kind, label, seed * 1_000_003 + 700_000 + n)
+            out.append((np.asarray(cv2.imdecode(cv2.imencode(".jpg", img)[1], cv2.IMREAD_COLOR)), label))
+    return out
+
+
 def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path | None = None) -> dict[str, Any]:
     clf = ImageClassifier.load(manifest or default_manifest(kind))
     images, truth = heldout(kind, seed, per_class)
@@ -379,6 +433,12 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
     alert_missed = sum(1 for a, i in zip(alerts_true, idents, strict=True) if a and i.label and not i.alert)
     false_alerts = sum(1 for a, i in zip(alerts_true, idents, strict=True) if not a and i.alert)
     ms = np.array([i.ms for i in idents])
+    unseen = unseen_set(kind, seed, max(4, per_class // 4))
+    unseen_idents = [clf.classify(im) for im, _ in unseen]
+    unseen_reasons: dict[str, int] = {}
+    for (_, truth_label), i in zip(unseen, unseen_idents, strict=True):
+        key = f"abstained: {i.abstain_reason}" if i.label is None else f"{truth_label} -> {i.label}"
+        unseen_reasons[key] = unseen_reasons.get(key, 0) + 1
     conf1 = np.array([i.top3[0][1] for i in idents])
     hit = np.array([t == p for t, p in zip(truth, top1, strict=True)], float)
     bins = np.minimum((conf1 * 10).astype(int), 9)  # expected calibration error, 10 bins of top-1 confidence
@@ -391,6 +451,9 @@ def evaluate(kind: str, seed: int = 1, per_class: int = 40, manifest: str | Path
         "abstain_rate": round(1 - len(kept) / len(images), 4), "abstain_reasons": reasons,
         "accuracy_not_abstained": round(float(np.mean([t == p for t, p in kept])), 4) if kept else None,
         "regulated_identified_as_unregulated": alert_missed, "unregulated_identified_as_regulated": false_alerts,
+        "unseen_species": {"labels": sorted({t for _, t in unseen}), "images": len(unseen),
+                           "abstained": round(sum(1 for i in unseen_idents if i.label is None) / len(unseen), 4),
+                           "outcomes": dict(sorted(unseen_reasons.items()))},
         "expected_calibration_error": round(float(ece), 4), "per_class": per_class_fig, "labels": labels,
         "confusion": conf.tolist(),
         "ms_per_photo": {"median": round(float(np.median(ms)), 2), "p95": round(float(np.quantile(ms, 0.95)), 2)},
@@ -435,7 +498,58 @@ def compare_heads(kind: str, images_dir: str | Path, seed: int = 0, heldout_per_
     return out
 
 
+def leave_one_out(images_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """Open set: train without one label at a time (MLP, the shipped thresholds) and count how many of
+    its photos are abstained as "unknown species" or worse, beside the validation photos so abstained."""
+    images, y, labels, _ = read_folder(Path(images_dir))
+    x = FeatureExtractor()(images)
+    per: dict[str, Any] = {}
+    for k, lab in enumerate(labels):
+        keep = y != k
+        yk = np.searchsorted(np.unique(y[keep]), y[keep])
+        tr, va = _split(yk, 0.2, seed)
+        mean, scale = x[keep][tr].mean(axis=0), x[keep][tr].std(axis=0) + 1e-6
+        z = (x[keep] - mean) / scale
+        w, c = whitening(z[tr], yk[tr])
+        d_va = ood_distance(z[va], w, c)
+        d_out = ood_distance((x[~keep] - mean) / scale, w, c)
+        t = np.quantile(d_va, KNOWN_QUANTILE)
+        per[lab] = {"unseen_abstained": round(float((d_out > t).mean()), 3),
+                    "validation_abstained": round(float((d_va > t).mean()), 3)}
+    mean_unseen = float(np.mean([v["unseen_abstained"] for v in per.values()]))
+    return {"labels": per, "mean_unseen_abstained": round(mean_unseen, 3)}
+
+
+GOLDEN_FILE = "golden.npz"
+
+
+def write_golden(kind: str, manifest_path: Path, seed: int = 0, per_class: int = 1) -> dict[str, Any]:
+    """The golden set of an image classifier: `per_class` held-out photographs per label (their own seeds),
+    preprocessed into the network's input as float16, in golden.npz beside the manifest with the true class
+    indices; matched by argmax; min_accuracy is what the model scores on them less 0.1."""
+    from customs_edge.models.runtime import manifest_text, sha256_file
+
+    clf = ImageClassifier.load(manifest_path)
+    images, truth = heldout(kind, seed + 7, per_class)
+    x = np.concatenate([preprocess(im, clf.spec.input) for im in images]).astype(np.float16)
+    y = np.array([clf.labels.index(t) for t in truth], dtype=np.int64)
+    logits = clf.model.predict({clf.spec.input.name: x.astype(np.float32)})[clf.spec.logits]
+    accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
+    path = manifest_path.parent / GOLDEN_FILE
+    arrays: dict[str, np.ndarray] = {f"input/{clf.spec.input.name}": x, f"expected/{clf.spec.logits}": y}
+    np.savez_compressed(path, allow_pickle=False, **arrays)
+    golden = {"match": "argmax", "file": GOLDEN_FILE, "sha256": sha256_file(path),
+              "min_accuracy": round(max(0.0, accuracy - 0.1), 3),
+              "source": f"simulators.specimens held-out seed {seed + 7}, {per_class} photograph(s) per label, "
+                        f"preprocessed (float16); the model scored {accuracy:.3f} when built"}
+    doc = json.loads(manifest_path.read_text())
+    doc["golden"] = golden
+    manifest_path.write_text(manifest_text(doc))
+    return {**golden, "expected": {clf.spec.logits: y.tolist()}}
+
+
 if __name__ == "__main__":
     import sys
 
-    print(json.dumps(compare_heads(sys.argv[1], sys.argv[2]), indent=2))
+    fn = leave_one_out(sys.argv[3]) if sys.argv[1] == "open-set" else compare_heads(sys.argv[1], sys.argv[2])
+    print(json.dumps(fn, indent=2))

@@ -17,7 +17,13 @@ PER_CLASS = 100  # 12 species: 1,200 photographs, 20 % of them for validation
 
 
 def train(out_dir: Path, seed: int = 0) -> Path:
-    return ic.train_on_simulated(KIND, out_dir, seed, PER_CLASS)
+    path = ic.train_on_simulated(KIND, out_dir, seed, PER_CLASS)
+    write_golden(path, seed)
+    return path
+
+
+def write_golden(manifest_path: Path, seed: int = 0) -> dict[str, Any]:
+    return ic.write_golden(KIND, manifest_path, seed)
 
 
 def evaluate(seed: int = 1) -> dict[str, Any]:

@@ -73,7 +73,8 @@ class Confirm(BaseModel):
 
 class GateAppConfig(AppConfig):
     threshold_c: float = Field(37.3, ge=35.0, le=42.0, description="fever decision threshold (37.3, 37.5, 38.0 in use)")
-    model: Path | None = Field(None, description="model manifest; default: the shipped models/fever/manifest.json")
+    model: Path | None = Field(None, description="model manifest; default: the shipped models/fever/manifest.json",
+                               json_schema_extra={"shipped_model": "fever"})
     summary_interval_s: float = Field(60.0, gt=0, description="one 'lane_summary' record per interval")
     thumbnail_on_alert: bool = Field(False, description="attach a small thermal thumbnail to fever alerts")
     thumbnail_width_px: int = Field(16, ge=4, le=64, description="thumbnail width; height keeps the aspect")

@@ -74,9 +74,11 @@ class Classifier(Protocol):
 
 
 class HandheldConfig(AppConfig):
-    wood_model: Path | None = Field(None, description="wood model manifest; default: the shipped models/wood")
+    wood_model: Path | None = Field(None, description="wood model manifest; default: the shipped models/wood",
+                                    json_schema_extra={"shipped_model": "wood"})
     insects_model: Path | None = Field(None, description="insects model manifest; default: the shipped "
-                                                         "models/insects")
+                                                         "models/insects",
+                                       json_schema_extra={"shipped_model": "insects"})
     models: list[ModelName] = Field(["wood", "insects"], description="the classifiers this unit loads")
     default_model: ModelName = Field("wood", description="the model a capture uses when it names none")
     trigger_codes: dict[str, ModelName] = Field(

@@ -115,7 +115,8 @@ class AnalyserRegisters(BaseModel):
 
 
 class OreAppConfig(AppConfig):
-    model_manifest: Path | None = Field(None, description="ore-grade manifest; default: the shipped model")
+    model_manifest: Path | None = Field(None, description="ore-grade manifest; default: the shipped model",
+                                        json_schema_extra={"shipped_model": "ore_grade"})
     basis: Literal["mass", "time", "stratified"] = Field("mass", description="ISO 3082 sampling: mass "
                                                          "(systematic, per increment_t), time (per increment_s "
                                                          "of running belt) or stratified random")

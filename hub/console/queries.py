@@ -8,9 +8,12 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from customs_edge.hub.storage import is_postgres
 
 CHOICES_TTL_S = 30.0
 SILENT_AFTER_S = 300.0  # a unit heard from longer ago than this stands out on the fleet page
@@ -46,19 +49,28 @@ ALERT_WHERE = "(r.priority = 3 OR r.type = 'driver_fault')"  # the partial index
 
 
 class HubReader:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    """The hub's store read-only: a SQLite file or a PostgreSQL URL (hub/store_pg.py's schema mirrors the
+    SQLite one, partial indexes included); the queries are written once, with `?` placeholders."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = str(target)
+        self.postgres = is_postgres(self.target)
+        self._health_order = "id" if self.postgres else "rowid"
         self._local = threading.local()
         self._lock = threading.Lock()
         self._choices: tuple[float, dict[str, list[str]] | None] = (0.0, None)
 
     @property
-    def db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+    def db(self) -> _Db:
+        db: _Db | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA busy_timeout=5000")
+            if self.postgres:
+                db = _PgDb(self.target)
+            else:
+                con = sqlite3.connect(Path(self.target).resolve().as_uri() + "?mode=ro", uri=True,
+                                      isolation_level=None, check_same_thread=False)
+                con.execute("PRAGMA busy_timeout=5000")
+                db = con
             self._local.db = db
         return db
 
@@ -125,7 +137,8 @@ class HubReader:
     def fleet(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT d.device_id, d.status, d.last_seen, d.unit_type, d.site, d.stored, (SELECT payload FROM health h"
-            " WHERE h.device_id = d.device_id ORDER BY rowid DESC LIMIT 1) FROM devices d ORDER BY d.device_id")
+            f" WHERE h.device_id = d.device_id ORDER BY {self._health_order} DESC LIMIT 1) FROM devices d"
+            " ORDER BY d.device_id")
         out = []
         for device_id, status, seen, unit_type, site, stored, health in rows:
             out.append({"device_id": device_id, "status": status, "last_seen": seen, "unit_type": unit_type,
@@ -155,6 +168,36 @@ class HubReader:
 
     def confirmations(self, since: float) -> list[AlertRow]:
         return [a for a in self.alerts(Filters(kind="fever_confirmation"), limit=10000) if a.ts >= since]
+
+
+class _Db(Protocol):
+    def execute(self, sql: str, args: Sequence[Any] = ..., /) -> Any: ...
+
+
+class _PgDb:
+    """A read-only PostgreSQL connection that takes the SQLite queries' `?` placeholders."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.con = self._connect()
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        con = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10, application_name="customs-edge-console")
+        con.execute("SET default_transaction_read_only = on")
+        return con
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        import psycopg
+
+        try:
+            return self.con.execute(sql.replace("?", "%s"), tuple(args))
+        except psycopg.OperationalError:
+            if not self.con.broken:
+                raise
+            self.con = self._connect()  # the server restarted: once more, on a new connection
+            return self.con.execute(sql.replace("?", "%s"), tuple(args))
 
 
 def _kind(kind: str) -> str:

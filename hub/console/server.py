@@ -30,7 +30,7 @@ from customs_edge.hub.console import pages
 from customs_edge.hub.console.inspection import Inspection
 from customs_edge.hub.console.queries import Filters, HubReader
 from customs_edge.hub.console.state import ConsoleState, Session, same
-from customs_edge.hub.store import HubStore
+from customs_edge.hub.storage import is_postgres, open_store
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,16 @@ class Console:
     """What the handlers share: the hub's database (read-only), the console's own file, the settings."""
 
     def __init__(self, hub_db: str | Path, state: str | Path, *, anonymous: bool = False,
-                 host: str = "127.0.0.1", inspection: Inspection | None = None) -> None:
+                 host: str = "127.0.0.1", inspection: Inspection | None = None,
+                 photos: str | Path | None = None) -> None:
         self.inspection = inspection  # remote inspection over the broker; None: not configured
         if anonymous and not is_loopback(host):
             raise CustomsEdgeError(f"anonymous access only on a loopback address, not {host}: add users with"
                                    " `customs-edge console user add NAME --role officer` and drop --anonymous")
-        HubStore(hub_db, readonly=True).close()  # a mistyped path is an error here, not an empty console
+        open_store(hub_db, readonly=True).close()  # a mistyped path is an error here, not an empty console
         self.reader = HubReader(hub_db)
-        self.photos = Path(f"{hub_db}.photos")  # the hub's content-addressed photo store (hub/photos.py)
+        # the hub's content-addressed photo store (hub/photos.py): beside a SQLite file, or the workers' --photos-dir
+        self.photos = Path(photos) if photos else None if is_postgres(hub_db) else Path(f"{hub_db}.photos")
         self.state = ConsoleState(state)
         if not anonymous and not self.state.users():
             raise CustomsEdgeError(f"no console users in {state}: add one with `customs-edge console user add NAME"
@@ -72,7 +74,7 @@ class Console:
 
 
     def photo_path(self, sha: str) -> Path | None:
-        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        if self.photos is None or not re.fullmatch(r"[0-9a-f]{64}", sha):
             return None
         f = self.photos / sha[:2] / f"{sha}.jpg"
         return f if f.is_file() else None
@@ -419,7 +421,8 @@ class ConsoleServer(ThreadingHTTPServer):
 
 def serve(hub_db: str | Path, state: str | Path, listen: str = "127.0.0.1:8080", *, anonymous: bool = False,
           tls_cert: str | None = None, tls_key: str | None = None, broker: str | None = None,
-          broker_settings: BrokerSettings | None = None, prefix: str = "customs-edge/v1") -> ConsoleServer:
+          broker_settings: BrokerSettings | None = None, prefix: str = "customs-edge/v1",
+          photos: str | Path | None = None) -> ConsoleServer:
     """A console server bound and ready (call serve_forever, or run it in a thread). `broker` (HOST:PORT):
     remote inspection through it, with `broker_settings` (an operator's certificate where the broker asks)."""
     host, _, port = listen.rpartition(":")
@@ -430,7 +433,7 @@ def serve(hub_db: str | Path, state: str | Path, listen: str = "127.0.0.1:8080",
         if not bhost or not bport.isdigit():
             raise CustomsEdgeError(f"--broker {broker!r}: write it HOST:PORT, e.g. 127.0.0.1:1883")
         inspection = Inspection(bhost, int(bport), broker_settings, prefix)
-    console = Console(hub_db, state, anonymous=anonymous, host=host, inspection=inspection)
+    console = Console(hub_db, state, anonymous=anonymous, host=host, inspection=inspection, photos=photos)
     tls = None
     if tls_cert:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

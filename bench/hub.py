@@ -1,0 +1,376 @@
+"""Hub scale-out figures: ingest through broker -> hub -> store -> ack for SQLite and PostgreSQL with 1, 2 and 3
+hub workers, beside raw executemany into the same store; then a simulated fleet at a steady rate: the hub's
+ack latency and RSS.
+
+    python bench/hub.py [--records 100000] [--batch 500] [--devices 50] [--units 500] [--rate 5]
+                        [--processes 4] [--fleet-seconds 20] [--workers 1,2,3]
+                        [--burst-units 20] [--burst-records 2000] [--skip ingest|fleet|burst] [--json]
+
+Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on one shared subscription
+($share/hubs/...), each worker its own process; PostgreSQL is a throwaway cluster started here (tests/pg.py:
+initdb/pg_ctl, fsync and synchronous_commit on, as in production). This process publishes pre-encoded
+batches (`--batch` records of ~250-byte payloads, `--devices` devices in turn, seqs counting up; QoS 1, at
+most 8 batches per worker unacked) and counts the hub's acks: records_per_s = records / (first publish ->
+last ack); hub_cpu_us_per_record and db_cpu_us_per_record are the CPU time the hub workers and the
+PostgreSQL cluster spent per record (CPU time, unlike wall time, holds when other work shares the cores: the
+sizing arithmetic in docs/scale.md uses it). Every store row is checked afterwards (stored == records, no duplicates).
+Baselines, measured in the same run on the same machine:
+  raw_executemany  INSERT of the same rows into the store's `records` table, one transaction per batch
+                   (SQLite synchronous=FULL; PostgreSQL executemany, pipelined by psycopg): the database's
+                   own ceiling, no MQTT, no validation, no dedupe;
+  store_direct     the store's store() on already parsed batches, 4 per transaction as the hub groups them:
+                   dedupe and counters without MQTT or JSON validation.
+Fleet: `--units` simulated units (agent/simfleet.py: the agent's outbox and sync, one session each, spread over
+`--processes` `customs-edge fleet simulate` processes) at `--rate` records/s each against one hub worker on
+SQLite and on PostgreSQL; after `--warmup` s (the connect storm), for `--fleet-seconds`: ack latency (a record's
+commit into its unit's outbox -> the hub's ack deleting it) p50/p99, and the hub process's peak RSS. The
+simulators, mosquitto, the hub and PostgreSQL share this machine's cores: on 2 cores the simulators take most
+of them (--units scales the fleet down).
+Burst: `--burst-units` units that each hold `--burst-records` records connect at once (a port's link back after
+an outage): seconds until every record is acked, SQLite with one worker, PostgreSQL with three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.hub_rss import PAYLOAD, proc_rss_mb
+from customs_edge.core.records import Pending
+from customs_edge.core.wire import encode_batch
+from customs_edge.hub import intake
+from customs_edge.hub.brokers import Mosquitto
+
+PREFIX = "customs-edge/v1"
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: robust to other work sharing the cores, unlike wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def pg_cpu_s(pg: Any) -> float:
+    """CPU seconds of the PostgreSQL cluster: the postmaster and every backend it started."""
+    master = int((pg.data / "postmaster.pid").read_text().split()[0]) if (pg.data / "postmaster.pid").exists() else 0
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if int(d.name) == master or ppid == master:
+                    total += cpu_s(int(d.name))
+            except (OSError, ValueError):
+                continue
+    return total
+
+
+def batches(total: int, size: int, devices: int, tag: str) -> Iterator[tuple[str, bytes, list[Pending]]]:
+    next_seq = dict.fromkeys(range(devices), 1)
+    sent, k = 0, 0
+    while sent < total:
+        d = k % devices
+        n = min(size, total - sent)
+        seq0 = next_seq[d]
+        recs = [Pending(s, 1.7e9 + s, "boot-bench", float(s), "weighing", 1, PAYLOAD) for s in range(seq0, seq0 + n)]
+        next_seq[d] = seq0 + n
+        yield f"{PREFIX}/{tag}-{d}/records", encode_batch(f"{tag}-{d}", f"b{k}", recs), recs
+        sent += n
+        k += 1
+
+
+class Workers:
+    """`customs-edge hub` worker processes on one shared subscription."""
+
+    def __init__(self, n: int, db: str, port: int, work: Path) -> None:
+        self.logs = [work / f"hub-{i}.log" for i in range(n)]
+        self.procs = [subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--db", db, "--port", str(port),
+                                        "--client-id", f"bench-hub-{i}", "--log-level", "INFO", "--photos-dir",
+                                        str(work / "photos")], env=ENV,
+                                       stderr=log.open("wb")) for i, log in enumerate(self.logs)]
+        deadline = time.monotonic() + 60
+        while not all("hub subscribed" in log.read_text() for log in self.logs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"hub workers did not subscribe; see {work}")
+            time.sleep(0.1)
+
+    def cpu_s(self) -> float:
+        return sum(cpu_s(p.pid) for p in self.procs)
+
+    def rss_mb(self) -> list[float]:
+        return [round(proc_rss_mb(p.pid), 1) for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(20)
+
+
+def publish_all(port: int, msgs: list[tuple[str, bytes, int]], window: int) -> float:
+    """Publish every batch (QoS 1, at most `window` unacked by the hub); seconds from first publish to last ack."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    total = sum(n for _, _, n in msgs)
+    acked = [0]
+    cond = threading.Condition()
+
+    def on_message(_c: Any, _u: Any, m: Any) -> None:
+        ack = json.loads(m.payload)
+        with cond:
+            acked[0] += sum(b - a + 1 for a, b in ack["ranges"])
+            cond.notify_all()
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}", protocol=paho.MQTTv311)
+    c.max_inflight_messages_set(window * 2)
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        c.subscribe(f"{PREFIX}/+/ack", 1)
+        time.sleep(0.3)  # SUBACK
+        size = max(n for _, _, n in msgs)
+        t0 = time.monotonic()
+        sent = 0
+        for t, payload, n in msgs:
+            with cond:
+                if not cond.wait_for(lambda floor=sent - window * size: acked[0] >= floor, 120):
+                    raise RuntimeError(f"hub acks stalled at {acked[0]} of {sent}")
+            c.publish(t, payload, qos=1)
+            sent += n
+        with cond:
+            if not cond.wait_for(lambda: acked[0] >= total, 300):
+                raise RuntimeError(f"hub acks stalled at {acked[0]} of {total}")
+        return time.monotonic() - t0
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def check_store(db: str, devices: int, per_device: int, tag: str) -> None:
+    from customs_edge.hub.storage import open_store
+
+    st = open_store(db, readonly=True)
+    try:
+        rows = [s for s in st.stats() if s.device_id.startswith(tag + "-")]
+        stored = sum(s.stored for s in rows)
+        if stored != devices * per_device or any(s.conflicts or s.gaps for s in rows):
+            raise RuntimeError(f"{db}: stored {stored} of {devices * per_device}, or conflicts/gaps")
+    finally:
+        st.close()
+
+
+def raw_executemany(db: str, msgs: list[tuple[str, bytes, list[Pending]]]) -> float:
+    """The same rows inserted straight into `records`, one transaction per batch. Records/s."""
+    from customs_edge.hub.storage import is_postgres, open_store
+
+    st: Any = open_store(db)
+    now = time.time()
+    rows = [[(t.split("/")[-2], *r[:7], now, None, None) for r in recs] for t, _, recs in msgs]
+    t0 = time.perf_counter()
+    if is_postgres(db):
+        with st.db.cursor() as cur:
+            for b in rows:
+                with st.db.transaction():
+                    cur.executemany("INSERT INTO records (device_id, seq, ts, boot_id, mono, type, priority, payload,"
+                                    " received_at, prev, h) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", b)
+    else:
+        for b in rows:
+            st.db.execute("BEGIN IMMEDIATE")
+            st.db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", b)
+            st.db.execute("COMMIT")
+    dt = time.perf_counter() - t0
+    st.close()
+    return sum(len(b) for b in rows) / dt
+
+
+def store_direct(db: str, msgs: list[tuple[str, bytes, list[Pending]]]) -> float:
+    from customs_edge.hub.storage import open_store
+
+    st = open_store(db)
+    parsed = [intake.parse(t, p) for t, p, _ in msgs]
+    t0 = time.perf_counter()
+    for i in range(0, len(parsed), 4):
+        st.store(parsed[i:i + 4])
+    dt = time.perf_counter() - t0
+    st.close()
+    return sum(len(r) for _, _, r in msgs) / dt
+
+
+def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    msgs = list(batches(args.records, args.batch, args.devices, "ing"))
+    wire = [(t, p, len(r)) for t, p, r in msgs]
+    per_device = args.records // args.devices
+    for backend in ("sqlite", "postgres"):
+        fig: dict[str, Any] = {}
+        def new_db(name: str, backend: str = backend) -> str:
+            return str(work / f"{backend}-{name}.db") if backend == "sqlite" else str(pg.new_database())
+
+        fig["raw_executemany_records_per_s"] = round(raw_executemany(new_db("raw"), msgs))
+        fig["store_direct_records_per_s"] = round(store_direct(new_db("direct"), msgs))
+        for n in (args.workers if backend == "postgres" else [1]):
+            db = new_db(f"w{n}")
+            broker = Mosquitto(work / f"broker-{backend}-{n}", persistence=False).start()
+            try:
+                ws = Workers(n, db, broker.port, work)
+                try:
+                    c0, p0 = ws.cpu_s(), pg_cpu_s(pg) if backend == "postgres" else 0.0
+                    dt = publish_all(broker.port, wire, window=8 * n)
+                    hub_cpu, db_cpu = ws.cpu_s() - c0, (pg_cpu_s(pg) - p0) if backend == "postgres" else None
+                    rss = ws.rss_mb()
+                finally:
+                    ws.stop()
+            finally:
+                broker.stop()
+            check_store(db, args.devices, per_device, "ing")
+            fig[f"workers_{n}"] = {"records_per_s": round(args.records / dt), "seconds": round(dt, 2),
+                                   "hub_cpu_us_per_record": round(hub_cpu / args.records * 1e6, 1),
+                                   "db_cpu_us_per_record": None if db_cpu is None else
+                                   round(db_cpu / args.records * 1e6, 1), "worker_rss_mb": rss}
+            log(f"ingest {backend} workers={n}: {args.records / dt:,.0f} rec/s")
+        out[backend] = fig
+    return out
+
+
+def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
+    """`--units` units in `--processes` `customs-edge fleet simulate` processes (fewer threads per interpreter:
+    in one process 500 unit threads queue for one GIL, and its waits, not the hub's, fill the p99)."""
+    out: dict[str, Any] = {}
+    per = [args.units // args.processes + (1 if p < args.units % args.processes else 0) for p in range(args.processes)]
+    for backend in ("sqlite", "postgres"):
+        db = str(work / "fleet.db") if backend == "sqlite" else pg.new_database()
+        broker = Mosquitto(work / f"broker-fleet-{backend}", persistence=False).start()
+        ws = Workers(1, db, broker.port, work)
+        c0, p0 = ws.cpu_s(), pg_cpu_s(pg) if backend == "postgres" else 0.0  # per record acked over the whole run
+        files = [work / f"lat-{backend}-{p}.json" for p in range(args.processes)]
+        sims = [subprocess.Popen(
+            [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(n), "--rate", str(args.rate),
+             "--prefix", f"sim{backend[0]}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
+             str(work / f"units-{backend}-{p}"), "--duration", str(args.warmup + args.fleet_seconds), "--warmup",
+             str(args.warmup), "--latencies", str(f), "--every", "1000000", "--json"], env=ENV,
+            stdout=subprocess.PIPE, stderr=(work / f"sim-{backend}-{p}.log").open("wb"))
+            for p, (n, f) in enumerate(zip(per, files, strict=True))]
+        try:
+            time.sleep(args.warmup)
+            rss = []
+
+            while any(s.poll() is None for s in sims):
+                rss.append(ws.rss_mb()[0])
+                time.sleep(1.0)
+            finals = [json.loads((s.stdout.read() if s.stdout else b"").decode().splitlines()[-1]) for s in sims]
+            lat = sorted(x for f in files for x in json.loads(f.read_text()))
+            window = sum(f["latency_window_s"] for f in finals) / len(finals)
+            acked = sum(f["acked"] for f in finals)
+            hub_cpu, db_cpu = ws.cpu_s() - c0, (pg_cpu_s(pg) - p0) if backend == "postgres" else None
+        finally:
+            for s in sims:
+                if s.poll() is None:
+                    s.terminate()
+            ws.stop()
+            broker.stop()
+        out[backend] = {"units": args.units, "processes": args.processes, "rate_per_unit": args.rate,
+                        "offered_records_per_s": args.units * args.rate,
+                        "acked_records_per_s": round(len(lat) / window),
+                        "ack_latency_p50_ms": lat[len(lat) // 2] if lat else None,
+                        "ack_latency_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+                        "hub_rss_mb": max(rss) if rss else None,
+                        "hub_cpu_us_per_record": round(hub_cpu / max(1, acked) * 1e6, 1),
+                        "db_cpu_us_per_record": None if db_cpu is None else round(db_cpu / max(1, acked) * 1e6, 1),
+                        "connected_at_end": sum(f["connected"] for f in finals),
+                        "pending_at_end": sum(f["pending"] for f in finals),
+                        "hub_resends": sum(f["hub_resends"] for f in finals)}
+        log(f"fleet {backend}: {out[backend]}")
+    return out
+
+
+def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
+    """`--burst-units` units reconnect at once, each holding `--burst-records` records (a port's link back after
+    an outage): seconds until every record is acked, on SQLite (1 worker) and PostgreSQL (3 workers)."""
+    out: dict[str, Any] = {}
+    for backend, n in (("sqlite", 1), ("postgres", 3)):
+        db = str(work / "burst.db") if backend == "sqlite" else pg.new_database()
+        broker = Mosquitto(work / f"broker-burst-{backend}", persistence=False).start()
+        ws = Workers(n, db, broker.port, work)
+        try:
+            sim = subprocess.run(
+                [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(args.burst_units), "--rate",
+                 "0", "--backlog", str(args.burst_records), "--records", str(args.burst_records), "--prefix",
+                 f"burst{backend[0]}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
+                 str(work / f"burst-{backend}"), "--duration", "600", "--every", "1000000", "--json"], env=ENV,
+                capture_output=True, text=True, timeout=700)
+            final = json.loads(sim.stdout.splitlines()[-1])
+        finally:
+            ws.stop()
+            broker.stop()
+        total = args.burst_units * args.burst_records
+        check_store(db, args.burst_units, args.burst_records, f"burst{backend[0]}")
+        out[backend] = {"workers": n, "units": args.burst_units, "records_each": args.burst_records,
+                        "seconds_until_all_acked": final["t"], "records_per_s": round(total / final["t"]),
+                        "acked": final["acked"]}
+        log(f"burst {backend}: {out[backend]}")
+    return out
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--devices", type=int, default=50)
+    ap.add_argument("--workers", default="1,2,3", help="PostgreSQL worker counts (SQLite: one worker)")
+    ap.add_argument("--units", type=int, default=500)
+    ap.add_argument("--rate", type=float, default=5.0)
+    ap.add_argument("--processes", type=int, default=4, help="simulator processes the units are spread over")
+    ap.add_argument("--warmup", type=float, default=15.0, help="seconds for the units to connect before measuring")
+    ap.add_argument("--fleet-seconds", type=float, default=20.0)
+    ap.add_argument("--burst-units", type=int, default=20)
+    ap.add_argument("--burst-records", type=int, default=2000)
+    ap.add_argument("--skip", choices=["ingest", "fleet", "burst"], action="append", default=[])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    args.workers = [int(x) for x in args.workers.split(",")]
+    from customs_edge.agent.simfleet import raise_fd_limit
+    from tests.pg import PgCluster
+
+    raise_fd_limit()  # before mosquitto starts: it inherits the limit, and holds a descriptor per unit
+
+    out: dict[str, Any] = {"cores": os.cpu_count(), "loadavg_1m_before": os.getloadavg()[0],
+                           "records": args.records, "batch": args.batch, "devices": args.devices}
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
+        pg = PgCluster(durable=True).start()
+        try:
+            if "ingest" not in args.skip:
+                out["ingest"] = ingest(args, Path(tmp), pg)
+            if "fleet" not in args.skip:
+                out["fleet"] = fleet(args, Path(tmp), pg)
+            if "burst" not in args.skip:
+                out["burst"] = burst(args, Path(tmp), pg)
+        finally:
+            pg.stop()
+    out["loadavg_1m_after"] = os.getloadavg()[0]  # other work on this machine shares its cores: read figures with it
+    print(json.dumps(out, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()
