@@ -31,6 +31,8 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "nmea-gps": "customs_edge.drivers.gps:NmeaGps",
     "barcode-serial": "customs_edge.drivers.scanner:BarcodeSerial",
     "modbus-relay": "customs_edge.drivers.relay:ModbusRelay",
+    "thermal-raw": "customs_edge.drivers.thermal_raw:ThermalRaw",
+    "modbus-th": "customs_edge.drivers.environment:EnvironmentSensor",
 }
 
 BUILTIN_APPS: dict[str, str] = {

@@ -40,12 +40,14 @@ from customs_edge.simulators import SIMULATORS
 # lets the agents drain, and stops the rest in order.
 # Extra simulator flags per type, so that something worth seeing happens within a demo's minute: time
 # runs faster, and the rare events come on a schedule, not by chance: a gamma alarm and tramp metal every
-# quarter hour of simulated belt time (15 s at 60x), every 10th traveller febrile.
+# quarter hour of simulated belt time (15 s at 60x), every 10th traveller febrile. The gate has its blackbody in
+# view (configs/gate.yaml `reference`), its environment sensor and its stack light's relay module.
 SIM_ARGS: dict[str, list[str]] = {
     "scale": ["--cycle", "3"],
     "ore-station": ["--speed", "60", "--gamma-per-h", "0", "--metal-per-h", "0",
                     "--gamma-every", "900", "--metal-every", "900"],
-    "gate": ["--speed", "4", "--febrile-share", "0", "--febrile-every", "10"],
+    "gate": ["--speed", "4", "--febrile-share", "0", "--febrile-every", "10", "--blackbody", "20,23,28,31",
+             "--environment", "--relay"],
     "handheld": ["--scene-s", "3", "--scan-period", "1", "--capture-every", "3"],
 }
 # A handheld's scanner sends a capture trigger every 3rd read (its button line), and its simulator writes a

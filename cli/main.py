@@ -124,6 +124,28 @@ def cmd_hub(args: argparse.Namespace) -> int:
         from customs_edge.cli.fleet import cmd_fleet
 
         return cmd_fleet(args.db, args.json)
+    if args.action == "stats" and args.lanes:
+        from customs_edge.hub.lanes import gate_records, lane_stats
+        from customs_edge.hub.store import HubStore
+
+        if is_postgres(args.db):
+            raise CustomsEdgeError("hub stats --lanes reads a SQLite hub database; for PostgreSQL it is not "
+                                   "implemented yet (hub/lanes.py lane_stats takes the records from any source)")
+        sqlite_store = HubStore(args.db, readonly=True)
+        lanes = lane_stats(gate_records(sqlite_store.db))
+        sqlite_store.close()
+        if args.json:
+            print(json.dumps({"lanes": {x.device_id: x.as_dict() for x in lanes}}, indent=2))
+        else:
+            print(f"{'lane':<20} {'screened':>9} {'alerts':>7} {'followed up':>11} {'confirmed':>9} "
+                  f"{'confirmed rate':>14} {'field PPV (95 % CI)':>24}")
+            for x in lanes:
+                rate = "-" if x.confirmed_rate is None else f"{100 * x.confirmed_rate:.3f} %"
+                ppv = "-" if x.field_ppv is None else f"{x.field_ppv:.2f} ({x.field_ppv_ci95[0]:.2f}-" \
+                    f"{x.field_ppv_ci95[1]:.2f})" if x.field_ppv_ci95 else f"{x.field_ppv:.2f}"
+                print(f"{logs.escape(x.device_id):<20} {x.screened:>9} {x.alerts:>7} {x.followed_up:>11} "
+                      f"{x.confirmed:>9} {rate:>14} {ppv:>24}")
+        return 0
     if args.action == "stats":
         store = open_store(args.db, readonly=True)  # a mistyped --db is an error, never a new empty database
         rows, refused = store.stats(), store.refused()
@@ -187,7 +209,8 @@ def _hub_db_from(config: str | None) -> str | None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    result = registry.load_object(MODELS[args.name])(seed=args.seed)
+    kw = {"optics": args.optics} if args.name == "fever" and getattr(args, "optics", None) else {}
+    result = registry.load_object(MODELS[args.name])(seed=args.seed, **kw)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -298,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tls-key", help="the hub's private key (0600), with --tls-cert")
     h.add_argument("--tls-server-name", help="name on the broker's certificate (default: --host)")
     h.add_argument("--json", action="store_true", help="stats or fleet as JSON")
+    h.add_argument("--lanes", action="store_true", help="stats: per gate lane, fever alerts followed up, "
+                                                        "confirmed rate and field PPV (from fever_confirmation)")
     h.add_argument("--log-level", choices=LOG_LEVELS, help="default INFO")
     h.set_defaults(fn=cmd_hub)
 
@@ -323,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("name", choices=sorted(MODELS), help="the model")
     ev.add_argument("--seed", type=int, default=1, help="data seed (default 1)")
     ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.add_argument("--optics", choices=["mlx90640", "lepton35", "ir384"],
+                    help="fever: the camera whose model is evaluated (default mlx90640)")
     m.set_defaults(fn=cmd_models)
     from customs_edge.cli import models_train  # `customs-edge models train wood|insects --images DIR`
 

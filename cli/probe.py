@@ -128,7 +128,8 @@ class Spy:
 
 
 # frames decoded in the dump, by driver name: the decoders import their protocol's code only when used
-DECODERS = {"modbus-rtu": "ModbusRtuDecoder", "modbus-tcp": "ModbusTcpDecoder", "mlx90640-serial": "Mlx90640Decoder"}
+DECODERS = {"modbus-rtu": "ModbusRtuDecoder", "modbus-tcp": "ModbusTcpDecoder", "mlx90640-serial": "Mlx90640Decoder",
+            "modbus-th": "ModbusRtuDecoder"}
 
 
 def decoder(driver: Driver) -> Decoder | None:

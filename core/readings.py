@@ -376,6 +376,20 @@ class PassageHeartbeat(Reading):
         _count(self, "exits", self.exits)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ambient(Reading):
+    """The air where a measurement is taken, from an environment sensor: temperature (°C) and relative
+    humidity (%, None when the sensor has no humidity channel)."""
+
+    KIND: ClassVar[str] = "ambient"
+    temperature_c: float
+    humidity_pct: float | None = None
+
+    def _check(self) -> None:
+        _number(self, "temperature_c", self.temperature_c)
+        _number(self, "humidity_pct", self.humidity_pct, optional=True)
+
+
 # --- handheld: position and code scans ----------------------------------------------------------
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Position(Reading):

@@ -17,6 +17,7 @@ every app role that consumes one of the types in `PRODUCES`.
 
 from customs_edge.core.errors import DriverFault, DriverSilent
 from customs_edge.core.readings import (
+    Ambient,
     AnalyserStatus,
     Analysis,
     Assay,
@@ -48,6 +49,7 @@ from customs_edge.drivers.base import (
 )
 
 __all__ = [
+    "Ambient",
     "AnalyserStatus",
     "Analysis",
     "Assay",

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from customs_edge.core.errors import DriverFault
 from customs_edge.core.outputs import OutputsSet, SetOutputs
-from customs_edge.drivers.modbus import ModbusError, ModbusRtu, ModbusRtuConfig, crc16
+from customs_edge.drivers.modbus import ModbusError, ModbusRtu, ModbusRtuConfig, SlaveConfig, crc16
 
 WRITE_COIL, WRITE_COILS = 5, 15
 
@@ -36,6 +36,7 @@ class RelayConfig(ModbusRtuConfig):
     coils: dict[str, int] = Field(description="output name -> 0-based coil address, e.g. {green: 0, amber: 1, "
                                               "red: 2, buzzer: 3}")
     check_interval_s: float = Field(2.0, gt=0, le=3600, description="idle read-back of the coils")
+    slaves: list[SlaveConfig] = Field(default_factory=list, description="built from the keys above: do not set")
 
     @model_validator(mode="before")
     @classmethod

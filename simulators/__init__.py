@@ -11,5 +11,6 @@ SIMULATORS: dict[str, str] = {
     "gps": "customs_edge.simulators.gps:main",
     "scanner": "customs_edge.simulators.scanner:main",
     "relay": "customs_edge.simulators.relay:main",
+    "environment": "customs_edge.simulators.environment:main",
     "handheld": "customs_edge.simulators.handheld:main",
 }

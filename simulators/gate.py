@@ -16,6 +16,13 @@ repeats its last frame: a frozen sensor), --dead-pixels, --noise. The camera's o
 --camera-offset and --camera-drift (slow, over --camera-drift-period). A blackbody in view
 (--blackbody r0,r1,c0,c1 at --blackbody-c) is the reference that cancels it; its faults: --blackbody-drift
 (K/h), --blackbody-behind (travellers walk in front of it), --blackbody-off FROM,TO (missing, world s).
+--camera lepton35 | ir384 renders the world for a FLIR Lepton 3.5 (160 x 120, 57°, 8.7 Hz) or a 384 x 288
+industrial camera (47°, 25 Hz) and streams raw Y16 frames in the framing of simulators/wire/thermal_raw.py
+(docs/gate.md) from the moment a client connects; --ffc-every S closes the shutter (flat-field correction,
+frames flagged) for --ffc-for seconds every S seconds, as such cameras do.
+--environment adds the lane's temperature / humidity transmitter (role `environment`, Modbus RTU, XY-MD02
+map; the air is the world's hall, RH --humidity) and --relay the stack light's relay module (role `signal`,
+Modbus RTU coils), each on its own endpoints.
 Every traveller's truth (core
 temperature, febrile, confounder, beam times) is in `world.truth` and, with --truth, a JSON-lines file.
 """
@@ -39,9 +46,10 @@ from customs_edge.simulators.base import (
     endpoints_from_args,
     run_until_signalled,
 )
-from customs_edge.simulators.gate_world import GateWorld, WorldParams
+from customs_edge.simulators.gate_world import MLX90640, OPTICS, GateWorld, WorldParams
 from customs_edge.simulators.wire import gymcu90640 as module
 from customs_edge.simulators.wire import passage as beams
+from customs_edge.simulators.wire import thermal_raw as raw
 
 
 class WorldClock:
@@ -61,6 +69,12 @@ class WorldClock:
             pixels = self.world.render(np.array([t]))[0]
             ambient = self.world.sensor_ambient(t)
         return module.frame(pixels, ambient)
+
+    def raw_frame(self, t: float, counter: int, ffc: bool) -> bytes:
+        with self.lock:
+            pixels = self.world.render(np.array([t]))[0]
+            housing = self.world.sensor_ambient(t)
+        return raw.frame(pixels, counter, round((time.monotonic() - self.t0) * 1e6), housing, ffc=ffc)
 
     def events(self, t_from: float, t_to: float) -> list[tuple[float, str, int]]:
         with self.lock:
@@ -129,6 +143,49 @@ class ThermalSim(DeviceSim):
             self.sent += 1
 
 
+class RawThermalSim(DeviceSim):
+    """A radiometric camera streaming raw Y16 frames (wire/thermal_raw.py) at its own rate x speed to every
+    client from the moment it connects; it ignores what it is sent. The frame counter is the camera's
+    (global), so a client that falls behind sees the gap. Every `ffc_every_s` the shutter closes for
+    `ffc_for_s` (flat-field correction): those frames carry the FFC flag."""
+
+    def __init__(self, clock: WorldClock, *, rate_hz: float, faults: GateFaults | None = None,
+                 ffc_every_s: float = 0.0, ffc_for_s: float = 0.3) -> None:
+        self.gfaults = faults or GateFaults()
+        super().__init__(self.gfaults)
+        self.clock, self.rate_hz = clock, rate_hz
+        self.ffc_every_s, self.ffc_for_s = ffc_every_s, ffc_for_s
+        self.counter = 0
+        self.sent = 0
+        self._lock = threading.Lock()
+
+    def _ffc(self) -> bool:
+        e = self.ffc_every_s
+        return e > 0 and (time.monotonic() - self.clock.t0) % e < self.ffc_for_s
+
+    def serve(self, conn: Conn, stop: threading.Event) -> None:
+        period = 1.0 / (self.rate_hz * self.clock.speed)
+        next_t = time.monotonic()
+        last: bytes | None = None
+        while not stop.is_set() and not conn.closed:
+            conn.read(max(0.0, min(0.05, next_t - time.monotonic())))
+            now = time.monotonic()
+            if now < next_t:
+                continue
+            next_t = max(next_t + period, now - 1.0)
+            with self._lock:
+                self.counter += 1
+                counter = self.counter
+            if self.faults.paused:
+                continue
+            if self.gfaults.stalled and last is not None:
+                data = last
+            else:
+                data = last = self.clock.raw_frame(self.clock.now(), counter, self._ffc())
+            conn.write(self.faults.mangle(data))
+            self.sent += 1
+
+
 class PassageSim(DeviceSim):
     """Entry/exit beam controller: one line per beam break, a heartbeat every second. The controller's
     counters are global; every connected client hears every event from the moment it connected."""
@@ -178,12 +235,18 @@ class GateSim:
 
     def __init__(self, seed: int = 0, params: WorldParams | None = None, *, speed: float = 1.0,
                  rate_hz: float = 8.0, baudrate: int = 460800, autostart: bool = False, corrupt_rate: float = 0.0,
-                 truth_file: IO[str] | None = None) -> None:
+                 truth_file: IO[str] | None = None, ffc_every_s: float = 0.0) -> None:
         self.world = GateWorld(seed, params, truth_file=truth_file)
         self.clock = WorldClock(self.world, speed)
         self.faults = GateFaults(corrupt_rate, seed)
-        self.thermal = ThermalSim(self.clock, rate_hz=rate_hz, baudrate=baudrate, autostart=autostart,
-                                  faults=self.faults)
+        self.thermal: ThermalSim | RawThermalSim
+        optics = self.world.optics
+        if optics == MLX90640:
+            self.thermal = ThermalSim(self.clock, rate_hz=rate_hz, baudrate=baudrate, autostart=autostart,
+                                      faults=self.faults)
+        else:
+            self.thermal = RawThermalSim(self.clock, rate_hz=optics.rate_hz, faults=self.faults,
+                                         ffc_every_s=ffc_every_s)
         self.passage = PassageSim(self.clock)
 
 
@@ -209,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blackbody-drift", type=float, default=d.blackbody_drift_k_per_h, help="fault: its drift, K/h")
     p.add_argument("--blackbody-behind", action="store_true", help="fault: travellers walk in front of it")
     p.add_argument("--blackbody-off", type=_floats, help="FROM,TO: fault: missing in these world seconds")
+    p.add_argument("--camera", choices=[o.name.split("-")[0] for o in OPTICS.values()], default="mlx90640",
+                   help="mlx90640 (GY-MCU90640 serial module), lepton35 (160x120) or ir384 (384x288): raw Y16 frames")
+    p.add_argument("--ffc-every", type=float, default=0.0, help="raw cameras: seconds between flat-field "
+                                                                 "corrections (0: never)")
     p.add_argument("--speed", type=float, default=1.0, help="world time and frame rate multiplier")
     p.add_argument("--rate-hz", type=float, default=8.0, help="refresh rate until the driver sets one")
     p.add_argument("--baud", type=int, default=460800, help="the module's line speed; caps the frame rate")
@@ -216,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-every", type=float, default=0.0, help="seconds between sensor stalls (0: never)")
     p.add_argument("--stall-for", type=float, default=5.0, help="length of each stall, seconds")
     p.add_argument("--truth", help="write every traveller's ground truth to this JSON-lines file")
+    p.add_argument("--environment", action="store_true", help="also serve the lane's temperature / humidity "
+                                                               "transmitter (role environment)")
+    p.add_argument("--humidity", type=float, default=45.0, help="the hall's relative humidity, %%")
+    p.add_argument("--relay", action="store_true", help="also serve the stack light's relay module (role signal)")
     add_endpoint_args(p)
     return p
 
@@ -245,10 +316,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                          camera_drift_k=args.camera_drift, camera_drift_period_s=args.camera_drift_period,
                          blackbody=args.blackbody, blackbody_c=args.blackbody_c,
                          blackbody_drift_k_per_h=args.blackbody_drift, blackbody_behind=args.blackbody_behind,
-                         blackbody_off=args.blackbody_off)
+                         blackbody_off=args.blackbody_off,
+                         optics=next(o for o in OPTICS.values() if o.name.split("-")[0] == args.camera))
     truth = open(args.truth, "w") if args.truth else None  # noqa: SIM115 - lives as long as the process
     sim = GateSim(args.seed or 0, params, speed=args.speed, rate_hz=args.rate_hz, baudrate=args.baud,
-                  autostart=args.autostart, corrupt_rate=args.corrupt_rate, truth_file=truth)
+                  autostart=args.autostart, corrupt_rate=args.corrupt_rate, truth_file=truth,
+                  ffc_every_s=args.ffc_every)
     if args.stall_every > 0:
         def stalls() -> None:
             while True:
@@ -258,4 +331,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     thermal = endpoints_from_args(sim.thermal, args)
     passage = Endpoints(sim.passage, use_pty=not args.no_pty, tcp_port=None if args.tcp_port < 0 else 0,
                         link=f"{args.link}-passage" if args.link else None)
-    run_until_signalled({"thermal": thermal, "passage": passage})
+    sets = {"thermal": thermal, "passage": passage}
+    tcp = None if args.tcp_port < 0 else 0
+    if args.environment:
+        from customs_edge.simulators.environment import EnvironmentSim
+
+        world, clock, rh = sim.world, sim.clock, args.humidity
+        env = EnvironmentSim(air=lambda _t: (float(world.ambient(clock.now())), rh))
+        sets["environment"] = Endpoints(env, use_pty=not args.no_pty, tcp_port=tcp,
+                                        link=f"{args.link}-environment" if args.link else None)
+    if args.relay:
+        from customs_edge.simulators.relay import RelaySim
+
+        sets["signal"] = Endpoints(RelaySim(), use_pty=not args.no_pty, tcp_port=tcp,
+                                   link=f"{args.link}-signal" if args.link else None)
+    run_until_signalled(sets)

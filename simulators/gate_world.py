@@ -34,7 +34,7 @@ from typing import IO, Literal
 
 import numpy as np
 
-ROWS, COLS = 24, 32
+ROWS, COLS = 24, 32  # the default optics (MLX90640 BAB); a world's own are in `GateWorld.optics`
 HFOV_DEG, VFOV_DEG = 55.0, 35.0
 KX = 2 * math.tan(math.radians(HFOV_DEG / 2)) / COLS  # pixel width per metre of distance
 KZ = 2 * math.tan(math.radians(VFOV_DEG / 2)) / ROWS
@@ -45,6 +45,44 @@ MIN_GAP_M = 1.0  # a queue: nobody walks closer than this behind the one in fron
 DEAD_C = -273.15  # what a dead pixel reads
 
 Confounder = Literal["none", "hot_drink", "sun", "child"]
+
+
+@dataclass(frozen=True)
+class Optics:
+    """A thermal camera's sensor and lens, as the world renders for it. Sources for the presets: MLX90640
+    BAB datasheet (Melexis, 55° x 35°, 32 x 24, up to 64 Hz; 8 Hz used); FLIR Lepton 3.5 datasheet (160 x
+    120, 57° HFOV, 71° diagonal, < 9 Hz: 8.7 Hz), the vertical FOV from the aspect; a 384 x 288 17 µm
+    microbolometer behind a 7.5 mm lens: 2·atan(384·17 µm / 2 / 7.5 mm) = 47.0° x 36.2°, 25 Hz."""
+
+    name: str
+    cols: int
+    rows: int
+    hfov_deg: float
+    vfov_deg: float
+    rate_hz: float
+
+    @property
+    def kx(self) -> float:
+        return 2 * math.tan(math.radians(self.hfov_deg / 2)) / self.cols
+
+    @property
+    def kz(self) -> float:
+        return 2 * math.tan(math.radians(self.vfov_deg / 2)) / self.rows
+
+    @property
+    def scale(self) -> float:
+        """Pixels per MLX90640 pixel, horizontally: what pixel-counted limits scale by."""
+        return self.cols / COLS
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+MLX90640 = Optics("mlx90640-bab", COLS, ROWS, HFOV_DEG, VFOV_DEG, 8.0)
+LEPTON35 = Optics("lepton35", 160, 120, 57.0, round(2 * math.degrees(math.atan(math.tan(math.radians(28.5)) * 0.75)),
+                                                    1), 8.7)
+IR384 = Optics("ir384-7.5mm", 384, 288, 47.0, 36.2, 25.0)
+OPTICS = {o.name: o for o in (MLX90640, LEPTON35, IR384)}
 
 
 @dataclass(frozen=True)
@@ -69,6 +107,7 @@ class WorldParams:
     blackbody_drift_k_per_h: float = 0.0  # fault: the blackbody's own temperature drifts
     blackbody_behind: bool = False  # fault: across the lane, travellers walk in front of it
     blackbody_off: tuple[float, float] | None = None  # fault: missing (off, removed) in [from, to) s
+    optics: Optics = MLX90640  # the camera the world is rendered for
 
 
 @dataclass(frozen=True)
@@ -126,14 +165,17 @@ class GateWorld:
         self._truth_file = truth_file
         self._phase = float(self.rng.uniform(0, 2 * math.pi))
         r = np.random.default_rng([seed, 2])
-        rows = np.arange(ROWS, dtype=np.float32)[:, None]
+        o = self.optics = self.p.optics
+        self.rows_n, self.cols_n, self.kx, self.kz = o.rows, o.cols, o.kx, o.kz
+        rows = np.arange(o.rows, dtype=np.float32)[:, None] / np.float32(o.scale)
         wall = 0.15 * r.standard_normal((ROWS // 4 + 1, COLS // 4 + 1))
-        wall = np.kron(wall, np.ones((4, 4)))[:ROWS, :COLS].astype(np.float64)  # blotchy, like a real wall
+        # blotchy, like a real wall; the same wall whatever the resolution
+        wall = cv2_free_resize(np.kron(wall, np.ones((4, 4)))[:ROWS, :COLS], o.rows, o.cols)
         self.wall = (wall + 0.02 * (rows - ROWS / 2)).astype(np.float32)
         n_dead = self.p.dead_pixels
-        self.dead = r.choice(ROWS * COLS, size=n_dead, replace=False) if n_dead else np.array([], dtype=int)
-        self._cols = (np.arange(COLS, dtype=np.float32) - (COLS - 1) / 2)[None, None, :]
-        self._rows = (np.arange(ROWS, dtype=np.float32) - (ROWS - 1) / 2)[None, :, None]
+        self.dead = r.choice(o.rows * o.cols, size=n_dead, replace=False) if n_dead else np.array([], dtype=int)
+        self._cols = (np.arange(o.cols, dtype=np.float32) - (o.cols - 1) / 2)[None, None, :]
+        self._rows = (np.arange(o.rows, dtype=np.float32) - (o.rows - 1) / 2)[None, :, None]
 
     # --- the world's state -------------------------------------------------------------------
     def _mean_gap(self) -> float:
@@ -211,7 +253,7 @@ class GateWorld:
             face += s
             canthus += 0.5 * s
         t0 = t_entry - (X_ENTRY - X_START) / v
-        half_view = d * KX * COLS / 2 + 0.35
+        half_view = d * self.kx * self.cols_n / 2 + 0.35
         person = _Person(
             truth=TravellerTruth(
                 id=pid, core_c=core, febrile=febrile, confounder=confounder, distance_m=d, height_m=height,
@@ -256,11 +298,11 @@ class GateWorld:
 
     # --- rendering ---------------------------------------------------------------------------
     def render(self, times: np.ndarray, *, noise: bool = True, dead: bool = True) -> np.ndarray:
-        """Frames at world times `times` (ascending), float32 (n, 24, 32) °C, as the sensor reads them."""
+        """Frames at world times `times` (ascending), float32 (n, rows, cols) °C, as the sensor reads them."""
         times = np.asarray(times, dtype=np.float64)
         n = len(times)
         amb = self.ambient(times).astype(np.float32)
-        img = np.empty((n, ROWS, COLS), dtype=np.float32)
+        img = np.empty((n, self.rows_n, self.cols_n), dtype=np.float32)
         img[:] = amb[:, None, None] + self.wall[None]
         if n == 0:
             return img
@@ -270,8 +312,10 @@ class GateWorld:
         for person in sorted(people, key=lambda q: -q.d):  # far first: near travellers occlude them
             lo = int(np.searchsorted(times, person.truth.t_in_view))
             hi = int(np.searchsorted(times, person.truth.t_out_view, side="right"))
-            if hi > lo:
-                self._draw(img[lo:hi], person, times[lo:hi], amb[lo:hi])
+            step = hi - lo if self.cols_n <= COLS else 1  # high resolution: draw only around the traveller
+            for a in range(lo, hi, max(1, step)):
+                b = min(hi, a + max(1, step))
+                self._draw(img[a:b], person, times[a:b], amb[a:b])
         if not self.p.blackbody_behind:
             self._draw_blackbody(img, times)
         if noise and self.p.noise_k > 0:
@@ -284,18 +328,27 @@ class GateWorld:
     def _draw_blackbody(self, img: np.ndarray, times: np.ndarray) -> None:
         if self.p.blackbody is None:
             return
-        r0, r1, c0, c1 = self.p.blackbody
+        r0, r1, c0, c1 = self.p.blackbody  # in the camera's own pixels
         temp = self.blackbody_temp(times).astype(np.float32)
         on = ~np.isnan(temp)  # while missing, the wall behind it shows
         img[on, r0:r1, c0:c1] = temp[on, None, None]
 
     def _draw(self, img: np.ndarray, q: _Person, t: np.ndarray, amb: np.ndarray) -> None:
-        pw, ph = q.d * KX, q.d * KZ  # pixel footprint, metres
+        pw, ph = q.d * self.kx, q.d * self.kz  # pixel footprint, metres
+        cols, rows = self._cols, self._rows
+        if self.cols_n > COLS:  # only the pixels this traveller can touch: beside and above the torso
+            xs = q.x(t)
+            c0 = max(0, int((float(xs.min()) - 0.35) / pw + (self.cols_n - 1) / 2) - 1)
+            c1 = min(self.cols_n, int((float(xs.max()) + 0.35) / pw + (self.cols_n - 1) / 2) + 2)
+            r0 = max(0, int((SENSOR_Z - q.height - 0.05) / ph + (self.rows_n - 1) / 2) - 1)
+            if c1 <= c0 or r0 >= self.rows_n:
+                return
+            img, cols, rows = img[:, r0:, c0:c1], cols[:, :, c0:c1], rows[:, r0:, :]
         xc = q.x(t).astype(np.float32)[:, None, None]
-        X = self._cols * np.float32(pw) - xc  # (n, 1, 32): metres from the head's centre line
+        X = cols * np.float32(pw) - xc  # (n, 1, cols): metres from the head's centre line
         bob = q.extra["bob_m"] * np.sin(2 * math.pi * q.extra["step_hz"] * t + q.extra["bob_phase"])
-        # (n, 24, 1): height of each row relative to the traveller's standing posture
-        Z = np.float32(SENSOR_Z) - self._rows * np.float32(ph) - bob.astype(np.float32)[:, None, None]
+        # (n, rows, 1): height of each row relative to the traveller's standing posture
+        Z = np.float32(SENSOR_Z) - rows * np.float32(ph) - bob.astype(np.float32)[:, None, None]
         a_amb = amb[:, None, None]
         soft = np.float32(1.0 / max(pw, ph))
 
@@ -336,4 +389,11 @@ class GateWorld:
     def column_of(self, tr: TravellerTruth, t: float) -> float:
         """Image column of a traveller's head centre at world time t."""
         x = X_START + tr.speed_mps * (t - (tr.t_entry - (X_ENTRY - X_START) / tr.speed_mps))
-        return (COLS - 1) / 2 + x / (tr.distance_m * KX)
+        return (self.cols_n - 1) / 2 + x / (tr.distance_m * self.kx)
+
+
+def cv2_free_resize(a: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Nearest-neighbour resize (the wall's blotches at another resolution), numpy only."""
+    ri = (np.arange(rows) * a.shape[0] // rows)[:, None]
+    ci = (np.arange(cols) * a.shape[1] // cols)[None, :]
+    return np.asarray(a[ri, ci], dtype=np.float64)

@@ -19,7 +19,7 @@ from customs_edge.agent.runtime import Unit
 from customs_edge.core.records import Priority
 from customs_edge.core.wire import Command
 from customs_edge.simulators.gate_world import GateWorld, TravellerTruth
-from customs_edge.training.fever import ShardResult, ppv, score
+from customs_edge.training.fever import ShardResult, ppv, score, wilson
 from tests.conftest import script_driver
 from tests.test_gate_app import QUIET, frames, thermal
 from tests.test_lane_signals import records, settled
@@ -108,3 +108,12 @@ def test_ppv_at_realistic_prevalences_by_hand() -> None:
     assert result["sensitivity"] == 0.9 and result["false_alarm_rate"] == round(20 / 990, 5)
     assert result["ppv_at_prevalence"] == {"0.001": 0.0427, "0.01": 0.3103, "0.05": 0.701}
     assert ppv(0.0, 0.0, 0.01) is None  # no alarms at all: PPV undefined, not 0
+
+
+def test_wilson_interval_matches_the_published_example() -> None:
+    """Newcombe RG, Stat Med 17 (1998) 857-872, table I: 81 of 263 -> Wilson 95 % 0.2553 to 0.3662;
+    and the interval stays inside [0, 1] at 0 and n of n."""
+    low, high = wilson(81, 263)  # type: ignore[misc]
+    assert round(low, 4) == 0.2553 and round(high, 4) == 0.3662
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)  # type: ignore[index]
+    assert wilson(0, 0) is None

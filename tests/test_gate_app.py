@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from customs_edge.agent.apps.gate import GateApp, GateAppConfig
+from customs_edge.agent.apps.gate_tracker import Tracker
 from customs_edge.agent.config import load_unit_config, parse_unit_config
 from customs_edge.core.errors import ConfigError, DriverSilent
 from customs_edge.core.readings import Passage, ReadingError, ThermalFrame
@@ -119,12 +120,17 @@ def test_thumbnail_on_alert_when_enabled() -> None:
     assert max(th["data"]) * th["scale"] > 30  # the traveller is in it
 
 
-def test_frames_of_another_resolution_are_tracked_too() -> None:
-    """The app does not assume 32x24: the same scene at twice the resolution, one record per traveller."""
+def test_frames_of_another_resolution_are_refused_by_a_model_for_other_optics() -> None:
+    """The tracker follows the same scene at twice the resolution, one track per traveller; the app, whose
+    model was trained for 32x24, refuses those frames with one app_error naming the fix (a model per optics:
+    tests/test_thermal_cameras.py)."""
     world = GateWorld(24, QUIET)
+    tracker = Tracker()
+    found = [x for t, f in frames(world, 40.0, scale=2) for x in tracker.process(f, t, t)] + tracker.flush()
+    assert len(found) == len(passed(world, 40.0)) >= 5
     app = GateApp("gate-t", GateAppConfig(fg_delta_k=2.0))
-    recs = run(app, world, 40.0, scale=2)
-    assert sum(r.type == "screening" for r in recs) == len(passed(world, 40.0)) >= 5
+    recs = run(app, GateWorld(24, QUIET), 10.0, scale=2)
+    assert [r.type for r in recs] == ["app_error"] and "the camera is 64x48" in recs[0].payload["error"]
 
 
 def test_lane_summary_counts_passages_and_screenings() -> None:

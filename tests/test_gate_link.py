@@ -92,7 +92,7 @@ def test_simulate_gate_cli_serves_both_roles_and_writes_truth(tmp_path: Path) ->
     try:
         assert proc.stdout is not None
         urls = json.loads(proc.stdout.readline())["urls"]
-        assert set(urls) == {"thermal", "passage"}  # the roles of configs/gate.yaml
+        assert set(urls) == {"thermal", "passage"}  # without --environment and --relay
         assert urls["thermal"]["pty"].startswith("/dev/") and urls["passage"]["socket"].startswith("socket://")
         th = Mlx90640Serial("thermal", Mlx90640Config(port=urls["thermal"]["socket"]))
         ps = PassageSensor("passage", PassageConfig(port=urls["passage"]["pty"]))

@@ -43,9 +43,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from customs_edge.agent.apps.base import App, AppConfig, Role
 from customs_edge.agent.apps.gate_reference import Reference, ReferenceConfig
 from customs_edge.agent.apps.gate_tracker import FEATURES, FinishedTrack, Tracker, TrackerParams
-from customs_edge.core.errors import DriverFault, ModelError
+from customs_edge.core.errors import ConfigError, DriverFault, ModelError
 from customs_edge.core.outputs import OutputsSet, SetOutputs
-from customs_edge.core.readings import Passage, PassageHeartbeat, Reading, ThermalFrame
+from customs_edge.core.readings import Ambient, Passage, PassageHeartbeat, Reading, ThermalFrame
 from customs_edge.core.records import Priority, RecordIn
 from customs_edge.models.runtime import OnnxModel
 
@@ -84,7 +84,11 @@ class GateAppConfig(AppConfig):
     stale_after_s: float = Field(1.0, gt=0, description="no frame for this long: open tracks are closed")
     reference: ReferenceConfig | None = Field(None, description="blackbody in view: region, set-point, limits")
     warmup_s: float = Field(1800.0, ge=0, description="screenings this soon after the first frame: 'warm_up'")
-    hfov_deg: float = Field(55.0, gt=0, lt=180, description="the camera's horizontal field of view")
+    hfov_deg: float | None = Field(None, gt=0, lt=180, description=(
+        "the camera's horizontal field of view; default: the model's optics (a different one is refused)"))
+    frame_size: tuple[int, int] | None = Field(None, description=(
+        "width, height of the thermal driver's frames: checked against the model's optics at start "
+        "(frames of another size are refused whether or not it is set)"))
     head_size_m: float = Field(0.154, gt=0, le=0.3,
                                description="distance estimate: sqrt of a head's warm skin area, metres")
     head_blur_px: float = Field(0.63, ge=0, le=3, description="distance estimate: optics' blur, pixels")
@@ -92,7 +96,12 @@ class GateAppConfig(AppConfig):
     max_distance_m: float = Field(1.8, gt=0, description="a head farther than this: 'too_far'")
     ambient_min_c: float = Field(18.0, description="air below this: 'ambient_low' (ISO/TR 13154: 18-24 °C)")
     ambient_max_c: float = Field(24.0, description="air above this: 'ambient_high'")
-    sensor_ambient_offset_k: float = Field(3.5, description="the sensor's ambient (die) reading minus the air")
+    sensor_ambient_offset_k: float = Field(3.5, description=(
+        "the sensor's ambient (die) reading minus the air: used only without an environment sensor"))
+    humidity_min_pct: float = Field(10.0, ge=0, le=100, description="RH below this: 'humidity_low' (ISO/TR 13154)")
+    humidity_max_pct: float = Field(75.0, ge=0, le=100, description="RH above this: 'humidity_high' (ISO/TR 13154)")
+    environment_stale_s: float = Field(120.0, gt=0, description=(
+        "the environment sensor's last reading is older than this: 'environment_stale'"))
     signal: SignalConfig | None = Field(None, description=(
         "stack light and buzzer on an output driver in role `signal` (modbus-relay: coils green, amber, red, buzzer)"))
     confirm_fever_c: float = Field(38.0, ge=37.0, le=40.0, description=(
@@ -128,10 +137,35 @@ def load_fever_model(path: Path | None) -> OnnxModel:
     return model
 
 
+OPTICS_MODELS = "models/fever (MLX90640), models/fever_lepton35 (FLIR Lepton 3.5), models/fever_ir384 (384x288)"
+
+
+def optics_mismatch(model: str, optics: dict[str, Any], camera: str) -> str:
+    return (f"app.model: {model} was trained for {optics['name']} ({optics['cols']}x{optics['rows']}, "
+            f"{optics['hfov_deg']:g}° wide); the camera is {camera}: set app.model to the manifest trained for "
+            f"this camera ({OPTICS_MODELS}) or train one: python -m customs_edge.training.train fever --optics NAME")
+
+
+def model_optics(model: OnnxModel, config: GateAppConfig) -> dict[str, Any]:
+    """The optics the model was trained for (manifest `training.optics`), checked against the config."""
+    o = model.manifest.training.get("optics")
+    keys = ("name", "cols", "rows", "hfov_deg")
+    if not isinstance(o, dict) or any(k not in o for k in keys):
+        raise ConfigError("app", [f"app.model: {model.manifest.name} states no optics (training.optics with "
+                                  f"{', '.join(keys)}): retrain it with python -m customs_edge.training.train fever "
+                                  f"--optics NAME"])
+    if config.frame_size is not None and tuple(config.frame_size) != (o["cols"], o["rows"]):
+        w, h = config.frame_size
+        raise ConfigError("app", [optics_mismatch(model.manifest.name, o, f"{w}x{h} (app.frame_size)")])
+    if config.hfov_deg is not None and abs(config.hfov_deg - float(o["hfov_deg"])) > 0.5:
+        raise ConfigError("app", [optics_mismatch(model.manifest.name, o, f"{config.hfov_deg:g}° wide (app.hfov_deg)")])
+    return o
+
+
 class GateApp(App):
     Config = GateAppConfig
     CONSUMES = {"thermal": Role(ThermalFrame), "passage": Role(Passage, PassageHeartbeat, optional=True),
-                "signal": Role(OutputsSet, optional=True)}
+                "signal": Role(OutputsSet, optional=True), "environment": Role(Ambient, optional=True)}
     ALERTS_KEPT = 256  # fever alerts a confirmation may still refer to
     config: GateAppConfig
 
@@ -146,8 +180,12 @@ class GateApp(App):
                                              min_frames=config.min_frames),
                                keep_frames=config.thumbnail_on_alert)
         self.reference = Reference(config.reference) if config.reference else None
+        self.optics = model_optics(self.model, config)
+        self.hfov_deg = float(self.optics["hfov_deg"])
+        self._optics_error: str | None = None  # frames of another size than the model's: why, once
         self._started: float | None = None  # first frame: the warm-up's start
         self._ambient_c: float | None = None  # the latest sensor ambient reading
+        self._air: Ambient | None = None  # the latest environment sensor reading
         self._width = 0  # frame width, pixels
         self._last_frame_mono: float | None = None
         self._window_start: float | None = None
@@ -167,6 +205,7 @@ class GateApp(App):
         self._w_estimates: list[float] = []
         self._w_dead = 0
         self._w_ambient: float | None = None
+        self._w_air: tuple[float, float | None] | None = None
         self._frag0, self._fix0 = self.tracker.fragments, self.tracker.fixtures
 
     # --- the screening pipeline (also run directly by models/fever.py on simulated frames) ------------
@@ -189,7 +228,7 @@ class GateApp(App):
         dist = None
         size_px = math.sqrt(t.features[4]) - c.head_blur_px  # the head's apparent size, pixels
         if self._width and size_px > 0:
-            dist = c.head_size_m / (size_px * 2 * math.tan(math.radians(c.hfov_deg / 2)) / self._width)
+            dist = c.head_size_m / (size_px * 2 * math.tan(math.radians(self.hfov_deg / 2)) / self._width)
             if dist < c.min_distance_m:
                 tags.append("too_near")
             elif dist > c.max_distance_m:
@@ -197,10 +236,19 @@ class GateApp(App):
         if t.faces > 1:
             tags.append("multiple_faces")
         air = None if self._ambient_c is None else self._ambient_c - c.sensor_ambient_offset_k
+        rh = None
+        if self._air is not None:  # an environment sensor: the air itself, and its humidity
+            if t.best_mono - self._air.mono > c.environment_stale_s:
+                tags.append("environment_stale")
+            air, rh = self._air.temperature_c, self._air.humidity_pct
         if air is not None and air < c.ambient_min_c:
             tags.append("ambient_low")
         elif air is not None and air > c.ambient_max_c:
             tags.append("ambient_high")
+        if rh is not None and rh < c.humidity_min_pct:
+            tags.append("humidity_low")
+        elif rh is not None and rh > c.humidity_max_pct:
+            tags.append("humidity_high")
         return tuple(tags), dist, air
 
     def screen(self, tracks: list[FinishedTrack]) -> list[Screening]:
@@ -226,6 +274,8 @@ class GateApp(App):
             if min(frame.shape) < 4:  # too small to hold a traveller's head: not this app's camera
                 self._w["bad_frames"] += 1
                 return []
+            if frame.shape != (self.optics["rows"], self.optics["cols"]):
+                return self._wrong_optics(frame.shape, reading.source)
             self._last_frame_mono = reading.mono
             self._w["frames"] += 1
             self._w_dead = max(self._w_dead, reading.dead_pixels)
@@ -236,6 +286,10 @@ class GateApp(App):
         if isinstance(reading, OutputsSet):
             self._signal_set(reading)
             return []
+        if isinstance(reading, Ambient):
+            self._air = reading
+            self._w_air = (reading.temperature_c, reading.humidity_pct)
+            return []
         if isinstance(reading, Passage):
             n = 1 + reading.lost
             key = "entries" if reading.event == "entry" else "exits"
@@ -243,6 +297,23 @@ class GateApp(App):
             self.totals[key] += n
             self._w["passage_lost"] += reading.lost
         return []
+
+    def _humidity(self) -> dict[str, Any]:
+        """Where the screening's air figures come from (only with an environment sensor: its RH too)."""
+        if self._air is None:
+            return {"ambient_source": "sensor"}
+        rh = self._air.humidity_pct
+        return {"ambient_source": "environment", "humidity_pct": None if rh is None else round(rh, 1)}
+
+    def _wrong_optics(self, shape: tuple[int, ...], source: str) -> list[RecordIn]:
+        """A frame the model was not trained for: never screened; counted, and said once with the fix."""
+        self._w["bad_frames"] += 1
+        self._w["wrong_optics"] = self._w.get("wrong_optics", 0) + 1
+        if self._optics_error is not None:
+            return []
+        self._optics_error = optics_mismatch(self.model.manifest.name, self.optics, f"{shape[1]}x{shape[0]}")
+        return [RecordIn(type="app_error", priority=Priority.ALERT,
+                         payload={"error": self._optics_error, "source": source, "key": "app.model"})]
 
     def _records(self, screenings: list[Screening], source: str) -> list[RecordIn]:
         out: list[RecordIn] = []
@@ -265,6 +336,7 @@ class GateApp(App):
                 "decision": "fever" if s.fever else "normal", "threshold_c": thr, **validity,
                 "reference": ref, "distance_m": None if s.distance_m is None else round(s.distance_m, 2),
                 "ambient_c": None if s.ambient_c is None else round(s.ambient_c, 1),
+                **self._humidity(),
                 "frames": t.frames, "measured_frames": t.good_frames,
                 "head_max_c": round(t.features[0], 2), "background_c": round(t.features[3], 2),
                 "head_px": round(t.features[4]), "direction": "ltr" if t.direction > 0 else "rtl",
@@ -369,6 +441,8 @@ class GateApp(App):
             "mean_estimate_c": round(float(np.mean(est)), 2) if est else None,
             "max_estimate_c": round(float(np.max(est)), 2) if est else None,
             "dead_pixels": self._w_dead, "sensor_ambient_c": self._w_ambient,
+            "air_c": None if self._w_air is None else self._w_air[0],
+            "humidity_pct": None if self._w_air is None else self._w_air[1],
             "reference": self.reference.summary() if self.reference else "none",
             "threshold_c": self.config.threshold_c, "totals": dict(self.totals)})
         self._reset_window()

@@ -8,6 +8,9 @@ into the shoulders. Inside the head: the hottest pixels (skin that is not a hot 
 above `object_c`, a cup or a heater, is masked with its neighbours), their mean, and the mean of the
 skin, with the head's apparent size (a distance proxy).
 
+Pixel-counted limits are stated for a 32-column frame (the MLX90640) and scale with the frame's width
+(`scale` = width / 32), so the same tracker follows travellers at 160 x 120 or 384 x 288.
+
 Across frames: detections are matched to tracks by predicted column (constant velocity) and head
 height; a track ends after `max_gap` frames unseen. One finished track = one traveller. Its
 measurement is the "hottest stable area": the mean over its `top_k` best whole-head frames, so a
@@ -102,10 +105,21 @@ class Tracker:
         self.fragments = 0  # tracks too short or too partial to screen
         self.fixtures = 0  # tracks that did not move
         self._kernel = np.ones((3, 3), np.uint8)
+        self._width = 0
+        self.s = 1.0  # pixels per 32-column pixel: set from the frame's width
+
+    def _set_width(self, width: int) -> None:
+        self._width = width
+        self.s = max(1.0, width / 32.0)
+        k = 2 * round(self.s) + 1
+        self._kernel = np.ones((k, k), np.uint8)
 
     # --- per frame ---------------------------------------------------------------------------
     def detect(self, frame: np.ndarray) -> tuple[float, list[Detection]]:
         p = self.p
+        if frame.shape[1] != self._width:
+            self._set_width(frame.shape[1])
+        s = self.s
         flat = frame.reshape(-1)
         half = flat.size // 2
         bg = float(np.partition(flat, half)[half])  # the median: most of the scene is background
@@ -121,17 +135,18 @@ class Tracker:
         out = []
         for k in range(1, n):
             x, y, w, h, area = stats[k].tolist()
-            if area < p.min_area_px:
+            if area < p.min_area_px * s * s:
                 continue
             sub = labels[y:y + h, x:x + w] == k
             widths = np.count_nonzero(sub, axis=1).tolist()
-            ref = max(widths[:3])  # crown and forehead
+            crown = max(3, round(3 * s))
+            ref = max(widths[:crown])  # crown and forehead
             end = h
-            for i in range(3, h):
+            for i in range(crown, h):
                 if widths[i] >= 1.5 * ref + 1:  # the shoulders: the head ends here
                     end = i
                     break
-            end = min(end, max(3, 2 * ref + 1))  # a head is about twice as tall as wide, in pixels
+            end = min(end, max(crown, 2 * ref + 1))  # a head is about twice as tall as wide, in pixels
             hw = max(widths[:end])
             head = sub[:end]
             objects = 0
@@ -181,16 +196,17 @@ class Tracker:
                    flag: str) -> None:
         idx = self.frame_idx
         w_img = frame.shape[1]
+        s = self.s
         pairs = []
         for ti, tr in enumerate(self.tracks):
             gap = idx - tr.last_idx
             pred = min(max(tr.last_cx + tr.vx * gap, 0.0), w_img - 1.0)  # a traveller leaving: at the edge
-            gate = 13.0 if tr.seen < 2 else max(6.0, abs(tr.vx) * gap) + 3.0
-            moving = tr.vx if tr.seen >= 2 and abs(tr.vx) > 0.5 else 0.0
+            gate = 13.0 * s if tr.seen < 2 else max(6.0 * s, abs(tr.vx) * gap) + 3.0 * s
+            moving = tr.vx if tr.seen >= 2 and abs(tr.vx) > 0.5 * s else 0.0
             for di, d in enumerate(dets):
                 cost = abs(d.cx - pred)
-                backwards = moving and (d.cx - tr.last_cx) * moving < -3.0  # travellers do not turn back
-                if cost <= gate and abs(d.top - tr.last_top) <= 5 and not backwards:
+                backwards = moving and (d.cx - tr.last_cx) * moving < -3.0 * s  # travellers do not turn back
+                if cost <= gate and abs(d.top - tr.last_top) <= 5 * s and not backwards:
                     pairs.append((cost, ti, di))
         pairs.sort()
         used_t: set[int] = set()
@@ -241,7 +257,7 @@ class Tracker:
         return done
 
     def _finish(self, tr: Track, fixture: bool = False) -> FinishedTrack | None:
-        if fixture or (abs(tr.last_cx - tr.start_cx) < self.p.min_travel_px and tr.seen >= 3):
+        if fixture or (abs(tr.last_cx - tr.start_cx) < self.p.min_travel_px * self.s and tr.seen >= 3):
             self.fixtures += 1
             return None
         if len(tr.good) < self.p.min_frames:
