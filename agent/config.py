@@ -474,8 +474,9 @@ def format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[An
             msg = "required key is missing"
         elif any(_secret(p) for p in loc):  # never echo a password, even a mistyped one
             msg = f"{err['msg']} (value not shown: secret)"
-        elif err["type"] == "string_type" and (quoted := _yaml11(path, err.get("input"), positions)):
-            msg = quoted
+        elif err["type"] in ("string_type", "literal_error", "enum") and (
+                quoted := _yaml11(path, err.get("input"), positions)):  # `checksum: on` is True, not 'on'
+            msg = quoted if err["type"] == "string_type" else f"{err['msg']}; {quoted}"
         elif err["type"] == "string_pattern_mismatch" and (words := PATTERN_WORDS.get(err["ctx"]["pattern"])):
             msg = f"must be {words} (got {echo(err.get('input'))})"
         else:

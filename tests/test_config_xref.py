@@ -255,3 +255,11 @@ def test_a_gate_model_manifest_that_is_unreadable_is_refused(tmp_path: Path, mon
     (p,) = refused(tmp_path, text)
     assert p.startswith(f"app.model: model manifest '{a_directory}' cannot be read (Is a directory)")
     assert p.endswith(f"(line {line_of(text, 'model: ')})")
+
+
+def test_an_option_yaml_turned_into_a_boolean_names_the_quoted_form(tmp_path: Path) -> None:
+    """`checksum: on` is the boolean true in YAML 1.1; the driver's option is one of 'auto', 'on', 'off'."""
+    text = edit(SCALE, "checksum: auto", "checksum: on")
+    (p,) = refused(tmp_path, text)
+    assert p == ("drivers.scale.checksum: Input should be 'auto', 'on' or 'off'; YAML 1.1 reads on as the boolean"
+                 f' true, not text: write it quoted, checksum: "on" (line {line_of(text, "checksum: on")})')
