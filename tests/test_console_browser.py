@@ -29,6 +29,16 @@ def stored(db: Path, device_id: str, seq: int) -> bool:
         con.close()
 
 
+def text_of(b, element_id: str) -> str:
+    """An element's text, or "" while the page is being replaced (a form's POST and redirect)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return str(b.find_element("id", element_id).text)
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
+
+
 @pytest.mark.broker
 def test_an_officer_works_the_alerts_in_a_browser(mosquitto, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
@@ -91,12 +101,12 @@ def test_an_officer_works_the_alerts_in_a_browser(mosquitto, tmp_path: Path) -> 
             assert b.find_element(By.ID, "state").text == "new"
             assert b.find_elements(By.CSS_SELECTOR, "svg.thermal rect")  # the thermal thumbnail
             b.find_element(By.ID, "ack").click()
-            wait_for(lambda: b.find_element(By.ID, "state").text == "acknowledged", 10, "acknowledged")
+            wait_for(lambda: text_of(b, "state") == "acknowledged", 10, "acknowledged")
             Select(b.find_element(By.ID, "disposition")).select_by_visible_text(
                 "referred after a clinical thermometer reading")
             b.find_element(By.ID, "note").send_keys("clinical thermometer 38.2 °C")
             b.find_element(By.ID, "dispose").click()
-            wait_for(lambda: b.find_element(By.ID, "state").text == "disposed", 10, "disposed")
+            wait_for(lambda: text_of(b, "state") == "disposed", 10, "disposed")
             trail = b.find_element(By.ID, "trail").text
             assert "ack by li (officer)" in trail
             assert "dispose by li (officer): referred after a clinical thermometer reading: clinical thermometer" \
