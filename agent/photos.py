@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from customs_edge.core.files import write_durable
 from customs_edge.core.inbound import Refusals, too_large
 from customs_edge.core.mqtt import Link, Message, NotConnected
 from customs_edge.core.wire import topic
@@ -98,17 +98,7 @@ class PhotoStore:
                 return None
         final = self.path(sha)
         final.parent.mkdir(exist_ok=True)
-        tmp = self.root / f"{sha}.tmp"
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_durable(final, data, self.root / f"{sha}.tmp")
         with self._lock:
             self._pending[sha] = len(data)
             self.stats.stored += 1

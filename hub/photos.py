@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+from customs_edge.core.files import write_durable
 from customs_edge.core.inbound import Refusals
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,7 @@ class PhotoArchive:
             self.counts["duplicates"] += 1
         else:
             final.parent.mkdir(exist_ok=True)
-            tmp = self.root / f"{sha}.{os.getpid()}.tmp"
-            with tmp.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_durable(final, data, self.root / f"{sha}.{os.getpid()}.tmp")
             self.counts["stored"] += 1
             self.bytes_stored += size
         return PhotoOut(ack_topic, _ack(sha, True, size))
