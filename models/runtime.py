@@ -233,6 +233,7 @@ class OnnxModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = False
         try:
             # from bytes, onnxruntime loads no external file at all: only a manifest that lists (and so hashes)
             # its external data files has the model loaded from its path

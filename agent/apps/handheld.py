@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from customs_edge.agent.apps.base import App, AppConfig, Role, StateMismatch
+from customs_edge.agent.memory import fixed_malloc_thresholds
 from customs_edge.agent.photos import PhotoSender, PhotoStore
 from customs_edge.agent.risklist import MAX_BYTES, RiskListReceiver, RiskListStore, RiskMatcher
 from customs_edge.core.readings import CodeScan, Image, Position, Reading
@@ -132,6 +133,7 @@ class HandheldApp(App):
 
     def __init__(self, device_id: str, config: HandheldConfig) -> None:
         super().__init__(device_id, config)
+        fixed_malloc_thresholds()  # frames and activations go back to the kernel when freed (agent/memory.py)
         self.classifiers: dict[str, Classifier] = {}
         self.model_errors: dict[str, str] = {}
         for name in config.models:
