@@ -47,6 +47,10 @@ def fixed_malloc_thresholds(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold
 
 
 MADV_DONTNEED = 4  # linux/mman.h
+# Libraries whose loading runs much code never run again (registrations of operators, bindings, schemas):
+# onnxruntime, OpenCV's Python module, cryptography's Rust module, pydantic-core. Measured on the handheld
+# (docs/handheld.md, "Memory"): ~25 MB of their pages resident after start, ~8 MB of which come back.
+STARTUP_HEAVY = ("onnxruntime_pybind11_state", "cv2.abi3", "cryptography/hazmat/bindings/_rust", "_pydantic_core")
 
 
 def release_startup_code(library: str) -> int:

@@ -13,7 +13,8 @@ Each figure beside a baseline measured in the same run, pinned to one core where
   risk_match_us      one scan (GTIN+serial, batch, GTIN, code and one pattern probed) against it, hits and
                      misses mixed; baseline dict_lookup_us: a Python dict of the same keys (dict_mb its memory)
   unit_rss_mb        VmRSS of `customs-edge run` on configs/handheld.yaml against `simulate handheld`, after
-                     `unit_seconds` of captures every ~1.5 s (goal < 120 MB); unit_captures how many it made
+                     `unit_seconds` of captures every ~1.5 s (goal < 120 MB); unit_captures how many it made;
+                     unit_rss_breakdown_mb: anonymous / file-backed, then the largest mappings
   photo_mb_s         evidence photos (~1 MB JPEGs) from a PhotoStore through mosquitto to the hub's archive,
                      each acked after the hub's fsync; baseline copy_mb_s: the same files copied with
                      shutil + fsync into another directory
@@ -123,6 +124,29 @@ def _vmrss(pid: int) -> float | None:
     return None
 
 
+def _breakdown(pid: int) -> dict[str, float]:
+    """Where a process's VmRSS is, MB: anonymous (written: Python objects, heap, buffers) and file-backed
+    (library pages, clean: the kernel can drop them), then the largest mappings by name."""
+    out: dict[str, float] = {}
+    by_name: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                out[line.split(":")[0][3:].lower()] = round(int(line.split()[1]) / 1024, 1)
+        name = ""
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            parts = line.split()
+            if parts and "-" in parts[0] and not parts[0].endswith(":"):
+                name = Path(parts[5]).name if len(parts) > 5 else "[anon]"
+            elif parts and parts[0] == "Rss:":
+                by_name[name] = by_name.get(name, 0) + int(parts[1])
+    except OSError:
+        return out
+    for name, kb in sorted(by_name.items(), key=lambda x: -x[1])[:8]:
+        out[name.split(".cpython")[0]] = round(kb / 1024, 1)
+    return out
+
+
 def bench_unit(out: dict[str, Any], seconds: float, work: Path) -> None:
     import yaml
 
@@ -151,6 +175,7 @@ def bench_unit(out: dict[str, Any], seconds: float, work: Path) -> None:
             peak = max(peak, _vmrss(agent.pid) or 0.0)
         out["unit_rss_mb"] = round(_vmrss(agent.pid) or 0.0, 1)
         out["unit_rss_peak_mb"] = round(peak, 1)
+        out["unit_rss_breakdown_mb"] = _breakdown(agent.pid)
     finally:
         agent.terminate()
         agent.wait(10)

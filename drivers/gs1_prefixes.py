@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 _ABSENT = -1  # slot value: no such digit; >= 0: index of the child node; <= -2: a leaf, -(prefix length + 2)
 
 
-class CompactTrieNode(dict):  # type: ignore[type-arg]  # biip asserts isinstance(node, dict)
+class CompactTrieNode(dict):  # biip asserts isinstance(node, dict)
     """One node of the compact trie: `digit in node`, `node[digit]` (a node, or the prefix length at a
     leaf), as biip's nested dicts answer them. Holds no items of its own; made on each step of a lookup."""
 
-    __slots__ = ("_slots", "_base")
+    __slots__ = ("_base", "_slots")
 
     def __init__(self, slots: array[int], index: int) -> None:
         super().__init__()
@@ -49,7 +49,8 @@ class CompactTrieNode(dict):  # type: ignore[type-arg]  # biip asserts isinstanc
         return CompactTrieNode(self._slots, v) if v >= 0 else -v - 2
 
     def get(self, digit: str, default: Any = None) -> Any:
-        return self[digit] if digit in self else default
+        v = self._slot(digit)
+        return default if v == _ABSENT else self[digit]
 
     def __len__(self) -> int:
         return sum(1 for d in range(10) if self._slots[self._base + d] != _ABSENT)

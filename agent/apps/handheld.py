@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from customs_edge.agent.apps.base import App, AppConfig, Role, StateMismatch
-from customs_edge.agent.memory import fixed_malloc_thresholds, release_startup_code
+from customs_edge.agent.memory import STARTUP_HEAVY, fixed_malloc_thresholds, release_startup_code
 from customs_edge.agent.photos import PhotoSender, PhotoStore
 from customs_edge.agent.risklist import MAX_BYTES, RiskListReceiver, RiskListStore, RiskMatcher
 from customs_edge.core.readings import CodeScan, Image, Position, Reading
@@ -146,8 +146,8 @@ class HandheldApp(App):
                 self.model_errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                 log.error("no %s model: captures are kept as photos but not identified", name,
                           extra={"error": self.model_errors[name]})
-        if self.classifiers:  # onnxruntime's start-up code: ~14 MB resident, not used again (agent/memory.py)
-            release_startup_code("onnxruntime_pybind11_state")
+        for lib in STARTUP_HEAVY:  # their start-up code: ~25 MB resident, not run again (agent/memory.py)
+            release_startup_code(lib)
         for kind, clf in self.classifiers.items():  # the unit's health message lists their versions
             setattr(self, f"{kind}_onnx", getattr(clf, "model", None))
         self._formats: Any = None
