@@ -163,3 +163,17 @@ def test_the_handheld_app_applies_the_levers(monkeypatch: pytest.MonkeyPatch) ->
     handheld.HandheldApp("hh-mem", handheld.HandheldConfig(models=["wood"]))
     assert calls[0] == "thresholds"
     assert "onnxruntime_pybind11_state" in calls and "cv2.abi3" in calls
+
+
+def test_a_handheld_without_models_or_camera_pays_for_neither_onnxruntime_nor_opencv() -> None:
+    # onnxruntime is ~30 MB and OpenCV ~15 MB of a unit's RSS (docs/handheld.md, "Memory"): a scanner-only unit
+    # (models: [], no camera) must not import them; nor the simulators, the hub or the training code
+    r = run_py("""
+import json, sys
+from customs_edge.agent.apps.handheld import HandheldApp, HandheldConfig
+app = HandheldApp("hh-scan-only", HandheldConfig(models=[]))
+heavy = ("onnxruntime", "cv2", "zxingcpp", "customs_edge.models.image_classifier", "customs_edge.simulators.handheld",
+         "customs_edge.hub.service", "customs_edge.training.image_classifier")
+print(json.dumps({"imported": [m for m in heavy if m in sys.modules]}))
+""")
+    assert r["imported"] == []
