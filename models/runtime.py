@@ -233,6 +233,8 @@ class OnnxModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # no arena: a run's activations are freed back to malloc instead of kept in onnxruntime's own pool (the
+        # handheld's two classifiers: ~12 MB, returned to the kernel with agent/memory.py's thresholds)
         opts.enable_cpu_mem_arena = False
         try:
             # from bytes, onnxruntime loads no external file at all: only a manifest that lists (and so hashes)
