@@ -1,7 +1,7 @@
 """Handheld: identification and code decoding per photo, risk-list matching at 10^6 entries, the memory of a
 running unit, evidence photo delivery beside a raw file copy.
 
-    python bench/handheld.py [--json] [--entries 1000000] [--photos 30] [--unit-seconds 20]
+    python bench/handheld.py [--json] [--entries 1000000] [--photos 30] [--unit-seconds 20] [--unit-only]
 
 Each figure beside a baseline measured in the same run, pinned to one core where it is CPU work:
   identify_ms        per 640x480 photo through the shipped wood classifier (preprocessing included), when
@@ -257,11 +257,15 @@ def main() -> None:
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--photos", type=int, default=30)
     p.add_argument("--unit-seconds", type=float, default=20.0)
+    p.add_argument("--unit-only", action="store_true", help="only the running unit's memory (~30 s)")
     args = p.parse_args()
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-handheld-") as tmp:
         work = Path(tmp)
         bench_unit(out, args.unit_seconds, work)  # its own processes, before this one grows
+        if args.unit_only:
+            print(json.dumps(out, indent=2) if args.json else out)
+            return
         bench_photos(out, args.photos, work)
         pin_one_core()
         bench_photo_work(out)

@@ -146,7 +146,7 @@ class HandheldApp(App):
                 self.model_errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                 log.error("no %s model: captures are kept as photos but not identified", name,
                           extra={"error": self.model_errors[name]})
-        for lib in STARTUP_HEAVY:  # their start-up code: ~25 MB resident, not run again (agent/memory.py)
+        for lib in STARTUP_HEAVY:  # start-up code, ~25 MB resident, ~8 MB used again (agent/memory.py)
             release_startup_code(lib)
         for kind, clf in self.classifiers.items():  # the unit's health message lists their versions
             setattr(self, f"{kind}_onnx", getattr(clf, "model", None))
