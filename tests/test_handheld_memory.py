@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
 import random
 import subprocess
 import sys
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_py(code: str) -> dict[str, Any]:
     """Run `code` in a fresh interpreter from the repository root; it prints one JSON line, returned."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}  # glibc's defaults
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
