@@ -40,7 +40,16 @@ class SigningError(CustomsEdgeError):
 
 def record_hash(prev: str, seq: int, ts: float, type_: str, priority: int, payload: str) -> str:
     """The chain hash of one record (type length-prefixed, payload last: no two records share an encoding)."""
-    return hashlib.sha256(f"{prev}\n{seq}\n{ts!r}\n{priority}\n{len(type_)}:{type_}\n{payload}".encode()).hexdigest()
+    h = hashlib.sha256(f"{prev}\n{seq}\n{ts!r}\n{priority}\n{len(type_)}:{type_}\n".encode())
+    h.update(payload.encode())
+    return h.hexdigest()
+
+
+def record_hash_utf8(prev: str, seq: int, ts: float, type_: str, priority: int, payload: bytes) -> str:
+    """record_hash() of a payload given as its UTF-8 bytes (as it arrived on the wire): the same hash."""
+    h = hashlib.sha256(f"{prev}\n{seq}\n{ts!r}\n{priority}\n{len(type_)}:{type_}\n".encode())
+    h.update(payload)
+    return h.hexdigest()
 
 
 def batch_message(device_id: str, batch_id: str, hashes: list[str]) -> bytes:

@@ -405,8 +405,11 @@ class HubStore:
 def classify(b: Incoming, held_in: Callable[[str, str, list[Row]], list[tuple[int, Content]]]
              ) -> tuple[list[Row], list[Row], int, dict[int, Content]]:
     """A batch against what the store holds (`held_in(table, device_id, rows)`): the rows to store, the rows to
-    keep in `conflicts`, the count of redeliveries, and the version each seq was first stored as."""
+    keep in `conflicts`, the count of redeliveries, and the version each seq was first stored as (at least each
+    seq of a conflict)."""
     first = dict(held_in("records", b.device_id, b.rows))  # the version each seq was stored as
+    if not first and len({r[0] for r in b.rows}) == len(b.rows):  # the usual batch: all new, no seq twice
+        return b.rows, [], 0, first
     held = {seq: {content} for seq, content in first.items()}
     new: list[Row] = []
     clash: list[Row] = []
