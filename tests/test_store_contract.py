@@ -109,6 +109,21 @@ def test_a_record_the_store_cannot_keep_is_never_acked(new_store: Factory) -> No
     assert count(st, "SELECT count(*) FROM records") == 0 and st.stats() == []  # rolled back whole
 
 
+def test_a_bad_row_inside_a_large_batch_fails_it_whole(new_store: Factory) -> None:
+    """Rows go in many to a statement (SQLite) or in one COPY (PostgreSQL): a row the store refuses in the
+    middle of a large batch still fails the transaction, and a redelivered row beside it is still counted."""
+    st = new_store()
+    st.store([batch([1], "boot-a")])
+    good = batch(list(range(1, 131)), "boot-a")
+    rows = list(good.rows)
+    rows[69] = (*rows[69][:3], float("nan"), *rows[69][4:])
+    with pytest.raises(Exception, match=r"(?i)constraint|check|NOT NULL"):
+        st.store([intake.Incoming("d1", "b2", rows, [], good.links)])
+    assert count(st, "SELECT count(*) FROM records") == 1
+    (s,) = st.store([good])
+    assert (s.stored, s.duplicates) == (129, 1) and count(st, "SELECT count(*) FROM records") == 130
+
+
 def test_rejected_records_are_traced_and_gaps_named(new_store: Factory) -> None:
     st = new_store()
     recs = [Pending(1, float("inf"), "b", 1.0, "t", 1, "{}"), Pending(2, 1.0, "b", 2.0, "t", 1, "{}"),
