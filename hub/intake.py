@@ -102,6 +102,7 @@ class _CleanBatch(msgspec.Struct):
 
 
 _CLEAN = msgspec.json.Decoder(_CleanBatch)
+_VALUES = msgspec.json.Decoder()
 
 
 def _clean(payload: bytes | str) -> tuple[_CleanBatch, list[bytes]] | None:
@@ -113,13 +114,17 @@ def _clean(payload: bytes | str) -> tuple[_CleanBatch, list[bytes]] | None:
         return None
     raws = [bytes(r.payload) for r in env.records]
     joined = b"[" + b",".join(raws) + b"]"
-    try:
-        values = pydantic_core.from_json(joined)
-    except ValueError:
+    try:  # msgspec's values equal pydantic-core's wherever the comparison below can hold (a float correctly
+        # rounded, an int, a string); where they could differ (a repeated key, a number out of range) it fails
+        values = _VALUES.decode(joined)
+    except (msgspec.ValidationError, msgspec.DecodeError):
         return None
     # The bytes are what the strict path stores: its parse, re-serialised, gives them back unchanged. Written
     # with NaN and infinities as null, so that a non-finite number (a NaN, an Infinity, 1e400) never matches.
-    if pydantic_core.to_json(values, inf_nan_mode="null") != joined:
+    try:
+        if pydantic_core.to_json(values, inf_nan_mode="null") != joined:
+            return None
+    except (ValueError, pydantic_core.PydanticSerializationError):  # nested deeper than the serializer goes
         return None
     if not all(type(v) is dict for v in values) or max(map(len, raws), default=0) > MAX_PAYLOAD_BYTES:
         return None
