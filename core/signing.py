@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -45,11 +46,13 @@ def record_hash(prev: str, seq: int, ts: float, type_: str, priority: int, paylo
     return h.hexdigest()
 
 
-def record_hash_utf8(prev: str, seq: int, ts: float, type_: str, priority: int, payload: bytes) -> str:
-    """record_hash() of a payload given as its UTF-8 bytes (as it arrived on the wire): the same hash."""
-    h = hashlib.sha256(f"{prev}\n{seq}\n{ts!r}\n{priority}\n{len(type_)}:{type_}\n".encode())
-    h.update(payload)
-    return h.hexdigest()
+def record_hashes_utf8(records: Iterable[tuple[str | None, int, float, str, int]], payloads: Iterable[bytes]
+                       ) -> list[str]:
+    """record_hash() of many records, (prev or None, seq, ts, type, priority) each, with their payloads given
+    as UTF-8 bytes (as they arrived on the wire): the same hashes, in one loop."""
+    sha256 = hashlib.sha256
+    return [sha256(f"{prev or ''}\n{seq}\n{ts!r}\n{priority}\n{len(type_)}:{type_}\n".encode() + payload).hexdigest()
+            for (prev, seq, ts, type_, priority), payload in zip(records, payloads, strict=True)]
 
 
 def batch_message(device_id: str, batch_id: str, hashes: list[str]) -> bytes:

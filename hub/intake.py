@@ -33,7 +33,7 @@ import pydantic_core
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import TypeAdapter, ValidationError
 
-from customs_edge.core.signing import batch_message, record_hash, record_hash_utf8, verify
+from customs_edge.core.signing import batch_message, record_hash, record_hashes_utf8, verify
 from customs_edge.core.wire import MAX_MESSAGE_BYTES, MAX_PAYLOAD_BYTES, SEQ_MAX, Batch, WireRecord
 
 TRACE_CHARS = 500  # of a rejected record's text kept in the trace
@@ -180,15 +180,11 @@ def _parse_clean(topic: str, env: _CleanBatch, raws: list[bytes], keys: Keys | N
     """parse() of a batch whose every record is clean: each payload's bytes are its stored text."""
     device_id, batch_id = env.device_id, env.batch
     key = _key(topic, device_id, env.sig, keys, require)
-    rows: list[Row] = []
-    links: dict[int, tuple[str | None, str]] = {}
-    hashes: list[str] = []
-    for r, raw in zip(env.records, raws, strict=True):
-        seq, ts, type_, prio, prev = r.seq, r.ts, r.type, r.prio, r.prev
-        h = record_hash_utf8(prev or "", seq, ts, type_, prio, raw)
-        links[seq] = (prev, h)
-        hashes.append(h)
-        rows.append((seq, ts, r.boot, r.mono, type_, prio, raw.decode()))
+    recs = env.records
+    rows: list[Row] = [(r.seq, r.ts, r.boot, r.mono, r.type, r.prio, raw.decode())
+                       for r, raw in zip(recs, raws, strict=True)]
+    hashes = record_hashes_utf8([(r.prev, r.seq, r.ts, r.type, r.prio) for r in recs], raws)
+    links = {r.seq: (r.prev, h) for r, h in zip(recs, hashes, strict=True)}
     _check_signature(key, env.sig, env.key, device_id, batch_id, hashes)
     return Incoming(device_id, batch_id, rows, [], links)
 
