@@ -20,12 +20,12 @@ synchronous=FULL: an acked record survives a power cut of the hub.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +128,17 @@ SCHEMA: list[str] = [
 
 MAX_SEQ_JUMP = 10**9  # default: 1.6 years of a unit making 20 records/s with none of them reaching the hub
 
-ROWS_PER_INSERT = 64  # records rows per INSERT statement (11 values each; SQLite takes 32766 since 3.32)
-_MULTI_INSERT = "INSERT INTO records VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?,?)"] * ROWS_PER_INSERT)
+ROWS_PER_INSERT = 64  # records rows per INSERT statement (9 values each and 2 shared; SQLite takes 32766)
+_NO_LINK = (None, None)
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _insert_sql(n: int) -> str:
+    """INSERT of n records rows of one device: ?1 its device_id and ?2 received_at, shared; then per row seq, ts,
+    boot_id, mono, type, priority, payload, prev, h."""
+    return ("INSERT INTO records (device_id, seq, ts, boot_id, mono, type, priority, payload, received_at, prev, h)"
+            " VALUES " + ",".join("(?1,{},?2,?{},?{})".format(",".join(f"?{a + k}" for k in range(7)), a + 7, a + 8)
+                                  for a in range(3, 3 + 9 * n, 9)))
 
 HEALTH_KEPT = 1440  # health messages kept per device: a day at the default interval
 
@@ -249,7 +258,7 @@ class HubStore:
         new, fresh, dup, first = classify(b, self._held)
         # Plain INSERTs: the comparison above decided. A constraint failing here (a NaN where NOT NULL) raises,
         # and nothing of the batch is acked; it is never taken for a duplicate.
-        self._insert_records([(b.device_id, *r, now, *b.links.get(r[0], (None, None))) for r in new])
+        self._insert_records(b.device_id, now, new, b.links)
         self.db.executemany("INSERT INTO conflicts VALUES (?,?,?,?,?,?,?,?,?)",
                             [(b.device_id, *r, now) for r in fresh])
         self.db.executemany(
@@ -272,15 +281,19 @@ class HubStore:
             self.db.execute("UPDATE devices SET suspect = suspect + ? WHERE device_id = ?", (len(suspect), b.device_id))
         return stored_result(b, new, fresh, dup, first, conflicts, suspect)
 
-    def _insert_records(self, rows: list[tuple[Any, ...]]) -> None:
-        """INSERT rows into `records`, ROWS_PER_INSERT to a statement: SQLite's per-statement work (opening the
-        table's and each index's cursors, resetting the program) is then shared by that many rows."""
-        full = len(rows) - len(rows) % ROWS_PER_INSERT
-        if full:
-            flat = list(chain.from_iterable(rows[:full]))
-            n = ROWS_PER_INSERT * 11
-            self.db.executemany(_MULTI_INSERT, [flat[i:i + n] for i in range(0, len(flat), n)])
-        self.db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows[full:])
+    def _insert_records(self, device_id: str, now: float, rows: list[Row],
+                        links: dict[int, tuple[str | None, str]]) -> None:
+        """INSERT one device's rows into `records`, ROWS_PER_INSERT to a statement: SQLite's per-statement work
+        (opening the table's and each index's cursors, resetting the program) is shared by that many rows, and
+        the device_id and received_at are bound once for them."""
+        get = links.get
+        for i in range(0, len(rows), ROWS_PER_INSERT):
+            chunk = rows[i:i + ROWS_PER_INSERT]
+            values: list[Any] = [device_id, now]
+            for r in chunk:
+                values += r
+                values += get(r[0], _NO_LINK)
+            self.db.execute(_insert_sql(len(chunk)), values)
 
     def _quarantine(self, b: Incoming, now: float) -> tuple[Incoming, list[int]]:
         """Move records whose seq jumps more than max_seq_jump past the device's highest (held, or earlier in
