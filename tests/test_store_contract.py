@@ -84,6 +84,22 @@ def test_one_group_commit_sees_its_own_earlier_batches(new_store: Factory) -> No
         == [("d1", 5, 2, 1, 8, 5, 0), ("d2", 1, 0, 0, 1, 7, 6)]
 
 
+def test_what_is_held_is_found_for_dense_and_sparse_seqs(new_store: Factory) -> None:
+    """A batch's seqs are looked up by their range when dense (as an agent's batches are) and one by one when
+    sparse: either way a resend is a duplicate, other content a conflict, and a held seq the batch does not
+    carry (inside its range) is left out of its counts."""
+    st = new_store()
+    st.store([batch([1, 2, 3, 4], "boot-a")])
+    (dense,) = st.store([batch([1, 3, 5], "boot-a")])  # the range 1-5 also holds 2 and 4
+    assert (dense.stored, dense.duplicates, dense.conflicts, acked(dense.ranges)) == (1, 2, [], [1, 3, 5])
+    (sparse,) = st.store([batch([2, 5000], "boot-b")])
+    assert (sparse.stored, sparse.duplicates, sparse.conflicts) == (1, 0, [2])
+    again, _ = st.store([batch([4, 9000], "boot-a"), batch([1, 2, 3], "boot-a", device="d2")])
+    assert (again.stored, again.duplicates, again.conflicts) == (1, 1, [])
+    assert [(d.device_id, d.stored, d.duplicates, d.conflicts, d.received) for d in st.stats()] == [
+        ("d1", 7, 3, 1, 11), ("d2", 3, 0, 0, 3)]
+
+
 def test_a_record_the_store_cannot_keep_is_never_acked(new_store: Factory) -> None:
     """SQLite's REAL NOT NULL refuses a NaN; PostgreSQL would take it without the CHECK constraint."""
     st = new_store()
@@ -91,6 +107,21 @@ def test_a_record_the_store_cannot_keep_is_never_acked(new_store: Factory) -> No
     with pytest.raises(Exception, match=r"(?i)constraint|check|NOT NULL"):
         st.store([batch([1], "boot-a"), nan])
     assert count(st, "SELECT count(*) FROM records") == 0 and st.stats() == []  # rolled back whole
+
+
+def test_a_bad_row_inside_a_large_batch_fails_it_whole(new_store: Factory) -> None:
+    """Rows go in many to a statement (SQLite) or in one COPY (PostgreSQL): a row the store refuses in the
+    middle of a large batch still fails the transaction, and a redelivered row beside it is still counted."""
+    st = new_store()
+    st.store([batch([1], "boot-a")])
+    good = batch(list(range(1, 131)), "boot-a")
+    rows = list(good.rows)
+    rows[69] = (*rows[69][:3], float("nan"), *rows[69][4:])
+    with pytest.raises(Exception, match=r"(?i)constraint|check|NOT NULL"):
+        st.store([intake.Incoming("d1", "b2", rows, [], good.links)])
+    assert count(st, "SELECT count(*) FROM records") == 1
+    (s,) = st.store([good])
+    assert (s.stored, s.duplicates) == (129, 1) and count(st, "SELECT count(*) FROM records") == 130
 
 
 def test_rejected_records_are_traced_and_gaps_named(new_store: Factory) -> None:
