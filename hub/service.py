@@ -253,7 +253,7 @@ class Hub:
         PENDING_MAX_BYTES: then nothing more is read until the store is done)."""
         job = self._worker.submit(work)
         job.add_done_callback(lambda _: self.link.waker.set())
-        held = 0
+        held = _size(self._pending)  # read before, by earlier stores of this burst: one bound for all
         while not job.done():
             held += self._service(0.25, read=held < self.PENDING_MAX_BYTES,
                                   read_lane=_size(self._lane_pending) < self.PENDING_MAX_BYTES)
@@ -262,12 +262,14 @@ class Hub:
     BULK_TXN_BYTES = 4 * 1024 * 1024  # of bulk messages per store: an alert that arrives meanwhile waits that long
 
     def _handle(self, messages: list[tuple[str, bytes]]) -> None:
-        """Store bulk messages in transactions of at most BULK_TXN_BYTES, alert batches read meanwhile first."""
+        """Store bulk messages (with the lane: in transactions of at most BULK_TXN_BYTES, the alert batches read
+        meanwhile first)."""
+        limit = self.BULK_TXN_BYTES if self.lane is not None else float("inf")
         i = 0
         while i < len(messages):
             self._handle_lane()
             j, size = i + 1, len(messages[i][1])
-            while j < len(messages) and size + len(messages[j][1]) <= self.BULK_TXN_BYTES:
+            while j < len(messages) and size + len(messages[j][1]) <= limit:
                 size += len(messages[j][1])
                 j += 1
             self._store(messages[i:j], self.link)
