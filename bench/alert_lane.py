@@ -1,6 +1,6 @@
 """Alert latency during a backlog burst (issue 12): the hub's alert lane against the single queue it replaces.
 
-    python bench/alert_lane.py [--units 200] [--records 10000] [--batch 500] [--alerts 10] [--txn-mib 4] [--json]
+    python bench/alert_lane.py [--units 200] [--records 10000] [--batch 500] [--alerts 10] [--txn-s 0.2] [--json]
 
 A real mosquitto on 127.0.0.1 and a hub (hub/service.py, SQLite, in this process's thread). The hub's sessions
 are made (it starts and stops), then `--units` units' backlog (`--records` each, in batches of `--batch`,
@@ -9,7 +9,7 @@ the whole burst waits for it at once (more than units reconnecting with their sy
 While it drains, another unit publishes `--alerts` one-record ALERT batches, one every `--every-s`; an alert's
 latency runs from its publish to the hub's ack of it (the ack follows the commit). Two runs, each on a fresh
 broker and hub file:
-  lane      alerts on `{device}/alerts`, the hub's alert lane, bulk stored in transactions of `--txn-mib` MiB
+  lane      alerts on `{device}/alerts`, the hub's alert lane, bulk stored in transactions of about `--txn-s`
   baseline  alerts on `{device}/records` behind the backlog, one transaction per burst read (the hub as it was)
 Prints, per run, the drain time (first record stored to the last one acked: the burst's time until every record
 is stored), records/s, and the alerts' latency p50/p99/max.
@@ -45,7 +45,7 @@ def pct(xs: list[float], p: float) -> float | None:
     if not xs:
         return None
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 class Client:
@@ -88,9 +88,9 @@ def run(args: argparse.Namespace, lane: bool) -> dict[str, Any]:
             pub.c.subscribe(f"{PREFIX}/alerting-unit/ack", 1)
             hub = Hub(cfg)
             if not lane:
-                hub.BULK_TXN_BYTES = 1 << 40  # type: ignore[misc]  # one transaction per burst read, as before
+                hub.BULK_TXN_S = float("inf")  # type: ignore[misc]  # one transaction per burst read, as before
             else:
-                hub.BULK_TXN_BYTES = int(args.txn_mib * 1024 * 1024)  # type: ignore[misc]
+                hub.BULK_TXN_S = args.txn_s  # type: ignore[misc]
             stop = threading.Event()
             t = threading.Thread(target=hub.run, args=(stop,))
             t.start()
@@ -138,7 +138,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--alerts", type=int, default=10)
     p.add_argument("--every-s", type=float, default=0.5, help="between two alerts")
-    p.add_argument("--txn-mib", type=float, default=Hub.BULK_TXN_BYTES / 1024 / 1024)
+    p.add_argument("--txn-s", type=float, default=Hub.BULK_TXN_S, help="the lane run's bulk transaction target")
     p.add_argument("--timeout-s", type=float, default=600)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

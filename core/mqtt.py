@@ -538,6 +538,12 @@ class MqttLink:
             raise NotConnected(topic)
         c.subscribe(topic, qos)
 
+    def unsubscribe(self, topic: str) -> None:
+        c = self._client
+        if c is None or not self._connected:
+            raise NotConnected(topic)
+        c.unsubscribe(topic)
+
     def disconnect(self, flush_s: float = 1.0) -> None:
         """Clean DISCONNECT (the broker then does not publish the will), after flushing for up to flush_s."""
         c = self._client

@@ -16,15 +16,17 @@ cause (`refused`, also in the store) and logged at most once a minute per cause:
 journal. The hub subscribes to no replies or commands: those topics are operators'.
 
 The alert lane: a unit sends its ALERT records in batches of their own on `{prefix}/{device}/alerts` (agent/sync.py),
-and the hub reads that topic on a second MQTT session (client id `{client_id}-alerts`, `$share/{group}/` as well),
+and the hub reads that topic on a second MQTT session (client id `{client_id}-alerts`, share group `{group}-alerts`),
 stepped before the bulk link in the same loop and stored in a transaction of its own before the next bulk one.
 The broker keeps one queue per session: during a backlog burst it holds hundreds of thousands of records for the
 bulk session, and a new alert queued behind them waited tens of seconds; on the lane it waits at most for the
-bulk transaction in progress (at most BULK_TXN_BYTES of messages). Both topics go through the same intake, store
-and acks: (device_id, seq) is stored once whichever topic brought it, and alerts on `/records` (older agents, the
-agent's resends) are stored as before. With a client certificate the broker makes the certificate's name the
-client id (configs/broker: use_username_as_clientid), so the lane needs a certificate of its own
-(`alerts_tls_cert`); without one, or with `alert_lane: false`, the bulk session reads `/alerts` too.
+bulk transaction in progress (sized from the store's recent rate to last about BULK_TXN_S). Both topics go
+through the same intake, store and acks: (device_id, seq) is stored once whichever topic brought it, and alerts
+on `/records` (older agents, the agent's resends) are stored as before. With a client certificate the broker
+makes the certificate's name the client id (configs/broker: use_username_as_clientid), so the lane needs a
+certificate of its own (`alerts_tls_cert`); without one, or with `alert_lane: false`, the bulk session reads
+`/alerts` too (share group `{group}`: every hub of a group should run the lane, or none, else an alert reaches
+one hub of each kind).
 
 A burst is stored in a worker thread while this thread keeps servicing the MQTT link (keepalive pings,
 reading what arrives next): a long store (a slow disk, a big backlog) never costs the hub its connection.
@@ -151,6 +153,7 @@ class Hub:
         self.lane = self._lane_link(f"{client_id}-alerts", clean)  # None: the bulk link reads the alerts too
         self._lane_pending: list[tuple[str, bytes]] = []  # alert batches read, not yet stored
         self._subscribed = {"bulk": False, "lane": self.lane is None}
+        self._bulk_rate = 2e6  # bytes of bulk messages stored per second, lately (a first guess, then measured)
         self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
         self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
         self.batches = 0
@@ -177,9 +180,15 @@ class Hub:
         return MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=clean, **credentials,
                         backoff_min_s=0.5, backoff_max_s=10.0)
 
-    def records_filter(self, kind: str = "records") -> str:
+    def records_filter(self, kind: str = "records", group_suffix: str = "") -> str:
         f = f"{self.cfg.topic_prefix}/+/{kind}"
-        return f"$share/{self.cfg.share_group}/{f}" if self.cfg.share_group else f
+        return f"$share/{self.cfg.share_group}{group_suffix}/{f}" if self.cfg.share_group else f
+
+    def lane_filter(self) -> str:
+        """The lane's subscription: a share group of its own (`{group}-alerts`), so the subscription a bulk session
+        kept from a run without the lane (or a lane session kept from a run with it) never takes a share of the
+        alerts away from the live lane (each group gets its copy; the store keeps one)."""
+        return self.records_filter(ALERT_LANE, "-alerts")
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -222,15 +231,16 @@ class Hub:
             messages.append((ev.topic, ev.payload))
         elif isinstance(ev, Connected) and lane:
             assert self.lane is not None
-            self.lane.subscribe(self.records_filter(ALERT_LANE), 1)
+            self.lane.subscribe(self.lane_filter(), 1)
             self._subscribed["lane"] = True
-            log.info("hub subscribed", extra={"filter": self.records_filter(ALERT_LANE),
-                                              "client_id": self.lane.client_id})
+            log.info("hub subscribed", extra={"filter": self.lane_filter(), "client_id": self.lane.client_id})
         elif isinstance(ev, Connected):
             # Always subscribe: a broker restarted without persistence forgot our session.
             self.link.subscribe(self.records_filter(), 1)
-            if self.lane is None:
+            if self.lane is None:  # the alerts with the bulk
                 self.link.subscribe(self.records_filter(ALERT_LANE), 1)
+            else:  # a persistent session may hold it from a run without the lane: alerts would queue behind the bulk
+                self.link.unsubscribe(self.records_filter(ALERT_LANE))
             self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
             self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
             self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
@@ -259,20 +269,24 @@ class Hub:
                                   read_lane=_size(self._lane_pending) < self.PENDING_MAX_BYTES)
         return job.result()
 
-    BULK_TXN_BYTES = 4 * 1024 * 1024  # of bulk messages per store: an alert that arrives meanwhile waits that long
+    BULK_TXN_S = 0.2  # with the lane: a bulk store's target duration (an alert that arrives meanwhile waits that long)
+    BULK_TXN_MIN_BYTES = 256 * 1024
 
     def _handle(self, messages: list[tuple[str, bytes]]) -> None:
-        """Store bulk messages (with the lane: in transactions of at most BULK_TXN_BYTES, the alert batches read
-        meanwhile first)."""
-        limit = self.BULK_TXN_BYTES if self.lane is not None else float("inf")
+        """Store bulk messages; with the lane, in transactions sized to last about BULK_TXN_S at the rate the
+        store reached lately, the alert batches read meanwhile first."""
         i = 0
         while i < len(messages):
             self._handle_lane()
+            limit = max(self.BULK_TXN_MIN_BYTES, self._bulk_rate * self.BULK_TXN_S) if self.lane else float("inf")
             j, size = i + 1, len(messages[i][1])
             while j < len(messages) and size + len(messages[j][1]) <= limit:
                 size += len(messages[j][1])
                 j += 1
+            t0 = time.monotonic()
             self._store(messages[i:j], self.link)
+            if size >= self.BULK_TXN_MIN_BYTES:  # bytes/s, smoothed; small bursts are mostly fixed costs
+                self._bulk_rate = (self._bulk_rate + size / max(time.monotonic() - t0, 1e-3)) / 2
             i = j
         messages.clear()
 
