@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,10 +83,18 @@ class Publisher:
     def __init__(self, port: int) -> None:
         self.c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
         self.c.max_inflight_messages_set(1000)
+        self.got: list[tuple[str, Any]] = []
+        self.subacked: set[int] = set()
+        self.c.on_message = lambda _c, _u, m: self.got.append((m.topic, json.loads(m.payload)))
+        self.c.on_subscribe = lambda _c, _u, mid, *_: self.subacked.add(mid)
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
         wait_for(self.c.is_connected, 10, "the publisher's CONNACK")
         self.infos: list[paho.MQTTMessageInfo] = []
+
+    def sub(self, topic: str) -> None:
+        _, mid = self.c.subscribe(topic, 1)
+        wait_for(lambda: mid in self.subacked, 10, f"SUBACK for {topic}")
 
     def pub(self, topic: str, payload: str | bytes) -> None:
         self.infos.append(self.c.publish(topic, payload, qos=1))
@@ -164,4 +173,75 @@ def test_a_new_alert_overtakes_a_backlog_queued_for_the_hub(flooded: tuple[Path,
         assert hub.hub.link.connects == 1 and hub.hub.lane is not None and hub.hub.lane.connects == 1
     finally:
         pub.close()
+        hub.stop()
+
+
+def test_an_alert_is_stored_once_whichever_topic_brings_it(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """An older agent sends its alerts on /records: stored and acked as before. The same record again on the lane
+    (a resend alternates topics) is a redelivery, acked, not stored twice; and the other way round."""
+    db = tmp_path / "hub.db"
+    hub = HubThread(mosquitto.port, db, client_id="hub-t").start()
+    op = Publisher(mosquitto.port)
+    try:
+        op.sub(f"{PREFIX}/+/ack")
+        alarm = [rec(1, type="radiation_alarm", prio=3, payload={"cps": 900})]
+        op.pub(f"{PREFIX}/old-unit/records", records_msg("old-unit", "b1", alarm))
+        wait_for(lambda: len(op.got) == 1, 15, "the ack of the alert sent on /records")
+        op.pub(f"{PREFIX}/old-unit/alerts", records_msg("old-unit", "b1", alarm))
+        op.pub(f"{PREFIX}/new-unit/alerts", records_msg("new-unit", "b1", alarm))
+        wait_for(lambda: len(op.got) == 3, 15, "the acks of the lane's copies")
+        op.pub(f"{PREFIX}/new-unit/records", records_msg("new-unit", "b1", alarm))
+        wait_for(lambda: len(op.got) == 4, 15, "the ack of the copy on /records")
+        acks = [(t.split("/")[2], a["ranges"], a["stored"], a["duplicates"]) for t, a in op.got]
+        assert acks == [("old-unit", [[1, 1]], 1, 0), ("old-unit", [[1, 1]], 0, 1), ("new-unit", [[1, 1]], 1, 0),
+                        ("new-unit", [[1, 1]], 0, 1)]  # (device, ranges, stored, duplicates)
+        for device in ("old-unit", "new-unit"):
+            assert hub_seqs(db, device) == ([1], 1)
+        assert not hub.hub.refusals.counts
+    finally:
+        op.close()
+        hub.stop()
+
+
+def test_records_below_alert_on_the_lane_are_stored_and_counted(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The lane is for alerts: a unit that sends its bulk there delays everyone's alerts. Its records are stored
+    and acked all the same (refusing them would block the unit), and the misuse is counted and logged."""
+    db = tmp_path / "hub.db"
+    hub = HubThread(mosquitto.port, db, client_id="hub-t").start()
+    op = Publisher(mosquitto.port)
+    try:
+        op.sub(f"{PREFIX}/+/ack")
+        op.pub(f"{PREFIX}/odd-unit/alerts", records_msg("odd-unit", "b1", [rec(1), rec(2, prio=3)]))
+        wait_for(lambda: op.got, 15, "the ack")
+        assert hub_seqs(db, "odd-unit") == ([1, 2], 2)
+        assert hub.hub.refusals.counts == {"alert_lane_not_alerts": 1}
+    finally:
+        op.close()
+        hub.stop()
+
+
+def test_a_unit_with_alerts_in_its_backlog_delivers_everything_once(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The real sync and hub: alerts leave first, on the lane; all records stored once, the outbox emptied."""
+    ob = MemOutbox()
+    for i in range(6):
+        ob.put([RecordIn(type="weighing", payload={"i": i}) for _ in range(40)]
+               + [RecordIn(type="radiation_alarm", priority=Priority.ALERT, payload={"i": i})])
+    db = tmp_path / "hub.db"
+    hub = HubThread(mosquitto.port, db, client_id="hub-t").start()
+    sync = Sync("unit-7", ob, SyncConfig(port=mosquitto.port, batch_max_records=50),
+                outbox_path=tmp_path / "unit-7" / "outbox.db")
+    spy = Publisher(mosquitto.port)
+    stop = threading.Event()
+    thread = threading.Thread(target=sync.run, args=(stop,), daemon=True)
+    try:
+        spy.sub(f"{PREFIX}/unit-7/alerts")
+        thread.start()
+        wait_for(lambda: not ob.records, 30, "the outbox emptied by the hub's acks")
+        assert hub_seqs(db, "unit-7") == (list(range(1, 247)), 246)
+        lane = sorted(r["seq"] for _, m in spy.got for r in m["records"])
+        assert lane == [41 * k for k in range(1, 7)]  # the six alerts, on the lane, and nothing else
+    finally:
+        stop.set()
+        thread.join(10)
+        spy.close()
         hub.stop()
