@@ -324,7 +324,7 @@ def test_a_certificate_close_to_expiry_is_warned_about_at_start(tmp_path: Path, 
 
 
 def test_the_hub_command_connects_with_its_certificate(tmp_path: Path, pki: Path, broker: Broker) -> None:
-    keys = tls_keys(pki, "hub-1")
+    keys = hub_keys(pki)  # the alert lane's too
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in keys.items()]
     log = (tmp_path / "hub.log").open("wb")
     hub = subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--port", str(broker.port),
@@ -332,10 +332,12 @@ def test_the_hub_command_connects_with_its_certificate(tmp_path: Path, pki: Path
     a = Client(broker.port, tls(pki, "dev-a"))
     try:
         a.sub(f"{PREFIX}/dev-a/ack")
-        wait_for(lambda: "hub subscribed" in (tmp_path / "hub.log").read_text(), 60, "the hub's subscription")
+        wait_for(lambda: (tmp_path / "hub.log").read_text().count("hub subscribed") == 2, 60,
+                 "the subscriptions of the hub's two sessions")
         a.pub(f"{PREFIX}/dev-a/records", records_msg("dev-a", "b1", [rec(1), rec(2)]))
-        wait_for(lambda: a.topics(), 60, "the hub's ack")
-        assert hub_seqs(tmp_path / "hub.db", "dev-a")[0] == [1, 2]
+        a.pub(f"{PREFIX}/dev-a/alerts", records_msg("dev-a", "b2", [rec(3, prio=3)]))
+        wait_for(lambda: len(a.topics()) == 2, 60, "the hub's acks")
+        assert hub_seqs(tmp_path / "hub.db", "dev-a")[0] == [1, 2, 3]
     finally:
         a.close()
         hub.terminate()
