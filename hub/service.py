@@ -207,8 +207,7 @@ class Hub:
     def _step(self, stop: threading.Event) -> None:
         self._service(0.0 if self._pending or self._lane_pending else 0.25)  # links connect, back off by themselves
         self._handle_lane()
-        messages, self._pending = self._pending, []
-        self._handle(messages)
+        self._handle()
 
     def _service(self, timeout: float, read: bool = True, read_lane: bool = True) -> int:
         """One step of the links, the alert lane first (one wait for both): what arrives goes to _lane_pending and
@@ -263,7 +262,7 @@ class Hub:
         PENDING_MAX_BYTES: then nothing more is read until the store is done)."""
         job = self._worker.submit(work)
         job.add_done_callback(lambda _: self.link.waker.set())
-        held = _size(self._pending)  # read before, by earlier stores of this burst: one bound for all
+        held = _size(self._pending)  # what waits already counts: one bound for everything read and not stored
         while not job.done():
             held += self._service(0.25, read=held < self.PENDING_MAX_BYTES,
                                   read_lane=_size(self._lane_pending) < self.PENDING_MAX_BYTES)
@@ -272,23 +271,23 @@ class Hub:
     BULK_TXN_S = 0.2  # with the lane: a bulk store's target duration (an alert that arrives meanwhile waits that long)
     BULK_TXN_MIN_BYTES = 256 * 1024
 
-    def _handle(self, messages: list[tuple[str, bytes]]) -> None:
-        """Store bulk messages; with the lane, in transactions sized to last about BULK_TXN_S at the rate the
-        store reached lately, the alert batches read meanwhile first."""
-        i = 0
-        while i < len(messages):
-            self._handle_lane()
-            limit = max(self.BULK_TXN_MIN_BYTES, self._bulk_rate * self.BULK_TXN_S) if self.lane else float("inf")
-            j, size = i + 1, len(messages[i][1])
-            while j < len(messages) and size + len(messages[j][1]) <= limit:
-                size += len(messages[j][1])
-                j += 1
-            t0 = time.monotonic()
-            self._store(messages[i:j], self.link)
-            if size >= self.BULK_TXN_MIN_BYTES:  # bytes/s, smoothed; small bursts are mostly fixed costs
-                self._bulk_rate = (self._bulk_rate + size / max(time.monotonic() - t0, 1e-3)) / 2
-            i = j
-        messages.clear()
+    def _handle(self) -> None:
+        """Store the bulk messages read so far: all of them in one transaction, or with the lane as many as the store
+        takes in about BULK_TXN_S at the rate it reached lately (the rest wait for the next step, after the alerts
+        read meanwhile)."""
+        pending = self._pending
+        if not pending:
+            return
+        limit = max(self.BULK_TXN_MIN_BYTES, self._bulk_rate * self.BULK_TXN_S) if self.lane else float("inf")
+        j, size = 1, len(pending[0][1])
+        while j < len(pending) and size + len(pending[j][1]) <= limit:
+            size += len(pending[j][1])
+            j += 1
+        msgs, self._pending = pending[:j], pending[j:]
+        t0 = time.monotonic()
+        self._store(msgs, self.link)
+        if size >= self.BULK_TXN_MIN_BYTES:  # bytes/s, smoothed; small bursts are mostly fixed costs
+            self._bulk_rate = (self._bulk_rate + size / max(time.monotonic() - t0, 1e-3)) / 2
 
     def _handle_lane(self) -> None:
         """The alert batches read so far, in a transaction of their own, acked over the lane's link."""
