@@ -119,6 +119,7 @@ def run(args: argparse.Namespace, lane: bool) -> dict[str, Any]:
             while len(pub.acks) < len(sent) and time.monotonic() < deadline:
                 time.sleep(0.02)
             lat = [pub.acks[b] - s for b, s in sent.items() if b in pub.acks]
+            connects = {"bulk": hub.link.connects, "lane": hub.lane.connects if hub.lane else None}
             stop.set()
             t.join()
             pub.close()
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace, lane: bool) -> dict[str, Any]:
             "records_per_s": round(total / drained), "cpu_us_per_record": round(cpu / total * 1e6, 1),
             "alerts": len(sent), "alerts_acked": len(lat),
             "alert_ms_p50": round(1000 * (pct(lat, 50) or 0)), "alert_ms_p99": round(1000 * (pct(lat, 99) or 0)),
-            "alert_ms_max": round(1000 * max(lat, default=0))}
+            "alert_ms_max": round(1000 * max(lat, default=0)), "alert_ms": [round(1000 * x) for x in lat],
+            "hub_connects": connects}
 
 
 def main() -> int:

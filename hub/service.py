@@ -151,6 +151,8 @@ class Hub:
         self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=clean,
                              **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
         self.lane = self._lane_link(f"{client_id}-alerts", clean)  # None: the bulk link reads the alerts too
+        if self.lane is not None:  # short bulk reads: a step reading 200 big batches kept a stored alert waiting
+            self.link.MAX_READS = self.BULK_READS
         self._lane_pending: list[tuple[str, bytes]] = []  # alert batches read, not yet stored
         self._subscribed = {"bulk": False, "lane": self.lane is None}
         self._bulk_rate = 2e6  # bytes of bulk messages stored per second, lately (a first guess, then measured)
@@ -268,6 +270,7 @@ class Hub:
                                   read_lane=_size(self._lane_pending) < self.PENDING_MAX_BYTES)
         return job.result()
 
+    BULK_READS = 16  # with the lane: packets the bulk link reads in one step (MqttLink.MAX_READS: 200)
     BULK_TXN_S = 0.2  # with the lane: a bulk store's target duration (an alert that arrives meanwhile waits that long)
     BULK_TXN_MIN_BYTES = 256 * 1024
 
