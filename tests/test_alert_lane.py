@@ -245,3 +245,28 @@ def test_a_unit_with_alerts_in_its_backlog_delivers_everything_once(tmp_path: Pa
         thread.join(10)
         spy.close()
         hub.stop()
+
+
+def test_one_wait_serves_two_links(mosquitto: Mosquitto) -> None:
+    """core/mqtt.step_links: a message for the second link ends the wait the first one would have slept through
+    (30 s here: the call returning with the message well before is the point)."""
+    from customs_edge.core.mqtt import Connected, Message, MqttLink, step_links
+
+    a, b = (MqttLink(f"lane-test-{n}", "127.0.0.1", mosquitto.port) for n in "ab")
+    pub = Publisher(mosquitto.port)
+    try:
+        for link in (a, b):
+            wait_for(lambda link=link: any(isinstance(e, Connected) for e in link.step(0.1)), 10, "CONNACK")  # type: ignore[misc]
+        b.subscribe("lane-test/b", 1)
+        wait_for(lambda: not any(step_links([(a, True), (b, True)], 0.05)), 10, "the SUBACK read")
+        pub.pub("lane-test/b", b"x")
+        t0 = time.monotonic()
+        ev_a, ev_b = step_links([(a, True), (b, True)], 30.0)
+        while not ev_b and time.monotonic() - t0 < 30:  # a PUBACK-free QoS 1 delivery may take two reads
+            ev_a, ev_b = step_links([(a, True), (b, True)], 30.0)
+        assert time.monotonic() - t0 < 15 and ev_a == [] and [e.topic for e in ev_b if isinstance(e, Message)] == \
+            ["lane-test/b"]
+    finally:
+        pub.close()
+        for link in (a, b):
+            link.close()
