@@ -52,6 +52,8 @@ class SyncConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_ce
         "hub", description="hub: delete when the hub confirms it stored the records; broker: on PUBACK")
     batch_max_records: int = Field(500, ge=1, le=10000)
     window_batches: int = Field(8, ge=1, le=64, description="batches in flight awaiting an ack")
+    alert_lane: bool = Field(True, description="ALERT records in batches of their own on {prefix}/{device}/alerts, read"
+                             " by the hub ahead of a backlog; false: everything on /records (ack_mode broker: always)")
     ack_timeout_s: float = Field(10.0, gt=0, description="no PUBACK for this long: link presumed half-open;"
                                  " PUBACK but no hub ack: the batch is published again")
     max_resend_interval_s: float = Field(300.0, gt=0, description="cap on the doubling wait between resends")

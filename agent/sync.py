@@ -18,6 +18,13 @@ The link connects, backs off and reconnects by itself; the sync reacts:
     the broker. A timeout is never taken as success.
 The hub drops duplicates by (device_id, seq), so resending is always safe.
 
+The alert lane: ALERT records leave in batches of their own on `{prefix}/{device}/alerts`, which the hub reads on a
+session of its own, ahead of the bulk queue the broker holds for it during a backlog burst (hub/service.py). The
+outbox hands out ALERT records first; a batch that mixes them with others is sent as two. A resend of an alert batch
+alternates between `/records` and `/alerts` (the first resend on `/records`), so a hub or broker ACL older than the
+lane still gets it after `ack_timeout_s`; the hub stores (device_id, seq) once whichever topic brought it.
+`sync.alert_lane: false` (and ack_mode "broker", whose consumer reads `/records`) sends everything on `/records`.
+
 Health (agent/health.py): every `health_interval_s` of the unit config, at each connect, and soon after
 `health_soon()` (a driver went up or down), the sync publishes a fresh Health message, retained, over the
 same link. Its clock offset to the hub comes from the acks: the hub stamps each with its clock; the sample
@@ -81,9 +88,10 @@ from customs_edge.core.mqtt import (
     Will,
     install_client_id,
 )
-from customs_edge.core.records import Pending
+from customs_edge.core.records import Pending, Priority
 from customs_edge.core.signing import DeviceKey
 from customs_edge.core.wire import (
+    ALERT_LANE,
     MAX_ACK_BYTES,
     MAX_BATCH_BYTES,
     MAX_COMMAND_BYTES,
@@ -191,6 +199,8 @@ class Sync:
         self.stats = SyncStats()
         p = cfg.topic_prefix
         self.t_records = topic(p, device_id, "records")
+        # ALERT records' batches: the hub's alert lane (none in broker mode: its consumer reads /records)
+        self.t_alerts = topic(p, device_id, ALERT_LANE) if cfg.alert_lane and cfg.ack_mode == "hub" else None
         self.t_ack = topic(p, device_id, "ack")
         self.t_status = topic(p, device_id, "status")
         self.t_cmd = topic(p, device_id, "cmd")
@@ -317,14 +327,24 @@ class Sync:
             if records and not self._send(records):
                 return
 
+    def _topic(self, records: list[Pending], attempt: int) -> str:
+        """The alert lane for a batch of ALERT records (every other resend on /records: an older hub reads that)."""
+        lane = self.t_alerts is not None and attempt % 2 == 0 and all(r.priority == Priority.ALERT for r in records)
+        return self.t_alerts if lane and self.t_alerts else self.t_records
+
     def _send(self, records: list[Pending], attempt: int = 0) -> bool:
+        if self.t_alerts is not None:  # alerts in batches of their own (the outbox hands them out first)
+            alerts = [r for r in records if r.priority == Priority.ALERT]
+            if alerts and len(alerts) < len(records):
+                rest = [r for r in records if r.priority != Priority.ALERT]
+                return self._send(alerts, attempt) and self._send(rest, attempt)
         batch_id = f"{self._boot}-{next(self._ids)}"
         payload = encode_batch(self.device_id, batch_id, records, self.key)
         if len(payload) > MAX_BATCH_BYTES and len(records) > 1:  # the broker disconnects oversized packets
             half = len(records) // 2
             return self._send(records[:half], attempt) and self._send(records[half:], attempt)
         try:
-            mid = self.link.publish(self.t_records, payload, qos=1)
+            mid = self.link.publish(self._topic(records, attempt), payload, qos=1)
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return False
@@ -351,8 +371,8 @@ class Sync:
     def _resend(self, batch_id: str, f: _InFlight) -> None:
         """The broker has the batch, the hub has not confirmed it: publish it again (the hub dedupes)."""
         try:
-            mid = self.link.publish(self.t_records, encode_batch(self.device_id, batch_id, f.records, self.key),
-                                     qos=1)
+            mid = self.link.publish(self._topic(f.records, f.attempt + 1),
+                                    encode_batch(self.device_id, batch_id, f.records, self.key), qos=1)
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return

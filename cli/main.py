@@ -171,7 +171,9 @@ def cmd_hub(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "db": args.db,
                                    "share_group": args.share_group, "client_id": args.client_id,
                                    "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                                   "tls_server_name": args.tls_server_name, "keys": args.keys}.items()
+                                   "tls_server_name": args.tls_server_name, "keys": args.keys,
+                                   "alerts_tls_cert": args.alerts_tls_cert,
+                                   "alerts_tls_key": args.alerts_tls_key}.items()
                  if v is not None}
     if args.photos_dir is not None:
         overrides["photos_dir"] = args.photos_dir
@@ -320,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tls-cert", help="the hub's certificate (CN hub-NAME, listed in the broker's ACL)")
     h.add_argument("--tls-key", help="the hub's private key (0600), with --tls-cert")
     h.add_argument("--tls-server-name", help="name on the broker's certificate (default: --host)")
+    h.add_argument("--alerts-tls-cert", help="the alert lane's own certificate (CN e.g. hub-1-alerts: a second session"
+                   " needs a second name), with --alerts-tls-key; without it, with --tls-cert, the lane is off")
+    h.add_argument("--alerts-tls-key", help="its private key (0600)")
     h.add_argument("--json", action="store_true", help="stats or fleet as JSON")
     h.add_argument("--lanes", action="store_true", help="stats: per gate lane, fever alerts followed up, "
                                                         "confirmed rate and field PPV (from fever_confirmation)")

@@ -1,15 +1,16 @@
 """`customs-edge watch --config FILE` (or `--device ID --broker HOST:PORT`): a unit's records and alerts as
 they are produced, one line each, like `esphome logs`.
 
-It subscribes to the unit's records topic (and the hub's alert topic for it) and only listens: it publishes
-nothing and never acks (hub acks go on another topic; the agent deletes a record only on the hub's ack).
-The agent resends a batch until the hub acks it, so each seq is printed once per session.
+It subscribes to the unit's records topics (`records`, and `alerts` where its ALERT records go) and to the
+hub's alert topic for it, and only listens: it publishes nothing and never acks (hub acks go on another topic;
+the agent deletes a record only on the hub's ack). The agent resends a batch until the hub acks it (an alert
+batch alternately on both topics), so each seq is printed once per session.
 
 With the shipped TLS broker config (configs/broker), the unit's own certificate is never used: the broker
 takes a certificate's name as client id, so it would take the running unit's session over. An operator's
 (op-*) reads status, health and alerts but not records (`--alerts` then shows only the hub's alerts): watch
 records with a read identity the ACL lets read them (a hub's, or a `user` block with
-`topic read customs-edge/v1/+/records`), given with --tls-cert/--tls-key.
+`topic read customs-edge/v1/+/records` and `.../+/alerts`), given with --tls-cert/--tls-key.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from customs_edge.cli.status import OWN_IDENTITY, add_identity_options, own_iden
 from customs_edge.core import logs
 from customs_edge.core.mqtt import Connected, Lost, Message
 from customs_edge.core.records import Priority
-from customs_edge.core.wire import Alert, Batch, WireRecord, topic
+from customs_edge.core.wire import ALERT_LANE, Alert, Batch, WireRecord, topic
 
 SUMMARY_CHARS = 100
 ALERT_MARK = "!!"
@@ -128,6 +129,7 @@ def run(device_id: str, host: str, port: int, *, prefix: str, credentials: dict[
             for ev in link.step(0.5):
                 if isinstance(ev, Connected):
                     link.subscribe(t_records)
+                    link.subscribe(topic(prefix, device_id, ALERT_LANE))
                     link.subscribe(t_alert)
                     err(f"watching {device_id} on {where} (Ctrl-C to stop)")
                 elif isinstance(ev, Lost):

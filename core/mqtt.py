@@ -312,6 +312,23 @@ def _machine_id(anchor: Path) -> str:
     return new
 
 
+def step_links(links: Sequence[tuple[MqttLink, bool]], timeout: float) -> list[list[Event]]:
+    """Several links driven by one thread (the hub's alert lane and its bulk link): wait up to `timeout` s for any
+    of them (a packet, its waker, an attempt due), then step each once without waiting, in the order given, with
+    its `read` flag. Returns each link's events, in that order."""
+    rs: list[_Fileno] = []
+    ws: list[_Fileno] = []
+    for link, read in links:
+        r, w, most = link.waits(read)
+        rs += r
+        ws += w
+        timeout = min(timeout, most)
+    if timeout > 0:
+        with contextlib.suppress(OSError, ValueError):  # a closed socket: its link's step reports it
+            wait_ready(rs, ws, timeout)
+    return [link.step(0.0, read) for link, read in links]
+
+
 TAKEOVER_AFTER = 2  # sessions in a row closed soon after CONNACK: named as a client id shared by two units
 
 # CONNACK refusals (MQTT 3.1.1 return codes, as paho maps them to MQTT 5 reason codes): "what: the fix"
@@ -389,6 +406,18 @@ class MqttLink:
             self._io(c, timeout, read)
         events, self._events = self._events, []
         return events
+
+    def waits(self, read: bool = True) -> tuple[list[_Fileno], list[_Fileno], float]:
+        """What step(timeout, read) would wait on: (readable, writable, longest wait), for step_links()."""
+        c = self._client
+        if c is None:
+            return [self._waker], [], max(0.0, self._next_attempt - time.monotonic())
+        sock = c.socket()
+        if not isinstance(sock, socket.socket):
+            return [], [], 0.0  # step() reports it
+        most = float("inf") if self._connected else max(0.0, self._since + self.connect_timeout_s - time.monotonic())
+        return ([sock, self._waker] if read or not self._connected else [self._waker],
+                [sock] if c.want_write() else [], most)
 
     def _attempt(self) -> None:
         self.attempts += 1
@@ -508,6 +537,12 @@ class MqttLink:
         if c is None or not self._connected:
             raise NotConnected(topic)
         c.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        c = self._client
+        if c is None or not self._connected:
+            raise NotConnected(topic)
+        c.unsubscribe(topic)
 
     def disconnect(self, flush_s: float = 1.0) -> None:
         """Clean DISCONNECT (the broker then does not publish the will), after flushing for up to flush_s."""

@@ -1,6 +1,7 @@
 """Topics and message formats between agents and hubs (MQTT 3.1.1, JSON payloads).
 
   {prefix}/{device_id}/records     agent -> hub, QoS 1: a Batch of records
+  {prefix}/{device_id}/alerts      agent -> hub, QoS 1: a Batch of ALERT records only (the hub's alert lane)
   {prefix}/{device_id}/ack         hub -> agent, QoS 1: an Ack, published after the hub's commit
   {prefix}/{device_id}/status      agent, retained: a Status; the will publishes state "offline"
   {prefix}/{device_id}/cmd         operator -> agent, QoS 1: a Command
@@ -23,6 +24,9 @@ from customs_edge.core.records import Pending
 from customs_edge.core.signing import DeviceKey, batch_message, record_hash
 
 WIRE_VERSION = 1
+
+
+ALERT_LANE = "alerts"  # topic kind of batches holding only ALERT records: a hub session of its own (hub/service.py)
 
 
 def topic(prefix: str, device_id: str, kind: str) -> str:

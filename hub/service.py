@@ -11,9 +11,22 @@ device its topic names is counted (`health_refused`, and per device in the store
 
 Inbound bounds (core/inbound.py): each message's size is checked on its raw bytes before it is parsed
 (records MAX_MESSAGE_BYTES, status MAX_STATUS_BYTES, health MAX_HEALTH_BYTES); a message on any topic other
-than `{prefix}/{device}/records|status|health|photos` is refused as `unexpected_topic`. Refusals are counted per
+than `{prefix}/{device}/records|alerts|status|health|photos` is refused as `unexpected_topic`. Refusals are counted per
 cause (`refused`, also in the store) and logged at most once a minute per cause: a flood never fills the
 journal. The hub subscribes to no replies or commands: those topics are operators'.
+
+The alert lane: a unit sends its ALERT records in batches of their own on `{prefix}/{device}/alerts` (agent/sync.py),
+and the hub reads that topic on a second MQTT session (client id `{client_id}-alerts`, share group `{group}-alerts`),
+stepped before the bulk link in the same loop and stored in a transaction of its own before the next bulk one.
+The broker keeps one queue per session: during a backlog burst it holds hundreds of thousands of records for the
+bulk session, and a new alert queued behind them waited tens of seconds; on the lane it waits at most for the
+bulk transaction in progress (sized from the store's recent rate to last about BULK_TXN_S). Both topics go
+through the same intake, store and acks: (device_id, seq) is stored once whichever topic brought it, and alerts
+on `/records` (older agents, the agent's resends) are stored as before. With a client certificate the broker
+makes the certificate's name the client id (configs/broker: use_username_as_clientid), so the lane needs a
+certificate of its own (`alerts_tls_cert`); without one, or with `alert_lane: false`, the bulk session reads
+`/alerts` too (share group `{group}`: every hub of a group should run the lane, or none, else an alert reaches
+one hub of each kind).
 
 A burst is stored in a worker thread while this thread keeps servicing the MQTT link (keepalive pings,
 reading what arrives next): a long store (a slow disk, a big backlog) never costs the hub its connection.
@@ -35,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from customs_edge.core.inbound import Refusals, too_large
 from customs_edge.core.mqtt import (
@@ -46,10 +59,23 @@ from customs_edge.core.mqtt import (
     Message,
     MqttLink,
     NotConnected,
+    Tls,
     install_client_id,
+    step_links,
 )
+from customs_edge.core.records import Priority
 from customs_edge.core.signing import load_registry
-from customs_edge.core.wire import MAX_HEALTH_BYTES, MAX_STATUS_BYTES, Ack, Alert, Health, Status, ranges_of, topic
+from customs_edge.core.wire import (
+    ALERT_LANE,
+    MAX_HEALTH_BYTES,
+    MAX_STATUS_BYTES,
+    Ack,
+    Alert,
+    Health,
+    Status,
+    ranges_of,
+    topic,
+)
 from customs_edge.hub import intake, pings
 from customs_edge.hub.photos import HEADER_MAX, MAX_PHOTO_BYTES, PhotoArchive
 from customs_edge.hub.storage import HubStorage, open_store
@@ -86,6 +112,21 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
     max_seq_jump: int = Field(MAX_SEQ_JUMP, ge=1, description="a record whose seq is more than this past its"
                               " device's highest is quarantined as suspect (table `suspect`), not stored"
                               " (the SQLite store; not yet with `postgres`)")
+    alert_lane: bool = Field(True, description="read `{prefix}/+/alerts` (units' batches of ALERT records) on a second"
+                             " MQTT session, serviced first: a new alert never waits behind a backlog; false: the bulk"
+                             " session reads it")
+    alerts_tls_cert: Path | None = Field(None, description="the alert lane's own client certificate (PEM; CN e.g."
+                                         " hub-1-alerts, with its `user` block in the broker's ACL), with"
+                                         " alerts_tls_key: the broker takes a certificate's name as client id, and two"
+                                         " sessions need two. With tls_cert but without it, the lane is off")
+    alerts_tls_key: Path | None = Field(None, description="the key of alerts_tls_cert (PEM, mode 0600)")
+
+    @model_validator(mode="after")
+    def _alerts_cert_and_key(self) -> HubConfig:
+        if (self.alerts_tls_cert is None) != (self.alerts_tls_key is None):
+            raise ValueError("alerts_tls_cert and alerts_tls_key go together: set both (the alert lane's own client"
+                             " certificate) or neither")
+        return self
 
 
 class Out(NamedTuple):
@@ -109,6 +150,12 @@ class Hub:
                                       install_client_id(f"ce-hub-{socket.gethostname()}", cfg.db))
         self.link = MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=clean,
                              **cfg.credentials(), backoff_min_s=0.5, backoff_max_s=10.0)
+        self.lane = self._lane_link(f"{client_id}-alerts", clean)  # None: the bulk link reads the alerts too
+        if self.lane is not None:  # short bulk reads: a step reading 200 big batches kept a stored alert waiting
+            self.link.MAX_READS = self.BULK_READS
+        self._lane_pending: list[tuple[str, bytes]] = []  # alert batches read, not yet stored
+        self._subscribed = {"bulk": False, "lane": self.lane is None}
+        self._bulk_rate = 2e6  # bytes of bulk messages stored per second, lately (a first guess, then measured)
         self.refused: Counter[str] = Counter()  # records messages refused whole, by kind (also in the store)
         self.health_refused: Counter[str] = Counter()  # health messages ignored, by kind (per device in the store)
         self.batches = 0
@@ -118,9 +165,32 @@ class Hub:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
 
-    def records_filter(self) -> str:
-        f = f"{self.cfg.topic_prefix}/+/records"
-        return f"$share/{self.cfg.share_group}/{f}" if self.cfg.share_group else f
+    def _lane_link(self, client_id: str, clean: bool) -> MqttLink | None:
+        cfg = self.cfg
+        if not cfg.alert_lane:
+            return None
+        credentials = cfg.credentials()
+        if cfg.tls_cert is not None:
+            if cfg.alerts_tls_cert is None:
+                log.warning("alert lane off: with a client certificate it needs one of its own (the broker takes the"
+                            " certificate's name as client id); issue one (`customs-edge certs issue hub-1-alerts"
+                            " --role hub`, a `user` block in the broker's ACL) and set alerts_tls_cert and"
+                            " alerts_tls_key. Until then alerts are read with the bulk records",
+                            extra={"tls_cert": str(cfg.tls_cert)})
+                return None
+            credentials["tls"] = Tls(cfg.tls_ca, cfg.alerts_tls_cert, cfg.alerts_tls_key, cfg.tls_server_name)
+        return MqttLink(client_id, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_session=clean, **credentials,
+                        backoff_min_s=0.5, backoff_max_s=10.0)
+
+    def records_filter(self, kind: str = "records", group_suffix: str = "") -> str:
+        f = f"{self.cfg.topic_prefix}/+/{kind}"
+        return f"$share/{self.cfg.share_group}{group_suffix}/{f}" if self.cfg.share_group else f
+
+    def lane_filter(self) -> str:
+        """The lane's subscription: a share group of its own (`{group}-alerts`), so the subscription a bulk session
+        kept from a run without the lane (or a lane session kept from a run with it) never takes a share of the
+        alerts away from the live lane (each group gets its copy; the store keeps one)."""
+        return self.records_filter(ALERT_LANE, "-alerts")
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -129,30 +199,62 @@ class Hub:
             except Exception:  # one bad message or a locked file must not take the hub down
                 log.exception("hub step failed; continuing")
                 stop.wait(0.5)
-        self.link.disconnect()
-        self.link.close()
+        for link in (self.lane, self.link):
+            if link is not None:
+                link.disconnect()
+                link.close()
         self._worker.shutdown()
         self.store.close()
 
     def _step(self, stop: threading.Event) -> None:
-        messages, self._pending = self._pending, []
-        for ev in self.link.step(0.0 if messages else 0.25):  # the link connects and backs off by itself
-            self._on_event(ev, messages)
-        self._handle(messages)
+        self._service(0.0 if self._pending or self._lane_pending else 0.25)  # links connect, back off by themselves
+        self._handle_lane()
+        self._handle()
 
-    def _on_event(self, ev: Event, messages: list[tuple[str, bytes]]) -> None:
+    def _service(self, timeout: float, read: bool = True, read_lane: bool = True) -> int:
+        """One step of the links, the alert lane first (one wait for both): what arrives goes to _lane_pending and
+        _pending. Returns the bytes read on the bulk link."""
+        lane_events: list[Event] = []
+        if self.lane is None:
+            bulk_events = self.link.step(timeout, read)
+        else:
+            lane_events, bulk_events = step_links([(self.lane, read_lane), (self.link, read)], timeout)
+        for ev in lane_events:
+            self._on_event(ev, self._lane_pending, lane=True)
+        n = 0
+        for ev in bulk_events:
+            n += len(ev.payload) if isinstance(ev, Message) else 0
+            self._on_event(ev, self._pending)
+        return n
+
+    def _on_event(self, ev: Event, messages: list[tuple[str, bytes]], lane: bool = False) -> None:
         if isinstance(ev, Message):
             messages.append((ev.topic, ev.payload))
+        elif isinstance(ev, Connected) and lane:
+            assert self.lane is not None
+            self.lane.subscribe(self.lane_filter(), 1)
+            self._subscribed["lane"] = True
+            log.info("hub subscribed", extra={"filter": self.lane_filter(), "client_id": self.lane.client_id})
         elif isinstance(ev, Connected):
             # Always subscribe: a broker restarted without persistence forgot our session.
             self.link.subscribe(self.records_filter(), 1)
+            if self.lane is None:  # the alerts with the bulk
+                self.link.subscribe(self.records_filter(ALERT_LANE), 1)
+            else:  # a persistent session may hold it from a run without the lane: alerts would queue behind the bulk
+                self.link.unsubscribe(self.records_filter(ALERT_LANE))
             self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
             self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
             self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
-            self.link.subscribe(self.records_filter().replace("/+/records", "/+/photos"), 1)
-            self.ready.set()
+            self.link.subscribe(self.records_filter("photos"), 1)
+            self._subscribed["bulk"] = True
             log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
         elif isinstance(ev, Lost) and ev.was_connected:
+            self._subscribed["lane" if lane else "bulk"] = False
+        else:
+            return
+        if all(self._subscribed.values()):  # both sessions subscribed
+            self.ready.set()
+        else:
             self.ready.clear()
 
     PENDING_MAX_BYTES = 64 * 1024 * 1024  # read during a store; beyond it, the broker holds the rest
@@ -162,22 +264,45 @@ class Hub:
         PENDING_MAX_BYTES: then nothing more is read until the store is done)."""
         job = self._worker.submit(work)
         job.add_done_callback(lambda _: self.link.waker.set())
-        held = 0
+        held = _size(self._pending)  # what waits already counts: one bound for everything read and not stored
         while not job.done():
-            for ev in self.link.step(0.25, read=held < self.PENDING_MAX_BYTES):
-                if isinstance(ev, Message):
-                    held += len(ev.payload)
-                self._on_event(ev, self._pending)
+            held += self._service(0.25, read=held < self.PENDING_MAX_BYTES,
+                                  read_lane=_size(self._lane_pending) < self.PENDING_MAX_BYTES)
         return job.result()
 
-    def _handle(self, messages: list[tuple[str, bytes]]) -> None:
-        if not messages:
+    BULK_READS = 16  # with the lane: packets the bulk link reads in one step (MqttLink.MAX_READS: 200)
+    BULK_TXN_S = 0.2  # with the lane: a bulk store's target duration (an alert that arrives meanwhile waits that long)
+    BULK_TXN_MIN_BYTES = 256 * 1024
+
+    def _handle(self) -> None:
+        """Store the bulk messages read so far: all of them in one transaction, or with the lane as many as the store
+        takes in about BULK_TXN_S at the rate it reached lately (the rest wait for the next step, after the alerts
+        read meanwhile)."""
+        pending = self._pending
+        if not pending:
             return
-        msgs = messages[:]
-        messages.clear()
-        for out in self._serviced(lambda: self.handle(msgs)):
+        limit = max(self.BULK_TXN_MIN_BYTES, self._bulk_rate * self.BULK_TXN_S) if self.lane else float("inf")
+        j, size = 1, len(pending[0][1])
+        while j < len(pending) and size + len(pending[j][1]) <= limit:
+            size += len(pending[j][1])
+            j += 1
+        msgs, self._pending = pending[:j], pending[j:]
+        t0 = time.monotonic()
+        self._store(msgs, self.link)
+        if size >= self.BULK_TXN_MIN_BYTES:  # bytes/s, smoothed; small bursts are mostly fixed costs
+            self._bulk_rate = (self._bulk_rate + size / max(time.monotonic() - t0, 1e-3)) / 2
+
+    def _handle_lane(self) -> None:
+        """The alert batches read so far, in a transaction of their own, acked over the lane's link."""
+        if self._lane_pending:
+            msgs, self._lane_pending = self._lane_pending, []
+            self._store(msgs, self.lane or self.link)
+
+    def _store(self, msgs: list[tuple[str, bytes]], link: MqttLink) -> None:
+        outs = self._serviced(lambda: self.handle(msgs))
+        for out in outs:
             try:
-                self.link.publish(out.topic, out.payload, qos=1, retain=out.retain)
+                (link if link.connected else self.link).publish(out.topic, out.payload, qos=1, retain=out.retain)
             except NotConnected:
                 return  # stored, not acked: the agent resends, we drop the duplicates and ack then
 
@@ -208,7 +333,7 @@ class Hub:
                     ack = self.photos.handle(t, payload)
                     out += [Out(ack.topic, ack.payload)] if ack else []
                 continue
-            if kind != "records":
+            if kind != "records" and kind != ALERT_LANE:
                 refused["unexpected_topic"] += 1
                 self.refusals.refuse("unexpected_topic", "message on a topic the hub does not expect; ignored",
                                      topic=t, bytes=len(payload))
@@ -220,6 +345,9 @@ class Hub:
                 self.refusals.refuse(exc.kind, "refused a records message; not acked", topic=t, reason=exc.reason,
                                      bytes=len(payload))
                 continue
+            if kind == ALERT_LANE and any(r[5] != Priority.ALERT for r in b.rows):  # stored: counted, not refused
+                self.refusals.refuse("alert_lane_not_alerts", "a batch on the alert lane holds records below ALERT"
+                                     " priority: stored, but it delays other units' alerts", topic=t, batch=b.batch)
             if b.rejected:
                 log.warning("rejected records that failed validation", extra={
                     "device": b.device_id, "batch": b.batch, "count": len(b.rejected), "seq": b.rejected[0].seq,
@@ -309,6 +437,10 @@ class Hub:
             except ValidationError:  # anything on a status topic, even a retained one, is only informational
                 self.refusals.refuse("status_malformed", "status that is not a Status shown as '?'", topic=t)
         self.store.set_status(device_id, state, unit_type, site)
+
+
+def _size(messages: list[tuple[str, bytes]]) -> int:
+    return sum(len(p) for _, p in messages)
 
 
 def _seqs(ranges: list[tuple[int, int]], most: int = 10) -> str:

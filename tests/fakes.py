@@ -56,7 +56,7 @@ class FakeLink:
         self._next.append(Message(topic, payload.encode() if isinstance(payload, str) else payload))
 
     def batches(self) -> list[Published]:
-        return [p for p in self.published if p.topic.endswith("/records")]
+        return [p for p in self.published if p.topic.endswith(("/records", "/alerts"))]
 
     # -- Link ---------------------------------------------------------------------------------------
     @property

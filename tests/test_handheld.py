@@ -184,7 +184,8 @@ class Spy:
         self.c.on_subscribe = lambda *_: self.ready.set()
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
-        self.c.subscribe([(f"{PREFIX}/{device}/records", 1), (f"{PREFIX}/{device}/photos", 1)])
+        self.c.subscribe([(f"{PREFIX}/{device}/records", 1), (f"{PREFIX}/{device}/alerts", 1),
+                          (f"{PREFIX}/{device}/photos", 1)])
         assert self.ready.wait(10)
 
     def _on(self, _c: Any, _u: Any, m: paho.MQTTMessage) -> None:

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.broker
 
 BROKER_CONF = Path(__file__).resolve().parents[1] / "configs" / "broker"
 PREFIX = "customs-edge/v1"
-NAMES = {"broker": "broker", "dev-a": "device", "dev-b": "device", "hub-1": "hub", "op-1": "operator"}
+NAMES = {"broker": "broker", "dev-a": "device", "dev-b": "device", "hub-1": "hub", "hub-1-alerts": "hub",
+         "op-1": "operator"}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,12 @@ def tls(pki: Path, name: str | None) -> Tls:
 def tls_keys(pki: Path, name: str) -> dict[str, Any]:
     return {"tls_ca": str(pki / "ca.crt"), "tls_cert": str(pki / f"{name}.crt"),
             "tls_key": str(pki / f"{name}.key"), "tls_server_name": "broker"}
+
+
+def hub_keys(pki: Path) -> dict[str, Any]:
+    """hub-1's certificate, and hub-1-alerts' for its alert lane (a second session needs a second name)."""
+    return {**tls_keys(pki, "hub-1"), "alerts_tls_cert": str(pki / "hub-1-alerts.crt"),
+            "alerts_tls_key": str(pki / "hub-1-alerts.key")}
 
 
 class Client:
@@ -174,20 +181,26 @@ def link_connected(link: MqttLink) -> bool:
     return link.connected
 
 
+@pytest.mark.parametrize("lane", [True, False], ids=["alert lane", "hub certificate only"])
 def test_a_device_can_neither_publish_as_another_nor_read_its_acks_and_commands(tmp_path: Path, pki: Path,
-                                                                                broker: Broker) -> None:
-    hub = HubThread(broker.port, tmp_path / "hub.db", **tls_keys(pki, "hub-1")).start()
+                                                                                broker: Broker, lane: bool) -> None:
+    """On both record topics (`records`, and `alerts`, read by the hub's alert lane with its own certificate, or
+    with the bulk when the hub has no certificate for the lane)."""
+    hub = HubThread(broker.port, tmp_path / "hub.db", **(hub_keys(pki) if lane else tls_keys(pki, "hub-1"))).start()
+    assert (hub.hub.lane is not None) == lane
     a, b, op = (Client(broker.port, tls(pki, n)) for n in ("dev-a", "dev-b", "op-1"))
     db, own = tmp_path / "hub.db", [f"{PREFIX}/dev-a/ack", f"{PREFIX}/dev-a/cmd"]
     try:
         # mosquitto grants these subscriptions, and then delivers nothing dev-a may not read
-        for t in (f"{PREFIX}/dev-b/ack", f"{PREFIX}/dev-b/cmd", f"{PREFIX}/+/records", *own):
+        for t in (f"{PREFIX}/dev-b/ack", f"{PREFIX}/dev-b/cmd", f"{PREFIX}/+/records", f"{PREFIX}/+/alerts", *own):
             a.sub(t)
-        # records as dev-b from dev-a, then dev-b's real one: the hub stores only the real one
+        # records and alerts as dev-b from dev-a, then dev-b's real ones: the hub stores only the real ones
         a.pub(f"{PREFIX}/dev-b/records", records_msg("dev-b", "forged", [rec(1), rec(2)]))
+        a.pub(f"{PREFIX}/dev-b/alerts", records_msg("dev-b", "forged-alert", [rec(3, prio=3)]))
         b.pub(f"{PREFIX}/dev-b/records", records_msg("dev-b", "real", [rec(5)]))
-        wait_for(lambda: hub_seqs(db, "dev-b")[0], 30, "dev-b's record at the hub")
-        assert hub_seqs(db, "dev-b")[0] == [5]
+        b.pub(f"{PREFIX}/dev-b/alerts", records_msg("dev-b", "real-alert", [rec(6, prio=3)]))
+        wait_for(lambda: len(hub_seqs(db, "dev-b")[0]) == 2, 30, "dev-b's two records at the hub")
+        assert hub_seqs(db, "dev-b")[0] == [5, 6]
         # dev-a's own record: stored, and acked to dev-a (the hub acked dev-b's before: dev-a never gets it)
         a.pub(f"{PREFIX}/dev-a/records", records_msg("dev-a", "own", [rec(1)]))
         wait_for(lambda: f"{PREFIX}/dev-a/ack" in a.topics(), 30, "dev-a's ack")
@@ -200,6 +213,27 @@ def test_a_device_can_neither_publish_as_another_nor_read_its_acks_and_commands(
     finally:
         for c in (a, b, op):
             c.close()
+        hub.stop()
+
+
+def test_the_hubs_alert_lane_connects_with_a_certificate_of_its_own(tmp_path: Path, pki: Path,
+                                                                   broker: Broker) -> None:
+    """The broker takes a certificate's name as client id: the lane's session (hub-1-alerts) and the bulk one
+    (hub-1) each keep theirs, and an alert batch is stored and acked through the lane."""
+    hub = HubThread(broker.port, tmp_path / "hub.db", **hub_keys(pki)).start()
+    a = Client(broker.port, tls(pki, "dev-a"))
+    try:
+        a.sub(f"{PREFIX}/dev-a/ack")
+        a.pub(f"{PREFIX}/dev-a/alerts", records_msg("dev-a", "alarm", [rec(1, type="radiation_alarm", prio=3)]))
+        a.pub(f"{PREFIX}/dev-a/records", records_msg("dev-a", "weighings", [rec(2), rec(3)]))
+        wait_for(lambda: len(a.topics()) == 2, 30, "the hub's acks of both batches")
+        assert {json.loads(p)["batch"] for _, p in a.got} == {"alarm", "weighings"}
+        assert hub_seqs(tmp_path / "hub.db", "dev-a")[0] == [1, 2, 3]
+        lane = hub.hub.lane
+        assert lane is not None and lane.connected and hub.hub.link.connected
+        assert (lane.connects, hub.hub.link.connects) == (1, 1)  # neither took the other's session over
+    finally:
+        a.close()
         hub.stop()
 
 
@@ -290,7 +324,7 @@ def test_a_certificate_close_to_expiry_is_warned_about_at_start(tmp_path: Path, 
 
 
 def test_the_hub_command_connects_with_its_certificate(tmp_path: Path, pki: Path, broker: Broker) -> None:
-    keys = tls_keys(pki, "hub-1")
+    keys = hub_keys(pki)  # the alert lane's too
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in keys.items()]
     log = (tmp_path / "hub.log").open("wb")
     hub = subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--port", str(broker.port),
@@ -298,10 +332,12 @@ def test_the_hub_command_connects_with_its_certificate(tmp_path: Path, pki: Path
     a = Client(broker.port, tls(pki, "dev-a"))
     try:
         a.sub(f"{PREFIX}/dev-a/ack")
-        wait_for(lambda: "hub subscribed" in (tmp_path / "hub.log").read_text(), 60, "the hub's subscription")
+        wait_for(lambda: (tmp_path / "hub.log").read_text().count("hub subscribed") == 2, 60,
+                 "the subscriptions of the hub's two sessions")
         a.pub(f"{PREFIX}/dev-a/records", records_msg("dev-a", "b1", [rec(1), rec(2)]))
-        wait_for(lambda: a.topics(), 60, "the hub's ack")
-        assert hub_seqs(tmp_path / "hub.db", "dev-a")[0] == [1, 2]
+        a.pub(f"{PREFIX}/dev-a/alerts", records_msg("dev-a", "b2", [rec(3, prio=3)]))
+        wait_for(lambda: len(a.topics()) == 2, 60, "the hub's acks")
+        assert hub_seqs(tmp_path / "hub.db", "dev-a")[0] == [1, 2, 3]
     finally:
         a.close()
         hub.terminate()

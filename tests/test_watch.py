@@ -94,10 +94,13 @@ def test_watch_json_alerts_only_and_a_bad_message_is_one_line(mosquitto: Mosquit
         send(publisher, RECORDS, "{not json")
         batch = [rec(5, payload={"n": 1}), rec(6, type="radiation", prio=3, payload={"cps": 900})]
         send(publisher, RECORDS, records_msg("scale-t1", "b1", batch))
-        wait_for(lambda: w.out, 30, "the alert")
+        lane = [rec(7, type="radiation", prio=3, payload={"cps": 950})]  # the alert lane's topic (agent/sync.py)
+        send(publisher, RECORDS.replace("/records", "/alerts"), records_msg("scale-t1", "b2", lane))
+        wait_for(lambda: len(w.out) == 2, 30, "both alerts")
         wait_for(lambda: any("unreadable message" in line for line in w.err), 30, "the bad message named")
         assert w.interrupt() == 0
-        assert [json.loads(line) for line in w.out] == [{"device_id": "scale-t1", "prev": None, **batch[1]}]
+        assert [json.loads(line) for line in w.out] == [{"device_id": "scale-t1", "prev": None, **r}
+                                                         for r in (batch[1], lane[0])]
     finally:
         w.kill()
 
