@@ -38,7 +38,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     fleet = SimFleet(args.units, workdir, host=host, port=port, rate=args.rate, prefix=args.prefix,
                      topic_prefix=args.topic_prefix, ack_timeout_s=args.ack_timeout, burst=args.backlog,
-                     limit=args.records).start()
+                     limit=args.records, outbox=args.outbox, signing=not args.unsigned, threads=args.threads,
+                     put_every_s=args.put_every, timed=not args.counts_only).start()
     t0 = time.monotonic()
     deadline = t0 + args.duration if args.duration else None
 
@@ -100,4 +101,14 @@ def register(fsub: Any) -> None:
     s.add_argument("--json", action="store_true", help="JSON lines")
     s.add_argument("--warmup", type=float, default=0.0, help="seconds before the latency figures start")
     s.add_argument("--latencies", default=None, help="write every ack latency (ms) measured to this JSON file")
+    s.add_argument("--outbox", choices=["sqlite", "memory"], default="sqlite",
+                   help="sqlite: the production outbox, a file per unit (default); memory: the same contract in memory"
+                        " (no disk writes: for fleets larger than the machine's disk and CPU would carry)")
+    s.add_argument("--unsigned", action="store_true", help="send unsigned batches (a unit without a device key)")
+    s.add_argument("--put-every", type=float, default=None, metavar="S",
+                   help="each unit commits its due records every S seconds (default 0.05: one record per commit"
+                        " and per batch at 5/s; 1.0: five)")
+    s.add_argument("--threads", type=int, default=1, help="driver threads the units are shared among (default 1)")
+    s.add_argument("--counts-only", action="store_true",
+                   help="count acked records without timing each (a backlog of millions)")
     s.set_defaults(fn=cmd_simulate)
