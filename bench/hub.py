@@ -33,6 +33,7 @@ an outage): seconds until every record is acked, SQLite with one worker, Postgre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -169,7 +170,7 @@ def check_store(db: str, devices: int, per_device: int, tag: str) -> None:
 
     st = open_store(db, readonly=True)
     try:
-        rows = [s for s in st.stats() if s.device_id.startswith(tag + "-")]
+        rows = [s for s in st.stats() if s.device_id.startswith(tag)]
         stored = sum(s.stored for s in rows)
         if stored != devices * per_device or any(s.conflicts or s.gaps for s in rows):
             raise RuntimeError(f"{db}: stored {stored} of {devices * per_device}, or conflicts/gaps")
@@ -265,15 +266,21 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(n), "--rate", str(args.rate),
              "--prefix", f"sim{backend[0]}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
              str(work / f"units-{backend}-{p}"), "--duration", str(args.warmup + args.fleet_seconds), "--warmup",
-             str(args.warmup), "--latencies", str(f), "--every", "1000000", "--json"], env=ENV,
+             str(args.warmup), "--latencies", str(f), "--every", "1000000", "--json", "--outbox", args.sim_outbox,
+             *(["--put-every", str(args.put_every)] if args.put_every else [])], env=ENV,
             stdout=subprocess.PIPE, stderr=(work / f"sim-{backend}-{p}.log").open("wb"))
             for p, (n, f) in enumerate(zip(per, files, strict=True))]
         try:
             time.sleep(args.warmup)
             rss = []
-
+            s0, w0, load0 = sum(cpu_s(s.pid) for s in sims), time.monotonic(), os.getloadavg()[0]
+            sim_cpu, sim_wall = 0.0, 0.0
             while any(s.poll() is None for s in sims):
                 rss.append(ws.rss_mb()[0])
+                with contextlib.suppress(OSError, ValueError):  # the sims' CPU until they end (not their goodbye)
+                    if time.monotonic() - w0 < args.fleet_seconds - 1:
+                        sim_cpu = sum(cpu_s(s.pid) for s in sims) - s0
+                        sim_wall = time.monotonic() - w0
                 time.sleep(1.0)
             finals = [json.loads((s.stdout.read() if s.stdout else b"").decode().splitlines()[-1]) for s in sims]
             lat = sorted(x for f in files for x in json.loads(f.read_text()))
@@ -287,8 +294,12 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             ws.stop()
             broker.stop()
         out[backend] = {"units": args.units, "processes": args.processes, "rate_per_unit": args.rate,
-                        "offered_records_per_s": args.units * args.rate,
+                        "sim_outbox": args.sim_outbox, "offered_records_per_s": args.units * args.rate,
                         "acked_records_per_s": round(len(lat) / window),
+                        # the simulators' CPU per record acked, over the measured window (their own load on the cores)
+                        "sim_cpu_us_per_record": round(sim_cpu / max(1.0, len(lat) / window * sim_wall) * 1e6, 1)
+                        if sim_wall else None,
+                        "loadavg_1m": [round(load0, 1), round(os.getloadavg()[0], 1)],
                         "ack_latency_p50_ms": lat[len(lat) // 2] if lat else None,
                         "ack_latency_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
                         "hub_rss_mb": max(rss) if rss else None,
@@ -301,30 +312,167 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     return out
 
 
+class AlertUnit:
+    """One more unit, not in the burst, on the agent's own path: the production SqliteOutbox (synchronous=FULL) and
+    a Sync thread of its own, as `customs-edge run` has them. It commits an ALERT record every `every_s`; this
+    process polls the hub's store (an index lookup of the device's highest seq, every POLL_S) and notes, per alert,
+    the time from its commit to the store holding it."""
+
+    POLL_S = 0.01
+
+    def __init__(self, work: Path, port: int, device_id: str) -> None:
+        from customs_edge.agent.config import SyncConfig
+        from customs_edge.agent.outbox import SqliteOutbox
+        from customs_edge.agent.sync import Sync
+
+        self.device_id = device_id
+        path = work / device_id / "outbox.db"
+        self.outbox = SqliteOutbox(path, device_id=device_id)
+        self.sync = Sync(device_id, self.outbox, SyncConfig(port=port), outbox_path=path)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sync.run, args=(self.stop,), name="alert-unit", daemon=True)
+        self.sent = 0
+
+    def start(self) -> AlertUnit:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.sync.link.connected:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the alert unit did not connect")
+            time.sleep(0.05)
+        return self
+
+    def measure(self, db: str, until: Any, every_s: float = 0.5, limit_s: float = 900.0) -> list[float]:
+        """Raise an alert every `every_s` until `until()` is true (checked every 0.1 s); the latencies (s) of those
+        stored by then (an alert not stored within `limit_s` counts as limit_s)."""
+        from customs_edge.core.records import Priority, RecordIn
+        from customs_edge.hub.storage import is_postgres, open_store
+
+        st: Any = open_store(db, readonly=True)
+        q = f"SELECT max(seq) FROM records WHERE device_id = {'%s' if is_postgres(db) else '?'}"
+        lat: list[float] = []
+        waiting: dict[int, float] = {}
+        t0 = time.monotonic()
+        next_alert = next_check = t0
+        done = False
+        try:
+            while True:
+                now = time.monotonic()
+                if not done and now >= next_check:
+                    next_check = now + 0.1
+                    done = bool(until())
+                if (done and not waiting) or now - t0 > limit_s:
+                    break
+                if not done and now >= next_alert:
+                    next_alert += every_s
+                    self.sent += 1
+                    seqs = self.outbox.put([RecordIn(type="sim_alert", priority=Priority.ALERT,
+                                                     payload={"kind": "sim", "n": self.sent})])
+                    waiting[seqs[-1]] = time.monotonic()  # committed (FULL): the unit's clock starts here
+                    self.sync.wake.set()
+                if waiting:
+                    top = st.db.execute(q, (self.device_id,)).fetchone()[0] or 0
+                    now = time.monotonic()
+                    for seq in [k for k in waiting if k <= top]:
+                        lat.append(now - waiting.pop(seq))
+                time.sleep(self.POLL_S)
+            lat += [limit_s] * len(waiting)
+        finally:
+            st.close()
+        return lat
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.outbox.close()
+
+
+def lat_figures(lat: list[float]) -> dict[str, Any]:
+    s = sorted(lat)
+    ms = [round(x * 1000, 1) for x in s]
+    return {"alerts": len(s), "p50_ms": ms[len(s) // 2] if s else None,
+            "p99_ms": ms[min(len(s) - 1, int(0.99 * len(s)))] if s else None, "max_ms": ms[-1] if s else None}
+
+
+def stored_by(db: str, prefix: str) -> int:
+    from customs_edge.hub.storage import open_store
+
+    st = open_store(db, readonly=True)
+    try:
+        return sum(d.stored for d in st.stats() if d.device_id.startswith(prefix))
+    finally:
+        st.close()
+
+
 def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     """`--burst-units` units reconnect at once, each holding `--burst-records` records (a port's link back after
-    an outage): seconds until every record is acked, on SQLite (1 worker) and PostgreSQL (3 workers)."""
+    an outage), spread over `--burst-processes` simulator processes that put their backlogs first (the outbox's own
+    put, 5,000 records per transaction) and connect together: seconds until the hub's store holds every record, on
+    SQLite (1 worker) and PostgreSQL (3 workers). Meanwhile an alert unit outside the burst raises an ALERT every
+    `--alert-every` s: its commit -> stored latency during the burst, beside the same latency before the burst on
+    the idle hub (the baseline)."""
     out: dict[str, Any] = {}
+    nproc = max(1, min(args.burst_processes, args.burst_units))
+    per = [args.burst_units // nproc + (1 if p < args.burst_units % nproc else 0) for p in range(nproc)]
+    total = args.burst_units * args.burst_records
     for backend, n in (("sqlite", 1), ("postgres", 3)):
         db = str(work / "burst.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-burst-{backend}", persistence=False).start()
         ws = Workers(n, db, broker.port, work)
+        alert = AlertUnit(work / f"alert-{backend}", broker.port, f"alert{backend[0]}-0000").start()
+        go = work / f"burst-go-{backend}"
+        tag = f"burst{backend[0]}"
+        sims: list[subprocess.Popen[str]] = []
         try:
-            sim = subprocess.run(
-                [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(args.burst_units), "--rate",
-                 "0", "--backlog", str(args.burst_records), "--records", str(args.burst_records), "--prefix",
-                 f"burst{backend[0]}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
-                 str(work / f"burst-{backend}"), "--duration", "600", "--every", "1000000", "--json"], env=ENV,
-                capture_output=True, text=True, timeout=700)
-            final = json.loads(sim.stdout.splitlines()[-1])
+            idle = alert.measure(db, lambda: False, args.alert_every, limit_s=args.alert_baseline)
+            for p, k in enumerate(per):
+                sims.append(subprocess.Popen(
+                    [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(k), "--rate", "0",
+                     "--backlog", str(args.burst_records), "--records", str(args.burst_records), "--prefix",
+                     f"{tag}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir", str(work / f"burst-{backend}"),
+                     "--duration", str(args.burst_timeout), "--every", "1000000", "--json", "--counts-only",
+                     "--spread", "0", "--wait-for", str(go)], env=ENV, stdout=subprocess.PIPE, text=True,
+                    stderr=(work / f"burst-{backend}-{p}.log").open("wb")))
+            t_fill = time.monotonic()
+            for sim in sims:  # each has put its backlog
+                line = sim.stdout.readline() if sim.stdout else ""
+                if '"ready"' not in line:
+                    raise RuntimeError(f"burst simulator did not get ready: {line!r}; see {work}")
+            fill_s = time.monotonic() - t_fill
+            go.touch()
+            t0 = time.monotonic()
+            stored_at: list[float] = []
+
+            def all_stored(db: str = db, tag: str = tag, stored_at: list[float] = stored_at,
+                           sims: list[subprocess.Popen[str]] = sims) -> bool:
+                if stored_by(db, tag) >= total:
+                    stored_at.append(time.monotonic())
+                    return True
+                if any(sim.poll() is not None for sim in sims):
+                    raise RuntimeError(f"a burst simulator ended before every record was stored; see {work}")
+                return False
+
+            during = alert.measure(db, all_stored, args.alert_every, limit_s=args.burst_timeout)
+            finals = [json.loads((sim.communicate(timeout=300)[0] or "").splitlines()[-1]) for sim in sims]
         finally:
+            for sim in sims:
+                if sim.poll() is None:
+                    sim.terminate()
+            alert.close()
             ws.stop()
             broker.stop()
-        total = args.burst_units * args.burst_records
-        check_store(db, args.burst_units, args.burst_records, f"burst{backend[0]}")
+        check_store(db, args.burst_units, args.burst_records, tag)
+        stored_s = stored_at[0] - t0 if stored_at else None
         out[backend] = {"workers": n, "units": args.burst_units, "records_each": args.burst_records,
-                        "seconds_until_all_acked": final["t"], "records_per_s": round(total / final["t"]),
-                        "acked": final["acked"]}
+                        "simulator_processes": nproc, "prefill_s": round(fill_s, 1),
+                        "seconds_until_all_stored": None if stored_s is None else round(stored_s, 2),
+                        "records_per_s": None if not stored_s else round(total / stored_s),
+                        "seconds_until_all_acked": max(f["last_ack_s"] or 0 for f in finals),
+                        "acked": sum(f["acked"] for f in finals),
+                        "hub_resends": sum(f["hub_resends"] for f in finals),
+                        "alert_latency_during_burst": lat_figures(during),
+                        "alert_latency_idle_hub": lat_figures(idle), "alert_every_s": args.alert_every,
+                        "loadavg_1m_after": round(os.getloadavg()[0], 1)}
         log(f"burst {backend}: {out[backend]}")
     return out
 
@@ -341,11 +489,20 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,3", help="PostgreSQL worker counts (SQLite: one worker)")
     ap.add_argument("--units", type=int, default=500)
     ap.add_argument("--rate", type=float, default=5.0)
-    ap.add_argument("--processes", type=int, default=4, help="simulator processes the units are spread over")
+    ap.add_argument("--processes", type=int, default=2, help="simulator processes the units are spread over")
     ap.add_argument("--warmup", type=float, default=15.0, help="seconds for the units to connect before measuring")
     ap.add_argument("--fleet-seconds", type=float, default=20.0)
     ap.add_argument("--burst-units", type=int, default=20)
     ap.add_argument("--burst-records", type=int, default=2000)
+    ap.add_argument("--burst-processes", type=int, default=2, help="simulator processes the burst units share")
+    ap.add_argument("--burst-timeout", type=float, default=900.0, help="seconds the burst may take before it fails")
+    ap.add_argument("--alert-every", type=float, default=0.5, help="seconds between the alert unit's alerts")
+    ap.add_argument("--alert-baseline", type=float, default=5.0,
+                    help="seconds of alerts to the idle hub before the burst (the baseline)")
+    ap.add_argument("--sim-outbox", choices=["memory", "sqlite"], default="memory",
+                    help="the fleet's simulated units' outbox (memory: no disk writes of their own; see docstring)")
+    ap.add_argument("--put-every", type=float, default=None,
+                    help="fleet: seconds between a unit's commits (default 0.05: one record per commit at 5/s)")
     ap.add_argument("--skip", choices=["ingest", "fleet", "burst"], action="append", default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
