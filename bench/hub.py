@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -251,9 +252,31 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     return out
 
 
+def machine_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (every process, ours or not; /proc/stat: all but idle and
+    iowait): with our own processes' CPU, how much of the cores other work took meanwhile."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / TICK
+
+
+def sim_dir(work: Path, name: str) -> Path:
+    """Where simulated units keep their files: tmpfs when there is one (their own disk writes, e.g. each unit's
+    sync state every 5 s, are not what is measured, and on a shared disk they stall the simulator's driver)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix=f"bench-hub-{name}-", dir=shm))
+    return work / name
+
+
+def cpu_split(sims: list[Any], ws: Workers, pg: Any, mosq: int | None) -> tuple[float, float, float, float]:
+    """CPU s so far: simulators, hub workers (+ PostgreSQL), mosquitto, the whole machine."""
+    return (sum(cpu_s(s.pid) for s in sims), ws.cpu_s() + (pg_cpu_s(pg) if pg is not None else 0.0),
+            cpu_s(mosq) if mosq else 0.0, machine_cpu_s())
+
+
 def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
-    """`--units` units in `--processes` `customs-edge fleet simulate` processes (fewer threads per interpreter:
-    in one process 500 unit threads queue for one GIL, and its waits, not the hub's, fill the p99)."""
+    """`--units` units in `--processes` `customs-edge fleet simulate` processes (each drives its units from one thread:
+    agent/simfleet.py)."""
     out: dict[str, Any] = {}
     per = [args.units // args.processes + (1 if p < args.units % args.processes else 0) for p in range(args.processes)]
     for backend in ("sqlite", "postgres"):
@@ -262,25 +285,28 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
         ws = Workers(1, db, broker.port, work)
         c0, p0 = ws.cpu_s(), pg_cpu_s(pg) if backend == "postgres" else 0.0  # per record acked over the whole run
         files = [work / f"lat-{backend}-{p}.json" for p in range(args.processes)]
+        units_dir = sim_dir(work, f"units-{backend}")
         sims = [subprocess.Popen(
             [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(n), "--rate", str(args.rate),
              "--prefix", f"sim{backend[0]}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
-             str(work / f"units-{backend}-{p}"), "--duration", str(args.warmup + args.fleet_seconds), "--warmup",
+             str(units_dir / str(p)), "--duration", str(args.warmup + args.fleet_seconds), "--warmup",
              str(args.warmup), "--latencies", str(f), "--every", "1000000", "--json", "--outbox", args.sim_outbox,
              *(["--put-every", str(args.put_every)] if args.put_every else [])], env=ENV,
             stdout=subprocess.PIPE, stderr=(work / f"sim-{backend}-{p}.log").open("wb"))
             for p, (n, f) in enumerate(zip(per, files, strict=True))]
+        mosq = broker.proc.pid if broker.proc else None
         try:
             time.sleep(args.warmup)
             rss = []
-            s0, w0, load0 = sum(cpu_s(s.pid) for s in sims), time.monotonic(), os.getloadavg()[0]
-            sim_cpu, sim_wall = 0.0, 0.0
+
+            pgc = pg if backend == "postgres" else None
+            w0, at0, load0 = time.monotonic(), cpu_split(sims, ws, pgc, mosq), os.getloadavg()[0]
+            w1, at1 = w0, at0
             while any(s.poll() is None for s in sims):
                 rss.append(ws.rss_mb()[0])
-                with contextlib.suppress(OSError, ValueError):  # the sims' CPU until they end (not their goodbye)
+                with contextlib.suppress(OSError, ValueError):  # CPU until the sims end (not their goodbye)
                     if time.monotonic() - w0 < args.fleet_seconds - 1:
-                        sim_cpu = sum(cpu_s(s.pid) for s in sims) - s0
-                        sim_wall = time.monotonic() - w0
+                        w1, at1 = time.monotonic(), cpu_split(sims, ws, pgc, mosq)
                 time.sleep(1.0)
             finals = [json.loads((s.stdout.read() if s.stdout else b"").decode().splitlines()[-1]) for s in sims]
             lat = sorted(x for f in files for x in json.loads(f.read_text()))
@@ -293,18 +319,25 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                     s.terminate()
             ws.stop()
             broker.stop()
+            if units_dir.parent != work:
+                shutil.rmtree(units_dir, ignore_errors=True)
+        dt = max(1e-9, w1 - w0)
+        sim_c, hub_c, mq_c, all_c = (b - a for a, b in zip(at0, at1, strict=True))
         out[backend] = {"units": args.units, "processes": args.processes, "rate_per_unit": args.rate,
                         "sim_outbox": args.sim_outbox, "offered_records_per_s": args.units * args.rate,
                         "acked_records_per_s": round(len(lat) / window),
-                        # the simulators' CPU per record acked, over the measured window (their own load on the cores)
-                        "sim_cpu_us_per_record": round(sim_cpu / max(1.0, len(lat) / window * sim_wall) * 1e6, 1)
-                        if sim_wall else None,
-                        "loadavg_1m": [round(load0, 1), round(os.getloadavg()[0], 1)],
                         "ack_latency_p50_ms": lat[len(lat) // 2] if lat else None,
                         "ack_latency_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
                         "hub_rss_mb": max(rss) if rss else None,
                         "hub_cpu_us_per_record": round(hub_cpu / max(1, acked) * 1e6, 1),
                         "db_cpu_us_per_record": None if db_cpu is None else round(db_cpu / max(1, acked) * 1e6, 1),
+                        # the simulators' CPU per record acked, over the measured window (their own load on the cores)
+                        "sim_cpu_us_per_record": round(sim_c / max(1.0, len(lat) / window * dt) * 1e6, 1),
+                        # cores used during the measured window: ours, and the rest of the machine (other work)
+                        "cores_used": {"simulators": round(sim_c / dt, 2), "hub_and_db": round(hub_c / dt, 2),
+                                       "mosquitto": round(mq_c / dt, 2),
+                                       "other_work": round(max(0.0, all_c - sim_c - hub_c - mq_c) / dt, 2)},
+                        "loadavg_1m": [round(load0, 1), round(os.getloadavg()[0], 1)],
                         "connected_at_end": sum(f["connected"] for f in finals),
                         "pending_at_end": sum(f["pending"] for f in finals),
                         "hub_resends": sum(f["hub_resends"] for f in finals)}
@@ -423,13 +456,14 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
         go = work / f"burst-go-{backend}"
         tag = f"burst{backend[0]}"
         sims: list[subprocess.Popen[str]] = []
+        units_dir = sim_dir(work, f"burst-{backend}")
         try:
             idle = alert.measure(db, lambda: False, args.alert_every, limit_s=args.alert_baseline)
             for p, k in enumerate(per):
                 sims.append(subprocess.Popen(
                     [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(k), "--rate", "0",
                      "--backlog", str(args.burst_records), "--records", str(args.burst_records), "--prefix",
-                     f"{tag}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir", str(work / f"burst-{backend}"),
+                     f"{tag}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir", str(units_dir),
                      "--duration", str(args.burst_timeout), "--every", "1000000", "--json", "--counts-only",
                      "--spread", "0", "--wait-for", str(go)], env=ENV, stdout=subprocess.PIPE, text=True,
                     stderr=(work / f"burst-{backend}-{p}.log").open("wb")))
@@ -461,6 +495,8 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             alert.close()
             ws.stop()
             broker.stop()
+            if units_dir.parent != work:
+                shutil.rmtree(units_dir, ignore_errors=True)
         check_store(db, args.burst_units, args.burst_records, tag)
         stored_s = stored_at[0] - t0 if stored_at else None
         out[backend] = {"workers": n, "units": args.burst_units, "records_each": args.burst_records,

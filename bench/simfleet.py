@@ -26,7 +26,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.hub import ENV, Workers, cpu_s, log
+import shutil
+
+from bench.hub import ENV, Workers, cpu_s, log, machine_cpu_s, sim_dir
 from customs_edge.hub.brokers import Mosquitto
 
 
@@ -35,9 +37,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ws = Workers(1, str(work / "hub.db"), broker.port, work)
     per = [args.units // args.processes + (1 if p < args.units % args.processes else 0) for p in range(args.processes)]
     files = [work / f"lat-{p}.json" for p in range(args.processes)]
+    units_dir = sim_dir(work, "units")
     sims = [subprocess.Popen(
         [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(n), "--rate", str(args.rate),
-         "--prefix", f"cpu{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir", str(work / f"units-{p}"),
+         "--prefix", f"cpu{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir", str(units_dir / str(p)),
          "--duration", str(args.warmup + args.seconds + 2), "--warmup", str(args.warmup), "--latencies", str(f),
          "--every", "1000000", "--json", *args.sim_args], env=ENV, stdout=subprocess.PIPE,
         stderr=(work / f"sim-{p}.log").open("wb"))
@@ -46,10 +49,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         t0 = time.monotonic()
         time.sleep(args.warmup)
-        s0, h0, m0 = sum(cpu_s(s.pid) for s in sims), ws.cpu_s(), cpu_s(mosq) if mosq else 0.0
+        s0, h0, m0, a0 = sum(cpu_s(s.pid) for s in sims), ws.cpu_s(), cpu_s(mosq) if mosq else 0.0, machine_cpu_s()
         w0 = time.monotonic()
         time.sleep(args.seconds)
-        s1, h1, m1 = sum(cpu_s(s.pid) for s in sims), ws.cpu_s(), cpu_s(mosq) if mosq else 0.0
+        s1, h1, m1, a1 = sum(cpu_s(s.pid) for s in sims), ws.cpu_s(), cpu_s(mosq) if mosq else 0.0, machine_cpu_s()
         w1 = time.monotonic()
         load = os.getloadavg()[0]
         for s in sims:
@@ -66,6 +69,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 s.terminate()
         ws.stop()
         broker.stop()
+        if units_dir.parent != work:
+            shutil.rmtree(units_dir, ignore_errors=True)
     lat.sort()
     out = {"units": args.units, "processes": args.processes, "rate_per_unit": args.rate,
            "offered_records_per_s": args.units * args.rate, "acked_records_per_s": round(acked / (w1 - w0)),
@@ -76,6 +81,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
            "ack_latency_p50_ms": lat[len(lat) // 2] if lat else None,
            "ack_latency_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
            "connected_at_end": sum(f["connected"] for f in finals), "pending_at_end": sum(f["pending"] for f in finals),
+           "other_work_cores": round(max(0.0, (a1 - a0) - (s1 - s0) - (h1 - h0) - (m1 - m0)) / (w1 - w0), 2),
            "seconds": round(w1 - w0, 1), "since_start_s": round(w1 - t0, 1), "loadavg_1m": load}
     return out
 
