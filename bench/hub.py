@@ -3,8 +3,9 @@ hub workers, beside raw executemany into the same store; then a simulated fleet 
 ack latency and RSS.
 
     python bench/hub.py [--records 100000] [--batch 500] [--devices 50] [--units 500] [--rate 5]
-                        [--processes 4] [--fleet-seconds 20] [--workers 1,2,3]
-                        [--burst-units 20] [--burst-records 2000] [--skip ingest|fleet|burst] [--json]
+                        [--processes 2] [--fleet-seconds 20] [--workers 1,2,3] [--sim-outbox memory|sqlite]
+                        [--burst-units 20] [--burst-records 2000] [--burst-processes 2] [--alert-every 0.5]
+                        [--skip ingest|fleet|burst] [--json]
 
 Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on one shared subscription
 ($share/hubs/...), each worker its own process; PostgreSQL is a throwaway cluster started here (tests/pg.py:
@@ -20,14 +21,21 @@ Baselines, measured in the same run on the same machine:
                    own ceiling, no MQTT, no validation, no dedupe;
   store_direct     the store's store() on already parsed batches, 4 per transaction as the hub groups them:
                    dedupe and counters without MQTT or JSON validation.
-Fleet: `--units` simulated units (agent/simfleet.py: the agent's outbox and sync, one session each, spread over
-`--processes` `customs-edge fleet simulate` processes) at `--rate` records/s each against one hub worker on
-SQLite and on PostgreSQL; after `--warmup` s (the connect storm), for `--fleet-seconds`: ack latency (a record's
-commit into its unit's outbox -> the hub's ack deleting it) p50/p99, and the hub process's peak RSS. The
-simulators, mosquitto, the hub and PostgreSQL share this machine's cores: on 2 cores the simulators take most
-of them (--units scales the fleet down).
-Burst: `--burst-units` units that each hold `--burst-records` records connect at once (a port's link back after
-an outage): seconds until every record is acked, SQLite with one worker, PostgreSQL with three.
+Fleet: `--units` simulated units (agent/simfleet.py: the agent's Sync, one MQTT session and device id each, stepped
+by one driver thread per `--processes` `customs-edge fleet simulate` process; their outboxes in memory by default,
+`--sim-outbox sqlite` for the production file, and their files on tmpfs when there is one) at `--rate` records/s
+each against one hub worker on SQLite and on PostgreSQL; after `--warmup` s (the connect storm), for
+`--fleet-seconds`: ack latency (a record's commit into its unit's outbox -> the hub's ack deleting it) p50/p99,
+the hub process's peak RSS, the simulators' CPU per record, and the cores each part used in that window beside
+`other_work` (the rest of the machine's busy time, /proc/stat): latency is wall time, and on a shared machine it
+measures the other work too.
+Burst: `--burst-units` units that each hold `--burst-records` records (put first through the outbox's own put,
+5,000 per transaction, in `--burst-processes` simulator processes) connect at once (a port's link back after an
+outage): seconds until the hub's store holds every record (polled every 0.1 s) and until the units had every ack,
+SQLite with one worker, PostgreSQL with three. Meanwhile one more unit, outside the burst and on the agent's own
+path (production SqliteOutbox, FULL, and its own Sync thread), raises an ALERT every `--alert-every` s; the
+latency from its commit to the hub's store holding it (polled every 10 ms) during the burst, p50/p99/max, beside
+the same latency on the idle hub just before the burst (the baseline).
 """
 
 from __future__ import annotations
@@ -269,9 +277,10 @@ def sim_dir(work: Path, name: str) -> Path:
 
 
 def cpu_split(sims: list[Any], ws: Workers, pg: Any, mosq: int | None) -> tuple[float, float, float, float]:
-    """CPU s so far: simulators, hub workers (+ PostgreSQL), mosquitto, the whole machine."""
-    return (sum(cpu_s(s.pid) for s in sims), ws.cpu_s() + (pg_cpu_s(pg) if pg is not None else 0.0),
-            cpu_s(mosq) if mosq else 0.0, machine_cpu_s())
+    """CPU s so far: simulators (and this process: the burst's alert unit), hub workers (+ PostgreSQL), mosquitto,
+    the whole machine."""
+    return (sum(cpu_s(s.pid) for s in sims) + cpu_s(os.getpid()),
+            ws.cpu_s() + (pg_cpu_s(pg) if pg is not None else 0.0), cpu_s(mosq) if mosq else 0.0, machine_cpu_s())
 
 
 def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
@@ -473,14 +482,20 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                 if '"ready"' not in line:
                     raise RuntimeError(f"burst simulator did not get ready: {line!r}; see {work}")
             fill_s = time.monotonic() - t_fill
+            mosq = broker.proc.pid if broker.proc else None
+            pgc = pg if backend == "postgres" else None
             go.touch()
             t0 = time.monotonic()
+            cpu0 = cpu_split(sims, ws, pgc, mosq)
             stored_at: list[float] = []
+            cpu1: list[tuple[float, float, float, float]] = []
 
             def all_stored(db: str = db, tag: str = tag, stored_at: list[float] = stored_at,
-                           sims: list[subprocess.Popen[str]] = sims) -> bool:
+                           sims: list[subprocess.Popen[str]] = sims, cpu1: list[Any] = cpu1,
+                           pgc: Any = pgc, ws: Workers = ws, mosq: int | None = mosq) -> bool:
                 if stored_by(db, tag) >= total:
                     stored_at.append(time.monotonic())
+                    cpu1.append(cpu_split(sims, ws, pgc, mosq))
                     return True
                 if any(sim.poll() is not None for sim in sims):
                     raise RuntimeError(f"a burst simulator ended before every record was stored; see {work}")
@@ -499,6 +514,7 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                 shutil.rmtree(units_dir, ignore_errors=True)
         check_store(db, args.burst_units, args.burst_records, tag)
         stored_s = stored_at[0] - t0 if stored_at else None
+        used = [round((b - a) / stored_s, 2) for a, b in zip(cpu0, cpu1[0], strict=True)] if stored_s and cpu1 else None
         out[backend] = {"workers": n, "units": args.burst_units, "records_each": args.burst_records,
                         "simulator_processes": nproc, "prefill_s": round(fill_s, 1),
                         "seconds_until_all_stored": None if stored_s is None else round(stored_s, 2),
@@ -506,6 +522,10 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                         "seconds_until_all_acked": max(f["last_ack_s"] or 0 for f in finals),
                         "acked": sum(f["acked"] for f in finals),
                         "hub_resends": sum(f["hub_resends"] for f in finals),
+                        # cores used until every record was stored: ours, and the rest of the machine (other work)
+                        "cores_used": None if used is None else {
+                            "simulators": used[0], "hub_and_db": used[1], "mosquitto": used[2],
+                            "other_work": round(max(0.0, used[3] - used[0] - used[1] - used[2]), 2)},
                         "alert_latency_during_burst": lat_figures(during),
                         "alert_latency_idle_hub": lat_figures(idle), "alert_every_s": args.alert_every,
                         "loadavg_1m_after": round(os.getloadavg()[0], 1)}
