@@ -288,7 +288,7 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     agent/simfleet.py)."""
     out: dict[str, Any] = {}
     per = [args.units // args.processes + (1 if p < args.units % args.processes else 0) for p in range(args.processes)]
-    for backend in ("sqlite", "postgres"):
+    for backend in [b for b in ("sqlite", "postgres") if b in args.stores]:
         db = str(work / "fleet.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-fleet-{backend}", persistence=False).start()
         ws = Workers(1, db, broker.port, work)
@@ -457,7 +457,7 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     nproc = max(1, min(args.burst_processes, args.burst_units))
     per = [args.burst_units // nproc + (1 if p < args.burst_units % nproc else 0) for p in range(nproc)]
     total = args.burst_units * args.burst_records
-    for backend, n in (("sqlite", 1), ("postgres", 3)):
+    for backend, n in [b for b in (("sqlite", 1), ("postgres", 3)) if b[0] in args.stores]:
         db = str(work / "burst.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-burst-{backend}", persistence=False).start()
         ws = Workers(n, db, broker.port, work)
@@ -493,11 +493,12 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             def all_stored(db: str = db, tag: str = tag, stored_at: list[float] = stored_at,
                            sims: list[subprocess.Popen[str]] = sims, cpu1: list[Any] = cpu1,
                            pgc: Any = pgc, ws: Workers = ws, mosq: int | None = mosq) -> bool:
+                ended = any(sim.poll() is not None for sim in sims)  # before the count: a sim ends once all acked
                 if stored_by(db, tag) >= total:
                     stored_at.append(time.monotonic())
                     cpu1.append(cpu_split(sims, ws, pgc, mosq))
                     return True
-                if any(sim.poll() is not None for sim in sims):
+                if ended:
                     raise RuntimeError(f"a burst simulator ended before every record was stored; see {work}")
                 return False
 
@@ -559,10 +560,12 @@ def main() -> None:
                     help="the fleet's simulated units' outbox (memory: no disk writes of their own; see docstring)")
     ap.add_argument("--put-every", type=float, default=None,
                     help="fleet: seconds between a unit's commits (default 0.05: one record per commit at 5/s)")
+    ap.add_argument("--stores", default="sqlite,postgres", help="fleet and burst: the stores to run them on")
     ap.add_argument("--skip", choices=["ingest", "fleet", "burst"], action="append", default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.workers = [int(x) for x in args.workers.split(",")]
+    args.stores = args.stores.split(",")
     from customs_edge.agent.simfleet import raise_fd_limit
     from tests.pg import PgCluster
 
