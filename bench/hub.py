@@ -492,14 +492,18 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
 
             def all_stored(db: str = db, tag: str = tag, stored_at: list[float] = stored_at,
                            sims: list[subprocess.Popen[str]] = sims, cpu1: list[Any] = cpu1,
-                           pgc: Any = pgc, ws: Workers = ws, mosq: int | None = mosq) -> bool:
-                ended = any(sim.poll() is not None for sim in sims)  # before the count: a sim ends once all acked
-                if stored_by(db, tag) >= total:
+                           pgc: Any = pgc, ws: Workers = ws, mosq: int | None = mosq, backend: str = backend) -> bool:
+                failed = [p for p, sim in enumerate(sims) if sim.poll() not in (None, 0)]
+                n = stored_by(db, tag)
+                if n >= total:
                     stored_at.append(time.monotonic())
                     cpu1.append(cpu_split(sims, ws, pgc, mosq))
                     return True
-                if ended:
-                    raise RuntimeError(f"a burst simulator ended before every record was stored; see {work}")
+                if failed:
+                    tail = (work / f"burst-{backend}-{failed[0]}.log").read_text()[-3000:]
+                    raise RuntimeError(f"burst simulator {failed[0]} failed with {n} of {total} stored:\n{tail}")
+                if all(sim.poll() == 0 for sim in sims):  # every unit had its acks: the store must hold them all
+                    raise RuntimeError(f"every burst unit was acked but the store counts {n} of {total}")
                 return False
 
             during = alert.measure(db, all_stored, args.alert_every, limit_s=args.burst_timeout)
