@@ -17,7 +17,10 @@ records were just put into its outbox, or when its timer is due (at least every 
 deadlines, reconnect backoff, status). Its link (DrivenLink) never waits in step(): the driver did. The same
 driver puts each unit's due records (one transaction per unit per `put_every_s`, default 50 ms: at 5
 records/s, one record per transaction and per batch, as a unit sends them). Stepping is the production
-Sync's: the only code here is when to call it.
+Sync's: the only code here is when to call it. The outbox may be MemoryOutbox instead (`outbox="memory"`: the
+same contract in memory) for fleets whose units' own disk writes would be most of the machine's work. Either is
+wrapped (_Timing) to time each record and to answer begin() without a query while nothing was put or released
+since it last came back short: Sync asks on every step, i.e. on every ack.
 
 Figures: `records_acked` (deleted from the outboxes after the hub's ack) and the ack latency, from a
 record's commit into its outbox to the hub's ack deleting it (p50/p99 over the records acked).
