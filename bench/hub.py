@@ -3,8 +3,9 @@ hub workers, beside raw executemany into the same store; then a simulated fleet 
 ack latency and RSS.
 
     python bench/hub.py [--records 100000] [--batch 500] [--devices 50] [--units 500] [--rate 5]
-                        [--processes 4] [--fleet-seconds 20] [--workers 1,2,3]
-                        [--burst-units 20] [--burst-records 2000] [--skip ingest|fleet|burst] [--json]
+                        [--processes 2] [--fleet-seconds 20] [--workers 1,2,3] [--sim-outbox memory|sqlite]
+                        [--burst-units 20] [--burst-records 2000] [--burst-processes 2] [--alert-every 0.5]
+                        [--skip ingest|fleet|burst] [--json]
 
 Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on one shared subscription
 ($share/hubs/...), each worker its own process; PostgreSQL is a throwaway cluster started here (tests/pg.py:
@@ -20,21 +21,30 @@ Baselines, measured in the same run on the same machine:
                    own ceiling, no MQTT, no validation, no dedupe;
   store_direct     the store's store() on already parsed batches, 4 per transaction as the hub groups them:
                    dedupe and counters without MQTT or JSON validation.
-Fleet: `--units` simulated units (agent/simfleet.py: the agent's outbox and sync, one session each, spread over
-`--processes` `customs-edge fleet simulate` processes) at `--rate` records/s each against one hub worker on
-SQLite and on PostgreSQL; after `--warmup` s (the connect storm), for `--fleet-seconds`: ack latency (a record's
-commit into its unit's outbox -> the hub's ack deleting it) p50/p99, and the hub process's peak RSS. The
-simulators, mosquitto, the hub and PostgreSQL share this machine's cores: on 2 cores the simulators take most
-of them (--units scales the fleet down).
-Burst: `--burst-units` units that each hold `--burst-records` records connect at once (a port's link back after
-an outage): seconds until every record is acked, SQLite with one worker, PostgreSQL with three.
+Fleet: `--units` simulated units (agent/simfleet.py: the agent's Sync, one MQTT session and device id each, stepped
+by one driver thread per `--processes` `customs-edge fleet simulate` process; their outboxes in memory by default,
+`--sim-outbox sqlite` for the production file, and their files on tmpfs when there is one) at `--rate` records/s
+each against one hub worker on SQLite and on PostgreSQL; after `--warmup` s (the connect storm), for
+`--fleet-seconds`: ack latency (a record's commit into its unit's outbox -> the hub's ack deleting it) p50/p99,
+the hub process's peak RSS, the simulators' CPU per record, and the cores each part used in that window beside
+`other_work` (the rest of the machine's busy time, /proc/stat): latency is wall time, and on a shared machine it
+measures the other work too.
+Burst: `--burst-units` units that each hold `--burst-records` records (put first through the outbox's own put,
+5,000 per transaction, in `--burst-processes` simulator processes) connect at once (a port's link back after an
+outage): seconds until the hub's store holds every record (polled every 0.1 s) and until the units had every ack,
+SQLite with one worker, PostgreSQL with three. Meanwhile one more unit, outside the burst and on the agent's own
+path (production SqliteOutbox, FULL, and its own Sync thread), raises an ALERT every `--alert-every` s; the
+latency from its commit to the hub's store holding it (polled every 10 ms) during the burst, p50/p99/max, beside
+the same latency on the idle hub just before the burst (the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -169,7 +179,7 @@ def check_store(db: str, devices: int, per_device: int, tag: str) -> None:
 
     st = open_store(db, readonly=True)
     try:
-        rows = [s for s in st.stats() if s.device_id.startswith(tag + "-")]
+        rows = [s for s in st.stats() if s.device_id.startswith(tag)]
         stored = sum(s.stored for s in rows)
         if stored != devices * per_device or any(s.conflicts or s.gaps for s in rows):
             raise RuntimeError(f"{db}: stored {stored} of {devices * per_device}, or conflicts/gaps")
@@ -250,30 +260,62 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     return out
 
 
+def machine_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (every process, ours or not; /proc/stat: all but idle and
+    iowait): with our own processes' CPU, how much of the cores other work took meanwhile."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / TICK
+
+
+def sim_dir(work: Path, name: str) -> Path:
+    """Where simulated units keep their files: tmpfs when there is one (their own disk writes, e.g. each unit's
+    sync state every 5 s, are not what is measured, and on a shared disk they stall the simulator's driver)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix=f"bench-hub-{name}-", dir=shm))
+    return work / name
+
+
+def cpu_split(sims: list[Any], ws: Workers, pg: Any, mosq: int | None) -> tuple[float, float, float, float]:
+    """CPU s so far: simulators (and this process: the burst's alert unit), hub workers (+ PostgreSQL), mosquitto,
+    the whole machine."""
+    return (sum(cpu_s(s.pid) for s in sims) + cpu_s(os.getpid()),
+            ws.cpu_s() + (pg_cpu_s(pg) if pg is not None else 0.0), cpu_s(mosq) if mosq else 0.0, machine_cpu_s())
+
+
 def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
-    """`--units` units in `--processes` `customs-edge fleet simulate` processes (fewer threads per interpreter:
-    in one process 500 unit threads queue for one GIL, and its waits, not the hub's, fill the p99)."""
+    """`--units` units in `--processes` `customs-edge fleet simulate` processes (each drives its units from one thread:
+    agent/simfleet.py)."""
     out: dict[str, Any] = {}
     per = [args.units // args.processes + (1 if p < args.units % args.processes else 0) for p in range(args.processes)]
-    for backend in ("sqlite", "postgres"):
+    for backend in [b for b in ("sqlite", "postgres") if b in args.stores]:
         db = str(work / "fleet.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-fleet-{backend}", persistence=False).start()
         ws = Workers(1, db, broker.port, work)
         c0, p0 = ws.cpu_s(), pg_cpu_s(pg) if backend == "postgres" else 0.0  # per record acked over the whole run
         files = [work / f"lat-{backend}-{p}.json" for p in range(args.processes)]
+        units_dir = sim_dir(work, f"units-{backend}")
         sims = [subprocess.Popen(
             [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(n), "--rate", str(args.rate),
              "--prefix", f"sim{backend[0]}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
-             str(work / f"units-{backend}-{p}"), "--duration", str(args.warmup + args.fleet_seconds), "--warmup",
-             str(args.warmup), "--latencies", str(f), "--every", "1000000", "--json"], env=ENV,
+             str(units_dir / str(p)), "--duration", str(args.warmup + args.fleet_seconds), "--warmup",
+             str(args.warmup), "--latencies", str(f), "--every", "1000000", "--json", "--outbox", args.sim_outbox,
+             *(["--put-every", str(args.put_every)] if args.put_every else [])], env=ENV,
             stdout=subprocess.PIPE, stderr=(work / f"sim-{backend}-{p}.log").open("wb"))
             for p, (n, f) in enumerate(zip(per, files, strict=True))]
+        mosq = broker.proc.pid if broker.proc else None
         try:
             time.sleep(args.warmup)
             rss = []
 
+            pgc = pg if backend == "postgres" else None
+            w0, at0, load0 = time.monotonic(), cpu_split(sims, ws, pgc, mosq), os.getloadavg()[0]
+            w1, at1 = w0, at0
             while any(s.poll() is None for s in sims):
                 rss.append(ws.rss_mb()[0])
+                with contextlib.suppress(OSError, ValueError):  # CPU until the sims end (not their goodbye)
+                    if time.monotonic() - w0 < args.fleet_seconds - 1:
+                        w1, at1 = time.monotonic(), cpu_split(sims, ws, pgc, mosq)
                 time.sleep(1.0)
             finals = [json.loads((s.stdout.read() if s.stdout else b"").decode().splitlines()[-1]) for s in sims]
             lat = sorted(x for f in files for x in json.loads(f.read_text()))
@@ -286,14 +328,25 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                     s.terminate()
             ws.stop()
             broker.stop()
+            if units_dir.parent != work:
+                shutil.rmtree(units_dir, ignore_errors=True)
+        dt = max(1e-9, w1 - w0)
+        sim_c, hub_c, mq_c, all_c = (b - a for a, b in zip(at0, at1, strict=True))
         out[backend] = {"units": args.units, "processes": args.processes, "rate_per_unit": args.rate,
-                        "offered_records_per_s": args.units * args.rate,
+                        "sim_outbox": args.sim_outbox, "offered_records_per_s": args.units * args.rate,
                         "acked_records_per_s": round(len(lat) / window),
                         "ack_latency_p50_ms": lat[len(lat) // 2] if lat else None,
                         "ack_latency_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
                         "hub_rss_mb": max(rss) if rss else None,
                         "hub_cpu_us_per_record": round(hub_cpu / max(1, acked) * 1e6, 1),
                         "db_cpu_us_per_record": None if db_cpu is None else round(db_cpu / max(1, acked) * 1e6, 1),
+                        # the simulators' CPU per record acked, over the measured window (their own load on the cores)
+                        "sim_cpu_us_per_record": round(sim_c / max(1.0, len(lat) / window * dt) * 1e6, 1),
+                        # cores used during the measured window: ours, and the rest of the machine (other work)
+                        "cores_used": {"simulators": round(sim_c / dt, 2), "hub_and_db": round(hub_c / dt, 2),
+                                       "mosquitto": round(mq_c / dt, 2),
+                                       "other_work": round(max(0.0, all_c - sim_c - hub_c - mq_c) / dt, 2)},
+                        "loadavg_1m": [round(load0, 1), round(os.getloadavg()[0], 1)],
                         "connected_at_end": sum(f["connected"] for f in finals),
                         "pending_at_end": sum(f["pending"] for f in finals),
                         "hub_resends": sum(f["hub_resends"] for f in finals)}
@@ -301,30 +354,186 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     return out
 
 
+class AlertUnit:
+    """One more unit, not in the burst, on the agent's own path: the production SqliteOutbox (synchronous=FULL) and
+    a Sync thread of its own, as `customs-edge run` has them. It commits an ALERT record every `every_s`; this
+    process polls the hub's store (an index lookup of the device's highest seq, every POLL_S) and notes, per alert,
+    the time from its commit to the store holding it."""
+
+    POLL_S = 0.01
+
+    def __init__(self, work: Path, port: int, device_id: str) -> None:
+        from customs_edge.agent.config import SyncConfig
+        from customs_edge.agent.outbox import SqliteOutbox
+        from customs_edge.agent.sync import Sync
+
+        self.device_id = device_id
+        path = work / device_id / "outbox.db"
+        self.outbox = SqliteOutbox(path, device_id=device_id)
+        self.sync = Sync(device_id, self.outbox, SyncConfig(port=port), outbox_path=path)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sync.run, args=(self.stop,), name="alert-unit", daemon=True)
+        self.sent = 0
+
+    def start(self) -> AlertUnit:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.sync.link.connected:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the alert unit did not connect")
+            time.sleep(0.05)
+        return self
+
+    def measure(self, db: str, until: Any, every_s: float = 0.5, limit_s: float = 900.0) -> list[float]:
+        """Raise an alert every `every_s` until `until()` is true (checked every 0.1 s); the latencies (s) of those
+        stored by then (an alert not stored within `limit_s` counts as limit_s)."""
+        from customs_edge.core.records import Priority, RecordIn
+        from customs_edge.hub.storage import is_postgres, open_store
+
+        st: Any = open_store(db, readonly=True)
+        q = f"SELECT max(seq) FROM records WHERE device_id = {'%s' if is_postgres(db) else '?'}"
+        lat: list[float] = []
+        waiting: dict[int, float] = {}
+        t0 = time.monotonic()
+        next_alert = next_check = t0
+        done = False
+        try:
+            while True:
+                now = time.monotonic()
+                if not done and now >= next_check:
+                    next_check = now + 0.1
+                    done = bool(until())
+                if (done and not waiting) or now - t0 > limit_s:
+                    break
+                if not done and now >= next_alert:
+                    next_alert += every_s
+                    self.sent += 1
+                    seqs = self.outbox.put([RecordIn(type="sim_alert", priority=Priority.ALERT,
+                                                     payload={"kind": "sim", "n": self.sent})])
+                    waiting[seqs[-1]] = time.monotonic()  # committed (FULL): the unit's clock starts here
+                    self.sync.wake.set()
+                if waiting:
+                    top = st.db.execute(q, (self.device_id,)).fetchone()[0] or 0
+                    now = time.monotonic()
+                    for seq in [k for k in waiting if k <= top]:
+                        lat.append(now - waiting.pop(seq))
+                time.sleep(self.POLL_S)
+            lat += [limit_s] * len(waiting)
+        finally:
+            st.close()
+        return lat
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.outbox.close()
+
+
+def lat_figures(lat: list[float]) -> dict[str, Any]:
+    s = sorted(lat)
+    ms = [round(x * 1000, 1) for x in s]
+    return {"alerts": len(s), "p50_ms": ms[len(s) // 2] if s else None,
+            "p99_ms": ms[min(len(s) - 1, int(0.99 * len(s)))] if s else None, "max_ms": ms[-1] if s else None}
+
+
+def stored_by(db: str, prefix: str) -> int:
+    from customs_edge.hub.storage import open_store
+
+    st = open_store(db, readonly=True)
+    try:
+        return sum(d.stored for d in st.stats() if d.device_id.startswith(prefix))
+    finally:
+        st.close()
+
+
 def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     """`--burst-units` units reconnect at once, each holding `--burst-records` records (a port's link back after
-    an outage): seconds until every record is acked, on SQLite (1 worker) and PostgreSQL (3 workers)."""
+    an outage), spread over `--burst-processes` simulator processes that put their backlogs first (the outbox's own
+    put, 5,000 records per transaction) and connect together: seconds until the hub's store holds every record, on
+    SQLite (1 worker) and PostgreSQL (3 workers). Meanwhile an alert unit outside the burst raises an ALERT every
+    `--alert-every` s: its commit -> stored latency during the burst, beside the same latency before the burst on
+    the idle hub (the baseline)."""
     out: dict[str, Any] = {}
-    for backend, n in (("sqlite", 1), ("postgres", 3)):
+    nproc = max(1, min(args.burst_processes, args.burst_units))
+    per = [args.burst_units // nproc + (1 if p < args.burst_units % nproc else 0) for p in range(nproc)]
+    total = args.burst_units * args.burst_records
+    for backend, n in [b for b in (("sqlite", 1), ("postgres", 3)) if b[0] in args.stores]:
         db = str(work / "burst.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-burst-{backend}", persistence=False).start()
         ws = Workers(n, db, broker.port, work)
+        alert = AlertUnit(work / f"alert-{backend}", broker.port, f"alert{backend[0]}-0000").start()
+        go = work / f"burst-go-{backend}"
+        tag = f"burst{backend[0]}"
+        sims: list[subprocess.Popen[str]] = []
+        units_dir = sim_dir(work, f"burst-{backend}")
         try:
-            sim = subprocess.run(
-                [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(args.burst_units), "--rate",
-                 "0", "--backlog", str(args.burst_records), "--records", str(args.burst_records), "--prefix",
-                 f"burst{backend[0]}", "--broker", f"127.0.0.1:{broker.port}", "--workdir",
-                 str(work / f"burst-{backend}"), "--duration", "600", "--every", "1000000", "--json"], env=ENV,
-                capture_output=True, text=True, timeout=700)
-            final = json.loads(sim.stdout.splitlines()[-1])
+            idle = alert.measure(db, lambda: False, args.alert_every, limit_s=args.alert_baseline)
+            for p, k in enumerate(per):
+                sims.append(subprocess.Popen(
+                    [sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", str(k), "--rate", "0",
+                     "--backlog", str(args.burst_records), "--records", str(args.burst_records), "--prefix",
+                     f"{tag}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir", str(units_dir),
+                     "--duration", str(args.burst_timeout), "--every", "1000000", "--json", "--counts-only",
+                     "--spread", "0", "--wait-for", str(go)], env=ENV, stdout=subprocess.PIPE, text=True,
+                    stderr=(work / f"burst-{backend}-{p}.log").open("wb")))
+            t_fill = time.monotonic()
+            for sim in sims:  # each has put its backlog
+                line = sim.stdout.readline() if sim.stdout else ""
+                if '"ready"' not in line:
+                    raise RuntimeError(f"burst simulator did not get ready: {line!r}; see {work}")
+            fill_s = time.monotonic() - t_fill
+            mosq = broker.proc.pid if broker.proc else None
+            pgc = pg if backend == "postgres" else None
+            go.touch()
+            t0 = time.monotonic()
+            cpu0 = cpu_split(sims, ws, pgc, mosq)
+            stored_at: list[float] = []
+            cpu1: list[tuple[float, float, float, float]] = []
+
+            def all_stored(db: str = db, tag: str = tag, stored_at: list[float] = stored_at,
+                           sims: list[subprocess.Popen[str]] = sims, cpu1: list[Any] = cpu1,
+                           pgc: Any = pgc, ws: Workers = ws, mosq: int | None = mosq, backend: str = backend) -> bool:
+                failed = [p for p, sim in enumerate(sims) if sim.poll() not in (None, 0)]
+                n = stored_by(db, tag)
+                if n >= total:
+                    stored_at.append(time.monotonic())
+                    cpu1.append(cpu_split(sims, ws, pgc, mosq))
+                    return True
+                if failed:
+                    tail = (work / f"burst-{backend}-{failed[0]}.log").read_text()[-3000:]
+                    raise RuntimeError(f"burst simulator {failed[0]} failed with {n} of {total} stored:\n{tail}")
+                if all(sim.poll() == 0 for sim in sims):  # every unit had its acks: the store must hold them all
+                    raise RuntimeError(f"every burst unit was acked but the store counts {n} of {total}")
+                return False
+
+            during = alert.measure(db, all_stored, args.alert_every, limit_s=args.burst_timeout)
+            finals = [json.loads((sim.communicate(timeout=300)[0] or "").splitlines()[-1]) for sim in sims]
         finally:
+            for sim in sims:
+                if sim.poll() is None:
+                    sim.terminate()
+            alert.close()
             ws.stop()
             broker.stop()
-        total = args.burst_units * args.burst_records
-        check_store(db, args.burst_units, args.burst_records, f"burst{backend[0]}")
+            if units_dir.parent != work:
+                shutil.rmtree(units_dir, ignore_errors=True)
+        check_store(db, args.burst_units, args.burst_records, tag)
+        stored_s = stored_at[0] - t0 if stored_at else None
+        used = [round((b - a) / stored_s, 2) for a, b in zip(cpu0, cpu1[0], strict=True)] if stored_s and cpu1 else None
         out[backend] = {"workers": n, "units": args.burst_units, "records_each": args.burst_records,
-                        "seconds_until_all_acked": final["t"], "records_per_s": round(total / final["t"]),
-                        "acked": final["acked"]}
+                        "simulator_processes": nproc, "prefill_s": round(fill_s, 1),
+                        "seconds_until_all_stored": None if stored_s is None else round(stored_s, 2),
+                        "records_per_s": None if not stored_s else round(total / stored_s),
+                        "seconds_until_all_acked": max(f["last_ack_s"] or 0 for f in finals),
+                        "acked": sum(f["acked"] for f in finals),
+                        "hub_resends": sum(f["hub_resends"] for f in finals),
+                        # cores used until every record was stored: ours, and the rest of the machine (other work)
+                        "cores_used": None if used is None else {
+                            "simulators": used[0], "hub_and_db": used[1], "mosquitto": used[2],
+                            "other_work": round(max(0.0, used[3] - used[0] - used[1] - used[2]), 2)},
+                        "alert_latency_during_burst": lat_figures(during),
+                        "alert_latency_idle_hub": lat_figures(idle), "alert_every_s": args.alert_every,
+                        "loadavg_1m_after": round(os.getloadavg()[0], 1)}
         log(f"burst {backend}: {out[backend]}")
     return out
 
@@ -341,15 +550,26 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,3", help="PostgreSQL worker counts (SQLite: one worker)")
     ap.add_argument("--units", type=int, default=500)
     ap.add_argument("--rate", type=float, default=5.0)
-    ap.add_argument("--processes", type=int, default=4, help="simulator processes the units are spread over")
+    ap.add_argument("--processes", type=int, default=2, help="simulator processes the units are spread over")
     ap.add_argument("--warmup", type=float, default=15.0, help="seconds for the units to connect before measuring")
     ap.add_argument("--fleet-seconds", type=float, default=20.0)
     ap.add_argument("--burst-units", type=int, default=20)
     ap.add_argument("--burst-records", type=int, default=2000)
+    ap.add_argument("--burst-processes", type=int, default=2, help="simulator processes the burst units share")
+    ap.add_argument("--burst-timeout", type=float, default=900.0, help="seconds the burst may take before it fails")
+    ap.add_argument("--alert-every", type=float, default=0.5, help="seconds between the alert unit's alerts")
+    ap.add_argument("--alert-baseline", type=float, default=5.0,
+                    help="seconds of alerts to the idle hub before the burst (the baseline)")
+    ap.add_argument("--sim-outbox", choices=["memory", "sqlite"], default="memory",
+                    help="the fleet's simulated units' outbox (memory: no disk writes of their own; see docstring)")
+    ap.add_argument("--put-every", type=float, default=None,
+                    help="fleet: seconds between a unit's commits (default 0.05: one record per commit at 5/s)")
+    ap.add_argument("--stores", default="sqlite,postgres", help="fleet and burst: the stores to run them on")
     ap.add_argument("--skip", choices=["ingest", "fleet", "burst"], action="append", default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.workers = [int(x) for x in args.workers.split(",")]
+    args.stores = args.stores.split(",")
     from customs_edge.agent.simfleet import raise_fd_limit
     from tests.pg import PgCluster
 

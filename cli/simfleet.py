@@ -38,13 +38,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     fleet = SimFleet(args.units, workdir, host=host, port=port, rate=args.rate, prefix=args.prefix,
                      topic_prefix=args.topic_prefix, ack_timeout_s=args.ack_timeout, burst=args.backlog,
-                     limit=args.records).start()
+                     limit=args.records, outbox=args.outbox, signing=not args.unsigned, threads=args.threads,
+                     put_every_s=args.put_every, timed=not args.counts_only, spread_s=args.spread)
+    if args.wait_for:
+        _print({"t": 0.0, "ready": True, "units": args.units, "produced": fleet.figures().produced}, True)
+        go = Path(args.wait_for)
+        while not go.exists():
+            if stop.wait(0.02):
+                fleet.stop()
+                return 0
+    fleet.start()
     t0 = time.monotonic()
     deadline = t0 + args.duration if args.duration else None
 
     def report(final: bool = False) -> dict[str, Any]:
         f = fleet.figures()
+        last_ack = max((u.sync.stats.last_ack_mono for u in fleet.units), default=0.0)
         return {"t": round(time.monotonic() - t0, 1), **asdict(f), "connected": fleet.connected(),
+                "last_ack_s": round(last_ack - t0, 3) if last_ack else None,
                 "latency_window_s": round(time.monotonic() - measured_from, 2),
                 "workdir": str(workdir), **({"final": True} if final else {})}
 
@@ -100,4 +111,19 @@ def register(fsub: Any) -> None:
     s.add_argument("--json", action="store_true", help="JSON lines")
     s.add_argument("--warmup", type=float, default=0.0, help="seconds before the latency figures start")
     s.add_argument("--latencies", default=None, help="write every ack latency (ms) measured to this JSON file")
+    s.add_argument("--outbox", choices=["sqlite", "memory"], default="sqlite",
+                   help="sqlite: the production outbox, a file per unit (default); memory: the same contract in memory"
+                        " (no disk writes: for fleets larger than the machine's disk and CPU would carry)")
+    s.add_argument("--unsigned", action="store_true", help="send unsigned batches (a unit without a device key)")
+    s.add_argument("--put-every", type=float, default=None, metavar="S",
+                   help="each unit commits its due records every S seconds (default 0.05: one record per commit"
+                        " and per batch at 5/s; 1.0: five)")
+    s.add_argument("--threads", type=int, default=1, help="driver threads the units are shared among (default 1)")
+    s.add_argument("--spread", type=float, default=1.0, metavar="S",
+                   help="units start (first connect, first record) spread over S seconds (default 1; 0: all at once)")
+    s.add_argument("--wait-for", default=None, metavar="FILE",
+                   help="put the backlog, print a JSON line {\"ready\": true}, and start only once FILE exists (several"
+                        " simulate processes connecting together)")
+    s.add_argument("--counts-only", action="store_true",
+                   help="count acked records without timing each (a backlog of millions)")
     s.set_defaults(fn=cmd_simulate)

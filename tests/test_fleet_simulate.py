@@ -37,6 +37,32 @@ def test_simulated_units_each_deliver_their_records_once(tmp_path: Path, mosquit
         hub.stop()
 
 
+def test_a_backlog_waits_for_the_go_file_then_drains(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """--wait-for: the backlog is put first and a {"ready": true} line printed; nothing connects until the file exists
+    (several simulator processes of bench/hub.py's burst connect together)."""
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db", client_id="hub-sim-go").start()
+    go = tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-m", "customs_edge", "fleet", "simulate", "--units", "3", "--rate", "0",
+                             "--backlog", "40", "--records", "40", "--outbox", "memory", "--counts-only", "--spread",
+                             "0", "--wait-for", str(go), "--broker", f"127.0.0.1:{mosquitto.port}", "--workdir",
+                             str(tmp_path / "units"), "--json", "--duration", "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        assert (ready["ready"], ready["produced"]) == (True, 120)
+        assert hub.hub.store.stats() == []  # not one unit connected yet
+        go.touch()
+        out, _ = proc.communicate(timeout=60)
+        final = json.loads(out.splitlines()[-1])
+        assert (final["final"], final["acked"], final["pending"]) == (True, 120, 0)
+        assert final["last_ack_s"] is not None and final["last_ack_s"] <= final["t"]
+        assert [(s.device_id, s.stored) for s in hub.hub.store.stats()] == [(f"sim-{i:04d}", 40) for i in range(3)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        hub.stop()
+
+
 def test_links_wait_on_descriptors_above_select_limit() -> None:
     """500 simulated units hold ~4000 descriptors; select() refuses any above 1024 (FD_SETSIZE): "filedescriptor out
     of range in select()" killed every link of the fleet before."""
