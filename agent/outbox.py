@@ -688,17 +688,20 @@ class SqliteOutbox:
         counts: Counter[int] = Counter()
         dead: list[DeadLetter] = []
         for lo, hi in ranges:
-            if reason is None:
-                for prio, n in db.execute("SELECT priority, count(*) FROM records WHERE seq BETWEEN ? AND ?"
-                                          " GROUP BY priority", (lo, hi)):
-                    counts[prio] += n
+            if reason is None:  # deleted and counted per priority in one pass (the index on priority, seq)
+                for prio in _PRIO_NAME:
+                    n = db.execute("DELETE FROM records WHERE priority=? AND seq BETWEEN ? AND ?",
+                                   (prio, lo, hi)).rowcount
+                    if n > 0:
+                        counts[prio] += n
             else:
                 for seq, type_, prio, payload in db.execute(
                         "SELECT seq, type, priority, payload FROM records WHERE seq BETWEEN ? AND ?", (lo, hi)):
                     counts[prio] += 1
                     dead.append(_dead_letter(seq, type_, prio, reason, "rejected by the hub", payload))
         if counts:
-            db.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", ranges)
+            if reason is not None:
+                db.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", ranges)
             for lo, hi in ranges:  # records not handed out yet (not the usual ack): read from the file again
                 self._drop_fresh(self._fresh_hit(lo, hi))
             self._bump({f"pending.{_PRIO_NAME[p]}": -n for p, n in counts.items()})
