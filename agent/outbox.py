@@ -53,6 +53,12 @@ in the transaction that gives it its seq (the head lives in `meta.chain_head`). 
 are replaced, in the same transaction, by a `tombstone` record (ALERT: never dropped) naming each dropped
 run of seqs with the hash before it and the hash of its last record, so the hub's chain stays verifiable.
 
+Fresh tail: the rows put() commits are also kept in memory, per priority, until begin() hands them out, so
+begin() need not read back what was just written. They are added only once their transaction committed, and
+the tail is forgotten (begin() reads the file again until it catches up) on release(), on a delete that
+touches it, and past FRESH_MAX_RECORDS or FRESH_MAX_BYTES (a backlog): begin() hands out exactly what the file
+holds either way (tests/test_outbox_fresh.py).
+
 Dead letters: a record that cannot be stored (a NaN or infinite stamp, a payload that cannot be
 encoded, a priority outside Priority) or that the hub refused (`reject()`) goes to `dead_letters` (the
 newest DEAD_LETTERS_KEPT are kept, payload truncated) and is counted per reason; it never blocks its
@@ -91,7 +97,7 @@ Ranges = list[tuple[int, int]]
 _PRIO_NAME = {int(p): p.name.lower() for p in Priority}
 _PRIOS_DOWN = sorted(_PRIO_NAME, reverse=True)
 _payload_of = itemgetter(6)  # of a Linked row
-_row_priority = itemgetter(4)  # of a Row
+_row_priority, _row_payload = itemgetter(4), itemgetter(5)  # of a Row
 _ALERT = int(Priority.ALERT)
 CLOCKLESS_BEFORE = 1577836800.0  # 2020-01-01: an earlier stamp comes from a clock that was never set
 MIB = 1024 * 1024
@@ -608,7 +614,7 @@ class SqliteOutbox:
                     if attempt == 2 or not _disk_full(exc):
                         raise
             self.enforce_cap(age=False)  # a full disk lowers the cap: make room, then once more
-        self._unchecked += sum(len(r[5]) + 64 for r in rows)
+        self._unchecked += sum(map(len, map(_row_payload, rows))) + 64 * len(rows)
         now = time.monotonic()
         if now >= self._next_cap_check or self._unchecked * 2 > self._margin:  # every second, or near the cap
             try:  # committed: whatever happens now must not make the caller put these records again
@@ -633,7 +639,8 @@ class SqliteOutbox:
                         else:
                             rows, self._fresh[prio] = rows[:want], rows[want:]
                         self._fresh_count -= len(rows)
-                        self._fresh_bytes -= sum(map(len, map(_payload_of, rows)))
+                        self._fresh_bytes = self._fresh_bytes - sum(map(len, map(_payload_of, rows))) \
+                            if self._fresh_count else 0
                     else:
                         rows = self._db.execute(
                             "SELECT seq, ts, boot_id, mono, type, priority, payload, prev FROM records"
