@@ -53,6 +53,12 @@ in the transaction that gives it its seq (the head lives in `meta.chain_head`). 
 are replaced, in the same transaction, by a `tombstone` record (ALERT: never dropped) naming each dropped
 run of seqs with the hash before it and the hash of its last record, so the hub's chain stays verifiable.
 
+Fresh tail: the rows put() commits are also kept in memory, per priority, until begin() hands them out, so
+begin() need not read back what was just written. They are added only once their transaction committed, and
+the tail is forgotten (begin() reads the file again until it catches up) on release(), on a delete that
+touches it, and past FRESH_MAX_RECORDS or FRESH_MAX_BYTES (a backlog): begin() hands out exactly what the file
+holds either way (tests/test_outbox_fresh.py).
+
 Dead letters: a record that cannot be stored (a NaN or infinite stamp, a payload that cannot be
 encoded, a priority outside Priority) or that the hub refused (`reject()`) goes to `dead_letters` (the
 newest DEAD_LETTERS_KEPT are kept, payload truncated) and is counted per reason; it never blocks its
@@ -64,7 +70,6 @@ from __future__ import annotations
 import bisect
 import fcntl
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -75,6 +80,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar, cast
 
@@ -89,6 +95,9 @@ T = TypeVar("T")
 Ranges = list[tuple[int, int]]
 
 _PRIO_NAME = {int(p): p.name.lower() for p in Priority}
+_PRIOS_DOWN = sorted(_PRIO_NAME, reverse=True)
+_payload_of = itemgetter(6)  # of a Linked row
+_row_priority, _row_payload = itemgetter(4), itemgetter(5)  # of a Row
 _ALERT = int(Priority.ALERT)
 CLOCKLESS_BEFORE = 1577836800.0  # 2020-01-01: an earlier stamp comes from a clock that was never set
 MIB = 1024 * 1024
@@ -202,20 +211,25 @@ def encode_records(records: Sequence[RecordIn], boot: str, mono: float) -> tuple
     the others (a NaN stamp would fail NOT NULL and an inf one the wire's JSON, forever)."""
     rows: list[Row] = []
     dead: list[DeadLetter] = []
+    append = rows.append
     for r in records:
         reason = "bad_ts"
         try:
-            ts = r.ts if type(r.ts) is float else float(r.ts)
-            if not math.isfinite(ts):
+            ts = r.ts if r.ts.__class__ is float else float(r.ts)
+            if ts - ts:  # NaN for NaN and the infinities
                 raise ValueError(f"ts {ts} is not a finite time")
             reason = "bad_priority"
-            prio = int(r.priority)
-            if prio not in _PRIO_NAME:
-                raise ValueError(f"priority {prio} is not one of {sorted(_PRIO_NAME)}")
+            if r.priority.__class__ is Priority:
+                prio = r.priority._value_
+            else:
+                prio = int(r.priority)
+                if prio not in _PRIO_NAME:
+                    raise ValueError(f"priority {prio} is not one of {sorted(_PRIO_NAME)}")
             reason = "bad_type"
-            r.type.isascii() or r.type.encode()  # a str that SQLite can store: no lone surrogates
+            type_ = r.type
+            type_.isascii() or type_.encode()  # a str that SQLite can store: no lone surrogates
             reason = "bad_payload"
-            rows.append((ts, boot, mono, r.type, prio, dumps(r.payload)))
+            append((ts, boot, mono, type_, prio, dumps(r.payload)))
         except Exception as exc:  # this record's fault only
             dead.append(_dead_letter(None, str(r.type), None, reason, f"{type(exc).__name__}: {exc}", r.payload))
     return rows, dead
@@ -396,6 +410,9 @@ class SqliteOutbox:
     CHUNK = 500  # rows a drop reads or deletes per transaction; the lock is released between chunks
     YIELD_S = 0.0005  # pause between chunks
     RETRY_S = 1.0  # wait before retrying deletes that found the disk full
+    # the fresh tail (see begin()): records committed and not yet handed out, kept in memory up to these bounds
+    FRESH_MAX_RECORDS = 20_000
+    FRESH_MAX_BYTES = 8 * MIB  # of payload text
 
     def __init__(self, path: str | Path, *, device_id: str | None = None, synchronous: str = "FULL",
                  max_mb: float = 256, max_age_days: float = 30, min_free_mb: float | None = None,
@@ -413,6 +430,12 @@ class SqliteOutbox:
         self._closed = False
         self._file_problem: str | None = None
         self._cursor = dict.fromkeys(_PRIO_NAME, 0)
+        # per priority, while _fresh_ok: every record of that priority in the file with a seq above the cursor,
+        # in seq order (the rows as inserted), so begin() need not read back what put() just wrote
+        self._fresh: dict[int, list[Linked]] = {p: [] for p in _PRIO_NAME}
+        self._fresh_ok = dict.fromkeys(_PRIO_NAME, False)
+        self._fresh_count = self._fresh_bytes = 0
+        self._staged: list[tuple[int, list[Linked], int]] = []  # rows inserted by the open transaction
         self._waiting: list[tuple[Ranges, str | None, int]] = []  # (ranges, reject reason, records) to delete
         self._waiting_ranges: Ranges = []
         self._retry_at = 0.0
@@ -471,8 +494,9 @@ class SqliteOutbox:
             self._db.execute("PRAGMA synchronous=NORMAL")
         try:
             try:
+                self._staged = []
                 with self._tx():
-                    return fn()
+                    out = fn()
             except sqlite3.OperationalError as exc:
                 if not _disk_full(exc):
                     raise
@@ -480,11 +504,37 @@ class SqliteOutbox:
                     self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 except sqlite3.OperationalError:
                     pass
+                self._staged = []
                 with self._tx():
-                    return fn()
+                    out = fn()
+            self._add_fresh()  # committed: now, and only now, begin() may hand these rows out
+            return out
         finally:
+            self._staged = []
             if relax:
                 self._db.execute("PRAGMA synchronous=FULL")
+
+    def _add_fresh(self) -> None:
+        for prio, rows, nbytes in self._staged:
+            if self._fresh_ok[prio]:
+                self._fresh[prio] += rows
+                self._fresh_count += len(rows)
+                self._fresh_bytes += nbytes
+        if self._fresh_count > self.FRESH_MAX_RECORDS or self._fresh_bytes > self.FRESH_MAX_BYTES:
+            self._drop_fresh(_PRIO_NAME)  # a backlog: begin() reads it from the file, as at start
+
+    def _drop_fresh(self, prios: Iterable[int]) -> None:
+        """Forget the fresh tail of these priorities: begin() reads them from the file again until it
+        catches up (always safe: the file holds every committed record)."""
+        for prio in prios:
+            rows = self._fresh[prio]
+            self._fresh_count -= len(rows)
+            self._fresh_bytes -= sum(map(len, map(_payload_of, rows)))
+            self._fresh[prio], self._fresh_ok[prio] = [], False
+
+    def _fresh_hit(self, lo: int, hi: int) -> list[int]:
+        """Priorities whose fresh tail holds a seq in lo..hi."""
+        return [p for p, rows in self._fresh.items() if rows and rows[0][0] <= hi and rows[-1][0] >= lo]
 
     def _bump(self, changes: dict[str, int]) -> None:
         self._db.executemany("INSERT INTO counters (name, value) VALUES (?, ?)"
@@ -512,7 +562,11 @@ class SqliteOutbox:
         db.executemany("INSERT INTO records (seq, ts, boot_id, mono, type, priority, payload, prev)"
                        " VALUES (?,?,?,?,?,?,?,?)", linked)
         db.execute("UPDATE meta SET value=? WHERE key='chain_head'", (head,))
-        self._bump({f"pending.{_PRIO_NAME[p]}": n for p, n in Counter(r[4] for r in rows).items()})
+        counts = Counter(map(_row_priority, rows))
+        self._bump({f"pending.{_PRIO_NAME[p]}": n for p, n in counts.items()})
+        for p in counts:  # handed to the fresh tail once the transaction commits (_write)
+            mine = linked if len(counts) == 1 else [r for r in linked if r[5] == p]
+            self._staged.append((p, mine, sum(map(len, map(_payload_of, mine)))))
         return first + len(rows) - 1
 
     def _drop(self, seqs: Sequence[int]) -> Counter[int]:
@@ -522,6 +576,8 @@ class SqliteOutbox:
             "SELECT seq, prev, ts, type, priority, payload FROM records WHERE seq IN"
             f" ({','.join('?' * len(seqs[i:i + 500]))}) ORDER BY seq", seqs[i:i + 500])]
         db.executemany("DELETE FROM records WHERE seq = ?", [(r[0],) for r in gone])
+        if gone:
+            self._drop_fresh(self._fresh_hit(gone[0][0], gone[-1][0]))
         counts = Counter(r[4] for r in gone)
         for p, n in counts.items():
             self._bump({f"pending.{_PRIO_NAME[p]}": -n, f"dropped.{_PRIO_NAME[p]}": n})
@@ -558,7 +614,7 @@ class SqliteOutbox:
                     if attempt == 2 or not _disk_full(exc):
                         raise
             self.enforce_cap(age=False)  # a full disk lowers the cap: make room, then once more
-        self._unchecked += sum(len(r[5]) + 64 for r in rows)
+        self._unchecked += sum(map(len, map(_row_payload, rows))) + 64 * len(rows)
         now = time.monotonic()
         if now >= self._next_cap_check or self._unchecked * 2 > self._margin:  # every second, or near the cap
             try:  # committed: whatever happens now must not make the caller put these records again
@@ -574,12 +630,26 @@ class SqliteOutbox:
         out: list[Pending] = []
         with self._lock:
             self._retry_waiting()
-            for prio in sorted(self._cursor, reverse=True):
+            for prio in _PRIOS_DOWN:
                 while (want := max_records - len(out)) > 0:
-                    rows = self._db.execute(
-                        "SELECT seq, ts, boot_id, mono, type, priority, payload, prev FROM records"
-                        " WHERE priority=? AND seq>? ORDER BY seq LIMIT ?", (prio, self._cursor[prio], want),
-                    ).fetchall()
+                    if self._fresh_ok[prio]:  # what put() committed since the last begin: no read back
+                        rows = self._fresh[prio]
+                        if len(rows) <= want:
+                            self._fresh[prio] = []
+                        else:
+                            rows, self._fresh[prio] = rows[:want], rows[want:]
+                        self._fresh_count -= len(rows)
+                        self._fresh_bytes = self._fresh_bytes - sum(map(len, map(_payload_of, rows))) \
+                            if self._fresh_count else 0
+                    else:
+                        rows = self._db.execute(
+                            "SELECT seq, ts, boot_id, mono, type, priority, payload, prev FROM records"
+                            " WHERE priority=? AND seq>? ORDER BY seq LIMIT ?", (prio, self._cursor[prio], want + 1),
+                        ).fetchall()
+                        if len(rows) > want:
+                            del rows[want:]
+                        else:  # the file has no more of this priority: from now on, the fresh tail has them
+                            self._fresh_ok[prio] = True
                     if not rows:
                         break
                     self._cursor[prio] = rows[-1][0]
@@ -625,17 +695,22 @@ class SqliteOutbox:
         counts: Counter[int] = Counter()
         dead: list[DeadLetter] = []
         for lo, hi in ranges:
-            if reason is None:
-                for prio, n in db.execute("SELECT priority, count(*) FROM records WHERE seq BETWEEN ? AND ?"
-                                          " GROUP BY priority", (lo, hi)):
-                    counts[prio] += n
+            if reason is None:  # deleted and counted per priority in one pass (the index on priority, seq)
+                for prio in _PRIO_NAME:
+                    n = db.execute("DELETE FROM records WHERE priority=? AND seq BETWEEN ? AND ?",
+                                   (prio, lo, hi)).rowcount
+                    if n > 0:
+                        counts[prio] += n
             else:
                 for seq, type_, prio, payload in db.execute(
                         "SELECT seq, type, priority, payload FROM records WHERE seq BETWEEN ? AND ?", (lo, hi)):
                     counts[prio] += 1
                     dead.append(_dead_letter(seq, type_, prio, reason, "rejected by the hub", payload))
         if counts:
-            db.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", ranges)
+            if reason is not None:
+                db.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", ranges)
+            for lo, hi in ranges:  # records not handed out yet (not the usual ack): read from the file again
+                self._drop_fresh(self._fresh_hit(lo, hi))
             self._bump({f"pending.{_PRIO_NAME[p]}": -n for p, n in counts.items()})
         if dead:
             self._bury(dead)
@@ -671,6 +746,7 @@ class SqliteOutbox:
         """Everything handed out and not acked is pending again (after a reconnect or ack timeout)."""
         with self._lock:
             self._cursor = dict.fromkeys(self._cursor, 0)
+            self._drop_fresh(_PRIO_NAME)
 
     def raise_seq_floor(self, seq: int) -> None:
         """The next seq handed out is greater than `seq` (the highest the hub holds for this device), so a

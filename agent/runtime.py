@@ -23,7 +23,9 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ SUMMARY_S = 60.0  # one summary log line per unit this often: records by type, b
 REOPEN_LOG_FIRST = 5  # reopen attempts of a driver that stays down: each of the first ones logged,
 REOPEN_LOG_S = 60.0  # then one line this often at most
 PAYLOAD_LOG_CHARS = 200  # a record's payload in a log line is cut to this
+_type_of, _priority_of = attrgetter("type"), attrgetter("priority")
 
 
 def _short(payload: Any) -> str:
@@ -467,9 +470,13 @@ class Unit:
 
     def _log_records(self, records: list[RecordIn]) -> None:
         """Alerts at WARNING, every other record at DEBUG; all counted for the summary line."""
+        by_type = self._by_type
+        for kind, n in Counter(map(_type_of, records)).items():  # counted without a Python step per record
+            by_type[kind] = by_type.get(kind, 0) + n
         debug = log.isEnabledFor(logging.DEBUG)
+        if not debug and max(map(_priority_of, records)) < Priority.ALERT:
+            return
         for r in records:
-            self._by_type[r.type] = self._by_type.get(r.type, 0) + 1
             if r.priority >= Priority.ALERT:
                 log.warning("alert", extra={"type": r.type, "payload": _short(r.payload)})
             elif debug:

@@ -67,6 +67,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -168,6 +169,9 @@ class _InFlight:
     records: list[Pending]
     pubacked: bool = False
     attempt: int = 0
+
+
+_seq_of = itemgetter(0)  # of a Pending
 
 
 def _covers(merged: Ranges, seq: int) -> bool:
@@ -348,7 +352,7 @@ class Sync:
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return False
-        self._inflight[batch_id] = _InFlight(ranges_of([r.seq for r in records]), len(records),
+        self._inflight[batch_id] = _InFlight(ranges_of(list(map(_seq_of, records))), len(records),
                                              time.monotonic(), mid, records, attempt=attempt)
         self._by_mid[mid] = batch_id
         self.stats.batches_sent += 1
