@@ -92,7 +92,7 @@ def test_a_batch_waits_while_the_hub_keeps_acking_the_units_earlier_ones(tmp_pat
 
 def test_with_no_hub_ack_at_all_a_batch_is_resent_after_ack_timeout_doubling(tmp_path: Path, clock: Clock) -> None:
     sync, link, _ = make(tmp_path, bulk(10))
-    (p,) = link.batches()
+    assert [seqs(p) for p in link.batches()] == [list(range(1, 11))]
     step_at(sync, clock, 1009.9)
     assert len(link.batches()) == 1
     step_at(sync, clock, 1010.1)
