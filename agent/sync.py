@@ -24,16 +24,17 @@ copy behind the original in the same queue, and the copies once doubled the hub'
 (the doubling one above) counts not from the batch's send but from the later of its send and the last hub
 ack on its topic ("lane": /records or /alerts) that acked or rejected something of ours: while such acks
 keep coming at least every wait, the batch waits its turn (counted once per attempt in
-`hub_resends_deferred`). When they stop (hub down, crashed, stuck) it is resent as before. Two limits keep
-a batch the hub really lost (received and never committed, dropped by a full broker queue) from waiting
-behind that evidence for ever:
+`hub_resends_deferred`). When they stop (hub down, crashed, stuck) it is resent a wait after the last one.
+Lanes are apart because the hub reads /alerts on a session of its own, ahead of the /records backlog: acks
+on one say nothing of the other (a lost alert is resent on time while bulk acks flow; a resend of an alert on
+/records joins that lane). Two limits keep a batch the hub really lost (received and never committed, refused
+by its store, dropped by a full broker queue) from waiting behind that evidence for ever:
   - passed over: once a batch sent after it on the same lane has been acked, it is resent when no ack of
     its own came within a further wait (`hub_resends_skipped`). The broker keeps a topic's messages from one
     client in order for one subscriber, so a later batch acked first means this one is lost or on another,
     slower hub worker (a shared subscription): the wait lets a slower worker's queue be behind by that much.
-    Lanes are apart because the hub reads /alerts ahead of the /records backlog: an alert acked says nothing
-    of older bulk batches. Once nothing later is acked, the acks come only for the few older batches of the
-    window (each flight is acked at most once), then stop, and the silence rule above applies.
+    Once nothing later is acked, the acks come only for the few older batches of the window (each flight is
+    acked at most once), then stop, and the silence rule above applies.
   - at most `max_resend_interval_s` after its send, whatever the acks: the longest wait between two copies
     of a batch is the same with a draining hub as with a silent one.
 
