@@ -27,8 +27,9 @@ keep coming at least every wait, the batch waits its turn (counted once per atte
 `hub_resends_deferred`). When they stop (hub down, crashed, stuck) it is resent a wait after the last one.
 Lanes are apart because the hub reads /alerts on a session of its own, ahead of the /records backlog: acks
 on one say nothing of the other (a lost alert is resent on time while bulk acks flow; a resend of an alert on
-/records joins that lane). Two limits keep a batch the hub really lost (received and never committed, refused
-by its store, dropped by a full broker queue) from waiting behind that evidence for ever:
+/records joins that lane, and once it went on both, its ack counts for neither: which copy was acked?).
+Two limits keep a batch the hub really lost (received and never committed, refused by its store, dropped by
+a full broker queue) from waiting behind that evidence for ever:
   - passed over: once a batch sent after it on the same lane has been acked, it is resent when no ack of
     its own came within a further wait (`hub_resends_skipped`). The broker keeps a topic's messages from one
     client in order for one subscriber, so a later batch acked first means this one is lost or on another,
@@ -460,7 +461,8 @@ class Sync:
             self.stats.stale_acks += 1  # a batch that stays in flight is resent on its timer
             return
         del self._inflight[ack.batch]
-        self._hub_progress(flight)
+        if flight.attempt == 0 or self._topic(flight.records, 0) == self._topic(flight.records, 1):
+            self._hub_progress(flight)  # not for an alert batch sent on both lanes: which copy was acked?
         if ack.ts is not None and flight.attempt == 0:  # a resent batch's round trip is ambiguous
             rtt = time.monotonic() - flight.sent_at
             if self._clock_best is None or rtt < self._clock_best[1]:

@@ -179,3 +179,22 @@ def test_a_batch_waits_no_longer_than_max_resend_interval_s_whatever_the_acks(tm
     assert batches_with(link, 31) == [last]  # at 1024: 24 s after its send, the last ack 0 s ago
     step_at(sync, clock, 1025.1)
     assert len(batches_with(link, 31)) == 2 and sync.stats.hub_resends_skipped == 0
+
+
+def test_the_ack_of_an_alert_sent_on_both_lanes_passes_over_nothing(tmp_path: Path, clock: Clock) -> None:
+    """An alert batch resent on /records (its lane unanswered) and then acked: the ack may be for the /alerts copy,
+    so it says nothing of the /records backlog, and the bulk batches sent before the resend keep waiting."""
+    sync, link, _ = make(tmp_path, [RecordIn(type="alarm", priority=Priority.ALERT), *bulk(19)], window_batches=8)
+    alert, b1, b2 = link.batches()
+    assert alert.topic.endswith("/alerts") and seqs(b1)[0] == 2
+    step_at(sync, clock, 1005.0)
+    hub_ack(link, b1)
+    step_at(sync, clock, 1005.0)
+    step_at(sync, clock, 1010.1)  # the alert lane silent: the alert goes again, on /records
+    assert [p.topic.rsplit("/", 1)[1] for p in batches_with(link, 1)] == ["alerts", "records"]
+    link.puback(batches_with(link, 1)[-1].mid)
+    step_at(sync, clock, 1011.0)
+    hub_ack(link, alert)  # the hub's alert session was only slow: the first copy is acked
+    step_at(sync, clock, 1011.0)
+    step_at(sync, clock, 1014.0)  # b2: 14 s after its send, the last /records ack 9 s ago
+    assert batches_with(link, 12) == [b2] and sync._inflight[b2.json()["batch"]].passed_at is None
