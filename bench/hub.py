@@ -527,6 +527,9 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                         "seconds_until_all_acked": max(f["last_ack_s"] or 0 for f in finals),
                         "acked": sum(f["acked"] for f in finals),
                         "hub_resends": sum(f["hub_resends"] for f in finals),
+                        # of those, passed over by the hub; and batches kept waiting while its acks came (sync.py)
+                        "hub_resends_skipped": sum(f.get("extra", {}).get("hub_resends_skipped", 0) for f in finals),
+                        "hub_resends_deferred": sum(f.get("extra", {}).get("hub_resends_deferred", 0) for f in finals),
                         # cores used until every record was stored: ours, and the rest of the machine (other work)
                         "cores_used": None if used is None else {
                             "simulators": used[0], "hub_and_db": used[1], "mosquitto": used[2],
