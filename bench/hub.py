@@ -223,7 +223,7 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     msgs = list(batches(args.records, args.batch, args.devices, "ing"))
     wire = [(t, p, len(r)) for t, p, r in msgs]
     per_device = args.records // args.devices
-    for backend in ("sqlite", "postgres"):
+    for backend in [b for b in ("sqlite", "postgres") if b in args.stores]:
         fig: dict[str, Any] = {}
         def new_db(name: str, backend: str = backend) -> str:
             return str(work / f"{backend}-{name}.db") if backend == "sqlite" else str(pg.new_database())
@@ -561,7 +561,7 @@ def main() -> None:
                     help="the fleet's simulated units' outbox (memory: no disk writes of their own; see docstring)")
     ap.add_argument("--put-every", type=float, default=None,
                     help="fleet: seconds between a unit's commits (default 0.05: one record per commit at 5/s)")
-    ap.add_argument("--stores", default="sqlite,postgres", help="fleet and burst: the stores to run them on")
+    ap.add_argument("--stores", default="sqlite,postgres", help="ingest, fleet and burst: the stores to run them on")
     ap.add_argument("--skip", choices=["ingest", "fleet", "burst"], action="append", default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
