@@ -88,7 +88,7 @@ from typing import ClassVar, Protocol, TypeVar, cast
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.records import Pending, Priority, RecordIn
-from customs_edge.core.signing import GENESIS, TOMBSTONE_RUNS, TOMBSTONE_TYPE, record_hash
+from customs_edge.core.signing import GENESIS, TOMBSTONE_RUNS, TOMBSTONE_TYPE, record_hash, record_hash_ts
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +245,14 @@ def chain(head: str, first_seq: int, rows: Sequence[Row]) -> tuple[list[Linked],
     linked: list[Linked] = []
     append = linked.append
     seq = first_seq
+    stamp: float | None = None  # the last ts formatted (the records of one reading share its float)
+    text = ""
     for row in rows:
         append((seq, *row, head))
-        head = record_hash(head, seq, row[0], row[3], row[4], row[5])
+        if row[0] is not stamp:
+            stamp = row[0]
+            text = repr(stamp)
+        head = record_hash_ts(head, seq, text, row[3], row[4], row[5])
         seq += 1
     return linked, head
 
