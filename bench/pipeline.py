@@ -112,9 +112,9 @@ def agent_child(port: int, work: Path, records: int, latency_s: float, pids: dic
     """Runs in its own process: the production Unit with the synthetic driver."""
     from customs_edge.agent.config import parse_unit_config
     from customs_edge.agent.outbox import SqliteOutbox
-    from customs_edge.agent.runtime import Unit, freeze_heap
+    from customs_edge.agent.runtime import Unit, tune_gc
 
-    freeze_heap()  # as the agent process (`customs-edge run`) does at start
+    tune_gc()  # as the agent process (`customs-edge run`) does at start
     durable: list[float] = []  # reading created -> committed, at the steady rate
 
     def unit_for(name: str, limit: int, rate: float, burst: int) -> tuple[Unit, list[float]]:

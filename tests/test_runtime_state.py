@@ -300,11 +300,12 @@ if __name__ == "__main__":  # the first half of the lot in a process the power-c
     threading.Event().wait()
 
 
-def test_freeze_heap_takes_what_startup_made_out_of_the_collectors_walks() -> None:
-    """The agent process calls freeze_heap() at start (cli `run`): the objects alive then are frozen, so a full
-    collection under load walks only what was made since. In a process of its own: the test's heap stays as is."""
-    code = ("import gc; from customs_edge.agent.runtime import freeze_heap; n = gc.get_freeze_count(); freeze_heap();"
-            " print(gc.get_freeze_count() - n, gc.get_count()[2])")
+def test_tune_gc_takes_what_startup_made_out_of_the_collectors_walks() -> None:
+    """The agent process calls tune_gc() at start (cli `run`): the objects alive then are frozen, so a full
+    collection under load walks only what was made since, and the young generation is larger. In a process of
+    its own: the test's heap stays as is."""
+    code = ("import gc; from customs_edge.agent.runtime import GC_YOUNG, tune_gc; n = gc.get_freeze_count(); tune_gc();"
+            " print(gc.get_freeze_count() - n, gc.get_count()[2], gc.get_threshold()[0] == GC_YOUNG)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    frozen, gen2 = map(int, out.stdout.split())
-    assert frozen > 10_000 and gen2 == 0  # the modules' objects (tens of thousands), none left to walk
+    assert out.stdout.split() == [out.stdout.split()[0], "0", "True"]
+    assert int(out.stdout.split()[0]) > 10_000  # the modules' objects (tens of thousands), none left to walk
