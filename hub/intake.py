@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import TypeAdapter, ValidationError
 
 from customs_edge.core.signing import batch_message, record_hash, record_hashes_utf8, verify
-from customs_edge.core.wire import MAX_MESSAGE_BYTES, MAX_PAYLOAD_BYTES, SEQ_MAX, Batch, WireRecord
+from customs_edge.core.wire import MAX_MESSAGE_BYTES, MAX_PAYLOAD_BYTES, NO_NUL, SEQ_MAX, Batch, WireRecord
 
 TRACE_CHARS = 500  # of a rejected record's text kept in the trace
 
@@ -78,18 +78,21 @@ class _Envelope(Batch):
 _RECORD = TypeAdapter(WireRecord)
 
 
+_Text = Annotated[str, msgspec.Meta(pattern=NO_NUL)]  # a NUL character: the strict pass rejects the record
+
+
 class _CleanRecord(msgspec.Struct):
     """WireRecord for the fast pass: the same fields, types and bounds (msgspec refuses a bool for an int, a
     float for an int and a number out of a double's range, as the strict path does); the payload kept as bytes."""
 
     seq: Annotated[int, msgspec.Meta(ge=1, le=SEQ_MAX)]
     ts: float
-    boot: str
+    boot: _Text
     mono: float
-    type: str
+    type: _Text
     prio: Annotated[int, msgspec.Meta(ge=0, le=3)]
     payload: msgspec.Raw
-    prev: str | None = None
+    prev: _Text | None = None
 
 
 class _CleanBatch(msgspec.Struct):
