@@ -380,7 +380,10 @@ class SimFleet:
             resent_after_reconnect=sum(u.sync.stats.resent_after_reconnect for u in self.units),
             latency_p50_ms=None if p50 is None else round(p50 * 1000, 1),
             latency_p99_ms=None if p99 is None else round(p99 * 1000, 1),
-            extra={"steps": sum(d.steps for d in self._drivers)})
+            extra={"steps": sum(d.steps for d in self._drivers),
+                   # batches past their ack wait left waiting while the hub's acks came; resent as passed over
+                   "hub_resends_deferred": sum(u.sync.stats.hub_resends_deferred for u in self.units),
+                   "hub_resends_skipped": sum(u.sync.stats.hub_resends_skipped for u in self.units)})
 
     def reset_latencies(self) -> None:
         for u in self.units:

@@ -16,7 +16,28 @@ The link connects, backs off and reconnects by itself; the sync reacts:
     crashed between receiving and committing): the batch is published again, over the same link, with
     the wait doubling on each attempt up to `max_resend_interval_s`, so a long hub outage does not flood
     the broker. A timeout is never taken as success.
-The hub drops duplicates by (device_id, seq), so resending is always safe.
+The hub drops duplicates by (device_id, seq), so resending is always safe; but it is not free.
+
+A backlog burst (hundreds of units reconnecting at once, a window each) queues more at the broker than
+the hub stores in `ack_timeout_s`: the hub is alive and draining, just behind. A resend then only adds a
+copy behind the original in the same queue, and the copies once doubled the hub's work. So that wait
+(the doubling one above) counts not from the batch's send but from the later of its send and the last hub
+ack on its topic ("lane": /records or /alerts) that acked or rejected something of ours: while such acks
+keep coming at least every wait, the batch waits its turn (counted once per attempt in
+`hub_resends_deferred`). When they stop (hub down, crashed, stuck) it is resent a wait after the last one.
+Lanes are apart because the hub reads /alerts on a session of its own, ahead of the /records backlog: acks
+on one say nothing of the other (a lost alert is resent on time while bulk acks flow; a resend of an alert on
+/records joins that lane, and once it went on both, its ack counts for neither: which copy was acked?).
+Two limits keep a batch the hub really lost (received and never committed, refused by its store, dropped by
+a full broker queue) from waiting behind that evidence for ever:
+  - passed over: once a batch sent after it on the same lane has been acked, it is resent when no ack of
+    its own came within a further wait (`hub_resends_skipped`). The broker keeps a topic's messages from one
+    client in order for one subscriber, so a later batch acked first means this one is lost or on another,
+    slower hub worker (a shared subscription): the wait lets a slower worker's queue be behind by that much.
+    Once nothing later is acked, the acks come only for the few older batches of the window (each flight is
+    acked at most once), then stop, and the silence rule above applies.
+  - at most `max_resend_interval_s` after its send, whatever the acks: the longest wait between two copies
+    of a batch is the same with a draining hub as with a silent one.
 
 The alert lane: ALERT records leave in batches of their own on `{prefix}/{device}/alerts`, which the hub reads on a
 session of its own, ahead of the bulk queue the broker holds for it during a backlog burst (hub/service.py). The
@@ -139,6 +160,8 @@ class SyncStats:
     resent_after_reconnect: int = 0
     ack_timeouts: int = 0  # half-open links detected (no PUBACK in time)
     hub_resends: int = 0  # batches published again because the hub did not ack them in time
+    hub_resends_skipped: int = 0  # of those: passed over by the hub (a later batch on their lane acked a wait ago)
+    hub_resends_deferred: int = 0  # batches past their wait kept waiting (per attempt): the hub's acks kept coming
     partial_acks: int = 0  # hub acks that covered only part of their batch: the rest was sent again
     settle_failures: int = 0  # outbox deletes that failed (disk full): kept, retried, never resent
     bad_messages: int = 0
@@ -169,6 +192,10 @@ class _InFlight:
     records: list[Pending]
     pubacked: bool = False
     attempt: int = 0
+    lane: str = ""  # the topic of its latest send
+    order: int = 0  # of its latest send, among all the sync's sends (resends included)
+    passed_at: float | None = None  # when a batch sent after it on its lane was acked (since its latest send)
+    deferred: bool = False  # its resend is (was) held back by the hub's acks, this attempt
 
 
 _seq_of = itemgetter(0)  # of a Pending
@@ -219,6 +246,8 @@ class Sync:
         self._inflight: dict[str, _InFlight] = {}
         self._by_mid: dict[int, str] = {}  # mids awaiting their PUBACK
         self._ids = itertools.count(1)
+        self._sends = itertools.count(1)  # _InFlight.order
+        self._lane_acked: dict[str, float] = {}  # topic -> when a hub ack last acked or rejected a batch sent on it
         self._boot = secrets.token_hex(8)  # batch ids: unguessable (an ack naming one is no use without it)
         self.refusals = Refusals(log)  # inbound messages refused, per cause
         self.command_bucket = TokenBucket(cfg.commands_per_s, cfg.commands_burst)
@@ -347,13 +376,15 @@ class Sync:
         if len(payload) > MAX_BATCH_BYTES and len(records) > 1:  # the broker disconnects oversized packets
             half = len(records) // 2
             return self._send(records[:half], attempt) and self._send(records[half:], attempt)
+        lane = self._topic(records, attempt)
         try:
-            mid = self.link.publish(self._topic(records, attempt), payload, qos=1)
+            mid = self.link.publish(lane, payload, qos=1)
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return False
         self._inflight[batch_id] = _InFlight(ranges_of(list(map(_seq_of, records))), len(records),
-                                             time.monotonic(), mid, records, attempt=attempt)
+                                             time.monotonic(), mid, records, attempt=attempt, lane=lane,
+                                             order=next(self._sends))
         self._by_mid[mid] = batch_id
         self.stats.batches_sent += 1
         self.stats.records_sent += len(records)
@@ -369,23 +400,32 @@ class Sync:
                                 extra={"ack_timeout_s": timeout, "batches_in_flight": len(self._inflight)})
                     self.link.abort(f"no PUBACK within {timeout} s")
                     return
-            elif now - f.sent_at > min(timeout * 2 ** min(f.attempt, 30), self.cfg.max_resend_interval_s):
-                self._resend(batch_id, f)
+            elif now - f.sent_at > (wait := min(timeout * 2 ** min(f.attempt, 30), self.cfg.max_resend_interval_s)):
+                # the hub silent on its lane for a wait, or it passed this batch over, or the cap (module docstring)
+                passed = f.passed_at is not None and now - f.passed_at > wait
+                if passed or now - self._lane_acked.get(f.lane, f.sent_at) > wait \
+                        or now - f.sent_at > self.cfg.max_resend_interval_s:
+                    self._resend(batch_id, f, passed)
+                elif not f.deferred:
+                    f.deferred = True
+                    self.stats.hub_resends_deferred += 1
 
-    def _resend(self, batch_id: str, f: _InFlight) -> None:
+    def _resend(self, batch_id: str, f: _InFlight, passed: bool = False) -> None:
         """The broker has the batch, the hub has not confirmed it: publish it again (the hub dedupes)."""
+        lane = self._topic(f.records, f.attempt + 1)
         try:
-            mid = self.link.publish(self._topic(f.records, f.attempt + 1),
-                                    encode_batch(self.device_id, batch_id, f.records, self.key), qos=1)
+            mid = self.link.publish(lane, encode_batch(self.device_id, batch_id, f.records, self.key), qos=1)
         except NotConnected:
             self.link.abort("publish refused: not connected")
             return
         self._by_mid[mid] = batch_id
         f.mid, f.sent_at, f.pubacked, f.attempt = mid, time.monotonic(), False, f.attempt + 1
+        f.lane, f.order, f.passed_at, f.deferred = lane, next(self._sends), None, False
         self.stats.hub_resends += 1
+        self.stats.hub_resends_skipped += int(passed)
         if f.attempt == 1 or f.attempt % 10 == 0:
             log.warning("hub has not acked a stored batch; publishing it again",
-                        extra={"batch": batch_id, "attempt": f.attempt, "records": f.count})
+                        extra={"batch": batch_id, "attempt": f.attempt, "records": f.count, "passed_over": passed})
 
     # -- receiving ------------------------------------------------------------------------------
     def _on_puback(self, mid: int) -> None:
@@ -421,6 +461,8 @@ class Sync:
             self.stats.stale_acks += 1  # a batch that stays in flight is resent on its timer
             return
         del self._inflight[ack.batch]
+        if flight.attempt == 0 or self._topic(flight.records, 0) == self._topic(flight.records, 1):
+            self._hub_progress(flight)  # not for an alert batch sent on both lanes: which copy was acked?
         if ack.ts is not None and flight.attempt == 0:  # a resent batch's round trip is ambiguous
             rtt = time.monotonic() - flight.sent_at
             if self._clock_best is None or rtt < self._clock_best[1]:
@@ -439,6 +481,14 @@ class Sync:
             log.warning("the hub answered for part of a batch; sending the rest again",
                         extra={"batch": ack.batch, "answered": flight.count - len(rest), "rest": len(rest)})
             self._send(rest, attempt=flight.attempt)
+
+    def _hub_progress(self, flight: _InFlight) -> None:
+        """The hub answered for `flight`: it is draining its lane; what was sent before it there and is still
+        unanswered has been passed over (module docstring)."""
+        now = self._lane_acked[flight.lane] = time.monotonic()
+        for f in self._inflight.values():
+            if f.lane == flight.lane and f.order < flight.order and f.passed_at is None:
+                f.passed_at = now
 
     def _settle(self) -> None:
         """Delete what the hub acked, dead-letter what it rejected. A failure (a full disk) is no link

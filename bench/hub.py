@@ -56,6 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import TICK, proc_cpu_s
 from bench.hub_rss import PAYLOAD, proc_rss_mb
 from customs_edge.core.records import Pending
 from customs_edge.core.wire import encode_batch
@@ -66,13 +67,6 @@ PREFIX = "customs-edge/v1"
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used: robust to other work sharing the cores, unlike wall time."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def pg_cpu_s(pg: Any) -> float:
@@ -85,7 +79,7 @@ def pg_cpu_s(pg: Any) -> float:
                 stat = (d / "stat").read_text()
                 ppid = int(stat.rsplit(")", 1)[1].split()[1])
                 if int(d.name) == master or ppid == master:
-                    total += cpu_s(int(d.name))
+                    total += proc_cpu_s(int(d.name))
             except (OSError, ValueError):
                 continue
     return total
@@ -121,7 +115,7 @@ class Workers:
             time.sleep(0.1)
 
     def cpu_s(self) -> float:
-        return sum(cpu_s(p.pid) for p in self.procs)
+        return sum(proc_cpu_s(p.pid) for p in self.procs)
 
     def rss_mb(self) -> list[float]:
         return [round(proc_rss_mb(p.pid), 1) for p in self.procs]
@@ -229,7 +223,7 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     msgs = list(batches(args.records, args.batch, args.devices, "ing"))
     wire = [(t, p, len(r)) for t, p, r in msgs]
     per_device = args.records // args.devices
-    for backend in ("sqlite", "postgres"):
+    for backend in [b for b in ("sqlite", "postgres") if b in args.stores]:
         fig: dict[str, Any] = {}
         def new_db(name: str, backend: str = backend) -> str:
             return str(work / f"{backend}-{name}.db") if backend == "sqlite" else str(pg.new_database())
@@ -279,8 +273,8 @@ def sim_dir(work: Path, name: str) -> Path:
 def cpu_split(sims: list[Any], ws: Workers, pg: Any, mosq: int | None) -> tuple[float, float, float, float]:
     """CPU s so far: simulators (and this process: the burst's alert unit), hub workers (+ PostgreSQL), mosquitto,
     the whole machine."""
-    return (sum(cpu_s(s.pid) for s in sims) + cpu_s(os.getpid()),
-            ws.cpu_s() + (pg_cpu_s(pg) if pg is not None else 0.0), cpu_s(mosq) if mosq else 0.0, machine_cpu_s())
+    return (sum(proc_cpu_s(s.pid) for s in sims) + proc_cpu_s(os.getpid()),
+            ws.cpu_s() + (pg_cpu_s(pg) if pg is not None else 0.0), proc_cpu_s(mosq) if mosq else 0.0, machine_cpu_s())
 
 
 def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
@@ -493,12 +487,12 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             def all_stored(db: str = db, tag: str = tag, stored_at: list[float] = stored_at,
                            sims: list[subprocess.Popen[str]] = sims, cpu1: list[Any] = cpu1,
                            pgc: Any = pgc, ws: Workers = ws, mosq: int | None = mosq, backend: str = backend) -> bool:
-                failed = [p for p, sim in enumerate(sims) if sim.poll() not in (None, 0)]
                 n = stored_by(db, tag)
-                if n >= total:
+                if n >= total:  # before poll(): a simulator that exited is read (its CPU) while still unreaped
                     stored_at.append(time.monotonic())
                     cpu1.append(cpu_split(sims, ws, pgc, mosq))
                     return True
+                failed = [p for p, sim in enumerate(sims) if sim.poll() not in (None, 0)]
                 if failed:
                     tail = (work / f"burst-{backend}-{failed[0]}.log").read_text()[-3000:]
                     raise RuntimeError(f"burst simulator {failed[0]} failed with {n} of {total} stored:\n{tail}")
@@ -527,6 +521,9 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                         "seconds_until_all_acked": max(f["last_ack_s"] or 0 for f in finals),
                         "acked": sum(f["acked"] for f in finals),
                         "hub_resends": sum(f["hub_resends"] for f in finals),
+                        # of those, passed over by the hub; and batches kept waiting while its acks came (sync.py)
+                        "hub_resends_skipped": sum(f.get("extra", {}).get("hub_resends_skipped", 0) for f in finals),
+                        "hub_resends_deferred": sum(f.get("extra", {}).get("hub_resends_deferred", 0) for f in finals),
                         # cores used until every record was stored: ours, and the rest of the machine (other work)
                         "cores_used": None if used is None else {
                             "simulators": used[0], "hub_and_db": used[1], "mosquitto": used[2],
@@ -564,7 +561,7 @@ def main() -> None:
                     help="the fleet's simulated units' outbox (memory: no disk writes of their own; see docstring)")
     ap.add_argument("--put-every", type=float, default=None,
                     help="fleet: seconds between a unit's commits (default 0.05: one record per commit at 5/s)")
-    ap.add_argument("--stores", default="sqlite,postgres", help="fleet and burst: the stores to run them on")
+    ap.add_argument("--stores", default="sqlite,postgres", help="ingest, fleet and burst: the stores to run them on")
     ap.add_argument("--skip", choices=["ingest", "fleet", "burst"], action="append", default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

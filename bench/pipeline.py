@@ -20,6 +20,8 @@ reading at a steady 200 readings/s. Measures in one run:
   baseline_latency_p50/p99_ms_at_200  raw SQLite: one INSERT + COMMIT (WAL, FULL) every 5 ms
   latency_p50_ms/p99_ms   reading created -> hub ack received by the agent, at 200 records/s
   agent_rss_mb            the agent process's RSS after the run
+  cpu_us_per_record       CPU time per record of the agent, hub and broker processes in the signed
+                          throughput runs (best run): which one limits the rate (one core = 1e6 / µs)
   parser_frames_per_s     the Toledo continuous-output parser alone (a real scale sends ~50 frames/s)
   outbox_*                outbox put() rates, FULL vs NORMAL, group commits of 1,000 and single records
 """
@@ -40,7 +42,7 @@ from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, rss_mb
+from bench.common import percentile, proc_cpu_s, rss_mb
 from customs_edge.agent.apps.base import App, AppConfig
 from customs_edge.core.readings import Reading
 from customs_edge.core.records import Priority, RecordIn
@@ -106,7 +108,7 @@ class PassApp(App):
                          payload={**PAYLOAD, "created": reading.mono, "k": k}) for k in range(n)]
 
 
-def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[str, Any]:
+def agent_child(port: int, work: Path, records: int, latency_s: float, pids: dict[str, int]) -> dict[str, Any]:
     """Runs in its own process: the production Unit with the synthetic driver."""
     from customs_edge.agent.config import parse_unit_config
     from customs_edge.agent.outbox import SqliteOutbox
@@ -153,16 +155,19 @@ def agent_child(port: int, work: Path, records: int, latency_s: float) -> dict[s
         unit, _ = unit_for(name, records, 0.0, 100)
         if name == "tput-unsigned":
             unit.sync.key = None  # an unregistered device: the hub takes its batches unsigned
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), {k: proc_cpu_s(p) for k, p in pids.items()}
         unit.start()
         while unit.sync.stats.records_acked < records:
             time.sleep(0.01)
             if time.monotonic() - t0 > 600:
                 raise TimeoutError("throughput run did not finish in 600 s")
         rate = records / (time.monotonic() - t0)
+        cpu = {k: round((proc_cpu_s(p) - c0[k]) * 1e6 / records, 1) for k, p in pids.items()}
         figure = "records_per_s" if name == "tput" else "unsigned_records_per_s"
+        if name == "tput" and rate > result[figure]:
+            result["cpu_us_per_record"] = cpu
         result[figure] = max(result[figure], rate)
-        result["runs"].append({"signed": name == "tput", "records_per_s": round(rate)})
+        result["runs"].append({"signed": name == "tput", "records_per_s": round(rate), "cpu_us_per_record": cpu})
         result["ack_timeouts"] += unit.sync.stats.ack_timeouts
         unit.stop()
     # latency at a steady 200 records/s
@@ -263,9 +268,11 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--pids", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(agent_child(args.port, Path(args.work), args.records, args.latency_seconds)))
+        print(json.dumps(agent_child(args.port, Path(args.work), args.records, args.latency_seconds,
+                                     {"agent": os.getpid(), **json.loads(args.pids)})))
         return
 
     from customs_edge.hub.brokers import Mosquitto
@@ -285,7 +292,8 @@ def main() -> None:
         try:
             time.sleep(1.0)
             child = subprocess.run([sys.executable, __file__, "--child", "--port", str(mq.port), "--work", str(work),
-                                    "--records", str(args.records), "--latency-seconds", str(args.latency_seconds)],
+                                    "--records", str(args.records), "--latency-seconds", str(args.latency_seconds),
+                                    "--pids", json.dumps({"hub": hub.pid, "broker": mq.proc.pid if mq.proc else 0})],
                                    capture_output=True, text=True, timeout=900,
                                    env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
             if child.returncode:
@@ -312,6 +320,7 @@ def main() -> None:
         "latency_p50_ms": round(res["latency_p50_ms"], 2),
         "latency_p99_ms": round(res["latency_p99_ms"], 2),
         "agent_rss_mb": round(res["agent_rss_mb"], 1),
+        "cpu_us_per_record": res["cpu_us_per_record"],
         "records": args.records,
         "hub_stored": stored,
         "hub_refused_kinds": refused,

@@ -2,7 +2,8 @@
 
   {prefix}/{device_id}/records     agent -> hub, QoS 1: a Batch of records
   {prefix}/{device_id}/alerts      agent -> hub, QoS 1: a Batch of ALERT records only (the hub's alert lane)
-  {prefix}/{device_id}/ack         hub -> agent, QoS 1: an Ack, published after the hub's commit
+  {prefix}/{device_id}/ack         hub -> agent, QoS 0: an Ack, published after the hub's commit (a lost one
+                                   costs a resend, acked again as a duplicate)
   {prefix}/{device_id}/status      agent, retained: a Status; the will publishes state "offline"
   {prefix}/{device_id}/cmd         operator -> agent, QoS 1: a Command
   {prefix}/{device_id}/cmd/reply   agent -> operator, QoS 1: a CommandReply

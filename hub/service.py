@@ -130,11 +130,12 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
 
 
 class Out(NamedTuple):
-    """A message the hub publishes (QoS 1)."""
+    """A message the hub publishes (QoS 1 unless said otherwise)."""
 
     topic: str
     payload: bytes
     retain: bool = False
+    qos: int = 1
 
 
 class Hub:
@@ -302,7 +303,7 @@ class Hub:
         outs = self._serviced(lambda: self.handle(msgs))
         for out in outs:
             try:
-                (link if link.connected else self.link).publish(out.topic, out.payload, qos=1, retain=out.retain)
+                (link if link.connected else self.link).publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
             except NotConnected:
                 return  # stored, not acked: the agent resends, we drop the duplicates and ack then
 
@@ -381,7 +382,10 @@ class Hub:
                                  device=s.device_id, batch=s.batch, seq=s.suspect[0], count=len(s.suspect))
         ack = Ack(batch=s.batch, ranges=s.ranges, stored=s.stored, duplicates=s.duplicates, rejected=s.rejected,
                   ts=time.time())
-        out = [Out(topic(self.cfg.topic_prefix, s.device_id, "ack"), ack.model_dump_json().encode())]
+        # QoS 0: a lost ack costs one resend, which is acked again as a duplicate; a QoS 1 ack would buy nothing (a unit
+        # that reconnects resends its whole window anyway, and drops an ack for a batch it no longer holds in flight)
+        # and cost a PUBACK at the hub, the broker and the unit for every batch
+        out = [Out(topic(self.cfg.topic_prefix, s.device_id, "ack"), ack.model_dump_json().encode(), qos=0)]
         if s.conflicts:
             seqs = ranges_of(s.conflicts)
             log.warning("seq conflict", extra={"device": s.device_id, "seq": _seqs(seqs), "count": len(s.conflicts),

@@ -208,3 +208,21 @@ def test_hub_survives_hostile_messages_including_retained_ones(tmp_path: Path, m
     finally:
         hub.stop()
         op.c.publish(f"{PREFIX}/evil/status", b"", qos=1, retain=True).wait_for_publish(5)
+
+
+def test_acks_are_published_at_qos_0_and_conflict_alerts_at_qos_1(hub: HubThread, mosquitto: Mosquitto) -> None:
+    """A lost ack costs one resend (acked again as a duplicate): QoS 1 would add a PUBACK at hub, broker and unit for
+    every batch and buy nothing. A subscriber at QoS 1 receives at the publisher's QoS, so this tells them apart."""
+    got: list[tuple[str, int]] = []
+    o = Operator(mosquitto.port)
+    o.c.on_message = lambda _c, _u, m: got.append((m.topic, m.qos))
+    try:
+        o.sub(f"{PREFIX}/+/ack")
+        o.sub(f"{PREFIX}/+/alert")
+        o.pub(f"{PREFIX}/dev-q/records", records_msg("dev-q", "b-1", [rec(1, payload={"a": 1})]))
+        o.pub(f"{PREFIX}/dev-q/records", records_msg("dev-q", "b-2", [rec(1, payload={"a": 2})]))  # a conflict
+        wait_for(lambda: len(got) >= 3, 20, "two acks and the conflict's alert")
+    finally:
+        o.close()
+    assert sorted(got) == sorted([(f"{PREFIX}/dev-q/ack", 0), (f"{PREFIX}/dev-q/ack", 0),
+                                  (f"{PREFIX}/dev-q/alert", 1)])
