@@ -62,10 +62,8 @@ MAX_STATUS_BYTES = 64 * 1024  # a retained status (~2 kB)
 MAX_REPLY_BYTES = 1024 * 1024  # a command's reply (config_get carries a unit config; status ~2 kB)
 
 
-NO_NUL = r"^[^\x00]*$"  # PostgreSQL's text holds no NUL character (SQLite's does): a stored text field never has one
-
-
 def _no_nul(text: str) -> str:
+    """PostgreSQL's text holds no NUL character (SQLite's does): a stored text field never has one."""
     if "\x00" in text:
         raise ValueError("holds a NUL character (U+0000), which no stored text field may (PostgreSQL's text cannot)")
     return text
