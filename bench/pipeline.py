@@ -3,7 +3,8 @@
     python bench/pipeline.py [--records 200000] [--json]
 
 Runs a real mosquitto, a hub process and an agent process: the production Unit (core thread, group
-commit, sync thread) with a synthetic source in place of an instrument. For the throughput figure the
+commit, sync thread) with a synthetic source in place of an instrument, its collector tuned at start as
+`customs-edge run` does (agent/runtime.py tune_gc). For the throughput figure the
 source yields readings that each make 100 records (instruments send <= 50 frames/s, so the per-frame
 driver path is not what limits a unit; the parser's own rate is measured separately), as fast as the
 bounded queue between driver and app takes them. For the latency figure it yields one record per
