@@ -57,7 +57,9 @@ Fresh tail: the rows put() commits are also kept in memory, per priority, until 
 begin() need not read back what was just written. They are added only once their transaction committed, and
 the tail is forgotten (begin() reads the file again until it catches up) on release(), on a delete that
 touches it, and past FRESH_MAX_RECORDS or FRESH_MAX_BYTES (a backlog): begin() hands out exactly what the file
-holds either way (tests/test_outbox_fresh.py).
+holds either way (tests/test_outbox_fresh.py). The tail, the cursors and the waiting deletes have a lock of their
+own, taken inside the connection's: while every priority's tail is in memory and no delete waits, begin() takes
+only that one, and so never waits for a put's commit (its fsync) on the connection.
 
 Dead letters: a record that cannot be stored (a NaN or infinite stamp, a payload that cannot be
 encoded, a priority outside Priority) or that the hub refused (`reject()`) goes to `dead_letters` (the
