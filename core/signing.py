@@ -62,7 +62,7 @@ def _reprs(values: list[float]) -> list[str]:
     """repr() of each float, at a tenth of its cost: msgspec writes the same shortest round-trip digits, in the same
     plain notation wherever repr uses it (1e-4 <= x < 1e16, where every timestamp falls); outside it (repr's
     exponents are written 1e+16 and 1e-05) repr itself. tests/test_signing_fast.py holds the two together."""
-    if values and {*map(type, values)} == {float} and 1e-4 <= min(values) and max(values) < 1e16:
+    if values and {*map(type, values)} == {float} and min(values) >= 1e-4 and max(values) < 1e16:
         text = msgspec.json.encode(values)
         if b"n" not in text:  # no NaN or infinity (written null), which min() and max() may step past
             return text[1:-1].decode().split(",")

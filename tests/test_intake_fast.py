@@ -86,6 +86,10 @@ def message(*records: str, **envelope: Any) -> bytes:
     message(record("[1]"), record('"x"', seq=2), record("null", seq=3), record(seq=4)),
     message(record('{"a":"' + "x" * MAX_PAYLOAD_BYTES + '"}'), record(seq=2)),
     message(record('{"a":' + "[" * 300 + "]" * 300 + "}")),
+    message(record('{"a":' + "[" * 220 + "]" * 220 + "}")),  # deeper than the strict parser goes: refused whole
+    message(record('{"a":' + "[" * 3000 + "]" * 3000 + "}")),  # deeper than msgspec goes: refused, no RecursionError
+    message(*(record('{"a":' + "[" * 20 + "]" * 20 + ',"b":"]]]"}', seq=i) for i in range(1, 40))),  # walked
+    message(record('{"a":1e16,"b":1e-7,"c":-2.5e300}'), record('{"a":1e+16}', seq=2)),  # exponents: pydantic-core's
     message(record(ts=5, mono=7)),  # whole numbers where floats are wanted
     message(record(seq=0), record(seq=2, prio=4), record(seq=True), record(seq=1.0), record(seq=2**63)),
     message(record(ts=1e400)),

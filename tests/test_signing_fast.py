@@ -31,7 +31,8 @@ def test_values_it_must_not_format_itself_get_repr() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.none() | st.text(max_size=64), st.integers(1, 2**63 - 1), st.floats(), st.text(max_size=10),
+@given(st.lists(st.tuples(st.none() | st.text(max_size=64), st.integers(1, 2**63 - 1), st.floats(),
+                          st.text(max_size=10),
                           st.integers(0, 3), st.text(max_size=20)), max_size=8))
 def test_batch_hashes_are_record_hash_s(records: list[tuple[str | None, int, float, str, int, str]]) -> None:
     assert record_hashes_utf8([r[:5] for r in records], [r[5].encode() for r in records]) == [
