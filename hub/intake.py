@@ -107,17 +107,18 @@ _VALUES = msgspec.json.Decoder()
 _ENCODE = msgspec.json.Encoder().encode
 _EXP = re.compile(rb"e[0-9]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_DEPTH = 32  # nesting levels of a payload the fast pass takes
+_DEPTH = 160  # nesting levels of a payload the fast pass takes (the strict path's parser goes to 197)
 
 
 def _shallow(joined: bytes) -> bool:
     """Whether the brackets of `joined` (in strings too) nest at most _DEPTH deep: each round sheds the innermost
-    pair of each kind, so what is left after _DEPTH // 2 rounds nested deeper (or did not pair up)."""
+    pair of each kind, so what is left after _DEPTH // 2 rounds nested deeper (or does not pair up)."""
     b = joined.translate(None, _NOT_BRACKETS)
     for _ in range(_DEPTH // 2):
-        if not b:
-            return True
-        b = b.replace(b"{}", b"").replace(b"[]", b"")
+        shed = b.replace(b"{}", b"").replace(b"[]", b"")
+        if len(shed) == len(b):
+            break
+        b = shed
     return not b
 
 
@@ -144,13 +145,15 @@ def _clean(payload: bytes | str) -> tuple[_CleanBatch, list[bytes]] | None:
         values = _VALUES.decode(joined)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
-    if not all(type(v) is dict for v in values) or max(map(len, raws), default=0) > MAX_PAYLOAD_BYTES:
+    longest = max(map(len, raws), default=0)
+    if not all(type(v) is dict for v in values) or longest > MAX_PAYLOAD_BYTES:
         return None
-    # Payloads nested deeper than the strict path's parser goes (about 200 levels, the envelope's included) are
-    # refused there: the fast pass takes those at most _DEPTH deep. Cheap bounds first (every payload is an
-    # object, so holds a "{"; brackets in strings count too), the values walked only where those are in doubt.
-    if (joined.count(b"{") + joined.count(b"[") - len(raws) > _DEPTH and not _shallow(joined)
-            and not all(_within(v, _DEPTH) for v in values)):
+    # Payloads nested deeper than the strict path's parser goes (200 levels, the envelope's 3 included) are
+    # refused there: the fast pass takes those at most _DEPTH deep. Cheap bounds first (a level takes 2 bytes;
+    # every payload is an object, so holds a "{"; brackets in strings count too), the values walked only where
+    # those are in doubt.
+    if (longest >= 2 * _DEPTH and joined.count(b"{") + joined.count(b"[") - len(raws) > _DEPTH
+            and not _shallow(joined) and not all(_within(v, _DEPTH) for v in values)):
         return None
     # The bytes are what the strict path stores: its parse, re-serialised, gives them back unchanged. Written
     # with NaN and infinities as null, so that a non-finite number (a NaN, an Infinity, 1e400) never matches.
