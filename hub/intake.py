@@ -79,7 +79,7 @@ class _Envelope(Batch):
 _RECORD = TypeAdapter(WireRecord)
 
 
-class _CleanRecord(msgspec.Struct):
+class _CleanRecord(msgspec.Struct, gc=False):
     """WireRecord for the fast pass: the same fields, types and bounds (msgspec refuses a bool for an int, a
     float for an int and a number out of a double's range, as the strict path does); the payload kept as bytes."""
 
@@ -93,7 +93,7 @@ class _CleanRecord(msgspec.Struct):
     prev: str | None = None
 
 
-class _CleanBatch(msgspec.Struct):
+class _CleanBatch(msgspec.Struct, gc=False):
     device_id: str
     batch: str
     records: list[_CleanRecord]
