@@ -270,6 +270,18 @@ def sim_dir(work: Path, name: str) -> Path:
     return work / name
 
 
+def stop_all(sims: list[Any], ws: Workers, broker: Mosquitto, units_dir: Path, work: Path) -> None:
+    """End a fleet or burst run: the simulators still running, the hub workers, the broker; the units' files when they
+    were on tmpfs (sim_dir)."""
+    for s in sims:
+        if s.poll() is None:
+            s.terminate()
+    ws.stop()
+    broker.stop()
+    if units_dir.parent != work:
+        shutil.rmtree(units_dir, ignore_errors=True)
+
+
 def cpu_split(sims: list[Any], ws: Workers, pg: Any, mosq: int | None) -> tuple[float, float, float, float]:
     """CPU s so far: simulators (and this process: the burst's alert unit), hub workers (+ PostgreSQL), mosquitto,
     the whole machine."""
@@ -317,13 +329,7 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             acked = sum(f["acked"] for f in finals)
             hub_cpu, db_cpu = ws.cpu_s() - c0, (pg_cpu_s(pg) - p0) if backend == "postgres" else None
         finally:
-            for s in sims:
-                if s.poll() is None:
-                    s.terminate()
-            ws.stop()
-            broker.stop()
-            if units_dir.parent != work:
-                shutil.rmtree(units_dir, ignore_errors=True)
+            stop_all(sims, ws, broker, units_dir, work)
         dt = max(1e-9, w1 - w0)
         sim_c, hub_c, mq_c, all_c = (b - a for a, b in zip(at0, at1, strict=True))
         out[backend] = {"units": args.units, "processes": args.processes, "rate_per_unit": args.rate,
@@ -503,14 +509,8 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             during = alert.measure(db, all_stored, args.alert_every, limit_s=args.burst_timeout)
             finals = [json.loads((sim.communicate(timeout=300)[0] or "").splitlines()[-1]) for sim in sims]
         finally:
-            for sim in sims:
-                if sim.poll() is None:
-                    sim.terminate()
             alert.close()
-            ws.stop()
-            broker.stop()
-            if units_dir.parent != work:
-                shutil.rmtree(units_dir, ignore_errors=True)
+            stop_all(sims, ws, broker, units_dir, work)
         check_store(db, args.burst_units, args.burst_records, tag)
         stored_s = stored_at[0] - t0 if stored_at else None
         used = [round((b - a) / stored_s, 2) for a, b in zip(cpu0, cpu1[0], strict=True)] if stored_s and cpu1 else None

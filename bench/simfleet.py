@@ -26,9 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import shutil
-
-from bench.hub import ENV, Workers, cpu_s, log, machine_cpu_s, sim_dir
+from bench.common import proc_cpu_s as cpu_s
+from bench.hub import ENV, Workers, log, machine_cpu_s, sim_dir, stop_all
 from customs_edge.hub.brokers import Mosquitto
 
 
@@ -64,13 +63,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         window = sum(f["latency_window_s"] for f in finals) / len(finals)
         acked = len(lat) / window * (w1 - w0)
     finally:
-        for s in sims:
-            if s.poll() is None:
-                s.terminate()
-        ws.stop()
-        broker.stop()
-        if units_dir.parent != work:
-            shutil.rmtree(units_dir, ignore_errors=True)
+        stop_all(sims, ws, broker, units_dir, work)
     lat.sort()
     out = {"units": args.units, "processes": args.processes, "rate_per_unit": args.rate,
            "offered_records_per_s": args.units * args.rate, "acked_records_per_s": round(acked / (w1 - w0)),

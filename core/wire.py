@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.records import Pending
@@ -62,15 +62,25 @@ MAX_STATUS_BYTES = 64 * 1024  # a retained status (~2 kB)
 MAX_REPLY_BYTES = 1024 * 1024  # a command's reply (config_get carries a unit config; status ~2 kB)
 
 
+def _no_nul(text: str) -> str:
+    """PostgreSQL's text holds no NUL character (SQLite's does): a stored text field never has one."""
+    if "\x00" in text:
+        raise ValueError("holds a NUL character (U+0000), which no stored text field may (PostgreSQL's text cannot)")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
 class WireRecord(BaseModel):
     seq: Seq
     ts: float = Field(allow_inf_nan=False)
-    boot: str
+    boot: Text
     mono: float = Field(allow_inf_nan=False)
-    type: str
+    type: Text
     prio: int = Field(ge=0, le=3)
-    payload: dict[str, Any]
-    prev: str | None = None  # the chain hash of the device's previous record (core/signing.py); older agents: none
+    payload: dict[str, Any]  # its text is JSON: a NUL in a string is written as the escape \u0000
+    prev: Text | None = None  # the chain hash of the device's previous record (core/signing.py); older agents: none
 
 
 class Batch(BaseModel):

@@ -52,9 +52,12 @@ class Mosquitto:
         self.conf = self.workdir / "mosquitto.conf"
         self.conf.write_text(
             f"persistence {'true' if persistence else 'false'}\npersistence_location {self.workdir}/\n"
-            f"autosave_interval {autosave_interval}\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
+            f"autosave_interval {autosave_interval}\n"
+            # a given config's own queue limits stand (the shipped one's are tested as shipped)
+            + "".join(f"{k} {v}\n" for k, v in (("max_queued_messages", 100000), ("max_inflight_messages", 100))
+                      if f"\n{k} " not in f"\n{listeners or ''}")
             # without it, small acks wait on Nagle + delayed ACK (~40 ms on Linux)
-            "set_tcp_nodelay true\n"
+            + "set_tcp_nodelay true\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
             # started as root (a container), mosquitto would switch to the user mosquitto, who cannot read
             # the test's files (ACLs, keys, this log) in a 0700 temporary directory

@@ -163,6 +163,7 @@ class Hub:
         self.ready = threading.Event()  # set once subscribed
         self.refusals = Refusals(log)  # every inbound refusal by cause, logged at most once a minute per cause
         self._pending: list[tuple[str, bytes]] = []  # arrived while the worker stored the previous burst
+        self._pending_bytes = 0  # their payloads' bytes: past PENDING_MAX_BYTES nothing more is read on the bulk link
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
 
@@ -208,7 +209,9 @@ class Hub:
         self.store.close()
 
     def _step(self, stop: threading.Event) -> None:
-        self._service(0.0 if self._pending or self._lane_pending else 0.25)  # links connect, back off by themselves
+        # links connect, back off by themselves; the broker holds the bulk beyond PENDING_MAX_BYTES read and not stored
+        self._pending_bytes += self._service(0.0 if self._pending or self._lane_pending else 0.25,
+                                             read=self._pending_bytes < self.PENDING_MAX_BYTES)
         self._handle_lane()
         self._handle()
 
@@ -228,27 +231,34 @@ class Hub:
             self._on_event(ev, self._pending)
         return n
 
-    def _on_event(self, ev: Event, messages: list[tuple[str, bytes]], lane: bool = False) -> None:
-        if isinstance(ev, Message):
-            messages.append((ev.topic, ev.payload))
-        elif isinstance(ev, Connected) and lane:
+    def _subscribe(self, lane: bool) -> None:
+        if lane:
             assert self.lane is not None
             self.lane.subscribe(self.lane_filter(), 1)
             self._subscribed["lane"] = True
             log.info("hub subscribed", extra={"filter": self.lane_filter(), "client_id": self.lane.client_id})
+            return
+        # Always subscribe: a broker restarted without persistence forgot our session.
+        self.link.subscribe(self.records_filter(), 1)
+        if self.lane is None:  # the alerts with the bulk
+            self.link.subscribe(self.records_filter(ALERT_LANE), 1)
+        else:  # a persistent session may hold it from a run without the lane: alerts would queue behind the bulk
+            self.link.unsubscribe(self.records_filter(ALERT_LANE))
+        self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
+        self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+        self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
+        self.link.subscribe(self.records_filter("photos"), 1)
+        self._subscribed["bulk"] = True
+        log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
+
+    def _on_event(self, ev: Event, messages: list[tuple[str, bytes]], lane: bool = False) -> None:
+        if isinstance(ev, Message):
+            messages.append((ev.topic, ev.payload))
         elif isinstance(ev, Connected):
-            # Always subscribe: a broker restarted without persistence forgot our session.
-            self.link.subscribe(self.records_filter(), 1)
-            if self.lane is None:  # the alerts with the bulk
-                self.link.subscribe(self.records_filter(ALERT_LANE), 1)
-            else:  # a persistent session may hold it from a run without the lane: alerts would queue behind the bulk
-                self.link.unsubscribe(self.records_filter(ALERT_LANE))
-            self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
-            self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
-            self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
-            self.link.subscribe(self.records_filter("photos"), 1)
-            self._subscribed["bulk"] = True
-            log.info("hub subscribed", extra={"filter": self.records_filter(), "client_id": self.link.client_id})
+            try:
+                self._subscribe(lane)
+            except NotConnected:  # lost again at once: its next Connected subscribes; the other events still count
+                return
         elif isinstance(ev, Lost) and ev.was_connected:
             self._subscribed["lane" if lane else "bulk"] = False
         else:
@@ -265,10 +275,9 @@ class Hub:
         PENDING_MAX_BYTES: then nothing more is read until the store is done)."""
         job = self._worker.submit(work)
         job.add_done_callback(lambda _: self.link.waker.set())
-        held = _size(self._pending)  # what waits already counts: one bound for everything read and not stored
-        while not job.done():
-            held += self._service(0.25, read=held < self.PENDING_MAX_BYTES,
-                                  read_lane=_size(self._lane_pending) < self.PENDING_MAX_BYTES)
+        while not job.done():  # what waits already counts: one bound for everything read and not stored
+            self._pending_bytes += self._service(0.25, read=self._pending_bytes < self.PENDING_MAX_BYTES,
+                                                 read_lane=_size(self._lane_pending) < self.PENDING_MAX_BYTES)
         return job.result()
 
     BULK_READS = 16  # with the lane: packets the bulk link reads in one step (MqttLink.MAX_READS: 200)
@@ -288,6 +297,7 @@ class Hub:
             size += len(pending[j][1])
             j += 1
         msgs, self._pending = pending[:j], pending[j:]
+        self._pending_bytes -= size
         t0 = time.monotonic()
         self._store(msgs, self.link)
         if size >= self.BULK_TXN_MIN_BYTES:  # bytes/s, smoothed; small bursts are mostly fixed costs

@@ -35,6 +35,43 @@ def shipped(tmp_path: Path, pki: Path) -> Iterator[Broker]:  # noqa: F811
         b.mq.stop()
 
 
+def test_the_hub_s_session_queues_a_burst_past_mosquitto_s_default_of_1000(shipped: Broker) -> None:
+    """A hub busy or restarting while 200 units reconnect: 1,600 batches queue for its persistent session. With
+    mosquitto's default max_queued_messages (1,000) the rest were dropped and resent by the units later."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: list[str] = []
+    subacked: set[int] = set()
+
+    def hub_session() -> paho.Client:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="hub-q", clean_session=False, protocol=paho.MQTTv311)
+        c.on_message = lambda _c, _u, m: got.append(m.topic)
+        c.on_subscribe = lambda _c, _u, mid, *_: subacked.add(mid)
+        c.connect("127.0.0.1", shipped.plain_port)
+        c.loop_start()
+        wait_for(c.is_connected, 10, "the hub session's CONNACK")
+        return c
+
+    hub = hub_session()
+    mid = hub.subscribe("customs-edge/v1/+/records", 1)[1]
+    wait_for(lambda: mid in subacked, 10, "SUBACK")
+    hub.loop_stop()
+    hub.disconnect()  # the session stays: the broker queues for it
+    sender = Client(shipped.plain_port, None)
+    n = 1_600
+    for i in range(n):
+        sender.pub(f"customs-edge/v1/dev-{i % 200}/records", b"{}")  # QoS 1, PUBACKed by the broker
+    sender.close()
+    hub = hub_session()
+    try:
+        wait_for(lambda: len(got) >= n, 30, f"{n} queued messages")
+    finally:
+        hub.loop_stop()
+        hub.disconnect()
+    assert len(got) == n
+
+
 def test_an_oversized_publish_disconnects_its_sender_and_reaches_nobody(shipped: Broker) -> None:
     broker = shipped
     listener = Client(broker.plain_port, None)

@@ -174,6 +174,7 @@ def test_a_missing_port_lists_the_ports_present(tmp_path: Path) -> None:
 def test_a_port_held_by_another_process_names_it(tmp_path: Path) -> None:
     with Endpoints(ScaleSim(ScaleWorld(seed=1), rate_hz=50), tcp_port=None) as urls:
         pty = urls["pty"]
+        # the holder keeps the port until it is terminated below; its sleep only bounds an orphan's life
         holder = subprocess.Popen([sys.executable, "-c", "import serial, sys, time\n"
                                    f"s = serial.Serial({pty!r}, exclusive=True)\nprint('held', flush=True)\n"
                                    "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
@@ -241,6 +242,7 @@ def test_outbox_held_by_a_running_agent_warns_with_its_pid(tmp_path: Path) -> No
     from customs_edge.agent.outbox import SqliteOutbox
 
     cfg = unit(tmp_path, "/dev/null", 1883)
+    # the agent stand-in keeps its outbox open until it is terminated below; its sleep only bounds an orphan's life
     code = ("import sys, time\nfrom customs_edge.agent.outbox import SqliteOutbox\n"
             f"o = SqliteOutbox({str(cfg.outbox.path)!r})\nprint('open', flush=True)\ntime.sleep(120)")
     SqliteOutbox(cfg.outbox.path).close()

@@ -127,3 +127,40 @@ def test_a_batch_the_store_refuses_is_not_acked_and_the_others_are(tmp_path: Pat
     finally:
         op.close()
         hub.hub.stop()
+
+
+def test_with_the_alert_lane_what_the_hub_reads_ahead_of_its_store_stays_bounded(tmp_path: Path,
+                                                                                  mosquitto: Mosquitto) -> None:
+    """With the lane, a bulk store takes a slice of what was read (about BULK_TXN_S of the store's rate). Before, each
+    step read on regardless: with a store slower than the link, the broker's whole backlog moved into the hub's
+    memory (and out of the broker's queue, which keeps it across a hub crash)."""
+    hub = HubThread(mosquitto.port, tmp_path / "hub.db", client_id="hub-bound")
+    h = hub.hub
+    assert h.lane is not None
+    h.PENDING_MAX_BYTES = 256 * 1024  # type: ignore[misc]
+    h.BULK_TXN_MIN_BYTES = 16 * 1024  # type: ignore[misc]
+    held: list[int] = []  # bytes read and not yet stored, at each store
+    real_store = h.store.store
+    slow = threading.Event()
+
+    def slow_store(batches: Iterable[Incoming], refused: Mapping[str, int] | None = None) -> list[Stored]:
+        held.append(sum(len(p) for _, p in h._pending))
+        slow.wait(0.02)  # a store slower than the link (a slow disk): the broker must keep the rest
+        return real_store(batches, refused)
+
+    h.store.store = slow_store  # type: ignore[method-assign]
+    op = Operator(mosquitto.port)
+    n, size = 240, 0
+    try:
+        hub.start()
+        wait_for(h.ready.is_set, 10, "the hub subscribed")
+        for i in range(n):
+            msg = records_msg("dev-b", f"b{i}", [rec(i * 20 + k + 1, payload={"x": "y" * 2000}) for k in range(20)])
+            size = len(msg)
+            op.c.publish(f"{PREFIX}/dev-b/records", msg, qos=1)
+        wait_for(lambda: len(hub_seqs(tmp_path / "hub.db", "dev-b")[0]) == n * 20, 60, "every record stored")
+    finally:
+        op.close()
+        hub.stop()
+    # one step reads at most BULK_READS packets past the bound
+    assert held and max(held) <= h.PENDING_MAX_BYTES + h.BULK_READS * size, (max(held), n * size)

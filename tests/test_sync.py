@@ -37,13 +37,15 @@ class Client:
     def __init__(self, port: int) -> None:
         self.c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
         self.got: list[tuple[str, bytes, bool]] = []
+        self.subacks: set[int] = set()
         self.c.on_message = lambda _c, _u, m: self.got.append((m.topic, bytes(m.payload), bool(m.retain)))
+        self.c.on_subscribe = lambda _c, _u, mid, *_: self.subacks.add(mid)
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
 
     def sub(self, topic: str) -> None:
-        self.c.subscribe(topic, 1)
-        time.sleep(0.2)
+        _, mid = self.c.subscribe(topic, 1)
+        wait_for(lambda: mid in self.subacks, 10, f"the SUBACK for {topic}")
 
     def pub(self, topic: str, payload: bytes | str) -> None:
         self.c.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -289,7 +291,9 @@ def test_two_units_with_one_device_id_keep_their_own_sessions(tmp_path: Path, mo
     threads = _run_for(syncs, stop)
     try:
         wait_for(lambda: all(s.link.connected for s in syncs), 10, "both units connected")
-        time.sleep(5)  # a window in which a takeover loop reconnects several times
+        # a negative assertion needs a window: a unit kicked off by a takeover is back within backoff_max_s,
+        # kicking the other one off in turn; 3 x backoff_max_s holds at least two such rounds
+        time.sleep(3 * cfg.backoff_max_s)
         assert [s.stats.connects for s in syncs] == [1, 1] and all(s.link.connected for s in syncs)
     finally:
         stop.set()
@@ -302,7 +306,10 @@ def test_two_hubs_on_one_host_keep_their_own_sessions(tmp_path: Path, mosquitto:
     hubs = [HubThread(mosquitto.port, tmp_path / f"hub{i}" / "hub.db").start() for i in range(2)]
     try:
         assert hubs[0].hub.link.client_id != hubs[1].hub.link.client_id
-        time.sleep(5)
+        # a negative assertion needs a window: a hub kicked off by a takeover retries after its backoff, first
+        # min_s then up to 2 x min_s (core/mqtt.py Backoff), kicking the other one off in turn; 4 x min_s holds
+        # two such rounds
+        time.sleep(4 * hubs[0].hub.link.backoff.min_s)
         assert [h.hub.link.connects for h in hubs] == [1, 1] and all(h.hub.ready.is_set() for h in hubs)
     finally:
         for h in hubs:

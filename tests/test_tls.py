@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,6 +236,17 @@ def test_the_hubs_alert_lane_connects_with_a_certificate_of_its_own(tmp_path: Pa
         hub.stop()
 
 
+def handled_so_far(sync: Sync, operator: Client) -> None:
+    """Step dev-a's sync until everything published to it so far has been handled: a ping to dev-a from an
+    operator (whatever was PUBACKed before it is queued to dev-a before it); once dev-a answered it, every
+    forged ack that got through has been handled, and is settled by a few more steps."""
+    operator.sub(f"{PREFIX}/dev-a/cmd/reply")
+    operator.pub(f"{PREFIX}/dev-a/cmd", json.dumps({"id": "marker", "cmd": "ping"}))
+    wait_for(lambda: sync.step() or f"{PREFIX}/dev-a/cmd/reply" in operator.topics(), 30, "dev-a's pong")
+    for _ in range(10):
+        sync.step()  # settle what was acked
+
+
 def forged_acks_delete(tmp_path: Path, port: int, agent_tls: dict[str, Any], attackers: list[Client]) -> int:
     """dev-a's sync with 50 records in flight and no hub; each attacker publishes, for every batch in flight,
     the ack the hub would send. Returns how many records dev-a deleted from its outbox."""
@@ -250,14 +260,7 @@ def forged_acks_delete(tmp_path: Path, port: int, agent_tls: dict[str, Any], att
             ack = Ack(batch=bid, ranges=flight.ranges, stored=flight.count).model_dump_json()
             for attacker in attackers:
                 attacker.pub(f"{PREFIX}/dev-a/ack", ack)
-        # then a ping to dev-a (every ack above was PUBACKed, so queued to dev-a, before it): once dev-a
-        # answered it, every forged ack that got through has been handled
-        marker = attackers[-1]
-        marker.sub(f"{PREFIX}/dev-a/cmd/reply")
-        marker.pub(f"{PREFIX}/dev-a/cmd", json.dumps({"id": "marker", "cmd": "ping"}))
-        wait_for(lambda: sync.step() or f"{PREFIX}/dev-a/cmd/reply" in marker.topics(), 30, "dev-a's pong")
-        for _ in range(10):
-            sync.step()  # settle what was acked
+        handled_so_far(sync, attackers[-1])
         return 50 - len(outbox.records)
     finally:
         sync.link.close()
@@ -285,14 +288,12 @@ def test_dev_a_keeps_its_records_until_the_real_hub_acks(tmp_path: Path, pki: Pa
     outbox.put([RecordIn(type="t", payload={"i": i}) for i in range(30)])
     sync = Sync("dev-a", outbox, SyncConfig(port=broker.port, batch_max_records=10, ack_timeout_s=5,
                                             **tls_keys(pki, "dev-a")), outbox_path=tmp_path / "o.db")
-    attacker = Client(broker.port, tls(pki, "dev-b"))
+    attacker, operator = Client(broker.port, tls(pki, "dev-b")), Client(broker.port, tls(pki, "op-1"))
     try:
         wait_for(lambda: sync.step() or (len(sync._inflight) == 3 and not sync._by_mid), 30, "3 batches PUBACKed")
         for bid, flight in sync._inflight.items():
             attacker.pub(f"{PREFIX}/dev-a/ack", Ack(batch=bid, ranges=flight.ranges).model_dump_json())
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:  # give a forged ack every chance to arrive
-            sync.step()
+        handled_so_far(sync, operator)  # every forged ack had its chance to arrive
         assert len(outbox.records) == 30
         hub = HubThread(broker.port, tmp_path / "hub.db", **tls_keys(pki, "hub-1")).start()
         try:
@@ -302,6 +303,7 @@ def test_dev_a_keeps_its_records_until_the_real_hub_acks(tmp_path: Path, pki: Pa
             hub.stop()
     finally:
         attacker.close()
+        operator.close()
         sync.link.close()
 
 
