@@ -128,11 +128,6 @@ SCHEMA: list[str] = [
 
 MAX_SEQ_JUMP = 10**9  # default: 1.6 years of a unit making 20 records/s with none of them reaching the hub
 
-# Pages of a new database (SQLite's default is 4096): at ~330 bytes a record, a fifth less CPU per stored record
-# (fewer pages split, written to the WAL and checkpointed; bench/pipeline_cpu.py store_us, docs/scale.md). A
-# database made before keeps its page size (a page size is changed only by a VACUUM outside WAL mode).
-PAGE_SIZE = 16384
-
 ROWS_PER_INSERT = 64  # records rows per INSERT statement (9 values each and 2 shared; SQLite takes 32766)
 _NO_LINK = (None, None)
 
@@ -219,7 +214,6 @@ class HubStore:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a new file only: before WAL mode writes its header
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")

@@ -14,7 +14,7 @@ import pytest
 from customs_edge.core.records import Pending
 from customs_edge.core.wire import encode_batch
 from customs_edge.hub import intake
-from customs_edge.hub.store import PAGE_SIZE, SCHEMA, HubStore, StoreError
+from customs_edge.hub.store import SCHEMA, HubStore, StoreError
 
 
 def batch(seqs: list[int], boot: str, batch_id: str = "b") -> intake.Incoming:
@@ -76,15 +76,6 @@ def test_a_non_finite_timestamp_costs_only_its_own_record(tmp_path: Path) -> Non
     assert [(r.seq, r.reason.split(":")[0]) for r in b.rejected] == [(1, "ts"), (2, "mono")]
 
 
-def test_a_new_database_has_large_pages_in_wal_mode(tmp_path: Path) -> None:
-    st = HubStore(tmp_path / "hub.db")
-    assert st.db.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE,) != (4096,)
-    assert st.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    (s,) = st.store([batch(list(range(1, 200)), "boot-a")])
-    st.close()
-    assert s.stored == 199 and HubStore(tmp_path / "hub.db").stats()[0].stored == 199
-
-
 def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "hub.db")
     db.executescript(SCHEMA[0] + ";PRAGMA user_version=1;")
@@ -95,7 +86,6 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     db.close()
     st = HubStore(tmp_path / "hub.db")
     assert st.db.execute("PRAGMA user_version").fetchone() == (len(SCHEMA),)
-    assert st.db.execute("PRAGMA page_size").fetchone() == (4096,), "an existing file keeps its pages"
     (dev,) = st.stats()
     assert (dev.received, dev.stored, dev.conflicts, dev.rejected, dev.gaps) == (2, 1, 1, 0, 0)
     # the old conflict is still known: resent, it is a redelivery; the same seq with a third content is not
