@@ -166,6 +166,7 @@ class SimUnit:
     start_at: float = 0.0  # seconds after start() its production (and its first connect) begins
     fd: int = -1  # the socket the driver watches for it
     next_tick: float = 0.0
+    watch_out: bool = False  # its socket is watched for writable too: paho holds data the kernel would not take
 
 
 @dataclass
@@ -212,6 +213,7 @@ class _Driver:
         self._n = 0
         self.steps = 0
         self.thread = threading.Thread(target=self.run, name="sim-driver", daemon=True)
+        self.put_failures = 0
 
     def wake(self, unit: SimUnit) -> None:
         with self._woken_lock:
@@ -236,7 +238,11 @@ class _Driver:
                 now = time.monotonic()
                 if fleet.rate > 0 and now >= next_put:
                     next_put = now + fleet.put_every_s
-                    due.update(fleet.produce(self.units, now))
+                    try:
+                        due.update(fleet.produce(self.units, now))
+                    except Exception:  # an outbox that refuses (a full disk): its units go on syncing, counted
+                        self.put_failures += 1
+                        log.exception("putting the fleet's records failed; retried at the next put")
                 wait = min(self.POLL_MAX_S, (self.timers[0][0] if self.timers else now + 1) - now,
                            (next_put - now) if fleet.rate > 0 else self.POLL_MAX_S)
                 for fd, _ in self.ep.poll(0.0 if due else max(0.0, wait)):
@@ -254,13 +260,12 @@ class _Driver:
                         due.add(u)
                 todo, due = due, set()
                 for u in todo:
-                    if self._step(u, now):
-                        due.add(u)  # data left to write: step it again at once
+                    self._step(u, now)
         finally:
             self.ep.close()
             self.waker.close()
 
-    def _step(self, u: SimUnit, now: float) -> bool:
+    def _step(self, u: SimUnit, now: float) -> None:
         self.steps += 1
         try:
             u.sync.step()
@@ -279,9 +284,13 @@ class _Driver:
                     self.ep.register(fd, select.EPOLLIN)
                 except FileExistsError:  # a number reused before the old socket's close reached epoll
                     self.ep.modify(fd, select.EPOLLIN)
-            u.fd = fd
+            u.fd, u.watch_out = fd, False
+        # data left to write (the broker is behind): stepped again when the socket takes more, not at once (a spin)
+        if fd >= 0 and (want := u.link.wants_write()) != u.watch_out:
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.modify(fd, select.EPOLLIN | (select.EPOLLOUT if want else 0))
+                u.watch_out = want
         self._schedule(u, now + self.fleet.tick_s)
-        return u.link.wants_write()
 
 
 class SimFleet:
@@ -331,6 +340,7 @@ class SimFleet:
         self._drivers = [_Driver(self, self.units[k::threads]) for k in range(max(1, min(threads, units)))]
         self._driver_of = {u.device_id: d for d in self._drivers for u in d.units}
         self._start = {u.device_id: u.produced for u in self.units}
+        self._counts = threading.Lock()  # a unit's produced and _start: its driver and put() (any thread) count them
 
     @staticmethod
     def _put(unit: SimUnit, n: int, chunk: int = 5000) -> None:
@@ -357,15 +367,17 @@ class SimFleet:
             if self.limit is not None:
                 due = min(due, self.limit - u.produced)
             if due > 0:
-                self._put(u, due)
+                with self._counts:
+                    self._put(u, due)
                 out.append(u)
         return out
 
     def put(self, unit: SimUnit, records: Sequence[RecordIn]) -> range:
         """Commit records into a unit's outbox from any thread (an alert, say) and have its driver send them."""
         seqs = unit.outbox.put(records)
-        unit.produced += len(seqs)
-        self._start[unit.device_id] += len(seqs)  # not part of its steady rate
+        with self._counts:
+            unit.produced += len(seqs)
+            self._start[unit.device_id] += len(seqs)  # not part of its steady rate
         self._driver_of[unit.device_id].wake(unit)
         return seqs
 
@@ -381,6 +393,7 @@ class SimFleet:
             latency_p50_ms=None if p50 is None else round(p50 * 1000, 1),
             latency_p99_ms=None if p99 is None else round(p99 * 1000, 1),
             extra={"steps": sum(d.steps for d in self._drivers),
+                   "put_failures": sum(d.put_failures for d in self._drivers),
                    # batches past their ack wait left waiting while the hub's acks came; resent as passed over
                    "hub_resends_deferred": sum(u.sync.stats.hub_resends_deferred for u in self.units),
                    "hub_resends_skipped": sum(u.sync.stats.hub_resends_skipped for u in self.units)})
@@ -398,9 +411,15 @@ class SimFleet:
         for d in self._drivers:
             if d.thread.is_alive():
                 d.thread.join(timeout)
+            elif d.thread.ident is None:  # never started: its run() would have closed these
+                d.ep.close()
+                d.waker.close()
         stopped = threading.Event()
         stopped.set()
-        for u in self.units:
-            with contextlib.suppress(Exception):
-                u.sync.run(stopped)  # no step: Sync's own goodbye (offline status, DISCONNECT, acks settled)
-            u.outbox.close()
+        for d in self._drivers:
+            for u in d.units:
+                if d.thread.is_alive():  # a driver still stepping its units (stuck): no second thread on them
+                    continue
+                with contextlib.suppress(Exception):
+                    u.sync.run(stopped)  # no step: Sync's own goodbye (offline status, DISCONNECT, acks settled)
+                u.outbox.close()
