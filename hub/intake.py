@@ -26,6 +26,7 @@ so the fast pass only ever accepts what the strict one accepts, with the same ro
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -79,7 +80,7 @@ class _Envelope(Batch):
 _RECORD = TypeAdapter(WireRecord)
 
 
-class _CleanRecord(msgspec.Struct):
+class _CleanRecord(msgspec.Struct, gc=False):
     """WireRecord for the fast pass: the same fields, types and bounds (msgspec refuses a bool for an int, a
     float for an int and a number out of a double's range, as the strict path does); the payload kept as bytes."""
 
@@ -93,7 +94,7 @@ class _CleanRecord(msgspec.Struct):
     prev: str | None = None
 
 
-class _CleanBatch(msgspec.Struct):
+class _CleanBatch(msgspec.Struct, gc=False):
     device_id: str
     batch: str
     records: list[_CleanRecord]
@@ -104,6 +105,31 @@ class _CleanBatch(msgspec.Struct):
 
 _CLEAN = msgspec.json.Decoder(_CleanBatch)
 _VALUES = msgspec.json.Decoder()
+_ENCODE = msgspec.json.Encoder().encode
+_EXP = re.compile(rb"e[0-9]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH = 160  # nesting levels of a payload the fast pass takes (the strict path's parser goes to 197)
+
+
+def _shallow(joined: bytes) -> bool:
+    """Whether the brackets of `joined` (in strings too) nest at most _DEPTH deep: each round sheds the innermost
+    pair of each kind, so what is left after _DEPTH // 2 rounds nested deeper (or does not pair up)."""
+    b = joined.translate(None, _NOT_BRACKETS)
+    for _ in range(_DEPTH // 2):
+        shed = b.replace(b"{}", b"").replace(b"[]", b"")
+        if len(shed) == len(b):
+            break
+        b = shed
+    return not b
+
+
+def _within(value: Any, depth: int) -> bool:
+    """Whether a decoded JSON value nests at most `depth` deep (never recursing further than that)."""
+    if type(value) is dict:
+        return depth > 0 and all(_within(v, depth - 1) for v in value.values())
+    if type(value) is list:
+        return depth > 0 and all(_within(v, depth - 1) for v in value)
+    return True
 
 
 def _clean(payload: bytes | str) -> tuple[_CleanBatch, list[bytes]] | None:
@@ -111,7 +137,7 @@ def _clean(payload: bytes | str) -> tuple[_CleanBatch, list[bytes]] | None:
     None: the strict path decides."""
     try:
         env = _CLEAN.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     # a NUL character in a stored text field: the strict pass rejects the record. JSON writes one only as \u0000:
     # the records are looked at only when the message holds that
@@ -124,16 +150,29 @@ def _clean(payload: bytes | str) -> tuple[_CleanBatch, list[bytes]] | None:
     try:  # msgspec's values equal pydantic-core's wherever the comparison below can hold (a float correctly
         # rounded, an int, a string); where they could differ (a repeated key, a number out of range) it fails
         values = _VALUES.decode(joined)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
+    longest = max(map(len, raws), default=0)
+    if not all(type(v) is dict for v in values) or longest > MAX_PAYLOAD_BYTES:
+        return None
+    # Payloads nested deeper than the strict path's parser goes (200 levels, the envelope's 3 included) are
+    # refused there: the fast pass takes those at most _DEPTH deep. Cheap bounds first (a level takes 2 bytes;
+    # every payload is an object, so holds a "{"; brackets in strings count too), the values walked only where
+    # those are in doubt.
+    if (longest >= 2 * _DEPTH and joined.count(b"{") + joined.count(b"[") - len(raws) > _DEPTH
+            and not _shallow(joined) and not all(_within(v, _DEPTH) for v in values)):
         return None
     # The bytes are what the strict path stores: its parse, re-serialised, gives them back unchanged. Written
     # with NaN and infinities as null, so that a non-finite number (a NaN, an Infinity, 1e400) never matches.
+    # msgspec's serializer writes what pydantic-core's does at a third of its cost, but for a float's positive
+    # exponent (1e16 here, 1e+16 there): where the bytes could hold one (an e before a digit), or msgspec's
+    # differ (1e+16 was written by pydantic-core), pydantic-core's serializer decides.
+    if _ENCODE(values) == joined and _EXP.search(joined) is None:
+        return env, raws
     try:
         if pydantic_core.to_json(values, inf_nan_mode="null") != joined:
             return None
     except (ValueError, pydantic_core.PydanticSerializationError):  # nested deeper than the serializer goes
-        return None
-    if not all(type(v) is dict for v in values) or max(map(len, raws), default=0) > MAX_PAYLOAD_BYTES:
         return None
     return env, raws
 

@@ -86,6 +86,12 @@ def message(*records: str, **envelope: Any) -> bytes:
     message(record("[1]"), record('"x"', seq=2), record("null", seq=3), record(seq=4)),
     message(record('{"a":"' + "x" * MAX_PAYLOAD_BYTES + '"}'), record(seq=2)),
     message(record('{"a":' + "[" * 300 + "]" * 300 + "}")),
+    message(record('{"a":' + "[" * 220 + "]" * 220 + "}")),  # deeper than the strict parser goes: refused whole
+    message(record('{"a":' + "[" * 3000 + "]" * 3000 + "}")),  # deeper than msgspec goes: refused, no RecursionError
+    message(record('{"a":' + "[" * 150 + "]" * 150 + "}")),  # deep, taken by the fast pass
+    message(record('{"a":' + "[" * 170 + "]" * 170 + ',"b":"]"}')),  # deeper than it takes: the strict pass's
+    message(*(record('{"a":' + "[" * 150 + "]" * 150 + ',"b":"]]"}', seq=i) for i in range(1, 4))),  # walked
+    message(record('{"a":1e16,"b":1e-7,"c":-2.5e300}'), record('{"a":1e+16}', seq=2)),  # exponents: pydantic-core's
     message(record(ts=5, mono=7)),  # whole numbers where floats are wanted
     message(record(seq=0), record(seq=2, prio=4), record(seq=True), record(seq=1.0), record(seq=2**63)),
     message(record(ts=1e400)),
@@ -105,6 +111,13 @@ def message(*records: str, **envelope: Any) -> bytes:
 ])
 def test_any_message_gets_the_strict_pass_s_answer(msg: bytes) -> None:
     assert outcome(msg) == strict(msg)
+
+
+def test_the_fast_pass_takes_payloads_up_to_its_depth_whatever_their_strings_hold() -> None:
+    for depth, note, taken in ((150, "", True), (150, "[" * 20 + "]]", True), (170, "", False), (170, "]]", False)):
+        msg = message(record('{"a":' + "[" * depth + "]" * depth + f',"b":"{note}"}}'))
+        assert (intake._clean(msg) is not None) == taken, (depth, note)
+        assert outcome(msg) == strict(msg)
 
 
 def test_a_nul_character_in_a_stored_text_field_rejects_that_record_alone() -> None:

@@ -134,3 +134,30 @@ def test_units_reconnect_after_a_broker_crash_and_nothing_is_lost(tmp_path: Path
     finally:
         fleet.stop()
         hub.stop()
+
+
+@pytest.mark.broker
+def test_a_unit_whose_socket_is_full_waits_for_it_instead_of_spinning(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """A broker that stops reading (behind, or here SIGSTOPped) leaves paho with data the socket will not take. The
+    driver used to step such a unit again at once, in a loop at 100 % of a core; now it waits for the socket to
+    become writable (or the unit's timer, every tick_s)."""
+    import signal
+    import time
+
+    tick = 0.1
+    fleet = SimFleet(1, tmp_path / "units", port=mosquitto.port, rate=0, outbox="memory", batch_max_records=1000,
+                     window_batches=40,  # 40 MB in flight: more than the loopback socket buffers take
+                     tick_s=tick, spread_s=0.0).start()
+    assert mosquitto.proc is not None
+    unit, driver = fleet.units[0], fleet._drivers[0]
+    try:
+        wait_for(lambda: fleet.connected() == 1, 10, "the unit connected")
+        mosquitto.proc.send_signal(signal.SIGSTOP)
+        fleet.put(unit, [RecordIn(type="sim", payload={"x": "y" * 4000}) for _ in range(10000)])  # 40 MB to send
+        wait_for(unit.link.wants_write, 20, "paho holding what the socket will not take")
+        t0, s0 = time.monotonic(), driver.steps
+        wait_for(lambda: driver.steps - s0 >= 10, 20, "ten more steps of the unit")
+        assert time.monotonic() - t0 >= 5 * tick, "ten steps without the socket or the timer: a spin"
+    finally:
+        mosquitto.proc.send_signal(signal.SIGCONT)
+        fleet.stop()
