@@ -57,7 +57,9 @@ Fresh tail: the rows put() commits are also kept in memory, per priority, until 
 begin() need not read back what was just written. They are added only once their transaction committed, and
 the tail is forgotten (begin() reads the file again until it catches up) on release(), on a delete that
 touches it, and past FRESH_MAX_RECORDS or FRESH_MAX_BYTES (a backlog): begin() hands out exactly what the file
-holds either way (tests/test_outbox_fresh.py).
+holds either way (tests/test_outbox_fresh.py). The tail, the cursors and the waiting deletes have a lock of their
+own, taken inside the connection's: while every priority's tail is in memory and no delete waits, begin() takes
+only that one, and so never waits for a put's commit (its fsync) on the connection.
 
 Dead letters: a record that cannot be stored (a NaN or infinite stamp, a payload that cannot be
 encoded, a priority outside Priority) or that the hub refused (`reject()`) goes to `dead_letters` (the
@@ -69,6 +71,7 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
@@ -87,7 +90,7 @@ from typing import ClassVar, Protocol, TypeVar, cast
 from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.jsonfast import dumps
 from customs_edge.core.records import Pending, Priority, RecordIn
-from customs_edge.core.signing import GENESIS, TOMBSTONE_RUNS, TOMBSTONE_TYPE, record_hash
+from customs_edge.core.signing import GENESIS, TOMBSTONE_RUNS, TOMBSTONE_TYPE, record_hash, record_hash_ts
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +247,14 @@ def chain(head: str, first_seq: int, rows: Sequence[Row]) -> tuple[list[Linked],
     linked: list[Linked] = []
     append = linked.append
     seq = first_seq
+    stamp: float | None = None  # the last ts formatted (the records of one reading share its float)
+    text = ""
     for row in rows:
         append((seq, *row, head))
-        head = record_hash(head, seq, row[0], row[3], row[4], row[5])
+        if row[0] is not stamp:
+            stamp = row[0]
+            text = repr(stamp)
+        head = record_hash_ts(head, seq, text, row[3], row[4], row[5])
         seq += 1
     return linked, head
 
@@ -310,6 +318,25 @@ def subtract_ranges(a: Ranges, b: Ranges) -> Ranges:
         if lo <= hi:
             out.append((lo, hi))
     return out
+
+
+_INSERT = "INSERT INTO records (seq, ts, boot_id, mono, type, priority, payload, prev) VALUES "
+_flatten = itertools.chain.from_iterable
+
+
+def insert_linked(db: sqlite3.Connection, linked: Sequence[Linked], most: int) -> None:
+    """INSERT the rows, up to `most` (a power of two) per statement: one step of SQLite, and one release of
+    the GIL, per statement instead of per row (executemany's), which another thread busy in Python turns into
+    a wait each. The statements have a power of two of rows each, so a few texts are cached, not one per size."""
+    i, n = 0, len(linked)
+    while i < n:
+        k = 1 << (min(most, n - i).bit_length() - 1)
+        sql = _INSERT_SQL.get(k) or _INSERT_SQL.setdefault(k, _INSERT + ",".join(["(?,?,?,?,?,?,?,?)"] * k))
+        db.execute(sql, list(_flatten(linked[i:i + k])))
+        i += k
+
+
+_INSERT_SQL: dict[int, str] = {}
 
 
 # a row of begin()'s SELECT (its 8 columns, in Pending's order) as a Pending: what Pending._make does, without
@@ -426,7 +453,10 @@ class SqliteOutbox:
                                else min(32 * MIB, fs.f_blocks * fs.f_frsize // 20))
         self.boot_id = boot or boot_id()
         self._sync_full = synchronous == "FULL"
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection: every statement, every transaction
+        # the fresh tail, the cursor and the waiting deletes (taken inside _lock where both are held): begin()
+        # hands out the fresh tail under this lock alone, never waiting for a put's commit (its fsync)
+        self._fresh_lock = threading.Lock()
         self._closed = False
         self._file_problem: str | None = None
         self._cursor = dict.fromkeys(_PRIO_NAME, 0)
@@ -451,6 +481,9 @@ class SqliteOutbox:
             st = os.fstat(self._fd)
             self._ident = (st.st_dev, st.st_ino)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # rows per INSERT statement: 8 variables each, within the library's limit (999 before SQLite 3.32)
+            self._insert_rows = 1 << (min(256, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 8)
+                                      .bit_length() - 1)
             self._db.execute(f"PRAGMA synchronous={'FULL' if self._sync_full else 'NORMAL'}")
             self._migrate()
             self.device_id = self._claim(device_id)
@@ -515,17 +548,25 @@ class SqliteOutbox:
                 self._db.execute("PRAGMA synchronous=FULL")
 
     def _add_fresh(self) -> None:
-        for prio, rows, nbytes in self._staged:
-            if self._fresh_ok[prio]:
-                self._fresh[prio] += rows
-                self._fresh_count += len(rows)
-                self._fresh_bytes += nbytes
-        if self._fresh_count > self.FRESH_MAX_RECORDS or self._fresh_bytes > self.FRESH_MAX_BYTES:
-            self._drop_fresh(_PRIO_NAME)  # a backlog: begin() reads it from the file, as at start
+        if not self._staged:
+            return
+        with self._fresh_lock:
+            for prio, rows, nbytes in self._staged:
+                if self._fresh_ok[prio]:
+                    self._fresh[prio] += rows
+                    self._fresh_count += len(rows)
+                    self._fresh_bytes += nbytes
+            if self._fresh_count > self.FRESH_MAX_RECORDS or self._fresh_bytes > self.FRESH_MAX_BYTES:
+                self._drop_fresh(_PRIO_NAME)  # a backlog: begin() reads it from the file, as at start
+
+    def _forget_fresh(self, lo: int, hi: int) -> None:
+        """Forget the fresh tail of the priorities holding a seq in lo..hi (rows deleted or dropped)."""
+        with self._fresh_lock:
+            self._drop_fresh(self._fresh_hit(lo, hi))
 
     def _drop_fresh(self, prios: Iterable[int]) -> None:
         """Forget the fresh tail of these priorities: begin() reads them from the file again until it
-        catches up (always safe: the file holds every committed record)."""
+        catches up (always safe: the file holds every committed record). The caller holds _fresh_lock."""
         for prio in prios:
             rows = self._fresh[prio]
             self._fresh_count -= len(rows)
@@ -559,8 +600,7 @@ class SqliteOutbox:
         first = (row[0] if row else 0) + 1
         (head,) = db.execute("SELECT value FROM meta WHERE key='chain_head'").fetchone()
         linked, head = chain(head, first, rows)
-        db.executemany("INSERT INTO records (seq, ts, boot_id, mono, type, priority, payload, prev)"
-                       " VALUES (?,?,?,?,?,?,?,?)", linked)
+        insert_linked(db, linked, self._insert_rows)
         db.execute("UPDATE meta SET value=? WHERE key='chain_head'", (head,))
         counts = Counter(map(_row_priority, rows))
         self._bump({f"pending.{_PRIO_NAME[p]}": n for p, n in counts.items()})
@@ -577,7 +617,7 @@ class SqliteOutbox:
             f" ({','.join('?' * len(seqs[i:i + 500]))}) ORDER BY seq", seqs[i:i + 500])]
         db.executemany("DELETE FROM records WHERE seq = ?", [(r[0],) for r in gone])
         if gone:
-            self._drop_fresh(self._fresh_hit(gone[0][0], gone[-1][0]))
+            self._forget_fresh(gone[0][0], gone[-1][0])
         counts = Counter(r[4] for r in gone)
         for p, n in counts.items():
             self._bump({f"pending.{_PRIO_NAME[p]}": -n, f"dropped.{_PRIO_NAME[p]}": n})
@@ -627,36 +667,44 @@ class SqliteOutbox:
     def begin(self, max_records: int) -> list[Pending]:
         """The next records not yet handed out since the last release(), highest priority first; never
         one acked or rejected whose delete is still waiting."""
-        out: list[Pending] = []
+        with self._fresh_lock:  # the usual case: every priority's tail in memory, no delete waiting
+            if not self._waiting and all(self._fresh_ok.values()):
+                return self._hand_out(max_records)
         with self._lock:
             self._retry_waiting()
-            for prio in _PRIOS_DOWN:
-                while (want := max_records - len(out)) > 0:
-                    if self._fresh_ok[prio]:  # what put() committed since the last begin: no read back
-                        rows = self._fresh[prio]
-                        if len(rows) <= want:
-                            self._fresh[prio] = []
-                        else:
-                            rows, self._fresh[prio] = rows[:want], rows[want:]
-                        self._fresh_count -= len(rows)
-                        self._fresh_bytes = self._fresh_bytes - sum(map(len, map(_payload_of, rows))) \
-                            if self._fresh_count else 0
+            with self._fresh_lock:
+                return self._hand_out(max_records)
+
+    def _hand_out(self, max_records: int) -> list[Pending]:
+        """begin()'s work; the caller holds _fresh_lock, and _lock unless every priority is fresh (no read)."""
+        out: list[Pending] = []
+        for prio in _PRIOS_DOWN:
+            while (want := max_records - len(out)) > 0:
+                if self._fresh_ok[prio]:  # what put() committed since the last begin: no read back
+                    rows = self._fresh[prio]
+                    if len(rows) <= want:
+                        self._fresh[prio] = []
                     else:
-                        rows = self._db.execute(
-                            "SELECT seq, ts, boot_id, mono, type, priority, payload, prev FROM records"
-                            " WHERE priority=? AND seq>? ORDER BY seq LIMIT ?", (prio, self._cursor[prio], want + 1),
-                        ).fetchall()
-                        if len(rows) > want:
-                            del rows[want:]
-                        else:  # the file has no more of this priority: from now on, the fresh tail has them
-                            self._fresh_ok[prio] = True
-                    if not rows:
-                        break
-                    self._cursor[prio] = rows[-1][0]
-                    wait = self._waiting_ranges
-                    out.extend(map(_pending, [r for r in rows if not _covered(wait, r[0])] if wait else rows))
-                    if len(rows) < want:
-                        break
+                        rows, self._fresh[prio] = rows[:want], rows[want:]
+                    self._fresh_count -= len(rows)
+                    self._fresh_bytes = self._fresh_bytes - sum(map(len, map(_payload_of, rows))) \
+                        if self._fresh_count else 0
+                else:
+                    rows = self._db.execute(
+                        "SELECT seq, ts, boot_id, mono, type, priority, payload, prev FROM records"
+                        " WHERE priority=? AND seq>? ORDER BY seq LIMIT ?", (prio, self._cursor[prio], want + 1),
+                    ).fetchall()
+                    if len(rows) > want:
+                        del rows[want:]
+                    else:  # the file has no more of this priority: from now on, the fresh tail has them
+                        self._fresh_ok[prio] = True
+                if not rows:
+                    break
+                self._cursor[prio] = rows[-1][0]
+                wait = self._waiting_ranges
+                out.extend(map(_pending, [r for r in rows if not _covered(wait, r[0])] if wait else rows))
+                if len(rows) < want:
+                    break
         return out
 
     def ack(self, ranges: Iterable[tuple[int, int]]) -> int:
@@ -686,8 +734,9 @@ class SqliteOutbox:
             if not self._waiting:
                 log.warning("disk full: acked records stay until their delete succeeds; they are not sent again",
                             extra={"path": str(self.path), "records": n})
-            self._waiting.append((todo, reason, n))
-            self._waiting_ranges = merge_ranges(self._waiting_ranges + todo)
+            with self._fresh_lock:  # seen by begin()'s fast path before it hands out anything more
+                self._waiting.append((todo, reason, n))
+                self._waiting_ranges = merge_ranges(self._waiting_ranges + todo)
             return n
 
     def _delete(self, ranges: Ranges, reason: str | None) -> int:
@@ -710,7 +759,7 @@ class SqliteOutbox:
             if reason is not None:
                 db.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", ranges)
             for lo, hi in ranges:  # records not handed out yet (not the usual ack): read from the file again
-                self._drop_fresh(self._fresh_hit(lo, hi))
+                self._forget_fresh(lo, hi)
             self._bump({f"pending.{_PRIO_NAME[p]}": -n for p, n in counts.items()})
         if dead:
             self._bury(dead)
@@ -721,9 +770,10 @@ class SqliteOutbox:
         while self._waiting:
             ranges, reason, _ = self._waiting[0]
             self._write(partial(self._delete, ranges, reason), relaxed=True)
-            self._waiting.pop(0)
-            if not self._waiting:
-                self._waiting_ranges = []
+            with self._fresh_lock:
+                self._waiting.pop(0)
+                if not self._waiting:
+                    self._waiting_ranges = []
                 log.info("waiting deletes done: disk space is back", extra={"path": str(self.path)})
 
     def _retry_waiting(self, now: bool = False) -> None:
@@ -744,7 +794,7 @@ class SqliteOutbox:
 
     def release(self) -> None:
         """Everything handed out and not acked is pending again (after a reconnect or ack timeout)."""
-        with self._lock:
+        with self._lock, self._fresh_lock:
             self._cursor = dict.fromkeys(self._cursor, 0)
             self._drop_fresh(_PRIO_NAME)
 

@@ -3,7 +3,8 @@
     python bench/pipeline.py [--records 200000] [--json]
 
 Runs a real mosquitto, a hub process and an agent process: the production Unit (core thread, group
-commit, sync thread) with a synthetic source in place of an instrument. For the throughput figure the
+commit, sync thread) with a synthetic source in place of an instrument, its collector tuned at start as
+`customs-edge run` does (agent/runtime.py tune_gc). For the throughput figure the
 source yields readings that each make 100 records (instruments send <= 50 frames/s, so the per-frame
 driver path is not what limits a unit; the parser's own rate is measured separately), as fast as the
 bounded queue between driver and app takes them. For the latency figure it yields one record per
@@ -112,8 +113,9 @@ def agent_child(port: int, work: Path, records: int, latency_s: float, pids: dic
     """Runs in its own process: the production Unit with the synthetic driver."""
     from customs_edge.agent.config import parse_unit_config
     from customs_edge.agent.outbox import SqliteOutbox
-    from customs_edge.agent.runtime import Unit
+    from customs_edge.agent.runtime import Unit, tune_gc
 
+    tune_gc()  # as the agent process (`customs-edge run`) does at start
     durable: list[float] = []  # reading created -> committed, at the steady rate
 
     def unit_for(name: str, limit: int, rate: float, burst: int) -> tuple[Unit, list[float]]:

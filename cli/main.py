@@ -52,7 +52,7 @@ def _stop_on_signals(reload: threading.Event | None = None) -> threading.Event:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from customs_edge.agent.config import load_unit_config
-    from customs_edge.agent.runtime import run_forever
+    from customs_edge.agent.runtime import run_forever, tune_gc
 
     warnings: list[str] = []
     cfg = load_unit_config(args.config, warnings)
@@ -61,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("config: %s", w, extra={"config": args.config})
     reload = threading.Event()
     stop = _stop_on_signals(reload)
+    tune_gc()  # the collector for a long-lived process under load (agent/runtime.py)
     run_forever(cfg, args.config, stop, reload)
     return 0
 

@@ -47,6 +47,11 @@ def record_hash(prev: str, seq: int, ts: float, type_: str, priority: int, paylo
     return h.hexdigest()
 
 
+def record_hash_ts(prev: str, seq: int, ts_text: str, type_: str, priority: int, payload: str) -> str:
+    """record_hash() with the stamp given as repr(ts): formatted once for records that share a stamp."""
+    return hashlib.sha256(f"{prev}\n{seq}\n{ts_text}\n{priority}\n{len(type_)}:{type_}\n{payload}".encode()).hexdigest()
+
+
 def record_hashes_utf8(records: Iterable[tuple[str | None, int, float, str, int]], payloads: Iterable[bytes]
                        ) -> list[str]:
     """record_hash() of many records, (prev or None, seq, ts, type, priority) each, with their payloads given

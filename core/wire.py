@@ -192,14 +192,19 @@ def encode_batch(device_id: str, batch_id: str, records: list[Pending], key: Dev
     device key, each record carries its chain link and the batch is signed."""
     types: dict[str, str] = {}  # a batch holds a few types: each encoded once
     parts = []
+    # a float formatted once for the records that share it (the same object): the records of one reading share
+    # its stamp, those of one commit their mono
+    ts_last: float | None = None
+    mono_last: float | None = None
+    ts_ = mono_ = ""
     for seq, ts, boot, mono, type_, prio, payload, prev in records:
         t = types.get(type_)
         if t is None:
             t = types[type_] = dumps(type_)
-        if ts - ts or mono - mono:  # NaN or an infinity (x - x is NaN; 0.0 for every finite float)
-            ts_, mono_ = _number(ts), _number(mono)
-        else:
-            ts_, mono_ = repr(ts), repr(mono)
+        if ts is not ts_last:  # x - x: 0.0 for every finite float, NaN for NaN and the infinities
+            ts_last, ts_ = ts, _number(ts) if ts - ts else repr(ts)
+        if mono is not mono_last:
+            mono_last, mono_ = mono, _number(mono) if mono - mono else repr(mono)
         parts.append(f'{{"seq":{seq},"ts":{ts_},"boot":"{boot}","mono":{mono_},"type":{t},"prio":{prio},'
                      f'"payload":{payload}' + ("}" if prev is None else f',"prev":"{prev}"}}'))
     head = f'{{"v":{WIRE_VERSION},"device_id":{dumps(device_id)},"batch":{dumps(batch_id)},'

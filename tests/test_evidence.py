@@ -3,6 +3,7 @@ tombstones for cap drops, and `customs-edge hub verify` naming the first seq whe
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -176,6 +177,27 @@ def test_a_batch_signs_the_chain_hashes_its_records_hash_to(tmp_path: Path, key:
     hub = make_hub(tmp_path, key)
     (ack,) = hub.handle([(TOPIC, encode_batch(DEV, "b", batch, key))])
     assert Ack.model_validate_json(ack.payload).ranges == [(1, 11)]
+
+
+def test_records_sharing_a_stamp_hash_and_encode_as_each_alone(tmp_path: Path, key: DeviceKey) -> None:
+    """The outbox's chain and encode_batch format a float once for the records that share it (one reading's
+    stamp, one commit's mono): every hash and wire number must be the record's own. 0.0 and -0.0 are equal
+    and print apart."""
+    stamp = 1_700_000_000.123456
+    stamps = [stamp, stamp, 0.0, -0.0, -0.0, 0.0, stamp + 1e-6]
+    ob = SqliteOutbox(tmp_path / "agent" / "outbox.db", device_id=DEV)
+    assert ob.begin(10) == []  # caught up: the next begin hands out the rows as put() made them
+    ob.put([RecordIn(type="weighing", ts=ts, payload={"n": i}) for i, ts in enumerate(stamps)])
+    batch = ob.begin(10)
+    assert batch[0].ts is batch[1].ts and batch[0].mono is batch[-1].mono  # shared objects, as in the bench
+    for before, rec in itertools.pairwise(batch):
+        assert rec.prev == record_hash(before.prev or "", before.seq, before.ts, before.type, before.priority,
+                                       before.payload)
+    wire = json.loads(encode_batch(DEV, "b", batch, key))["records"]
+    assert [repr(r["ts"]) for r in wire] == [repr(ts) for ts in stamps]
+    (ack,) = make_hub(tmp_path, key).handle([(TOPIC, encode_batch(DEV, "b", batch, key))])
+    assert Ack.model_validate_json(ack.payload).ranges == [(1, 7)]  # the signature holds over the hub's hashes
+    ob.close()
 
 
 # -- hub verify -----------------------------------------------------------------------------------------

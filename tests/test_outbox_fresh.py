@@ -6,6 +6,7 @@ bounds, in seq order per priority."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +106,51 @@ def test_a_batch_smaller_than_the_tail_leaves_the_rest_for_the_next_begin(ob: Sq
     assert [r.seq for r in ob.begin(4)] == [5, 6, 7, 8]
     ob.put(recs(1))
     assert [r.seq for r in ob.begin(4)] == [9, 10, 11]
+
+
+def test_begin_beside_puts_and_acks_in_other_threads_hands_out_each_committed_record_once(ob: SqliteOutbox) -> None:
+    """begin() takes the fresh tail under a lock of its own, while another thread's put() holds the connection
+    through its commit: still each committed record exactly once, in seq order per priority, as the file has it,
+    and nothing a put has not committed (here a put that rolls back now and then)."""
+    ob.begin(10)
+    ob._db.execute("CREATE TEMP TRIGGER boom BEFORE INSERT ON records WHEN NEW.type = 'boom'"
+                   " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    committed: list[int] = []
+    done = threading.Event()
+
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(120):
+                if i % 10 == 0:
+                    with pytest.raises(sqlite3.IntegrityError):
+                        ob.put(recs(3) + recs(1, type_="boom"))
+                committed.extend(ob.put(recs(7) + recs(i % 3, Priority.ALERT)))
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    got: list[Pending] = []
+    acked: set[int] = set()
+    while True:
+        finished = done.is_set()  # then this begin() sees every commit: an empty batch means drained
+        batch = ob.begin(50)
+        assert all(r.type == "t" for r in batch)  # nothing of a put that rolled back
+        got += batch
+        if batch:  # a delete transaction between the puts, as the sync's acks make
+            ob.ack([(batch[0].seq, batch[0].seq)])
+            acked.add(batch[0].seq)
+        elif finished:
+            break
+    t.join()
+    assert errors == []
+    assert sorted(r.seq for r in got) == sorted(committed)  # each committed record once
+    for prio in (Priority.ALERT, Priority.EVENT):
+        seqs = [r.seq for r in got if r.priority == prio]
+        assert seqs == sorted(seqs)
+    left = sorted(set(committed) - acked)
+    assert in_file(ob, left) == sorted((r for r in got if r.seq not in acked), key=lambda r: r.seq)

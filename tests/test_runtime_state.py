@@ -298,3 +298,14 @@ def test_a_snapshot_that_does_not_fit_is_ignored_counted_and_logged(tmp_path: Pa
 if __name__ == "__main__":  # the first half of the lot in a process the power-cut test kills
     Unit(ore_cfg(Path(sys.argv[1])), drivers={"script": script_driver("script", lot_steps()[:minutes(13)])}).start()
     threading.Event().wait()
+
+
+def test_tune_gc_takes_what_startup_made_out_of_the_collectors_walks() -> None:
+    """The agent process calls tune_gc() at start (cli `run`): the objects alive then are frozen, so a full
+    collection under load walks only what was made since, and the young generation is larger. In a process of
+    its own: the test's heap stays as is."""
+    code = ("import gc; from customs_edge.agent.runtime import GC_YOUNG, tune_gc; n = gc.get_freeze_count(); tune_gc();"
+            " print(gc.get_freeze_count() - n, gc.get_count()[2], gc.get_threshold()[0] == GC_YOUNG)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == [out.stdout.split()[0], "0", "True"]
+    assert int(out.stdout.split()[0]) > 10_000  # the modules' objects (tens of thousands), none left to walk
