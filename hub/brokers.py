@@ -69,6 +69,9 @@ class Mosquitto:
         self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         wait_port(self.port)
+        for line in self.conf.read_text().splitlines():  # every listener: mosquitto opens them one after another
+            if line.startswith("listener ") and (port := int(line.split()[1])) != self.port:
+                wait_port(port)
         return self
 
     def kill9(self) -> None:
