@@ -42,13 +42,12 @@ class SigningError(CustomsEdgeError):
 
 def record_hash(prev: str, seq: int, ts: float, type_: str, priority: int, payload: str) -> str:
     """The chain hash of one record (type length-prefixed, payload last: no two records share an encoding)."""
-    h = hashlib.sha256(f"{prev}\n{seq}\n{ts!r}\n{priority}\n{len(type_)}:{type_}\n".encode())
-    h.update(payload.encode())
-    return h.hexdigest()
+    return record_hash_ts(prev, seq, repr(ts), type_, priority, payload)
 
 
 def record_hash_ts(prev: str, seq: int, ts_text: str, type_: str, priority: int, payload: str) -> str:
-    """record_hash() with the stamp given as repr(ts): formatted once for records that share a stamp."""
+    """record_hash() with the stamp given as repr(ts): formatted once for records that share a stamp. The one
+    place the chain's text is written (record_hashes_utf8 writes the same, from the payload's bytes)."""
     return hashlib.sha256(f"{prev}\n{seq}\n{ts_text}\n{priority}\n{len(type_)}:{type_}\n{payload}".encode()).hexdigest()
 
 
