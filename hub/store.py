@@ -16,13 +16,22 @@ max_seq, gaps and `verify`.
 
 Acks are published only after the transaction that stored the records has committed with
 synchronous=FULL: an acked record survives a power cut of the hub.
+
+The WAL is copied into the database file (checkpointed) by a thread of the store's own (`_Checkpointer`), on its
+own connection, after each commit: one long call that runs without the GIL while the hub parses the next
+messages, where SQLite's own checkpoint ran inside the writer's COMMIT. A checkpoint never changes what is
+durable (the commit's fsync of the WAL did that); it bounds the WAL, and the writer keeps it bounded: once the
+WAL holds WAL_RESTART_PAGES pages, the next transaction first waits for the checkpoint in progress, so it
+starts the WAL over; and past WAL_BACKSTOP_PAGES the writer checkpoints itself, as SQLite does by default.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -140,6 +149,10 @@ def _insert_sql(n: int) -> str:
             " VALUES " + ",".join("(?1,{},?2,?{},?{})".format(",".join(f"?{a + k}" for k in range(7)), a + 7, a + 8)
                                   for a in range(3, 3 + 9 * n, 9)))
 
+WAL_RESTART_PAGES = 4000  # ~16 MB of WAL (4 KiB pages): the next transaction waits for the checkpoint to catch up
+WAL_BACKSTOP_PAGES = 20000  # wal_autocheckpoint: the writer checkpoints itself if the thread falls this far behind
+log = logging.getLogger(__name__)
+
 HEALTH_KEPT = 1440  # health messages kept per device: a day at the default interval
 
 Content = tuple[float, str, float, str, int, str]  # a Row without its seq: what a redelivery repeats exactly
@@ -209,6 +222,7 @@ class HubStore:
                  max_seq_jump: int = MAX_SEQ_JUMP) -> None:
         self.path = Path(path)
         self.max_seq_jump = max_seq_jump
+        self._checkpointer = None
         if readonly:
             self.db = self._open_readonly()
             return
@@ -220,6 +234,8 @@ class HubStore:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         for v in range(version, len(SCHEMA)):
             self.db.executescript("BEGIN;" + SCHEMA[v] + f";PRAGMA user_version={v + 1};COMMIT;")
+        self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
+        self._checkpointer: _Checkpointer | None = _Checkpointer(self.path)
 
     def _open_readonly(self) -> sqlite3.Connection:
         """For `hub stats`: never creates, upgrades or writes a file (a mistyped path is an error, not a new file)."""
@@ -242,6 +258,9 @@ class HubStore:
         since the last call. Returns what to ack for each batch."""
         now = time.time()
         db = self.db
+        ck = self._checkpointer
+        if ck is not None:
+            ck.restart_point()
         db.execute("BEGIN IMMEDIATE")
         try:
             out = [self._store(b, now) for b in batches]
@@ -251,6 +270,8 @@ class HubStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if ck is not None:
+            ck.kick()
         return out
 
     def _store(self, b: Incoming, now: float) -> Stored:
@@ -425,7 +446,67 @@ class HubStore:
         return walk_chain(v, runs, rows, max_seq)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()  # first: the writer's close, the last, checkpoints and removes the WAL
+            self._checkpointer = None
         self.db.close()
+
+
+class _Checkpointer:
+    """PASSIVE checkpoints of one SQLite file in a thread of their own (see the module's docstring). `kick()` after
+    a commit; `restart_point()` before a transaction: once the WAL is long, wait for the checkpoint in progress
+    (it started after the last commit, so it copies everything) so that this transaction starts the WAL over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.frames = 0  # the WAL's frames at the last checkpoint
+        self.checkpoints = 0
+        self.failures = 0
+        self._cond = threading.Condition()
+        self._pending = self._busy = self._stop = False
+        self._thread = threading.Thread(target=self._run, name="hub-wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
+
+    def restart_point(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            if self.frames >= WAL_RESTART_PAGES and self._thread.is_alive():
+                self._cond.wait_for(lambda: not (self._pending or self._busy) or self._stop, timeout)
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._pending or self._stop)
+                    if self._stop:
+                        return
+                    self._pending, self._busy = False, True
+                frames = None
+                try:
+                    _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # the writer's own autocheckpoint (WAL_BACKSTOP_PAGES) still bounds the WAL
+                    self.failures += 1
+                    if self.failures == 1 or self.failures % 1000 == 0:
+                        log.warning("WAL checkpoint of %s failed (%s; %d so far)", self.path, exc, self.failures)
+                with self._cond:
+                    self._busy = False
+                    if frames is not None:
+                        self.frames, self.checkpoints = frames, self.checkpoints + 1
+                    self._cond.notify_all()
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
 
 
 def classify(b: Incoming, held_in: Callable[[str, str, list[Row]], list[tuple[int, Content]]]
