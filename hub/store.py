@@ -18,11 +18,12 @@ Acks are published only after the transaction that stored the records has commit
 synchronous=FULL: an acked record survives a power cut of the hub.
 
 The WAL is copied into the database file (checkpointed) by a thread of the store's own (`_Checkpointer`), on its
-own connection, after each commit: one long call that runs without the GIL while the hub parses the next
-messages, where SQLite's own checkpoint ran inside the writer's COMMIT. A checkpoint never changes what is
-durable (the commit's fsync of the WAL did that); it bounds the WAL, and the writer keeps it bounded: once the
-WAL holds WAL_RESTART_PAGES pages, the next transaction first waits for the checkpoint in progress, so it
-starts the WAL over; and past WAL_BACKSTOP_PAGES the writer checkpoints itself, as SQLite does by default.
+own connection, kicked after each commit: one long call that runs without the GIL while the hub parses the next
+messages, where SQLite's own checkpoint ran inside the writer's COMMIT (bench/hub.py's ingest spent ~12 % of the
+hub's samples there). A checkpoint never changes what is durable (the commit's fsync of the WAL did that). The
+WAL starts over only when a transaction begins with all of it copied, which back-to-back transactions rarely
+leave room for: the writer's own autocheckpoint at WAL_MAX_PAGES copies what the thread has not yet, and the
+next transaction starts the WAL over.
 """
 
 from __future__ import annotations
@@ -149,8 +150,7 @@ def _insert_sql(n: int) -> str:
             " VALUES " + ",".join("(?1,{},?2,?{},?{})".format(",".join(f"?{a + k}" for k in range(7)), a + 7, a + 8)
                                   for a in range(3, 3 + 9 * n, 9)))
 
-WAL_RESTART_PAGES = 4000  # ~16 MB of WAL (4 KiB pages): the next transaction waits for the checkpoint to catch up
-WAL_BACKSTOP_PAGES = 20000  # wal_autocheckpoint: the writer checkpoints itself if the thread falls this far behind
+WAL_MAX_PAGES = 4000  # wal_autocheckpoint (SQLite's default 1000): ~16 MB of WAL at 4 KiB pages
 log = logging.getLogger(__name__)
 
 HEALTH_KEPT = 1440  # health messages kept per device: a day at the default interval
@@ -222,7 +222,7 @@ class HubStore:
                  max_seq_jump: int = MAX_SEQ_JUMP) -> None:
         self.path = Path(path)
         self.max_seq_jump = max_seq_jump
-        self._checkpointer = None
+        self._checkpointer: _Checkpointer | None = None
         if readonly:
             self.db = self._open_readonly()
             return
@@ -234,8 +234,8 @@ class HubStore:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         for v in range(version, len(SCHEMA)):
             self.db.executescript("BEGIN;" + SCHEMA[v] + f";PRAGMA user_version={v + 1};COMMIT;")
-        self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
-        self._checkpointer: _Checkpointer | None = _Checkpointer(self.path)
+        self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_MAX_PAGES}")
+        self._checkpointer = _Checkpointer(self.path)
 
     def _open_readonly(self) -> sqlite3.Connection:
         """For `hub stats`: never creates, upgrades or writes a file (a mistyped path is an error, not a new file)."""
@@ -258,9 +258,6 @@ class HubStore:
         since the last call. Returns what to ack for each batch."""
         now = time.time()
         db = self.db
-        ck = self._checkpointer
-        if ck is not None:
-            ck.restart_point()
         db.execute("BEGIN IMMEDIATE")
         try:
             out = [self._store(b, now) for b in batches]
@@ -270,8 +267,8 @@ class HubStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        if ck is not None:
-            ck.kick()
+        if self._checkpointer is not None:
+            self._checkpointer.kick()
         return out
 
     def _store(self, b: Incoming, now: float) -> Stored:
@@ -453,9 +450,9 @@ class HubStore:
 
 
 class _Checkpointer:
-    """PASSIVE checkpoints of one SQLite file in a thread of their own (see the module's docstring). `kick()` after
-    a commit; `restart_point()` before a transaction: once the WAL is long, wait for the checkpoint in progress
-    (it started after the last commit, so it copies everything) so that this transaction starts the WAL over."""
+    """PASSIVE checkpoints of one SQLite file in a thread of their own (see the module's docstring), one after each
+    `kick()`; kicks while one runs make one more. A failed checkpoint is logged and counted: the writer's own
+    autocheckpoint still bounds the WAL."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -472,10 +469,10 @@ class _Checkpointer:
             self._pending = True
             self._cond.notify_all()
 
-    def restart_point(self, timeout: float = 10.0) -> None:
+    def idle(self) -> bool:
+        """No checkpoint running or asked for."""
         with self._cond:
-            if self.frames >= WAL_RESTART_PAGES and self._thread.is_alive():
-                self._cond.wait_for(lambda: not (self._pending or self._busy) or self._stop, timeout)
+            return not (self._pending or self._busy)
 
     def _run(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None)
@@ -490,7 +487,7 @@ class _Checkpointer:
                 frames = None
                 try:
                     _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as exc:  # the writer's own autocheckpoint (WAL_BACKSTOP_PAGES) still bounds the WAL
+                except sqlite3.Error as exc:
                     self.failures += 1
                     if self.failures == 1 or self.failures % 1000 == 0:
                         log.warning("WAL checkpoint of %s failed (%s; %d so far)", self.path, exc, self.failures)
