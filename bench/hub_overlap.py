@@ -1,6 +1,7 @@
 """Would overlapping the hub's parse with its store pay (issue 12: SQLite >= 100k records/s with one worker)?
 
-    python bench/hub_overlap.py [--records 100000] [--group 4] [--repeat 4] [--switch-interval 0.005,0.0005] [--json]
+    python bench/hub_overlap.py [--records 100000] [--group 4] [--repeat 4] [--switch-interval 0.005,0.0005]
+                                [--modes sequential,...] [--json]
 
 In one process, without a broker, on bench/hub.py's ingest batches (500 records of ~250-byte payloads, 50
 devices), `--group` batches per store transaction (synchronous=FULL, WAL, a file under /tmp). The hub today
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4, help="batches per store transaction")
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--switch-interval", default="0.005,0.0005")
+    ap.add_argument("--modes", default=None, help="the modes to run, comma-separated (default: all)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     msgs = list(batches(args.records, 500, 50, "ovl"))
@@ -149,6 +151,11 @@ def main() -> None:
         "store_alone": (HubStore, lambda st: store_alone(st, parsed)),
         "store_beside_python": (HubStore, lambda st: store_beside_python(st, parsed)),
     }
+    if args.modes:
+        unknown = set(args.modes.split(",")) - set(modes)
+        if unknown:
+            ap.error(f"unknown modes {sorted(unknown)}: choose from {', '.join(modes)}")
+        modes = {m: modes[m] for m in args.modes.split(",")}
     runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ce-bench-overlap-", dir="/tmp") as tmp:
         k = 0
