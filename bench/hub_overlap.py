@@ -14,6 +14,8 @@ parse burst k+1 while burst k is stored. Modes, run in turn within each repeat:
                   the two-stage pipeline
   commit_overlap  parse and insert here; only the COMMIT (one sqlite3_step: the WAL writes and the fsync) runs
                   in a second thread, while the next group is parsed
+  parse_process   each message parsed in a process of its own (a ProcessPoolExecutor of one, spawned, started
+                  before the timing), stored here as the parses come back (the results unpickled here)
   store_alone / store_beside_python
                   store() of parsed groups alone, then while another thread runs pure Python (as a parse
                   would): the second shows what the store loses waiting for the GIL after each sqlite3_step
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import queue
 import statistics
 import sys
@@ -36,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +98,18 @@ def commit_overlap(st: HubStore, groups: list[Group]) -> None:
             commit.result()
 
 
+def _parse_one(topic: str, payload: bytes) -> intake.Incoming:
+    return intake.parse(topic, payload)
+
+
+def parse_process(st: HubStore, groups: list[Group], ex: ProcessPoolExecutor) -> None:
+    """Every message submitted to a parse process at once (the hub would submit each as it arrives), stored here in
+    groups as their parses come back: the store and the results' unpickling in this process, the parse there."""
+    futures = [[ex.submit(_parse_one, t, p) for t, p, _ in g] for g in groups]
+    for fs in futures:
+        st.store([f.result() for f in fs])
+
+
 def idle_s() -> float:
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (f[3] + f[4]) / 100  # USER_HZ
@@ -148,6 +163,7 @@ def main() -> None:
         "sequential": (HubStore, lambda st: sequential(st, groups)),
         "pipelined": (HubStore, lambda st: pipelined(st, groups)),
         "commit_overlap": (UncommittedStore, lambda st: commit_overlap(st, groups)),
+        "parse_process": (HubStore, lambda st: parse_process(st, groups, pool)),
         "store_alone": (HubStore, lambda st: store_alone(st, parsed)),
         "store_beside_python": (HubStore, lambda st: store_beside_python(st, parsed)),
     }
@@ -157,7 +173,10 @@ def main() -> None:
             ap.error(f"unknown modes {sorted(unknown)}: choose from {', '.join(modes)}")
         modes = {m: modes[m] for m in args.modes.split(",")}
     runs: dict[str, list[dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="ce-bench-overlap-", dir="/tmp") as tmp:
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    if "parse_process" in modes:
+        pool.submit(int).result()  # spawned and ready before any timing
+    with pool, tempfile.TemporaryDirectory(prefix="ce-bench-overlap-", dir="/tmp") as tmp:
         k = 0
         for _ in range(args.repeat):
             for si in [float(x) for x in args.switch_interval.split(",")]:
