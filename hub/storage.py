@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from customs_edge.hub.intake import Incoming
 from customs_edge.hub.store import MAX_SEQ_JUMP, DeviceStats, FleetRow, HubStore, Stored, Verdict
 
 
 class HubStorage(Protocol):
+    db: Any  # the database connection (sqlite3 or psycopg), for read-only reports (hub/lanes.py gate_records)
+
     def store(self, batches: Iterable[Incoming], refused: Mapping[str, int] | None = None) -> list[Stored]: ...
     def set_status(self, device_id: str, status: str, unit_type: str | None = None,
                    site: str | None = None) -> None: ...
