@@ -127,14 +127,12 @@ def cmd_hub(args: argparse.Namespace) -> int:
         return cmd_fleet(args.db, args.json)
     if args.action == "stats" and args.lanes:
         from customs_edge.hub.lanes import gate_records, lane_stats
-        from customs_edge.hub.store import HubStore
 
-        if is_postgres(args.db):
-            raise CustomsEdgeError("hub stats --lanes reads a SQLite hub database; for PostgreSQL it is not "
-                                   "implemented yet (hub/lanes.py lane_stats takes the records from any source)")
-        sqlite_store = HubStore(args.db, readonly=True)
-        lanes = lane_stats(gate_records(sqlite_store.db))
-        sqlite_store.close()
+        lane_store = open_store(args.db, readonly=True)
+        try:
+            lanes = lane_stats(gate_records(lane_store.db))
+        finally:
+            lane_store.close()
         if args.json:
             print(json.dumps({"lanes": {x.device_id: x.as_dict() for x in lanes}}, indent=2))
         else:

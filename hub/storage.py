@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from customs_edge.hub.intake import Incoming
-from customs_edge.hub.store import DeviceStats, FleetRow, HubStore, Stored, Verdict
+from customs_edge.hub.store import MAX_SEQ_JUMP, DeviceStats, FleetRow, HubStore, Stored, Verdict
 
 
 class HubStorage(Protocol):
+    db: Any  # the database connection (sqlite3 or psycopg), for read-only reports (hub/lanes.py gate_records)
+
     def store(self, batches: Iterable[Incoming], refused: Mapping[str, int] | None = None) -> list[Stored]: ...
     def set_status(self, device_id: str, status: str, unit_type: str | None = None,
                    site: str | None = None) -> None: ...
@@ -43,11 +45,11 @@ def is_postgres(target: str | Path) -> bool:
 
 
 def open_store(target: str | Path, synchronous: str = "FULL", *, readonly: bool = False,
-               postgres: bool | None = None) -> HubStorage:
+               postgres: bool | None = None, max_seq_jump: int = MAX_SEQ_JUMP) -> HubStorage:
     """The store `target` names: PostgreSQL for a URL or conninfo string (or with postgres=True), else a SQLite
-    file."""
+    file (`synchronous` applies to SQLite only)."""
     if postgres or (postgres is None and isinstance(target, str) and is_postgres(target)):
         from customs_edge.hub.store_pg import PgHubStore
 
-        return PgHubStore(str(target), readonly=readonly)
-    return HubStore(target, synchronous, readonly=readonly)
+        return PgHubStore(str(target), readonly=readonly, max_seq_jump=max_seq_jump)
+    return HubStore(target, synchronous, readonly=readonly, max_seq_jump=max_seq_jump)

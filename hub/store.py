@@ -285,7 +285,6 @@ class HubStore:
             " prev = excluded.prev, h = excluded.h",
             [(b.device_id, r.seq, b.batch, r.reason, r.raw, now, *b.links.get(r.seq or 0, (None, None)))
              for r in b.rejected])
-        named = [r.seq for r in b.rejected if r.seq is not None]
         (conflicts,) = self.db.execute(
             "INSERT INTO devices (device_id, received, duplicates, conflicts, rejected, stored, max_seq, first_seen,"
             " last_seen) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
@@ -294,7 +293,7 @@ class HubStore:
             " stored = stored + excluded.stored, max_seq = max(max_seq, excluded.max_seq),"
             " last_seen = excluded.last_seen RETURNING conflicts",
             (b.device_id, len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new),
-             max([r[0] for r in b.rows] + named, default=0), now, now)).fetchone()
+             highest_seq(b), now, now)).fetchone()
         if suspect:
             self.db.execute("UPDATE devices SET suspect = suspect + ? WHERE device_id = ?", (len(suspect), b.device_id))
         return stored_result(b, new, fresh, dup, first, conflicts, suspect)
@@ -314,29 +313,17 @@ class HubStore:
             self.db.execute(_insert_sql(len(chunk)), values)
 
     def _quarantine(self, b: Incoming, now: float) -> tuple[Incoming, list[int]]:
-        """Move records whose seq jumps more than max_seq_jump past the device's highest (held, or earlier in
-        this batch) into `suspect`; a rejected record's implausible seq is unnamed (traced, never counted as
-        received up to it). Returns the batch without them and the quarantined seqs."""
+        """quarantine() against the device's highest seq held (or stored earlier in this transaction), the suspect
+        rows kept in `suspect`. Returns the batch without them and the quarantined seqs."""
         if not b.rows and not b.rejected:
             return b, []
         (known,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id = ?",
                                    (b.device_id,)).fetchone()
-        highest = max([r[0] for r in b.rows] + [r.seq or 0 for r in b.rejected])
-        if highest - known <= self.max_seq_jump:
-            return b, []  # the usual case: one lookup
-        limit, keep, suspect = known + self.max_seq_jump, [], []
-        for row in sorted(b.rows):
-            if row[0] > limit:
-                suspect.append(row)
-            else:
-                keep.append(row)
-                limit = max(limit, row[0] + self.max_seq_jump)
-        why = f"seq more than {self.max_seq_jump} past the device's highest ({known}): quarantined as suspect"
-        self.db.executemany("INSERT INTO suspect VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                            [(b.device_id, *r, now, b.batch, why) for r in suspect])
-        rejected = [r if (r.seq or 0) <= limit else replace(r, seq=None, reason=f"seq {r.seq}: {why}; {r.reason}")
-                    for r in b.rejected]
-        return replace(b, rows=keep, rejected=rejected), [r[0] for r in suspect]
+        b, suspect, why = quarantine(b, known, self.max_seq_jump)
+        if suspect:
+            self.db.executemany("INSERT INTO suspect VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                [(b.device_id, *r, now, b.batch, why) for r in suspect])
+        return b, [r[0] for r in suspect]
 
     def _held(self, table: str, device_id: str, rows: list[Row]) -> list[tuple[int, Content]]:
         """(seq, content) of every row `table` holds for these rows' seqs."""
@@ -540,9 +527,36 @@ def classify(b: Incoming, held_in: Callable[[str, str, list[Row]], list[tuple[in
     return new, fresh, dup, first
 
 
+def quarantine(b: Incoming, known: int, max_seq_jump: int) -> tuple[Incoming, list[Row], str]:
+    """Records whose seq jumps more than max_seq_jump past `known` (the device's highest held) or past the batch's
+    own plausible seqs below it are suspect; a rejected record's implausible seq is unnamed (traced, never counted
+    as received up to it). Returns the batch without the suspect rows, those rows, and why (their `reason`)."""
+    if not b.rows and not b.rejected:
+        return b, [], ""
+    highest = max([r[0] for r in b.rows] + [r.seq or 0 for r in b.rejected])
+    if highest - known <= max_seq_jump:
+        return b, [], ""  # the usual case
+    limit, keep, suspect = known + max_seq_jump, [], []
+    for row in sorted(b.rows):
+        if row[0] > limit:
+            suspect.append(row)
+        else:
+            keep.append(row)
+            limit = max(limit, row[0] + max_seq_jump)
+    why = f"seq more than {max_seq_jump} past the device's highest ({known}): quarantined as suspect"
+    rejected = [r if (r.seq or 0) <= limit else replace(r, seq=None, reason=f"seq {r.seq}: {why}; {r.reason}")
+                for r in b.rejected]
+    return replace(b, rows=keep, rejected=rejected), suspect, why
+
+
+def highest_seq(b: Incoming) -> int:
+    """The highest seq a batch names (stored or rejected): what the device's max_seq becomes at least."""
+    return max([r[0] for r in b.rows] + [r.seq for r in b.rejected if r.seq is not None], default=0)
+
+
 def stored_result(b: Incoming, new: list[Row], fresh: list[Row], dup: int, first: dict[int, Content],
                   conflicts: int, suspect: list[int] | None = None) -> Stored:
-    """`suspect`: seqs quarantined (SQLite store), named as rejected in the ack so the unit dead-letters them."""
+    """`suspect`: seqs quarantined, named as rejected in the ack so the unit dead-letters them."""
     named = [r.seq for r in b.rejected if r.seq is not None]
     return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named + (suspect or [])),
                   len(new), dup, [r[0] for r in fresh], conflicts,

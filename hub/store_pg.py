@@ -35,6 +35,7 @@ from customs_edge.hub import store as _sqlite
 from customs_edge.hub.intake import Incoming, Row
 from customs_edge.hub.store import (
     HEALTH_KEPT,
+    MAX_SEQ_JUMP,
     Content,
     DeviceStats,
     FleetRow,
@@ -42,6 +43,8 @@ from customs_edge.hub.store import (
     StoreError,
     Verdict,
     classify,
+    highest_seq,
+    quarantine,
     stored_result,
     walk_chain,
 )
@@ -115,6 +118,16 @@ SCHEMA: list[str] = [
     CREATE INDEX records_ore_analysis ON records (ts) WHERE type = 'ore_analysis';
     CREATE INDEX records_identification ON records (ts) WHERE type = 'identification';
     """,
+    # v3 (SQLite's v6): records quarantined as suspect (an implausible seq jump), kept whole, out of records, gaps
+    # and verify
+    f"""
+    CREATE TABLE suspect ({_RECORD_COLUMNS},
+        batch  TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX suspect_by_seq ON suspect (device_id, seq);
+    ALTER TABLE devices ADD COLUMN suspect BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -142,8 +155,9 @@ def redact(dsn: str) -> str:
 
 
 class PgHubStore:
-    def __init__(self, dsn: str, *, readonly: bool = False) -> None:
+    def __init__(self, dsn: str, *, readonly: bool = False, max_seq_jump: int = MAX_SEQ_JUMP) -> None:
         self.dsn = dsn
+        self.max_seq_jump = max_seq_jump
         self.db = _connect(dsn)
         if readonly:
             self.db.execute("SET default_transaction_read_only = on")
@@ -193,6 +207,7 @@ class PgHubStore:
             if devices:
                 self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest(%b::text[]) d",
                                 (devices,))
+            todo, suspect = self._quarantine(todo, devices, now)
             held = self._held_all(todo)  # (device_id, seq) -> content, as committed
             burst: dict[tuple[str, int], list[Content]] = {}  # conflicts kept by this burst, per (device_id, seq)
 
@@ -204,14 +219,14 @@ class PgHubStore:
 
             parts = []
             later = Counter(b.device_id for b in todo)  # batches of each device still to classify
-            for b in todo:  # in arrival order, as the SQLite store: a later batch sees an earlier one's rows
+            for i, b in enumerate(todo):  # in arrival order, as the SQLite store: a later batch sees an earlier one's
                 new, fresh, dup, first = classify(b, held_in)
                 later[b.device_id] -= 1
                 if later[b.device_id]:
                     held.update({(b.device_id, r[0]): r[1:] for r in new})
                 for r in fresh:
                     burst.setdefault((b.device_id, r[0]), []).append(r[1:])
-                parts.append((b, new, fresh, dup, first))
+                parts.append((b, new, fresh, dup, first, suspect[i]))
             self._copy("records", [(b.device_id, *r, now, *b.links.get(r[0], (None, None))) for b, new, *_ in parts
                                    for r in new])
             self._copy("conflicts", [(b.device_id, *r, now) for b, _, fresh, *_ in parts for r in fresh])
@@ -230,10 +245,33 @@ class PgHubStore:
                     cur.executemany("INSERT INTO refused VALUES (%s, %s) ON CONFLICT (kind) DO UPDATE SET"
                                     " batches = refused.batches + excluded.batches", counts)
         out = []
-        for b, new, fresh, dup, first in reversed(parts):  # the device's conflicts as they stood after each batch
-            out.append(stored_result(b, new, fresh, dup, first, totals[b.device_id]))
+        for b, new, fresh, dup, first, sus in reversed(parts):  # the device's conflicts as they stood after each batch
+            out.append(stored_result(b, new, fresh, dup, first, totals[b.device_id], sus))
             totals[b.device_id] -= len(fresh)
         return out[::-1]
+
+    def _quarantine(self, batches: list[Incoming], devices: list[str], now: float
+                    ) -> tuple[list[Incoming], list[list[int]]]:
+        """hub/store.py quarantine() of each batch, in arrival order, against its device's highest seq held (under
+        this transaction's device locks) or named by an earlier batch of the burst; the suspect rows kept in
+        `suspect`. Returns the batches without them and each batch's quarantined seqs."""
+        known: dict[str, int] = {}
+        if devices:
+            known = {d: int(m) for d, m in self.db.execute(
+                "SELECT device_id, max_seq FROM devices WHERE device_id = ANY(%b::text[])", (devices,)).fetchall()}
+        out: list[Incoming] = []
+        seqs: list[list[int]] = []
+        kept: list[tuple[Any, ...]] = []
+        for b in batches:
+            b, suspect, why = quarantine(b, known.get(b.device_id, 0), self.max_seq_jump)
+            known[b.device_id] = max(known.get(b.device_id, 0), highest_seq(b))
+            kept += [(b.device_id, *r, now, b.batch, why) for r in suspect]
+            out.append(b)
+            seqs.append([r[0] for r in suspect])
+        if kept:
+            with self.db.cursor() as cur:
+                cur.executemany("INSERT INTO suspect VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", kept)
+        return out, seqs
 
     def _held_all(self, batches: list[Incoming]) -> dict[tuple[str, int], Content]:
         """(device_id, seq) -> content of every row `records` holds for a seq of these batches. A device whose seqs
@@ -276,28 +314,28 @@ class PgHubStore:
             for row in rows:
                 cp.write_row(row)
 
-    def _count(self, parts: list[tuple[Incoming, list[Row], list[Row], int, dict[int, Content]]],
+    def _count(self, parts: list[tuple[Incoming, list[Row], list[Row], int, dict[int, Content], list[int]]],
                now: float) -> dict[str, int]:
         """One upsert of every device's counters; returns each device's conflicts after it."""
         per: dict[str, list[int]] = {}
-        for b, new, fresh, dup, _ in parts:
-            named = [r.seq for r in b.rejected if r.seq is not None]
-            c = per.setdefault(b.device_id, [0, 0, 0, 0, 0, 0])
+        for b, new, fresh, dup, _, sus in parts:
+            c = per.setdefault(b.device_id, [0, 0, 0, 0, 0, 0, 0])
             for k, v in enumerate((len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new))):
                 c[k] += v
-            c[5] = max([c[5], *(r[0] for r in b.rows), *named])
+            c[5] = max(c[5], highest_seq(b))
+            c[6] += len(sus)
         if not per:
             return {}
         devices = sorted(per)  # row locks in device order
         cols = list(zip(*(per[d] for d in devices), strict=True))
         rows = self.db.execute(
             "INSERT INTO devices AS d (device_id, received, duplicates, conflicts, rejected, stored, max_seq,"
-            " first_seen, last_seen) SELECT u.*, %s, %s FROM unnest(%b::text[], %b::bigint[], %b::bigint[],"
-            " %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[]) u ON CONFLICT (device_id) DO UPDATE SET"
-            " received = d.received + excluded.received, duplicates = d.duplicates + excluded.duplicates,"
+            " suspect, first_seen, last_seen) SELECT u.*, %s, %s FROM unnest(%b::text[], %b::bigint[], %b::bigint[],"
+            " %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[]) u ON CONFLICT (device_id) DO"
+            " UPDATE SET received = d.received + excluded.received, duplicates = d.duplicates + excluded.duplicates,"
             " conflicts = d.conflicts + excluded.conflicts, rejected = d.rejected + excluded.rejected,"
             " stored = d.stored + excluded.stored, max_seq = greatest(d.max_seq, excluded.max_seq),"
-            " last_seen = excluded.last_seen RETURNING device_id, conflicts",
+            " suspect = d.suspect + excluded.suspect, last_seen = excluded.last_seen RETURNING device_id, conflicts",
             (now, now, devices, *[list(c) for c in cols])).fetchall()
         return {d: int(n) for d, n in rows}
 
@@ -364,11 +402,11 @@ class PgHubStore:
         rows = self.db.execute(
             "SELECT device_id, received, duplicates, conflicts, rejected, stored, max_seq, last_seen, status,"
             " (SELECT count(*) FROM rejected r WHERE r.device_id = d.device_id AND r.seq IS NOT NULL AND NOT EXISTS"
-            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq))"
+            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq)), suspect"
             " FROM devices d ORDER BY device_id COLLATE \"C\"").fetchall()
         return [DeviceStats(d, int(rcv), int(dup), int(cf), int(rj), int(st), int(mx),
-                            max(0, int(mx) - int(st) - int(rj_seqs)), seen, status)
-                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs in rows]
+                            max(0, int(mx) - int(st) - int(rj_seqs)), seen, status, int(sus))
+                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs, sus in rows]
 
     def refused(self) -> dict[str, int]:
         """Records messages refused whole, by kind (malformed, device_mismatch, store_failed)."""

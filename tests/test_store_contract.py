@@ -21,7 +21,7 @@ from customs_edge.hub import intake
 from customs_edge.hub import store as sqlite_store
 from customs_edge.hub.storage import HubStorage, open_store
 
-Factory = Callable[[], Any]
+Factory = Callable[..., Any]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -30,8 +30,8 @@ def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     target = str(tmp_path / "hub.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
     opened: list[Any] = []
 
-    def make() -> HubStorage:
-        st = open_store(target)
+    def make(**kw: Any) -> HubStorage:
+        st = open_store(target, **kw)
         opened.append(st)
         return st
 
@@ -222,6 +222,22 @@ def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: F
 
 
 @pytest.mark.postgres
+def test_an_implausible_seq_jump_is_quarantined_not_stored(new_store: Factory) -> None:
+    """A seq more than max_seq_jump past the device's highest (held, or named by an earlier batch of the same
+    group commit) is kept in `suspect`, named as rejected in the ack, and left out of max_seq and gaps."""
+    st = new_store(max_seq_jump=1000)
+    st.store([batch([1, 2], "boot-a", "a")])
+    far = 2**63 - 1  # one record at the top of the seq range would otherwise report 9.2e18 gaps
+    first, second = st.store([batch([3, 1003, far], "boot-a", "b"), batch([2003, 4000], "boot-a", "c")])
+    assert (acked(first.ranges), acked(first.rejected), first.suspect) == ([3, 1003], [far], [far])
+    # the second batch is judged against the first's plausible seqs (1003), stored in the same transaction
+    assert (acked(second.ranges), acked(second.rejected), second.suspect) == ([2003], [4000], [4000])
+    (d,) = st.stats()
+    assert (d.stored, d.max_seq, d.suspect, d.received, d.gaps) == (5, 2003, 2, 5, 2003 - 5)
+    assert count(st, "SELECT count(*) FROM suspect") == 2 and count(st, "SELECT max(seq) FROM records") == 2003
+    assert st.store([batch([2004], "boot-a", "d")])[0].suspect == []  # the device goes on from its plausible seqs
+
+
 def test_a_wrong_postgres_url_is_a_clear_error_and_creates_nothing(pg_url: str) -> None:
     from customs_edge.core.errors import CustomsEdgeError
     from customs_edge.hub.store_pg import PgHubStore
