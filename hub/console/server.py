@@ -30,6 +30,7 @@ from customs_edge.hub.console import pages
 from customs_edge.hub.console.inspection import Inspection
 from customs_edge.hub.console.queries import Filters, HubReader
 from customs_edge.hub.console.state import ConsoleState, Session, same
+from customs_edge.hub.console.throttle import Throttle
 from customs_edge.hub.storage import is_postgres, open_store
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ MAX_FORM = 16 * 1024
 EVENT_POLL_S = 0.2  # how often an open alerts page's stream looks for new alerts: well inside the 1 s promise
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+def local_path(nxt: str) -> str:
+    """Where to go after the login: a path on this console, else the alerts. Printable ASCII only (a CR or LF
+    would start a header of the attacker's in the redirect), and never `//` or `/\\` (a browser reads both as
+    another host)."""
+    return nxt if re.fullmatch(r"/(?![/\\])[!-~]*", nxt) and "\\" not in nxt else "/alerts"
 
 
 def is_loopback(host: str) -> bool:
@@ -70,6 +78,8 @@ class Console:
             raise CustomsEdgeError(f"no console users in {state}: add one with `customs-edge console user add NAME"
                                    " --role admin --state " f"{state}` (or, on loopback for a demo, --anonymous)")
         self.anonymous = Session("demo", "officer", secrets.token_urlsafe(32)) if anonymous else None
+        self.throttle = Throttle()
+        self.state.decoy()  # prepared now: the first unknown name costs no more than a wrong password
         self.stopping = threading.Event()
 
 
@@ -130,12 +140,30 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, text: str, s: Session | None = None) -> None:
         self._html(pages.page(f"{status}", f"<p class=bad>{pages.e(text)}</p>", s), status)
 
-    def _form(self) -> dict[str, str] | None:
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > MAX_FORM:
-            return None
-        data = parse_qs(self.rfile.read(n).decode("utf-8", "replace"), max_num_fields=20)
-        return {k: v[0] for k, v in data.items()}
+    def _form(self) -> dict[str, str] | tuple[int, str]:
+        """The posted form, or (status, why) for a body this server will not read: the connection is then
+        closed, so no byte of that body is ever taken for a request of its own."""
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        if self.headers.get("Transfer-Encoding") is not None:
+            why: tuple[int, str] = (411, "send the form with a Content-Length, not chunked")
+        elif len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,12}", lengths[0].strip()):
+            why = (400, "a Content-Length is one number of bytes")
+        elif int(lengths[0]) > MAX_FORM:
+            why = (413, "form too large")
+        else:
+            data = parse_qs(self.rfile.read(int(lengths[0])).decode("utf-8", "replace"), max_num_fields=20)
+            return {k: v[0] for k, v in data.items()}
+        self.close_connection = True
+        return why
+
+    def _host_ok(self) -> bool:
+        """The loopback demo answers only to a loopback name: a page from another site whose name was
+        re-pointed at 127.0.0.1 (DNS rebinding) would otherwise read and act as the demo officer."""
+        host = self.headers.get("Host")
+        if self.c.anonymous is None or host is None:
+            return True
+        m = re.fullmatch(r"\[([^\]]*)\](?::[0-9]*)?|([^:]*)(?::[0-9]*)?", host.strip())
+        return m is not None and is_loopback((m.group(1) or m.group(2) or "").lower())
 
     def _same_origin(self) -> bool:
         """A browser's POST says where it comes from: refuse another site's (with the CSRF token, two fences)."""
@@ -147,6 +175,10 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        if self.headers.get("Transfer-Encoding") is not None or self.headers.get("Content-Length") not in (None, "0"):
+            self.close_connection = True  # a body is not read here: never taken for the next request
+        if not self._host_ok():
+            return self._error(HTTPStatus.MISDIRECTED_REQUEST, "the demo console answers on its loopback address only")
         url = urlsplit(self.path)
         path, q = url.path, {k: v[0] for k, v in parse_qs(url.query).items()}
         if path.startswith("/static/"):
@@ -316,21 +348,32 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
         form = self._form()
-        if form is None:
-            return self._error(413, "form too large")
+        if isinstance(form, tuple):
+            return self._error(*form)
+        if not self._host_ok():
+            return self._error(HTTPStatus.MISDIRECTED_REQUEST, "the demo console answers on its loopback address only")
         if not self._same_origin():
             return self._error(403, "a form from another site was refused")
         if path == "/login":
             pre = self._cookies().get(PRE)
             if pre is None or not same(pre.value, form.get("pre", "")):
                 return self._error(403, "the login form expired: load the login page again")
-            token = self.c.state.login(form.get("user", ""), form.get("password", ""))
+            name, addr = form.get("user", ""), self.client_address[0]
+            wait = self.c.throttle.wait_s(name, addr)
+            if wait > 0:
+                self.c.state.record(name[:64] or "-", "-", "login_throttled", detail=addr)
+                return self._html(pages.login_page(f"Too many failed logins: try again in {wait / 60:.0f} min.",
+                                                   pre.value, form.get("next", "/alerts")), 429,
+                                  {"Retry-After": f"{wait:.0f}"})
+            token = self.c.state.login(name, form.get("password", ""))
             if token is None:
+                self.c.throttle.failed(name, addr)
                 return self._html(pages.login_page("Unknown user or wrong password.", pre.value,
                                                    form.get("next", "/alerts")), 401)
+            self.c.throttle.succeeded(name, addr)
             nxt = form.get("next", "/alerts")
             secure = "; Secure" if isinstance(self.connection, ssl.SSLSocket) else ""
-            return self._redirect(nxt if nxt.startswith("/") and not nxt.startswith("//") else "/alerts",
+            return self._redirect(local_path(nxt),
                                   {"Set-Cookie": f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}"})
         s = self._session()
         if s is None:
@@ -354,7 +397,7 @@ class Handler(BaseHTTPRequestHandler):
             label = (form.get("other") or "").strip() or form.get("label", "")
             if rec is None:
                 return self._error(404, "no such identification", s)
-            if not re.match(pages.LABEL_RE, label):
+            if not re.fullmatch(pages.LABEL_RE, label):
                 return self._error(400, "a label is a name such as dalbergia_nigra: letters, digits, '_', '.', '-'",
                                    s)
             self.c.state.record(s.user, s.role, "label", key[0], key[1], label)

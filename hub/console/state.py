@@ -28,6 +28,7 @@ ROLES = ("officer", "technician", "admin")
 MAY = {"act": {"officer", "admin"}, "look": set(ROLES), "users": {"admin"}}
 SESSION_S = 12 * 3600.0  # one shift
 GENESIS = "0" * 64
+_DECOY: str | None = None  # ConsoleState.decoy()
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # the cryptography docs' interactive-login parameters
 
 SCHEMA = [
@@ -152,7 +153,7 @@ class ConsoleState:
         """A new session's token, or None (the failure is in the audit trail)."""
         row = self.db.execute("SELECT role, pw FROM users WHERE name = ?", (name,)).fetchone()
         if row is None:
-            check_password(password, hash_password("not a user"))  # the same time as a wrong password
+            check_password(password, self.decoy())  # one scrypt, as a wrong password costs
         if row is None or not check_password(password, row[1]):
             self.record(name[:64] or "-", "-", "login_failed")
             return None
@@ -164,6 +165,14 @@ class ConsoleState:
                                                                         time.time() + SESSION_S))
         self.record(name, row[0], "login")
         return token
+
+    @staticmethod
+    def decoy() -> str:
+        """A hash no password matches, made once: checked for a name that is no user."""
+        global _DECOY
+        if _DECOY is None:
+            _DECOY = hash_password(secrets.token_urlsafe(32))
+        return _DECOY
 
     def session(self, token: str | None) -> Session | None:
         if not token:

@@ -1,0 +1,192 @@
+"""The console under attack (a security review): the login's `next` neither leaves the console nor injects
+headers; the loopback demo refuses a page asked for under another host name (DNS rebinding); an unknown user
+costs the same scrypt work as a wrong password; export-labels never writes outside DIR whatever a unit names as
+its photo; a body the server will not read closes the connection; failed logins are throttled."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from customs_edge.hub.console import state as state_mod
+from customs_edge.hub.console.state import ConsoleState
+from tests.consolekit import Client, Running, fever, gate_records, hidden, put, status
+
+PW = "correct horse battery"
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Path:
+    db = tmp_path / "hub.db"
+    put(db, "gate-01", gate_records(), "b1")
+    status(db, "gate-01", "gate", "gongbei")
+    return db
+
+
+@pytest.fixture
+def console(hub: Path, tmp_path: Path):
+    st = ConsoleState(tmp_path / "console.db")
+    st.add_user("li", "officer", PW)
+    st.close()
+    run = Running(hub, tmp_path / "console.db")
+    yield run
+    run.stop()
+
+
+def _conn(run: Running) -> http.client.HTTPConnection:
+    host, port = run.server.server_address[:2]
+    return http.client.HTTPConnection(str(host), int(port), timeout=10)
+
+
+def _login_raw(run: Running, user: str, password: str, nxt: str) -> http.client.HTTPResponse:
+    """A login whose answer is read as sent (no redirect followed), with the form's own token."""
+    conn = _conn(run)
+    conn.request("GET", "/login")
+    r = conn.getresponse()
+    page = r.read().decode()
+    pre = hidden(page, "pre")
+    from urllib.parse import urlencode
+
+    conn.request("POST", "/login", body=urlencode({"user": user, "password": password, "pre": pre, "next": nxt}),
+                 headers={"Cookie": f"ce_pre={pre}", "Content-Type": "application/x-www-form-urlencoded"})
+    return conn.getresponse()
+
+
+@pytest.mark.parametrize("nxt", ["/\\evil.example/", "/\t/evil.example/", "/\r\nSet-Cookie: ce_session=fixed; Path=/",
+                                 "//evil.example/"])
+def test_the_login_next_stays_on_the_console_and_adds_no_header(console: Running, nxt: str) -> None:
+    r = _login_raw(console, "li", PW, nxt)
+    r.read()
+    assert r.status == 303
+    assert r.getheader("Location") == "/alerts"  # a browser reads /\host as //host: another site
+    assert not any("fixed" in v for k, v in r.getheaders() if k.lower() == "set-cookie")
+    assert _login_raw(console, "li", PW, "/fleet?site=a").getheader("Location") == "/fleet?site=a"
+
+
+def test_the_loopback_demo_refuses_another_host_name(hub: Path, tmp_path: Path) -> None:
+    """DNS rebinding: a web page from evil.example re-pointed at 127.0.0.1 reads and acts as the demo officer."""
+    run = Running(hub, tmp_path / "c.db", anonymous=True)
+    try:
+        port = run.server.server_address[1]
+        for host, want in ((f"evil.example:{port}", 421), (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200),
+                           ("localhost", 200)):
+            conn = _conn(run)
+            conn.request("GET", "/alerts", headers={"Host": host})
+            r = conn.getresponse()
+            body = r.read().decode()
+            assert r.status == want, host
+            assert ("fever_alert" in body) == (want == 200)
+        conn = _conn(run)
+        conn.request("POST", "/alert/gate-01/2/ack", body="csrf=x",
+                     headers={"Host": f"evil.example:{port}", "Content-Type": "application/x-www-form-urlencoded"})
+        assert conn.getresponse().status == 421
+    finally:
+        run.stop()
+
+
+def test_an_unknown_user_costs_the_same_scrypt_as_a_wrong_password(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing: one scrypt for a wrong password, so one (not two) for a name that is no user."""
+    st = ConsoleState(tmp_path / "c.db")
+    st.add_user("li", "officer", PW)
+    st.login("nobody", "x" * 12)  # whatever is prepared once per process
+    calls: list[int] = []
+    real = state_mod.Scrypt
+
+    def counting(**kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(**kw)
+
+    monkeypatch.setattr(state_mod, "Scrypt", counting)
+    assert st.login("li", "wrong password!") is None
+    wrong = len(calls)
+    calls.clear()
+    assert st.login("nobody", "wrong password!") is None
+    assert len(calls) == wrong == 1
+
+
+def test_export_labels_never_writes_outside_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A unit names its photo: `../../victim/evil` would be read from beside the photo store and copied
+    two levels above DIR/<label>/, outside DIR."""
+    from customs_edge.cli.console import cmd_export_labels
+
+    work = tmp_path / "w"
+    hubdb = work / "hub.db"
+    photos = work / "h" / "hub.db.photos"
+    photos.mkdir(parents=True)
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "evil.jpg").write_bytes(b"\xff\xd8 any file the hub can read")
+    (work / "victim").mkdir()
+    put(hubdb, "hh-01", [{**fever(1), "type": "identification", "prio": 3, "payload": {
+        "model": "wood", "label": "dalbergia_nigra", "photo": "../../victim/evil"}}], "b1")
+    st = ConsoleState(work / "console.db")
+    st.record("li", "officer", "label", "hh-01", 1, "dalbergia_nigra")
+    st.close()
+    out = work / "out"
+    cmd_export_labels(argparse.Namespace(dir=str(out), db=str(hubdb), photos_dir=str(photos),
+                                         state=str(work / "console.db")))
+    assert not (work / "victim" / "evil.jpg").exists()
+    assert list(out.rglob("*.jpg")) == []
+    assert "1 refused" in capsys.readouterr().out
+
+
+def _exchange(run: Running, raw: bytes) -> bytes:
+    """Send raw bytes; everything the server answers until it closes the connection (deadline 10 s)."""
+    host, port = run.server.server_address[:2]
+    s = socket.create_connection((str(host), int(port)), timeout=10)
+    got = b""
+    try:
+        s.sendall(raw)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except TimeoutError:
+        pass
+    finally:
+        s.close()
+    return got
+
+
+def test_a_body_the_server_does_not_read_is_never_taken_for_a_request(console: Running) -> None:
+    smuggled = b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    big = (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+           b"Content-Length: 100000\r\n\r\n" + smuggled)
+    got = _exchange(console, big)
+    assert got.startswith(b"HTTP/1.1 413") and got.count(b"HTTP/1.1 ") == 1
+    chunked = (b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + f"{len(smuggled):x}\r\n".encode() + smuggled + b"\r\n0\r\n\r\n")
+    got = _exchange(console, chunked)
+    assert got.startswith(b"HTTP/1.1 411") and got.count(b"HTTP/1.1 ") == 1
+    negative = b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"  # read(-1): until the client goes
+    got = _exchange(console, negative)
+    assert got.startswith(b"HTTP/1.1 400") and got.count(b"HTTP/1.1 ") == 1
+
+
+def test_failed_logins_are_throttled_per_user(console: Running) -> None:
+    c = Client(console.url)
+    for _ in range(5):
+        assert c.login("li", "wrong password!")[0] == 401
+    code, page = c.login("li", PW)  # even the right password waits: a guess is no quicker than a wrong one
+    assert code == 429 and "Too many failed logins" in page
+    assert Client(console.url).login("other", "wrong password!")[0] == 401  # another name is not held up
+    state = console.server.console.state
+    assert [a.action for a in state.audit()][:2] == ["login_failed", "login_throttled"]
+
+
+def test_a_label_with_a_line_break_is_refused(console: Running, hub: Path) -> None:
+    """`$` matches before a final newline: the label (a folder name on export) must be the whole field."""
+    put(hub, "hh-01", [{**fever(1), "type": "identification", "prio": 3, "payload": {
+        "model": "wood", "label": "dalbergia_nigra"}}], "b9")
+    c = Client(console.url)
+    c.login("li", PW)
+    _, page = c.get("/review")
+    assert c.post("/review/hh-01/1", {"csrf": hidden(page, "csrf"), "label": "dalbergia_nigra\n"})[0] == 400
+    assert console.server.console.state.labels() == {}
