@@ -190,3 +190,87 @@ def test_a_label_with_a_line_break_is_refused(console: Running, hub: Path) -> No
     _, page = c.get("/review")
     assert c.post("/review/hh-01/1", {"csrf": hidden(page, "csrf"), "label": "dalbergia_nigra\n"})[0] == 400
     assert console.server.console.state.labels() == {}
+
+
+def _events_status(run: Running, cookie: str) -> tuple[socket.socket, bytes]:
+    host, port = run.server.server_address[:2]
+    s = socket.create_connection((str(host), int(port)), timeout=10)
+    s.sendall(f"GET /events HTTP/1.1\r\nHost: {host}:{port}\r\nCookie: {cookie}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n" not in head:
+        chunk = s.recv(1024)
+        if not chunk:
+            break
+        head += chunk
+    return s, head.split(b"\r\n", 1)[0]
+
+
+def test_one_session_cannot_hold_every_thread_with_event_streams(console: Running) -> None:
+    from customs_edge.hub.console.server import MAX_STREAMS_PER_SESSION
+
+    c = Client(console.url)
+    c.login("li", PW)
+    cookie = "; ".join(f"{k.name}={k.value}" for k in c.jar if k.name == "ce_session")
+    held = []
+    try:
+        for _ in range(MAX_STREAMS_PER_SESSION):
+            s, line = _events_status(console, cookie)
+            held.append(s)
+            assert line == b"HTTP/1.1 200 OK"
+        s, line = _events_status(console, cookie)
+        held.append(s)
+        assert line.startswith(b"HTTP/1.1 503")
+        assert c.get("/fleet")[0] == 200  # the pages still answer
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_silent_connection_is_closed(hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from customs_edge.hub.console import server as server_mod
+
+    monkeypatch.setattr(server_mod.Handler, "timeout", 0.5)
+    monkeypatch.setattr(server_mod, "MAX_CONNECTIONS", 3)
+    run = Running(hub, tmp_path / "c.db", anonymous=True)
+    try:
+        assert _exchange(run, b"GET /fleet HTTP/1.1\r\nHost: 127.0.0.1\r\n").count(b"HTTP/1.1 ") == 0  # closed
+        host, port = run.server.server_address[:2]
+        silent = [socket.create_connection((str(host), int(port)), timeout=10) for _ in range(3)]
+        try:  # all slots held: the next is closed at once, not queued behind them
+            assert _exchange(run, b"GET /fleet HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n") == b""
+            assert run.server.turned_away >= 1
+        finally:
+            for s in silent:
+                s.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the silent ones gone (closed by us or timed out), slots free again
+            got = _exchange(run, b"GET /fleet HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            if got.startswith(b"HTTP/1.1 200"):
+                break
+        assert got.startswith(b"HTTP/1.1 200")
+    finally:
+        run.stop()
+
+
+def test_a_client_silent_in_the_tls_handshake_stops_no_one(hub: Path, tmp_path: Path) -> None:
+    """With TLS, the handshake ran inside accept(): one connection sending nothing froze the console."""
+    import ssl
+
+    from customs_edge.cli import certs
+
+    ca = tmp_path / "ca"
+    certs.init_ca(ca)
+    crt, key = certs.issue(ca, "console.local", "broker", sans=["127.0.0.1"])
+    run = Running(hub, tmp_path / "c.db", anonymous=True, tls_cert=str(crt), tls_key=str(key))
+    try:
+        host, port = run.server.server_address[:2]
+        silent = socket.create_connection((str(host), int(port)), timeout=10)
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca / "ca.crt"))
+            conn = http.client.HTTPSConnection(str(host), int(port), timeout=10, context=ctx)
+            conn.request("GET", "/fleet")
+            assert conn.getresponse().status == 200
+        finally:
+            silent.close()
+    finally:
+        run.stop()

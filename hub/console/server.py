@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 COOKIE = "ce_session"
 PRE = "ce_pre"  # the login form's double-submit token, before any session exists
 MAX_FORM = 16 * 1024
+IDLE_S = 60.0  # a connection that sends (or takes) nothing this long is closed: no thread held by a silent client
+MAX_CONNECTIONS = 200  # open at once; past it a new one is closed at once (each holds a thread)
+MAX_STREAMS, MAX_STREAMS_PER_SESSION = 64, 8  # live event streams open at once: in all, and per session
 EVENT_POLL_S = 0.2  # how often an open alerts page's stream looks for new alerts: well inside the 1 s promise
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -81,7 +84,21 @@ class Console:
         self.throttle = Throttle()
         self.state.decoy()  # prepared now: the first unknown name costs no more than a wrong password
         self.stopping = threading.Event()
+        self.streams: dict[str, int] = {}  # open event streams per session (its CSRF token names it)
+        self.streams_lock = threading.Lock()
 
+    def stream_slot(self, s: Session) -> bool:
+        with self.streams_lock:
+            if sum(self.streams.values()) >= MAX_STREAMS or self.streams.get(s.csrf, 0) >= MAX_STREAMS_PER_SESSION:
+                return False
+            self.streams[s.csrf] = self.streams.get(s.csrf, 0) + 1
+            return True
+
+    def stream_done(self, s: Session) -> None:
+        with self.streams_lock:
+            self.streams[s.csrf] -= 1
+            if not self.streams[s.csrf]:
+                del self.streams[s.csrf]
 
     def photo_path(self, sha: str) -> Path | None:
         if self.photos is None or not re.fullmatch(r"[0-9a-f]{64}", sha):
@@ -93,6 +110,7 @@ class Console:
 class Handler(BaseHTTPRequestHandler):
     server: ConsoleServer
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_S  # on the connection's socket (StreamRequestHandler.setup); with TLS, the handshake too
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -198,8 +216,15 @@ class Handler(BaseHTTPRequestHandler):
             f = _filters(q)
             rows = self._alerts(f, limit=200)
             return self._html(pages.alerts_page(rows, f, self.c.reader.choices(), s, self.c.reader.latest_alert_at()))
-        if path == "/events":
-            return self._events(_filters(q), float(q.get("after") or 0))
+        if path in ("/events", "/events/snapshot/") or path.startswith("/events/snapshot/"):
+            if not self.c.stream_slot(s):
+                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "too many live pages open: close some", s)
+            try:
+                if path == "/events":
+                    return self._events(_filters(q), float(q.get("after") or 0))
+                return self._snapshot_events(unquote(path.removeprefix("/events/snapshot/")))
+            finally:
+                self.c.stream_done(s)
         if path.startswith("/alert/"):
             found = self._alert(path)
             if found is None:
@@ -250,8 +275,6 @@ class Handler(BaseHTTPRequestHandler):
             if snap is None:
                 return self._error(404, "no snapshot", s)
             return self._send(200, snap.jpeg, "image/jpeg")
-        if path.startswith("/events/snapshot/"):
-            return self._snapshot_events(unquote(path.removeprefix("/events/snapshot/")))
         if path == "/audit":
             proven, bad = self.c.state.verify_audit()
             return self._html(pages.audit_page(self.c.state.audit(), proven, bad, s))
@@ -447,8 +470,27 @@ class ConsoleServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], console: Console, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(address, Handler)
         self.console = console
-        if tls is not None:
-            self.socket = tls.wrap_socket(self.socket, server_side=True)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.turned_away = 0  # connections closed at once: MAX_CONNECTIONS were open
+        if tls is not None:  # the handshake in the connection's own thread, under its timeout, not in accept()
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.turned_away += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def url(self) -> str:
         host, port = str(self.server_address[0]), self.server_address[1]
