@@ -269,8 +269,43 @@ def test_a_client_silent_in_the_tls_handshake_stops_no_one(hub: Path, tmp_path: 
             ctx = ssl.create_default_context(cafile=str(ca / "ca.crt"))
             conn = http.client.HTTPSConnection(str(host), int(port), timeout=10, context=ctx)
             conn.request("GET", "/fleet")
-            assert conn.getresponse().status == 200
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200
+            conn.request("GET", "/login")
+            r = conn.getresponse()
+            r.read()
+            assert "; Secure" in r.getheader("Set-Cookie", "")  # the login form's token too, over HTTPS only
         finally:
             silent.close()
     finally:
         run.stop()
+
+
+def test_the_console_file_is_for_its_owner_only(tmp_path: Path) -> None:
+    import stat
+
+    st = ConsoleState(tmp_path / "c.db")
+    st.add_user("li", "officer", PW)  # scrypt hashes: readable by others, they could be guessed at offline
+    st.close()
+    assert stat.S_IMODE((tmp_path / "c.db").stat().st_mode) == 0o600
+
+
+def test_a_login_cookie_not_of_ours_is_not_sent_back(console: Running) -> None:
+    """A quoted cookie may carry CR LF (octal escapes): echoed into Set-Cookie it would add headers."""
+    conn = _conn(console)
+    crlf = '"\\015\\012Set-Cookie: ce_session=fixed\\015\\012abcdefgh"'
+    conn.request("GET", "/login", headers={"Cookie": f"ce_pre={crlf}"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200
+    assert not any("fixed" in v for _, v in r.getheaders())
+
+
+def test_malformed_requests_get_an_answer(console: Running) -> None:
+    c = Client(console.url)
+    c.login("li", PW)
+    assert c.get("/events?after=soon")[0] == 400
+    _, page = c.get("/alerts")
+    form = {f"f{i}": "x" for i in range(30)} | {"csrf": hidden(page, "csrf")}
+    assert c.post("/alert/gate-01/2/ack", form)[0] == 400

@@ -169,10 +169,16 @@ class Handler(BaseHTTPRequestHandler):
         elif int(lengths[0]) > MAX_FORM:
             why = (413, "form too large")
         else:
-            data = parse_qs(self.rfile.read(int(lengths[0])).decode("utf-8", "replace"), max_num_fields=20)
-            return {k: v[0] for k, v in data.items()}
+            body = self.rfile.read(int(lengths[0])).decode("utf-8", "replace")
+            try:
+                return {k: v[0] for k, v in parse_qs(body, max_num_fields=20).items()}
+            except ValueError:
+                return 400, "a form has at most 20 fields"
         self.close_connection = True
         return why
+
+    def _secure(self) -> str:
+        return "; Secure" if isinstance(self.connection, ssl.SSLSocket) else ""
 
     def _host_ok(self) -> bool:
         """The loopback demo answers only to a loopback name: a page from another site whose name was
@@ -205,9 +211,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(204, b"", "image/x-icon")
         if path == "/login":  # one token per browser: a second tab or a stray request must not void the first form
             held = self._cookies().get(PRE)
-            pre = held.value if held and len(held.value) >= 16 else secrets.token_urlsafe(16)
-            return self._html(pages.login_page("", pre, q.get("next", "/alerts")),
-                              headers={"Set-Cookie": f"{PRE}={pre}; HttpOnly; SameSite=Strict; Path=/login"})
+            # a value of ours only: a quoted cookie may carry any octet, CR LF included, back into Set-Cookie
+            ours = held is not None and re.fullmatch(r"[A-Za-z0-9_-]{16,64}", held.value)
+            pre = held.value if held is not None and ours else secrets.token_urlsafe(16)
+            return self._html(pages.login_page("", pre, q.get("next", "/alerts")), headers={
+                "Set-Cookie": f"{PRE}={pre}; HttpOnly; SameSite=Strict; Path=/login{self._secure()}"})
         s = self._session()
         if s is None:
             return self._redirect("/login?next=" + (path if path.startswith("/") else "/"))
@@ -221,7 +229,11 @@ class Handler(BaseHTTPRequestHandler):
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "too many live pages open: close some", s)
             try:
                 if path == "/events":
-                    return self._events(_filters(q), float(q.get("after") or 0))
+                    try:
+                        after = float(q.get("after") or 0)
+                    except ValueError:
+                        return self._error(400, "after: a time in seconds", s)
+                    return self._events(_filters(q), after)
                 return self._snapshot_events(unquote(path.removeprefix("/events/snapshot/")))
             finally:
                 self.c.stream_done(s)
@@ -395,7 +407,7 @@ class Handler(BaseHTTPRequestHandler):
                                                    form.get("next", "/alerts")), 401)
             self.c.throttle.succeeded(name, addr)
             nxt = form.get("next", "/alerts")
-            secure = "; Secure" if isinstance(self.connection, ssl.SSLSocket) else ""
+            secure = self._secure()
             return self._redirect(local_path(nxt),
                                   {"Set-Cookie": f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}"})
         s = self._session()
