@@ -309,3 +309,25 @@ def test_malformed_requests_get_an_answer(console: Running) -> None:
     _, page = c.get("/alerts")
     form = {f"f{i}": "x" for i in range(30)} | {"csrf": hidden(page, "csrf")}
     assert c.post("/alert/gate-01/2/ack", form)[0] == 400
+
+
+def test_a_unit_s_odd_payload_breaks_no_page(console: Running, hub: Path) -> None:
+    """Payloads are the units' JSON objects, not checked per kind: one odd record must not take a page away."""
+    odd = [
+        {**fever(10), "payload": {"estimate_c": 38.4, "threshold_c": 37.8, "valid": False, "tags": 5}},
+        {**fever(11), "type": "lot_hold", "payload": {"lot_id": "L", "reasons": 7}},
+        {**fever(12), "type": "lot_report", "prio": 2, "payload": {
+            "lot_id": "L", "opened": "yesterday", "fe": {"value": "high", "u95": "?"},
+            "moisture": {"value": "wet"}, "moisture_limit_pct": 9.0, "flags": 3, "reasons": 1}},
+        {**fever(13), "type": "ore_analysis", "prio": 1, "payload": {"lot_id": "L", "lot_t": "later",
+                                                                       "model": {"fe": 61.0}}},
+        {**fever(14), "type": "lane_summary", "prio": 0, "payload": {"screened": "many", "alerts": [1]}},
+        {**fever(15), "type": "identification", "prio": 3, "payload": {"model": "wood", "top3": [[1], "x", 5]}},
+        {**fever(16), "type": "identification", "prio": 3, "payload": {"model": "wood", "top3": 9}},
+    ]
+    put(hub, "odd-01", odd, "b7")
+    c = Client(console.url)
+    c.login("li", PW)
+    for page in ("/alerts", "/alert/odd-01/10", "/alert/odd-01/11", "/lots", "/lanes", "/review", "/fleet"):
+        code, _ = c.get(page)
+        assert code == 200, page

@@ -251,11 +251,11 @@ class Handler(BaseHTTPRequestHandler):
             series: dict[str, list[tuple[float, float]]] = {}
             wanted = {str(r.payload.get("lot_id")) for r in lots[:5]}
             if lots:
-                oldest = min(float(r.payload.get("opened") or r.ts) for r in lots[:5])
+                oldest = min(pages.num(r.payload.get("opened"), r.ts) for r in lots[:5])
                 for r in self.c.reader.series("ore_analysis", oldest - 60, limit=100000):
                     lot, m = str(r.payload.get("lot_id")), r.payload.get("model")
                     if lot in wanted and isinstance(m, dict) and isinstance(m.get("fe"), (int, float)):
-                        series.setdefault(lot, []).append((float(r.payload.get("lot_t") or 0), float(m["fe"])))
+                        series.setdefault(lot, []).append((pages.num(r.payload.get("lot_t")), float(m["fe"])))
             return self._html(pages.lots_page(lots, series, s))
         if path == "/lanes":
             newest = self.c.reader.latest("lane_summary", 1)
@@ -267,7 +267,7 @@ class Handler(BaseHTTPRequestHandler):
             idents = self.c.reader.latest("identification", 100)
             labels = self.c.state.labels([r.key for r in idents])
             known = sorted({str(x) for r in idents for x in [r.payload.get("label"),
-                                                             *[t[0] for t in r.payload.get("top3") or []
+                                                             *[t[0] for t in pages.as_list(r.payload.get("top3"))
                                                                if isinstance(t, list | tuple) and t]]
                             if isinstance(x, str) and x} | {a.detail for a in labels.values()})
             return self._html(pages.review_page([(r, labels.get(r.key)) for r in idents], known, s))
