@@ -176,9 +176,10 @@ def test_failed_logins_are_throttled_per_user(console: Running) -> None:
         assert c.login("li", "wrong password!")[0] == 401
     code, page = c.login("li", PW)  # even the right password waits: a guess is no quicker than a wrong one
     assert code == 429 and "Too many failed logins" in page
+    assert c.login("li", "another guess")[0] == 429  # in the audit trail once, not once per try
     assert Client(console.url).login("other", "wrong password!")[0] == 401  # another name is not held up
     state = console.server.console.state
-    assert [a.action for a in state.audit()][:2] == ["login_failed", "login_throttled"]
+    assert [a.action for a in state.audit()][:3] == ["login_failed", "login_throttled", "login_failed"]
 
 
 def test_a_label_with_a_line_break_is_refused(console: Running, hub: Path) -> None:

@@ -394,9 +394,10 @@ class Handler(BaseHTTPRequestHandler):
             if pre is None or not same(pre.value, form.get("pre", "")):
                 return self._error(403, "the login form expired: load the login page again")
             name, addr = form.get("user", ""), self.client_address[0]
-            wait = self.c.throttle.wait_s(name, addr)
+            wait, first = self.c.throttle.wait_s(name, addr)
             if wait > 0:
-                self.c.state.record(name[:64] or "-", "-", "login_throttled", detail=addr)
+                if first:
+                    self.c.state.record(name[:64] or "-", "-", "login_throttled", detail=addr)
                 return self._html(pages.login_page(f"Too many failed logins: try again in {wait / 60:.0f} min.",
                                                    pre.value, form.get("next", "/alerts")), 429,
                                   {"Retry-After": f"{wait:.0f}"})

@@ -21,18 +21,23 @@ class Throttle:
         self.limits = {"name": per_name, "addr": per_addr}
         self.window_s = window_s
         self._fails: dict[tuple[str, str], deque[float]] = {}
+        self._told: set[tuple[str, str]] = set()  # keys whose refusal is already in the audit trail
         self._lock = threading.Lock()
 
-    def wait_s(self, name: str, addr: str) -> float:
-        """Seconds until a login for `name` from `addr` is heard again; 0: now."""
+    def wait_s(self, name: str, addr: str) -> tuple[float, bool]:
+        """Seconds until a login for `name` from `addr` is heard again (0: now), and whether this refusal is
+        the first of its spell (the one worth a line in the audit trail: the others would only fill it)."""
         now = time.monotonic()
-        out = 0.0
+        out, first = 0.0, False
         with self._lock:
             for key in (("name", f"{name}\0{addr}"), ("addr", addr)):
                 q = self._recent(key, now)
                 if q is not None and len(q) >= self.limits[key[0]]:
                     out = max(out, q[0] + self.window_s - now)
-        return out
+                    if key not in self._told:
+                        self._told.add(key)
+                        first = True
+        return out, first
 
     def failed(self, name: str, addr: str) -> None:
         now = time.monotonic()
@@ -44,11 +49,13 @@ class Throttle:
                 for key in [k for k in self._fails if self._recent(k, now) is None]:
                     self._fails.pop(key, None)
                 while len(self._fails) > MAX_KEYS:
+                    self._told.discard(next(iter(self._fails)))
                     self._fails.pop(next(iter(self._fails)))
 
     def succeeded(self, name: str, addr: str) -> None:
         with self._lock:
             self._fails.pop(("name", f"{name}\0{addr}"), None)
+            self._told.discard(("name", f"{name}\0{addr}"))
 
     def _recent(self, key: tuple[str, str], now: float) -> deque[float] | None:
         q = self._fails.get(key)
@@ -56,5 +63,6 @@ class Throttle:
             q.popleft()
         if q is not None and not q:
             del self._fails[key]
+            self._told.discard(key)
             return None
         return q
