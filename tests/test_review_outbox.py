@@ -4,16 +4,19 @@ paused on events, no sleeps)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 import sqlite3
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from customs_edge.agent.outbox import SqliteOutbox
-from customs_edge.core.records import Priority, RecordIn
+from customs_edge.core.records import Pending, Priority, RecordIn
 
 DONE = "waiting deletes done: disk space is back"
 
@@ -100,3 +103,103 @@ def test_begin_beside_a_put_paused_in_its_transaction_and_after_its_commit(ob: S
     t.join(10)
     assert [r.seq for r in ob.begin(10)] == [6, 3, 4, 5]  # the alert first, then the bulk, in seq order
     assert ob.begin(10) == []
+
+
+def key(r: Pending) -> tuple[object, ...]:
+    """What both outboxes agree on: a tombstone's hashes cover stamps that differ between them."""
+    if r.type == "tombstone":
+        return r.seq, r.priority, r.type, [run[:2] for run in json.loads(r.payload)["runs"]]
+    return r.seq, r.priority, r.type, r.payload
+
+
+def test_the_fresh_tail_hands_out_what_a_read_of_the_file_would_over_random_operations(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Differential: the same random puts (some rolled back), begins, acks, rejects (some finding the disk full),
+    cap drops (with their tombstones), releases and restarts on two outboxes, one of which never keeps a tail
+    (it reads every record back from its file, as before the tail): each begin() hands out the same records."""
+    rng = random.Random(20261203)
+    paths = [tmp_path / "tail.db", tmp_path / "file.db"]
+    obs = [SqliteOutbox(p, synchronous="NORMAL") for p in paths]
+    full: set[int] = set()
+
+    def setup(o: SqliteOutbox, i: int) -> None:
+        if i == 1:
+            o.FRESH_MAX_RECORDS = -1  # every tail forgotten at once: begin() always reads the file
+        else:
+            o.FRESH_MAX_RECORDS = 60  # small, so the bound is crossed now and then
+        o._db.execute("CREATE TEMP TRIGGER boom BEFORE INSERT ON records WHEN NEW.type = 'boom'"
+                      " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        disk_full_for(o, monkeypatch, full)
+
+    for i, o in enumerate(obs):
+        setup(o, i)
+    prios = list(Priority)
+    out: list[set[int]] = [set(), set()]
+    try:
+        for step in range(1500):
+            op = rng.random()
+            if op < 0.40:
+                batch = [RecordIn(type="t", priority=rng.choice(prios), payload={"s": step, "k": k})
+                         for k in range(rng.randint(1, 12))]
+                if rng.random() < 0.05:
+                    batch.append(RecordIn(type="boom", payload={}))
+                got = []
+                for o in obs:
+                    try:
+                        got.append(list(o.put(batch)))
+                    except sqlite3.IntegrityError:
+                        got.append(None)
+                assert got[0] == got[1]
+            elif op < 0.65:
+                n = rng.randint(1, 25)
+                handed = [[key(r) for r in o.begin(n)] for o in obs]
+                assert handed[0] == handed[1], f"step {step}"
+                for s in out:
+                    s.update(h[0] for h in handed[0])
+            elif op < 0.80:
+                if not out[0]:
+                    continue
+                lo = rng.choice(sorted(out[0]))
+                hi = lo + rng.randint(0, 5)
+                if rng.random() < 0.2:
+                    full.add(lo)
+                elif rng.random() < 0.3:
+                    full.clear()
+                    for o in obs:
+                        o._retry_at = 0.0
+                if rng.random() < 0.2:
+                    assert obs[0].reject([(lo, hi)], "bad") == obs[1].reject([(lo, hi)], "bad")
+                else:
+                    assert obs[0].ack([(lo, hi)]) == obs[1].ack([(lo, hi)])
+            elif op < 0.92:
+                rows = obs[1]._db.execute("SELECT seq FROM records WHERE priority < ? ORDER BY seq DESC LIMIT 40",
+                                          (int(Priority.ALERT),)).fetchall()  # the newest: in the tail or not
+                seqs = sorted(rng.sample([s for (s,) in rows], min(rng.randint(1, 8), len(rows))))
+                if seqs:
+                    for o in obs:
+                        with o._lock:
+                            o._write(partial(o._drop, seqs))
+            elif op < 0.98:
+                for o in obs:
+                    o.release()
+                for s in out:
+                    s.clear()
+            else:  # a restart: the waiting deletes are lost with the process (a resend, deduped by the hub)
+                full.clear()
+                for o in obs:
+                    o.close()
+                monkeypatch.undo()
+                obs = [SqliteOutbox(p, synchronous="NORMAL") for p in paths]
+                for i, o in enumerate(obs):
+                    setup(o, i)
+                for s in out:
+                    s.clear()
+        full.clear()
+        for o in obs:
+            o._retry_at = 0.0
+            o.release()
+        rest = [[key(r) for r in o.begin(100_000)] for o in obs]
+        assert rest[0] == rest[1]
+    finally:
+        for o in obs:
+            o.close()
