@@ -606,7 +606,7 @@ def check_signatures(v: Verdict, key: Ed25519PublicKey, sigs: Iterable[tuple[str
     hash (already proven to be its content's) is among them is signed. Every chained record from the first seq a
     kept signature names on must be signed: one added, or altered with every hash after it recomputed, is not.
     `held(lo, hi)`: seq -> chain hash of the stored records in that range."""
-    covered: list[int] = []
+    covered: list[tuple[int, int]] = []
     first: int | None = None
     forged: tuple[int, str] | None = None  # the failing signature that names the lowest seq
     for batch, sig, text in sigs:
@@ -622,10 +622,15 @@ def check_signatures(v: Verdict, key: Ed25519PublicKey, sigs: Iterable[tuple[str
         v.signed_batches += 1
         first = low if first is None else min(first, low)
         have = held(low, max(q for q, _ in pairs))
-        covered += [q for q, h in pairs if have.get(q) == h]
+        covered += ranges_of([q for q, h in pairs if have.get(q) == h])  # ranges: a few per batch, not a seq each
     if forged is not None:
         return v.bad(*forged)
-    spans = ranges_of(covered)
+    spans: list[tuple[int, int]] = []
+    for lo, hi in sorted(covered):  # merged
+        if spans and lo <= spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
+        else:
+            spans.append((lo, hi))
     i = 0
     for seq in chained:
         while i < len(spans) and spans[i][1] < seq:

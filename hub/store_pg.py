@@ -464,10 +464,9 @@ class PgHubStore:
                 v = walk_chain(v, runs, cur, int(max_seq))
             if key is None or v.bad_seq is not None:
                 return v
-            sigs = self.db.execute("SELECT batch, sig, hashes FROM signatures WHERE device_id = %s",
-                                   (device_id,)).fetchall()
-            with self.db.cursor(name="chained") as cur:
-                cur.itersize = 20000
+            with self.db.cursor(name="sigs") as sigs, self.db.cursor(name="chained") as cur:  # server-side
+                sigs.itersize, cur.itersize = 50, 20000
+                sigs.execute("SELECT batch, sig, hashes FROM signatures WHERE device_id = %s", (device_id,))
                 cur.execute("SELECT seq FROM records WHERE device_id = %s AND prev IS NOT NULL ORDER BY seq",
                             (device_id,))
                 return check_signatures(v, key, sigs, lambda lo, hi: {int(q): h for q, h in self.db.execute(
