@@ -120,21 +120,19 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.storage import is_postgres, open_store
 
     if args.action == "verify":
-        return evidence.cmd_verify(args.db, args.device, args.json)
+        return evidence.cmd_verify(args.db, args.device, args.json, args.keys)
     if args.action == "fleet":
         from customs_edge.cli.fleet import cmd_fleet
 
         return cmd_fleet(args.db, args.json)
     if args.action == "stats" and args.lanes:
         from customs_edge.hub.lanes import gate_records, lane_stats
-        from customs_edge.hub.store import HubStore
 
-        if is_postgres(args.db):
-            raise CustomsEdgeError("hub stats --lanes reads a SQLite hub database; for PostgreSQL it is not "
-                                   "implemented yet (hub/lanes.py lane_stats takes the records from any source)")
-        sqlite_store = HubStore(args.db, readonly=True)
-        lanes = lane_stats(gate_records(sqlite_store.db))
-        sqlite_store.close()
+        lane_store = open_store(args.db, readonly=True)
+        try:
+            lanes = lane_stats(gate_records(lane_store.db))
+        finally:
+            lane_store.close()
         if args.json:
             print(json.dumps({"lanes": {x.device_id: x.as_dict() for x in lanes}}, indent=2))
         else:
@@ -305,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "complete and unaltered, or name the first bad seq (exit 1)")
     h.add_argument("device", nargs="?", help="verify: this device only")
     h.add_argument("--keys", help="key registry: `DEVICE_ID ed25519:BASE64` lines (`customs-edge key CONFIG`);"
-                                  " a registered device's batches must be signed by its key")
+                                  " a registered device's batches must be signed by its key; verify: check the"
+                                  " batch signatures kept for each registered device too")
     h.add_argument("--require-signatures", action="store_true", help="refuse batches of unregistered devices too")
     h.add_argument("--config", help="the hub's config file (configs/hub/hub.yaml; `config schema`-style keys of "
                                     "HubConfig); options given here override it")

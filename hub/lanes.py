@@ -15,14 +15,13 @@ A screening confirmed twice counts once (the last confirmation by `at`). Unconfi
 never guessed: the PPV is computed over followed-up alerts only.
 
 The figures are computed from records (`lane_stats`), so they do not depend on how a store keeps them;
-`gate_records` reads them from the hub's SQLite database.
+`gate_records` reads them from the hub's database, SQLite or PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,11 +90,11 @@ def lane_stats(records: Iterable[tuple[str, str, dict[str, Any]]]) -> list[LaneS
     return [lanes[k] for k in sorted(lanes)]
 
 
-def gate_records(db: sqlite3.Connection) -> Iterable[tuple[str, str, dict[str, Any]]]:
-    """The gate records of a hub database (schema v1 `records`), payloads parsed; unparseable ones skipped."""
-    marks = ",".join("?" * len(GATE_TYPES))
-    for device, rtype, payload in db.execute(
-            f"SELECT device_id, type, payload FROM records WHERE type IN ({marks})", GATE_TYPES):
+def gate_records(db: Any) -> Iterable[tuple[str, str, dict[str, Any]]]:
+    """The gate records of a hub database (`records`; a sqlite3 or psycopg connection: the query has no
+    parameters), payloads parsed; unparseable ones skipped."""
+    kinds = ",".join(f"'{t}'" for t in GATE_TYPES)  # constants of this module
+    for device, rtype, payload in db.execute(f"SELECT device_id, type, payload FROM records WHERE type IN ({kinds})"):
         try:
             p = json.loads(payload)
         except (TypeError, ValueError):

@@ -79,7 +79,7 @@ from customs_edge.core.wire import (
 from customs_edge.hub import intake, pings
 from customs_edge.hub.photos import HEADER_MAX, MAX_PHOTO_BYTES, PhotoArchive
 from customs_edge.hub.storage import HubStorage, open_store
-from customs_edge.hub.store import MAX_SEQ_JUMP, HubStore, Stored
+from customs_edge.hub.store import MAX_SEQ_JUMP, Stored
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ class Hub:
     def __init__(self, cfg: HubConfig) -> None:
         self.cfg = cfg
         self.keys = load_registry(cfg.keys) if cfg.keys else {}
-        self.store: HubStorage = open_store(cfg.postgres, postgres=True) if cfg.postgres else \
-            HubStore(cfg.db, cfg.synchronous, max_seq_jump=cfg.max_seq_jump)
+        self.store: HubStorage = open_store(cfg.postgres or cfg.db, cfg.synchronous, postgres=bool(cfg.postgres),
+                                            max_seq_jump=cfg.max_seq_jump)
         # evidence photos by sha256 (hub/photos.py)
         self.photos = PhotoArchive(cfg.photos_dir or Path(f"{cfg.db}.photos"))
         clean = bool(cfg.postgres) if cfg.clean_session is None else cfg.clean_session

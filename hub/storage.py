@@ -17,13 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from customs_edge.hub.intake import Incoming
-from customs_edge.hub.store import DeviceStats, FleetRow, HubStore, Stored, Verdict
+from customs_edge.hub.store import MAX_SEQ_JUMP, DeviceStats, FleetRow, HubStore, Stored, Verdict
 
 
 class HubStorage(Protocol):
+    db: Any  # the database connection (sqlite3 or psycopg), for read-only reports (hub/lanes.py gate_records)
+
     def store(self, batches: Iterable[Incoming], refused: Mapping[str, int] | None = None) -> list[Stored]: ...
     def set_status(self, device_id: str, status: str, unit_type: str | None = None,
                    site: str | None = None) -> None: ...
@@ -33,7 +37,7 @@ class HubStorage(Protocol):
     def stats(self) -> list[DeviceStats]: ...
     def refused(self) -> dict[str, int]: ...
     def gap_ranges(self, device_id: str, limit: int = 20) -> list[tuple[int, int]]: ...
-    def verify(self, device_id: str) -> Verdict: ...
+    def verify(self, device_id: str, key: Ed25519PublicKey | None = None) -> Verdict: ...
     def close(self) -> None: ...
 
 
@@ -43,11 +47,11 @@ def is_postgres(target: str | Path) -> bool:
 
 
 def open_store(target: str | Path, synchronous: str = "FULL", *, readonly: bool = False,
-               postgres: bool | None = None) -> HubStorage:
+               postgres: bool | None = None, max_seq_jump: int = MAX_SEQ_JUMP) -> HubStorage:
     """The store `target` names: PostgreSQL for a URL or conninfo string (or with postgres=True), else a SQLite
-    file."""
+    file (`synchronous` applies to SQLite only)."""
     if postgres or (postgres is None and isinstance(target, str) and is_postgres(target)):
         from customs_edge.hub.store_pg import PgHubStore
 
-        return PgHubStore(str(target), readonly=readonly)
-    return HubStore(target, synchronous, readonly=readonly)
+        return PgHubStore(str(target), readonly=readonly, max_seq_jump=max_seq_jump)
+    return HubStore(target, synchronous, readonly=readonly, max_seq_jump=max_seq_jump)

@@ -30,18 +30,25 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from customs_edge.core.signing import TOMBSTONE_TYPE
 from customs_edge.hub import store as _sqlite
 from customs_edge.hub.intake import Incoming, Row
 from customs_edge.hub.store import (
     HEALTH_KEPT,
+    MAX_SEQ_JUMP,
     Content,
     DeviceStats,
     FleetRow,
     Stored,
     StoreError,
     Verdict,
+    check_signatures,
     classify,
+    highest_seq,
+    quarantine,
+    signed_text,
     stored_result,
     walk_chain,
 )
@@ -115,6 +122,27 @@ SCHEMA: list[str] = [
     CREATE INDEX records_ore_analysis ON records (ts) WHERE type = 'ore_analysis';
     CREATE INDEX records_identification ON records (ts) WHERE type = 'identification';
     """,
+    # v3 (SQLite's v6): records quarantined as suspect (an implausible seq jump), kept whole, out of records, gaps
+    # and verify
+    f"""
+    CREATE TABLE suspect ({_RECORD_COLUMNS},
+        batch  TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX suspect_by_seq ON suspect (device_id, seq);
+    ALTER TABLE devices ADD COLUMN suspect BIGINT NOT NULL DEFAULT 0;
+    """,
+    # v4 (SQLite's v7): the signatures of batches verified on arrival, with the (seq, chain hash) pairs each covers
+    """
+    CREATE TABLE signatures (
+        device_id   TEXT             NOT NULL,
+        batch       TEXT             NOT NULL,
+        sig         TEXT             NOT NULL,
+        hashes      TEXT             NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (device_id, batch, sig)
+    );
+    """,
 ]
 
 
@@ -142,8 +170,9 @@ def redact(dsn: str) -> str:
 
 
 class PgHubStore:
-    def __init__(self, dsn: str, *, readonly: bool = False) -> None:
+    def __init__(self, dsn: str, *, readonly: bool = False, max_seq_jump: int = MAX_SEQ_JUMP) -> None:
         self.dsn = dsn
+        self.max_seq_jump = max_seq_jump
         self.db = _connect(dsn)
         if readonly:
             self.db.execute("SET default_transaction_read_only = on")
@@ -193,6 +222,7 @@ class PgHubStore:
             if devices:
                 self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest(%b::text[]) d",
                                 (devices,))
+            todo, suspect = self._quarantine(todo, devices, now)
             held = self._held_all(todo)  # (device_id, seq) -> content, as committed
             burst: dict[tuple[str, int], list[Content]] = {}  # conflicts kept by this burst, per (device_id, seq)
 
@@ -204,14 +234,14 @@ class PgHubStore:
 
             parts = []
             later = Counter(b.device_id for b in todo)  # batches of each device still to classify
-            for b in todo:  # in arrival order, as the SQLite store: a later batch sees an earlier one's rows
+            for i, b in enumerate(todo):  # in arrival order, as the SQLite store: a later batch sees an earlier one's
                 new, fresh, dup, first = classify(b, held_in)
                 later[b.device_id] -= 1
                 if later[b.device_id]:
                     held.update({(b.device_id, r[0]): r[1:] for r in new})
                 for r in fresh:
                     burst.setdefault((b.device_id, r[0]), []).append(r[1:])
-                parts.append((b, new, fresh, dup, first))
+                parts.append((b, new, fresh, dup, first, suspect[i]))
             self._copy("records", [(b.device_id, *r, now, *b.links.get(r[0], (None, None))) for b, new, *_ in parts
                                    for r in new])
             self._copy("conflicts", [(b.device_id, *r, now) for b, _, fresh, *_ in parts for r in fresh])
@@ -223,6 +253,10 @@ class PgHubStore:
                         "INSERT INTO rejected VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (device_id, seq)"
                         " DO UPDATE SET batch = excluded.batch, reason = excluded.reason, raw = excluded.raw,"
                         " received_at = excluded.received_at, prev = excluded.prev, h = excluded.h", rejected)
+            sigs = [(b.device_id, b.batch, b.sig, signed_text(b), now) for b in todo if b.sig is not None]
+            if sigs:
+                with self.db.cursor() as cur:
+                    cur.executemany("INSERT INTO signatures VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", sigs)
             totals = self._count(parts, now)
             counts = sorted((k, n) for k, n in (refused or {}).items() if n)
             if counts:
@@ -230,10 +264,33 @@ class PgHubStore:
                     cur.executemany("INSERT INTO refused VALUES (%s, %s) ON CONFLICT (kind) DO UPDATE SET"
                                     " batches = refused.batches + excluded.batches", counts)
         out = []
-        for b, new, fresh, dup, first in reversed(parts):  # the device's conflicts as they stood after each batch
-            out.append(stored_result(b, new, fresh, dup, first, totals[b.device_id]))
+        for b, new, fresh, dup, first, sus in reversed(parts):  # the device's conflicts as they stood after each batch
+            out.append(stored_result(b, new, fresh, dup, first, totals[b.device_id], sus))
             totals[b.device_id] -= len(fresh)
         return out[::-1]
+
+    def _quarantine(self, batches: list[Incoming], devices: list[str], now: float
+                    ) -> tuple[list[Incoming], list[list[int]]]:
+        """hub/store.py quarantine() of each batch, in arrival order, against its device's highest seq held (under
+        this transaction's device locks) or named by an earlier batch of the burst; the suspect rows kept in
+        `suspect`. Returns the batches without them and each batch's quarantined seqs."""
+        known: dict[str, int] = {}
+        if devices:
+            known = {d: int(m) for d, m in self.db.execute(
+                "SELECT device_id, max_seq FROM devices WHERE device_id = ANY(%b::text[])", (devices,)).fetchall()}
+        out: list[Incoming] = []
+        seqs: list[list[int]] = []
+        kept: list[tuple[Any, ...]] = []
+        for b in batches:
+            b, suspect, why = quarantine(b, known.get(b.device_id, 0), self.max_seq_jump)
+            known[b.device_id] = max(known.get(b.device_id, 0), highest_seq(b))
+            kept += [(b.device_id, *r, now, b.batch, why) for r in suspect]
+            out.append(b)
+            seqs.append([r[0] for r in suspect])
+        if kept:
+            with self.db.cursor() as cur:
+                cur.executemany("INSERT INTO suspect VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", kept)
+        return out, seqs
 
     def _held_all(self, batches: list[Incoming]) -> dict[tuple[str, int], Content]:
         """(device_id, seq) -> content of every row `records` holds for a seq of these batches. A device whose seqs
@@ -276,28 +333,28 @@ class PgHubStore:
             for row in rows:
                 cp.write_row(row)
 
-    def _count(self, parts: list[tuple[Incoming, list[Row], list[Row], int, dict[int, Content]]],
+    def _count(self, parts: list[tuple[Incoming, list[Row], list[Row], int, dict[int, Content], list[int]]],
                now: float) -> dict[str, int]:
         """One upsert of every device's counters; returns each device's conflicts after it."""
         per: dict[str, list[int]] = {}
-        for b, new, fresh, dup, _ in parts:
-            named = [r.seq for r in b.rejected if r.seq is not None]
-            c = per.setdefault(b.device_id, [0, 0, 0, 0, 0, 0])
+        for b, new, fresh, dup, _, sus in parts:
+            c = per.setdefault(b.device_id, [0, 0, 0, 0, 0, 0, 0])
             for k, v in enumerate((len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new))):
                 c[k] += v
-            c[5] = max([c[5], *(r[0] for r in b.rows), *named])
+            c[5] = max(c[5], highest_seq(b))
+            c[6] += len(sus)
         if not per:
             return {}
         devices = sorted(per)  # row locks in device order
         cols = list(zip(*(per[d] for d in devices), strict=True))
         rows = self.db.execute(
             "INSERT INTO devices AS d (device_id, received, duplicates, conflicts, rejected, stored, max_seq,"
-            " first_seen, last_seen) SELECT u.*, %s, %s FROM unnest(%b::text[], %b::bigint[], %b::bigint[],"
-            " %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[]) u ON CONFLICT (device_id) DO UPDATE SET"
-            " received = d.received + excluded.received, duplicates = d.duplicates + excluded.duplicates,"
+            " suspect, first_seen, last_seen) SELECT u.*, %s, %s FROM unnest(%b::text[], %b::bigint[], %b::bigint[],"
+            " %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[]) u ON CONFLICT (device_id) DO"
+            " UPDATE SET received = d.received + excluded.received, duplicates = d.duplicates + excluded.duplicates,"
             " conflicts = d.conflicts + excluded.conflicts, rejected = d.rejected + excluded.rejected,"
             " stored = d.stored + excluded.stored, max_seq = greatest(d.max_seq, excluded.max_seq),"
-            " last_seen = excluded.last_seen RETURNING device_id, conflicts",
+            " suspect = d.suspect + excluded.suspect, last_seen = excluded.last_seen RETURNING device_id, conflicts",
             (now, now, devices, *[list(c) for c in cols])).fetchall()
         return {d: int(n) for d, n in rows}
 
@@ -364,11 +421,11 @@ class PgHubStore:
         rows = self.db.execute(
             "SELECT device_id, received, duplicates, conflicts, rejected, stored, max_seq, last_seen, status,"
             " (SELECT count(*) FROM rejected r WHERE r.device_id = d.device_id AND r.seq IS NOT NULL AND NOT EXISTS"
-            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq))"
+            "  (SELECT 1 FROM records x WHERE x.device_id = r.device_id AND x.seq = r.seq)), suspect"
             " FROM devices d ORDER BY device_id COLLATE \"C\"").fetchall()
         return [DeviceStats(d, int(rcv), int(dup), int(cf), int(rj), int(st), int(mx),
-                            max(0, int(mx) - int(st) - int(rj_seqs)), seen, status)
-                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs in rows]
+                            max(0, int(mx) - int(st) - int(rj_seqs)), seen, status, int(sus))
+                for d, rcv, dup, cf, rj, st, mx, seen, status, rj_seqs, sus in rows]
 
     def refused(self) -> dict[str, int]:
         """Records messages refused whole, by kind (malformed, device_mismatch, store_failed)."""
@@ -384,8 +441,9 @@ class PgHubStore:
             {"d": device_id, "n": limit}).fetchall()
         return [(int(a), int(b)) for a, b in rows]
 
-    def verify(self, device_id: str) -> Verdict:
-        """As hub/store.py HubStore.verify: walk the device's chain from seq 1 (one transaction, one snapshot)."""
+    def verify(self, device_id: str, key: Ed25519PublicKey | None = None) -> Verdict:
+        """As hub/store.py HubStore.verify: walk the device's chain from seq 1, then with the device's registered
+        key check the kept batch signatures (one transaction, one snapshot)."""
         v = Verdict(device_id)
         runs: dict[int, tuple[int, str | None, str]] = {}
         with self.db.transaction():
@@ -403,7 +461,17 @@ class PgHubStore:
                     " UNION ALL SELECT seq, 0, '', 0, '', prev, h, 0 FROM rejected r WHERE device_id = %(d)s AND seq"
                     " IS NOT NULL AND NOT EXISTS (SELECT 1 FROM records x WHERE x.device_id = %(d)s AND"
                     " x.seq = r.seq) ORDER BY seq", {"d": device_id})
-                return walk_chain(v, runs, cur, int(max_seq))
+                v = walk_chain(v, runs, cur, int(max_seq))
+            if key is None or v.bad_seq is not None:
+                return v
+            with self.db.cursor(name="sigs") as sigs, self.db.cursor(name="chained") as cur:  # server-side
+                sigs.itersize, cur.itersize = 50, 20000
+                sigs.execute("SELECT batch, sig, hashes FROM signatures WHERE device_id = %s", (device_id,))
+                cur.execute("SELECT seq FROM records WHERE device_id = %s AND prev IS NOT NULL ORDER BY seq",
+                            (device_id,))
+                return check_signatures(v, key, sigs, lambda lo, hi: {int(q): h for q, h in self.db.execute(
+                    "SELECT seq, h FROM records WHERE device_id = %s AND seq BETWEEN %s AND %s AND h IS NOT NULL",
+                    (device_id, lo, hi))}, (int(q) for (q,) in cur))
 
     def close(self) -> None:
         self.db.close()

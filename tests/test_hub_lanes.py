@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 
+from customs_edge.core.records import Pending
+from customs_edge.core.wire import encode_batch
+from customs_edge.hub import intake
 from customs_edge.hub.lanes import lane_stats, wilson
-from customs_edge.hub.store import HubStore
+from customs_edge.hub.storage import open_store
 from tests.cmdtools import cli
 
 
@@ -35,19 +38,20 @@ def test_lane_figures_from_alerts_and_confirmations() -> None:
     assert b.alerts == 0 and b.field_ppv is None and b.field_ppv_ci95 is None and b.confirmed_rate == 0.0
 
 
-def test_hub_stats_lanes_reads_the_hub_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = tmp_path / "hub.db"
-    store = HubStore(db)
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_hub_stats_lanes_reads_the_hub_database(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                request: pytest.FixtureRequest, backend: str) -> None:
+    db = str(tmp_path / "hub.db") if backend == "sqlite" else request.getfixturevalue("pg_url")
+    store = open_store(db)
     rows = [("gate-01", seq, "screening" if seq <= 8 else "fever_alert" if seq <= 10 else "fever_confirmation",
              {"screening": f"id{seq}"} if seq <= 10 else {"screening": "id9", "confirmed": True, "at": 1.0})
             for seq in range(1, 12)]
-    store.db.executemany(
-        "INSERT INTO records (device_id, seq, ts, boot_id, mono, type, priority, payload, received_at) "
-        "VALUES (?, ?, 0, 'b', 0, ?, 0, ?, 0)", [(d, s, t, json.dumps(p)) for d, s, t, p in rows])
+    recs = [Pending(s, 1.0, "b", float(s), t, 1, json.dumps(p)) for _, s, t, p in rows]
+    store.store([intake.parse("customs-edge/v1/gate-01/records", encode_batch("gate-01", "b1", recs))])
     store.close()
-    code, out, _ = cli(capsys, "hub", "stats", "--lanes", "--db", str(db), "--json")
+    code, out, _ = cli(capsys, "hub", "stats", "--lanes", "--db", db, "--json")
     assert code == 0
     g = json.loads(out)["lanes"]["gate-01"]
     assert (g["screened"], g["alerts"], g["followed_up"], g["confirmed"], g["field_ppv"]) == (8, 2, 1, 1, 1.0)
-    code, out, _ = cli(capsys, "hub", "stats", "--lanes", "--db", str(db))
+    code, out, _ = cli(capsys, "hub", "stats", "--lanes", "--db", db)
     assert code == 0 and "gate-01" in out and "field PPV" in out

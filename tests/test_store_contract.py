@@ -16,12 +16,13 @@ import pytest
 
 from customs_edge.agent.outbox import SqliteOutbox
 from customs_edge.core.records import Pending, Priority, RecordIn
+from customs_edge.core.signing import DeviceKey, parse_public, record_hash
 from customs_edge.core.wire import encode_batch
 from customs_edge.hub import intake
 from customs_edge.hub import store as sqlite_store
 from customs_edge.hub.storage import HubStorage, open_store
 
-Factory = Callable[[], Any]
+Factory = Callable[..., Any]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -30,8 +31,8 @@ def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     target = str(tmp_path / "hub.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
     opened: list[Any] = []
 
-    def make() -> HubStorage:
-        st = open_store(target)
+    def make(**kw: Any) -> HubStorage:
+        st = open_store(target, **kw)
         opened.append(st)
         return st
 
@@ -185,6 +186,78 @@ def test_verify_proves_a_chain_and_names_an_altered_record(new_store: Factory, t
     assert (v.bad_seq, v.reason) == (12, "its content does not match its chain hash: altered in this database")
 
 
+def run(st: Any, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+    """One statement with `?` placeholders on either database; its rows (none for a write)."""
+    pg = not isinstance(st, sqlite_store.HubStore)
+    cur = st.db.execute(sql.replace("?", "%s") if pg else sql, args)
+    return list(cur.fetchall()) if cur.description else []
+
+
+def recompute_chain(st: Any, device: str, start: int) -> None:
+    """What an attacker with write access to the database does after editing a record: every chain hash from
+    `start` on recomputed from the content, every link after it rewritten, so that the chain walk holds."""
+    rows = run(st, "SELECT seq, ts, type, priority, payload, prev FROM records WHERE device_id = ? AND seq >= ?"
+                   " ORDER BY seq", (device, start))
+    prev = rows[0][5]
+    for seq, ts, type_, prio, payload, _ in rows:
+        h = record_hash(prev, seq, ts, type_, prio, payload)
+        run(st, "UPDATE records SET prev = ?, h = ? WHERE device_id = ? AND seq = ?", (prev, h, device, seq))
+        prev = h
+
+
+def test_kept_batch_signatures_find_an_edit_that_recomputed_the_chain(new_store: Factory, tmp_path: Path) -> None:
+    """The chain walk proves the stored history consistent, not authentic: an edit that recomputes every hash
+    after it passes. The batch signatures verified on arrival, kept with the hashes they cover, are checked
+    under the device's registered key (`hub verify --keys`): that edit, an added record, an edited signature
+    hash all fail, at the first seq concerned."""
+    key = DeviceKey.load_or_create(tmp_path / "d1.key")
+    public = parse_public(key.public)
+    ob = SqliteOutbox(tmp_path / "agent" / "outbox.db", device_id="d1")
+    ob.put([RecordIn(type="w", priority=Priority.EVENT, payload={"n": i}) for i in range(20)])
+    batches = []
+    while recs := ob.begin(6):
+        batches.append(intake.parse("customs-edge/v1/d1/records", encode_batch("d1", f"b{len(batches)}", recs, key),
+                                    {"d1": public}))
+        ob.ack([(recs[0].seq, recs[-1].seq)])
+    ob.close()
+    st = new_store()
+    st.store(batches[:2])
+    st.store(batches[:2] + batches[2:])  # a redelivery keeps one copy of each signature
+    v = st.verify("d1", public)
+    assert (v.bad_seq, v.records, v.signed_batches, v.signed, v.unsigned) == (None, 20, 4, 20, 0)
+    assert count(st, "SELECT count(*) FROM signatures") == 4
+    assert st.verify("d1").signed_batches == 0  # without the key: the chain walk alone
+
+    # a record added after the last, linked to it (and the device's max_seq raised to match)
+    (last_h,) = run(st, "SELECT h FROM records WHERE device_id = 'd1' AND seq = 20")[0]
+    payload = '{"n":99}'
+    run(st, "INSERT INTO records (device_id, seq, ts, boot_id, mono, type, priority, payload, received_at, prev, h)"
+            " VALUES ('d1', 21, 1.0, 'x', 1.0, 'w', 2, ?, 1.0, ?, ?)",
+        (payload, last_h, record_hash(last_h, 21, 1.0, "w", 2, payload)))
+    run(st, "UPDATE devices SET max_seq = 21 WHERE device_id = 'd1'")
+    assert st.verify("d1").bad_seq is None
+    v = st.verify("d1", public)
+    assert (v.bad_seq, v.signed) == (21, 20) and "no kept signature covers it" in v.reason
+    run(st, "DELETE FROM records WHERE device_id = 'd1' AND seq = 21")
+    run(st, "UPDATE devices SET max_seq = 20 WHERE device_id = 'd1'")
+
+    # a record's content edited, and the chain recomputed from it on
+    run(st, "UPDATE records SET payload = ? WHERE device_id = 'd1' AND seq = 9", ('{"n":999}',))
+    assert st.verify("d1").bad_seq == 9
+    recompute_chain(st, "d1", 9)
+    assert st.verify("d1").bad_seq is None  # consistent again: the walk alone cannot tell
+    v = st.verify("d1", public)
+    assert (v.bad_seq, v.signed) == (9, 8) and "no kept signature covers it" in v.reason
+
+    # ... and the kept hashes edited to match: the signature over them no longer verifies
+    (text,) = run(st, "SELECT hashes FROM signatures WHERE device_id = 'd1' AND batch = 'b1'")[0]
+    fixed = {q: h for q, h in run(st, "SELECT seq, h FROM records WHERE device_id = 'd1'")}
+    run(st, "UPDATE signatures SET hashes = ? WHERE device_id = 'd1' AND batch = 'b1'",
+        (json.dumps([[q, fixed[q]] for q, _ in json.loads(text)]),))
+    v = st.verify("d1", public)
+    assert v.bad_seq == 7 and "kept signature of batch 'b1' does not verify" in v.reason
+
+
 def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: Factory) -> None:
     """Two hub workers handed the same batches (a resend after an ack timeout reaches the other worker while
     the first is still storing): every seq stored once, the other copy counted a redelivery."""
@@ -222,6 +295,22 @@ def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: F
 
 
 @pytest.mark.postgres
+def test_an_implausible_seq_jump_is_quarantined_not_stored(new_store: Factory) -> None:
+    """A seq more than max_seq_jump past the device's highest (held, or named by an earlier batch of the same
+    group commit) is kept in `suspect`, named as rejected in the ack, and left out of max_seq and gaps."""
+    st = new_store(max_seq_jump=1000)
+    st.store([batch([1, 2], "boot-a", "a")])
+    far = 2**63 - 1  # one record at the top of the seq range would otherwise report 9.2e18 gaps
+    first, second = st.store([batch([3, 1003, far], "boot-a", "b"), batch([2003, 4000], "boot-a", "c")])
+    assert (acked(first.ranges), acked(first.rejected), first.suspect) == ([3, 1003], [far], [far])
+    # the second batch is judged against the first's plausible seqs (1003), stored in the same transaction
+    assert (acked(second.ranges), acked(second.rejected), second.suspect) == ([2003], [4000], [4000])
+    (d,) = st.stats()
+    assert (d.stored, d.max_seq, d.suspect, d.received, d.gaps) == (5, 2003, 2, 5, 2003 - 5)
+    assert count(st, "SELECT count(*) FROM suspect") == 2 and count(st, "SELECT max(seq) FROM records") == 2003
+    assert st.store([batch([2004], "boot-a", "d")])[0].suspect == []  # the device goes on from its plausible seqs
+
+
 def test_a_wrong_postgres_url_is_a_clear_error_and_creates_nothing(pg_url: str) -> None:
     from customs_edge.core.errors import CustomsEdgeError
     from customs_edge.hub.store_pg import PgHubStore
