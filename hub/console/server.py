@@ -394,7 +394,7 @@ class Handler(BaseHTTPRequestHandler):
             if pre is None or not same(pre.value, form.get("pre", "")):
                 return self._error(403, "the login form expired: load the login page again")
             name, addr = form.get("user", ""), self.client_address[0]
-            wait, first = self.c.throttle.wait_s(name, addr)
+            wait, first = self.c.throttle.wait_s(name[:64], addr)  # a user's name has at most 64 characters
             if wait > 0:
                 if first:
                     self.c.state.record(name[:64] or "-", "-", "login_throttled", detail=addr)
@@ -403,10 +403,10 @@ class Handler(BaseHTTPRequestHandler):
                                   {"Retry-After": f"{wait:.0f}"})
             token = self.c.state.login(name, form.get("password", ""))
             if token is None:
-                self.c.throttle.failed(name, addr)
+                self.c.throttle.failed(name[:64], addr)
                 return self._html(pages.login_page("Unknown user or wrong password.", pre.value,
                                                    form.get("next", "/alerts")), 401)
-            self.c.throttle.succeeded(name, addr)
+            self.c.throttle.succeeded(name[:64], addr)
             nxt = form.get("next", "/alerts")
             secure = self._secure()
             return self._redirect(local_path(nxt),
