@@ -116,9 +116,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export_labels(args: argparse.Namespace) -> int:
-    """Reviewed identifications as a training set: DIR/<label>/<sha256>.jpg (the layout `models train` reads)."""
+    """Reviewed identifications as a training set: DIR/<label>/<sha256>.jpg (the layout `models train` reads).
+    The photo's name comes from the unit's record and the label from the console's file: each is checked to be
+    a sha256 and a plain name, so nothing is read or written outside the photo store and DIR."""
+    import re
     import shutil
 
+    from customs_edge.hub.console.pages import LABEL_RE
     from customs_edge.hub.console.queries import HubReader
     from customs_edge.hub.console.state import ConsoleState
 
@@ -126,11 +130,15 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
     reader = HubReader(args.db)
     photos = Path(args.photos_dir or f"{args.db}.photos")
     out = Path(args.dir)
-    written = missing = 0
+    written = missing = refused = 0
     for (device_id, seq), act in sorted(state.labels().items()):
         rec = reader.record(device_id, seq, "identification")
         sha = rec.payload.get("photo") if rec else None
-        src = photos / str(sha)[:2] / f"{sha}.jpg" if isinstance(sha, str) else None
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)
+                                    and re.fullmatch(LABEL_RE, act.detail)):
+            refused += 1
+            continue
+        src = photos / sha[:2] / f"{sha}.jpg" if sha else None
         if src is None or not src.is_file():
             missing += 1
             continue
@@ -138,5 +146,6 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
         shutil.copyfile(src, out / act.detail / f"{sha}.jpg")
         written += 1
     print(f"{written} reviewed photos written to {out} (DIR/<label>/<sha256>.jpg); {missing} without their photo"
-          " at the hub")
+          " at the hub" + (f"; {refused} refused (a photo not named by its sha256, or a label that is no plain name)"
+                           if refused else ""))
     return 0

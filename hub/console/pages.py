@@ -25,6 +25,16 @@ def e(value: object) -> str:
     return escape("" if value is None else str(value), quote=True)
 
 
+def as_list(x: Any) -> list[Any]:
+    """A payload's list field as a list: a unit may send one value, or none, where a list is meant."""
+    return x if isinstance(x, list) else [] if x is None else [x]
+
+
+def num(x: Any, default: float = 0.0) -> float:
+    """A payload's number field, or `default` for anything else (a string, a list, an object)."""
+    return float(x) if isinstance(x, (int, float)) else default
+
+
 def when(t: float | None) -> str:
     return "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -54,12 +64,12 @@ def summary(a: AlertRow) -> str:
     match a.type:
         case "fever_alert":
             return (f"{p.get('estimate_c')} °C (threshold {p.get('threshold_c')} °C)"
-                    + ("" if p.get("valid", True) else ": re-screen, " + ", ".join(map(str, p.get("tags") or []))))
+                    + ("" if p.get("valid", True) else ": re-screen, " + ", ".join(map(str, as_list(p.get("tags"))))))
         case "fever_confirmation":
             return (f"clinical {p.get('measured_c')} °C: " + ("confirmed" if p.get("confirmed") else "not confirmed")
                     + f" (screened {p.get('estimate_c')} °C, by {p.get('by')})")
         case "lot_hold":
-            return f"lot {p.get('lot_id')}: " + "; ".join(map(str, p.get("reasons") or []))
+            return f"lot {p.get('lot_id')}: " + "; ".join(map(str, as_list(p.get("reasons"))))
         case "radiation_alarm":
             keys = ("channel", "cps", "gamma_cps", "neutron_cps", "lot_id")
             return ", ".join(f"{k} {p[k]}" for k in keys if k in p) or "radiation alarm"
@@ -168,9 +178,9 @@ def fleet_page(units: Sequence[dict[str, Any]], s: Session, now: float) -> str:
 
 
 def _est(x: Any) -> str:
-    if not isinstance(x, dict) or x.get("value") is None:
+    if not isinstance(x, dict) or not isinstance(x.get("value"), (int, float)):
         return "-"
-    return f"{x['value']:.2f} ± {x.get('u95', 0):.2f}"
+    return f"{x['value']:.2f} ± {num(x.get('u95')):.2f}"
 
 
 def line_svg(points: Sequence[tuple[float, float]], *, label: str, width: int = 480, height: int = 140) -> str:
@@ -194,14 +204,14 @@ def lots_page(lots: Sequence[AlertRow], series: dict[str, list[tuple[float, floa
     for r in lots:
         p = r.payload
         m, limit = p.get("moisture"), p.get("moisture_limit_pct")
-        margin = (f"{limit - m['value']:.2f}" if isinstance(m, dict) and m.get("value") is not None
+        margin = (f"{limit - m['value']:.2f}" if isinstance(m, dict) and isinstance(m.get("value"), (int, float))
                   and isinstance(limit, (int, float)) else "-")
-        flags = ", ".join(map(str, p.get("flags") or [])) or "-"
+        flags = ", ".join(map(str, as_list(p.get("flags")))) or "-"
         rad = f"gamma {p.get('gamma_alarms', 0)}, neutron {p.get('neutron_alarms', 0)}"
         lot = str(p.get("lot_id"))
         rows.append(f'<tr class="decision-{e(p.get("decision"))}"><td>{e(lot)}</td><td>{e(r.device_id)}</td>'
                     f'<td>{when(r.ts)}</td><td><b>{e(p.get("decision"))}</b></td><td>'
-                    f'{e("; ".join(map(str, p.get("reasons") or [])))}</td><td>{_est(p.get("fe"))}</td>'
+                    f'{e("; ".join(map(str, as_list(p.get("reasons")))))}</td><td>{_est(p.get("fe"))}</td>'
                     f'<td>{_est(p.get("sio2"))}</td><td>{_est(m)}</td><td>{margin}</td>'
                     f'<td>{e(p.get("increments"))}</td><td>{e(rad)}</td><td>{e(p.get("foreign_matter", 0))}</td>'
                     f"<td>{e(flags)}</td></tr>"
@@ -222,8 +232,8 @@ def lane_hours(summaries: Iterable[AlertRow], confirmations: Iterable[AlertRow])
     out: LaneHours = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
     for r in summaries:
         h = out[r.device_id][int(r.ts // 3600)]
-        h["screened"] += int(r.payload.get("screened") or 0)
-        h["alarms"] += int(r.payload.get("alerts") or 0)
+        h["screened"] += int(num(r.payload.get("screened")))
+        h["alarms"] += int(num(r.payload.get("alerts")))
     for r in confirmations:
         h = out[r.device_id][int(r.ts // 3600)]
         h["confirmations"] += 1
@@ -309,8 +319,9 @@ def review_page(items: Sequence[tuple[AlertRow, Action | None]], known: Sequence
     cards = []
     for r, done in items:
         p = r.payload
-        top = ", ".join(f"{e(lbl)} {float(pr):.2f}" for lbl, pr in (p.get("top3") or [])[:3]
-                        if isinstance(lbl, str) and isinstance(pr, (int, float)))
+        top = ", ".join(f"{e(t[0])} {float(t[1]):.2f}" for t in as_list(p.get("top3"))[:3]
+                        if isinstance(t, list) and len(t) == 2 and isinstance(t[0], str)
+                        and isinstance(t[1], (int, float)))
         said = e(p.get("label") or f"abstained: {p.get('abstain_reason')}")
         flag = " ALERT" if p.get("alert") else ""
         photo = p.get("photo")

@@ -30,6 +30,7 @@ from customs_edge.hub.console import pages
 from customs_edge.hub.console.inspection import Inspection
 from customs_edge.hub.console.queries import Filters, HubReader
 from customs_edge.hub.console.state import ConsoleState, Session, same
+from customs_edge.hub.console.throttle import Throttle
 from customs_edge.hub.storage import is_postgres, open_store
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,19 @@ log = logging.getLogger(__name__)
 COOKIE = "ce_session"
 PRE = "ce_pre"  # the login form's double-submit token, before any session exists
 MAX_FORM = 16 * 1024
+IDLE_S = 60.0  # a connection that sends (or takes) nothing this long is closed: no thread held by a silent client
+MAX_CONNECTIONS = 200  # open at once; past it a new one is closed at once (each holds a thread)
+MAX_STREAMS, MAX_STREAMS_PER_SESSION = 64, 8  # live event streams open at once: in all, and per session
 EVENT_POLL_S = 0.2  # how often an open alerts page's stream looks for new alerts: well inside the 1 s promise
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+def local_path(nxt: str) -> str:
+    """Where to go after the login: a path on this console, else the alerts. Printable ASCII only (a CR or LF
+    would start a header of the attacker's in the redirect), and never `//` or `/\\` (a browser reads both as
+    another host)."""
+    return nxt if re.fullmatch(r"/(?![/\\])[!-~]*", nxt) and "\\" not in nxt else "/alerts"
 
 
 def is_loopback(host: str) -> bool:
@@ -70,8 +81,24 @@ class Console:
             raise CustomsEdgeError(f"no console users in {state}: add one with `customs-edge console user add NAME"
                                    " --role admin --state " f"{state}` (or, on loopback for a demo, --anonymous)")
         self.anonymous = Session("demo", "officer", secrets.token_urlsafe(32)) if anonymous else None
+        self.throttle = Throttle()
+        self.state.decoy()  # prepared now: the first unknown name costs no more than a wrong password
         self.stopping = threading.Event()
+        self.streams: dict[str, int] = {}  # open event streams per session (its CSRF token names it)
+        self.streams_lock = threading.Lock()
 
+    def stream_slot(self, s: Session) -> bool:
+        with self.streams_lock:
+            if sum(self.streams.values()) >= MAX_STREAMS or self.streams.get(s.csrf, 0) >= MAX_STREAMS_PER_SESSION:
+                return False
+            self.streams[s.csrf] = self.streams.get(s.csrf, 0) + 1
+            return True
+
+    def stream_done(self, s: Session) -> None:
+        with self.streams_lock:
+            self.streams[s.csrf] -= 1
+            if not self.streams[s.csrf]:
+                del self.streams[s.csrf]
 
     def photo_path(self, sha: str) -> Path | None:
         if self.photos is None or not re.fullmatch(r"[0-9a-f]{64}", sha):
@@ -83,6 +110,7 @@ class Console:
 class Handler(BaseHTTPRequestHandler):
     server: ConsoleServer
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_S  # on the connection's socket (StreamRequestHandler.setup); with TLS, the handshake too
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -130,12 +158,36 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, text: str, s: Session | None = None) -> None:
         self._html(pages.page(f"{status}", f"<p class=bad>{pages.e(text)}</p>", s), status)
 
-    def _form(self) -> dict[str, str] | None:
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > MAX_FORM:
-            return None
-        data = parse_qs(self.rfile.read(n).decode("utf-8", "replace"), max_num_fields=20)
-        return {k: v[0] for k, v in data.items()}
+    def _form(self) -> dict[str, str] | tuple[int, str]:
+        """The posted form, or (status, why) for a body this server will not read: the connection is then
+        closed, so no byte of that body is ever taken for a request of its own."""
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        if self.headers.get("Transfer-Encoding") is not None:
+            why: tuple[int, str] = (411, "send the form with a Content-Length, not chunked")
+        elif len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,12}", lengths[0].strip()):
+            why = (400, "a Content-Length is one number of bytes")
+        elif int(lengths[0]) > MAX_FORM:
+            why = (413, "form too large")
+        else:
+            body = self.rfile.read(int(lengths[0])).decode("utf-8", "replace")
+            try:
+                return {k: v[0] for k, v in parse_qs(body, max_num_fields=20).items()}
+            except ValueError:
+                return 400, "a form has at most 20 fields"
+        self.close_connection = True
+        return why
+
+    def _secure(self) -> str:
+        return "; Secure" if isinstance(self.connection, ssl.SSLSocket) else ""
+
+    def _host_ok(self) -> bool:
+        """The loopback demo answers only to a loopback name: a page from another site whose name was
+        re-pointed at 127.0.0.1 (DNS rebinding) would otherwise read and act as the demo officer."""
+        host = self.headers.get("Host")
+        if self.c.anonymous is None or host is None:
+            return True
+        m = re.fullmatch(r"\[([^\]]*)\](?::[0-9]*)?|([^:]*)(?::[0-9]*)?", host.strip())
+        return m is not None and is_loopback((m.group(1) or m.group(2) or "").lower())
 
     def _same_origin(self) -> bool:
         """A browser's POST says where it comes from: refuse another site's (with the CSRF token, two fences)."""
@@ -147,6 +199,10 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        if self.headers.get("Transfer-Encoding") is not None or self.headers.get("Content-Length") not in (None, "0"):
+            self.close_connection = True  # a body is not read here: never taken for the next request
+        if not self._host_ok():
+            return self._error(HTTPStatus.MISDIRECTED_REQUEST, "the demo console answers on its loopback address only")
         url = urlsplit(self.path)
         path, q = url.path, {k: v[0] for k, v in parse_qs(url.query).items()}
         if path.startswith("/static/"):
@@ -155,9 +211,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(204, b"", "image/x-icon")
         if path == "/login":  # one token per browser: a second tab or a stray request must not void the first form
             held = self._cookies().get(PRE)
-            pre = held.value if held and len(held.value) >= 16 else secrets.token_urlsafe(16)
-            return self._html(pages.login_page("", pre, q.get("next", "/alerts")),
-                              headers={"Set-Cookie": f"{PRE}={pre}; HttpOnly; SameSite=Strict; Path=/login"})
+            # a value of ours only: a quoted cookie may carry any octet, CR LF included, back into Set-Cookie
+            ours = held is not None and re.fullmatch(r"[A-Za-z0-9_-]{16,64}", held.value)
+            pre = held.value if held is not None and ours else secrets.token_urlsafe(16)
+            return self._html(pages.login_page("", pre, q.get("next", "/alerts")), headers={
+                "Set-Cookie": f"{PRE}={pre}; HttpOnly; SameSite=Strict; Path=/login{self._secure()}"})
         s = self._session()
         if s is None:
             return self._redirect("/login?next=" + (path if path.startswith("/") else "/"))
@@ -166,8 +224,19 @@ class Handler(BaseHTTPRequestHandler):
             f = _filters(q)
             rows = self._alerts(f, limit=200)
             return self._html(pages.alerts_page(rows, f, self.c.reader.choices(), s, self.c.reader.latest_alert_at()))
-        if path == "/events":
-            return self._events(_filters(q), float(q.get("after") or 0))
+        if path in ("/events", "/events/snapshot/") or path.startswith("/events/snapshot/"):
+            if not self.c.stream_slot(s):
+                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "too many live pages open: close some", s)
+            try:
+                if path == "/events":
+                    try:
+                        after = float(q.get("after") or 0)
+                    except ValueError:
+                        return self._error(400, "after: a time in seconds", s)
+                    return self._events(_filters(q), after)
+                return self._snapshot_events(unquote(path.removeprefix("/events/snapshot/")))
+            finally:
+                self.c.stream_done(s)
         if path.startswith("/alert/"):
             found = self._alert(path)
             if found is None:
@@ -182,11 +251,11 @@ class Handler(BaseHTTPRequestHandler):
             series: dict[str, list[tuple[float, float]]] = {}
             wanted = {str(r.payload.get("lot_id")) for r in lots[:5]}
             if lots:
-                oldest = min(float(r.payload.get("opened") or r.ts) for r in lots[:5])
+                oldest = min(pages.num(r.payload.get("opened"), r.ts) for r in lots[:5])
                 for r in self.c.reader.series("ore_analysis", oldest - 60, limit=100000):
                     lot, m = str(r.payload.get("lot_id")), r.payload.get("model")
                     if lot in wanted and isinstance(m, dict) and isinstance(m.get("fe"), (int, float)):
-                        series.setdefault(lot, []).append((float(r.payload.get("lot_t") or 0), float(m["fe"])))
+                        series.setdefault(lot, []).append((pages.num(r.payload.get("lot_t")), float(m["fe"])))
             return self._html(pages.lots_page(lots, series, s))
         if path == "/lanes":
             newest = self.c.reader.latest("lane_summary", 1)
@@ -198,7 +267,7 @@ class Handler(BaseHTTPRequestHandler):
             idents = self.c.reader.latest("identification", 100)
             labels = self.c.state.labels([r.key for r in idents])
             known = sorted({str(x) for r in idents for x in [r.payload.get("label"),
-                                                             *[t[0] for t in r.payload.get("top3") or []
+                                                             *[t[0] for t in pages.as_list(r.payload.get("top3"))
                                                                if isinstance(t, list | tuple) and t]]
                             if isinstance(x, str) and x} | {a.detail for a in labels.values()})
             return self._html(pages.review_page([(r, labels.get(r.key)) for r in idents], known, s))
@@ -218,8 +287,6 @@ class Handler(BaseHTTPRequestHandler):
             if snap is None:
                 return self._error(404, "no snapshot", s)
             return self._send(200, snap.jpeg, "image/jpeg")
-        if path.startswith("/events/snapshot/"):
-            return self._snapshot_events(unquote(path.removeprefix("/events/snapshot/")))
         if path == "/audit":
             proven, bad = self.c.state.verify_audit()
             return self._html(pages.audit_page(self.c.state.audit(), proven, bad, s))
@@ -316,21 +383,33 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
         form = self._form()
-        if form is None:
-            return self._error(413, "form too large")
+        if isinstance(form, tuple):
+            return self._error(*form)
+        if not self._host_ok():
+            return self._error(HTTPStatus.MISDIRECTED_REQUEST, "the demo console answers on its loopback address only")
         if not self._same_origin():
             return self._error(403, "a form from another site was refused")
         if path == "/login":
             pre = self._cookies().get(PRE)
             if pre is None or not same(pre.value, form.get("pre", "")):
                 return self._error(403, "the login form expired: load the login page again")
-            token = self.c.state.login(form.get("user", ""), form.get("password", ""))
+            name, addr = form.get("user", ""), self.client_address[0]
+            wait, first = self.c.throttle.wait_s(name[:64], addr)  # a user's name has at most 64 characters
+            if wait > 0:
+                if first:
+                    self.c.state.record(name[:64] or "-", "-", "login_throttled", detail=addr)
+                return self._html(pages.login_page(f"Too many failed logins: try again in {wait / 60:.0f} min.",
+                                                   pre.value, form.get("next", "/alerts")), 429,
+                                  {"Retry-After": f"{wait:.0f}"})
+            token = self.c.state.login(name, form.get("password", ""))
             if token is None:
+                self.c.throttle.failed(name[:64], addr)
                 return self._html(pages.login_page("Unknown user or wrong password.", pre.value,
                                                    form.get("next", "/alerts")), 401)
+            self.c.throttle.succeeded(name[:64], addr)
             nxt = form.get("next", "/alerts")
-            secure = "; Secure" if isinstance(self.connection, ssl.SSLSocket) else ""
-            return self._redirect(nxt if nxt.startswith("/") and not nxt.startswith("//") else "/alerts",
+            secure = self._secure()
+            return self._redirect(local_path(nxt),
                                   {"Set-Cookie": f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}"})
         s = self._session()
         if s is None:
@@ -354,7 +433,7 @@ class Handler(BaseHTTPRequestHandler):
             label = (form.get("other") or "").strip() or form.get("label", "")
             if rec is None:
                 return self._error(404, "no such identification", s)
-            if not re.match(pages.LABEL_RE, label):
+            if not re.fullmatch(pages.LABEL_RE, label):
                 return self._error(400, "a label is a name such as dalbergia_nigra: letters, digits, '_', '.', '-'",
                                    s)
             self.c.state.record(s.user, s.role, "label", key[0], key[1], label)
@@ -404,8 +483,27 @@ class ConsoleServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], console: Console, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(address, Handler)
         self.console = console
-        if tls is not None:
-            self.socket = tls.wrap_socket(self.socket, server_side=True)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.turned_away = 0  # connections closed at once: MAX_CONNECTIONS were open
+        if tls is not None:  # the handshake in the connection's own thread, under its timeout, not in accept()
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.turned_away += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def url(self) -> str:
         host, port = str(self.server_address[0]), self.server_address[1]

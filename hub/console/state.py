@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -28,6 +29,7 @@ ROLES = ("officer", "technician", "admin")
 MAY = {"act": {"officer", "admin"}, "look": set(ROLES), "users": {"admin"}}
 SESSION_S = 12 * 3600.0  # one shift
 GENESIS = "0" * 64
+_DECOY: str | None = None  # ConsoleState.decoy()
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # the cryptography docs' interactive-login parameters
 
 SCHEMA = [
@@ -121,6 +123,8 @@ class ConsoleState:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():  # password hashes: for this user only (SQLite gives its -wal and -shm the same mode)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -152,7 +156,7 @@ class ConsoleState:
         """A new session's token, or None (the failure is in the audit trail)."""
         row = self.db.execute("SELECT role, pw FROM users WHERE name = ?", (name,)).fetchone()
         if row is None:
-            check_password(password, hash_password("not a user"))  # the same time as a wrong password
+            check_password(password, self.decoy())  # one scrypt, as a wrong password costs
         if row is None or not check_password(password, row[1]):
             self.record(name[:64] or "-", "-", "login_failed")
             return None
@@ -164,6 +168,14 @@ class ConsoleState:
                                                                         time.time() + SESSION_S))
         self.record(name, row[0], "login")
         return token
+
+    @staticmethod
+    def decoy() -> str:
+        """A hash no password matches, made once: checked for a name that is no user."""
+        global _DECOY
+        if _DECOY is None:
+            _DECOY = hash_password(secrets.token_urlsafe(32))
+        return _DECOY
 
     def session(self, token: str | None) -> Session | None:
         if not token:
