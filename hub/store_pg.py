@@ -135,10 +135,11 @@ def _connect(dsn: str) -> Any:
     import psycopg  # an optional dependency: `pip install 'customs-edge[postgres]'`
 
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="customs-edge-hub")
+        db = psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="customs-edge-hub")
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to the hub database ({str(exc).strip().splitlines()[0]}): check the"
                          " PostgreSQL URL given with --db (postgresql://USER@HOST:PORT/DBNAME)") from None
+    return db
 
 
 def redact(dsn: str) -> str:
@@ -363,26 +364,32 @@ class PgHubStore:
         self._reconnect()
         now = time.time()
         new = 0
+        per: dict[str, list[tuple[float, str]]] = {}  # each device's messages, in arrival order
+        for device_id, ts, payload in messages:
+            per.setdefault(device_id, []).append((ts, payload))
+        counts = {d: n for d, n in refused.items() if n}
         with self.db.transaction():
-            for device_id, ts, payload in sorted(messages, key=lambda m: m[0]):  # row locks in device order
-                if self.db.execute("INSERT INTO health (device_id, ts, received_at, payload) VALUES (%s, %s, %s, %s)"
-                                   " ON CONFLICT (device_id, ts) DO NOTHING RETURNING id",
-                                   (device_id, ts, now, payload)).fetchone() is None:
-                    continue
-                new += 1
-                self.db.execute("DELETE FROM health WHERE device_id = %s AND id <= (SELECT id FROM health WHERE"
-                                " device_id = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
-                                (device_id, device_id, _sqlite.HEALTH_KEPT))
-                self.db.execute("INSERT INTO devices (device_id, first_seen, last_seen) VALUES (%s, %s, %s)"
-                                " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
-                                (device_id, now, now))
-            counts = sorted((d, n) for d, n in refused.items() if n)
-            if counts:
-                with self.db.cursor() as cur:
-                    cur.executemany("INSERT INTO devices AS d (device_id, health_refused, first_seen) VALUES"
+            # one pass in device order, a device's refused count with its messages: every row of one device locked
+            # before the next device's, as store() locks them (a second pass for the counts locked device a after
+            # b, while a worker storing a's and b's records held a and waited for b: a deadlock)
+            for device_id in sorted(per.keys() | counts.keys()):
+                for ts, payload in per.get(device_id, []):
+                    if self.db.execute("INSERT INTO health (device_id, ts, received_at, payload) VALUES"
+                                       " (%s, %s, %s, %s) ON CONFLICT (device_id, ts) DO NOTHING RETURNING id",
+                                       (device_id, ts, now, payload)).fetchone() is None:
+                        continue
+                    new += 1
+                    self.db.execute("DELETE FROM health WHERE device_id = %s AND id <= (SELECT id FROM health WHERE"
+                                    " device_id = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
+                                    (device_id, device_id, _sqlite.HEALTH_KEPT))
+                    self.db.execute("INSERT INTO devices (device_id, first_seen, last_seen) VALUES (%s, %s, %s)"
+                                    " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
+                                    (device_id, now, now))
+                if device_id in counts:
+                    self.db.execute("INSERT INTO devices AS d (device_id, health_refused, first_seen) VALUES"
                                     " (%s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
                                     " health_refused = d.health_refused + excluded.health_refused",
-                                    [(d, n, now) for d, n in counts])
+                                    (device_id, counts[device_id], now))
         return new
 
     def health_history(self, device_id: str, limit: int = HEALTH_KEPT + 1) -> list[tuple[float, str]]:

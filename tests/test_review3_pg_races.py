@@ -1,0 +1,74 @@
+"""Hub workers racing on one PostgreSQL (hub/store_pg.py), each interleaving forced with a lock an admin connection
+holds (or a worker's transaction left open), never hoped for: health messages and records of several devices never
+deadlock; a worker that waited for another's device lock sees that worker's rows, whatever the server's default
+isolation level."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from customs_edge.core.records import Pending
+from customs_edge.core.wire import encode_batch
+from customs_edge.hub import intake
+from customs_edge.hub import store as sqlite_store
+from customs_edge.hub.store_pg import PgHubStore
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.postgres
+
+
+def batch(seqs: list[int], device: str, batch_id: str = "b") -> intake.Incoming:
+    recs = [Pending(s, 1.0, "boot-a", float(s), "t", 1, json.dumps({"s": s})) for s in seqs]
+    return intake.parse(f"customs-edge/v1/{device}/records", encode_batch(device, batch_id, recs))
+
+
+def waiting(admin: Any, st: PgHubStore) -> bool:
+    """Whether the worker's backend waits for a lock."""
+    row = admin.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                        (st.db.info.backend_pid,)).fetchone()
+    return row is not None and row[0] == "Lock"
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # reported by the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_health_with_a_refused_count_never_deadlocks_a_worker_storing_records(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """put_health locks each device's row once, in device order, a refused count with its device's messages: a
+    refused count for device a after b's message (a second pass) waited for a, held by a worker storing records
+    of a and b that waited for b: a deadlock PostgreSQL broke by failing one of them."""
+    monkeypatch.setattr(sqlite_store, "HEALTH_KEPT", 1)
+    one, two = PgHubStore(pg_url), PgHubStore(pg_url)
+    one.set_status("a", "online")
+    one.put_health([("b", 1.0, "{}"), ("c", 1.0, "{}"), ("c", 2.0, "{}")], {})
+    with psycopg.connect(pg_url, autocommit=True) as admin, psycopg.connect(pg_url) as holder:
+        holder.execute("SELECT 1 FROM health WHERE device_id = 'c' FOR UPDATE")  # c's kept row: its trim waits
+        health, h_out = in_thread(lambda: one.put_health([("b", 2.0, "{}"), ("c", 3.0, "{}")], {"a": 1}))
+        wait_for(lambda: waiting(admin, one), 10, "the health worker waiting for the trim of c")
+        records, r_out = in_thread(lambda: two.store([batch([1], "a"), batch([1], "b")]))
+        wait_for(lambda: waiting(admin, two), 10, "the records worker waiting for device b")
+        holder.commit()
+        health.join(30)
+        records.join(30)
+    assert "error" not in h_out and "error" not in r_out, (h_out, r_out)
+    assert h_out["result"] == 2 and [s.stored for s in r_out["result"]] == [1, 1]
+    assert [(d.device_id, d.health_refused) for d in one.fleet()] == [("a", 1), ("b", 0), ("c", 0)]
+    one.close()
+    two.close()
