@@ -6,9 +6,10 @@ What changes is that several workers, each on its own connection, store batches 
     holds (hub/store.py classify) under a transaction-scoped advisory lock per device, taken in device_id
     order, so two workers handed the same batch (a resend after an ack timeout, while the first worker is
     still storing it) compare and insert one after the other: the second finds the first's rows committed
-    and counts a redelivery. The inserts are plain: if anything slipped past the lock, the primary key
-    refuses the row, the transaction rolls back and nothing of it is acked (the agent resends; the resend is
-    a redelivery then). ON CONFLICT DO NOTHING would instead hide a conflicting record as a duplicate.
+    and counts a redelivery (every transaction is READ COMMITTED whatever the server's default: a snapshot
+    taken before the lock wait would miss them). The inserts are plain: if anything slipped past the lock, the
+    primary key refuses the row, the transaction rolls back and nothing of it is acked (the agent resends; the
+    resend is a redelivery then). ON CONFLICT DO NOTHING would instead hide a conflicting record as a duplicate.
   - deadlocks: advisory locks in device order, batches and health messages processed in device order, so
     two transactions never wait on each other in a cycle (if PostgreSQL still breaks one, it fails whole and
     the hub stores its batches one by one).
@@ -139,6 +140,10 @@ def _connect(dsn: str) -> Any:
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to the hub database ({str(exc).strip().splitlines()[0]}): check the"
                          " PostgreSQL URL given with --db (postgresql://USER@HOST:PORT/DBNAME)") from None
+    # every transaction BEGINs READ COMMITTED, whatever the server's or database's default: store() compares under
+    # the device locks, so each statement must see what the worker it waited for committed (a snapshot taken at the
+    # lock statement, as REPEATABLE READ and SERIALIZABLE take it, misses that worker's rows)
+    db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
     return db
 
 

@@ -72,3 +72,28 @@ def test_health_with_a_refused_count_never_deadlocks_a_worker_storing_records(
     assert [(d.device_id, d.health_refused) for d in one.fleet()] == [("a", 1), ("b", 0), ("c", 0)]
     one.close()
     two.close()
+
+
+@pytest.mark.parametrize("level", ["repeatable read", "serializable"])
+def test_a_redelivery_waiting_for_the_device_lock_sees_the_first_workers_rows(pg_url: str, level: str) -> None:
+    """The comparison under the device lock needs each statement's own snapshot (READ COMMITTED). With a server
+    whose default is stricter (ALTER DATABASE ... SET default_transaction_isolation), the redelivery's snapshot
+    was taken before it waited: it found nothing held, its insert broke the primary key, and a record already stored
+    was refused (not acked) instead of counted a redelivery."""
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        dbname = admin.info.dbname
+        admin.execute(f"ALTER DATABASE {dbname} SET default_transaction_isolation = '{level}'")
+        first, second = PgHubStore(pg_url), PgHubStore(pg_url)
+        b = batch([1, 2, 3], "d1")
+        with first.db.transaction():  # the first worker's transaction, held open while the resend arrives
+            (s1,) = first.store([b])
+            again, out = in_thread(lambda: second.store([b]))
+            wait_for(lambda: waiting(admin, second), 10, "the second worker waiting for the device lock")
+        again.join(30)
+    assert "error" not in out, out
+    (s2,) = out["result"]
+    assert (s1.stored, s2.stored, s2.duplicates, s2.ranges) == (3, 0, 3, [(1, 3)])
+    (d,) = second.stats()
+    assert (d.stored, d.duplicates, d.received) == (3, 3, 6)
+    first.close()
+    second.close()
