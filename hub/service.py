@@ -450,7 +450,11 @@ class Hub:
                                    for v in (extra.get("type"), extra.get("site")))
             except ValidationError:  # anything on a status topic, even a retained one, is only informational
                 self.refusals.refuse("status_malformed", "status that is not a Status shown as '?'", topic=t)
-        self.store.set_status(device_id, state, unit_type, site)
+        try:
+            self.store.set_status(device_id, state, unit_type, site)
+        except Exception as exc:  # informational, as health: the burst's records, health and counts go on (a broken
+            # connection met here first is replaced by the store's next call)
+            self.refusals.refuse("status_store_failed", "status not stored", topic=t, error=repr(exc))
 
 
 def _size(messages: list[tuple[str, bytes]]) -> int:

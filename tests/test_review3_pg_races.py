@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -97,3 +98,25 @@ def test_a_redelivery_waiting_for_the_device_lock_sees_the_first_workers_rows(pg
     assert (d.stored, d.duplicates, d.received) == (3, 3, 6)
     first.close()
     second.close()
+
+
+def test_a_status_meeting_a_broken_connection_costs_neither_the_bursts_records_nor_its_health(
+        pg_url: str, tmp_path: Path) -> None:
+    """A database restart or failover: the status message that meets the broken connection first raised out of the
+    hub's handle(), so the burst's records went unstored and unacked (resent later) and its health messages and
+    refusal counts were dropped uncounted. The status update is informational: it fails alone, counted."""
+    from customs_edge.hub.service import Hub, HubConfig
+    from tests.fleet import rec, records_msg
+
+    hub = Hub(HubConfig(port=1, db=tmp_path / "hub.db", postgres=pg_url))
+    prefix = "customs-edge/v1"
+    status = json.dumps({"state": "online", "device_id": "u1", "ts": 1.0}).encode()
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (hub.store.db.info.backend_pid,))
+    records = records_msg("u1", "b", [rec(1)]).encode()
+    outs = hub.handle([(f"{prefix}/u1/status", status), (f"{prefix}/u1/records", records),
+                       (f"{prefix}/u1/records", b"[")])
+    assert [json.loads(o.payload)["batch"] for o in outs] == ["b"]
+    assert hub.store.refused() == {"malformed": 1} and hub.store.stats()[0].stored == 1
+    assert hub.refusals.counts["status_store_failed"] == 1
+    hub.store.close()
