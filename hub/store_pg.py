@@ -14,8 +14,8 @@ What changes is that several workers, each on its own connection, store batches 
     two transactions never wait on each other in a cycle (if PostgreSQL still breaks one, it fails whole and
     the hub stores its batches one by one).
   - acks follow the commit: `store()` returns after COMMIT, with synchronous_commit on (the server's
-    default), so an acked record is in PostgreSQL's WAL on disk (and on a synchronous standby if the
-    server is set up with one: docs/scale.md).
+    default; a session finding it off turns it on), so an acked record is in PostgreSQL's WAL on disk (and on a
+    synchronous standby if the server is set up with one: docs/scale.md).
   - health messages reach every worker (plain subscription): UNIQUE (device_id, ts) keeps one copy.
   - numbers: PostgreSQL's double precision takes NaN and infinities, SQLite's REAL NOT NULL refuses NaN;
     CHECK constraints refuse both here, so a record the store cannot keep is never acked on either.
@@ -26,6 +26,7 @@ version kept in `hub_schema`.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -51,6 +52,8 @@ from customs_edge.hub.store import (
 )
 
 _COPY_TYPES = ["text", "int8", "float8", "text", "float8", "text", "int4", "text", "float8"]  # a record's columns
+
+log = logging.getLogger(__name__)
 
 SCHEMA_LOCK = 0x637573746F6D73  # advisory lock key while the schema is created or upgraded ("customs")
 
@@ -144,6 +147,17 @@ def _connect(dsn: str) -> Any:
     # the device locks, so each statement must see what the worker it waited for committed (a snapshot taken at the
     # lock statement, as REPEATABLE READ and SERIALIZABLE take it, misses that worker's rows)
     db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    # acks follow a durable commit: with synchronous_commit off (a server, database or role setting) COMMIT returns
+    # before the WAL is flushed and a crash of the server loses acked records. Turned back on for this session; the
+    # other settings (local, remote_write, remote_apply) flush locally at least and are kept
+    try:
+        if db.execute("SHOW synchronous_commit").fetchone() == ("off",):
+            db.execute("SET synchronous_commit = on")
+            log.warning("synchronous_commit is off for the hub database %s: turned on for the hub's sessions (an"
+                        " acked record must survive a crash of the server)", redact(dsn))
+    except psycopg.Error as exc:
+        db.close()
+        raise StoreError(f"cannot set up a session on the hub database ({str(exc).strip().splitlines()[0]})") from None
     return db
 
 

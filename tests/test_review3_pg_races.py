@@ -120,3 +120,18 @@ def test_a_status_meeting_a_broken_connection_costs_neither_the_bursts_records_n
     assert hub.store.refused() == {"malformed": 1} and hub.store.stats()[0].stored == 1
     assert hub.refusals.counts["status_store_failed"] == 1
     hub.store.close()
+
+
+def test_acks_wait_for_a_durable_commit_even_where_the_database_turned_synchronous_commit_off(pg_url: str) -> None:
+    """An ack is sent once store() returned: with synchronous_commit off (a database or role setting, a common
+    ingest tweak) COMMIT returns before the WAL is flushed, and a server crash loses records already acked. The hub's
+    sessions turn it back on; a stronger setting (remote_apply, for a synchronous standby) is kept."""
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {admin.info.dbname} SET synchronous_commit = off")
+        st = PgHubStore(pg_url)
+        assert st.db.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        st.close()
+        admin.execute(f"ALTER DATABASE {admin.info.dbname} SET synchronous_commit = remote_apply")
+        st = PgHubStore(pg_url)
+        assert st.db.execute("SHOW synchronous_commit").fetchone() == ("remote_apply",)
+        st.close()
