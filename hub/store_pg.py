@@ -135,7 +135,7 @@ SCHEMA: list[str] = [
 ]
 
 
-def _connect(dsn: str) -> Any:
+def _connect(dsn: str, *, writer: bool = True) -> Any:
     import psycopg  # an optional dependency: `pip install 'customs-edge[postgres]'`
 
     try:
@@ -151,7 +151,7 @@ def _connect(dsn: str) -> Any:
     # before the WAL is flushed and a crash of the server loses acked records. Turned back on for this session; the
     # other settings (local, remote_write, remote_apply) flush locally at least and are kept
     try:
-        if db.execute("SHOW synchronous_commit").fetchone() == ("off",):
+        if writer and db.execute("SHOW synchronous_commit").fetchone() == ("off",):
             db.execute("SET synchronous_commit = on")
             log.warning("synchronous_commit is off for the hub database %s: turned on for the hub's sessions (an"
                         " acked record must survive a crash of the server)", redact(dsn))
@@ -178,7 +178,7 @@ class PgHubStore:
     def __init__(self, dsn: str, *, readonly: bool = False, max_seq_jump: int = MAX_SEQ_JUMP) -> None:
         self.dsn = dsn
         self.max_seq_jump = max_seq_jump
-        self.db = _connect(dsn)
+        self.db = _connect(dsn, writer=not readonly)
         if readonly:
             self.db.execute("SET default_transaction_read_only = on")
             version = self._version()
