@@ -772,9 +772,10 @@ class SqliteOutbox:
             self._write(partial(self._delete, ranges, reason), relaxed=True)
             with self._fresh_lock:
                 self._waiting.pop(0)
-                if not self._waiting:
-                    self._waiting_ranges = []
-                log.info("waiting deletes done: disk space is back", extra={"path": str(self.path)})
+                if self._waiting:
+                    continue
+                self._waiting_ranges = []
+            log.info("waiting deletes done: disk space is back", extra={"path": str(self.path)})
 
     def _retry_waiting(self, now: bool = False) -> None:
         """Waiting deletes, at most once per RETRY_S unless `now`."""

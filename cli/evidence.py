@@ -9,14 +9,17 @@ from dataclasses import asdict
 from customs_edge.core import logs
 
 
-def cmd_verify(db: str, device: str | None, as_json: bool) -> int:
-    """Exit 0 when every device's stored history is complete and unaltered, else 1 (the first bad seq named)."""
+def cmd_verify(db: str, device: str | None, as_json: bool, keys: str | None = None) -> int:
+    """Exit 0 when every device's stored history is complete and unaltered, else 1 (the first bad seq named). With
+    the hub's key registry, each registered device's kept batch signatures too."""
+    from customs_edge.core.signing import load_registry
     from customs_edge.hub.storage import open_store
 
+    registry = load_registry(keys) if keys else {}
     store = open_store(db, readonly=True)
     try:
         devices = [device] if device else [r.device_id for r in store.stats()]
-        verdicts = [store.verify(d) for d in devices]
+        verdicts = [store.verify(d, registry.get(d)) for d in devices]
     finally:
         store.close()
     if as_json:
@@ -25,6 +28,10 @@ def cmd_verify(db: str, device: str | None, as_json: bool) -> int:
         name = logs.escape(v.device_id)
         counts = (f"{v.records} records, {v.dropped} dropped (tombstones), {v.rejected} rejected,"
                   f" {v.unchained} unchained")
+        if v.device_id in registry:
+            counts += f"; signatures: {v.signed_batches} batches, {v.signed} records signed, {v.unsigned} before them"
+        elif keys:
+            counts += "; not in the key registry: signatures not checked"
         print(f"{name}: OK, {counts}" if v.bad_seq is None else f"{name}: BAD at seq {v.bad_seq}: {v.reason} ({counts}"
               " before it)")
     return 0 if verdicts and all(v.bad_seq is None for v in verdicts) else 1

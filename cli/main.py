@@ -120,7 +120,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.storage import is_postgres, open_store
 
     if args.action == "verify":
-        return evidence.cmd_verify(args.db, args.device, args.json)
+        return evidence.cmd_verify(args.db, args.device, args.json, args.keys)
     if args.action == "fleet":
         from customs_edge.cli.fleet import cmd_fleet
 
@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "complete and unaltered, or name the first bad seq (exit 1)")
     h.add_argument("device", nargs="?", help="verify: this device only")
     h.add_argument("--keys", help="key registry: `DEVICE_ID ed25519:BASE64` lines (`customs-edge key CONFIG`);"
-                                  " a registered device's batches must be signed by its key")
+                                  " a registered device's batches must be signed by its key; verify: check the"
+                                  " batch signatures kept for each registered device too")
     h.add_argument("--require-signatures", action="store_true", help="refuse batches of unregistered devices too")
     h.add_argument("--config", help="the hub's config file (configs/hub/hub.yaml; `config schema`-style keys of "
                                     "HubConfig); options given here override it")

@@ -58,6 +58,10 @@ class Incoming:
     rows: list[Row]
     rejected: list[Rejected]
     links: dict[int, tuple[str | None, str]] = field(default_factory=dict)  # seq -> (prev, chain hash)
+    # the batch's signature, verified on arrival against the device's registered key (None: not signed, or the device
+    # not registered), and the (seq, chain hash) pairs it covers, in the order signed: kept for `hub verify --keys`
+    sig: str | None = None
+    signed: list[tuple[int, str]] = field(default_factory=list)
 
 
 Keys = dict[str, Ed25519PublicKey]  # device_id -> its registered public key
@@ -197,6 +201,7 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
     rejected: list[Rejected] = []
     links: dict[int, tuple[str | None, str]] = {}
     hashes: list[str] = []
+    seqs: list[int] = []
     for obj in records:
         try:
             r = obj if isinstance(obj, WireRecord) else _RECORD.validate_python(obj, strict=True)
@@ -210,6 +215,7 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
         decoded = text.decode()  # the agent's payload text again: the same serializer, on the values it wrote
         links[r.seq] = (r.prev, record_hash(r.prev or "", r.seq, r.ts, r.type, r.prio, decoded))
         hashes.append(links[r.seq][1])
+        seqs.append(r.seq)
         if len(text) > MAX_PAYLOAD_BYTES:
             rejected.append(Rejected(r.seq, f"payload: {len(text)} bytes of JSON, over the {MAX_PAYLOAD_BYTES}"
                                             " limit", _trace(r.model_dump())))
@@ -219,7 +225,9 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
         else:
             rows.append((r.seq, r.ts, r.boot, r.mono, r.type, r.prio, decoded))
     _check_signature(key, env.sig, env.key, device_id, batch_id, hashes)
-    return Incoming(device_id, batch_id, rows, rejected, links)
+    if key is None:
+        return Incoming(device_id, batch_id, rows, rejected, links)
+    return Incoming(device_id, batch_id, rows, rejected, links, env.sig, list(zip(seqs, hashes, strict=True)))
 
 
 def _parse_clean(topic: str, env: _CleanBatch, raws: list[bytes], keys: Keys | None, require: bool) -> Incoming:
@@ -232,7 +240,10 @@ def _parse_clean(topic: str, env: _CleanBatch, raws: list[bytes], keys: Keys | N
     hashes = record_hashes_utf8([(r.prev, r.seq, r.ts, r.type, r.prio) for r in recs], raws)
     links = {r.seq: (r.prev, h) for r, h in zip(recs, hashes, strict=True)}
     _check_signature(key, env.sig, env.key, device_id, batch_id, hashes)
-    return Incoming(device_id, batch_id, rows, [], links)
+    if key is None:
+        return Incoming(device_id, batch_id, rows, [], links)
+    signed = [(r.seq, h) for r, h in zip(recs, hashes, strict=True)]
+    return Incoming(device_id, batch_id, rows, [], links, env.sig, signed)
 
 
 def _key(topic: str, device_id: str, sig: str | None, keys: Keys | None, require: bool) -> Ed25519PublicKey | None:

@@ -39,8 +39,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from customs_edge.core.errors import CustomsEdgeError
-from customs_edge.core.signing import GENESIS, TOMBSTONE_TYPE, record_hash
+from customs_edge.core.signing import GENESIS, TOMBSTONE_TYPE, batch_message, record_hash
+from customs_edge.core.signing import verify as verify_signature
 from customs_edge.core.wire import ranges_of
 from customs_edge.hub.intake import Incoming, Row
 
@@ -134,6 +137,19 @@ SCHEMA: list[str] = [
     CREATE INDEX suspect_by_seq ON suspect (device_id, seq);
     ALTER TABLE devices ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0;
     """,
+    # v7: the signatures of batches verified on arrival, with the (seq, chain hash) pairs each covers (JSON, in the
+    # order signed): `hub verify --keys` proves the stored history against them, so an edit of this database that
+    # recomputes the chain hashes is found too
+    """
+    CREATE TABLE signatures (
+        device_id   TEXT NOT NULL,
+        batch       TEXT NOT NULL,
+        sig         TEXT NOT NULL,
+        hashes      TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        PRIMARY KEY (device_id, batch, sig)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 MAX_SEQ_JUMP = 10**9  # default: 1.6 years of a unit making 20 records/s with none of them reaching the hub
@@ -209,6 +225,9 @@ class Verdict:
     dropped: int = 0  # seqs the device's outbox cap dropped, named by its tombstones
     rejected: int = 0  # seqs the hub refused on validation (their links kept)
     unchained: int = 0  # records of older agents, without a chain link
+    signed_batches: int = 0  # with the device's key: kept batch signatures verified
+    signed: int = 0  # with the device's key: stored records whose chain hash a verified signature covers
+    unsigned: int = 0  # with the device's key: chained records before its first signed batch (none after may be)
     bad_seq: int | None = None
     reason: str = ""
 
@@ -296,6 +315,9 @@ class HubStore:
              highest_seq(b), now, now)).fetchone()
         if suspect:
             self.db.execute("UPDATE devices SET suspect = suspect + ? WHERE device_id = ?", (len(suspect), b.device_id))
+        if b.sig is not None:
+            self.db.execute("INSERT OR IGNORE INTO signatures VALUES (?,?,?,?,?)",
+                            (b.device_id, b.batch, b.sig, signed_text(b), now))
         return stored_result(b, new, fresh, dup, first, conflicts, suspect)
 
     def _insert_records(self, device_id: str, now: float, rows: list[Row],
@@ -411,10 +433,11 @@ class HubStore:
             " AND seq IS NOT NULL)) WHERE seq > prev + 1 LIMIT ?2", (device_id, limit)).fetchall()
         return [(a, b) for a, b in rows]
 
-    def verify(self, device_id: str) -> Verdict:
+    def verify(self, device_id: str, key: Ed25519PublicKey | None = None) -> Verdict:
         """Walk the device's chain from seq 1: every record's content must hash to the link its successor
         carries, and every seq up to the highest received must be stored, rejected (with its link) or in a
-        dropped run a tombstone names with matching end hashes. The first seq where that fails is named."""
+        dropped run a tombstone names with matching end hashes. With the device's registered `key`, the kept
+        batch signatures too (check_signatures). The first seq where that fails is named."""
         v = Verdict(device_id)
         runs: dict[int, tuple[int, str | None, str]] = {}
         for (payload,) in self.db.execute("SELECT payload FROM records WHERE device_id=? AND type=?",
@@ -427,7 +450,15 @@ class HubStore:
             " EXISTS (SELECT 1 FROM records x WHERE x.device_id=?1 AND x.seq=r.seq) ORDER BY seq", (device_id,))
         (max_seq,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id=?",
                                      (device_id,)).fetchone()
-        return walk_chain(v, runs, rows, max_seq)
+        v = walk_chain(v, runs, rows, max_seq)
+        if key is None or v.bad_seq is not None:
+            return v
+        sigs = self.db.execute("SELECT batch, sig, hashes FROM signatures WHERE device_id=?", (device_id,))
+        chained = (seq for (seq,) in self.db.execute(
+            "SELECT seq FROM records WHERE device_id=? AND prev IS NOT NULL ORDER BY seq", (device_id,)))
+        return check_signatures(v, key, sigs, lambda lo, hi: dict(self.db.execute(
+            "SELECT seq, h FROM records WHERE device_id=?1 AND seq BETWEEN ?2 AND ?3 AND h IS NOT NULL",
+            (device_id, lo, hi))), chained)
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -561,6 +592,57 @@ def stored_result(b: Incoming, new: list[Row], fresh: list[Row], dup: int, first
     return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named + (suspect or [])),
                   len(new), dup, [r[0] for r in fresh], conflicts,
                   (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})), suspect or [])
+
+
+def signed_text(b: Incoming) -> str:
+    """A batch's signed (seq, chain hash) pairs as kept in `signatures.hashes`."""
+    return json.dumps(b.signed, separators=(",", ":"))
+
+
+def check_signatures(v: Verdict, key: Ed25519PublicKey, sigs: Iterable[tuple[str, str, str]],
+                     held: Callable[[int, int], dict[int, str]], chained: Iterable[int]) -> Verdict:
+    """`hub verify` with the device's registered key, after the chain walk: each kept signature (batch, sig, its
+    (seq, hash) pairs) must verify under the key, which proves those hashes the device's; a stored record whose chain
+    hash (already proven to be its content's) is among them is signed. Every chained record from the first seq a
+    kept signature names on must be signed: one added, or altered with every hash after it recomputed, is not.
+    `held(lo, hi)`: seq -> chain hash of the stored records in that range."""
+    covered: list[tuple[int, int]] = []
+    first: int | None = None
+    forged: tuple[int, str] | None = None  # the failing signature that names the lowest seq
+    for batch, sig, text in sigs:
+        pairs = [(int(q), str(h)) for q, h in json.loads(text)]
+        if not pairs:
+            continue
+        low = min(q for q, _ in pairs)
+        if not verify_signature(key, sig, batch_message(v.device_id, batch, [h for _, h in pairs])):
+            if forged is None or low < forged[0]:
+                forged = (low, f"the kept signature of batch {batch!r} does not verify under the device's registered"
+                               " key: the signature or the hashes kept with it were altered in this database")
+            continue
+        v.signed_batches += 1
+        first = low if first is None else min(first, low)
+        have = held(low, max(q for q, _ in pairs))
+        covered += ranges_of([q for q, h in pairs if have.get(q) == h])  # ranges: a few per batch, not a seq each
+    if forged is not None:
+        return v.bad(*forged)
+    spans: list[tuple[int, int]] = []
+    for lo, hi in sorted(covered):  # merged
+        if spans and lo <= spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
+        else:
+            spans.append((lo, hi))
+    i = 0
+    for seq in chained:
+        while i < len(spans) and spans[i][1] < seq:
+            i += 1
+        if i < len(spans) and spans[i][0] <= seq:
+            v.signed += 1
+        elif first is not None and seq >= first:
+            return v.bad(seq, "no kept signature covers it, though the device's signed history began at seq"
+                              f" {first}: added, or altered with the hashes after it recomputed, in this database")
+        else:
+            v.unsigned += 1
+    return v
 
 
 def walk_chain(v: Verdict, runs: dict[int, tuple[int, str | None, str]], rows: Iterable[tuple[Any, ...]],

@@ -32,6 +32,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from customs_edge.core.signing import TOMBSTONE_TYPE
 from customs_edge.hub import store as _sqlite
 from customs_edge.hub.intake import Incoming, Row
@@ -44,9 +46,11 @@ from customs_edge.hub.store import (
     Stored,
     StoreError,
     Verdict,
+    check_signatures,
     classify,
     highest_seq,
     quarantine,
+    signed_text,
     stored_result,
     walk_chain,
 )
@@ -131,6 +135,17 @@ SCHEMA: list[str] = [
     );
     CREATE INDEX suspect_by_seq ON suspect (device_id, seq);
     ALTER TABLE devices ADD COLUMN suspect BIGINT NOT NULL DEFAULT 0;
+    """,
+    # v4 (SQLite's v7): the signatures of batches verified on arrival, with the (seq, chain hash) pairs each covers
+    """
+    CREATE TABLE signatures (
+        device_id   TEXT             NOT NULL,
+        batch       TEXT             NOT NULL,
+        sig         TEXT             NOT NULL,
+        hashes      TEXT             NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (device_id, batch, sig)
+    );
     """,
 ]
 
@@ -258,6 +273,10 @@ class PgHubStore:
                         "INSERT INTO rejected VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (device_id, seq)"
                         " DO UPDATE SET batch = excluded.batch, reason = excluded.reason, raw = excluded.raw,"
                         " received_at = excluded.received_at, prev = excluded.prev, h = excluded.h", rejected)
+            sigs = [(b.device_id, b.batch, b.sig, signed_text(b), now) for b in todo if b.sig is not None]
+            if sigs:
+                with self.db.cursor() as cur:
+                    cur.executemany("INSERT INTO signatures VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", sigs)
             totals = self._count(parts, now)
             counts = sorted((k, n) for k, n in (refused or {}).items() if n)
             if counts:
@@ -448,8 +467,9 @@ class PgHubStore:
             {"d": device_id, "n": limit}).fetchall()
         return [(int(a), int(b)) for a, b in rows]
 
-    def verify(self, device_id: str) -> Verdict:
-        """As hub/store.py HubStore.verify: walk the device's chain from seq 1 (one transaction, one snapshot)."""
+    def verify(self, device_id: str, key: Ed25519PublicKey | None = None) -> Verdict:
+        """As hub/store.py HubStore.verify: walk the device's chain from seq 1, then with the device's registered
+        key check the kept batch signatures (one transaction, one snapshot)."""
         v = Verdict(device_id)
         runs: dict[int, tuple[int, str | None, str]] = {}
         with self.db.transaction():
@@ -467,7 +487,17 @@ class PgHubStore:
                     " UNION ALL SELECT seq, 0, '', 0, '', prev, h, 0 FROM rejected r WHERE device_id = %(d)s AND seq"
                     " IS NOT NULL AND NOT EXISTS (SELECT 1 FROM records x WHERE x.device_id = %(d)s AND"
                     " x.seq = r.seq) ORDER BY seq", {"d": device_id})
-                return walk_chain(v, runs, cur, int(max_seq))
+                v = walk_chain(v, runs, cur, int(max_seq))
+            if key is None or v.bad_seq is not None:
+                return v
+            with self.db.cursor(name="sigs") as sigs, self.db.cursor(name="chained") as cur:  # server-side
+                sigs.itersize, cur.itersize = 50, 20000
+                sigs.execute("SELECT batch, sig, hashes FROM signatures WHERE device_id = %s", (device_id,))
+                cur.execute("SELECT seq FROM records WHERE device_id = %s AND prev IS NOT NULL ORDER BY seq",
+                            (device_id,))
+                return check_signatures(v, key, sigs, lambda lo, hi: {int(q): h for q, h in self.db.execute(
+                    "SELECT seq, h FROM records WHERE device_id = %s AND seq BETWEEN %s AND %s AND h IS NOT NULL",
+                    (device_id, lo, hi))}, (int(q) for (q,) in cur))
 
     def close(self) -> None:
         self.db.close()

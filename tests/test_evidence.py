@@ -59,8 +59,8 @@ def deliver(ob: SqliteOutbox, hub: Hub, key: DeviceKey | None) -> int:
     return n
 
 
-def verify(db: Path, *device: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "customs_edge", "hub", "verify", *device, "--db", str(db)],
+def verify(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "customs_edge", "hub", "verify", *args, "--db", str(db)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -230,6 +230,24 @@ def test_a_rewritten_hash_is_caught_by_the_next_records_link(filled: Path) -> No
     assert res.returncode == 1 and "BAD at seq 13: its link does not match seq 12" in res.stdout, res.stdout
 
 
+def test_the_kept_signatures_catch_an_edit_that_recomputed_every_hash_after_it(filled: Path, key: DeviceKey,
+                                                                                  tmp_path: Path) -> None:
+    keys = str(registry(tmp_path, (DEV, key)))
+    res = verify(filled, "--keys", keys)
+    assert res.returncode == 0 and "signatures: 1 batches, 30 records signed, 0 before them" in res.stdout, res.stdout
+    with sqlite3.connect(filled) as db:  # seq 12 edited, every chain hash and link from it on rewritten to match
+        prev = db.execute("SELECT prev FROM records WHERE seq = 12").fetchone()[0]
+        for seq, ts, type_, prio, payload in db.execute("SELECT seq, ts, type, priority, payload FROM records"
+                                                        " WHERE seq >= 12 ORDER BY seq").fetchall():
+            payload = '{"n":0}' if seq == 12 else payload
+            h = record_hash(prev, seq, ts, type_, prio, payload)
+            db.execute("UPDATE records SET payload = ?, prev = ?, h = ? WHERE seq = ?", (payload, prev, h, seq))
+            prev = h
+    assert verify(filled).returncode == 0  # the chain alone holds
+    res = verify(filled, DEV, "--keys", keys)
+    assert res.returncode == 1 and f"{DEV}: BAD at seq 12: no kept signature covers it" in res.stdout, res.stdout
+
+
 def test_a_cap_drop_leaves_a_tombstone_and_verify_still_passes(tmp_path: Path, key: DeviceKey) -> None:
     ob = SqliteOutbox(tmp_path / "agent" / "outbox.db", device_id=DEV, max_mb=0.3)
     hub = make_hub(tmp_path, key)
@@ -245,6 +263,9 @@ def test_a_cap_drop_leaves_a_tombstone_and_verify_still_passes(tmp_path: Path, k
     res = verify(db)
     assert res.returncode == 0 and f"OK, {480 - n + len(tombstones(db))} records, {n} dropped" in res.stdout, \
         res.stdout + res.stderr
+    res = verify(db, "--keys", str(registry(tmp_path, (DEV, key))))  # tombstones are signed like any record
+    assert res.returncode == 0 and f"{480 - n + len(tombstones(db))} records signed, 0 before them" in res.stdout, \
+        res.stdout
     shutil.copy(db, tmp_path / "copy.db")
     with sqlite3.connect(tmp_path / "copy.db") as c:  # without its tombstone, the gap is unexplained
         c.execute("DELETE FROM records WHERE type = 'tombstone'")
@@ -263,5 +284,6 @@ def test_a_record_the_hub_rejects_keeps_the_chain_verifiable(tmp_path: Path, key
     hub = make_hub(tmp_path, key)
     deliver(ob, hub, key)
     hub.store.close()
-    res = verify(tmp_path / "hub.db")
+    res = verify(tmp_path / "hub.db", "--keys", str(registry(tmp_path, (DEV, key))))
     assert res.returncode == 0 and "OK, 6 records, 0 dropped (tombstones), 1 rejected" in res.stdout, res.stdout
+    assert "6 records signed, 0 before them" in res.stdout, res.stdout

@@ -16,6 +16,7 @@ import pytest
 
 from customs_edge.agent.outbox import SqliteOutbox
 from customs_edge.core.records import Pending, Priority, RecordIn
+from customs_edge.core.signing import DeviceKey, parse_public, record_hash
 from customs_edge.core.wire import encode_batch
 from customs_edge.hub import intake
 from customs_edge.hub import store as sqlite_store
@@ -183,6 +184,78 @@ def test_verify_proves_a_chain_and_names_an_altered_record(new_store: Factory, t
     st.db.execute("UPDATE records SET payload = '{\"n\": 999}' WHERE device_id = 'd1' AND seq = 12")
     v = st.verify("d1")
     assert (v.bad_seq, v.reason) == (12, "its content does not match its chain hash: altered in this database")
+
+
+def run(st: Any, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+    """One statement with `?` placeholders on either database; its rows (none for a write)."""
+    pg = not isinstance(st, sqlite_store.HubStore)
+    cur = st.db.execute(sql.replace("?", "%s") if pg else sql, args)
+    return list(cur.fetchall()) if cur.description else []
+
+
+def recompute_chain(st: Any, device: str, start: int) -> None:
+    """What an attacker with write access to the database does after editing a record: every chain hash from
+    `start` on recomputed from the content, every link after it rewritten, so that the chain walk holds."""
+    rows = run(st, "SELECT seq, ts, type, priority, payload, prev FROM records WHERE device_id = ? AND seq >= ?"
+                   " ORDER BY seq", (device, start))
+    prev = rows[0][5]
+    for seq, ts, type_, prio, payload, _ in rows:
+        h = record_hash(prev, seq, ts, type_, prio, payload)
+        run(st, "UPDATE records SET prev = ?, h = ? WHERE device_id = ? AND seq = ?", (prev, h, device, seq))
+        prev = h
+
+
+def test_kept_batch_signatures_find_an_edit_that_recomputed_the_chain(new_store: Factory, tmp_path: Path) -> None:
+    """The chain walk proves the stored history consistent, not authentic: an edit that recomputes every hash
+    after it passes. The batch signatures verified on arrival, kept with the hashes they cover, are checked
+    under the device's registered key (`hub verify --keys`): that edit, an added record, an edited signature
+    hash all fail, at the first seq concerned."""
+    key = DeviceKey.load_or_create(tmp_path / "d1.key")
+    public = parse_public(key.public)
+    ob = SqliteOutbox(tmp_path / "agent" / "outbox.db", device_id="d1")
+    ob.put([RecordIn(type="w", priority=Priority.EVENT, payload={"n": i}) for i in range(20)])
+    batches = []
+    while recs := ob.begin(6):
+        batches.append(intake.parse("customs-edge/v1/d1/records", encode_batch("d1", f"b{len(batches)}", recs, key),
+                                    {"d1": public}))
+        ob.ack([(recs[0].seq, recs[-1].seq)])
+    ob.close()
+    st = new_store()
+    st.store(batches[:2])
+    st.store(batches[:2] + batches[2:])  # a redelivery keeps one copy of each signature
+    v = st.verify("d1", public)
+    assert (v.bad_seq, v.records, v.signed_batches, v.signed, v.unsigned) == (None, 20, 4, 20, 0)
+    assert count(st, "SELECT count(*) FROM signatures") == 4
+    assert st.verify("d1").signed_batches == 0  # without the key: the chain walk alone
+
+    # a record added after the last, linked to it (and the device's max_seq raised to match)
+    (last_h,) = run(st, "SELECT h FROM records WHERE device_id = 'd1' AND seq = 20")[0]
+    payload = '{"n":99}'
+    run(st, "INSERT INTO records (device_id, seq, ts, boot_id, mono, type, priority, payload, received_at, prev, h)"
+            " VALUES ('d1', 21, 1.0, 'x', 1.0, 'w', 2, ?, 1.0, ?, ?)",
+        (payload, last_h, record_hash(last_h, 21, 1.0, "w", 2, payload)))
+    run(st, "UPDATE devices SET max_seq = 21 WHERE device_id = 'd1'")
+    assert st.verify("d1").bad_seq is None
+    v = st.verify("d1", public)
+    assert (v.bad_seq, v.signed) == (21, 20) and "no kept signature covers it" in v.reason
+    run(st, "DELETE FROM records WHERE device_id = 'd1' AND seq = 21")
+    run(st, "UPDATE devices SET max_seq = 20 WHERE device_id = 'd1'")
+
+    # a record's content edited, and the chain recomputed from it on
+    run(st, "UPDATE records SET payload = ? WHERE device_id = 'd1' AND seq = 9", ('{"n":999}',))
+    assert st.verify("d1").bad_seq == 9
+    recompute_chain(st, "d1", 9)
+    assert st.verify("d1").bad_seq is None  # consistent again: the walk alone cannot tell
+    v = st.verify("d1", public)
+    assert (v.bad_seq, v.signed) == (9, 8) and "no kept signature covers it" in v.reason
+
+    # ... and the kept hashes edited to match: the signature over them no longer verifies
+    (text,) = run(st, "SELECT hashes FROM signatures WHERE device_id = 'd1' AND batch = 'b1'")[0]
+    fixed = {q: h for q, h in run(st, "SELECT seq, h FROM records WHERE device_id = 'd1'")}
+    run(st, "UPDATE signatures SET hashes = ? WHERE device_id = 'd1' AND batch = 'b1'",
+        (json.dumps([[q, fixed[q]] for q, _ in json.loads(text)]),))
+    v = st.verify("d1", public)
+    assert v.bad_seq == 7 and "kept signature of batch 'b1' does not verify" in v.reason
 
 
 def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: Factory) -> None:
