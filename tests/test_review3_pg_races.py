@@ -100,7 +100,7 @@ def test_a_redelivery_waiting_for_the_device_lock_sees_the_first_workers_rows(pg
     second.close()
 
 
-def test_a_status_meeting_a_broken_connection_costs_neither_the_bursts_records_nor_its_health(
+def test_a_status_meeting_a_broken_connection_costs_neither_the_bursts_records_nor_its_counts(
         pg_url: str, tmp_path: Path) -> None:
     """A database restart or failover: the status message that meets the broken connection first raised out of the
     hub's handle(), so the burst's records went unstored and unacked (resent later) and its health messages and
