@@ -86,7 +86,7 @@ class WireRecord(BaseModel):
 class Batch(BaseModel):
     v: Literal[1] = 1
     device_id: str
-    batch: str
+    batch: Text  # kept with rejected and quarantined records
     records: list[WireRecord]
     # Ed25519 over signing.batch_message(device_id, batch, each record's chain hash), and the signing key's id;
     # both absent from an unsigned batch (older agents)

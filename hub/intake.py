@@ -5,8 +5,8 @@ payload over MAX_PAYLOAD_BYTES, a NUL character in its boot id, type or chain ha
 it is rejected (named in the ack's `rejected` ranges, counted per device, traced in the store's `rejected`
 table) and the others are stored.
 Only a message over MAX_MESSAGE_BYTES (the broker's packet limit; refused before parsing), whose envelope is
-unusable (not JSON, no device_id or batch, records not a list) or whose device_id is not the one its topic
-names is refused whole: counted, logged, never acked.
+unusable (not JSON, no device_id or batch, a NUL character in its batch id, records not a list) or whose device_id
+is not the one its topic names is refused whole: counted, logged, never acked.
 
 Signatures (core/signing.py): with a key registry, a batch of a registered device must carry a valid
 signature by that device's key over its batch id and every record's chain hash, recomputed here from what
@@ -143,11 +143,11 @@ def _clean(payload: bytes | str) -> tuple[_CleanBatch, list[bytes]] | None:
         env = _CLEAN.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
-    # a NUL character in a stored text field: the strict pass rejects the record. JSON writes one only as \u0000:
-    # the records are looked at only when the message holds that
+    # a NUL character in a stored text field: the strict pass rejects the record (refuses the message, in its batch
+    # id). JSON writes one only as \u0000: the records are looked at only when the message holds that
     nul = b"\\u0000" in payload if isinstance(payload, bytes) else "\\u0000" in payload
-    if nul and any(
-            "\x00" in r.boot or "\x00" in r.type or "\x00" in (r.prev or "") for r in env.records):
+    if nul and ("\x00" in env.batch or any(
+            "\x00" in r.boot or "\x00" in r.type or "\x00" in (r.prev or "") for r in env.records)):
         return None
     raws = [bytes(r.payload) for r in env.records]
     joined = b"[" + b",".join(raws) + b"]"

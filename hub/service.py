@@ -110,8 +110,7 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
                               " device's batches must carry its valid signature (restart the hub after an edit)")
     require_signatures: bool = Field(False, description="refuse batches of devices the registry does not list")
     max_seq_jump: int = Field(MAX_SEQ_JUMP, ge=1, description="a record whose seq is more than this past its"
-                              " device's highest is quarantined as suspect (table `suspect`), not stored"
-                              " (the SQLite store; not yet with `postgres`)")
+                              " device's highest is quarantined as suspect (table `suspect`), not stored")
     alert_lane: bool = Field(True, description="read `{prefix}/+/alerts` (units' batches of ALERT records) on a second"
                              " MQTT session, serviced first: a new alert never waits behind a backlog; false: the bulk"
                              " session reads it")
@@ -450,7 +449,11 @@ class Hub:
                                    for v in (extra.get("type"), extra.get("site")))
             except ValidationError:  # anything on a status topic, even a retained one, is only informational
                 self.refusals.refuse("status_malformed", "status that is not a Status shown as '?'", topic=t)
-        self.store.set_status(device_id, state, unit_type, site)
+        try:
+            self.store.set_status(device_id, state, unit_type, site)
+        except Exception as exc:  # informational, as health: the burst's records, health and counts go on (a broken
+            # connection met here first is replaced by the store's next call)
+            self.refusals.refuse("status_store_failed", "status not stored", topic=t, error=repr(exc))
 
 
 def _size(messages: list[tuple[str, bytes]]) -> int:

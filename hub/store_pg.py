@@ -6,15 +6,16 @@ What changes is that several workers, each on its own connection, store batches 
     holds (hub/store.py classify) under a transaction-scoped advisory lock per device, taken in device_id
     order, so two workers handed the same batch (a resend after an ack timeout, while the first worker is
     still storing it) compare and insert one after the other: the second finds the first's rows committed
-    and counts a redelivery. The inserts are plain: if anything slipped past the lock, the primary key
-    refuses the row, the transaction rolls back and nothing of it is acked (the agent resends; the resend is
-    a redelivery then). ON CONFLICT DO NOTHING would instead hide a conflicting record as a duplicate.
+    and counts a redelivery (every transaction is READ COMMITTED whatever the server's default: a snapshot
+    taken before the lock wait would miss them). The inserts are plain: if anything slipped past the lock, the
+    primary key refuses the row, the transaction rolls back and nothing of it is acked (the agent resends; the
+    resend is a redelivery then). ON CONFLICT DO NOTHING would instead hide a conflicting record as a duplicate.
   - deadlocks: advisory locks in device order, batches and health messages processed in device order, so
     two transactions never wait on each other in a cycle (if PostgreSQL still breaks one, it fails whole and
     the hub stores its batches one by one).
   - acks follow the commit: `store()` returns after COMMIT, with synchronous_commit on (the server's
-    default), so an acked record is in PostgreSQL's WAL on disk (and on a synchronous standby if the
-    server is set up with one: docs/scale.md).
+    default; a session finding it off turns it on), so an acked record is in PostgreSQL's WAL on disk (and on a
+    synchronous standby if the server is set up with one: docs/scale.md).
   - health messages reach every worker (plain subscription): UNIQUE (device_id, ts) keeps one copy.
   - numbers: PostgreSQL's double precision takes NaN and infinities, SQLite's REAL NOT NULL refuses NaN;
     CHECK constraints refuse both here, so a record the store cannot keep is never acked on either.
@@ -25,6 +26,7 @@ version kept in `hub_schema`.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -54,6 +56,8 @@ from customs_edge.hub.store import (
 )
 
 _COPY_TYPES = ["text", "int8", "float8", "text", "float8", "text", "int4", "text", "float8"]  # a record's columns
+
+log = logging.getLogger(__name__)
 
 SCHEMA_LOCK = 0x637573746F6D73  # advisory lock key while the schema is created or upgraded ("customs")
 
@@ -146,14 +150,30 @@ SCHEMA: list[str] = [
 ]
 
 
-def _connect(dsn: str) -> Any:
+def _connect(dsn: str, *, writer: bool = True) -> Any:
     import psycopg  # an optional dependency: `pip install 'customs-edge[postgres]'`
 
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="customs-edge-hub")
+        db = psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="customs-edge-hub")
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to the hub database ({str(exc).strip().splitlines()[0]}): check the"
                          " PostgreSQL URL given with --db (postgresql://USER@HOST:PORT/DBNAME)") from None
+    # every transaction BEGINs READ COMMITTED, whatever the server's or database's default: store() compares under
+    # the device locks, so each statement must see what the worker it waited for committed (a snapshot taken at the
+    # lock statement, as REPEATABLE READ and SERIALIZABLE take it, misses that worker's rows)
+    db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    # acks follow a durable commit: with synchronous_commit off (a server, database or role setting) COMMIT returns
+    # before the WAL is flushed and a crash of the server loses acked records. Turned back on for this session; the
+    # other settings (local, remote_write, remote_apply) flush locally at least and are kept
+    try:
+        if writer and db.execute("SHOW synchronous_commit").fetchone() == ("off",):
+            db.execute("SET synchronous_commit = on")
+            log.warning("synchronous_commit is off for the hub database %s: turned on for the hub's sessions (an"
+                        " acked record must survive a crash of the server)", redact(dsn))
+    except psycopg.Error as exc:
+        db.close()
+        raise StoreError(f"cannot set up a session on the hub database ({str(exc).strip().splitlines()[0]})") from None
+    return db
 
 
 def redact(dsn: str) -> str:
@@ -173,7 +193,7 @@ class PgHubStore:
     def __init__(self, dsn: str, *, readonly: bool = False, max_seq_jump: int = MAX_SEQ_JUMP) -> None:
         self.dsn = dsn
         self.max_seq_jump = max_seq_jump
-        self.db = _connect(dsn)
+        self.db = _connect(dsn, writer=not readonly)
         if readonly:
             self.db.execute("SET default_transaction_read_only = on")
             version = self._version()
@@ -382,26 +402,32 @@ class PgHubStore:
         self._reconnect()
         now = time.time()
         new = 0
+        per: dict[str, list[tuple[float, str]]] = {}  # each device's messages, in arrival order
+        for device_id, ts, payload in messages:
+            per.setdefault(device_id, []).append((ts, payload))
+        counts = {d: n for d, n in refused.items() if n}
         with self.db.transaction():
-            for device_id, ts, payload in sorted(messages, key=lambda m: m[0]):  # row locks in device order
-                if self.db.execute("INSERT INTO health (device_id, ts, received_at, payload) VALUES (%s, %s, %s, %s)"
-                                   " ON CONFLICT (device_id, ts) DO NOTHING RETURNING id",
-                                   (device_id, ts, now, payload)).fetchone() is None:
-                    continue
-                new += 1
-                self.db.execute("DELETE FROM health WHERE device_id = %s AND id <= (SELECT id FROM health WHERE"
-                                " device_id = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
-                                (device_id, device_id, _sqlite.HEALTH_KEPT))
-                self.db.execute("INSERT INTO devices (device_id, first_seen, last_seen) VALUES (%s, %s, %s)"
-                                " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
-                                (device_id, now, now))
-            counts = sorted((d, n) for d, n in refused.items() if n)
-            if counts:
-                with self.db.cursor() as cur:
-                    cur.executemany("INSERT INTO devices AS d (device_id, health_refused, first_seen) VALUES"
+            # one pass in device order, a device's refused count with its messages: every row of one device locked
+            # before the next device's, as store() locks them (a second pass for the counts locked device a after
+            # b, while a worker storing a's and b's records held a and waited for b: a deadlock)
+            for device_id in sorted(per.keys() | counts.keys()):
+                for ts, payload in per.get(device_id, []):
+                    if self.db.execute("INSERT INTO health (device_id, ts, received_at, payload) VALUES"
+                                       " (%s, %s, %s, %s) ON CONFLICT (device_id, ts) DO NOTHING RETURNING id",
+                                       (device_id, ts, now, payload)).fetchone() is None:
+                        continue
+                    new += 1
+                    self.db.execute("DELETE FROM health WHERE device_id = %s AND id <= (SELECT id FROM health WHERE"
+                                    " device_id = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
+                                    (device_id, device_id, _sqlite.HEALTH_KEPT))
+                    self.db.execute("INSERT INTO devices (device_id, first_seen, last_seen) VALUES (%s, %s, %s)"
+                                    " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
+                                    (device_id, now, now))
+                if device_id in counts:
+                    self.db.execute("INSERT INTO devices AS d (device_id, health_refused, first_seen) VALUES"
                                     " (%s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
                                     " health_refused = d.health_refused + excluded.health_refused",
-                                    [(d, n, now) for d, n in counts])
+                                    (device_id, counts[device_id], now))
         return new
 
     def health_history(self, device_id: str, limit: int = HEALTH_KEPT + 1) -> list[tuple[float, str]]:
