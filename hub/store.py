@@ -493,9 +493,15 @@ class _Checkpointer:
             return not (self._pending or self._busy)
 
     def _run(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None)
         try:
+            db = sqlite3.connect(self.path, isolation_level=None)
             db.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:  # no thread: the writer's own autocheckpoint alone bounds the WAL
+            self.failures += 1
+            log.warning("WAL checkpoint thread of %s not started (%s): the writer checkpoints at %d pages instead",
+                        self.path, exc, WAL_MAX_PAGES)
+            return
+        try:
             while True:
                 with self._cond:
                     self._cond.wait_for(lambda: self._pending or self._stop)

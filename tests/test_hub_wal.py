@@ -4,6 +4,7 @@ bounded by the writer's own autocheckpoint while transactions follow each other 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,5 +63,28 @@ def test_the_wal_stays_bounded_while_the_writer_never_pauses(tmp_path: Path, mon
         assert wal < 100 + 4 * 40, f"the WAL grew to {wal} pages"
         (n,) = st.db.execute("SELECT count(*) FROM records").fetchone()
         assert n == 15000
+    finally:
+        st.close()
+
+
+def test_a_checkpoint_thread_that_cannot_open_the_file_is_logged_and_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    real = hub_store.sqlite3.connect
+
+    def connect(path: object, *args: object, **kw: object) -> object:
+        if hub_store.threading.current_thread().name == "hub-wal-checkpoint":
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hub_store.sqlite3, "connect", connect)
+    st = HubStore(tmp_path / "hub.db")
+    try:
+        ck = st._checkpointer
+        assert ck is not None
+        ck._thread.join(10)
+        assert ck.failures == 1 and "WAL checkpoint thread" in caplog.text and "not started" in caplog.text
+        st.store([rows(1, 10)])  # the writer goes on, checkpointing by itself
+        (n,) = st.db.execute("SELECT count(*) FROM records").fetchone()
+        assert n == 10
     finally:
         st.close()
