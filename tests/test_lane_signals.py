@@ -96,7 +96,9 @@ def test_the_stack_light_follows_each_screening(tmp_path: Path, relay: tuple[Rel
     wanted = [colour(s) for _, s in screenings]
     assert {"red", "amber", "green"} <= set(wanted), wanted  # the run covers every light
     lights = [shown(c) for _, c in sim.history]
-    assert lights[0] == "off"  # the driver's first write: a known state
+    # the driver's first write sets every coil (a known state): all off, or, when travellers' commands were queued
+    # before the port's first write (a loaded machine), the newest of them over all off
+    assert lights[0] == "off" or lights[0] in wanted[:8], (lights[0], wanted[:8])
     changes = [x for i, x in enumerate(lights[1:]) if x != lights[i]]
     # every light shown was some traveller's, in the travellers' order (newer commands may replace an
     # older one still queued), and the buzzer sounded with each red light and only then
