@@ -302,5 +302,11 @@ def test_the_unit_confirms_cuts_from_the_simulated_belt_plc_over_modbus(tmp_path
     assert [i["stratum"] for i in incs] in ([3, 4, 5], [3, 4, 5, 6])
     assert all(i["cutter"] == "confirmed" and abs(i["cutter_delay_s"]) <= 1.5 for i in incs)
     assert report["increments"] == len(incs) and report["missed_increments"] == 2
-    assert report["sampling"]["cutter"] == "verified" and report["decision"] == "resample"
-    assert f"{len(incs)} primary increments < minimum 5" in report["reasons"]
+    # too few increments: resample, unless a hold reason came up in this lot (its moisture estimate over the limit or
+    # a radiation alarm, from the simulated world's noise: once in a flake run under stress-ng), which outranks it
+    # (agent/apps/ore.py assess)
+    holds = [r for r in report["reasons"] if r.startswith(("radiation", "moisture"))]
+    assert report["sampling"]["cutter"] == "verified"
+    assert report["decision"] == ("hold" if holds else "resample"), report["reasons"]
+    if not holds:
+        assert f"{len(incs)} primary increments < minimum 5" in report["reasons"]
