@@ -9,9 +9,10 @@ from dataclasses import asdict
 from customs_edge.core import logs
 
 
-def cmd_verify(db: str, device: str | None, as_json: bool, keys: str | None = None) -> int:
+def cmd_verify(db: str, device: str | None, as_json: bool, keys: str | None = None, all_signed: bool = False) -> int:
     """Exit 0 when every device's stored history is complete and unaltered, else 1 (the first bad seq named). With
-    the hub's key registry, each registered device's kept batch signatures too."""
+    the hub's key registry, each registered device's kept batch signatures too; with `all_signed`, every chained
+    record of a registered device must be covered by one."""
     from customs_edge.core.signing import load_registry
     from customs_edge.hub.storage import open_store
 
@@ -19,7 +20,7 @@ def cmd_verify(db: str, device: str | None, as_json: bool, keys: str | None = No
     store = open_store(db, readonly=True)
     try:
         devices = [device] if device else [r.device_id for r in store.stats()]
-        verdicts = [store.verify(d, registry.get(d)) for d in devices]
+        verdicts = [store.verify(d, registry.get(d), all_signed) for d in devices]
     finally:
         store.close()
     if as_json:

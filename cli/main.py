@@ -120,7 +120,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from customs_edge.hub.storage import is_postgres, open_store
 
     if args.action == "verify":
-        return evidence.cmd_verify(args.db, args.device, args.json, args.keys)
+        return evidence.cmd_verify(args.db, args.device, args.json, args.keys, args.all_signed)
     if args.action == "fleet":
         from customs_edge.cli.fleet import cmd_fleet
 
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   " a registered device's batches must be signed by its key; verify: check the"
                                   " batch signatures kept for each registered device too")
     h.add_argument("--require-signatures", action="store_true", help="refuse batches of unregistered devices too")
+    h.add_argument("--all-signed", action="store_true", help="verify, with --keys: every record of a registered device"
+                   " must be covered by a kept signature (devices registered from their first record: a deleted"
+                   " signature is found too)")
     h.add_argument("--config", help="the hub's config file (configs/hub/hub.yaml; `config schema`-style keys of "
                                     "HubConfig); options given here override it")
     h.add_argument("--check-config", action="store_true",
@@ -385,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "hub" and args.all_signed and not args.keys:
+        parser.error("hub verify --all-signed checks kept signatures: give the key registry with --keys")
     if args.command == "hub" and args.action in ("stats", "fleet", "verify") and args.db is None:
         from customs_edge.hub.service import DEFAULT_DB
 

@@ -433,7 +433,7 @@ class HubStore:
             " AND seq IS NOT NULL)) WHERE seq > prev + 1 LIMIT ?2", (device_id, limit)).fetchall()
         return [(a, b) for a, b in rows]
 
-    def verify(self, device_id: str, key: Ed25519PublicKey | None = None) -> Verdict:
+    def verify(self, device_id: str, key: Ed25519PublicKey | None = None, all_signed: bool = False) -> Verdict:
         """Walk the device's chain from seq 1: every record's content must hash to the link its successor
         carries, and every seq up to the highest received must be stored, rejected (with its link) or in a
         dropped run a tombstone names with matching end hashes. With the device's registered `key`, the kept
@@ -458,7 +458,7 @@ class HubStore:
             "SELECT seq FROM records WHERE device_id=? AND prev IS NOT NULL ORDER BY seq", (device_id,)))
         return check_signatures(v, key, sigs, lambda lo, hi: dict(self.db.execute(
             "SELECT seq, h FROM records WHERE device_id=?1 AND seq BETWEEN ?2 AND ?3 AND h IS NOT NULL",
-            (device_id, lo, hi))), chained)
+            (device_id, lo, hi))), chained, all_signed)
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -606,11 +606,14 @@ def signed_text(b: Incoming) -> str:
 
 
 def check_signatures(v: Verdict, key: Ed25519PublicKey, sigs: Iterable[tuple[str, str, str]],
-                     held: Callable[[int, int], dict[int, str]], chained: Iterable[int]) -> Verdict:
+                     held: Callable[[int, int], dict[int, str]], chained: Iterable[int], every: bool = False
+                     ) -> Verdict:
     """`hub verify` with the device's registered key, after the chain walk: each kept signature (batch, sig, its
     (seq, hash) pairs) must verify under the key, which proves those hashes the device's; a stored record whose chain
     hash (already proven to be its content's) is among them is signed. Every chained record from the first seq a
     kept signature names on must be signed: one added, or altered with every hash after it recomputed, is not.
+    With `every`, every chained record must be (a device registered from its first record: deleting its kept
+    signatures is found too; otherwise the records before the first kept one count as `unsigned`).
     `held(lo, hi)`: seq -> chain hash of the stored records in that range."""
     covered: list[tuple[int, int]] = []
     first: int | None = None
@@ -646,6 +649,9 @@ def check_signatures(v: Verdict, key: Ed25519PublicKey, sigs: Iterable[tuple[str
         elif first is not None and seq >= first:
             return v.bad(seq, "no kept signature covers it, though the device's signed history began at seq"
                               f" {first}: added, or altered with the hashes after it recomputed, in this database")
+        elif every:
+            return v.bad(seq, "no kept signature covers it (--all-signed: every record of a registered device must be"
+                              " signed): added, altered, or its batch signature deleted, in this database")
         else:
             v.unsigned += 1
     return v

@@ -467,7 +467,7 @@ class PgHubStore:
             {"d": device_id, "n": limit}).fetchall()
         return [(int(a), int(b)) for a, b in rows]
 
-    def verify(self, device_id: str, key: Ed25519PublicKey | None = None) -> Verdict:
+    def verify(self, device_id: str, key: Ed25519PublicKey | None = None, all_signed: bool = False) -> Verdict:
         """As hub/store.py HubStore.verify: walk the device's chain from seq 1, then with the device's registered
         key check the kept batch signatures (one transaction, one snapshot)."""
         v = Verdict(device_id)
@@ -497,7 +497,7 @@ class PgHubStore:
                             (device_id,))
                 return check_signatures(v, key, sigs, lambda lo, hi: {int(q): h for q, h in self.db.execute(
                     "SELECT seq, h FROM records WHERE device_id = %s AND seq BETWEEN %s AND %s AND h IS NOT NULL",
-                    (device_id, lo, hi))}, (int(q) for (q,) in cur))
+                    (device_id, lo, hi))}, (int(q) for (q,) in cur), all_signed)
 
     def close(self) -> None:
         self.db.close()

@@ -248,6 +248,20 @@ def test_the_kept_signatures_catch_an_edit_that_recomputed_every_hash_after_it(f
     assert res.returncode == 1 and f"{DEV}: BAD at seq 12: no kept signature covers it" in res.stdout, res.stdout
 
 
+def test_a_deleted_kept_signature_is_found_with_all_signed(filled: Path, key: DeviceKey, tmp_path: Path) -> None:
+    keys = str(registry(tmp_path, (DEV, key)))
+    assert verify(filled, "--keys", keys, "--all-signed").returncode == 0
+    with sqlite3.connect(filled) as db:  # every record kept, its batch's signature gone
+        assert db.execute("DELETE FROM signatures").rowcount == 1
+    res = verify(filled, "--keys", keys)  # records before any kept signature: unsigned, as a device registered late
+    assert res.returncode == 0 and "0 batches, 0 records signed, 30 before them" in res.stdout, res.stdout
+    res = verify(filled, "--keys", keys, "--all-signed")
+    assert res.returncode == 1 and f"{DEV}: BAD at seq 1: no kept signature covers it (--all-signed" in res.stdout, \
+        res.stdout
+    res = verify(filled, "--all-signed")
+    assert res.returncode == 2 and "give the key registry with --keys" in res.stderr, res.stderr
+
+
 def test_a_cap_drop_leaves_a_tombstone_and_verify_still_passes(tmp_path: Path, key: DeviceKey) -> None:
     ob = SqliteOutbox(tmp_path / "agent" / "outbox.db", device_id=DEV, max_mb=0.3)
     hub = make_hub(tmp_path, key)

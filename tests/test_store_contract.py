@@ -227,6 +227,16 @@ def test_kept_batch_signatures_find_an_edit_that_recomputed_the_chain(new_store:
     assert (v.bad_seq, v.records, v.signed_batches, v.signed, v.unsigned) == (None, 20, 4, 20, 0)
     assert count(st, "SELECT count(*) FROM signatures") == 4
     assert st.verify("d1").signed_batches == 0  # without the key: the chain walk alone
+    assert st.verify("d1", public, all_signed=True).bad_seq is None
+
+    # the first batch's kept signature deleted: its records count as from before the device was registered, unless
+    # every record must be signed
+    run(st, "DELETE FROM signatures WHERE device_id = 'd1' AND batch = 'b0'")
+    v = st.verify("d1", public)
+    assert (v.bad_seq, v.signed_batches, v.signed, v.unsigned) == (None, 3, 14, 6)
+    assert st.verify("d1", public, all_signed=True).bad_seq == 1
+    st.store(batches[:1])  # its redelivery keeps the signature again
+    assert st.verify("d1", public, all_signed=True).bad_seq is None
 
     # a record added after the last, linked to it (and the device's max_seq raised to match)
     (last_h,) = run(st, "SELECT h FROM records WHERE device_id = 'd1' AND seq = 20")[0]
