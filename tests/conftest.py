@@ -237,3 +237,16 @@ def pg_cluster() -> Iterator[Any]:
 def pg_url(pg_cluster: Any) -> str:
     """The URL of a new, empty database in the session's cluster."""
     return str(pg_cluster.new_database())
+
+
+@pytest.fixture
+def sync_clock(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """agent/sync.py's clock driven by the test (tests/fakes.py SyncClock)."""
+    from types import SimpleNamespace
+
+    from customs_edge.agent import sync as sync_mod
+    from tests.fakes import SyncClock
+
+    c = SyncClock()
+    monkeypatch.setattr(sync_mod, "time", SimpleNamespace(monotonic=c, time=time.time))
+    return c

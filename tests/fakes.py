@@ -115,3 +115,13 @@ class MemOutbox(MemoryOutbox):
     @property
     def last_seq(self) -> int:
         return self.stats().last_seq
+
+
+class SyncClock:
+    """agent/sync.py's time.monotonic, moved by the test (time.time stays the real one): fixture `sync_clock`."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t

@@ -1,44 +1,26 @@
 """Review of the sync's burst deferral (agent/sync.py, module docstring): against a scripted hub that drains each
 lane in order, slower than ack_timeout_s per window (a backlog), and loses some messages (received, never
 committed), no batch waits longer than max_resend_interval_s between two copies and every record is acked in
-the end, across reconnects. The sync module's clock is driven by the test (tests/test_sync_backlog.py's way)."""
+the end, across reconnects. The sync module's clock is driven by the test (fixture sync_clock)."""
 
 from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from customs_edge.agent import sync as sync_mod
 from customs_edge.agent.config import SyncConfig
 from customs_edge.agent.sync import Sync
 from customs_edge.core.records import Priority, RecordIn
-from tests.fakes import FakeLink, MemOutbox, Published
+from tests.fakes import FakeLink, MemOutbox, Published, SyncClock
 
 T_ACK = "customs-edge/v1/dev/ack"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(sync_mod, "time", SimpleNamespace(monotonic=c, time=time.time))
-    return c
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_a_lossy_backlogged_hub_gets_every_record_and_no_batch_waits_past_the_cap(tmp_path: Path, clock: Clock,
+def test_a_lossy_backlogged_hub_gets_every_record_and_no_batch_waits_past_the_cap(tmp_path: Path, sync_clock: SyncClock,
                                                                                    seed: int) -> None:
     rng = random.Random(seed)
     ob = MemOutbox()
@@ -55,10 +37,10 @@ def test_a_lossy_backlogged_hub_gets_every_record_and_no_batch_waits_past_the_ca
     last_copy: dict[str, float] = {}  # batch id -> when its latest copy was published
     gaps: list[float] = []
     acked = False
-    while clock.t < 1000.0 + 3600 and (ob.records or sync._inflight):
-        clock.t += 0.5
+    while sync_clock.t < 1000.0 + 3600 and (ob.records or sync._inflight):
+        sync_clock.t += 0.5
         if rng.random() < 0.01:
-            ob.put([RecordIn(type="alarm", priority=Priority.ALERT, payload={"t": clock.t})])
+            ob.put([RecordIn(type="alarm", priority=Priority.ALERT, payload={"t": sync_clock.t})])
         if rng.random() < 0.003 and link.connected:  # the broker goes away now and then
             link.drop()
             link.connect()
@@ -66,13 +48,13 @@ def test_a_lossy_backlogged_hub_gets_every_record_and_no_batch_waits_past_the_ca
             lane = p.topic.rsplit("/", 1)[1]
             if lane in queues:
                 bid = p.json()["batch"]
-                last_copy[bid] = clock.t
+                last_copy[bid] = sync_clock.t
                 link.puback(p.mid)
                 queues[lane].append(p)
         seen = len(link.published)
         for lane, q in queues.items():
-            if q and clock.t >= busy_until[lane]:
-                busy_until[lane] = clock.t + service[lane]
+            if q and sync_clock.t >= busy_until[lane]:
+                busy_until[lane] = sync_clock.t + service[lane]
                 p = q.pop(0)
                 if rng.random() < 0.15:
                     continue  # received, never committed: the hub crashed, or its store refused the batch
@@ -82,7 +64,7 @@ def test_a_lossy_backlogged_hub_gets_every_record_and_no_batch_waits_past_the_ca
         sync.step()
         for bid, f in sync._inflight.items():
             if f.pubacked and bid in last_copy:
-                gaps.append(clock.t - last_copy[bid])
-    assert acked and not ob.records and not sync._inflight, f"stuck at {clock.t}: {len(ob.records)} records left"
+                gaps.append(sync_clock.t - last_copy[bid])
+    assert acked and not ob.records and not sync._inflight, f"stuck at {sync_clock.t}: {len(ob.records)} records left"
     assert max(gaps) <= cap + 1.0  # a copy at most max_resend_interval_s after the last one (and a step)
     assert sync.stats.hub_resends_deferred > 0  # the deferral did take part
