@@ -200,8 +200,7 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
     rows: list[Row] = []
     rejected: list[Rejected] = []
     links: dict[int, tuple[str | None, str]] = {}
-    hashes: list[str] = []
-    seqs: list[int] = []
+    signed: list[tuple[int, str]] = []  # (seq, chain hash) in the batch's order: what its signature covers
     for obj in records:
         try:
             r = obj if isinstance(obj, WireRecord) else _RECORD.validate_python(obj, strict=True)
@@ -214,8 +213,7 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
         text = pydantic_core.to_json(r.payload, inf_nan_mode="constants")
         decoded = text.decode()  # the agent's payload text again: the same serializer, on the values it wrote
         links[r.seq] = (r.prev, record_hash(r.prev or "", r.seq, r.ts, r.type, r.prio, decoded))
-        hashes.append(links[r.seq][1])
-        seqs.append(r.seq)
+        signed.append((r.seq, links[r.seq][1]))
         if len(text) > MAX_PAYLOAD_BYTES:
             rejected.append(Rejected(r.seq, f"payload: {len(text)} bytes of JSON, over the {MAX_PAYLOAD_BYTES}"
                                             " limit", _trace(r.model_dump())))
@@ -224,10 +222,10 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
                                             " the wire must be finite", _trace(r.model_dump())))
         else:
             rows.append((r.seq, r.ts, r.boot, r.mono, r.type, r.prio, decoded))
-    _check_signature(key, env.sig, env.key, device_id, batch_id, hashes)
     if key is None:
         return Incoming(device_id, batch_id, rows, rejected, links)
-    return Incoming(device_id, batch_id, rows, rejected, links, env.sig, list(zip(seqs, hashes, strict=True)))
+    _check_signature(key, env.sig, env.key, device_id, batch_id, [h for _, h in signed])
+    return Incoming(device_id, batch_id, rows, rejected, links, env.sig, signed)
 
 
 def _parse_clean(topic: str, env: _CleanBatch, raws: list[bytes], keys: Keys | None, require: bool) -> Incoming:

@@ -474,7 +474,6 @@ class _Checkpointer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.frames = 0  # the WAL's frames at the last checkpoint
         self.checkpoints = 0
         self.failures = 0
         self._cond = threading.Condition()
@@ -508,17 +507,17 @@ class _Checkpointer:
                     if self._stop:
                         return
                     self._pending, self._busy = False, True
-                frames = None
+                done = False
                 try:
-                    _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    done = True
                 except sqlite3.Error as exc:
                     self.failures += 1
                     if self.failures == 1 or self.failures % 1000 == 0:
                         log.warning("WAL checkpoint of %s failed (%s; %d so far)", self.path, exc, self.failures)
                 with self._cond:
                     self._busy = False
-                    if frames is not None:
-                        self.frames, self.checkpoints = frames, self.checkpoints + 1
+                    self.checkpoints += done
                     self._cond.notify_all()
         finally:
             db.close()
