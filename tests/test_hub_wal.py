@@ -60,7 +60,10 @@ def test_the_wal_stays_bounded_while_the_writer_never_pauses(tmp_path: Path, mon
             st.store([rows(seq, 100)])
             seq += 100
         wal = (tmp_path / "hub.db-wal").stat().st_size // PAGE  # the WAL file's high-water mark, in pages
-        assert wal < 100 + 4 * 40, f"the WAL grew to {wal} pages"
+        # 100 + a few transactions; a writer's autocheckpoint that meets the thread's checkpoint in progress is BUSY
+        # and leaves the WAL to the next commit, which on a loaded machine happened several times in a row (once, in
+        # a parallel run): the margin allows that, and SQLite's default (1,000 pages) still fails it
+        assert wal < 600, f"the WAL grew to {wal} pages"
         (n,) = st.db.execute("SELECT count(*) FROM records").fetchone()
         assert n == 15000
     finally:
