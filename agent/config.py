@@ -57,6 +57,9 @@ class SyncConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_ce
     ack_timeout_s: float = Field(10.0, gt=0, description="no PUBACK for this long: link presumed half-open;"
                                  " PUBACK but no hub ack: the batch is published again")
     max_resend_interval_s: float = Field(300.0, gt=0, description="cap on the doubling wait between resends")
+    hub_liveness: bool = Field(True, description="subscribe to the hubs' liveness ({prefix}/fleet/hub-alive): a batch"
+                               " the hub has not acked waits (up to max_resend_interval_s) while a hub worker says it"
+                               " keeps storing; false: none received (the bytes of a worker's message every few s)")
     keepalive_s: int = Field(10, ge=2, le=600)
     connect_timeout_s: float = Field(5.0, gt=0)
     backoff_min_s: float = Field(0.5, gt=0)

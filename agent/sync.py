@@ -115,13 +115,16 @@ from customs_edge.core.signing import DeviceKey
 from customs_edge.core.wire import (
     ALERT_LANE,
     MAX_ACK_BYTES,
+    MAX_ALIVE_BYTES,
     MAX_BATCH_BYTES,
     MAX_COMMAND_BYTES,
     Ack,
     Command,
     CommandReply,
     Health,
+    HubAlive,
     encode_batch,
+    hub_alive_topic,
     intersect,
     ranges_of,
     topic,
@@ -162,6 +165,9 @@ class SyncStats:
     hub_resends: int = 0  # batches published again because the hub did not ack them in time
     hub_resends_skipped: int = 0  # of those: passed over by the hub (a later batch on their lane acked a wait ago)
     hub_resends_deferred: int = 0  # batches past their wait kept waiting (per attempt): the hub's acks kept coming
+    hub_resends_deferred_alive: int = 0  # of those: by the hub's liveness alone (no ack on their lane within the wait)
+    hub_alive_heard: int = 0  # valid hub liveness messages (HubAlive), retained copies included
+    hub_alive_refused: int = 0  # liveness messages too large or malformed: ignored
     partial_acks: int = 0  # hub acks that covered only part of their batch: the rest was sent again
     settle_failures: int = 0  # outbox deletes that failed (disk full): kept, retried, never resent
     bad_messages: int = 0
@@ -236,6 +242,8 @@ class Sync:
         self.t_status = topic(p, device_id, "status")
         self.t_cmd = topic(p, device_id, "cmd")
         self.t_health = topic(p, device_id, "health")
+        # the hub workers' liveness (hub/liveness.py): only a hub that acks makes a unit wait for it
+        self.t_alive = hub_alive_topic(p) if cfg.hub_liveness and cfg.ack_mode == "hub" else None
         self.link: Link = link or MqttLink(
             install_client_id(f"ce-{device_id}", Path(outbox_path)), cfg.host, cfg.port,
             keepalive=cfg.keepalive_s, clean_session=False,
@@ -248,6 +256,8 @@ class Sync:
         self._ids = itertools.count(1)
         self._sends = itertools.count(1)  # _InFlight.order
         self._lane_acked: dict[str, float] = {}  # topic -> when a hub ack last acked or rejected a batch sent on it
+        self._alive_stored: dict[str, int] = {}  # hub worker -> `stored` in the last HubAlive heard from it
+        self._hub_alive_at = float("-inf")  # when a live HubAlive last showed a worker's `stored` rising
         self._boot = secrets.token_hex(8)  # batch ids: unguessable (an ack naming one is no use without it)
         self.refusals = Refusals(log)  # inbound messages refused, per cause
         self.command_bucket = TokenBucket(cfg.commands_per_s, cfg.commands_burst)
@@ -289,6 +299,8 @@ class Sync:
                     self._on_ack(ev.payload)
                 elif ev.topic == self.t_cmd:
                     self._on_command(ev)
+                elif ev.topic == self.t_alive:
+                    self._on_alive(ev)
                 else:
                     if not any(sl.on_message(ev) for sl in self.sidelines):  # a sideline's (a risk list), or none's
                         self.refusals.refuse("unexpected_topic", "message on a topic the unit did not subscribe to",
@@ -322,6 +334,8 @@ class Sync:
         try:
             self.link.subscribe(self.t_ack, 1)
             self.link.subscribe(self.t_cmd, 1)
+            if self.t_alive is not None:  # QoS 0: a hint, never queued for later
+                self.link.subscribe(self.t_alive, 0)
             for sl in self.sidelines:
                 for t in sl.topics():
                     self.link.subscribe(t, 1)
@@ -403,12 +417,15 @@ class Sync:
             elif now - f.sent_at > (wait := min(timeout * 2 ** min(f.attempt, 30), self.cfg.max_resend_interval_s)):
                 # the hub silent on its lane for a wait, or it passed this batch over, or the cap (module docstring)
                 passed = f.passed_at is not None and now - f.passed_at > wait
-                if passed or now - self._lane_acked.get(f.lane, f.sent_at) > wait \
-                        or now - f.sent_at > self.cfg.max_resend_interval_s:
+                acked_at = self._lane_acked.get(f.lane, f.sent_at)
+                # the hub's liveness speaks for /records only: the alert lane is read ahead of any backlog
+                alive = f.lane == self.t_records and now - self._hub_alive_at <= wait
+                if passed or (now - acked_at > wait and not alive) or now - f.sent_at > self.cfg.max_resend_interval_s:
                     self._resend(batch_id, f, passed)
                 elif not f.deferred:
                     f.deferred = True
                     self.stats.hub_resends_deferred += 1
+                    self.stats.hub_resends_deferred_alive += int(now - acked_at > wait)
 
     def _resend(self, batch_id: str, f: _InFlight, passed: bool = False) -> None:
         """The broker has the batch, the hub has not confirmed it: publish it again (the hub dedupes)."""
@@ -481,6 +498,33 @@ class Sync:
             log.warning("the hub answered for part of a batch; sending the rest again",
                         extra={"batch": ack.batch, "answered": flight.count - len(rest), "rest": len(rest)})
             self._send(rest, attempt=flight.attempt)
+
+    MAX_HUB_WORKERS = 256  # liveness baselines kept (one per hub worker heard); past it, forgotten and started again
+
+    def _on_alive(self, msg: Message) -> None:
+        """A hub worker's HubAlive (hub/liveness.py). A live one (not the broker's retained copy, which may be a dead
+        hub's) whose `stored` rose since the last heard from that worker says the hub is storing: _check_deadline
+        lets a batch on /records wait while that was within its wait. Anything else is only a baseline."""
+        if not msg.payload:  # the retained copy cleared on the broker
+            return
+        if why := too_large(msg.payload, MAX_ALIVE_BYTES):
+            self.stats.hub_alive_refused += 1
+            self.refusals.refuse("alive_too_large", "oversized hub liveness ignored unread", topic=msg.topic,
+                                 reason=why)
+            return
+        try:
+            alive = HubAlive.model_validate_json(msg.payload)
+        except ValidationError as exc:
+            self.stats.hub_alive_refused += 1
+            self.refusals.refuse("alive_malformed", "bad hub liveness ignored", error=str(exc).splitlines()[0])
+            return
+        self.stats.hub_alive_heard += 1
+        last = self._alive_stored.get(alive.hub)
+        if last is not None and alive.stored > last and not msg.retain:
+            self._hub_alive_at = time.monotonic()
+        elif last is None and len(self._alive_stored) >= self.MAX_HUB_WORKERS:
+            self._alive_stored.clear()
+        self._alive_stored[alive.hub] = alive.stored
 
     def _hub_progress(self, flight: _InFlight) -> None:
         """The hub answered for `flight`: it is draining its lane; what was sent before it there and is still

@@ -10,6 +10,8 @@
   {prefix}/{device_id}/alert       hub -> operator, QoS 1, retained: an Alert (the device's seqs conflict)
   {prefix}/{device_id}/health      agent -> hub, QoS 1, retained: a Health (every health_interval_s
                                    and when a driver goes up or down)
+  {prefix}/fleet/hub-alive         hub -> agents, QoS 0, retained: a HubAlive (each hub worker, every
+                                   alive_interval_s while it stores: hub/liveness.py)
 The hub subscribes to `$share/{group}/{prefix}/+/records`, so several hubs share one fleet.
 """
 
@@ -169,6 +171,26 @@ class HubPong(BaseModel):
     id: str
     ping_ts: float = Field(allow_inf_nan=False)  # the ping's ts, echoed
     ts: float = Field(allow_inf_nan=False)  # the hub's clock when it answered
+
+
+# A hub worker's liveness (hub/liveness.py): while it stores, each worker publishes a HubAlive at most every
+# `alive_interval_s`, retained, QoS 0, on one topic for the fleet. A unit whose batch waits for the hub's ack takes a
+# rise of one worker's `stored` between two live messages (not the retained copy) as the hub draining a backlog,
+# not down (agent/sync.py).
+HUB_ALIVE = "fleet/hub-alive"
+MAX_ALIVE_BYTES = 1024
+
+
+def hub_alive_topic(prefix: str) -> str:
+    return f"{prefix}/{HUB_ALIVE}"
+
+
+class HubAlive(BaseModel):
+    v: Literal[1] = 1
+    hub: str = Field(min_length=1, max_length=256)  # the worker's client id: each worker counts on its own
+    ts: float = Field(allow_inf_nan=False)  # the hub's clock (informational: units time it by their own)
+    stored: int = Field(ge=0)  # batches the worker stored (and acked) since it started
+    pending: int = Field(0, ge=0)  # bytes it has read and not stored yet
 
 
 class CommandReply(BaseModel):

@@ -76,7 +76,7 @@ from customs_edge.core.wire import (
     ranges_of,
     topic,
 )
-from customs_edge.hub import intake, pings
+from customs_edge.hub import intake, liveness, pings
 from customs_edge.hub.photos import HEADER_MAX, MAX_PHOTO_BYTES, PhotoArchive
 from customs_edge.hub.storage import HubStorage, open_store
 from customs_edge.hub.store import MAX_SEQ_JUMP, Stored
@@ -119,6 +119,11 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
                                          " alerts_tls_key: the broker takes a certificate's name as client id, and two"
                                          " sessions need two. With tls_cert but without it, the lane is off")
     alerts_tls_key: Path | None = Field(None, description="the key of alerts_tls_cert (PEM, mode 0600)")
+    alive_interval_s: float | None = Field(5.0, ge=liveness.MIN_INTERVAL_S, le=60.0, description="while it stores,"
+                                           " publish a HubAlive (retained, QoS 0) on {prefix}/fleet/hub-alive at most"
+                                           " this often: units then wait for a hub behind a backlog instead of"
+                                           " resending (hub/liveness.py); keep it under half the units'"
+                                           " ack_timeout_s. null: none")
 
     @model_validator(mode="after")
     def _alerts_cert_and_key(self) -> HubConfig:
@@ -165,6 +170,9 @@ class Hub:
         self._pending_bytes = 0  # their payloads' bytes: past PENDING_MAX_BYTES nothing more is read on the bulk link
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
+        # "alive and storing", for the units' resend timers (hub/liveness.py)
+        self.liveness = liveness.Liveness(cfg.topic_prefix, client_id, cfg.alive_interval_s) \
+            if cfg.alive_interval_s else None
 
     def _lane_link(self, client_id: str, clean: bool) -> MqttLink | None:
         cfg = self.cfg
@@ -228,6 +236,8 @@ class Hub:
         for ev in bulk_events:
             n += len(ev.payload) if isinstance(ev, Message) else 0
             self._on_event(ev, self._pending)
+        if self.liveness is not None:  # a clock read until one is due; never raises
+            self.liveness.tick(self.link, self.batches, self._pending_bytes + n)
         return n
 
     def _subscribe(self, lane: bool) -> None:

@@ -52,7 +52,7 @@ def test_connect_fills_the_window_and_a_lost_link_sends_it_again(tmp_path: Path)
     sync, link, ob = make(tmp_path, 25)
     connect(sync, link)
     assert [seqs(p) for p in link.batches()] == [list(range(1, 11)), list(range(11, 21))]  # window of 2
-    assert link.subscribed == [T_ACK, "customs-edge/v1/dev/cmd"]
+    assert link.subscribed == [T_ACK, "customs-edge/v1/dev/cmd", "customs-edge/v1/fleet/hub-alive"]
     link.drop()
     sync.step()
     assert sync.stats.resent_after_reconnect == 20 and not link.connected
