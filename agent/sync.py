@@ -38,6 +38,14 @@ a full broker queue) from waiting behind that evidence for ever:
     acked at most once), then stop, and the silence rule above applies.
   - at most `max_resend_interval_s` after its send, whatever the acks: the longest wait between two copies
     of a batch is the same with a draining hub as with a silent one.
+A unit none of whose batches the hub has reached yet has no acks to go by. Hub workers say "alive and storing" on
+`{prefix}/fleet/hub-alive` (hub/liveness.py: retained, QoS 0, at most every few seconds, only while storing;
+`sync.hub_liveness` subscribes). A live HubAlive (not the broker's retained copy, which a dead hub may have left)
+whose `stored` rose since the last one heard from that worker counts, for batches on /records, as an ack on their
+lane does: they wait while such messages keep coming within the wait (`hub_resends_deferred_alive`), up to
+`max_resend_interval_s` as above (a hub that is alive but never got this batch still gets it again). Not for the
+alert lane, which the hub reads ahead of any backlog. A malformed one is counted (`hub_alive_refused`) and ignored;
+with none heard (an older hub) nothing changes.
 
 The alert lane: ALERT records leave in batches of their own on `{prefix}/{device}/alerts`, which the hub reads on a
 session of its own, ahead of the bulk queue the broker holds for it during a backlog burst (hub/service.py). The

@@ -348,3 +348,19 @@ def test_the_hub_command_connects_with_its_certificate(tmp_path: Path, pki: Path
     r = subprocess.run([sys.executable, "-m", "customs_edge", "hub", "--db", str(tmp_path / "h2.db"),
                         f"--tls-cert={keys['tls_cert']}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "tls_cert and tls_key go together" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_units_read_the_hubs_liveness_that_only_hubs_may_publish(pki: Path, broker: Broker) -> None:
+    """configs/broker/acl: every device certificate reads `fleet/hub-alive` (hub/liveness.py); a hub certificate
+    publishes it; a device's publish there never reaches the others (it could hold back their resends)."""
+    alive = f"{PREFIX}/fleet/hub-alive"
+    dev_a, dev_b, hub = (Client(broker.port, tls(pki, n)) for n in ("dev-a", "dev-b", "hub-1"))
+    try:
+        assert dev_a.sub(alive) == [1]
+        dev_b.pub(alive, '{"v":1,"hub":"forged","ts":1,"stored":9}')
+        hub.pub(alive, '{"v":1,"hub":"hub-1","ts":1,"stored":5}')
+        wait_for(lambda: dev_a.got, 15, "the hub's liveness at dev-a")
+        assert dev_a.got == [(alive, b'{"v":1,"hub":"hub-1","ts":1,"stored":5}')]
+    finally:
+        for c in (dev_a, dev_b, hub):
+            c.close()
