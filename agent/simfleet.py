@@ -396,7 +396,9 @@ class SimFleet:
                    "put_failures": sum(d.put_failures for d in self._drivers),
                    # batches past their ack wait left waiting while the hub's acks came; resent as passed over
                    "hub_resends_deferred": sum(u.sync.stats.hub_resends_deferred for u in self.units),
-                   "hub_resends_skipped": sum(u.sync.stats.hub_resends_skipped for u in self.units)})
+                   "hub_resends_skipped": sum(u.sync.stats.hub_resends_skipped for u in self.units),
+                   # of the deferred, by the hub's liveness alone (hub/liveness.py)
+                   "hub_resends_deferred_alive": sum(u.sync.stats.hub_resends_deferred_alive for u in self.units)})
 
     def reset_latencies(self) -> None:
         for u in self.units:

@@ -5,7 +5,7 @@ ack latency and RSS.
     python bench/hub.py [--records 100000] [--batch 500] [--devices 50] [--units 500] [--rate 5]
                         [--processes 2] [--fleet-seconds 20] [--workers 1,2,3] [--sim-outbox memory|sqlite]
                         [--burst-units 20] [--burst-records 2000] [--burst-processes 2] [--alert-every 0.5]
-                        [--skip ingest|fleet|burst] [--json]
+                        [--burst-ack-timeout 10] [--hub-alive S|off] [--skip ingest|fleet|burst] [--json]
 
 Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on one shared subscription
 ($share/hubs/...), each worker its own process; PostgreSQL is a throwaway cluster started here (tests/pg.py:
@@ -102,11 +102,15 @@ def batches(total: int, size: int, devices: int, tag: str) -> Iterator[tuple[str
 class Workers:
     """`customs-edge hub` worker processes on one shared subscription."""
 
+    alive_interval_s: float | None = 5.0  # the workers' liveness (hub/liveness.py); None: none (--hub-alive off)
+
     def __init__(self, n: int, db: str, port: int, work: Path) -> None:
         self.logs = [work / f"hub-{i}.log" for i in range(n)]
-        self.procs = [subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--db", db, "--port", str(port),
-                                        "--client-id", f"bench-hub-{i}", "--log-level", "INFO", "--photos-dir",
-                                        str(work / "photos")], env=ENV,
+        conf = work / "hub-bench.yaml"
+        conf.write_text(f"alive_interval_s: {'null' if self.alive_interval_s is None else self.alive_interval_s}\n")
+        self.procs = [subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--config", str(conf), "--db", db,
+                                        "--port", str(port), "--client-id", f"bench-hub-{i}", "--log-level", "INFO",
+                                        "--photos-dir", str(work / "photos")], env=ENV,
                                        stderr=log.open("wb")) for i, log in enumerate(self.logs)]
         deadline = time.monotonic() + 60
         while not all("hub subscribed" in log.read_text() for log in self.logs):
@@ -474,7 +478,8 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                      "--backlog", str(args.burst_records), "--records", str(args.burst_records), "--prefix",
                      f"{tag}{p}", "--broker", f"127.0.0.1:{broker.port}", "--workdir", str(units_dir),
                      "--duration", str(args.burst_timeout), "--every", "1000000", "--json", "--counts-only",
-                     "--spread", "0", "--wait-for", str(go)], env=ENV, stdout=subprocess.PIPE, text=True,
+                     "--spread", "0", "--wait-for", str(go), "--ack-timeout", str(args.burst_ack_timeout)],
+                    env=ENV, stdout=subprocess.PIPE, text=True,
                     stderr=(work / f"burst-{backend}-{p}.log").open("wb")))
             t_fill = time.monotonic()
             for sim in sims:  # each has put its backlog
@@ -524,6 +529,10 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
                         # of those, passed over by the hub; and batches kept waiting while its acks came (sync.py)
                         "hub_resends_skipped": sum(f.get("extra", {}).get("hub_resends_skipped", 0) for f in finals),
                         "hub_resends_deferred": sum(f.get("extra", {}).get("hub_resends_deferred", 0) for f in finals),
+                        # of the deferred, by the hub workers' liveness alone (hub/liveness.py; 0 with --hub-alive off)
+                        "hub_resends_deferred_alive": sum(f.get("extra", {}).get("hub_resends_deferred_alive", 0)
+                                                          for f in finals),
+                        "hub_alive_interval_s": Workers.alive_interval_s, "ack_timeout_s": args.burst_ack_timeout,
                         # cores used until every record was stored: ours, and the rest of the machine (other work)
                         "cores_used": None if used is None else {
                             "simulators": used[0], "hub_and_db": used[1], "mosquitto": used[2],
@@ -563,10 +572,14 @@ def main() -> None:
                     help="fleet: seconds between a unit's commits (default 0.05: one record per commit at 5/s)")
     ap.add_argument("--stores", default="sqlite,postgres", help="ingest, fleet and burst: the stores to run them on")
     ap.add_argument("--skip", choices=["ingest", "fleet", "burst"], action="append", default=[])
+    ap.add_argument("--burst-ack-timeout", type=float, default=10.0, help="the burst units' ack_timeout_s")
+    ap.add_argument("--hub-alive", default="5", metavar="S|off",
+                    help="the hub workers' alive_interval_s (hub/liveness.py); off: no liveness, units as before it")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.workers = [int(x) for x in args.workers.split(",")]
     args.stores = args.stores.split(",")
+    Workers.alive_interval_s = None if args.hub_alive == "off" else float(args.hub_alive)
     from customs_edge.agent.simfleet import raise_fd_limit
     from tests.pg import PgCluster
 
