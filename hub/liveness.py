@@ -10,8 +10,9 @@ bytes it read and has not stored yet) on `{prefix}/fleet/hub-alive`:
     that the next live one is compared with (a retained copy is never evidence by itself: it may be a dead hub's);
   - never in the way of the store: called from the hub's loop, it costs a clock read until a message is due, and a
     link that is down (NotConnected) or a publish that fails skips that message, counted.
-Bytes at a unit: ~120 per message (payload ~80, topic 31, MQTT header), plus TCP/IP, per worker per interval while
-the hub stores: 5 s and one worker, ~90 kB an hour of MQTT; a unit with `sync.hub_liveness: false` subscribes to none.
+Bytes at a unit, per worker per interval while the hub stores: ~133 a message (payload ~98 with a 25-character client
+id, topic 31, MQTT header 4), plus TCP/IP (~52) and TLS: at 5 s, ~96 kB an hour of MQTT, ~133 kB with TCP/IP headers,
+per busy worker. A unit with `sync.hub_liveness: false` subscribes to none and receives none.
 """
 
 from __future__ import annotations
