@@ -181,7 +181,11 @@ def cmd_verify_audit(args: argparse.Namespace) -> int:
     how = (f"keyed with {state.key_path}" + (f" after entry {state.keyed_after}" if state.keyed_after else "")
            if state.key is not None else "not keyed yet (the console keys it on its next start)")
     if bad is not None:
-        print(f"audit trail of {path}: ALTERED at entry {bad} ({proven} entries before it proven; {how})")
+        print(f"audit trail of {path}: ALTERED at entry {bad} ({_n(proven)} before it proven; {how})")
         return 1
-    print(f"audit trail of {path}: intact, {proven} entries proven ({how})")
+    print(f"audit trail of {path}: intact, {_n(proven)} proven ({how})")
     return 0
+
+
+def _n(entries: int) -> str:
+    return f"{entries} entr{'y' if entries == 1 else 'ies'}"
