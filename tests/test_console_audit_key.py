@@ -114,6 +114,13 @@ def test_an_old_unkeyed_trail_still_proves_and_goes_on_keyed(tmp_path: Path,
     st = ConsoleState(path)
     assert st.verify_audit() == (3, 4)  # the old three re-chained by the forger; the first keyed one betrays it
     st.close()
+    for f in tmp_path.glob("console.db*"):  # a new console file beside the old key: keyed from its start
+        if f.suffix != ".key":
+            f.unlink()
+    st = ConsoleState(path)
+    _trail(st)
+    assert (st.keyed_after, st.verify_audit()) == (0, (4, None))
+    st.close()
 
 
 def test_a_trail_made_to_look_older_than_its_key_proves_nothing(tmp_path: Path,
@@ -132,6 +139,22 @@ def test_a_trail_made_to_look_older_than_its_key_proves_nothing(tmp_path: Path,
     assert code == 1 and "ALTERED at entry 1" in out
     with pytest.raises(AuditKeyError, match="made for a trail keyed after entry 0"):
         ConsoleState(path)
+
+
+def test_a_switch_point_moved_later_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Moving the switch after the edited entries would let their plain SHA-256 prove: its record's HMAC says no."""
+    path = tmp_path / "console.db"
+    st = ConsoleState(path)
+    _trail(st)
+    st.close()
+    db = sqlite3.connect(path)
+    db.executescript("DROP TRIGGER audit_key_no_update; UPDATE audit_key SET keyed_after = 4;")
+    db.close()
+    _forge(path, "UPDATE audit SET detail = 'released' WHERE action = 'dispose'")
+    with pytest.raises(AuditKeyError, match="switch record was edited"):
+        ConsoleState(path)
+    code, _, err = cli(capsys, "console", "verify-audit", "--state", str(path))
+    assert code == 1 and "switch record was edited" in err
 
 
 def test_a_missing_or_wrong_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

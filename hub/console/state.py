@@ -199,9 +199,9 @@ class ConsoleState:
         row = self.db.execute("SELECT keyed_after, mac FROM audit_key").fetchone()
         after = row[0] if row else 0  # the switch removed: every entry must be keyed
         if row is not None and not hmac.compare_digest(key.switch_mac(after), str(row[1])):
-            raise AuditKeyError(f"audit key {self.key_path} is not the key of {self.path}'s audit trail: give the"
-                                " right one with --audit-key (by default the console's file's own, beside it:"
-                                f" {self.path}.key)")
+            raise AuditKeyError(f"audit key {self.key_path} is not the key of {self.path}'s audit trail (or the"
+                                " trail's switch record was edited): give the right one with --audit-key (by default"
+                                f" the console's file's own, beside it: {self.path}.key)")
         self.key, self.keyed_after = key, min(after, key.keyed_after)
 
     # -- users --------------------------------------------------------------------------------------
