@@ -542,11 +542,17 @@ def serve(hub_db: str | Path, state: str | Path, listen: str = "127.0.0.1:8080",
         if not bhost or not bport.isdigit():
             raise CustomsEdgeError(f"--broker {broker!r}: write it HOST:PORT, e.g. 127.0.0.1:1883")
         inspection = Inspection(bhost, int(bport), broker_settings, prefix)
-    console = Console(hub_db, state, anonymous=anonymous, host=host, inspection=inspection, photos=photos,
-                      trusted_proxies=trusted_proxies, audit_key=audit_key)
-    tls = None
-    if tls_cert:
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        tls.load_cert_chain(tls_cert, tls_key)
-    return ConsoleServer((host, int(port)), console, tls)
+    try:
+        console = Console(hub_db, state, anonymous=anonymous, host=host, inspection=inspection, photos=photos,
+                          trusted_proxies=trusted_proxies, audit_key=audit_key)
+        tls = None
+        if tls_cert:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            tls.load_cert_chain(tls_cert, tls_key)
+        return ConsoleServer((host, int(port)), console, tls)
+    except BaseException:  # a start that fails (no hub file yet, the port taken) leaves no broker session behind:
+        # a caller retrying (the demo, until the hub has made its file) would otherwise gather one per attempt
+        if inspection is not None:
+            inspection.close()
+        raise
