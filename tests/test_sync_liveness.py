@@ -149,3 +149,16 @@ def test_a_malformed_or_oversized_liveness_message_is_counted_and_ignored(tmp_pa
     sync_clock.t = 1010.1  # none of them counted as the hub storing: resent on time
     sync.step()
     assert len(copies(link, 1)) == 2
+
+
+def test_a_batch_held_back_by_liveness_is_resent_at_once_on_reconnect(tmp_path: Path, sync_clock: SyncClock) -> None:
+    sync, link, _ = make(tmp_path, 10)
+    alive(link, 100)
+    sync.step()
+    run_alive_hub(sync, link, sync_clock, 1012.0)
+    assert len(copies(link, 1)) == 1 and sync.stats.hub_resends_deferred_alive == 1
+    link.drop()
+    sync.step()
+    link.connect()
+    sync.step()
+    assert len(copies(link, 1)) == 2 and sync.stats.resent_after_reconnect == 10
