@@ -321,6 +321,31 @@ def test_an_implausible_seq_jump_is_quarantined_not_stored(new_store: Factory) -
     assert st.store([batch([2004], "boot-a", "d")])[0].suspect == []  # the device goes on from its plausible seqs
 
 
+def test_a_resent_quarantined_record_is_named_again_not_kept_or_counted_again(new_store: Factory) -> None:
+    """The ack that named a quarantined record rejected was lost, and the unit resends its batch: the record is named
+    rejected again (the unit dead-letters it) but neither kept nor counted again, in a later transaction, in the
+    same group commit or by another writer. Another content under that seq is kept and counted, once."""
+    st = new_store(max_seq_jump=1000)
+    st.store([batch([1], "boot-a", "a")])
+    (first,) = st.store([batch([2, 5000], "boot-a", "b")])
+    assert (acked(first.rejected), first.suspect, first.suspect_resent) == ([5000], [5000], [])
+    (again,) = st.store([batch([2, 5000], "boot-a", "b")])  # the same batch resent
+    assert (acked(again.ranges), acked(again.rejected), again.suspect, again.suspect_resent, again.duplicates) == \
+        ([2], [5000], [], [5000], 1)
+    assert (st.stats()[0].suspect, count(st, "SELECT count(*) FROM suspect")) == (1, 1)
+    # another content under the suspect seq (another boot's record) is evidence: kept and counted; its copy in the
+    # same group commit is a resend
+    other, copy = st.store([batch([5000], "boot-b", "c"), batch([5000], "boot-b", "c")])
+    assert (other.suspect, other.suspect_resent, copy.suspect, copy.suspect_resent) == ([5000], [], [], [5000])
+    assert acked(copy.rejected) == [5000]
+    (late,) = new_store(max_seq_jump=1000).store([batch([5000], "boot-a", "b")])  # another writer (worker)
+    assert (acked(late.rejected), late.suspect, late.suspect_resent) == ([5000], [], [5000])
+    (d,) = st.stats()
+    assert (d.suspect, d.stored, d.max_seq, d.gaps) == (2, 2, 2, 0)
+    assert (count(st, "SELECT count(*) FROM suspect"), count(st, "SELECT count(DISTINCT boot_id) FROM suspect")) == \
+        (2, 2)
+
+
 def test_a_wrong_postgres_url_is_a_clear_error_and_creates_nothing(pg_url: str) -> None:
     from customs_edge.core.errors import CustomsEdgeError
     from customs_edge.hub.store_pg import PgHubStore
