@@ -16,7 +16,8 @@ What changes is that several workers, each on its own connection, store batches 
   - acks follow the commit: `store()` returns after COMMIT, with synchronous_commit on (the server's
     default; a session finding it off turns it on), so an acked record is in PostgreSQL's WAL on disk (and on a
     synchronous standby if the server is set up with one: docs/scale.md).
-  - health messages reach every worker (plain subscription): UNIQUE (device_id, ts) keeps one copy.
+  - health messages: each reaches one worker (the records' share group), but the broker's retained copy reaches
+    every worker at its subscribe: UNIQUE (device_id, ts) keeps one copy.
   - numbers: PostgreSQL's double precision takes NaN and infinities, SQLite's REAL NOT NULL refuses NaN;
     CHECK constraints refuse both here, so a record the store cannot keep is never acked on either.
 The schema is created on first use by whichever worker gets there first (under an advisory lock) and its
@@ -415,8 +416,8 @@ class PgHubStore:
 
     def put_health(self, messages: Iterable[tuple[str, float, str]], refused: Mapping[str, int]) -> int:
         """Keep health messages (device_id, the unit's ts, payload) and count refused ones per device, in one
-        transaction; every worker receives every health message, and one copy is kept. Returns how many were
-        new here."""
+        transaction; a message already held (the retained copy every worker gets at its subscribe) is kept once.
+        Returns how many were new here."""
         self._reconnect()
         now = time.time()
         new = 0
