@@ -1,4 +1,5 @@
-"""`customs-edge console serve|user`: the officers' web console and its users."""
+"""`customs-edge console serve|user|users|export-labels|verify-audit`: the officers' web console, its users and
+its audit trail."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from customs_edge.core.errors import CustomsEdgeError
 
 DEFAULT_STATE = "console.db"
 PASSWORD_ENV = "CUSTOMS_EDGE_MQTT_PASSWORD"
+AUDIT_KEY_HELP = ("the audit trail's key file (default: the console's file's name + .key, beside it; made, 0600, on the"
+                  " first start)")
 
 
 def _state_path(args: argparse.Namespace) -> Path:
@@ -36,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               tls_server_name=args.mqtt_tls_server_name)
     server = serve(args.db, _state_path(args), args.listen, anonymous=args.anonymous, tls_cert=args.tls_cert,
                    tls_key=args.tls_key, broker=args.broker, broker_settings=settings, prefix=args.prefix,
-                   photos=args.photos_dir)
+                   photos=args.photos_dir, trusted_proxies=args.trusted_proxy or (), audit_key=args.audit_key)
     from customs_edge.hub.storage import is_postgres
     from customs_edge.hub.store_pg import redact
 
@@ -55,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_user(args: argparse.Namespace) -> int:
     from customs_edge.hub.console.state import ConsoleState
 
-    state = ConsoleState(_state_path(args))
+    state = ConsoleState(_state_path(args), args.audit_key)
     if args.action == "list":
         for name, role in state.users():
             print(f"{name:<24} {role}")
@@ -95,6 +98,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--mqtt-tls-cert", type=Path, help="the console's operator certificate (CN op-NAME)")
     s.add_argument("--mqtt-tls-key", type=Path, help="its private key (0600)")
     s.add_argument("--mqtt-tls-server-name", help="name on the broker's certificate (default: the broker host)")
+    s.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                   help="a reverse proxy (address or network; repeat for several) whose X-Forwarded-For names the"
+                        " client, for the login throttle and the audit trail; from anyone else the header is ignored")
+    s.add_argument("--audit-key", help=AUDIT_KEY_HELP)
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     s.set_defaults(fn=cmd_serve)
     x = csub.add_parser("export-labels", help="reviewed identifications as a training set DIR/<label>/*.jpg")
@@ -102,7 +109,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--db", required=True, help="the hub's store: a SQLite file or a postgresql:// URL")
     x.add_argument("--photos-dir", help="the hub's photo store (default: DB.photos beside a SQLite file)")
     x.add_argument("--state", help=f"the console's own file (default: {DEFAULT_STATE} beside --db)")
+    x.add_argument("--audit-key", help=AUDIT_KEY_HELP)
     x.set_defaults(fn=cmd_export_labels)
+    v = csub.add_parser("verify-audit", help="prove the audit trail's chain with its key (exit 1 if altered)")
+    v.add_argument("--state", help=f"the console's own file (default: {DEFAULT_STATE} beside --db)")
+    v.add_argument("--db", help="the hub's database: the console's file defaults to console.db beside it")
+    v.add_argument("--audit-key", help=AUDIT_KEY_HELP)
+    v.set_defaults(fn=cmd_verify_audit)
     for action, text in (("user", "add or change a user (the password from --password-file, a prompt or stdin)"),
                          ("users", "list the users")):
         u = csub.add_parser(action, help=text)
@@ -112,6 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             u.add_argument("--password-file", help="read the password from this file (first line)")
         u.add_argument("--state", help=f"the console's own file (default {DEFAULT_STATE})")
         u.add_argument("--db", help="the hub's database: the console's file defaults to console.db beside it")
+        u.add_argument("--audit-key", help=AUDIT_KEY_HELP)
         u.set_defaults(fn=cmd_user, action="list" if action == "users" else "add")
 
 
@@ -126,7 +140,7 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
     from customs_edge.hub.console.queries import HubReader
     from customs_edge.hub.console.state import ConsoleState
 
-    state = ConsoleState(_state_path(args))
+    state = ConsoleState(_state_path(args), getattr(args, "audit_key", None))
     reader = HubReader(args.db)
     photos = Path(args.photos_dir or f"{args.db}.photos")
     out = Path(args.dir)
@@ -149,3 +163,29 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
           " at the hub" + (f"; {refused} refused (a photo not named by its sha256, or a label that is no plain name)"
                            if refused else ""))
     return 0
+
+
+def cmd_verify_audit(args: argparse.Namespace) -> int:
+    """The audit trail proven entry by entry: 0 if intact, 1 with the first altered entry named. A trail not
+    keyed yet (a console file from before keys) is proven by its plain chain and left so."""
+    from customs_edge.hub.console.state import ConsoleState
+
+    path = _state_path(args)
+    if not path.is_file():
+        raise CustomsEdgeError(f"no console file {path}: name it with --state (or --db, beside which it lies)")
+    state = ConsoleState(path, args.audit_key, verify_only=True)
+    try:
+        proven, bad = state.verify_audit()
+    finally:
+        state.close()
+    how = (f"keyed with {state.key_path}" + (f" after entry {state.keyed_after}" if state.keyed_after else "")
+           if state.key is not None else "not keyed yet (the console keys it on its next start)")
+    if bad is not None:
+        print(f"audit trail of {path}: ALTERED at entry {bad} ({_n(proven)} before it proven; {how})")
+        return 1
+    print(f"audit trail of {path}: intact, {_n(proven)} proven ({how})")
+    return 0
+
+
+def _n(entries: int) -> str:
+    return f"{entries} entr{'y' if entries == 1 else 'ies'}"

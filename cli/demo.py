@@ -292,13 +292,13 @@ def run_demo(duration: float | None = None, as_json: bool = False, workdir: str 
             with contextlib.suppress(subprocess.TimeoutExpired):
                 u.sim.wait(5)
         time.sleep(0.5)  # the hub's last acks and status messages
+        if web is not None:  # before the broker: its inspection link would log the broker's going as a fault
+            web.shutdown()
+            web.server_close()
         hub.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             hub.wait(10)
         broker.stop()
-        if web is not None:
-            web.shutdown()
-            web.server_close()
 
     hub_counts = _hub_counts(hub_db)
     result: dict[str, Any] = {"devices": {}, "broker": broker.kind, "workdir": str(work),

@@ -105,10 +105,10 @@ class Client:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
-    def login(self, user: str, password: str) -> tuple[int, str]:
+    def login(self, user: str, password: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
         _, page = self.get("/login")
         pre = hidden(page, "pre")
-        return self.post("/login", {"user": user, "password": password, "pre": pre, "next": "/alerts"})
+        return self.post("/login", {"user": user, "password": password, "pre": pre, "next": "/alerts"}, headers)
 
 
 def hidden(page: str, name: str) -> str:

@@ -4,7 +4,9 @@ audit trail that cannot be edited, filters, the live event stream, fleet, lots a
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,6 +63,26 @@ def test_anonymous_only_on_loopback_and_never_without_users(hub: Path, tmp_path:
     with pytest.raises(CustomsEdgeError, match="--db"):
         serve(tmp_path / "no-such-hub.db", tmp_path / "c.db", "127.0.0.1:0", anonymous=True)
     assert not (tmp_path / "no-such-hub.db").exists()
+
+
+def test_a_start_that_fails_leaves_no_broker_session_behind(hub: Path, tmp_path: Path) -> None:
+    """serve() with a broker: a start refused (no hub file yet, as the demo meets until its hub has made one; the
+    port taken) closes the inspection link it opened, where each retry left one more session and thread behind."""
+    def sessions() -> int:
+        return sum(t.name == "console-mqtt" and t.is_alive() for t in threading.enumerate())
+
+    before = sessions()
+    for _ in range(3):
+        with pytest.raises(CustomsEdgeError, match="--db"):
+            serve(tmp_path / "no-such-hub.db", tmp_path / "c.db", "127.0.0.1:0", anonymous=True,
+                  broker="127.0.0.1:9")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError):
+            serve(hub, tmp_path / "c.db", f"127.0.0.1:{taken.getsockname()[1]}", anonymous=True,
+                  broker="127.0.0.1:9")
+    assert sessions() == before
 
 
 def test_pages_need_a_login_and_a_wrong_password_is_refused_and_audited(console: Running) -> None:

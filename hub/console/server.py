@@ -16,6 +16,7 @@ import secrets
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +29,7 @@ from customs_edge.core.errors import CustomsEdgeError
 from customs_edge.core.mqtt import BrokerSettings
 from customs_edge.hub.console import pages
 from customs_edge.hub.console.inspection import Inspection
+from customs_edge.hub.console.proxies import TrustedProxies, parse_networks
 from customs_edge.hub.console.queries import Filters, HubReader
 from customs_edge.hub.console.state import ConsoleState, Session, same
 from customs_edge.hub.console.throttle import Throttle
@@ -67,7 +69,9 @@ class Console:
 
     def __init__(self, hub_db: str | Path, state: str | Path, *, anonymous: bool = False,
                  host: str = "127.0.0.1", inspection: Inspection | None = None,
-                 photos: str | Path | None = None) -> None:
+                 photos: str | Path | None = None, trusted_proxies: Sequence[str] = (),
+                 audit_key: str | Path | None = None) -> None:
+        self.proxies = TrustedProxies(parse_networks(trusted_proxies))  # whose X-Forwarded-For is read
         self.inspection = inspection  # remote inspection over the broker; None: not configured
         if anonymous and not is_loopback(host):
             raise CustomsEdgeError(f"anonymous access only on a loopback address, not {host}: add users with"
@@ -76,7 +80,7 @@ class Console:
         self.reader = HubReader(hub_db)
         # the hub's content-addressed photo store (hub/photos.py): beside a SQLite file, or the workers' --photos-dir
         self.photos = Path(photos) if photos else None if is_postgres(hub_db) else Path(f"{hub_db}.photos")
-        self.state = ConsoleState(state)
+        self.state = ConsoleState(state, audit_key)
         if not anonymous and not self.state.users():
             raise CustomsEdgeError(f"no console users in {state}: add one with `customs-edge console user add NAME"
                                    " --role admin --state " f"{state}` (or, on loopback for a demo, --anonymous)")
@@ -119,6 +123,10 @@ class Handler(BaseHTTPRequestHandler):
     @property
     def c(self) -> Console:
         return self.server.console
+
+    def _client(self) -> str:
+        """The client's address: the TCP peer's, or behind a trusted reverse proxy the one it forwards for."""
+        return self.c.proxies.client(str(self.client_address[0]), self.headers.get_all("X-Forwarded-For"))
 
     def _cookies(self) -> SimpleCookie:
         jar: SimpleCookie = SimpleCookie()
@@ -393,7 +401,7 @@ class Handler(BaseHTTPRequestHandler):
             pre = self._cookies().get(PRE)
             if pre is None or not same(pre.value, form.get("pre", "")):
                 return self._error(403, "the login form expired: load the login page again")
-            name, addr = form.get("user", ""), self.client_address[0]
+            name, addr = form.get("user", ""), self._client()
             wait, first = self.c.throttle.wait_s(name[:64], addr)  # a user's name has at most 64 characters
             if wait > 0:
                 if first:
@@ -401,7 +409,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._html(pages.login_page(f"Too many failed logins: try again in {wait / 60:.0f} min.",
                                                    pre.value, form.get("next", "/alerts")), 429,
                                   {"Retry-After": f"{wait:.0f}"})
-            token = self.c.state.login(name, form.get("password", ""))
+            token = self.c.state.login(name, form.get("password", ""), addr=addr)
             if token is None:
                 self.c.throttle.failed(name[:64], addr)
                 return self._html(pages.login_page("Unknown user or wrong password.", pre.value,
@@ -520,9 +528,12 @@ class ConsoleServer(ThreadingHTTPServer):
 def serve(hub_db: str | Path, state: str | Path, listen: str = "127.0.0.1:8080", *, anonymous: bool = False,
           tls_cert: str | None = None, tls_key: str | None = None, broker: str | None = None,
           broker_settings: BrokerSettings | None = None, prefix: str = "customs-edge/v1",
-          photos: str | Path | None = None) -> ConsoleServer:
+          photos: str | Path | None = None, trusted_proxies: Sequence[str] = (),
+          audit_key: str | Path | None = None) -> ConsoleServer:
     """A console server bound and ready (call serve_forever, or run it in a thread). `broker` (HOST:PORT):
-    remote inspection through it, with `broker_settings` (an operator's certificate where the broker asks)."""
+    remote inspection through it, with `broker_settings` (an operator's certificate where the broker asks).
+    `trusted_proxies`: addresses or networks of reverse proxies whose X-Forwarded-For names the client.
+    `audit_key`: the audit trail's key file (default: beside the console's file, made there if missing)."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     inspection = None
@@ -531,10 +542,17 @@ def serve(hub_db: str | Path, state: str | Path, listen: str = "127.0.0.1:8080",
         if not bhost or not bport.isdigit():
             raise CustomsEdgeError(f"--broker {broker!r}: write it HOST:PORT, e.g. 127.0.0.1:1883")
         inspection = Inspection(bhost, int(bport), broker_settings, prefix)
-    console = Console(hub_db, state, anonymous=anonymous, host=host, inspection=inspection, photos=photos)
-    tls = None
-    if tls_cert:
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        tls.load_cert_chain(tls_cert, tls_key)
-    return ConsoleServer((host, int(port)), console, tls)
+    try:
+        console = Console(hub_db, state, anonymous=anonymous, host=host, inspection=inspection, photos=photos,
+                          trusted_proxies=trusted_proxies, audit_key=audit_key)
+        tls = None
+        if tls_cert:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            tls.load_cert_chain(tls_cert, tls_key)
+        return ConsoleServer((host, int(port)), console, tls)
+    except BaseException:  # a start that fails (no hub file yet, the port taken) leaves no broker session behind:
+        # a caller retrying (the demo, until the hub has made its file) would otherwise gather one per attempt
+        if inspection is not None:
+            inspection.close()
+        raise

@@ -1,8 +1,10 @@
 """The console's own file: users (scrypt password hashes), sessions, and the audit trail.
 
-The audit trail is append-only: triggers refuse UPDATE and DELETE, and each row carries the SHA-256 of the
-previous row's hash and its own fields, so a row changed or removed with another tool breaks the chain
-(`verify_audit`). Sessions are stored by the hash of their token, so a copy of this file opens no session.
+The audit trail is append-only: triggers refuse UPDATE and DELETE, and each row carries the HMAC-SHA256, under
+a key kept outside this file (auditkey.py), of the previous row's hash and its own fields, so a row changed or
+removed with another tool breaks the chain (`verify_audit`) even if the whole chain after it is recomputed.
+A trail begun before the key (schema 1) keeps its plain SHA-256 rows up to the switch (`audit_key`), proven as
+before. Sessions are stored by the hash of their token, so a copy of this file opens no session.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from customs_edge.core.errors import CustomsEdgeError
+from customs_edge.hub.console.auditkey import AuditKey, AuditKeyError
 
 ROLES = ("officer", "technician", "admin")
 # who may do what: officers and admins act on alerts and ask for remote inspection; technicians look
@@ -66,6 +69,18 @@ SCHEMA = [
         BEGIN SELECT RAISE(ABORT, 'the audit trail cannot be edited'); END;
     """,
 ]
+# schema 2: the audit chain keyed (HMAC-SHA256); entries up to keyed_after are the plain SHA-256 chain of schema 1.
+# Run by ConsoleState._key_the_trail in the transaction that makes the key, one statement at a time.
+KEYED = [
+    """CREATE TABLE audit_key (
+        keyed_after INTEGER NOT NULL,
+        mac         TEXT NOT NULL     -- AuditKey.switch_mac(keyed_after): a wrong key file shows at once
+    )""",
+    """CREATE TRIGGER audit_key_no_update BEFORE UPDATE ON audit_key
+        BEGIN SELECT RAISE(ABORT, 'the audit trail cannot be edited'); END""",
+    """CREATE TRIGGER audit_key_no_delete BEFORE DELETE ON audit_key
+        BEGIN SELECT RAISE(ABORT, 'the audit trail cannot be edited'); END""",
+]
 
 
 class ConsoleError(CustomsEdgeError):
@@ -92,9 +107,10 @@ def check_password(password: str, stored: str) -> bool:
 
 
 def _audit_hash(prev: str, at: float, user: str, role: str, action: str, device_id: str | None, seq: int | None,
-                detail: str) -> str:
-    text = json.dumps([prev, repr(at), user, role, action, device_id, seq, detail], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+                detail: str, key: AuditKey | None = None) -> str:
+    """HMAC-SHA256 under `key` of the entry's text; without a key (entries before the switch) its SHA-256."""
+    text = json.dumps([prev, repr(at), user, role, action, device_id, seq, detail], separators=(",", ":")).encode()
+    return key.mac(text) if key is not None else hashlib.sha256(text).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -120,8 +136,13 @@ class Action:
 
 
 class ConsoleState:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, audit_key: str | Path | None = None, *, verify_only: bool = False) -> None:
+        """`audit_key`: the audit chain's key file (default: beside this file, `<path>.key`), made on the first
+        start if there is none. `verify_only`: a trail not keyed yet stays so (no key made, nothing recorded)."""
         self.path = Path(path)
+        self.key_path = Path(audit_key) if audit_key else Path(f"{self.path}.key")
+        self.key: AuditKey | None = None
+        self.keyed_after = 0  # entries up to this id are proven by the plain SHA-256 chain
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():  # password hashes: for this user only (SQLite gives its -wal and -shm the same mode)
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -133,6 +154,55 @@ class ConsoleState:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         for v in range(version, len(SCHEMA)):
             self.db.executescript("BEGIN;" + SCHEMA[v] + f";PRAGMA user_version={v + 1};COMMIT;")
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < 2 and not verify_only:
+            self._key_the_trail()
+        self._open_key()
+
+    def _key_the_trail(self) -> None:
+        """Schema 1 -> 2: the switch point is the last entry so far; the key is made now (or, made by a start
+        cut short before its commit, reused)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")  # no entry added between the count and the switch
+            try:
+                if self.db.execute("PRAGMA user_version").fetchone()[0] >= 2:  # another process was first
+                    self.db.execute("ROLLBACK")
+                    return
+                last = self.db.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0]
+                try:
+                    key = AuditKey.create(self.key_path, last)
+                except FileExistsError:
+                    key = AuditKey.load(self.key_path)
+                    if key.keyed_after < last:
+                        raise AuditKeyError(
+                            f"audit key {self.key_path} was made for a trail keyed after entry {key.keyed_after}, but"
+                            f" {self.path} has {last} entries made without a key: give this file a key of its own"
+                            " (--audit-key NEW-PATH, made on start), or restore the file the key belongs to") from None
+                for stmt in KEYED:
+                    self.db.execute(stmt)
+                self.db.execute("INSERT INTO audit_key VALUES (?, ?)", (last, key.switch_mac(last)))
+                self.db.execute("PRAGMA user_version=2")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def _open_key(self) -> None:
+        """The trail's key and switch point, checked: a missing or wrong key is an error naming the file."""
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < 2:  # verify_only, a trail from before keys
+            if self.key_path.exists():  # a key was made for it: what follows its switch must be keyed
+                self.key = AuditKey.load(self.key_path)
+                self.keyed_after = self.key.keyed_after
+            else:
+                self.keyed_after = 1 << 62
+            return
+        key = AuditKey.load(self.key_path)
+        row = self.db.execute("SELECT keyed_after, mac FROM audit_key").fetchone()
+        after = row[0] if row else 0  # the switch removed: every entry must be keyed
+        if row is not None and not hmac.compare_digest(key.switch_mac(after), str(row[1])):
+            raise AuditKeyError(f"audit key {self.key_path} is not the key of {self.path}'s audit trail (or the"
+                                " trail's switch record was edited): give the right one with --audit-key (by default"
+                                f" the console's file's own, beside it: {self.path}.key)")
+        self.key, self.keyed_after = key, min(after, key.keyed_after)
 
     # -- users --------------------------------------------------------------------------------------
     def add_user(self, name: str, role: str, password: str, *, by: str = "cli") -> None:
@@ -152,13 +222,13 @@ class ConsoleState:
         return self.db.execute("SELECT name, role FROM users ORDER BY name").fetchall()
 
     # -- sessions -----------------------------------------------------------------------------------
-    def login(self, name: str, password: str) -> str | None:
-        """A new session's token, or None (the failure is in the audit trail)."""
+    def login(self, name: str, password: str, *, addr: str = "") -> str | None:
+        """A new session's token, or None (the failure is in the audit trail, with the client's address)."""
         row = self.db.execute("SELECT role, pw FROM users WHERE name = ?", (name,)).fetchone()
         if row is None:
             check_password(password, self.decoy())  # one scrypt, as a wrong password costs
         if row is None or not check_password(password, row[1]):
-            self.record(name[:64] or "-", "-", "login_failed")
+            self.record(name[:64] or "-", "-", "login_failed", detail=addr)
             return None
         token = secrets.token_urlsafe(32)
         with self.lock:
@@ -166,7 +236,7 @@ class ConsoleState:
             self.db.execute("INSERT INTO sessions VALUES (?,?,?,?,?)", (_token_hash(token), name, row[0],
                                                                         secrets.token_urlsafe(32),
                                                                         time.time() + SESSION_S))
-        self.record(name, row[0], "login")
+        self.record(name, row[0], "login", detail=addr)
         return token
 
     @staticmethod
@@ -200,7 +270,9 @@ class ConsoleState:
                 row = self.db.execute("SELECT h FROM audit ORDER BY id DESC LIMIT 1").fetchone()
                 prev = row[0] if row else GENESIS
                 at = time.time()
-                h = _audit_hash(prev, at, user, role, action, device_id, seq, detail)
+                if self.key is None:
+                    raise ConsoleError(f"{self.path} was opened to verify its audit trail only")
+                h = _audit_hash(prev, at, user, role, action, device_id, seq, detail, self.key)
                 cur = self.db.execute("INSERT INTO audit (at, user, role, action, device_id, seq, detail, prev, h)"
                                       " VALUES (?,?,?,?,?,?,?,?,?)",
                                       (at, user, role, action, device_id, seq, detail, prev, h))
@@ -245,7 +317,9 @@ class ConsoleState:
         n = 0
         for id_, at, user, role, action, device_id, seq, detail, p, h in self.db.execute(
                 "SELECT id, at, user, role, action, device_id, seq, detail, prev, h FROM audit ORDER BY id"):
-            if p != prev or _audit_hash(p, at, user, role, action, device_id, seq, detail) != h:
+            key = self.key if id_ > self.keyed_after else None
+            if p != prev or not hmac.compare_digest(_audit_hash(p, at, user, role, action, device_id, seq, detail, key),
+                                                    str(h)):
                 return n, id_
             prev, n = h, n + 1
         return n, None

@@ -1,8 +1,8 @@
 """Failed logins counted per user name from one client address, and per client address, over a sliding
 window. Past either limit a login is refused before its password is checked (no scrypt: guessing gets no
 faster and burns no CPU) until the oldest failure in the window is old enough. The name is counted per
-address so that a guesser elsewhere does not lock an officer out of their own workstation. Kept in memory:
-a restart forgets."""
+address so that a guesser elsewhere does not lock an officer out of their own workstation. The address is the
+client's (behind a `--trusted-proxy`, the one it forwards for: proxies.py). Kept in memory: a restart forgets."""
 
 from __future__ import annotations
 
