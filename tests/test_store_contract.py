@@ -270,11 +270,13 @@ def test_kept_batch_signatures_find_an_edit_that_recomputed_the_chain(new_store:
 
 def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: Factory) -> None:
     """Two hub workers handed the same batches (a resend after an ack timeout reaches the other worker while
-    the first is still storing): every seq stored once, the other copy counted a redelivery."""
+    the first is still storing): every seq stored once, the other copy counted a redelivery; a quarantined record
+    of each batch (an implausible seq) kept and counted once, named rejected to both."""
     writers = [new_store(), new_store()]
     devices = [f"d{i}" for i in range(4)]
-    work = [[batch(list(range(k * 50 + 1, k * 50 + 51)), "boot-a", f"b{k}", d) for k in range(6) for d in devices]
-            for _ in writers]
+    far = 10**12  # past the default max_seq_jump
+    work = [[batch([*range(k * 50 + 1, k * 50 + 51), far + k], "boot-a", f"b{k}", d) for k in range(6)
+             for d in devices] for _ in writers]
     for w in work[1]:
         w.rows.reverse()
     work[1].reverse()  # the other order: locks taken in device order never deadlock
@@ -300,8 +302,12 @@ def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: F
                for s in r)
     assert count(writers[0], "SELECT count(*) FROM records") == 1200
     assert count(writers[0], "SELECT count(*) FROM conflicts") == 0
-    assert [(d.device_id, d.stored, d.duplicates, d.received, d.gaps) for d in writers[1].stats()] == \
-        [(d, 300, 300, 600, 0) for d in devices]
+    assert [(d.device_id, d.stored, d.duplicates, d.received, d.gaps, d.suspect) for d in writers[1].stats()] == \
+        [(d, 300, 300, 600, 0, 6) for d in devices]
+    assert sorted(len(s.suspect) for r in results for s in r) == [0] * 24 + [1] * 24
+    assert all(acked(s.rejected) == s.suspect + s.suspect_resent == [far + int(s.batch[1:])] for r in results
+               for s in r)
+    assert count(writers[0], "SELECT count(*) FROM suspect") == 24
 
 
 @pytest.mark.postgres
