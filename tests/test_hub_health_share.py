@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from customs_edge.hub.brokers import Mosquitto
 from tests.conftest import wait_for
-from tests.fleet import HubThread
+from tests.fleet import HubThread, subscribed_at_broker
 from tests.test_health import PREFIX, health_msg
 from tests.test_sync import Client
 
@@ -30,17 +30,6 @@ def publish_health(op: Client) -> None:
             op.pub(f"{PREFIX}/dev-a/health", b"{not json")
         device = "dev-a" if i % 2 else "dev-b"
         op.pub(f"{PREFIX}/{device}/health", health_msg(device, ts=1.7e9 + i).model_dump_json())
-
-
-def subscribed(op: Client, hubs: list[HubThread]) -> None:
-    """Every worker's subscriptions (and unsubscriptions) taken by the broker: each has answered a ping, whose
-    plain subscription the hub sends after them (a malformed ping, counted; QoS 0, so sent until each counts one)."""
-
-    def answered() -> bool:
-        op.pub(f"{PREFIX}/probe/hub/ping", b"x")
-        return all(h.hub.pings.refused["malformed"] for h in hubs)
-
-    wait_for(answered, 10, "each worker's subscriptions taken by the broker", interval=0.1)
 
 
 def drained(op: Client, hubs: list[HubThread]) -> None:
@@ -86,7 +75,7 @@ def test_each_health_message_reaches_one_worker_and_a_refused_one_is_counted_onc
     hubs = [HubThread(mosquitto.port, db, client_id=f"hub-w{i}", **pg).start() for i, db in enumerate(dbs)]
     op = Client(mosquitto.port)
     try:
-        subscribed(op, hubs)
+        subscribed_at_broker(op, hubs)
         publish_health(op)
         drained(op, hubs)
     finally:
@@ -115,7 +104,7 @@ def test_a_plain_health_subscription_kept_from_an_earlier_run_is_dropped(tmp_pat
     assert not hubs[0].hub.link.clean_session
     op = Client(mosquitto.port)
     try:
-        subscribed(op, hubs)
+        subscribed_at_broker(op, hubs)
         publish_health(op)
         drained(op, hubs)
     finally:
