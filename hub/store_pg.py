@@ -286,8 +286,9 @@ class PgHubStore:
                     cur.executemany("INSERT INTO refused VALUES (%s, %s) ON CONFLICT (kind) DO UPDATE SET"
                                     " batches = refused.batches + excluded.batches", counts)
         out = []
-        for b, new, fresh, dup, first, sus, again in reversed(parts):  # the device's conflicts as they stood after each
-            out.append(stored_result(b, new, fresh, dup, first, totals[b.device_id], sus, again))  # batch
+        # the device's conflicts as they stood after each batch
+        for b, new, fresh, dup, first, sus, again in reversed(parts):
+            out.append(stored_result(b, new, fresh, dup, first, totals[b.device_id], sus, again))
             totals[b.device_id] -= len(fresh)
         return out[::-1]
 
@@ -311,12 +312,11 @@ class PgHubStore:
         keys = sorted({(b.device_id, r[0]) for b, suspect, _ in found for r in suspect})
         held: dict[str, list[tuple[int, Content]]] = {}
         if keys:  # what `suspect` holds for these seqs (committed: read under the device locks)
-            for d, seq, *content in self.db.execute(
+            for d, seq, ts, boot, mono, type_, prio, payload in self.db.execute(
                     "SELECT s.device_id, s.seq, s.ts, s.boot_id, s.mono, s.type, s.priority, s.payload FROM suspect s"
                     " JOIN unnest(%b::text[], %b::bigint[]) k(device_id, seq) ON s.device_id = k.device_id AND"
                     " s.seq = k.seq", ([d for d, _ in keys], [q for _, q in keys])):
-                held.setdefault(d, []).append((int(seq), (content[0], content[1], content[2], content[3],
-                                                          content[4], content[5])))
+                held.setdefault(d, []).append((int(seq), (ts, boot, mono, type_, prio, payload)))
         seen: dict[str, dict[int, set[Content]]] = {}
         kept: list[tuple[Any, ...]] = []
         seqs: list[list[int]] = []
