@@ -5,9 +5,10 @@ hands each records message to one of them. Each hub acks only what it stored its
 workers store into one PostgreSQL (hub/store_pg.py) and, by default, hold clean sessions: mosquitto keeps
 handing a share of the group's messages to a persistent session whose worker died, where they wait unseen
 until it returns; with clean sessions a dead worker's share goes to the live ones, and whatever it had
-received but not acked is resent by its agents after their ack timeout. Status and health
-messages are subscribed plainly (every hub keeps them); a health message that is not a valid Health of the
-device its topic names is counted (`health_refused`, and per device in the store) and ignored.
+received but not acked is resent by its agents after their ack timeout. Health messages go to the same group
+(one hub stores and counts each); status messages are subscribed plainly (every hub sets them, idempotently); a
+health message that is not a valid Health of the device its topic names is counted (`health_refused`, and per
+device in the store) and ignored.
 
 Inbound bounds (core/inbound.py): each message's size is checked on its raw bytes before it is parsed
 (records MAX_MESSAGE_BYTES, status MAX_STATUS_BYTES, health MAX_HEALTH_BYTES); a message on any topic other
@@ -254,7 +255,12 @@ class Hub:
         else:  # a persistent session may hold it from a run without the lane: alerts would queue behind the bulk
             self.link.unsubscribe(self.records_filter(ALERT_LANE))
         self.link.subscribe(f"{self.cfg.topic_prefix}/+/status", 1)
-        self.link.subscribe(f"{self.cfg.topic_prefix}/+/health", 1)
+        # health in the share group, as records: one worker stores and counts each message (every worker counted a
+        # refused one, which has no identity to keep it once by); a persistent session may hold the plain
+        # subscription of an earlier run, which would still hand this worker every health message
+        self.link.subscribe(self.records_filter("health"), 1)
+        if self.cfg.share_group:
+            self.link.unsubscribe(f"{self.cfg.topic_prefix}/+/health")
         self.link.subscribe(self.pings.filter(), 0)  # QoS 0: never queued for later
         self.link.subscribe(self.records_filter("photos"), 1)
         self._subscribed["bulk"] = True

@@ -12,7 +12,8 @@ it; health messages refused (malformed, another device's) are counted in devices
 A seq more than `max_seq_jump` past the highest the hub holds for its device (one record at 2**63-1 would
 report 9.2e18 gaps) is suspect, not truth: the record is quarantined whole in `suspect`, counted per device,
 named in the ack's rejected ranges (the unit dead-letters it, so it never blocks a batch), and left out of
-max_seq, gaps and `verify`.
+max_seq, gaps and `verify`. Its resend (the ack was lost) is named rejected again, not kept or counted again;
+another content under that seq is kept and counted (new_suspects).
 
 Acks are published only after the transaction that stored the records has committed with
 synchronous=FULL: an acked record survives a power cut of the hub.
@@ -189,7 +190,8 @@ class Stored:
     conflicts: list[int]  # seqs of this batch newly kept in `conflicts`
     device_conflicts: int  # the device's conflicts so far
     boots: tuple[list[str], list[str]]  # of those conflicts: the stored versions' boots, the new ones'
-    suspect: list[int] = field(default_factory=list)  # seqs quarantined (an implausible jump), also in `rejected`
+    suspect: list[int] = field(default_factory=list)  # seqs newly quarantined (an implausible jump), also in `rejected`
+    suspect_resent: list[int] = field(default_factory=list)  # seqs quarantined before with this content: in `rejected`
 
 
 @dataclass
@@ -291,7 +293,7 @@ class HubStore:
         return out
 
     def _store(self, b: Incoming, now: float) -> Stored:
-        b, suspect = self._quarantine(b, now)
+        b, suspect, resent = self._quarantine(b, now)
         new, fresh, dup, first = classify(b, self._held)
         # Plain INSERTs: the comparison above decided. A constraint failing here (a NaN where NOT NULL) raises,
         # and nothing of the batch is acked; it is never taken for a duplicate.
@@ -318,7 +320,7 @@ class HubStore:
         if b.sig is not None:
             self.db.execute("INSERT OR IGNORE INTO signatures VALUES (?,?,?,?,?)",
                             (b.device_id, b.batch, b.sig, signed_text(b), now))
-        return stored_result(b, new, fresh, dup, first, conflicts, suspect)
+        return stored_result(b, new, fresh, dup, first, conflicts, suspect, resent)
 
     def _insert_records(self, device_id: str, now: float, rows: list[Row],
                         links: dict[int, tuple[str | None, str]]) -> None:
@@ -334,18 +336,21 @@ class HubStore:
                 values += get(r[0], _NO_LINK)
             self.db.execute(_insert_sql(len(chunk)), values)
 
-    def _quarantine(self, b: Incoming, now: float) -> tuple[Incoming, list[int]]:
+    def _quarantine(self, b: Incoming, now: float) -> tuple[Incoming, list[int], list[int]]:
         """quarantine() against the device's highest seq held (or stored earlier in this transaction), the suspect
-        rows kept in `suspect`. Returns the batch without them and the quarantined seqs."""
+        rows not held yet (new_suspects) kept in `suspect`. Returns the batch without them, the seqs newly
+        quarantined and those quarantined before with the same content (a resend)."""
         if not b.rows and not b.rejected:
-            return b, []
+            return b, [], []
         (known,) = self.db.execute("SELECT coalesce(max(max_seq), 0) FROM devices WHERE device_id = ?",
                                    (b.device_id,)).fetchone()
         b, suspect, why = quarantine(b, known, self.max_seq_jump)
-        if suspect:
-            self.db.executemany("INSERT INTO suspect VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                                [(b.device_id, *r, now, b.batch, why) for r in suspect])
-        return b, [r[0] for r in suspect]
+        if not suspect:
+            return b, [], []
+        suspect, resent = new_suspects(suspect, self._held("suspect", b.device_id, suspect), {})
+        self.db.executemany("INSERT INTO suspect VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            [(b.device_id, *r, now, b.batch, why) for r in suspect])
+        return b, [r[0] for r in suspect], resent
 
     def _held(self, table: str, device_id: str, rows: list[Row]) -> list[tuple[int, Content]]:
         """(seq, content) of every row `table` holds for these rows' seqs."""
@@ -585,18 +590,44 @@ def quarantine(b: Incoming, known: int, max_seq_jump: int) -> tuple[Incoming, li
     return replace(b, rows=keep, rejected=rejected), suspect, why
 
 
+def new_suspects(suspect: list[Row], held: Iterable[tuple[int, Content]], seen: dict[int, set[Content]]
+                 ) -> tuple[list[Row], list[int]]:
+    """Of one device's quarantined rows, those to keep in `suspect` and count, and the seqs of the others: a row
+    `suspect` already holds with the same content (`held`: (seq, content) as the table holds them, compared as
+    classify() compares records) is a resend after a lost ack (the unit dead-letters it on the ack that names it),
+    neither kept nor counted again. Another content under a suspect seq is another record quarantined: kept (it is
+    evidence) and counted, as each version of a conflict is; its own resend is a resend then. `seen`: the
+    device's (seq -> contents) kept earlier in the same transaction, updated."""
+    for seq, content in held:
+        seen.setdefault(seq, set()).add(content)
+    keep: list[Row] = []
+    resent: list[int] = []
+    for row in suspect:
+        contents = seen.setdefault(row[0], set())
+        if row[1:] in contents:
+            resent.append(row[0])
+        else:
+            contents.add(row[1:])
+            keep.append(row)
+    return keep, resent
+
+
 def highest_seq(b: Incoming) -> int:
     """The highest seq a batch names (stored or rejected): what the device's max_seq becomes at least."""
     return max([r[0] for r in b.rows] + [r.seq for r in b.rejected if r.seq is not None], default=0)
 
 
 def stored_result(b: Incoming, new: list[Row], fresh: list[Row], dup: int, first: dict[int, Content],
-                  conflicts: int, suspect: list[int] | None = None) -> Stored:
-    """`suspect`: seqs quarantined, named as rejected in the ack so the unit dead-letters them."""
+                  conflicts: int, suspect: list[int] | None = None, resent: list[int] | None = None) -> Stored:
+    """`suspect`: seqs newly quarantined, `resent`: quarantined before (new_suspects); both named as rejected in
+    the ack so the unit dead-letters them."""
     named = [r.seq for r in b.rejected if r.seq is not None]
-    return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named + (suspect or [])),
+    if suspect or resent:
+        named = sorted({*named, *(suspect or []), *(resent or [])})
+    return Stored(b.device_id, b.batch, ranges_of([r[0] for r in b.rows]), ranges_of(named),
                   len(new), dup, [r[0] for r in fresh], conflicts,
-                  (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})), suspect or [])
+                  (sorted({first[r[0]][1] for r in fresh}), sorted({r[2] for r in fresh})), suspect or [],
+                  resent or [])
 
 
 def signed_text(b: Incoming) -> str:

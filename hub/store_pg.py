@@ -16,7 +16,8 @@ What changes is that several workers, each on its own connection, store batches 
   - acks follow the commit: `store()` returns after COMMIT, with synchronous_commit on (the server's
     default; a session finding it off turns it on), so an acked record is in PostgreSQL's WAL on disk (and on a
     synchronous standby if the server is set up with one: docs/scale.md).
-  - health messages reach every worker (plain subscription): UNIQUE (device_id, ts) keeps one copy.
+  - health messages: each reaches one worker (the records' share group), but the broker's retained copy reaches
+    every worker at its subscribe: UNIQUE (device_id, ts) keeps one copy.
   - numbers: PostgreSQL's double precision takes NaN and infinities, SQLite's REAL NOT NULL refuses NaN;
     CHECK constraints refuse both here, so a record the store cannot keep is never acked on either.
 The schema is created on first use by whichever worker gets there first (under an advisory lock) and its
@@ -49,6 +50,7 @@ from customs_edge.hub.store import (
     check_signatures,
     classify,
     highest_seq,
+    new_suspects,
     quarantine,
     signed_text,
     stored_result,
@@ -242,7 +244,7 @@ class PgHubStore:
             if devices:
                 self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(d, 0)) FROM unnest(%b::text[]) d",
                                 (devices,))
-            todo, suspect = self._quarantine(todo, devices, now)
+            todo, suspect, resent = self._quarantine(todo, devices, now)
             held = self._held_all(todo)  # (device_id, seq) -> content, as committed
             burst: dict[tuple[str, int], list[Content]] = {}  # conflicts kept by this burst, per (device_id, seq)
 
@@ -261,7 +263,7 @@ class PgHubStore:
                     held.update({(b.device_id, r[0]): r[1:] for r in new})
                 for r in fresh:
                     burst.setdefault((b.device_id, r[0]), []).append(r[1:])
-                parts.append((b, new, fresh, dup, first, suspect[i]))
+                parts.append((b, new, fresh, dup, first, suspect[i], resent[i]))
             self._copy("records", [(b.device_id, *r, now, *b.links.get(r[0], (None, None))) for b, new, *_ in parts
                                    for r in new])
             self._copy("conflicts", [(b.device_id, *r, now) for b, _, fresh, *_ in parts for r in fresh])
@@ -284,33 +286,50 @@ class PgHubStore:
                     cur.executemany("INSERT INTO refused VALUES (%s, %s) ON CONFLICT (kind) DO UPDATE SET"
                                     " batches = refused.batches + excluded.batches", counts)
         out = []
-        for b, new, fresh, dup, first, sus in reversed(parts):  # the device's conflicts as they stood after each batch
-            out.append(stored_result(b, new, fresh, dup, first, totals[b.device_id], sus))
+        # the device's conflicts as they stood after each batch
+        for b, new, fresh, dup, first, sus, again in reversed(parts):
+            out.append(stored_result(b, new, fresh, dup, first, totals[b.device_id], sus, again))
             totals[b.device_id] -= len(fresh)
         return out[::-1]
 
     def _quarantine(self, batches: list[Incoming], devices: list[str], now: float
-                    ) -> tuple[list[Incoming], list[list[int]]]:
+                    ) -> tuple[list[Incoming], list[list[int]], list[list[int]]]:
         """hub/store.py quarantine() of each batch, in arrival order, against its device's highest seq held (under
-        this transaction's device locks) or named by an earlier batch of the burst; the suspect rows kept in
-        `suspect`. Returns the batches without them and each batch's quarantined seqs."""
+        this transaction's device locks) or named by an earlier batch of the burst; the suspect rows not held yet
+        (new_suspects: in `suspect`, or kept by an earlier batch of the burst) kept in `suspect`. Returns the
+        batches without them, each batch's newly quarantined seqs and its seqs quarantined before (a resend)."""
         known: dict[str, int] = {}
         if devices:
             known = {d: int(m) for d, m in self.db.execute(
                 "SELECT device_id, max_seq FROM devices WHERE device_id = ANY(%b::text[])", (devices,)).fetchall()}
         out: list[Incoming] = []
-        seqs: list[list[int]] = []
-        kept: list[tuple[Any, ...]] = []
+        found: list[tuple[Incoming, list[Row], str]] = []
         for b in batches:
             b, suspect, why = quarantine(b, known.get(b.device_id, 0), self.max_seq_jump)
             known[b.device_id] = max(known.get(b.device_id, 0), highest_seq(b))
-            kept += [(b.device_id, *r, now, b.batch, why) for r in suspect]
             out.append(b)
-            seqs.append([r[0] for r in suspect])
+            found.append((b, suspect, why))
+        keys = sorted({(b.device_id, r[0]) for b, suspect, _ in found for r in suspect})
+        held: dict[str, list[tuple[int, Content]]] = {}
+        if keys:  # what `suspect` holds for these seqs (committed: read under the device locks)
+            for d, seq, ts, boot, mono, type_, prio, payload in self.db.execute(
+                    "SELECT s.device_id, s.seq, s.ts, s.boot_id, s.mono, s.type, s.priority, s.payload FROM suspect s"
+                    " JOIN unnest(%b::text[], %b::bigint[]) k(device_id, seq) ON s.device_id = k.device_id AND"
+                    " s.seq = k.seq", ([d for d, _ in keys], [q for _, q in keys])):
+                held.setdefault(d, []).append((int(seq), (ts, boot, mono, type_, prio, payload)))
+        seen: dict[str, dict[int, set[Content]]] = {}
+        kept: list[tuple[Any, ...]] = []
+        seqs: list[list[int]] = []
+        resent: list[list[int]] = []
+        for b, suspect, why in found:
+            keep, again = new_suspects(suspect, held.pop(b.device_id, []), seen.setdefault(b.device_id, {}))
+            kept += [(b.device_id, *r, now, b.batch, why) for r in keep]
+            seqs.append([r[0] for r in keep])
+            resent.append(again)
         if kept:
             with self.db.cursor() as cur:
                 cur.executemany("INSERT INTO suspect VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", kept)
-        return out, seqs
+        return out, seqs, resent
 
     def _held_all(self, batches: list[Incoming]) -> dict[tuple[str, int], Content]:
         """(device_id, seq) -> content of every row `records` holds for a seq of these batches. A device whose seqs
@@ -353,11 +372,11 @@ class PgHubStore:
             for row in rows:
                 cp.write_row(row)
 
-    def _count(self, parts: list[tuple[Incoming, list[Row], list[Row], int, dict[int, Content], list[int]]],
+    def _count(self, parts: list[tuple[Incoming, list[Row], list[Row], int, dict[int, Content], list[int], list[int]]],
                now: float) -> dict[str, int]:
         """One upsert of every device's counters; returns each device's conflicts after it."""
         per: dict[str, list[int]] = {}
-        for b, new, fresh, dup, _, sus in parts:
+        for b, new, fresh, dup, _, sus, _ in parts:
             c = per.setdefault(b.device_id, [0, 0, 0, 0, 0, 0, 0])
             for k, v in enumerate((len(b.rows) + len(b.rejected), dup, len(fresh), len(b.rejected), len(new))):
                 c[k] += v
@@ -397,8 +416,8 @@ class PgHubStore:
 
     def put_health(self, messages: Iterable[tuple[str, float, str]], refused: Mapping[str, int]) -> int:
         """Keep health messages (device_id, the unit's ts, payload) and count refused ones per device, in one
-        transaction; every worker receives every health message, and one copy is kept. Returns how many were
-        new here."""
+        transaction; a message already held (the retained copy every worker gets at its subscribe) is kept once.
+        Returns how many were new here."""
         self._reconnect()
         now = time.time()
         new = 0

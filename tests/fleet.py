@@ -33,6 +33,20 @@ class HubThread:
         self.thread.join(10)
 
 
+def subscribed_at_broker(op: Any, hubs: list[HubThread]) -> None:
+    """HubThread.start() returns once each hub has sent its subscriptions, which the broker may take after a message
+    published at once (it is then lost to the hub): wait until each hub has counted a malformed ping (`op.pub`
+    sends one until then: QoS 0), whose plain subscription the hub sends after its records, status and health
+    ones and the unsubscriptions of kept ones."""
+    from tests.conftest import wait_for
+
+    def counted() -> bool:
+        op.pub(f"{hubs[0].hub.cfg.topic_prefix}/probe/hub/ping", b"x")
+        return all(h.hub.pings.refused["malformed"] for h in hubs)
+
+    wait_for(counted, 10, "each hub's subscriptions taken by the broker", interval=0.1)
+
+
 class AgentProc:
     """`customs-edge run --config FILE` as the field runs it, in its own process."""
 

@@ -30,7 +30,7 @@ from customs_edge.hub.store import SCHEMA, HubStore
 from customs_edge.simulators.base import Endpoints
 from customs_edge.simulators.scale import ScaleSim, ScaleWorld
 from tests.conftest import unit_dict, wait_for
-from tests.fleet import AgentProc, HubThread
+from tests.fleet import AgentProc, HubThread, subscribed_at_broker
 from tests.test_sync import Client
 
 PREFIX = "customs-edge/v1"
@@ -262,6 +262,7 @@ def test_bad_health_messages_are_counted_and_ignored_and_retained_ones_kept_once
     hub = HubThread(mosquitto.port, db).start()
     op = Client(mosquitto.port)
     try:
+        subscribed_at_broker(op, [hub])  # else the first message may reach the broker before the subscription
         op.pub(t, b"{not json")
         op.pub(t, json.dumps({**json.loads(health_msg("dev-h").model_dump_json()), "cpu_pct": "lots"}))
         op.pub(t, health_msg("dev-other").model_dump_json())  # another device's health on this topic
@@ -272,6 +273,7 @@ def test_bad_health_messages_are_counted_and_ignored_and_retained_ones_kept_once
         hub.stop()
         # a restarted hub gets the retained message again: kept once; the next one is kept too
         hub = HubThread(mosquitto.port, db).start()
+        subscribed_at_broker(op, [hub])
         op.c.publish(t, health_msg("dev-h").model_dump_json(), qos=1, retain=True).wait_for_publish(5)
         wait_for(lambda: len(history(db, "dev-h")) >= 2, 20, "the next message stored")
     finally:

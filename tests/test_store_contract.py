@@ -270,11 +270,13 @@ def test_kept_batch_signatures_find_an_edit_that_recomputed_the_chain(new_store:
 
 def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: Factory) -> None:
     """Two hub workers handed the same batches (a resend after an ack timeout reaches the other worker while
-    the first is still storing): every seq stored once, the other copy counted a redelivery."""
+    the first is still storing): every seq stored once, the other copy counted a redelivery; a quarantined record
+    of each batch (an implausible seq) kept and counted once, named rejected to both."""
     writers = [new_store(), new_store()]
     devices = [f"d{i}" for i in range(4)]
-    work = [[batch(list(range(k * 50 + 1, k * 50 + 51)), "boot-a", f"b{k}", d) for k in range(6) for d in devices]
-            for _ in writers]
+    far = 10**12  # past the default max_seq_jump
+    work = [[batch([*range(k * 50 + 1, k * 50 + 51), far + k], "boot-a", f"b{k}", d) for k in range(6)
+             for d in devices] for _ in writers]
     for w in work[1]:
         w.rows.reverse()
     work[1].reverse()  # the other order: locks taken in device order never deadlock
@@ -300,8 +302,12 @@ def test_two_writers_storing_the_same_batches_keep_each_record_once(new_store: F
                for s in r)
     assert count(writers[0], "SELECT count(*) FROM records") == 1200
     assert count(writers[0], "SELECT count(*) FROM conflicts") == 0
-    assert [(d.device_id, d.stored, d.duplicates, d.received, d.gaps) for d in writers[1].stats()] == \
-        [(d, 300, 300, 600, 0) for d in devices]
+    assert [(d.device_id, d.stored, d.duplicates, d.received, d.gaps, d.suspect) for d in writers[1].stats()] == \
+        [(d, 300, 300, 600, 0, 6) for d in devices]
+    assert sorted(len(s.suspect) for r in results for s in r) == [0] * 24 + [1] * 24
+    assert all(acked(s.rejected) == s.suspect + s.suspect_resent == [far + int(s.batch[1:])] for r in results
+               for s in r)
+    assert count(writers[0], "SELECT count(*) FROM suspect") == 24
 
 
 @pytest.mark.postgres
@@ -319,6 +325,31 @@ def test_an_implausible_seq_jump_is_quarantined_not_stored(new_store: Factory) -
     assert (d.stored, d.max_seq, d.suspect, d.received, d.gaps) == (5, 2003, 2, 5, 2003 - 5)
     assert count(st, "SELECT count(*) FROM suspect") == 2 and count(st, "SELECT max(seq) FROM records") == 2003
     assert st.store([batch([2004], "boot-a", "d")])[0].suspect == []  # the device goes on from its plausible seqs
+
+
+def test_a_resent_quarantined_record_is_named_again_not_kept_or_counted_again(new_store: Factory) -> None:
+    """The ack that named a quarantined record rejected was lost, and the unit resends its batch: the record is named
+    rejected again (the unit dead-letters it) but neither kept nor counted again, in a later transaction, in the
+    same group commit or by another writer. Another content under that seq is kept and counted, once."""
+    st = new_store(max_seq_jump=1000)
+    st.store([batch([1], "boot-a", "a")])
+    (first,) = st.store([batch([2, 5000], "boot-a", "b")])
+    assert (acked(first.rejected), first.suspect, first.suspect_resent) == ([5000], [5000], [])
+    (again,) = st.store([batch([2, 5000], "boot-a", "b")])  # the same batch resent
+    assert (acked(again.ranges), acked(again.rejected), again.suspect, again.suspect_resent, again.duplicates) == \
+        ([2], [5000], [], [5000], 1)
+    assert (st.stats()[0].suspect, count(st, "SELECT count(*) FROM suspect")) == (1, 1)
+    # another content under the suspect seq (another boot's record) is evidence: kept and counted; its copy in the
+    # same group commit is a resend
+    other, copy = st.store([batch([5000], "boot-b", "c"), batch([5000], "boot-b", "c")])
+    assert (other.suspect, other.suspect_resent, copy.suspect, copy.suspect_resent) == ([5000], [], [], [5000])
+    assert acked(copy.rejected) == [5000]
+    (late,) = new_store(max_seq_jump=1000).store([batch([5000], "boot-a", "b")])  # another writer (worker)
+    assert (acked(late.rejected), late.suspect, late.suspect_resent) == ([5000], [], [5000])
+    (d,) = st.stats()
+    assert (d.suspect, d.stored, d.max_seq, d.gaps) == (2, 2, 2, 0)
+    assert (count(st, "SELECT count(*) FROM suspect"), count(st, "SELECT count(DISTINCT boot_id) FROM suspect")) == \
+        (2, 2)
 
 
 def test_a_wrong_postgres_url_is_a_clear_error_and_creates_nothing(pg_url: str) -> None:
