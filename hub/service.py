@@ -241,6 +241,20 @@ class Hub:
             self.liveness.tick(self.link, self.batches, self._pending_bytes + n)
         return n
 
+    def _retained_refused_health(self, t: str, payload: bytes) -> bool:
+        """Whether a retained copy is a health message the hub refuses: the broker hands it to every worker at each
+        subscribe, and it was counted (in the store, per device) when it was published; counted again it would
+        grow by the number of workers at every restart. Logged as its own cause, never stored or counted there."""
+        prefix = self.cfg.topic_prefix + "/"
+        parts = t[len(prefix):].split("/") if t.startswith(prefix) else []
+        if len(parts) != 2 or not parts[0] or parts[1] != "health":
+            return False
+        h, kind, why = _health_check(parts[0], payload)
+        if h is None:
+            self.refusals.refuse(f"health_{kind}_retained", "retained health message ignored (counted when"
+                                 " published)", topic=t, reason=why)
+        return h is None
+
     def _subscribe(self, lane: bool) -> None:
         if lane:
             assert self.lane is not None
@@ -268,6 +282,8 @@ class Hub:
 
     def _on_event(self, ev: Event, messages: list[tuple[str, bytes]], lane: bool = False) -> None:
         if isinstance(ev, Message):
+            if ev.retain and self._retained_refused_health(ev.topic, ev.payload):
+                return
             messages.append((ev.topic, ev.payload))
         elif isinstance(ev, Connected):
             try:
@@ -427,18 +443,8 @@ class Hub:
         refused: Counter[str] = Counter()  # per device
         for t, payload in messages:
             device_id = t.split("/")[-2]
-            kind, why = None, ""
-            if len(payload) > MAX_HEALTH_BYTES:
-                kind, why = "too_large", f"{len(payload)} bytes, at most {MAX_HEALTH_BYTES}"
-            else:
-                try:
-                    h = Health.model_validate_json(payload)
-                except ValidationError as exc:
-                    kind, why = "malformed", intake._reason(exc, "message")
-                else:
-                    if h.device_id != device_id:
-                        kind, why = "device_mismatch", f"device_id {h.device_id!r} on {device_id!r}'s topic"
-            if kind is None:
+            h, kind, why = _health_check(device_id, payload)
+            if h is not None:
                 keep.append((device_id, h.ts, h.model_dump_json()))
                 continue
             refused[device_id] += 1
@@ -470,6 +476,19 @@ class Hub:
         except Exception as exc:  # informational, as health: the burst's records, health and counts go on (a broken
             # connection met here first is replaced by the store's next call)
             self.refusals.refuse("status_store_failed", "status not stored", topic=t, error=repr(exc))
+
+
+def _health_check(device_id: str, payload: bytes) -> tuple[Health | None, str, str]:
+    """A health message on `device_id`'s topic: (the Health, "", "") or (None, the refusal's kind, why)."""
+    if len(payload) > MAX_HEALTH_BYTES:
+        return None, "too_large", f"{len(payload)} bytes, at most {MAX_HEALTH_BYTES}"
+    try:
+        h = Health.model_validate_json(payload)
+    except ValidationError as exc:
+        return None, "malformed", intake._reason(exc, "message")
+    if h.device_id != device_id:
+        return None, "device_mismatch", f"device_id {h.device_id!r} on {device_id!r}'s topic"
+    return h, "", ""
 
 
 def _size(messages: list[tuple[str, bytes]]) -> int:

@@ -113,3 +113,31 @@ def test_a_plain_health_subscription_kept_from_an_earlier_run_is_dropped(tmp_pat
             h.stop()
     assert sum((h.hub.health_refused for h in hubs), Counter()) == {"malformed": 1}
     assert sqlite_counts(dbs) == (VALID, 1)
+
+
+def test_a_retained_refused_health_message_is_not_counted_again_at_each_subscribe(tmp_path: Path,
+                                                                                  mosquitto: Mosquitto) -> None:
+    """The broker hands a retained health message to every worker at each subscribe: a refused one was counted by
+    each worker at each start (2 workers, 2 starts: 4). Its retained copies are logged as their own cause, not
+    counted in the store; the same message published live is counted once."""
+    op = Client(mosquitto.port)
+    op.c.publish(f"{PREFIX}/dev-a/health", b"{not json", qos=1, retain=True).wait_for_publish(5)
+    dbs = [tmp_path / f"w{i}.db" for i in range(2)]
+    try:
+        for _start in range(2):
+            hubs = [HubThread(mosquitto.port, db, client_id=f"hub-w{i}").start() for i, db in enumerate(dbs)]
+            wait_for(lambda hubs=hubs: all(h.hub.refusals.counts["health_malformed_retained"] == 1 for h in hubs),
+                     10, "the retained copy at each worker")
+            subscribed_at_broker(op, hubs)
+            drained(op, hubs)
+            assert sum((h.hub.health_refused for h in hubs), Counter()) == {}
+        assert sqlite_counts(dbs) == (0, 0)
+        hubs = [HubThread(mosquitto.port, db, client_id=f"hub-w{i}").start() for i, db in enumerate(dbs)]
+        subscribed_at_broker(op, hubs)
+        op.pub(f"{PREFIX}/dev-a/health", b"{not json")  # live: one worker takes it and counts it
+        drained(op, hubs)
+    finally:
+        op.c.publish(f"{PREFIX}/dev-a/health", b"", qos=1, retain=True).wait_for_publish(5)  # the retained copy gone
+        op.close()
+    assert sum((h.hub.health_refused for h in hubs), Counter()) == {"malformed": 1}
+    assert sqlite_counts(dbs) == (0, 1)
