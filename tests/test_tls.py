@@ -364,3 +364,20 @@ def test_units_read_the_hubs_liveness_that_only_hubs_may_publish(pki: Path, brok
     finally:
         for c in (dev_a, dev_b, hub):
             c.close()
+
+
+def test_devices_read_the_fleets_risk_list_that_operators_publish(pki: Path, broker: Broker) -> None:
+    """configs/broker/acl: every device certificate reads `fleet/risk-list` (the handheld's offline risk lists); an
+    operator's certificate publishes it; a device's publish there never reaches the others. As a `topic` line above
+    the users the read applied to anonymous clients only: no certificate device got the list."""
+    lists = f"{PREFIX}/fleet/risk-list"
+    dev_a, dev_b, op = (Client(broker.port, tls(pki, n)) for n in ("dev-a", "dev-b", "op-1"))
+    try:
+        assert dev_a.sub(lists) == [1]
+        dev_b.pub(lists, b"forged")
+        op.pub(lists, b"the list")
+        wait_for(lambda: dev_a.got, 15, "the operator's risk list at dev-a")
+        assert dev_a.got == [(lists, b"the list")]
+    finally:
+        for c in (dev_a, dev_b, op):
+            c.close()
