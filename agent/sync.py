@@ -10,6 +10,8 @@ The link connects, backs off and reconnects by itself; the sync reacts:
     outbox.reject() (dead letters, counted), and whatever of the batch it covers neither way is sent
     again at once. In ack_mode "broker" a PUBACK deletes the batch instead, for sites whose own
     consumer replaces our hub (a broker crash can then lose records: see README);
+  - a stop: no new batch; the hub's acks for the batches in flight are waited for up to STOP_ACK_WAIT_S (a
+    command meanwhile is answered "stopping", not run), then a retained "offline" status;
   - a batch the broker has not even PUBACKed after `ack_timeout_s`: the link is presumed half-open; it
     is dropped and everything in flight is resent after reconnecting;
   - a batch the broker PUBACKed but the hub has not acked after `ack_timeout_s` (hub down, or it
@@ -296,7 +298,41 @@ class Sync:
                     self.link.abort("sync step failed")
                     stop.wait(self.IDLE_WAIT_S)
         finally:
+            try:
+                self._await_acks()
+            except Exception:  # a stop goes on whatever the link does meanwhile
+                log.exception("waiting for the hub's last acks failed; stopping")
             self._goodbye()
+
+    STOP_ACK_WAIT_S = 1.0  # at a stop: how long the hub's acks for batches already sent are waited for
+    STOP_ACK_STEPS = 100  # and in at most this many link steps (a bound that holds whatever the clock does)
+
+    def _await_acks(self) -> None:
+        """At a stop, the hub's acks for the batches already sent, for up to STOP_ACK_WAIT_S: what the hub stored
+        leaves the outbox now rather than going again after the restart (acked then as a duplicate). No new batch is
+        started; a command that arrives meanwhile is answered, not run, so that its sender sends it again."""
+        deadline = time.monotonic() + self.STOP_ACK_WAIT_S
+        for _ in range(self.STOP_ACK_STEPS):
+            left = deadline - time.monotonic()
+            if not self._inflight or not self.link.connected or left <= 0:
+                return
+            for ev in self.link.step(min(left, 0.05)):
+                if isinstance(ev, PubAck):
+                    self._on_puback(ev.mid)
+                elif not isinstance(ev, Message):
+                    continue
+                elif ev.topic == self.t_ack:
+                    self._on_ack(ev.payload)
+                elif ev.topic == self.t_cmd:
+                    if not ev.retain:
+                        self.stats.commands_refused += 1
+                        self.reply(CommandReply(id=_command_id(ev.payload), ok=False,
+                                                error="the unit is stopping: send the command again once it is back"))
+                elif ev.topic == self.t_alive:
+                    self._on_alive(ev)
+                else:
+                    any(sl.on_message(ev) for sl in self.sidelines)  # a risk list: kept as at any time
+            self._send_replies()
 
     def step(self) -> None:
         link = self.link
