@@ -42,6 +42,18 @@ def drained(op: Client, hubs: list[HubThread]) -> None:
         h.stop()
 
 
+def deliver_health(op: Client, hubs: list[HubThread]) -> None:
+    """publish_health() to the workers once the broker has their subscriptions, drained(); then all closed."""
+    try:
+        subscribed_at_broker(op, hubs)
+        publish_health(op)
+        drained(op, hubs)
+    finally:
+        op.close()
+        for h in hubs:
+            h.stop()
+
+
 def sqlite_counts(dbs: list[Path]) -> tuple[int, int]:
     """Health rows and refused health messages counted, summed over the workers' SQLite files."""
     rows = refused = 0
@@ -73,15 +85,7 @@ def test_each_health_message_reaches_one_worker_and_a_refused_one_is_counted_onc
     pg: dict[str, Any] = {"postgres": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
     dbs = [tmp_path / f"w{i}.db" for i in range(3)]
     hubs = [HubThread(mosquitto.port, db, client_id=f"hub-w{i}", **pg).start() for i, db in enumerate(dbs)]
-    op = Client(mosquitto.port)
-    try:
-        subscribed_at_broker(op, hubs)
-        publish_health(op)
-        drained(op, hubs)
-    finally:
-        op.close()
-        for h in hubs:
-            h.stop()
+    deliver_health(Client(mosquitto.port), hubs)
     assert sum((h.hub.health_refused for h in hubs), Counter()) == {"malformed": 1}
     if backend == "sqlite":
         assert sqlite_counts(dbs) == (VALID, 1)
@@ -102,15 +106,7 @@ def test_a_plain_health_subscription_kept_from_an_earlier_run_is_dropped(tmp_pat
     dbs = [tmp_path / f"w{i}.db" for i in range(2)]
     hubs = [HubThread(mosquitto.port, db, client_id=f"hub-w{i}").start() for i, db in enumerate(dbs)]
     assert not hubs[0].hub.link.clean_session
-    op = Client(mosquitto.port)
-    try:
-        subscribed_at_broker(op, hubs)
-        publish_health(op)
-        drained(op, hubs)
-    finally:
-        op.close()
-        for h in hubs:
-            h.stop()
+    deliver_health(Client(mosquitto.port), hubs)
     assert sum((h.hub.health_refused for h in hubs), Counter()) == {"malformed": 1}
     assert sqlite_counts(dbs) == (VALID, 1)
 

@@ -14,23 +14,15 @@ from customs_edge.agent.sync import Sync
 from customs_edge.core.mqtt import Message
 from customs_edge.core.records import Priority, RecordIn
 from tests.fakes import FakeLink, MemOutbox, Published, SyncClock
+from tests.test_sync_backlog import make as make_sent
 
 ALIVE = "customs-edge/v1/fleet/hub-alive"
 
 
 def make(tmp_path: Path, n: int, **cfg: Any) -> tuple[Sync, FakeLink, MemOutbox]:
-    ob = MemOutbox()
-    ob.put([RecordIn(type="t", payload={"i": i}) for i in range(n)])
-    link = FakeLink()
-    conf = SyncConfig(**{"batch_max_records": 10, "window_batches": 4, "ack_timeout_s": 10,
-                         "max_resend_interval_s": 60, **cfg})
-    sync = Sync("dev", ob, conf, outbox_path=tmp_path / "outbox.db", link=link)
-    link.connect()
-    sync.step()
-    for p in link.published:  # the broker has them all
-        link.puback(p.mid)
-    sync.step()
-    return sync, link, ob
+    """n records in flight, PUBACKed by the broker, not yet acked by the hub (max_resend_interval_s 60 s)."""
+    return make_sent(tmp_path, [RecordIn(type="t", payload={"i": i}) for i in range(n)],
+                     **{"max_resend_interval_s": 60, **cfg})
 
 
 def alive(link: FakeLink, stored: int, hub: str = "hub-1", retain: bool = False) -> None:
