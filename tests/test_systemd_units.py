@@ -286,6 +286,7 @@ def test_the_console_serves_its_login_under_its_unit_s_restrictions(tmp_path: Pa
                                                   "--audit-key", option(argv, "--audit-key")]),
                          capture_output=True, text=True, timeout=60)
     assert add.returncode == 0, add.stdout + add.stderr
+    assert (key_dir / "audit.key").is_file() and not list(state_dir.glob("*.key"))  # the key apart from the file
     log = tmp_path / "console.log"
     proc = subprocess.Popen(sandboxed(CONSOLE_UNIT, argv), stdout=subprocess.PIPE, stderr=log.open("wb"), text=True)
     try:
