@@ -319,19 +319,8 @@ class Sync:
             for ev in self.link.step(min(left, 0.05)):
                 if isinstance(ev, PubAck):
                     self._on_puback(ev.mid)
-                elif not isinstance(ev, Message):
-                    continue
-                elif ev.topic == self.t_ack:
-                    self._on_ack(ev.payload)
-                elif ev.topic == self.t_cmd:
-                    if not ev.retain:
-                        self.stats.commands_refused += 1
-                        self.reply(CommandReply(id=_command_id(ev.payload), ok=False,
-                                                error="the unit is stopping: send the command again once it is back"))
-                elif ev.topic == self.t_alive:
-                    self._on_alive(ev)
-                else:
-                    any(sl.on_message(ev) for sl in self.sidelines)  # a risk list: kept as at any time
+                elif isinstance(ev, Message):
+                    self._on_message(ev, stopping=True)
             self._send_replies()
 
     def step(self) -> None:
@@ -339,16 +328,7 @@ class Sync:
         busy = link.connected and self._more and len(self._inflight) < self.cfg.window_batches
         for ev in link.step(0.0 if busy else self.IDLE_WAIT_S):
             if isinstance(ev, Message):
-                if ev.topic == self.t_ack:
-                    self._on_ack(ev.payload)
-                elif ev.topic == self.t_cmd:
-                    self._on_command(ev)
-                elif ev.topic == self.t_alive:
-                    self._on_alive(ev)
-                else:
-                    if not any(sl.on_message(ev) for sl in self.sidelines):  # a sideline's (a risk list), or none's
-                        self.refusals.refuse("unexpected_topic", "message on a topic the unit did not subscribe to",
-                                             topic=ev.topic, bytes=len(ev.payload))
+                self._on_message(ev)
             elif isinstance(ev, PubAck):
                 self._on_puback(ev.mid)
             elif isinstance(ev, Connected):
@@ -367,6 +347,23 @@ class Sync:
             if self.health_fn is not None and time.monotonic() >= self._next_health:
                 self._publish_health(self.health_fn)
         self._save_state()
+
+    def _on_message(self, ev: Message, stopping: bool = False) -> None:
+        """An inbound message, by topic. `stopping`: a command is answered, not run (_await_acks)."""
+        if ev.topic == self.t_ack:
+            self._on_ack(ev.payload)
+        elif ev.topic == self.t_cmd and stopping:
+            if not ev.retain:
+                self.stats.commands_refused += 1
+                self.reply(CommandReply(id=_command_id(ev.payload), ok=False,
+                                        error="the unit is stopping: send the command again once it is back"))
+        elif ev.topic == self.t_cmd:
+            self._on_command(ev)
+        elif ev.topic == self.t_alive:
+            self._on_alive(ev)
+        elif not any(sl.on_message(ev) for sl in self.sidelines):  # a sideline's (a risk list), or none's
+            self.refusals.refuse("unexpected_topic", "message on a topic the unit did not subscribe to",
+                                 topic=ev.topic, bytes=len(ev.payload))
 
     def _on_connected(self) -> None:
         self.stats.connects += 1

@@ -241,15 +241,19 @@ class Hub:
             self.liveness.tick(self.link, self.batches, self._pending_bytes + n)
         return n
 
+    def _kind(self, t: str) -> str | None:
+        """What a `{prefix}/{device}/{kind}` topic carries (None: not such a topic)."""
+        prefix = self.cfg.topic_prefix + "/"
+        parts = t[len(prefix):].split("/") if t.startswith(prefix) else []
+        return parts[1] if len(parts) == 2 and parts[0] else None
+
     def _retained_refused_health(self, t: str, payload: bytes) -> bool:
         """Whether a retained copy is a health message the hub refuses: the broker hands it to every worker at each
         subscribe, and it was counted (in the store, per device) when it was published; counted again it would
         grow by the number of workers at every restart. Logged as its own cause, never stored or counted there."""
-        prefix = self.cfg.topic_prefix + "/"
-        parts = t[len(prefix):].split("/") if t.startswith(prefix) else []
-        if len(parts) != 2 or not parts[0] or parts[1] != "health":
+        if self._kind(t) != "health":
             return False
-        h, kind, why = _health_check(parts[0], payload)
+        h, kind, why = _health_check(t.split("/")[-2], payload)
         if h is None:
             self.refusals.refuse(f"health_{kind}_retained", "retained health message ignored (counted when"
                                  " published)", topic=t, reason=why)
@@ -353,14 +357,12 @@ class Hub:
         incoming: list[intake.Incoming] = []
         refused: Counter[str] = Counter()
         health: list[tuple[str, bytes]] = []
-        prefix = self.cfg.topic_prefix + "/"
         out: list[Out] = []  # photo acks and ping answers
         for t, payload in messages:
             if self.pings.matches(t):  # bounded and paced by hub/pings.py itself
                 out += [Out(*answer) for answer in self.pings.answer(t, payload)]
                 continue
-            parts = t[len(prefix):].split("/") if t.startswith(prefix) else []
-            kind = parts[1] if len(parts) == 2 and parts[0] else None
+            kind = self._kind(t)
             if kind == "status":
                 self._status(t, payload)
                 continue
