@@ -29,6 +29,31 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of process `pid` and its children: the live ones read from /proc, those it reaped from its own
+    cutime + cstime (a hub worker's parse process, hub/parser.py)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own = sum(int(f) for f in fields[11:15]) / TICK  # utime, stime, cutime, cstime
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    total = own
+    for kid in kids:
+        try:
+            total += tree_cpu_s(int(kid))
+        except (OSError, IndexError):  # gone meanwhile: reaped, its time in our cutime next read
+            pass
+    return total
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 class CpuMeter:
     """Share of one core this process used between start() and stop()."""
 

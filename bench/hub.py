@@ -56,7 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import TICK, proc_cpu_s
+from bench.common import TICK, children, proc_cpu_s, tree_cpu_s
 from bench.hub_rss import PAYLOAD, proc_rss_mb
 from customs_edge.core.records import Pending
 from customs_edge.core.wire import encode_batch
@@ -104,10 +104,11 @@ class Workers:
 
     alive_interval_s: float | None = 5.0  # the workers' liveness (hub/liveness.py); None: none (--hub-alive off)
 
-    def __init__(self, n: int, db: str, port: int, work: Path) -> None:
+    def __init__(self, n: int, db: str, port: int, work: Path, parse_process: bool = False) -> None:
         self.logs = [work / f"hub-{i}.log" for i in range(n)]
         conf = work / "hub-bench.yaml"
-        conf.write_text(f"alive_interval_s: {'null' if self.alive_interval_s is None else self.alive_interval_s}\n")
+        conf.write_text(f"alive_interval_s: {'null' if self.alive_interval_s is None else self.alive_interval_s}\n"
+                        f"parse_process: {'true' if parse_process else 'false'}\n")
         self.procs = [subprocess.Popen([sys.executable, "-m", "customs_edge", "hub", "--config", str(conf), "--db", db,
                                         "--port", str(port), "--client-id", f"bench-hub-{i}", "--log-level", "INFO",
                                         "--photos-dir", str(work / "photos")], env=ENV,
@@ -119,10 +120,12 @@ class Workers:
             time.sleep(0.1)
 
     def cpu_s(self) -> float:
-        return sum(proc_cpu_s(p.pid) for p in self.procs)
+        """The workers' CPU seconds, their parse processes' (hub/parser.py) included."""
+        return sum(tree_cpu_s(p.pid) for p in self.procs)
 
     def rss_mb(self) -> list[float]:
-        return [round(proc_rss_mb(p.pid), 1) for p in self.procs]
+        """Each worker's RSS, its parse process's added."""
+        return [round(proc_rss_mb(p.pid) + sum(proc_rss_mb(k) for k in children(p.pid)), 1) for p in self.procs]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -234,14 +237,17 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
 
         fig["raw_executemany_records_per_s"] = round(raw_executemany(new_db("raw"), msgs))
         fig["store_direct_records_per_s"] = round(store_direct(new_db("direct"), msgs))
-        for n in (args.workers if backend == "postgres" else [1]):
-            db = new_db(f"w{n}")
-            broker = Mosquitto(work / f"broker-{backend}-{n}", persistence=False).start()
+        counts = args.workers if backend == "postgres" else [1]
+        runs = [(n, args.parse_process == "on") for n in counts] + [(1, True)] * (args.parse_process == "both")
+        for n, child in runs:
+            name = f"workers_{n}" + ("_parse_process" if child else "")
+            db = new_db(name)
+            broker = Mosquitto(work / f"broker-{backend}-{name}", persistence=False).start()
             try:
-                ws = Workers(n, db, broker.port, work)
+                ws = Workers(n, db, broker.port, work, parse_process=child)
                 try:
                     c0, p0 = ws.cpu_s(), pg_cpu_s(pg) if backend == "postgres" else 0.0
-                    dt = publish_all(broker.port, wire, window=8 * n)
+                    dt = publish_all(broker.port, wire, window=args.window * n)
                     hub_cpu, db_cpu = ws.cpu_s() - c0, (pg_cpu_s(pg) - p0) if backend == "postgres" else None
                     rss = ws.rss_mb()
                 finally:
@@ -249,11 +255,11 @@ def ingest(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
             finally:
                 broker.stop()
             check_store(db, args.devices, per_device, "ing")
-            fig[f"workers_{n}"] = {"records_per_s": round(args.records / dt), "seconds": round(dt, 2),
-                                   "hub_cpu_us_per_record": round(hub_cpu / args.records * 1e6, 1),
-                                   "db_cpu_us_per_record": None if db_cpu is None else
-                                   round(db_cpu / args.records * 1e6, 1), "worker_rss_mb": rss}
-            log(f"ingest {backend} workers={n}: {args.records / dt:,.0f} rec/s")
+            fig[name] = {"records_per_s": round(args.records / dt), "seconds": round(dt, 2),
+                         "hub_cpu_us_per_record": round(hub_cpu / args.records * 1e6, 1),
+                         "db_cpu_us_per_record": None if db_cpu is None else round(db_cpu / args.records * 1e6, 1),
+                         "worker_rss_mb": rss}
+            log(f"ingest {backend} {name}: {args.records / dt:,.0f} rec/s")
         out[backend] = fig
     return out
 
@@ -553,6 +559,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--devices", type=int, default=50)
+    ap.add_argument("--window", type=int, default=8, help="ingest: batches the publisher keeps unacked per worker")
     ap.add_argument("--workers", default="1,2,3", help="PostgreSQL worker counts (SQLite: one worker)")
     ap.add_argument("--units", type=int, default=500)
     ap.add_argument("--rate", type=float, default=5.0)
@@ -575,6 +582,11 @@ def main() -> None:
     ap.add_argument("--burst-ack-timeout", type=float, default=10.0, help="the burst units' ack_timeout_s")
     ap.add_argument("--hub-alive", default="5", metavar="S|off",
                     help="the hub workers' alive_interval_s (hub/liveness.py); off: no liveness, units as before it")
+    ap.add_argument("--parse-process", choices=["off", "on", "both"], default="both",
+                    help="ingest: the workers' parse_process (hub/parser.py). both: every run in the worker (the"
+                         " baseline)"
+                         " and one worker with its parse process beside it (`workers_1_parse_process`, the shipped"
+                         " configs/hub/hub.yaml); on: every run with it")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.workers = [int(x) for x in args.workers.split(",")]

@@ -181,13 +181,49 @@ def _clean(payload: bytes | str) -> tuple[_CleanBatch, list[bytes]] | None:
     return env, raws
 
 
-def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: bool = False) -> Incoming:
-    """A records message -> the rows to store and the records rejected. Raises Refused."""
+class Prepared(msgspec.Struct, array_like=True, gc=False):
+    """The part of parse() that needs neither the topic nor the key registry, for a batch whose every record is clean:
+    what a parse process (hub/parser.py) hands back, encoded with msgspec's MessagePack (PREPARED decodes it)."""
+
+    device_id: str
+    batch: str
+    sig: str | None
+    key: str | None
+    rows: list[Row]
+    prevs: list[str | None]
+    hashes: list[str]  # each record's chain hash, recomputed from what arrived
+
+
+PREPARED = msgspec.msgpack.Decoder(Prepared | None)
+
+
+def prepare(payload: bytes | str) -> Prepared | None:
+    """The rows and chain hashes of a message whose every record is clean (see the module's docstring); None: the
+    strict pass decides, in parse(). A message over MAX_MESSAGE_BYTES is the caller's to refuse first."""
+    clean = _clean(payload)
+    if clean is None:
+        return None
+    env, raws = clean
+    recs = env.records
+    rows: list[Row] = [(r.seq, r.ts, r.boot, r.mono, r.type, r.prio, raw.decode())
+                       for r, raw in zip(recs, raws, strict=True)]
+    hashes = record_hashes_utf8([(r.prev, r.seq, r.ts, r.type, r.prio) for r in recs], raws)
+    return Prepared(env.device_id, env.batch, env.sig, env.key, rows, [r.prev for r in recs], hashes)
+
+
+NOT_PREPARED: Any = object()  # parse()'s default: prepare() here
+
+
+def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: bool = False,
+          prepared: Prepared | None = NOT_PREPARED) -> Incoming:
+    """A records message -> the rows to store and the records rejected. Raises Refused. `prepared`: what prepare()
+    gave for this very payload elsewhere (a parse process), so that only the topic and signature checks run here."""
     if len(payload) > MAX_MESSAGE_BYTES:  # before any parsing: never a 100 MB string, let alone its objects
         raise Refused("too_large", f"{len(payload)} bytes, at most {MAX_MESSAGE_BYTES}")
-    clean = _clean(payload)
-    if clean is not None:
-        return _parse_clean(topic, *clean, keys, require)
+    if prepared is NOT_PREPARED:
+        prepared = prepare(payload)
+    if prepared is not None:
+        return _parse_clean(topic, prepared, keys, require)
     try:  # one call: every record is well-formed (payloads are still checked one by one)
         env: Batch = Batch.model_validate_json(payload, strict=True)
     except ValidationError:
@@ -228,20 +264,16 @@ def parse(topic: str, payload: bytes | str, keys: Keys | None = None, require: b
     return Incoming(device_id, batch_id, rows, rejected, links, env.sig, signed)
 
 
-def _parse_clean(topic: str, env: _CleanBatch, raws: list[bytes], keys: Keys | None, require: bool) -> Incoming:
+def _parse_clean(topic: str, p: Prepared, keys: Keys | None, require: bool) -> Incoming:
     """parse() of a batch whose every record is clean: each payload's bytes are its stored text."""
-    device_id, batch_id = env.device_id, env.batch
-    key = _key(topic, device_id, env.sig, keys, require)
-    recs = env.records
-    rows: list[Row] = [(r.seq, r.ts, r.boot, r.mono, r.type, r.prio, raw.decode())
-                       for r, raw in zip(recs, raws, strict=True)]
-    hashes = record_hashes_utf8([(r.prev, r.seq, r.ts, r.type, r.prio) for r in recs], raws)
-    links = {r.seq: (r.prev, h) for r, h in zip(recs, hashes, strict=True)}
-    _check_signature(key, env.sig, env.key, device_id, batch_id, hashes)
+    key = _key(topic, p.device_id, p.sig, keys, require)
+    hashes = p.hashes
+    links = {r[0]: (prev, h) for r, prev, h in zip(p.rows, p.prevs, hashes, strict=True)}
+    _check_signature(key, p.sig, p.key, p.device_id, p.batch, hashes)
     if key is None:
-        return Incoming(device_id, batch_id, rows, [], links)
-    signed = [(r.seq, h) for r, h in zip(recs, hashes, strict=True)]
-    return Incoming(device_id, batch_id, rows, [], links, env.sig, signed)
+        return Incoming(p.device_id, p.batch, p.rows, [], links)
+    signed = [(r[0], h) for r, h in zip(p.rows, hashes, strict=True)]
+    return Incoming(p.device_id, p.batch, p.rows, [], links, p.sig, signed)
 
 
 def _key(topic: str, device_id: str, sig: str | None, keys: Keys | None, require: bool) -> Ed25519PublicKey | None:

@@ -69,6 +69,7 @@ from customs_edge.core.signing import load_registry
 from customs_edge.core.wire import (
     ALERT_LANE,
     MAX_HEALTH_BYTES,
+    MAX_MESSAGE_BYTES,
     MAX_STATUS_BYTES,
     Ack,
     Alert,
@@ -77,7 +78,7 @@ from customs_edge.core.wire import (
     ranges_of,
     topic,
 )
-from customs_edge.hub import intake, liveness, pings
+from customs_edge.hub import intake, liveness, parser, pings
 from customs_edge.hub.photos import HEADER_MAX, MAX_PHOTO_BYTES, PhotoArchive
 from customs_edge.hub.storage import HubStorage, open_store
 from customs_edge.hub.store import MAX_SEQ_JUMP, Stored
@@ -120,6 +121,9 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
                                          " alerts_tls_key: the broker takes a certificate's name as client id, and two"
                                          " sessions need two. With tls_cert but without it, the lane is off")
     alerts_tls_key: Path | None = Field(None, description="the key of alerts_tls_cert (PEM, mode 0600)")
+    parse_process: bool = Field(False, description="parse the bulk records in a child process while the worker's"
+                                " thread stores (hub/parser.py): one worker then uses two cores; the alert lane's"
+                                " batches are still parsed in the worker, at once")
     alive_interval_s: float | None = Field(5.0, ge=liveness.MIN_INTERVAL_S, le=60.0, description="while it stores,"
                                            " publish a HubAlive (retained, QoS 0) on {prefix}/fleet/hub-alive at most"
                                            " this often: units then wait for a hub behind a backlog instead of"
@@ -170,6 +174,8 @@ class Hub:
         self._pending: list[tuple[str, bytes]] = []  # arrived while the worker stored the previous burst
         self._pending_bytes = 0  # their payloads' bytes: past PENDING_MAX_BYTES nothing more is read on the bulk link
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
+        # the bulk records' parse in a child process, while the worker thread stores (hub/parser.py)
+        self.parser = parser.ParseProcess() if cfg.parse_process else None
         self.pings = pings.Pinged(cfg.topic_prefix)  # `customs-edge check`'s round trips (hub/pings.py)
         # "alive and storing", for the units' resend timers (hub/liveness.py)
         self.liveness = liveness.Liveness(cfg.topic_prefix, client_id, cfg.alive_interval_s) \
@@ -203,6 +209,8 @@ class Hub:
         return self.records_filter(ALERT_LANE, "-alerts")
 
     def run(self, stop: threading.Event) -> None:
+        if self.parser is not None:
+            self.parser.start()
         while not stop.is_set():
             try:
                 self._step(stop)
@@ -214,6 +222,8 @@ class Hub:
                 link.disconnect()
                 link.close()
         self._worker.shutdown()
+        if self.parser is not None:
+            self.parser.close()
         self.store.close()
 
     def _step(self, stop: threading.Event) -> None:
@@ -235,7 +245,11 @@ class Hub:
             self._on_event(ev, self._lane_pending, lane=True)
         n = 0
         for ev in bulk_events:
-            n += len(ev.payload) if isinstance(ev, Message) else 0
+            if isinstance(ev, Message):
+                n += len(ev.payload)
+                fits = len(ev.payload) <= MAX_MESSAGE_BYTES  # a larger one is refused unread
+                if self.parser is not None and fits and self._kind(ev.topic) == "records":
+                    self.parser.submit(ev.payload)  # parsed there while the worker stores what came before
             self._on_event(ev, self._pending)
         if self.liveness is not None:  # a clock read until one is due; never raises
             self.liveness.tick(self.link, self.batches, self._pending_bytes + n)
@@ -382,8 +396,9 @@ class Hub:
                 self.refusals.refuse("unexpected_topic", "message on a topic the hub does not expect; ignored",
                                      topic=t, bytes=len(payload))
                 continue
+            prepared = intake.NOT_PREPARED if self.parser is None else self.parser.take(payload)
             try:
-                b = intake.parse(t, payload, self.keys, self.cfg.require_signatures)
+                b = intake.parse(t, payload, self.keys, self.cfg.require_signatures, prepared)
             except intake.Refused as exc:
                 refused[exc.kind] += 1
                 self.refusals.refuse(exc.kind, "refused a records message; not acked", topic=t, reason=exc.reason,
