@@ -30,8 +30,8 @@ PREFIX = "customs-edge/v1"
 class Recorded:
     """The hub with its store's commits and its links' publishes written to one log, in the order they happen."""
 
-    def __init__(self, port: int, db: Path, fail_device: str | None = None) -> None:
-        self.hub = HubThread(port, db, client_id="hub-order")
+    def __init__(self, port: int, db: Path, fail_device: str | None = None, parse_process: bool = False) -> None:
+        self.hub = HubThread(port, db, client_id="hub-order", parse_process=parse_process)
         self.log: list[tuple[str, str, str]] = []  # ("committed" | "published", device_id, batch)
         self.lock = threading.Lock()
         store = self.hub.hub.store
@@ -67,9 +67,11 @@ class Recorded:
             return [(d, b) for k, d, b in self.log if k == kind]
 
 
-def test_an_ack_never_precedes_the_commit_of_its_batch(tmp_path: Path, mosquitto: Mosquitto) -> None:
+@pytest.mark.parametrize("parse_process", [False, True], ids=["parse-in-worker", "parse-process"])
+def test_an_ack_never_precedes_the_commit_of_its_batch(tmp_path: Path, mosquitto: Mosquitto,
+                                                       parse_process: bool) -> None:
     db = tmp_path / "hub.db"
-    hub = Recorded(mosquitto.port, db)
+    hub = Recorded(mosquitto.port, db, parse_process=parse_process)
     hub.hub.start()
     op = Operator(mosquitto.port)
     unseen: list[tuple[str, int]] = []  # acked records a reader on its own connection did not find at the ack
@@ -104,6 +106,8 @@ def test_an_ack_never_precedes_the_commit_of_its_batch(tmp_path: Path, mosquitto
         for d, batches in sent.items():  # each device's batches acked in the order they were sent
             assert [b for dev, b in published if dev == d] == batches
         assert unseen == []
+        parser = hub.hub.hub.parser
+        assert (parser is not None and parser.parsed == 12) == parse_process  # the bulk batches parsed by the child
     finally:
         op.close()
         hub.hub.stop()
