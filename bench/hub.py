@@ -5,16 +5,20 @@ ack latency and RSS.
     python bench/hub.py [--records 100000] [--batch 500] [--devices 50] [--units 500] [--rate 5]
                         [--processes 2] [--fleet-seconds 20] [--workers 1,2,3] [--sim-outbox memory|sqlite]
                         [--burst-units 20] [--burst-records 2000] [--burst-processes 2] [--alert-every 0.5]
-                        [--burst-ack-timeout 10] [--hub-alive S|off] [--skip ingest|fleet|burst] [--json]
+                        [--burst-ack-timeout 10] [--hub-alive S|off] [--window 8] [--parse-process off|on|both]
+                        [--skip ingest|fleet|burst] [--json]
 
 Ingest: a real mosquitto (persistence off) and `customs-edge hub` processes on one shared subscription
 ($share/hubs/...), each worker its own process; PostgreSQL is a throwaway cluster started here (tests/pg.py:
 initdb/pg_ctl, fsync and synchronous_commit on, as in production). This process publishes pre-encoded
 batches (`--batch` records of ~250-byte payloads, `--devices` devices in turn, seqs counting up; QoS 1, at
-most 8 batches per worker unacked) and counts the hub's acks: records_per_s = records / (first publish ->
+most `--window` batches per worker unacked) and counts the hub's acks: records_per_s = records / (first publish ->
 last ack); hub_cpu_us_per_record and db_cpu_us_per_record are the CPU time the hub workers and the
 PostgreSQL cluster spent per record (CPU time, unlike wall time, holds when other work shares the cores: the
 sizing arithmetic in docs/scale.md uses it). Every store row is checked afterwards (stored == records, no duplicates).
+With `--parse-process both` (the default) each store's ingest runs with the parse in the workers (`workers_N`), and
+once more with one worker and its parse process beside it (`workers_1_parse_process`, hub/parser.py; the child's CPU
+and RSS counted with the worker's); fleet and burst run with it, as configs/hub/hub.yaml ships.
 Baselines, measured in the same run on the same machine:
   raw_executemany  INSERT of the same rows into the store's `records` table, one transaction per batch
                    (SQLite synchronous=FULL; PostgreSQL executemany, pipelined by psycopg): the database's
@@ -307,7 +311,7 @@ def fleet(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     for backend in [b for b in ("sqlite", "postgres") if b in args.stores]:
         db = str(work / "fleet.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-fleet-{backend}", persistence=False).start()
-        ws = Workers(1, db, broker.port, work)
+        ws = Workers(1, db, broker.port, work, parse_process=args.parse_process != "off")
         c0, p0 = ws.cpu_s(), pg_cpu_s(pg) if backend == "postgres" else 0.0  # per record acked over the whole run
         files = [work / f"lat-{backend}-{p}.json" for p in range(args.processes)]
         units_dir = sim_dir(work, f"units-{backend}")
@@ -470,7 +474,7 @@ def burst(args: argparse.Namespace, work: Path, pg: Any) -> dict[str, Any]:
     for backend, n in [b for b in (("sqlite", 1), ("postgres", 3)) if b[0] in args.stores]:
         db = str(work / "burst.db") if backend == "sqlite" else pg.new_database()
         broker = Mosquitto(work / f"broker-burst-{backend}", persistence=False).start()
-        ws = Workers(n, db, broker.port, work)
+        ws = Workers(n, db, broker.port, work, parse_process=args.parse_process != "off")
         alert = AlertUnit(work / f"alert-{backend}", broker.port, f"alert{backend[0]}-0000").start()
         go = work / f"burst-go-{backend}"
         tag = f"burst{backend[0]}"
@@ -583,10 +587,10 @@ def main() -> None:
     ap.add_argument("--hub-alive", default="5", metavar="S|off",
                     help="the hub workers' alive_interval_s (hub/liveness.py); off: no liveness, units as before it")
     ap.add_argument("--parse-process", choices=["off", "on", "both"], default="both",
-                    help="ingest: the workers' parse_process (hub/parser.py). both: every run in the worker (the"
-                         " baseline)"
-                         " and one worker with its parse process beside it (`workers_1_parse_process`, the shipped"
-                         " configs/hub/hub.yaml); on: every run with it")
+                    help="the workers' parse_process (hub/parser.py). both: each ingest run with the parse in the"
+                         " worker (the baseline) and one more, one worker with its parse process"
+                         " (`workers_1_parse_process`); fleet and burst with it, as configs/hub/hub.yaml ships;"
+                         " on: every run with it; off: none")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.workers = [int(x) for x in args.workers.split(",")]

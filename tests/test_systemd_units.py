@@ -155,7 +155,7 @@ def test_agent_and_hub_work_under_their_units_restrictions(tmp_path: Path,
         cfg["outbox"]["path"] = str(tmp_path / "agent" / "outbox.db")
         cfg["sync"].update(host="127.0.0.1", port=broker.port)
         (etc / "gate-sbx.yaml").write_text(yaml.safe_dump(cfg))
-        (etc / "hub.yaml").write_text(yaml.safe_dump({"host": "127.0.0.1", "port": broker.port,
+        (etc / "hub.yaml").write_text(yaml.safe_dump({"host": "127.0.0.1", "port": broker.port, "parse_process": True,
                                                       "db": str(hub_dir / "hub.db")}))
         subst = {"/etc/customs-edge/%i.yaml": str(etc / "gate-sbx.yaml"), "/etc/customs-edge/": f"{etc}/",
                  "/var/lib/customs-edge-hub/": f"{hub_dir}/"}
@@ -186,7 +186,11 @@ def test_agent_and_hub_work_under_their_units_restrictions(tmp_path: Path,
         wait_for(screenings_at_hub, 60, "screenings (the fever model's output) stored by the sandboxed hub")
         agent_log = (logs / "agent.log").read_text()
         assert "Operation not permitted" not in agent_log and "Traceback" not in agent_log, agent_log[-3000:]
-        assert "Traceback" not in (logs / "hub.log").read_text()
+        hub_log = (logs / "hub.log").read_text()
+        assert "Traceback" not in hub_log
+        # the shipped hub.yaml's parse process (hub/parser.py) runs inside the unit's fence: started, never lost
+        assert "parse process started" in hub_log and "parse process lost" not in hub_log, hub_log[-3000:]
+        assert "parse process did not start" not in hub_log, hub_log[-3000:]
     finally:
         for p in procs:
             p.terminate()
