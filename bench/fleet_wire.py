@@ -1,6 +1,7 @@
 """The hub's ack latency under a steady fleet, with a load generator light enough to leave the machine to the hub.
 
-    python bench/fleet_wire.py [--units 500] [--rate 5] [--warmup 8] [--seconds 20] [--stores sqlite,postgres] [--json]
+    python bench/fleet_wire.py [--units 500] [--rate 5] [--warmup 8] [--seconds 20] [--stores sqlite,postgres]
+                               [--parse-process on|off] [--json]
 
 bench/hub.py's fleet runs the agent's own Sync for every unit (`customs-edge fleet simulate`): the whole path, but
 on this 2-core machine the simulators need more CPU than the hub, and every part waits for a core in turn. Here
@@ -11,7 +12,8 @@ batches unsigned, as bench/hub.py's fleet sends them) every 1/rate s on `{prefix
 Latency: a batch's PUBLISH written -> its hub ack read (the hub's ack follows its commit), for batches sent after
 `--warmup` s (the connect storm), during `--seconds`. Beside it, in the same run: the hub's CPU per record and
 peak RSS, the cores used by the generator, the hub (+ PostgreSQL), mosquitto and the rest of the machine
-(`other_work`, /proc/stat), and the same latency with `--units 20` as the light-load baseline.
+(`other_work`, /proc/stat), and the same latency with `--units 20` as the light-load baseline. The hub runs with
+its parse process (hub/parser.py) as configs/hub/hub.yaml ships it; `--parse-process off` parses in the worker.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ async def drive(port: int, units: int, rate: float, warmup: float, seconds: floa
 def run(store: str, args: argparse.Namespace, work: Path, units: int, pg: Any) -> dict[str, Any]:
     db = str(work / f"{store}-{units}.db") if store == "sqlite" else pg.new_database()
     broker = Mosquitto(work / f"broker-{store}-{units}", persistence=False).start()
-    ws = Workers(1, db, broker.port, work)
+    ws = Workers(1, db, broker.port, work, parse_process=args.parse_process == "on")
     try:
         mosq = broker.proc.pid if broker.proc else 0
         pgc = pg if store == "postgres" else None
@@ -195,6 +197,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=8.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--stores", default="sqlite,postgres")
+    ap.add_argument("--parse-process", choices=["on", "off"], default="on",
+                    help="the hub's parse_process (hub/parser.py): on, as configs/hub/hub.yaml ships")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     out: dict[str, Any] = {"cores": os.cpu_count(), "loadavg_1m_before": round(os.getloadavg()[0], 2)}

@@ -13,7 +13,8 @@ What it changes, and what not:
   registry, the topic check and the signature check stay in the worker.
 - Nothing waits on it that need not: the MQTT thread hands a payload to a writer thread (a queue; it never blocks
   on the pipe), a reader thread collects the answers. The alert lane's messages never go there: an alert is parsed
-  in the worker at once, never behind a backlog in the child's queue.
+  in the worker at once, never behind a backlog in the child's queue; nor do messages under MIN_BYTES (a steady
+  fleet's few records each), parsed in the worker as they come.
 - A child that dies, hangs up or answers garbage costs nothing but speed: every payload it has not answered is
   parsed in the worker (`take()` returns NOT_SUBMITTED), the death is logged and counted (`restarts`), and a new
   child starts at the next submit, at most once per RESTART_S.
@@ -48,6 +49,10 @@ _READY = (1 << 64) - 1  # the child's first frame, empty: imports done
 PIPE_BYTES = 1 << 20  # each pipe's buffer (F_SETPIPE_SZ; Linux's default is 64 KiB, a quarter of one bulk message)
 RESTART_S = 10.0  # at most one new child per this many seconds
 HANG_S = 30.0  # a child that has not answered a message taken this long after: hung, killed, parsed in the worker
+# A smaller message is parsed in the worker, as it arrives: for a few records the hand-off's wake-ups (writer, child,
+# reader, the store thread's) cost the worker about what the parse does and add latency to a steady fleet's
+# one-record messages (docs/scale.md, "The parse in a process of its own"); a backlog's batches are 100-500 records.
+MIN_BYTES = 16 * 1024
 NOT_SUBMITTED: Any = intake.NOT_PREPARED  # take(): parse it here
 
 

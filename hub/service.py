@@ -247,7 +247,8 @@ class Hub:
         for ev in bulk_events:
             if isinstance(ev, Message):
                 n += len(ev.payload)
-                fits = len(ev.payload) <= MAX_MESSAGE_BYTES  # a larger one is refused unread
+                # a larger one is refused unread; a small one is parsed in the worker (parser.MIN_BYTES)
+                fits = parser.MIN_BYTES <= len(ev.payload) <= MAX_MESSAGE_BYTES
                 if self.parser is not None and fits and self._kind(ev.topic) == "records":
                     self.parser.submit(ev.payload)  # parsed there while the worker stores what came before
             self._on_event(ev, self._pending)

@@ -20,6 +20,7 @@ from customs_edge.hub.intake import Incoming
 from customs_edge.hub.store import Stored
 from tests.conftest import wait_for
 from tests.fleet import HubThread, hub_seqs, rec, records_msg
+from tests.test_hub_parser import bulk
 from tests.test_hub_service import Operator
 
 pytestmark = pytest.mark.broker
@@ -88,8 +89,7 @@ def test_an_ack_never_precedes_the_commit_of_its_batch(tmp_path: Path, mosquitto
         sent: dict[str, list[str]] = {}
         for k in range(4):  # bulk batches of three devices, interleaved, and alert batches on the lane
             for d in ("dev-a", "dev-b", "dev-c"):
-                op.c.publish(f"{PREFIX}/{d}/records", records_msg(d, f"{d}-{k}", [rec(s) for s in
-                                                                                 range(50 * k + 1, 50 * k + 51)]), 1)
+                op.c.publish(f"{PREFIX}/{d}/records", bulk(d, k), 1)  # over the parse process's MIN_BYTES
                 sent.setdefault(d, []).append(f"{d}-{k}")
             if k < 2:
                 op.c.publish(f"{PREFIX}/dev-z/alerts", records_msg("dev-z", f"dev-z-{k}", [rec(k + 1, prio=3)]), 1)

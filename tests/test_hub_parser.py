@@ -166,6 +166,14 @@ def test_close_ends_the_child(pp: ParseProcess) -> None:
     assert pp.take(payload) is NOT_SUBMITTED and pp._proc is None
 
 
+def bulk(device_id: str, k: int) -> str:
+    """A device's k-th batch of 50 records, over parser.MIN_BYTES (a backlog's batch: what goes to the child)."""
+    msg = records_msg(device_id, f"{device_id}-{k}", [rec(s, payload={"note": "x" * 400})
+                                                      for s in range(50 * k + 1, 50 * k + 51)])
+    assert len(msg) >= parser.MIN_BYTES
+    return msg
+
+
 @pytest.mark.broker
 def test_a_hub_with_its_parse_process_stores_and_acks_everything_through_a_kill_of_it(
         tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,11 +191,10 @@ def test_a_hub_with_its_parse_process_stores_and_acks_everything_through_a_kill_
     op.c.on_message = on_ack
     devices = ("dev-a", "dev-b", "dev-c")
 
-    def send(rounds: range) -> None:
+    def send(rounds: range) -> None:  # batches of 50 records over parser.MIN_BYTES, as a backlog's
         for k in rounds:
             for d in devices:
-                op.c.publish(f"{PREFIX}/{d}/records", records_msg(d, f"{d}-{k}", [rec(s) for s in
-                                                                                 range(50 * k + 1, 50 * k + 51)]), 1)
+                op.c.publish(f"{PREFIX}/{d}/records", bulk(d, k), 1)
 
     def all_acked(n: int) -> bool:
         return all(len(acked.get(d, ())) == 50 * n for d in devices)
@@ -206,8 +213,13 @@ def test_a_hub_with_its_parse_process_stores_and_acks_everything_through_a_kill_
         send(range(20, 22))
         wait_for(lambda: all_acked(22), 20, "the later rounds acked")
         assert h.parser.parsed > parsed  # by the new child
+        submitted = h.parser.submitted
+        op.c.publish(f"{PREFIX}/dev-a/records", records_msg("dev-a", "dev-a-small", [rec(22 * 50 + 1)]), 1)
+        wait_for(lambda: 22 * 50 + 1 in acked["dev-a"], 20, "the small batch acked")
+        assert h.parser.submitted == submitted  # under MIN_BYTES: parsed in the worker, never a hand-off
     finally:
         op.close()
         hub.stop()
     for d in devices:  # each record once
-        assert hub_seqs(db, d) == (list(range(1, 22 * 50 + 1)), 22 * 50)
+        n = 22 * 50 + (d == "dev-a")
+        assert hub_seqs(db, d) == (list(range(1, n + 1)), n)
