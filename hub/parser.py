@@ -128,6 +128,12 @@ class ParseProcess:
         self.parsed += 1
         return result
 
+    @property
+    def pid(self) -> int | None:
+        """The live child's process id (None: none runs)."""
+        with self._lock:
+            return None if self._proc is None else self._proc.pid
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

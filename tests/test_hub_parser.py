@@ -45,8 +45,8 @@ def pp() -> ParseProcess:
 
 
 def pid_of(p: ParseProcess) -> int:
-    assert p._proc is not None
-    return p._proc.pid
+    assert p.pid is not None
+    return p.pid
 
 
 def test_the_child_s_answers_make_what_the_worker_s_own_parse_makes(tmp_path: Path, pp: ParseProcess) -> None:
@@ -163,7 +163,7 @@ def test_close_ends_the_child(pp: ParseProcess) -> None:
     assert proc.poll() is not None
     payload = message(record())
     pp.submit(payload)  # closed: nothing starts again
-    assert pp.take(payload) is NOT_SUBMITTED and pp._proc is None
+    assert pp.take(payload) is NOT_SUBMITTED and pp.pid is None
 
 
 def bulk(device_id: str, k: int) -> str:
