@@ -33,21 +33,17 @@ def tree_cpu_s(pid: int) -> float:
     """CPU seconds of process `pid` and its children: the live ones read from /proc, those it reaped from its own
     cutime + cstime (a hub worker's parse process, hub/parser.py)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = sum(int(f) for f in fields[11:15]) / TICK  # utime, stime, cutime, cstime
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        kids = []
-    total = own
-    for kid in kids:
+    total = sum(int(f) for f in fields[11:15]) / TICK  # utime, stime, cutime, cstime
+    for kid in children(pid):
         try:
-            total += tree_cpu_s(int(kid))
+            total += tree_cpu_s(kid)
         except (OSError, IndexError):  # gone meanwhile: reaped, its time in our cutime next read
             pass
     return total
 
 
 def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (none once it is gone)."""
     try:
         return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:

@@ -123,7 +123,7 @@ class HubConfig(BrokerSettings):  # username, password (secret), tls_ca, tls_cer
     alerts_tls_key: Path | None = Field(None, description="the key of alerts_tls_cert (PEM, mode 0600)")
     parse_process: bool = Field(False, description="parse the bulk records in a child process while the worker's"
                                 " thread stores (hub/parser.py): one worker then uses two cores; the alert lane's"
-                                " batches are still parsed in the worker, at once")
+                                " batches and messages under 16 KiB are still parsed in the worker, at once")
     alive_interval_s: float | None = Field(5.0, ge=liveness.MIN_INTERVAL_S, le=60.0, description="while it stores,"
                                            " publish a HubAlive (retained, QoS 0) on {prefix}/fleet/hub-alive at most"
                                            " this often: units then wait for a hub behind a backlog instead of"

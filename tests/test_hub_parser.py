@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def outcome(payload: bytes | str, keys: intake.Keys | None = None,
 
 
 @pytest.fixture
-def pp() -> ParseProcess:
+def pp() -> Iterator[ParseProcess]:
     p = ParseProcess()
     assert p.start(), "the parse process started and said it is ready"
     yield p
