@@ -105,10 +105,9 @@ class ParseProcess:
         """What the child's intake.prepare() gave for this payload (waiting for it), or NOT_SUBMITTED: parse it
         here (never submitted, or its child died or hung first)."""
         with self._lock:
-            entry = self._tickets.get(id(payload))
-            if entry is None or entry[1] is not payload:
+            entry = self._tickets.pop(id(payload), None)  # the entry holds the payload: its id is no other's
+            if entry is None:
                 return NOT_SUBMITTED
-            del self._tickets[id(payload)]
             ticket = entry[0]
             deadline = time.monotonic() + HANG_S
             while (ticket not in self._results and self._wanted[ticket] == self._generation
@@ -231,17 +230,9 @@ def _write(stdin: IO[bytes], q: queue.SimpleQueue[tuple[int, bytes] | None]) -> 
 
 
 def _read_exactly(f: IO[bytes], n: int) -> bytes | None:
-    """n bytes from f, or None at EOF before them."""
+    """n bytes from f, or None at EOF before them (a blocking BufferedReader's read(n) returns short only at EOF)."""
     data = f.read(n)
-    if len(data) == n:
-        return data
-    chunks = [data]
-    n -= len(data)
-    while n and data:
-        data = f.read(n)
-        chunks.append(data)
-        n -= len(data)
-    return None if n else b"".join(chunks)
+    return data if len(data) == n else None
 
 
 def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:

@@ -248,8 +248,8 @@ class Hub:
             if isinstance(ev, Message):
                 n += len(ev.payload)
                 # a larger one is refused unread; a small one is parsed in the worker (parser.MIN_BYTES)
-                fits = parser.MIN_BYTES <= len(ev.payload) <= MAX_MESSAGE_BYTES
-                if self.parser is not None and fits and self._kind(ev.topic) == "records":
+                if (self.parser is not None and parser.MIN_BYTES <= len(ev.payload) <= MAX_MESSAGE_BYTES
+                        and self._kind(ev.topic) == "records"):
                     self.parser.submit(ev.payload)  # parsed there while the worker stores what came before
             self._on_event(ev, self._pending)
         if self.liveness is not None:  # a clock read until one is due; never raises
